@@ -1,0 +1,8 @@
+"""sparseforge: make convolutional networks small and measurably fast on CPUs."""
+
+__version__ = "0.1.0"
+
+from .errors import SparseforgeError  # noqa: E402
+from .models import create_model, load_weights  # noqa: E402
+
+__all__ = ["__version__", "SparseforgeError", "create_model", "load_weights"]

@@ -1,0 +1,97 @@
+"""High-level Python API: what the CLI calls, usable directly from scripts."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from .data import BatchLoader, ImageDataset, load_dataset, resolve_normalization
+from .errors import RunDirError
+from .models import create_model, load_weights
+from .train import Callback, TrainConfig, Trainer, evaluate
+from .utils import set_threads
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    return hashlib.sha256(cfg.to_toml().encode()).hexdigest()[:8]
+
+
+def default_run_dir(cfg: TrainConfig, root: str | Path = "runs") -> Path:
+    return Path(root) / f"train-{cfg.model}-{cfg.dataset}-{config_hash(cfg)}"
+
+
+def datasets_for(cfg: TrainConfig) -> tuple[ImageDataset, ImageDataset]:
+    return load_dataset(cfg.dataset, cfg.data_dir or None, synthetic_size=(cfg.train_size, cfg.test_size))
+
+
+def loaders_for(cfg: TrainConfig, train: ImageDataset, test: ImageDataset, rank: int = 0,
+                world_size: int = 1) -> tuple[BatchLoader, BatchLoader]:
+    norm = resolve_normalization(cfg.dataset, cfg.normalize)
+    per_rank = max(1, cfg.batch_size // world_size)
+    tl = BatchLoader(train, per_rank, shuffle=True, augment=cfg.augment, normalize=norm, seed=cfg.seed,
+                     drop_last=True, channels_last=cfg.channels_last, rank=rank, world_size=world_size)
+    el = BatchLoader(test, 256, normalize=norm, channels_last=cfg.channels_last)
+    return tl, el
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, num_classes=num_classes)
+    if cfg.weights:
+        load_weights(model, cfg.weights)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> TrainConfig:
+    """Create or reopen a run directory; never overwrite a different run without being asked."""
+    cfg_path = run_dir / "config.toml"
+    if cfg_path.exists():
+        saved = TrainConfig.load(cfg_path)
+        if resume:
+            return saved
+        raise RunDirError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
+    if resume and run_dir.exists() and any(run_dir.iterdir()):
+        raise RunDirError(f"{run_dir} has no config.toml, so it cannot be resumed; choose another --run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(cfg_path)
+    return cfg
+
+
+def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = False,
+          callbacks: Iterable[Callback] = (), progress: bool | None = None,
+          log: Callable[[str], None] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Train per ``cfg``; returns (model, last metrics). With ``resume`` the run dir's saved config wins."""
+    if run_dir is not None:
+        cfg = prepare_run_dir(Path(run_dir), cfg, resume)
+    set_threads(cfg.threads)
+    train_ds, test_ds = datasets_for(cfg)
+    model = build_model(cfg, train_ds.num_classes)
+    tl, el = loaders_for(cfg, train_ds, test_ds)
+    trainer = Trainer(model, cfg, tl, el, callbacks=callbacks, run_dir=run_dir, progress=progress, log=log)
+    result = trainer.fit(resume=resume)
+    return model, result
+
+
+def evaluate_model(model_name: str, weights: str | Path | None, dataset: str = "cifar10", data_dir: str | None = None,
+                   normalize: str = "auto", batch_size: int = 256, limit: int = 0, threads: int = 0) -> dict[str, float]:
+    """Test accuracy of a model + weights on a dataset's test split."""
+    set_threads(threads)
+    _, test = load_dataset(dataset, data_dir)
+    if limit:
+        test = test.subset(limit)
+    model = create_model(model_name, num_classes=test.num_classes)
+    if weights:
+        load_weights(model, weights)
+    norm = resolve_normalization(dataset, normalize)
+    return evaluate(model, BatchLoader(test, batch_size, normalize=norm))
+
+
+def log_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)

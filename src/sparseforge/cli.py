@@ -1,0 +1,192 @@
+"""The ``sparseforge`` command line.
+
+Flags of ``train`` are generated from :class:`TrainConfig`, so a field added to
+the config is a flag with its help text, type and accepted values at once.
+User errors print one line (``error: ...``) and exit 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from .errors import SparseforgeError
+
+
+# ---- config -> argparse ---------------------------------------------------
+def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"{help_} (default: {default})", **kw)
+            continue
+        if get_origin(tp) is Literal:
+            kw["choices"] = list(get_args(tp))
+        elif get_origin(tp) is tuple:
+            kw["type"] = lambda s: [float(v) for v in s.split(",") if v.strip()]
+            kw["metavar"] = "A,B,..."
+        elif tp in (int, float, str):
+            kw["type"] = tp
+        parser.add_argument(flag, help=f"{help_} (default: {default})", **kw)
+
+
+def config_from_args(cls, args: argparse.Namespace, base: dict[str, Any] | None = None):
+    values = dict(base or {})
+    for name in cls.field_names():
+        if hasattr(args, name):
+            values[name] = getattr(args, name)
+    return cls.from_dict(values)
+
+
+# ---- commands ---------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from .api import default_run_dir, train
+    from .train import TrainConfig
+
+    base = TrainConfig.load(args.config).to_dict() if args.config else {}
+    cfg = config_from_args(TrainConfig, args, base)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
+    if args.resume and (run_dir / "config.toml").exists():
+        from .train import TrainConfig as TC
+
+        saved = TC.load(run_dir / "config.toml")
+        changed = [k for k in TrainConfig.field_names() if hasattr(args, k) and getattr(saved, k) != getattr(cfg, k)]
+        if changed:
+            raise SparseforgeError(f"--resume uses the run's saved config; these flags differ from it: {', '.join(changed)}. "
+                                   "Drop them, or start a new --run-dir")
+    print(f"run directory: {run_dir}", file=sys.stderr)
+    _, result = train(cfg, run_dir, resume=args.resume, progress=None if not args.no_progress else False)
+    print(json.dumps({k: v for k, v in result.items() if k != "split"}))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .api import evaluate_model
+
+    t0 = time.perf_counter()
+    res = evaluate_model(args.model, args.weights, args.dataset, args.data_dir, args.normalize,
+                         args.batch_size, args.limit, args.threads)
+    res["seconds"] = round(time.perf_counter() - t0, 2)
+    print(f"{args.model} on {args.dataset} test ({res['n']} images): top-1 {res['acc']:.2f}%  loss {res['loss']:.4f}")
+    if args.json:
+        print(json.dumps({"model": args.model, "weights": str(args.weights), **res}))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    import torch
+
+    from .models import create_model, load_weights
+    from .report.stats import model_stats
+
+    model = create_model(args.model, num_classes=args.num_classes)
+    if args.weights:
+        load_weights(model, args.weights)
+    st = model_stats(model, torch.zeros(1, 3, args.size, args.size))
+    if args.json:
+        print(json.dumps(st.as_dict(), indent=2))
+    else:
+        print(st.to_markdown())
+        print(f"\nparams {st.total_params:,}  MACs {st.macs:,}  FLOPs {st.flops:,}  sparsity {100 * st.sparsity:.2f}%")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .models import list_models
+    from .report.env import environment
+
+    env = environment()
+    if args.json:
+        print(json.dumps({**env, "models": list_models()}, indent=2))
+        return 0
+    for k, v in env.items():
+        print(f"{k:22s} {', '.join(v) if isinstance(v, list) else v}")
+    print(f"{'models':22s} {', '.join(list_models())}")
+    print(f"{'OMP_NUM_THREADS':22s} {os.environ.get('OMP_NUM_THREADS', '(unset)')}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(data_dir=args.data_dir, out=args.out, epochs=args.epochs, threads=args.threads)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .train import TrainConfig
+
+    p = argparse.ArgumentParser(prog="sparseforge", description="Make CNNs small and measurably fast on CPUs.")
+    p.add_argument("--version", action="version", version=f"sparseforge {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model (resumable)", description="Train a model. Every TrainConfig field is a flag.")
+    t.add_argument("--config", help="TOML file with TrainConfig fields (flags override it)")
+    t.add_argument("--run-dir", help="run directory (default: runs/train-<model>-<dataset>-<config hash>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_flags(t, TrainConfig)
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="test accuracy of a model and weights")
+    e.add_argument("--model", required=True, help="model name, e.g. resnet20")
+    e.add_argument("--weights", help=".safetensors / .pt / .th file or run directory")
+    e.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "synthetic"])
+    e.add_argument("--data-dir", help="CIFAR python-batch directory")
+    e.add_argument("--normalize", default="auto", choices=["auto", "imagenet", "cifar10", "cifar100", "half"],
+                   help="input normalisation (auto = imagenet for CIFAR, as the shared weights expect)")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--limit", type=int, default=0, help="only the first N test images")
+    e.add_argument("--threads", type=int, default=0)
+    e.add_argument("--json", action="store_true", help="also print a JSON line")
+    e.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("stats", help="per-layer params, sparsity and FLOPs of a model")
+    s.add_argument("--model", required=True)
+    s.add_argument("--weights")
+    s.add_argument("--num-classes", type=int, default=10)
+    s.add_argument("--size", type=int, default=32, help="input height/width")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_stats)
+
+    i = sub.add_parser("info", help="versions, CPU features, threads, models")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_info)
+
+    d = sub.add_parser("demo", help="offline end-to-end demo on synthetic data (CIFAR with --data-dir)")
+    d.add_argument("--data-dir", help="run on CIFAR-10 from this directory instead of synthetic data")
+    d.add_argument("--out", default="runs/demo", help="run directory root (default runs/demo)")
+    d.add_argument("--epochs", type=int, default=0, help="training epochs (default: 4 synthetic, 1 CIFAR)")
+    d.add_argument("--threads", type=int, default=0)
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except SparseforgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; runs with a --run-dir can be continued with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Model registry, ``create_model`` and safe weight loading.
+
+Weights are read without unpickling arbitrary objects: safetensors for our own
+files, ``torch.load(weights_only=True)`` for foreign ``.pt/.th`` files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from ..errors import CheckpointError, SparseforgeError
+from ..registry import Registry
+from .cifar_resnet import BasicBlock, CifarResNet, PadShortcut
+from .mobilenetv2 import MobileNetV2
+from .small import SmallCNN
+from .vgg import VGG
+
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+
+for _d in (20, 32, 44, 56, 110):
+    MODELS.register(f"resnet{_d}", (lambda d: lambda num_classes=10, **kw: CifarResNet(d, num_classes, **kw))(_d))
+MODELS.register("vgg16", lambda num_classes=10, **kw: VGG(num_classes=num_classes, **kw))
+MODELS.register("mobilenetv2", lambda num_classes=10, **kw: MobileNetV2(num_classes=num_classes, **kw))
+MODELS.register("smallcnn", lambda num_classes=10, **kw: SmallCNN(num_classes=num_classes, **kw))
+
+
+def create_model(name: str, num_classes: int = 10, **kw: Any) -> nn.Module:
+    """Build a registered model; the (name, kwargs) spec is kept on the model so checkpoints can rebuild it."""
+    factory = MODELS.get(name)
+    try:
+        model = factory(num_classes=num_classes, **kw)
+    except TypeError as e:
+        raise SparseforgeError(f"model {name!r} does not accept these options: {e}") from None
+    kw_plain = {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}
+    model.sf_spec = {"name": name.lower(), "num_classes": num_classes, "kwargs": kw_plain}
+    return model
+
+
+def model_spec(model: nn.Module) -> dict[str, Any] | None:
+    return getattr(model, "sf_spec", None)
+
+
+def list_models() -> list[str]:
+    return MODELS.names()
+
+
+_SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
+
+
+def _is_safetensors(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 0 < n < _SAFETENSORS_MAX_HEADER and head[8:9] == b"{"
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read tensors from a safetensors file or a foreign torch file, safely.
+
+    Returns ``(tensors, metadata)``; the metadata comes from the safetensors header (empty for torch files).
+    """
+    p = Path(path)
+    if p.is_dir():
+        from ..train.checkpoint import latest_checkpoint
+
+        ck = latest_checkpoint(p)
+        if ck is None:
+            raise CheckpointError(f"{p} is a directory without checkpoints; pass a .safetensors/.pt file or a run directory")
+        p = ck.weights_path
+    if not p.exists():
+        raise CheckpointError(f"weights file {p} not found; check the path")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"weights file {p} is empty (truncated download or interrupted write); re-create it")
+    if _is_safetensors(p):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for torn files
+            raise CheckpointError(f"{p} is truncated or corrupt ({type(e).__name__}: {e}); re-create or re-download it") from None
+        return tensors, meta
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"cannot read {p} as weights: not safetensors, and torch.load(weights_only=True) refused it ({msg}). "
+            "Pass a .safetensors file or a plain PyTorch state_dict file"
+        ) from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{p} does not hold a state_dict (name -> tensor); save model.state_dict() instead")
+    return dict(obj), {}
+
+
+def _strip_prefix(sd: dict[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:
+    if sd and all(k.startswith(prefix) for k in sd):
+        return {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
+    """Load weights into ``model`` in place and return it.
+
+    Accepts our safetensors checkpoints (file or run directory) and foreign ``.pt/.th``
+    state dicts (``module.`` prefix stripped). With ``strict`` every key and shape must
+    match; BatchNorm's ``num_batches_tracked`` may be absent (old checkpoints lack it).
+    """
+    sd, meta = read_state_dict(path)
+    sd = _strip_prefix(sd)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd if k in own and sd[k].shape != own[k].shape]
+    if strict and (missing or unexpected or mismatched):
+        spec = model_spec(model)
+        arch = spec["name"] if spec else type(model).__name__
+        saved = ""
+        if meta.get("model"):
+            try:
+                saved = f" (the file says it holds {json.loads(meta['model'])['name']})"
+            except (ValueError, KeyError, TypeError):
+                pass
+        parts = []
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatches ({'; '.join(mismatched[:3])})")
+        if missing:
+            parts.append(f"{len(missing)} missing keys ({', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:3])})")
+        raise CheckpointError(
+            f"{path} does not fit model {arch}{saved}: {'; '.join(parts)}. "
+            "Create the model the weights were saved from, or pass strict=False"
+        )
+    load = {k: v for k, v in sd.items() if k in own and sd[k].shape == own[k].shape}
+    for k, v in load.items():
+        if own[k].dtype != v.dtype and not k.endswith("num_batches_tracked"):
+            load[k] = v.to(own[k].dtype)
+    model.load_state_dict(load, strict=False)
+    return model
+
+
+__all__ = [
+    "MODELS", "create_model", "load_weights", "read_state_dict", "list_models", "model_spec",
+    "CifarResNet", "BasicBlock", "PadShortcut", "VGG", "MobileNetV2", "SmallCNN",
+]

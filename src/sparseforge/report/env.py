@@ -1,0 +1,48 @@
+"""What a measurement ran on: recorded next to every benchmark figure."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> list[str]:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return sorted(f for f in flags if f.startswith(("avx", "fma", "sse4", "f16c", "amx")))
+    except OSError:
+        pass
+    return []
+
+
+def environment() -> dict[str, Any]:
+    import numpy
+    import torch
+
+    from .. import __version__
+
+    return {
+        "sparseforge": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_flags": cpu_flags(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }

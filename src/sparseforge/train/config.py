@@ -1,0 +1,50 @@
+"""Training configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ..config import Config, opt
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TrainConfig(Config):
+    """Everything that determines a training run (and so its resume)."""
+
+    model: str = opt("resnet20", "model name (see `sparseforge info`)")
+    dataset: Literal["synthetic", "cifar10", "cifar100"] = opt("synthetic", "dataset name")
+    data_dir: str = opt("", "directory of the CIFAR python batches (not needed for synthetic)")
+    normalize: Literal["auto", "imagenet", "cifar10", "cifar100", "half"] = opt(
+        "auto", "input normalisation; auto = imagenet for CIFAR (what the shared pretrained weights expect), half for synthetic")
+    weights: str = opt("", "initial weights (.safetensors, .pt/.th, or a run directory); empty = random init")
+    epochs: int = opt(10, "number of epochs", min=1)
+    batch_size: int = opt(128, "batch size (global)", min=1)
+    optimizer: Literal["sgd", "adam", "adamw"] = opt("sgd", "optimizer")
+    lr: float = opt(0.1, "peak learning rate", min=0.0)
+    momentum: float = opt(0.9, "SGD momentum", min=0.0, max=1.0)
+    nesterov: bool = opt(True, "Nesterov momentum (SGD)")
+    weight_decay: float = opt(5e-4, "weight decay", min=0.0)
+    schedule: Literal["cosine", "step", "onecycle", "constant"] = opt("cosine", "LR schedule")
+    warmup_epochs: float = opt(0.0, "linear warm-up epochs (cosine/step/constant)", min=0.0)
+    milestones: tuple[float, ...] = opt((0.5, 0.75), "step schedule: fractions of training where LR *= gamma")
+    gamma: float = opt(0.1, "step schedule decay factor", min=0.0)
+    label_smoothing: float = opt(0.0, "label smoothing", min=0.0, max=1.0)
+    augment: bool = opt(True, "random crop (pad 4) + horizontal flip")
+    channels_last: bool = opt(False, "NHWC memory format (measured slower for CIFAR ResNet-20 on 2 cores, see bench/)")
+    compile: bool = opt(False, "torch.compile the model for training")
+    seed: int = opt(0, "random seed (init, data order, augmentation)")
+    threads: int = opt(0, "intra-op threads (0 = PyTorch default)", min=0)
+    eval_every: int = opt(1, "evaluate every N epochs (0 = only at the end)", min=0)
+    checkpoint_every: int = opt(0, "also checkpoint every N steps inside an epoch (0 = epoch ends only)", min=0)
+    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep", min=1)
+    max_steps_per_epoch: int = opt(0, "cap batches per epoch (0 = full epoch); for quick runs", min=0)
+    train_size: int = opt(10000, "synthetic: training images", min=10)
+    test_size: int = opt(2000, "synthetic: test images", min=10)
+
+    def validate(self) -> None:
+        if self.dataset != "synthetic" and not self.data_dir:
+            raise ConfigError(f"TrainConfig.data_dir: dataset {self.dataset!r} needs data_dir (pass --data-dir DIR)")
+        if any(not 0 < m < 1 for m in self.milestones):
+            raise ConfigError("TrainConfig.milestones: each must be a fraction in (0, 1), e.g. [0.5, 0.75]")

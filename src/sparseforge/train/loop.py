@@ -1,0 +1,273 @@
+"""One small training loop, extended by callbacks.
+
+Methods (ADMM penalties, masks, distillation, early-bird, ...) plug in as
+callbacks or a loss module instead of forking the loop. The loop owns only:
+batches, the optimiser step, the stateless LR schedule, evaluation, metrics
+and checkpoints -- and so exact resume for everything built on it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data import BatchLoader
+from ..errors import RunDirError
+from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig
+from .schedule import lr_factor
+
+
+class Callback:
+    """Hooks into :class:`Trainer`; override what you need. State must be tensors/JSON (no pickle)."""
+
+    name: str = "callback"
+
+    def on_train_begin(self, trainer: "Trainer") -> None: ...
+    def on_epoch_begin(self, trainer: "Trainer", epoch: int) -> None: ...
+    def on_loss(self, trainer: "Trainer", loss: torch.Tensor, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return loss
+    def on_after_backward(self, trainer: "Trainer") -> None: ...
+    def on_step_end(self, trainer: "Trainer") -> None: ...
+    def on_epoch_end(self, trainer: "Trainer", epoch: int, metrics: dict[str, float]) -> None: ...
+    def on_train_end(self, trainer: "Trainer") -> None: ...
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # No weight decay on BN/bias (1-D) parameters: standard for CIFAR ResNets and harmless elsewhere.
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: BatchLoader, max_batches: int = 0) -> dict[str, float]:
+    """Top-1 accuracy (%) and mean cross-entropy over ``loader``."""
+    was_training = model.training
+    model.eval()
+    correct, total, loss_sum = 0, 0, 0.0
+    for i, (x, y) in enumerate(loader.iterate(0)):
+        if max_batches and i >= max_batches:
+            break
+        out = model(x)
+        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+        total += y.numel()
+    model.train(was_training)
+    return {"acc": 100.0 * correct / max(1, total), "loss": loss_sum / max(1, total), "n": total}
+
+
+class Trainer:
+    """Train ``model`` with ``config``; checkpoints and metrics go to ``run_dir`` when given."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig, train_loader: BatchLoader,
+                 test_loader: BatchLoader | None = None, callbacks: Iterable[Callback] = (),
+                 run_dir: str | Path | None = None, loss_fn: Callable[..., torch.Tensor] | None = None,
+                 progress: bool | None = None, optimizer: torch.optim.Optimizer | None = None,
+                 log: Callable[[str], None] | None = None, is_main: bool = True):
+        self.model = model
+        self.config = config
+        self.train_loader = train_loader
+        self.test_loader = test_loader
+        self.callbacks = list(callbacks)
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.loss_fn = loss_fn or nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.progress = progress
+        self.optimizer = optimizer or build_optimizer(model, config)
+        for g in self.optimizer.param_groups:
+            g.setdefault("base_lr", g["lr"])
+        self.log = log or (lambda s: print(s, file=sys.stderr))
+        self.is_main = is_main
+        self.epoch = 0            # current epoch (0-based)
+        self.batch_in_epoch = 0   # batches of the current epoch already done
+        self.step = 0             # global optimizer steps done
+        self.history: list[dict[str, Any]] = []
+        self._forward = model
+        if config.compile:
+            try:
+                self._forward = torch.compile(model)
+            except Exception as e:  # pragma: no cover - depends on the toolchain
+                self.log(f"warning: torch.compile unavailable ({e}); training eagerly")
+
+    # ---- schedule -----------------------------------------------------
+    @property
+    def steps_per_epoch(self) -> int:
+        n = self.train_loader.num_batches()
+        return min(n, self.config.max_steps_per_epoch) if self.config.max_steps_per_epoch else n
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.config.epochs
+
+    def current_lr_factor(self) -> float:
+        c = self.config
+        return lr_factor(c.schedule, self.step, self.total_steps,
+                         warmup_steps=int(c.warmup_epochs * self.steps_per_epoch),
+                         milestones=c.milestones, gamma=c.gamma)
+
+    def _set_lr(self) -> float:
+        f = self.current_lr_factor()
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * f
+        return self.optimizer.param_groups[0]["lr"]
+
+    # ---- checkpoints --------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        return self.run_dir / "checkpoints" if self.run_dir else None
+
+    def save(self) -> None:
+        if not self.checkpoint_dir or not self.is_main:
+            return
+        from ..models import model_spec
+
+        extra = {"optimizer": self.optimizer.state_dict(),
+                 "callbacks": {f"{i}:{cb.name}": cb.state_dict() for i, cb in enumerate(self.callbacks)}}
+        meta = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
+                "rng": rng_state(), "config": self.config.to_dict(), "history": self.history}
+        save_checkpoint(self.checkpoint_dir, f"step-{self.step:09d}", self.model.state_dict(), extra, meta,
+                        model_spec=model_spec(self.model), keep=self.config.keep_checkpoints)
+
+    def resume(self) -> bool:
+        """Restore the last checkpoint of ``run_dir``; False when there is none."""
+        ref = latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir else None
+        if ref is None:
+            return False
+        model_state, extra, meta = load_checkpoint(ref)
+        self.model.load_state_dict(model_state)
+        self.optimizer.load_state_dict(extra["optimizer"])
+        for i, cb in enumerate(self.callbacks):
+            cb.load_state_dict(extra["callbacks"].get(f"{i}:{cb.name}", {}))
+        self.epoch, self.batch_in_epoch, self.step = meta["epoch"], meta["batch_in_epoch"], meta["step"]
+        self.history = meta.get("history", [])
+        set_rng_state(meta["rng"])
+        self._truncate_metrics()
+        self.log(f"resumed from {ref.tag} (epoch {self.epoch + 1}, batch {self.batch_in_epoch}, step {self.step})")
+        return True
+
+    def _truncate_metrics(self) -> None:
+        """Drop metric lines logged after the checkpoint we resumed from, so nothing is counted twice."""
+        if not self.run_dir or not self.is_main:
+            return
+        p = self.run_dir / "metrics.jsonl"
+        if not p.exists():
+            return
+        keep = []
+        for line in p.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= self.step:
+                    keep.append(line)
+            except ValueError:
+                continue  # a line torn by the kill
+        from ..utils import atomic_write_text
+
+        atomic_write_text(p, "".join(s + "\n" for s in keep))
+
+    def _log_metrics(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.run_dir and self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ---- loop ---------------------------------------------------------
+    def compute_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self._forward(x)
+        loss = self.loss_fn(logits, y)
+        for cb in self.callbacks:
+            loss = cb.on_loss(self, loss, logits, x, y)
+        return loss, logits
+
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        c = self.config
+        if self.run_dir and not resume and latest_checkpoint(self.run_dir / "checkpoints") is not None:
+            raise RunDirError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
+        if resume:
+            self.resume()
+        for cb in self.callbacks:
+            cb.on_train_begin(self)
+        self.model.train()
+        while self.epoch < c.epochs:
+            epoch = self.epoch
+            for cb in self.callbacks:
+                cb.on_epoch_begin(self, epoch)
+            n = self.steps_per_epoch
+            seen, correct, loss_sum, t0 = 0, 0, 0.0, time.perf_counter()
+            bar = tqdm(total=n, initial=self.batch_in_epoch, desc=f"epoch {epoch + 1}/{c.epochs}",
+                       disable=(not self.is_main) or (self.progress is False) or (self.progress is None and not sys.stderr.isatty()),
+                       leave=False, dynamic_ncols=True)
+            for x, y in self.train_loader.iterate(epoch, self.batch_in_epoch):
+                if self.batch_in_epoch >= n:
+                    break
+                lr = self._set_lr()
+                loss, logits = self.compute_loss(x, y)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                for cb in self.callbacks:
+                    cb.on_after_backward(self)
+                self.optimizer.step()
+                self.step += 1
+                self.batch_in_epoch += 1
+                for cb in self.callbacks:
+                    cb.on_step_end(self)
+                lv = loss.item()
+                if not math.isfinite(lv):
+                    raise FloatingPointError(f"loss became {lv} at step {self.step}; lower the learning rate")
+                seen += y.numel()
+                loss_sum += lv * y.numel()
+                correct += (logits.detach().argmax(1) == y).sum().item()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}", lr=f"{lr:.3g}")
+                if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.batch_in_epoch < n:
+                    self.save()
+            bar.close()
+            dt = time.perf_counter() - t0
+            record: dict[str, Any] = {"split": "train", "epoch": epoch + 1, "step": self.step,
+                                      "lr": self.optimizer.param_groups[0]["lr"], "time_s": round(dt, 3)}
+            if seen:  # a resume exactly at an epoch end has nothing new to report
+                record.update(loss=loss_sum / seen, acc=100 * correct / seen, images_per_s=seen / max(dt, 1e-9))
+            metrics = dict(record)
+            if self.test_loader is not None and (
+                    (c.eval_every and (epoch + 1) % c.eval_every == 0) or epoch + 1 == c.epochs):
+                ev = evaluate(self.model, self.test_loader)
+                metrics.update(test_acc=ev["acc"], test_loss=ev["loss"])
+                record.update(test_acc=ev["acc"], test_loss=ev["loss"])
+            self._log_metrics(record)
+            msg = f"epoch {epoch + 1}/{c.epochs}"
+            if "loss" in record:
+                msg += f"  loss {record['loss']:.4f}  train acc {record['acc']:.2f}%"
+            if "test_acc" in record:
+                msg += f"  test acc {record['test_acc']:.2f}%"
+            if "images_per_s" in record:
+                msg += f"  ({record['images_per_s']:.0f} img/s)"
+            if self.is_main:
+                self.log(msg)
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, epoch, metrics)
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            self.save()
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+        self.model.eval()
+        return self.history[-1] if self.history else {}

@@ -1,0 +1,94 @@
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sparseforge.errors import CheckpointError, SparseforgeError
+from sparseforge.models import MODELS, create_model, load_weights
+
+PARAMS = {"resnet20": 269_722, "resnet32": 464_154, "resnet44": 658_586, "resnet56": 853_018}
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_every_model_builds_and_runs(name):
+    m = create_model(name, num_classes=7).eval()
+    out = m(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 7)
+    assert m.sf_spec["name"] == name
+
+
+@pytest.mark.parametrize("name,n", PARAMS.items())
+def test_resnet_param_counts_match_he_et_al(name, n):
+    assert sum(p.numel() for p in create_model(name).parameters()) == n
+
+
+def test_vgg16_has_13_convs_and_one_classifier():
+    m = create_model("vgg16")
+    convs = [x for x in m.modules() if isinstance(x, torch.nn.Conv2d)]
+    assert len(convs) == 13 and all(c.kernel_size == (3, 3) for c in convs)
+    assert isinstance(m.classifier, torch.nn.Linear)
+
+
+def test_mobilenetv2_has_stride1_stem():
+    m = create_model("mobilenetv2")
+    stem = m.features[0][0]
+    assert stem.stride == (1, 1)
+    assert any(c.groups > 1 for c in m.modules() if isinstance(c, torch.nn.Conv2d))
+
+
+def test_option_a_shortcut_shapes():
+    m = create_model("resnet20")
+    sc = m.layer2[0].shortcut
+    x = torch.randn(1, 16, 32, 32)
+    y = sc(x)
+    assert y.shape == (1, 32, 16, 16)
+    assert torch.equal(y[:, 8:24], x[:, :, ::2, ::2]) and y[:, :8].abs().sum() == 0 and y[:, 24:].abs().sum() == 0
+
+
+def test_unknown_model_name():
+    with pytest.raises(SparseforgeError, match="unknown model 'resnet21'.*Did you mean"):
+        create_model("resnet21")
+
+
+def test_load_foreign_pt_with_module_prefix(tmp_path):
+    src = create_model("resnet20")
+    sd = {"module." + k: v for k, v in src.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save({"state_dict": sd, "best_prec1": 1.0}, tmp_path / "w.th")
+    dst = load_weights(create_model("resnet20"), tmp_path / "w.th")
+    for k, v in src.state_dict().items():
+        assert torch.equal(v, dst.state_dict()[k])
+
+
+def test_load_safetensors_and_wrong_arch(tmp_path):
+    save_file(create_model("resnet32").state_dict(), str(tmp_path / "r32.safetensors"))
+    with pytest.raises(CheckpointError, match="does not fit model resnet20.*unexpected keys"):
+        load_weights(create_model("resnet20"), tmp_path / "r32.safetensors")
+
+
+def test_truncated_and_garbage_files(tmp_path):
+    save_file(create_model("resnet20").state_dict(), str(tmp_path / "a.safetensors"))
+    blob = (tmp_path / "a.safetensors").read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_weights(create_model("resnet20"), tmp_path / "t.safetensors")
+    (tmp_path / "g.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_weights(create_model("resnet20"), tmp_path / "g.pt")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_weights(create_model("resnet20"), tmp_path / "missing.pt")
+
+
+def test_refuses_pickled_objects(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_weights(create_model("resnet20"), tmp_path / "evil.pt")
+
+
+def test_shared_akamaster_weights_load_strictly(models_dir):
+    for depth in (20, 56):
+        f = next(models_dir.glob(f"akamaster_resnet{depth}-*.th"))
+        load_weights(create_model(f"resnet{depth}"), f)
+    load_weights(create_model("resnet20"), models_dir / "resnet20-cifar10jpeg.safetensors")
