@@ -1,0 +1,95 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sparseforge.cli import main
+from sparseforge.models import create_model
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def run_cli(*args, cwd=None):
+    env = {**os.environ, "PYTHONPATH": SRC}
+    return subprocess.run([sys.executable, "-m", "sparseforge.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+def assert_one_line_error(r, needle):
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert needle in lines[0], lines[0]
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path):
+    # missing data dir
+    assert_one_line_error(run_cli("eval", "--model", "resnet20", "--data-dir", tmp_path / "nope"), "does not exist")
+    # unknown model name
+    assert_one_line_error(run_cli("eval", "--model", "resnet21", "--dataset", "synthetic"), "unknown model 'resnet21'")
+    # wrong file format
+    bad = tmp_path / "weights.pt"
+    bad.write_text("this is not a checkpoint")
+    assert_one_line_error(run_cli("stats", "--model", "resnet20", "--weights", bad), "cannot read")
+    # checkpoint for another architecture
+    save_file(create_model("resnet32").state_dict(), str(tmp_path / "r32.safetensors"))
+    assert_one_line_error(run_cli("stats", "--model", "resnet20", "--weights", tmp_path / "r32.safetensors"),
+                          "does not fit model resnet20")
+    # truncated checkpoint
+    blob = (tmp_path / "r32.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(blob[: len(blob) // 3])
+    assert_one_line_error(run_cli("stats", "--model", "resnet32", "--weights", tmp_path / "cut.safetensors"),
+                          "truncated or corrupt")
+    # bad TOML field
+    (tmp_path / "c.toml").write_text('model = "smallcnn"\nepoch = 3\n')
+    assert_one_line_error(run_cli("train", "--config", tmp_path / "c.toml"), "unknown field 'epoch'")
+    (tmp_path / "d.toml").write_text('optimizer = "rmsprop"\n')
+    assert_one_line_error(run_cli("train", "--config", tmp_path / "d.toml"), "'sgd' | 'adam' | 'adamw'")
+
+
+def test_help_everywhere():
+    for cmd in ([], ["train"], ["eval"], ["demo"], ["info"], ["stats"]):
+        r = run_cli(*cmd, "--help")
+        assert r.returncode == 0 and "usage:" in r.stdout
+
+
+def test_train_flags_come_from_config(tmp_path, capsys):
+    rc = main(["train", "--model", "smallcnn", "--train-size", "64", "--test-size", "20", "--batch-size", "32",
+               "--epochs", "1", "--threads", "1", "--run-dir", str(tmp_path / "r"), "--no-progress", "--no-augment"])
+    assert rc == 0
+    saved = (tmp_path / "r" / "config.toml").read_text()
+    assert "augment = false" in saved and 'model = "smallcnn"' in saved
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["epoch"] == 1
+    # resume with a different flag is refused, naming the flag
+    rc = main(["train", "--run-dir", str(tmp_path / "r"), "--resume", "--epochs", "2"])
+    assert rc == 2
+
+
+def test_info_json(capsys):
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert "resnet20" in info["models"] and info["torch"] == torch.__version__
+
+
+def test_eval_shared_resnet20(models_dir, cifar_dir, capsys):
+    rc = main(["eval", "--model", "resnet20", "--weights", str(next(models_dir.glob("akamaster_resnet20-*.th"))),
+               "--data-dir", str(cifar_dir), "--normalize", "imagenet", "--json"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["n"] == 10000
+    assert abs(res["acc"] - 81.03) <= 0.1
+
+
+def test_demo_runs(tmp_path, capsys):
+    rc = main(["demo", "--out", str(tmp_path), "--epochs", "1"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    report = Path(out.strip().splitlines()[-1].split("report: ")[1])
+    assert report.exists() and "| **total** |" in report.read_text()

@@ -1,0 +1,110 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sparseforge.api import train
+from sparseforge.errors import CheckpointError, RunDirError
+from sparseforge.train import TrainConfig, latest_checkpoint, load_checkpoint
+from sparseforge.train.schedule import lr_factor
+
+HERE = Path(__file__).parent
+TINY = dict(model="smallcnn", dataset="synthetic", train_size=320, test_size=100, batch_size=32, epochs=3,
+            lr=0.05, threads=1, checkpoint_every=4, schedule="cosine", seed=7)
+
+
+def _child(run_dir, kill_at, resume, cfg_path):
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
+    return subprocess.run([sys.executable, str(HERE / "_train_child.py"), str(run_dir), str(kill_at), "1" if resume else "0",
+                           str(cfg_path)], env=env, capture_output=True, text=True, timeout=300)
+
+
+def _final_weights(run_dir):
+    ref = latest_checkpoint(Path(run_dir))
+    return load_file(str(ref.weights_path)), json.loads(ref.meta_path.read_text())
+
+
+def test_sigkill_mid_epoch_resumes_to_identical_weights(tmp_path):
+    cfg = TrainConfig(**TINY)
+    cfg_path = tmp_path / "cfg.toml"
+    cfg.save(cfg_path)
+    # 10 steps per epoch; kill at step 16 = epoch 2, batch 6, after the checkpoint at step 12 and before the next
+    r = _child(tmp_path / "a", 0, False, cfg_path)
+    assert r.returncode == 0, r.stderr
+    r = _child(tmp_path / "b", 16, False, cfg_path)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    ref = latest_checkpoint(tmp_path / "b")
+    assert json.loads(ref.meta_path.read_text())["step"] == 12
+    r = _child(tmp_path / "b", 0, True, cfg_path)
+    assert r.returncode == 0, r.stderr
+    assert "resumed from step-000000012" in r.stderr
+    wa, ma = _final_weights(tmp_path / "a")
+    wb, mb = _final_weights(tmp_path / "b")
+    assert ma["step"] == mb["step"] == 30
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    # metrics.jsonl has each epoch once, with the same test accuracy
+    la = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lb] == [1, 2, 3]
+    assert la[-1]["test_acc"] == lb[-1]["test_acc"]
+
+
+def test_run_dir_never_overwritten(tmp_path):
+    cfg = TrainConfig(**{**TINY, "epochs": 1})
+    train(cfg, tmp_path / "r", progress=False)
+    with pytest.raises(RunDirError, match="--resume"):
+        train(cfg, tmp_path / "r", progress=False)
+    # resuming a finished run is a no-op that keeps the weights
+    before = load_file(str(latest_checkpoint(tmp_path / "r").weights_path))
+    train(cfg, tmp_path / "r", resume=True, progress=False)
+    after = load_file(str(latest_checkpoint(tmp_path / "r").weights_path))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_checkpoint_tamper_detected(tmp_path):
+    cfg = TrainConfig(**{**TINY, "epochs": 1})
+    train(cfg, tmp_path / "r", progress=False)
+    ref = latest_checkpoint(tmp_path / "r")
+    blob = ref.weights_path.read_bytes()
+    ref.weights_path.write_bytes(blob[:-100])
+    with pytest.raises(CheckpointError, match="truncated or modified"):
+        load_checkpoint(ref)
+
+
+def test_keeps_only_recent_checkpoints(tmp_path):
+    cfg = TrainConfig(**{**TINY, "epochs": 2, "keep_checkpoints": 2})
+    train(cfg, tmp_path / "r", progress=False)
+    assert len(list((tmp_path / "r" / "checkpoints").glob("step-*.json"))) == 2
+    assert not list((tmp_path / "r" / "checkpoints").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_learns_synthetic(tmp_path, opt):
+    lr = 0.05 if opt == "sgd" else 3e-3
+    cfg = TrainConfig(model="smallcnn", dataset="synthetic", train_size=4000, test_size=500, epochs=4, lr=lr,
+                      optimizer=opt, schedule="onecycle", threads=2)
+    _, res = train(cfg, tmp_path / "r", progress=False)
+    assert res["test_acc"] > 90.0, res
+
+
+def test_schedules():
+    assert lr_factor("cosine", 0, 100) == 1.0 and lr_factor("cosine", 100, 100) == pytest.approx(0.0)
+    assert lr_factor("step", 60, 100, milestones=(0.5, 0.75)) == pytest.approx(0.1)
+    assert lr_factor("step", 80, 100, milestones=(0.5, 0.75)) == pytest.approx(0.01)
+    peak = max(lr_factor("onecycle", s, 100) for s in range(100))
+    assert peak == pytest.approx(1.0) and lr_factor("onecycle", 0, 100) == pytest.approx(1 / 25)
+    assert lr_factor("cosine", 0, 100, warmup_steps=10) == pytest.approx(0.1)
+
+
+def test_label_smoothing_and_channels_last_run(tmp_path):
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "label_smoothing": 0.1, "channels_last": True, "checkpoint_every": 0})
+    model, res = train(cfg, tmp_path / "r", progress=False)
+    assert "test_acc" in res
+    assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
