@@ -118,12 +118,24 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.
     state dicts (``module.`` prefix stripped). With ``strict`` every key and shape must
     match; BatchNorm's ``num_batches_tracked`` may be absent (old checkpoints lack it).
     """
+    from ..sparsity.mask import MASK_BUFFER, apply_masks, attach_mask
+    from ..sparsity.pattern import COUNTS_BUFFER, LIBRARY_BUFFER, set_library
+
     sd, meta = read_state_dict(path)
     sd = _strip_prefix(sd)
-    own = model.state_dict()
+    # sparsity artefacts travel with the weights: masks (buffers next to each weight) and the pattern library
+    suffix = "." + MASK_BUFFER
+    modules = dict(model.named_modules())
+    masks = {k[: -len(suffix)]: sd.pop(k) for k in [k for k in sd if k.endswith(suffix)]}
+    library, counts = sd.pop(LIBRARY_BUFFER, None), sd.pop(COUNTS_BUFFER, None)
+    own = {k: v for k, v in model.state_dict().items()
+           if not k.endswith(suffix) and k not in (LIBRARY_BUFFER, COUNTS_BUFFER)}
     missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in own]
+    unexpected += [f"{n}{suffix}" for n in masks if n not in modules or not hasattr(modules[n], "weight")]
     mismatched = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd if k in own and sd[k].shape != own[k].shape]
+    mismatched += [f"{n}{suffix} {tuple(t.shape)} vs {tuple(modules[n].weight.shape)}" for n, t in masks.items()
+                   if n in modules and hasattr(modules[n], "weight") and modules[n].weight.shape != t.shape]
     if strict and (missing or unexpected or mismatched):
         spec = model_spec(model)
         arch = spec["name"] if spec else type(model).__name__
@@ -149,10 +161,32 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.
         if own[k].dtype != v.dtype and not k.endswith("num_batches_tracked"):
             load[k] = v.to(own[k].dtype)
     model.load_state_dict(load, strict=False)
+    for name, mask in masks.items():
+        mod = modules.get(name)
+        if mod is not None and getattr(mod, "weight", None) is not None and mod.weight.shape == mask.shape:
+            attach_mask(mod, mask)
+    if library is not None:
+        set_library(model, library, counts)
+    apply_masks(model)
     return model
 
 
+def save_weights(model: nn.Module, path: str | Path, extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write the state_dict (masks and pattern library included) as safetensors, atomically."""
+    from safetensors.torch import save
+
+    from ..utils import atomic_write_bytes
+
+    meta = {"format": "sparseforge-weights-1", **(extra_metadata or {})}
+    spec = model_spec(model)
+    if spec is not None:
+        meta["model"] = json.dumps(spec)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(Path(path), save(tensors, metadata=meta))
+    return Path(path)
+
+
 __all__ = [
-    "MODELS", "create_model", "load_weights", "read_state_dict", "list_models", "model_spec",
+    "MODELS", "create_model", "load_weights", "save_weights", "read_state_dict", "list_models", "model_spec",
     "CifarResNet", "BasicBlock", "PadShortcut", "VGG", "MobileNetV2", "SmallCNN",
 ]

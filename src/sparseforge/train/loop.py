@@ -87,7 +87,10 @@ class Trainer:
         self.config = config
         self.train_loader = train_loader
         self.test_loader = test_loader
-        self.callbacks = list(callbacks)
+        from ..sparsity.callbacks import MaskCallback
+
+        # Masked training is always on: pruned weights stay exactly zero whatever the other callbacks do.
+        self.callbacks = [cb for cb in callbacks if not isinstance(cb, MaskCallback)] + [MaskCallback()]
         self.run_dir = Path(run_dir) if run_dir else None
         self.loss_fn = loss_fn or nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.progress = progress

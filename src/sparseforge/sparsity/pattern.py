@@ -1,0 +1,183 @@
+"""Pattern + connectivity pruning (PatDNN / PCONV) as a registered transform."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+from ..config import Config, opt
+from ..errors import ConfigError, SparseforgeError
+from .mask import attach_mask, get_mask
+from .patterns import (all_candidates, block_sum, connectivity_mask, connectivity_mask_k, extract_library,
+                       kernel_energy, kernel_mask_of, keep_count, num_block_kernels, parse_ratio, pattern_from_str,
+                       pattern_mask, pattern_to_str, pconv_library)
+from .scope import CONNECTIVITY, PATTERN, PATTERN_ONLY, LayerChoice, choose_layers
+
+LIBRARY_BUFFER = "sf_pattern_library"
+COUNTS_BUFFER = "sf_pattern_counts"
+
+
+@dataclass(frozen=True)
+class PatternConfig(Config):
+    """Pattern pruning (4 of 9 taps, centre kept) + connectivity pruning of whole kernels."""
+
+    num_patterns: int = opt(8, "patterns in the library", choices=(4, 6, 8, 12))
+    connectivity: float | str = opt(1.0, "kernel reduction: '3.6x' or 3.6 keeps 1/3.6 of kernels; 0.28 keeps 28%; 1 = none")
+    connectivity_per_layer: dict[str, float | str] = opt(
+        help="per-layer overrides of connectivity: {glob of module names = ratio}", factory=dict)
+    connectivity_scope: Literal["layer", "global"] = opt(
+        "layer", "layer: every layer keeps the same share; global: kernels compete across layers (norms scaled per layer)")
+    library: Literal["extract", "pconv", "given"] = opt(
+        "extract", "extract the top-k from the weights, the LoG-derived PCONV set, or the given `patterns`")
+    patterns: tuple[str, ...] = opt((), "library='given': 9-char 0/1 strings, row-major, e.g. '010111000'")
+    channel_block: int = opt(1, "adjacent output channels sharing pattern and kept kernels", choices=(1, 2, 4))
+    include: tuple[str, ...] = opt((), "only layers whose module name matches one of these globs (empty = all)")
+    exclude: tuple[str, ...] = opt((), "layers (globs) left dense")
+    prune_first_conv: bool = opt(False, "also prune the first conv (dense by default)")
+    prune_1x1: bool = opt(True, "connectivity-prune 1x1 convs")
+
+    def validate(self) -> None:
+        try:
+            parse_ratio(self.connectivity)
+            for v in self.connectivity_per_layer.values():
+                parse_ratio(v)
+        except SparseforgeError as e:
+            raise ConfigError(f"PatternConfig.connectivity: {e}") from None
+        if self.library == "given":
+            if len(self.patterns) != self.num_patterns:
+                raise ConfigError(f"PatternConfig.patterns: library='given' needs exactly num_patterns={self.num_patterns} "
+                                  f"patterns, got {len(self.patterns)}")
+            try:
+                pats = [pattern_from_str(p) for p in self.patterns]
+            except SparseforgeError as e:
+                raise ConfigError(f"PatternConfig.patterns: {e}") from None
+            if len({pattern_to_str(p) for p in pats}) != len(pats):
+                raise ConfigError("PatternConfig.patterns: duplicate patterns")
+        elif self.patterns:
+            raise ConfigError(f"PatternConfig.patterns: only used with library='given' (library is {self.library!r})")
+        if self.library == "pconv" and self.num_patterns > 12:
+            raise ConfigError("PatternConfig.num_patterns: the PCONV set has 12 patterns")
+
+    def keep_fraction(self, layer_name: str) -> float:
+        for glob, v in self.connectivity_per_layer.items():
+            if fnmatch.fnmatchcase(layer_name, glob):
+                return parse_ratio(v)
+        return parse_ratio(self.connectivity)
+
+
+def get_library(model: nn.Module) -> torch.Tensor | None:
+    lib = getattr(model, LIBRARY_BUFFER, None)
+    return lib if isinstance(lib, torch.Tensor) else None
+
+
+def set_library(model: nn.Module, library: torch.Tensor, counts: torch.Tensor | None = None) -> None:
+    """Store the library on the model (a buffer: saved with the weights, kept by deepcopy)."""
+    lib = library.detach().float().clone()
+    if get_library(model) is not None:
+        del model._buffers[LIBRARY_BUFFER]
+    model.register_buffer(LIBRARY_BUFFER, lib)
+    if counts is not None:
+        if COUNTS_BUFFER in model._buffers:
+            del model._buffers[COUNTS_BUFFER]
+        model.register_buffer(COUNTS_BUFFER, counts.detach().to(torch.int64).clone())
+
+
+def library_strings(model: nn.Module) -> list[str]:
+    lib = get_library(model)
+    return [] if lib is None else [pattern_to_str(p) for p in lib]
+
+
+def _connectivity_counts(cfg: PatternConfig, layers: list[LayerChoice],
+                            pmasks: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Kept (block) kernels per layer. 'global' ranks kernels across layers by energy / layer mean energy."""
+    b = cfg.channel_block
+    counts: dict[str, int] = {}
+    if cfg.connectivity_scope == "layer":
+        for l in layers:
+            counts[l.name] = keep_count(num_block_kernels(l.module.weight, b), cfg.keep_fraction(l.name))
+        return counts
+    scores, owners = [], []
+    total = 0
+    for l in layers:
+        w = l.module.weight.detach().float()
+        if l.name in pmasks:
+            w = w * pmasks[l.name]
+        e = block_sum(kernel_energy(w).sum(-1), b).flatten()
+        e = e / e.mean().clamp_min(1e-30)
+        scores.append(e)
+        owners += [l.name] * e.numel()
+        total += e.numel()
+    allsc = torch.cat(scores)
+    k = keep_count(total, parse_ratio(cfg.connectivity))
+    order = torch.argsort(allsc, descending=True, stable=True)[:k]
+    for l in layers:
+        counts[l.name] = 0
+    for idx in order.tolist():
+        counts[owners[idx]] += 1
+    for l in layers:  # never empty a layer entirely: that would cut the network
+        counts[l.name] = max(1, counts[l.name])
+    return counts
+
+
+def layer_choices(model: nn.Module, cfg: PatternConfig) -> list[LayerChoice]:
+    return choose_layers(model, cfg.include, cfg.exclude, cfg.prune_first_conv, cfg.prune_1x1)
+
+
+def ensure_library(model: nn.Module, cfg: PatternConfig, choices: list[LayerChoice] | None = None) -> torch.Tensor:
+    """The model's pattern library, extracted (or built from the config) and stored on first use.
+
+    With library='extract', a library already on the model is reused: it was extracted from the trained
+    weights once, and re-extracting from pruned weights would only shuffle it.
+    """
+    choices = choices if choices is not None else layer_choices(model, cfg)
+    pat_layers = [c for c in choices if c.role in (PATTERN, PATTERN_ONLY)]
+    b = cfg.channel_block
+    library = get_library(model)
+    if library is not None and cfg.library == "extract":
+        if library.shape[0] != cfg.num_patterns:
+            raise SparseforgeError(f"the model already has a {library.shape[0]}-pattern library; "
+                                   f"num_patterns={cfg.num_patterns} would change it (masks cannot grow)")
+        return library
+    counts = None
+    if cfg.library == "given":
+        library = torch.stack([pattern_from_str(p) for p in cfg.patterns])
+    elif cfg.library == "pconv":
+        library = pconv_library(cfg.num_patterns)
+    elif not pat_layers:
+        library = all_candidates()[: cfg.num_patterns]
+    else:
+        # count best fits over the kernels connectivity would keep: those are the ones that use patterns
+        ws = [c.module.weight.detach() for c in pat_layers]  # masked taps are already exactly 0
+        kms = [kernel_mask_of(connectivity_mask(w, cfg.keep_fraction(c.name), b)) if c.role == PATTERN
+               else torch.ones(w.shape[:2]) for c, w in zip(pat_layers, ws)]
+        library, counts = extract_library(ws, cfg.num_patterns, b, kms)
+    set_library(model, library, counts)
+    return library
+
+
+def prune_pattern(model: nn.Module, cfg: PatternConfig, **_) -> nn.Module:
+    """Attach pattern and connectivity masks; the library is extracted once and stored on the model."""
+    choices = layer_choices(model, cfg)
+    pat_layers = [c for c in choices if c.role in (PATTERN, PATTERN_ONLY)]
+    conn_layers = [c for c in choices if c.role in (PATTERN, CONNECTIVITY)]
+    b = cfg.channel_block
+    library = ensure_library(model, cfg, choices)
+
+    pmasks: dict[str, torch.Tensor] = {}
+    for c in pat_layers:
+        old = get_mask(c.module)
+        pmasks[c.name] = pattern_mask(c.module.weight, library, b, within=old.tensor if old is not None else None)
+    keep = _connectivity_counts(cfg, conn_layers, pmasks)
+    for c in choices:
+        if c.role not in (PATTERN, PATTERN_ONLY, CONNECTIVITY):
+            continue
+        w = c.module.weight
+        m = pmasks.get(c.name, torch.ones_like(w))
+        if c.name in keep:
+            m = m * connectivity_mask_k(w, keep[c.name], b, pre_mask=m)
+        attach_mask(c.module, m)
+    return model
