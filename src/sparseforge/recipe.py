@@ -1,0 +1,251 @@
+"""Recipes: one TOML file describes model, data and an ordered list of stages.
+
+    model = "resnet20"
+    weights = "../shared/models/resnet20-cifar10jpeg.safetensors"
+    dataset = "cifar10"
+    [train]                      # TrainConfig fields shared by every training stage
+    lr = 0.02
+    [[stage]]
+    method = "admm"              # ADMMConfig fields; trains, then hard-prunes to its target
+    epochs = 3
+    [stage.target]
+    connectivity = "3.6x"
+    [[stage]]
+    method = "finetune"          # masked retraining
+    epochs = 3
+    [stage.train]                # per-stage TrainConfig overrides
+    lr = 0.01
+
+Running a recipe writes one run directory; each stage gets ``stages/NN-method/``
+with its own checkpoints and, when finished, ``model.safetensors`` +
+``done.json``. Re-running resumes: finished stages are loaded, not redone, and
+an interrupted training stage continues from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from .config import Config, loads_toml, opt
+from .errors import ConfigError, RunDirError
+from .sparsity import ADMMCallback, ADMMConfig, METHOD_CONFIGS, prune
+from .train import TrainConfig, Trainer, evaluate
+from .utils import atomic_write_json, atomic_write_text, set_threads
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig(Config):
+    """Train (masked, if the model has masks) for ``epochs`` with the recipe's training settings."""
+
+    epochs: int = opt(3, "epochs of (masked) training", min=1)
+
+
+STAGE_CONFIGS: dict[str, type] = {"finetune": FinetuneConfig, "admm": ADMMConfig}
+
+
+def stage_configs() -> dict[str, type]:
+    return {**METHOD_CONFIGS, **STAGE_CONFIGS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    method: str
+    config: Config
+    train: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"method": self.method, **self.config.to_dict()}
+        if self.train:
+            d["train"] = dict(self.train)
+        return d
+
+
+def parse_stage(d: dict[str, Any], where: str) -> Stage:
+    if not isinstance(d, dict) or "method" not in d:
+        raise ConfigError(f"{where}: every [[stage]] needs method = one of {', '.join(sorted(stage_configs()))}")
+    d = dict(d)
+    method = d.pop("method")
+    cls = stage_configs().get(method)
+    if cls is None:
+        raise ConfigError(f"{where}: unknown method {method!r}; use one of {', '.join(sorted(stage_configs()))}")
+    train = d.pop("train", {}) or {}
+    TrainConfig.from_dict({**train}, where=f"{where}.train") if train else None
+    return Stage(method, cls.from_dict(d, where=f"{where} ({method})"), dict(train))
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe(Config):
+    model: str = opt("resnet20", "model name")
+    weights: str = opt("", "start weights (empty = random init)")
+    dataset: str = opt("synthetic", "synthetic | cifar10 | cifar100")
+    data_dir: str = opt("", "dataset directory")
+    train: dict[str, Any] = opt(help="TrainConfig fields shared by training stages", factory=dict)
+    stage: tuple[dict[str, Any], ...] = opt((), "ordered stages")
+
+    def validate(self) -> None:
+        if not self.stage:
+            raise ConfigError("Recipe.stage: a recipe needs at least one [[stage]]")
+        for i, s in enumerate(self.stage):
+            parse_stage(s, f"stage[{i}]")
+        self.train_config()
+
+    def stages(self) -> list[Stage]:
+        return [parse_stage(s, f"stage[{i}]") for i, s in enumerate(self.stage)]
+
+    def train_config(self, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        base = {"model": self.model, "dataset": self.dataset, "data_dir": self.data_dir}
+        return TrainConfig.from_dict({**base, **self.train, **(overrides or {})}, where="Recipe.train")
+
+    @classmethod
+    def load_file(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "Recipe":
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"recipe {p} not found; check the path (shipped recipes are in recipes/)")
+        d = loads_toml(p.read_text(), str(p))
+        d.update(overrides or {})
+        return cls.from_dict(d, where=str(p))
+
+
+def _save_model(model: nn.Module, path: Path) -> None:
+    from .models import save_weights
+
+    save_weights(model, path)
+
+
+class RecipeRunner:
+    """Runs a recipe's stages in order with stage-level and epoch-level resume."""
+
+    def __init__(self, recipe: Recipe, run_dir: str | Path, log: Callable[[str], None] | None = None,
+                 progress: bool | None = None, eval_limit: int = 0):
+        self.recipe = recipe
+        self.run_dir = Path(run_dir)
+        self.log = log or (lambda s: print(s, file=sys.stderr))
+        self.progress = progress
+        self.eval_limit = eval_limit
+        self.results: dict[str, Any] = {"stages": []}
+
+    # ---- setup -------------------------------------------------------------
+    def prepare(self, resume: bool) -> None:
+        cfg_path = self.run_dir / "recipe.toml"
+        if cfg_path.exists():
+            saved = Recipe.from_toml(cfg_path.read_text(), str(cfg_path))
+            if not resume:
+                raise RunDirError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
+            if saved != self.recipe:
+                raise RunDirError(f"{self.run_dir} was started with a different recipe; resume it with the same recipe "
+                                  "or choose another --run-dir")
+        else:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(cfg_path, self.recipe.to_toml())
+
+    def data(self):
+        from .api import datasets_for, loaders_for
+
+        cfg = self.recipe.train_config()
+        train, test = datasets_for(cfg)
+        if self.eval_limit:
+            test = test.subset(self.eval_limit)
+        self._train_ds, self._test_ds = train, test
+        return train, test
+
+    def loaders(self, cfg: TrainConfig):
+        from .api import loaders_for
+
+        return loaders_for(cfg, self._train_ds, self._test_ds)
+
+    def build_model(self) -> nn.Module:
+        from .models import create_model, load_weights
+
+        torch.manual_seed(self.recipe.train_config().seed)
+        model = create_model(self.recipe.model, num_classes=self._train_ds.num_classes)
+        if self.recipe.weights:
+            load_weights(model, self.recipe.weights)
+        return model
+
+    # ---- stages --------------------------------------------------------------
+    def _train(self, model: nn.Module, cfg: TrainConfig, sdir: Path, callbacks=()) -> dict[str, Any]:
+        tl, el = self.loaders(cfg)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        trainer = Trainer(model, cfg, tl, el, callbacks=callbacks, run_dir=sdir, progress=self.progress, log=self.log)
+        if (sdir / "config.toml").exists():
+            saved = TrainConfig.load(sdir / "config.toml")
+            if saved != cfg:
+                raise RunDirError(f"{sdir} was trained with different settings; choose another --run-dir")
+        else:
+            cfg.save(sdir / "config.toml")
+        return trainer.fit(resume=True)
+
+    def run_stage(self, model: nn.Module, stage: Stage, sdir: Path) -> tuple[nn.Module, dict[str, Any]]:
+        info: dict[str, Any] = {}
+        if stage.method == "finetune":
+            cfg = self.recipe.train_config({**stage.train, "epochs": stage.config.epochs})
+            info["train"] = self._train(model, cfg, sdir)
+        elif stage.method == "admm":
+            cfg = self.recipe.train_config({**stage.train, "epochs": stage.config.epochs})
+            cb = ADMMCallback(stage.config)
+            info["train"] = self._train(model, cfg, sdir, callbacks=[cb])
+            info["admm"] = cb.residuals
+            prune(model, stage.config.target)
+        else:
+            model = prune(model, stage.config)
+        return model, info
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        cfg = self.recipe.train_config()
+        _, el = self.loaders(cfg)
+        return evaluate(model, el)
+
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        from .models import load_weights
+
+        t0 = time.perf_counter()
+        self.prepare(resume)
+        set_threads(self.recipe.train_config().threads)
+        self.data()
+        model = self.build_model()
+        start_file = self.run_dir / "start.json"
+        if start_file.exists():
+            start = json.loads(start_file.read_text())
+        else:
+            start = self.evaluate(model)
+            atomic_write_json(start_file, start)
+        self.results["start"] = start
+        self.log(f"start: {self.recipe.model} test acc {start['acc']:.2f}%")
+        stages = self.recipe.stages()
+        for i, stage in enumerate(stages):
+            sdir = self.run_dir / "stages" / f"{i:02d}-{stage.method}"
+            done = sdir / "done.json"
+            if done.exists():
+                load_weights(model, sdir / "model.safetensors")
+                info = json.loads(done.read_text())
+                self.log(f"stage {i} ({stage.method}): already done, loaded (test acc {info['eval']['acc']:.2f}%)")
+            else:
+                self.log(f"stage {i} ({stage.method}): running")
+                sdir.mkdir(parents=True, exist_ok=True)
+                ts = time.perf_counter()
+                model, info = self.run_stage(model, stage, sdir)
+                info["eval"] = self.evaluate(model)
+                info["seconds"] = round(time.perf_counter() - ts, 1)
+                info["method"] = stage.method
+                info["config"] = stage.to_dict()
+                _save_model(model, sdir / "model.safetensors")
+                atomic_write_json(done, info)
+                self.log(f"stage {i} ({stage.method}): test acc {info['eval']['acc']:.2f}% ({info['seconds']:.0f} s)")
+            self.results["stages"].append(info)
+        _save_model(model, self.run_dir / "model.safetensors")
+        self.model = model
+        self.results["final"] = self.results["stages"][-1]["eval"] if stages else start
+        self.results["seconds_this_invocation"] = round(time.perf_counter() - t0, 1)
+        from .report.run_report import write_run_report
+
+        write_run_report(self.run_dir, model, self.recipe, self.results)
+        return self.results

@@ -1,0 +1,83 @@
+"""report.md + results.json for a recipe run: accuracy per stage, sparsity per layer, pattern library."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..utils import atomic_write_json, atomic_write_text
+from .env import environment
+from .plots import plot_layer_sparsity, plot_pattern_library
+from .stats import model_stats
+
+
+def sparsity_summary(model: nn.Module, input_shape=(1, 3, 32, 32)) -> dict[str, Any]:
+    from ..sparsity import library_strings
+    from ..sparsity.pattern import COUNTS_BUFFER
+
+    st = model_stats(model, torch.zeros(*input_shape))
+    conv_lin = [l for l in st.layers]
+    prunable_params = sum(l.params for l in conv_lin)
+    prunable_nz = sum(l.nonzero for l in conv_lin)
+    counts = getattr(model, COUNTS_BUFFER, None)
+    return {
+        "stats": st.as_dict(),
+        "conv_linear_params": prunable_params,
+        "conv_linear_nonzero": prunable_nz,
+        "compression_conv_linear": prunable_params / max(1, prunable_nz),
+        "mac_reduction": st.macs / max(1, st.effective_macs),
+        "library": library_strings(model),
+        "library_counts": counts.tolist() if isinstance(counts, torch.Tensor) else None,
+        "_st": st,
+    }
+
+
+def write_run_report(run_dir: Path, model: nn.Module, recipe, results: dict[str, Any]) -> Path:
+    summ = sparsity_summary(model)
+    st = summ.pop("_st")
+    results = {**results, "sparsity": summ, "env": environment(), "recipe": recipe.to_dict()}
+    atomic_write_json(run_dir / "results.json", results)
+    plots = []
+    if summ["library"]:
+        from ..sparsity import get_library
+
+        plot_pattern_library(get_library(model), summ["library_counts"], run_dir / "pattern_library.png")
+        plots.append(("Pattern library", "pattern_library.png"))
+    plot_layer_sparsity([l.name for l in st.layers], [l.nonzero / max(1, l.params) for l in st.layers],
+                        run_dir / "layer_sparsity.png")
+    plots.append(("Sparsity per layer", "layer_sparsity.png"))
+    lines = [f"# sparseforge run: {recipe.model} on {recipe.dataset}", ""]
+    lines += ["## Accuracy", "", "| step | test top-1 | time |", "|---|---:|---:|",
+              f"| start ({recipe.weights or 'random init'}) | {results['start']['acc']:.2f}% | |"]
+    for i, s in enumerate(results["stages"]):
+        lines.append(f"| {i}: {s.get('method', '?')} | {s['eval']['acc']:.2f}% | {s.get('seconds', 0):.0f} s |")
+    lines += ["", f"Test set: {results['start'].get('n', '?')} images. Compare only with a dense control trained with the "
+              "same budget on the same data.", ""]
+    lines += ["## Sparsity", "",
+              f"- conv + linear weights: {summ['conv_linear_nonzero']:,} non-zero of {summ['conv_linear_params']:,} "
+              f"({summ['compression_conv_linear']:.2f}x fewer)",
+              f"- MACs per image: {st.effective_macs:,} effective of {st.macs:,} dense ({summ['mac_reduction']:.2f}x fewer)", ""]
+    if summ["library"]:
+        lines += ["## Pattern library", "", "Patterns as 3x3 row-major 0/1 (centre always kept):", "",
+                  "| # | pattern | best-fit count |", "|---:|---|---:|"]
+        for i, p in enumerate(summ["library"]):
+            c = summ["library_counts"][i] if summ["library_counts"] else ""
+            lines.append(f"| {i + 1} | `{p[:3]}/{p[3:6]}/{p[6:]}` | {c} |")
+        lines.append("")
+    for title, f in plots:
+        lines += [f"![{title}]({f})", ""]
+    for i, s in enumerate(results["stages"]):
+        if s.get("admm"):
+            lines += [f"## ADMM (stage {i})", "", "| update | rho | abs(W-Z)/abs(W) | abs(W-Y)/abs(W) |", "|---:|---:|---:|---:|"]
+            for r in s["admm"]:
+                lines.append(f"| {r['update']} | {r['rho']:.3g} | {r['residual_pattern']:.4f} | {r['residual_connectivity']:.4f} |")
+            lines.append("")
+    lines += ["## Layers", "", st.to_markdown(), ""]
+    env = results["env"]
+    lines += ["## Environment", "", f"{env['cpu']}, {env['torch_threads']} threads, torch {env['torch']}, "
+              f"sparseforge {env['sparseforge']}", ""]
+    atomic_write_text(run_dir / "report.md", "\n".join(lines))
+    return run_dir / "report.md"
