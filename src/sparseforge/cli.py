@@ -103,6 +103,69 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_sets(items: list[str]) -> dict:
+    """--set a.b=value pairs -> nested dict; values parsed as TOML scalars (strings may be bare)."""
+    from .config import loads_toml
+
+    out: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SparseforgeError(f"--set {item!r}: use key=value, e.g. --set train.lr=0.01")
+        key, val = item.split("=", 1)
+        try:
+            v = loads_toml(f"v = {val}")["v"]
+        except SparseforgeError:
+            v = val
+        d = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            d = d.setdefault(p, {})
+        d[parts[-1]] = v
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    import hashlib
+
+    from .config import loads_toml
+    from .recipe import Recipe, RecipeRunner
+
+    p = Path(args.recipe)
+    if not p.is_file():
+        raise SparseforgeError(f"recipe {p} not found; shipped recipes are in recipes/")
+    d = loads_toml(p.read_text(), str(p))
+    sets = parse_sets(args.set)
+    if "stage" in sets:
+        # --set stage.0.epochs=1 style: apply per-stage overrides
+        st = [dict(s) for s in d.get("stage", [])]
+        for idx, over in sets.pop("stage").items():
+            if not str(idx).isdigit() or int(idx) >= len(st):
+                raise SparseforgeError(f"--set stage.{idx}...: the recipe has stages 0..{len(st) - 1}")
+            st[int(idx)] = _merge(st[int(idx)], over)
+        d["stage"] = st
+    d = _merge(d, sets)
+    if args.data_dir:
+        d["data_dir"] = args.data_dir
+    if d.get("weights") and not Path(d["weights"]).exists() and (p.parent / d["weights"]).exists():
+        d["weights"] = str(p.parent / d["weights"])
+    recipe = Recipe.from_dict(d, where=str(p))
+    h = hashlib.sha256(recipe.to_toml().encode()).hexdigest()[:8]
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"{p.stem}-{h}"
+    resume = args.resume or (run_dir / "recipe.toml").exists()  # same recipe required; checked by the runner
+    print(f"run directory: {run_dir}", file=sys.stderr)
+    res = RecipeRunner(recipe, run_dir, progress=None if not args.no_progress else False).run(resume=resume)
+    print(f"final test accuracy {res['final']['acc']:.2f}% (start {res['start']['acc']:.2f}%)")
+    print(f"report: {run_dir / 'report.md'}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .models import list_models
     from .report.env import environment
@@ -161,6 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=32, help="input height/width")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_stats)
+
+    c = sub.add_parser("compress", help="run a compression recipe (train -> prune -> fine-tune), resumable",
+                       description="Run a recipe's stages; re-running the same command resumes an interrupted run.")
+    c.add_argument("recipe", help="recipe TOML (see recipes/)")
+    c.add_argument("--data-dir", help="dataset directory (overrides the recipe's data_dir)")
+    c.add_argument("--run-dir", help="run directory (default: runs/<recipe>-<hash of the resolved recipe>)")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. --set train.lr=0.01 --set stage.0.epochs=1")
+    c.add_argument("--resume", action="store_true", help="continue the run in --run-dir (automatic for the default run dir)")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(fn=cmd_compress)
 
     i = sub.add_parser("info", help="versions, CPU features, threads, models")
     i.add_argument("--json", action="store_true")

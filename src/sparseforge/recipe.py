@@ -95,7 +95,8 @@ class Recipe(Config):
             raise ConfigError("Recipe.stage: a recipe needs at least one [[stage]]")
         for i, s in enumerate(self.stage):
             parse_stage(s, f"stage[{i}]")
-        self.train_config()
+        # data_dir may come from the command line at run time; everything else must be valid now
+        self.train_config({"data_dir": self.data_dir or "(given at run time)"})
 
     def stages(self) -> list[Stage]:
         return [parse_stage(s, f"stage[{i}]") for i, s in enumerate(self.stage)]
@@ -124,12 +125,13 @@ class RecipeRunner:
     """Runs a recipe's stages in order with stage-level and epoch-level resume."""
 
     def __init__(self, recipe: Recipe, run_dir: str | Path, log: Callable[[str], None] | None = None,
-                 progress: bool | None = None, eval_limit: int = 0):
+                 progress: bool | None = None, eval_limit: int = 0, callbacks: tuple = ()):
         self.recipe = recipe
         self.run_dir = Path(run_dir)
         self.log = log or (lambda s: print(s, file=sys.stderr))
         self.progress = progress
         self.eval_limit = eval_limit
+        self.extra_callbacks = tuple(callbacks)  # added to every training stage (logging, tests)
         self.results: dict[str, Any] = {"stages": []}
 
     # ---- setup -------------------------------------------------------------
@@ -175,7 +177,7 @@ class RecipeRunner:
         tl, el = self.loaders(cfg)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
-        trainer = Trainer(model, cfg, tl, el, callbacks=callbacks, run_dir=sdir, progress=self.progress, log=self.log)
+        trainer = Trainer(model, cfg, tl, el, callbacks=[*callbacks, *self.extra_callbacks], run_dir=sdir, progress=self.progress, log=self.log)
         if (sdir / "config.toml").exists():
             saved = TrainConfig.load(sdir / "config.toml")
             if saved != cfg:

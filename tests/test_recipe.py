@@ -1,0 +1,109 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sparseforge.cli import main
+from sparseforge.errors import ConfigError, RunDirError
+from sparseforge.recipe import Recipe, RecipeRunner
+
+HERE = Path(__file__).parent
+RECIPE = """
+model = "smallcnn"
+dataset = "synthetic"
+[train]
+batch_size = 32
+lr = 0.05
+schedule = "onecycle"
+train_size = 320
+test_size = 100
+threads = 1
+checkpoint_every = 3
+[[stage]]
+method = "admm"
+epochs = 1
+update_every = 4
+[stage.target]
+num_patterns = 4
+connectivity = "2x"
+[[stage]]
+method = "finetune"
+epochs = 2
+"""
+
+
+def _child(recipe, run_dir, marker="", step=0):
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
+    return subprocess.run([sys.executable, str(HERE / "_recipe_child.py"), str(recipe), str(run_dir), marker, str(step)],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_recipe_killed_mid_stage_resumes_without_redoing_stages(tmp_path):
+    rp = tmp_path / "r.toml"
+    rp.write_text(RECIPE)
+    r = _child(rp, tmp_path / "a")
+    assert r.returncode == 0, r.stderr
+    r = _child(rp, tmp_path / "b", "01-finetune", 14)  # finetune: 10 steps/epoch; dies in epoch 2 after the step-12 checkpoint
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert (tmp_path / "b/stages/00-admm/done.json").exists() and not (tmp_path / "b/stages/01-finetune/done.json").exists()
+    r = _child(rp, tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    assert "stage 0 (admm): already done" in r.stderr
+    assert "resumed from step-000000012" in r.stderr
+    wa = load_file(str(tmp_path / "a/model.safetensors"))
+    wb = load_file(str(tmp_path / "b/model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    res = json.loads((tmp_path / "b/results.json").read_text())
+    report = (tmp_path / "b/report.md").read_text()
+    assert f"{res['final']['acc']:.2f}%" in report
+    assert "## Pattern library" in report and (tmp_path / "b/pattern_library.png").exists()
+    assert len(res["sparsity"]["library"]) == 4
+
+
+def test_recipe_validation_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown method 'prune'"):
+        Recipe.from_toml('model="smallcnn"\n[[stage]]\nmethod="prune"\n')
+    with pytest.raises(ConfigError, match="at least one"):
+        Recipe.from_toml('model="smallcnn"\n')
+    with pytest.raises(ConfigError, match=r"stage\[0\] \(pattern\).*unknown field 'connectivty'"):
+        Recipe.from_toml('model="smallcnn"\n[[stage]]\nmethod="pattern"\nconnectivty=2\n')
+    with pytest.raises(ConfigError, match="stage\\[0\\].train.*unknown field 'lrr'"):
+        Recipe.from_toml('model="smallcnn"\n[[stage]]\nmethod="finetune"\n[stage.train]\nlrr=1\n')
+
+
+def test_different_recipe_in_same_run_dir_refused(tmp_path):
+    r1 = Recipe.from_toml(RECIPE.replace("epochs = 2", "epochs = 1"))
+    RecipeRunner(r1, tmp_path / "r", progress=False).run()
+    r2 = Recipe.from_toml(RECIPE)
+    with pytest.raises(RunDirError, match="different recipe"):
+        RecipeRunner(r2, tmp_path / "r", progress=False).run(resume=True)
+
+
+def test_compress_cli_with_overrides(tmp_path, capsys):
+    rp = tmp_path / "r.toml"
+    rp.write_text(RECIPE)
+    rc = main(["compress", str(rp), "--run-dir", str(tmp_path / "run"), "--set", "stage.1.epochs=1",
+               "--set", "train.lr=0.02", "--no-progress"])
+    assert rc == 0
+    saved = Recipe.from_toml((tmp_path / "run/recipe.toml").read_text())
+    assert saved.stages()[1].config.epochs == 1 and saved.train["lr"] == 0.02
+    assert "report:" in capsys.readouterr().out
+    # the same command again resumes (nothing redone)
+    rc = main(["compress", str(rp), "--run-dir", str(tmp_path / "run"), "--set", "stage.1.epochs=1",
+               "--set", "train.lr=0.02", "--no-progress"])
+    assert rc == 0
+
+
+def test_shipped_recipe_parses():
+    r = Recipe.load_file(HERE.parent / "recipes" / "resnet20-pattern8x.toml")
+    st = r.stages()
+    assert [s.method for s in st] == ["admm", "finetune"]
+    assert st[0].config.target.num_patterns == 8
