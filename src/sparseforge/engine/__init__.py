@@ -1,0 +1,6 @@
+"""The sparse compiler: trace -> fold -> plan -> codegen -> build -> run."""
+
+from .compiler import Stages, compile
+from .runtime import CompiledModel
+
+__all__ = ["compile", "CompiledModel", "Stages"]

@@ -1,0 +1,99 @@
+"""``sparseforge.compile``: trace -> fold -> plan -> codegen -> build -> run, each stage inspectable."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import SparseforgeError
+from .build import build
+from .codegen import generate
+from .ir import ConvOp, Graph, TorchOp
+from .plan import SLACK, Plan, make_plan
+from .runtime import CompiledModel
+from .trace import build_ir, trace
+
+
+@dataclasses.dataclass
+class Stages:
+    """Every intermediate, for inspection (``compile(..., return_stages=True)``)."""
+
+    graph_module: Any = None
+    graph: Graph | None = None
+    plan: Plan | None = None
+    source: str = ""
+    build_info: dict | None = None
+    seconds: dict = dataclasses.field(default_factory=dict)
+
+
+def runtime_spec(plan: Plan, input_shape: tuple[int, ...]) -> dict:
+    g = plan.graph
+    consumed_native = set()
+    for op in g.ops:
+        if op.native:
+            consumed_native.update(op.inputs)
+            if isinstance(op, ConvOp) and op.residual is not None:
+                consumed_native.add(op.residual)
+    produced_native = {op.output for op in g.ops if op.native}
+    packed = sorted(v for v in consumed_native if v not in produced_native)
+    values = {}
+    for vid, v in g.values.items():
+        lay = plan.layouts[vid]
+        values[str(vid)] = {"shape": list(v.shape), "is_map": lay.is_map, "rs": lay.rs, "plane": lay.plane,
+                            "image": lay.image, "buffer": vid in consumed_native or vid in produced_native}
+    ops = []
+    for k, op in enumerate(g.ops):
+        d = {"name": op.name, "kind": op.kind, "native": op.native, "describe": op.describe(),
+             "inputs": op.inputs, "output": op.output}
+        if k in plan.convs:
+            c = plan.convs[k]
+            d.update(kernels=c.kernels, taps=c.taps, flops_per_image=c.flops, shapes=len(c.shapes),
+                     block=[c.rows, c.vecs])
+        ops.append(d)
+    return {"format": "sparseforge-engine-1", "input_shape": list(input_shape), "inputs": g.inputs,
+            "outputs": g.outputs, "values": values, "ops": ops, "packed": packed, "threads": plan.threads,
+            "segments": [{"kind": k, "ops": idx} for k, idx in plan.segments], "slack": SLACK}
+
+
+def compile(model: nn.Module, example_input: torch.Tensor, threads: int | None = None, portable: bool = False,
+            return_stages: bool = False):
+    """Compile ``model`` (eval mode: BN folded with its running stats) for inputs shaped like ``example_input``.
+
+    ``threads`` defaults to torch's thread count. Layers without a native kernel run in PyTorch and are
+    listed by ``engine.summary()``.
+    """
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4:
+        raise SparseforgeError("example_input must be a 4-D NCHW float tensor, e.g. torch.randn(1, 3, 32, 32)")
+    threads = int(threads or torch.get_num_threads())
+    st = Stages()
+    was_training = model.training
+    model.eval()
+    try:
+        t0 = time.perf_counter()
+        st.graph_module = trace(model, example_input.float())
+        st.seconds["trace"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        st.graph = build_ir(st.graph_module)
+        st.seconds["fold"] = time.perf_counter() - t0
+    finally:
+        model.train(was_training)
+    t0 = time.perf_counter()
+    st.plan = make_plan(st.graph, threads)
+    st.seconds["plan"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    st.source = generate(st.plan)
+    st.seconds["codegen"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    lib, st.build_info = build(st.source, portable=portable)
+    st.seconds["build"] = time.perf_counter() - t0
+    spec = runtime_spec(st.plan, tuple(example_input.shape[1:]))
+    spec["build"] = st.build_info
+    torch_ops = {k: op for k, op in enumerate(st.graph.ops) if isinstance(op, TorchOp)}
+    engine = CompiledModel(spec, lib, st.plan.blob.floats(), st.plan.blob.ints(), torch_ops, st.source)
+    engine.stages = st
+    return (engine, st) if return_stages else engine

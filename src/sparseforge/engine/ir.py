@@ -1,0 +1,123 @@
+"""The engine's intermediate representation: values and ops after tracing and folding.
+
+Every value has a per-image shape ((C, H, W) or (F,)); the batch is a runtime
+argument. Ops are either *native* (run by generated C) or ``TorchOp``
+fallbacks; the runtime moves values between the padded C layout and torch
+tensors only where a fallback sits between native ops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+
+@dataclasses.dataclass
+class Value:
+    id: int
+    shape: tuple[int, ...]          # per image: (C, H, W) or (F,)
+    name: str = ""
+
+    @property
+    def is_map(self) -> bool:
+        return len(self.shape) == 3
+
+
+@dataclasses.dataclass
+class Op:
+    name: str                        # the module path / node name it came from (for summary())
+    inputs: list[int]
+    output: int
+
+    kind = "op"
+    native = True
+
+    def describe(self) -> str:
+        return self.kind
+
+
+@dataclasses.dataclass
+class ConvOp(Op):
+    weight: torch.Tensor = None       # (O, I/groups, kh, kw), BN and masks folded in
+    bias: torch.Tensor = None         # (O,)
+    stride: int = 1
+    padding: int = 0
+    groups: int = 1
+    act: str = "none"                 # none | relu | relu6
+    residual: int | None = None      # value id added before the activation
+    res_kind: str = "identity"        # identity | pad_shortcut
+    res_stride: int = 1
+    res_pad_before: int = 0
+    folded: list[str] = dataclasses.field(default_factory=list)
+
+    kind = "conv"
+
+    def describe(self) -> str:
+        o, i, kh, kw = self.weight.shape
+        nz = int((self.weight != 0).sum())
+        parts = [f"conv{kh}x{kw} {i * self.groups}->{o} s{self.stride} p{self.padding}"]
+        if self.groups > 1:
+            parts.append(f"g{self.groups}")
+        parts.append(f"density {nz / self.weight.numel():.3f}")
+        fused = list(self.folded) + ([f"+res({self.res_kind})"] if self.residual is not None else [])
+        fused += [self.act] if self.act != "none" else []
+        if fused:
+            parts.append("fused: " + ",".join(fused))
+        return " ".join(parts)
+
+
+@dataclasses.dataclass
+class PoolOp(Op):
+    mode: str = "max"                 # max | avg
+    kernel: int = 2
+    stride: int = 2
+    kind = "pool"
+
+    def describe(self) -> str:
+        return f"{self.mode}pool{self.kernel} s{self.stride}"
+
+
+@dataclasses.dataclass
+class GapOp(Op):
+    kind = "global_avg_pool"
+
+
+@dataclasses.dataclass
+class LinearOp(Op):
+    weight: torch.Tensor = None
+    bias: torch.Tensor = None
+    act: str = "none"
+    kind = "linear"
+
+    def describe(self) -> str:
+        return f"linear {self.weight.shape[1]}->{self.weight.shape[0]}" + (f" +{self.act}" if self.act != "none" else "")
+
+
+@dataclasses.dataclass
+class TorchOp(Op):
+    """A PyTorch fallback: the fx node's target applied to (args with value ids substituted)."""
+
+    target: Any = None                # callable (function or module)
+    call: str = "function"            # function | module | method
+    args: Any = None                  # nested structure; value refs as ("__value__", id)
+    kwargs: Any = None
+    reason: str = ""
+    native = False
+    kind = "torch"
+
+    def describe(self) -> str:
+        t = self.target if isinstance(self.target, str) else getattr(self.target, "__name__", type(self.target).__name__)
+        return f"torch {t} ({self.reason})" if self.reason else f"torch {t}"
+
+
+@dataclasses.dataclass
+class Graph:
+    values: dict[int, Value]
+    ops: list[Op]
+    inputs: list[int]
+    outputs: list[int]
+
+    def users(self, vid: int) -> list[Op]:
+        return [op for op in self.ops if vid in op.inputs or getattr(op, "residual", None) == vid]

@@ -1,0 +1,207 @@
+"""Stage 3: plan -- layouts, compact sparse storage, filter-kernel reorder, thread balance, blocking.
+
+Layout: every native feature map is stored per image as C planes of
+(H + 2) rows x RS columns with a zero border of one pixel, RS = 8*ceil(W/8) + 2;
+consecutive native ops never re-layout. Compact storage per conv: kernels are
+grouped by *shape* (the set of non-zero taps: a pattern, a 1x1 tap, or the full
+3x3 for dense kernels); per (shape, filter) a run of (input channel, weights).
+Filters are sorted by (kept-kernel count, shape signature) and dealt to threads
+by FLOPs (longest-processing-time first), so work is balanced, not filter counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter
+
+import numpy as np
+import torch
+
+from .ir import ConvOp, GapOp, Graph, LinearOp, PoolOp, TorchOp
+
+VEC = 8                  # floats per vector (AVX2); AVX-512 machines run the same code
+MAX_ACC = 12             # accumulators per block (registers)
+MAX_SHAPES = 16          # beyond this many distinct tap sets per layer, kernels use the full 3x3 shape
+SLACK = 512              # floats after every buffer: over-reads by discarded vector lanes stay in bounds
+
+
+@dataclasses.dataclass
+class Layout:
+    shape: tuple[int, ...]
+    is_map: bool         # padded (C, H+2, RS) planes; else a plain contiguous vector per image
+    rs: int = 0          # row stride (maps)
+    plane: int = 0
+    image: int = 0       # floats per image
+
+
+def layout_for(shape: tuple[int, ...], flat: bool = False) -> Layout:
+    if len(shape) == 3 and not flat:
+        c, h, w = shape
+        rs = VEC * math.ceil(w / VEC) + 2
+        plane = (h + 2) * rs
+        return Layout(shape, True, rs, plane, c * plane)
+    n = int(np.prod(shape)) if shape else 1
+    return Layout(shape, False, 0, 0, n)
+
+
+class Blob:
+    """Append-only float and int arrays; codegen refers to offsets into them."""
+
+    def __init__(self) -> None:
+        self.f: list[np.ndarray] = []
+        self.i: list[np.ndarray] = []
+        self.nf = 0
+        self.ni = 0
+
+    def add_f(self, a) -> int:
+        a = np.ascontiguousarray(np.asarray(a, dtype=np.float32).ravel())
+        off = self.nf
+        self.f.append(a)
+        self.nf += a.size
+        return off
+
+    def add_i(self, a) -> int:
+        a = np.ascontiguousarray(np.asarray(a, dtype=np.int32).ravel())
+        off = self.ni
+        self.i.append(a)
+        self.ni += a.size
+        return off
+
+    def floats(self) -> np.ndarray:
+        return np.concatenate(self.f) if self.f else np.zeros(1, np.float32)
+
+    def ints(self) -> np.ndarray:
+        return np.concatenate(self.i) if self.i else np.zeros(1, np.int32)
+
+
+@dataclasses.dataclass
+class ConvPlan:
+    op: ConvOp
+    shapes: list[tuple[int, ...]]        # tap indices (ky*kw + kx) per shape
+    kh: int
+    ho: int
+    wo: int
+    rows: int                            # R: output rows per block
+    vecs: int                            # V: vectors per block along x
+    xv: int                              # vectors per output row
+    bias_off: int = 0
+    start_off: list[int] = dataclasses.field(default_factory=list)   # per shape: (F+1) ints
+    chan_off: list[int] = dataclasses.field(default_factory=list)
+    w_off: list[int] = dataclasses.field(default_factory=list)
+    tstart_off: int = 0
+    flist_off: int = 0
+    kernels: int = 0
+    taps: int = 0
+    flops: int = 0
+
+
+def _canonical_shapes(tapsets: list[tuple[int, ...]], full: tuple[int, ...]) -> dict[tuple[int, ...], tuple[int, ...]]:
+    """Map each distinct tap set to the shape its kernel will run with (merging rare subsets into supersets)."""
+    freq = Counter(tapsets)
+    order = sorted(freq, key=lambda s: (-freq[s], s))
+    mapping: dict[tuple[int, ...], tuple[int, ...]] = {}
+    kept: list[tuple[int, ...]] = []
+    for s in order:
+        sup = next((k for k in kept if set(s) <= set(k)), None)
+        if sup is not None:
+            mapping[s] = sup
+        else:
+            kept.append(s)
+            mapping[s] = s
+    if len(kept) > MAX_SHAPES:
+        return {s: full for s in freq}
+    return mapping
+
+
+def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...], blob: Blob, threads: int) -> ConvPlan:
+    w = op.weight.detach().float()
+    o, ig, kh, kw = w.shape
+    _, ho, wo = out_shape
+    taps_all = tuple(range(kh * kw))
+    w9 = w.reshape(o, ig, kh * kw)
+    nz = (w9 != 0)
+    # kernel list: (filter, input channel, tap set)
+    kern = []
+    for f in range(o):
+        rows = nz[f].any(-1).nonzero().flatten().tolist()
+        for i in rows:
+            kern.append((f, i, tuple(nz[f, i].nonzero().flatten().tolist())))
+    mapping = _canonical_shapes([k[2] for k in kern], taps_all)
+    shapes = sorted(set(mapping.values()), key=lambda s: (len(s), s)) if kern else []
+    sidx = {s: j for j, s in enumerate(shapes)}
+    per = [[[] for _ in range(o)] for _ in shapes]
+    work = np.zeros(o, dtype=np.int64)
+    for f, i, ts in kern:
+        s = mapping[ts]
+        chan = f if op.groups > 1 else i      # depthwise: filter f reads input channel f
+        per[sidx[s]][f].append((chan, w9[f, i, list(s)].tolist()))
+        work[f] += len(s)
+    xv = math.ceil(wo / VEC)
+    vecs = max(d for d in range(1, min(xv, 4) + 1) if xv % d == 0)
+    rmax = max(1, MAX_ACC // vecs)
+    rows = max(d for d in range(1, min(ho, rmax) + 1) if ho % d == 0)
+    p = ConvPlan(op, shapes, kh, ho, wo, rows, vecs, xv)
+    p.bias_off = blob.add_f(op.bias.numpy())
+    for j, s in enumerate(shapes):
+        starts, chans, ws = [0], [], []
+        for f in range(o):
+            for ch, wv in per[j][f]:
+                chans.append(ch)
+                ws.extend(wv)
+            starts.append(len(chans))
+        p.start_off.append(blob.add_i(starts))
+        p.chan_off.append(blob.add_i(chans if chans else [0]))
+        p.w_off.append(blob.add_f(ws if ws else [0.0]))
+    # filter-kernel reorder + FLOP-balanced thread lists (LPT), each list in (work, signature) order
+    sig = {f: tuple(len(per[j][f]) for j in range(len(shapes))) for f in range(o)}
+    order = sorted(range(o), key=lambda f: (-int(work[f]), sig[f], f))
+    loads = [0] * threads
+    lists: list[list[int]] = [[] for _ in range(threads)]
+    for f in order:
+        t = min(range(threads), key=lambda t: (loads[t], t))
+        lists[t].append(f)
+        loads[t] += int(work[f]) + 1   # +1: the epilogue of an empty filter still costs something
+    tstart = [0]
+    flist: list[int] = []
+    for t in range(threads):
+        flist += lists[t]
+        tstart.append(len(flist))
+    p.tstart_off = blob.add_i(tstart)
+    p.flist_off = blob.add_i(flist if flist else [0])
+    p.kernels = len(kern)
+    p.taps = int(work.sum())
+    p.flops = 2 * p.taps * ho * wo
+    return p
+
+
+@dataclasses.dataclass
+class Plan:
+    graph: Graph
+    layouts: dict[int, Layout]
+    convs: dict[int, ConvPlan]            # by op index
+    other: dict[int, dict]                # offsets for linear etc.
+    blob: Blob
+    threads: int
+    segments: list[tuple[str, list[int]]]  # ("native", [op idx...]) or ("torch", [op idx])
+
+
+def make_plan(graph: Graph, threads: int) -> Plan:
+    blob = Blob()
+    gap_out = {op.output for op in graph.ops if isinstance(op, GapOp)}
+    layouts = {vid: layout_for(v.shape, flat=vid in gap_out) for vid, v in graph.values.items()}
+    convs: dict[int, ConvPlan] = {}
+    other: dict[int, dict] = {}
+    for k, op in enumerate(graph.ops):
+        if isinstance(op, ConvOp):
+            convs[k] = plan_conv(op, graph.values[op.inputs[0]].shape, graph.values[op.output].shape, blob, threads)
+        elif isinstance(op, LinearOp):
+            other[k] = {"w_off": blob.add_f(op.weight.numpy()), "b_off": blob.add_f(op.bias.numpy())}
+    segments: list[tuple[str, list[int]]] = []
+    for k, op in enumerate(graph.ops):
+        kind = "native" if op.native else "torch"
+        if kind == "native" and segments and segments[-1][0] == "native":
+            segments[-1][1].append(k)
+        else:
+            segments.append((kind, [k]))
+    return Plan(graph, layouts, convs, other, blob, threads, segments)

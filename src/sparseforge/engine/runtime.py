@@ -1,0 +1,186 @@
+"""Stage 6: run -- load the built library with ctypes and execute the plan on torch tensors.
+
+``CompiledModel`` takes and returns NCHW float32 tensors. Native segments run
+as one C call each (one OpenMP region per segment, a barrier between layers);
+PyTorch fallbacks run in between on views of the same buffers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import SparseforgeError
+from .ir import TorchOp
+
+
+def _sub(a: Any, env: dict[int, torch.Tensor]) -> Any:
+    if isinstance(a, tuple) and len(a) == 2 and a[0] == "__value__":
+        return env[a[1]]
+    if isinstance(a, (list, tuple)):
+        return type(a)(_sub(x, env) for x in a)
+    if isinstance(a, dict):
+        return {k: _sub(v, env) for k, v in a.items()}
+    return a
+
+
+class CompiledModel:
+    """A compiled network. Call it like the model: ``engine(x)`` with x of shape (N, C, H, W), float32."""
+
+    def __init__(self, spec: dict, lib_path: Path, floats: np.ndarray, ints: np.ndarray,
+                 torch_ops: dict[int, TorchOp] | None = None, source: str = "", artefact_dir: Path | None = None):
+        self.spec = spec
+        self.lib_path = Path(lib_path)
+        self.source = source
+        self._torch_ops = torch_ops or {}
+        self._floats = torch.from_numpy(np.ascontiguousarray(floats, dtype=np.float32))
+        self._ints = torch.from_numpy(np.ascontiguousarray(ints, dtype=np.int32))
+        self._lib = ctypes.CDLL(str(self.lib_path))
+        self._lib.sf_init.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        self._lib.sf_init.restype = None
+        self._lib.sf_init(self._floats.data_ptr(), self._ints.data_ptr())
+        self._segs = {}
+        for si, seg in enumerate(spec["segments"]):
+            if seg["kind"] == "native":
+                fn = getattr(self._lib, f"seg{si}")
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_int]
+                fn.restype = None
+                self._segs[si] = fn
+        self._ops = {}
+        for k, op in enumerate(spec["ops"]):
+            if op["native"]:
+                fn = getattr(self._lib, f"run_op{k}")
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_int]
+                fn.restype = None
+                self._ops[k] = fn
+        self._buffers: dict[int, tuple] = {}
+        self._profile: dict[int, float] | None = None
+        self.input_shape = tuple(spec["input_shape"])
+        missing = [op["name"] for k, op in enumerate(spec["ops"]) if not op["native"] and k not in self._torch_ops]
+        if missing:
+            raise SparseforgeError(f"engine artefact lacks the PyTorch fallback ops {missing}; recompile the model")
+
+    # ---- buffers ------------------------------------------------------------
+    def _alloc(self, n: int):
+        if n in self._buffers:
+            return self._buffers[n]
+        vals = self.spec["values"]
+        bufs: dict[int, torch.Tensor] = {}
+        views: dict[int, torch.Tensor] = {}
+        slack = self.spec["slack"]
+        for vid_s, v in vals.items():
+            vid = int(vid_s)
+            if not v["buffer"]:
+                continue
+            t = torch.zeros(n * v["image"] + slack, dtype=torch.float32)
+            bufs[vid] = t
+            shape = v["shape"]
+            if v["is_map"]:
+                c, h, w = shape
+                views[vid] = t[: n * v["image"]].view(n, c, h + 2, v["rs"])[:, :, 1:h + 1, 1:w + 1]
+            else:
+                views[vid] = t[: n * v["image"]].view(n, *shape)
+        ptrs = (ctypes.c_void_p * len(vals))(*[bufs[int(k)].data_ptr() if int(k) in bufs else None for k in vals])
+        self._buffers[n] = (bufs, views, ptrs)
+        return self._buffers[n]
+
+    # ---- run -------------------------------------------------------------------
+    def _check(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise SparseforgeError(f"engine input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype != torch.float32:
+            raise SparseforgeError(f"engine input must be float32, got {x.dtype}; call x.float()")
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
+            raise SparseforgeError(f"engine input must have shape (N, {', '.join(map(str, self.input_shape))}), "
+                                   f"got {tuple(x.shape)}; the engine was compiled for that per-image shape")
+        if x.shape[0] < 1:
+            raise SparseforgeError("engine input has an empty batch")
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        n = x.shape[0]
+        bufs, views, ptrs = self._alloc(n)
+        env: dict[int, torch.Tensor] = dict(views)
+        inp = self.spec["inputs"][0]
+        if inp in bufs:
+            views[inp].copy_(x)
+        env[inp] = views.get(inp, x)
+        packed = set(self.spec["packed"])
+        for si, seg in enumerate(self.spec["segments"]):
+            if seg["kind"] == "native":
+                self._segs[si](ptrs, n)
+            else:
+                for k in seg["ops"]:
+                    op = self._torch_ops[k]
+                    args = _sub(op.args, env)
+                    kwargs = _sub(op.kwargs, env)
+                    if op.call == "method":
+                        y = getattr(args[0], op.target)(*args[1:], **kwargs)
+                    else:
+                        y = op.target(*args, **kwargs)
+                    if op.output in packed:
+                        views[op.output].copy_(y)
+                        env[op.output] = views[op.output]
+                    else:
+                        env[op.output] = y
+        outs = [env[o].clone().contiguous() for o in self.spec["outputs"]]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    # ---- introspection ------------------------------------------------------------
+    def profile(self, batch: int = 1, reps: int = 20) -> dict[int, float]:
+        """Median seconds per op (native ops one at a time, each in its own parallel region)."""
+        x = torch.randn(batch, *self.input_shape)
+        self(x)
+        bufs, views, ptrs = self._alloc(batch)
+        times: dict[int, float] = {}
+        for k, op in enumerate(self.spec["ops"]):
+            if op["native"]:
+                ts = []
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    self._ops[k](ptrs, batch)
+                    ts.append(time.perf_counter() - t0)
+                times[k] = float(np.median(ts))
+        # fallbacks: time the whole forward minus native ops is noisy; time each op directly
+        env = dict(views)
+        for k, op in enumerate(self.spec["ops"]):
+            if not op["native"]:
+                top = self._torch_ops[k]
+                args, kwargs = _sub(top.args, env), _sub(top.kwargs, env)
+                ts = []
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    y = getattr(args[0], top.target)(*args[1:], **kwargs) if top.call == "method" else top.target(*args, **kwargs)
+                    ts.append(time.perf_counter() - t0)
+                env[top.output] = y
+                times[k] = float(np.median(ts))
+        self._profile = times
+        return times
+
+    def summary(self, profile: bool = True) -> str:
+        """Every op, the path it runs on (generated kernel or PyTorch fallback) and its share of time."""
+        times = self.profile() if profile and self._profile is None else (self._profile or {})
+        total = sum(times.values()) or 1.0
+        rows = [f"{'#':>3}  {'op':28s} {'path':9s} {'time':>9s} {'share':>6s}  details"]
+        for k, op in enumerate(self.spec["ops"]):
+            t = times.get(k)
+            ts = f"{1e6 * t:7.1f}us" if t is not None else "        -"
+            share = f"{100 * t / total:5.1f}%" if t is not None else "     -"
+            path = "generated" if op["native"] else "PyTorch"
+            rows.append(f"{k:>3}  {op['name'][:28]:28s} {path:9s} {ts:>9s} {share:>6s}  {op['describe']}")
+        nat = sum(1 for o in self.spec["ops"] if o["native"])
+        rows.append(f"{nat}/{len(self.spec['ops'])} ops generated; {len(self.spec['ops']) - nat} PyTorch fallbacks; "
+                    f"{self.spec['threads']} threads; batch-1 profile")
+        return "\n".join(rows)
+
+    def save(self, path: str | Path) -> Path:
+        from .artefact import save_engine
+
+        return save_engine(self, Path(path))

@@ -1,0 +1,284 @@
+"""Stage 1+2: trace with torch.fx, then fold BN and masks and fuse epilogues into the IR.
+
+Folding happens while walking the graph in order: a BatchNorm right after a
+conv (its only user) is folded into the conv's weights and bias; a ReLU/ReLU6
+after it becomes the conv's activation; an add of a conv output (only user)
+and another value becomes the conv's residual epilogue -- including the
+option-A zero-pad shortcut, which is read in place, never materialised. Any
+node we cannot map stays a PyTorch op (correct, and listed by summary()).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..errors import SparseforgeError
+from ..models.cifar_resnet import PadShortcut
+from .ir import ConvOp, GapOp, Graph, LinearOp, Op, PoolOp, TorchOp, Value
+
+_LEAVES = (PadShortcut,)
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:
+        raise SparseforgeError(f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}); "
+                               "data-dependent control flow is not supported by the compiler") from None
+    gm = fx.GraphModule(model, graph)
+    ShapeProp(gm).propagate(example_input)
+    return gm
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    tm = node.meta.get("tensor_meta")
+    if tm is None or not hasattr(tm, "shape"):
+        return None
+    return tuple(tm.shape[1:])
+
+
+_RELU = {F.relu, torch.relu, torch.relu_}
+_ADD = {operator.add, torch.add, operator.iadd}
+_FLATTEN = {torch.flatten}
+
+
+def _act_of(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    if node.op == "call_module":
+        m = modules[node.target]
+        if isinstance(m, nn.ReLU):
+            return "relu"
+        if isinstance(m, nn.ReLU6):
+            return "relu6"
+        if isinstance(m, nn.Hardtanh) and m.min_val == 0.0 and m.max_val == 6.0:
+            return "relu6"
+    elif node.op == "call_function":
+        if node.target in _RELU:
+            return "relu"
+        if node.target is F.relu6:
+            return "relu6"
+        if node.target is F.hardtanh and node.args[1:3] == (0.0, 6.0):
+            return "relu6"
+    elif node.op == "call_method" and node.target in ("relu", "relu_"):
+        return "relu"
+    return None
+
+
+def _is_identity(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        m = modules[node.target]
+        return isinstance(m, (nn.Identity, nn.Dropout)) or (isinstance(m, nn.Dropout2d))
+    if node.op == "call_function" and node.target in (F.dropout,):
+        return True
+    return False
+
+
+def _is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module" and isinstance(modules[node.target], nn.Flatten):
+        return modules[node.target].start_dim == 1
+    if node.op == "call_function" and node.target in _FLATTEN:
+        return (node.args[1:2] or (node.kwargs.get("start_dim", 0),))[0] == 1
+    if node.op == "call_method" and node.target == "flatten":
+        return (node.args[1:2] or (node.kwargs.get("start_dim", 0),))[0] == 1
+    return False
+
+
+def _is_gap(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        m = modules[node.target]
+        return isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1))
+    if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+        return node.args[1] in (1, (1, 1))
+    if node.op == "call_method" and node.target == "mean":
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return tuple(dims) in ((2, 3), (-2, -1)) and bool(node.kwargs.get("keepdim", False))
+    return False
+
+
+def build_ir(gm: fx.GraphModule) -> Graph:
+    modules = dict(gm.named_modules())
+    values: dict[int, Value] = {}
+    ops: list[Op] = []
+    env: dict[fx.Node, int] = {}
+    producer: dict[int, Op] = {}
+    inputs: list[int] = []
+    outputs: list[int] = []
+
+    def new_value(node: fx.Node, shape=None) -> int:
+        vid = len(values)
+        values[vid] = Value(vid, shape if shape is not None else (_shape(node) or ()), node.name)
+        env[node] = vid
+        return vid
+
+    def only_user(node: fx.Node) -> bool:
+        return len(node.users) == 1
+
+    def fallback(node: fx.Node, reason: str) -> None:
+        def sub(a):
+            if isinstance(a, fx.Node):
+                return ("__value__", env[a])
+            if isinstance(a, (list, tuple)):
+                return type(a)(sub(x) for x in a)
+            if isinstance(a, dict):
+                return {k: sub(v) for k, v in a.items()}
+            return a
+
+        ins = [env[a] for a in node.all_input_nodes]
+        target = modules[node.target] if node.op == "call_module" else node.target
+        shape = _shape(node)
+        if shape is None:
+            raise SparseforgeError(f"the compiler cannot handle node {node.name} ({node.target}): it does not produce a tensor")
+        out = new_value(node, shape)
+        call = {"call_module": "module", "call_function": "function", "call_method": "method"}[node.op]
+        op = TorchOp(node.target if node.op == "call_module" else node.name, ins, out, target=target, call=call,
+                     args=sub(node.args), kwargs=sub(dict(node.kwargs)), reason=reason)
+        ops.append(op)
+        producer[out] = op
+
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            vid = new_value(node)
+            inputs.append(vid)
+            continue
+        if node.op == "output":
+            res = node.args[0]
+            if isinstance(res, (list, tuple)):
+                outputs.extend(env[r] for r in res)
+            else:
+                outputs.append(env[res])
+            continue
+        if node.op == "get_attr":
+            raise SparseforgeError(f"the compiler does not support direct parameter access ({node.target}) in forward")
+
+        args = [a for a in node.all_input_nodes]
+        src = env.get(args[0]) if args else None
+        prod = producer.get(src) if src is not None else None
+
+        # ---- aliases ------------------------------------------------------
+        if _is_identity(node, modules):
+            env[node] = src
+            continue
+        if node.op == "call_module" and isinstance(modules[node.target], nn.Conv2d):
+            m = modules[node.target]
+            w = m.weight.detach().float().clone()
+            mask = getattr(m, "weight_mask", None)
+            folded = []
+            if isinstance(mask, torch.Tensor):
+                w = w * mask
+                folded.append("mask")
+            b = m.bias.detach().float().clone() if m.bias is not None else torch.zeros(w.shape[0])
+            ok = (m.padding_mode == "zeros" and m.dilation == (1, 1) and m.stride[0] == m.stride[1]
+                  and m.padding[0] == m.padding[1] and isinstance(m.padding[0], int)
+                  and m.kernel_size in ((3, 3), (1, 1)) and m.stride[0] in (1, 2)
+                  and m.padding[0] <= (m.kernel_size[0] - 1) // 2 + 0
+                  and (m.groups == 1 or m.groups == m.in_channels == m.out_channels))
+            if not ok:
+                fallback(node, "conv shape not supported natively")
+                continue
+            out = new_value(node)
+            op = ConvOp(node.target, [src], out, weight=w, bias=b, stride=m.stride[0], padding=m.padding[0],
+                        groups=m.groups, folded=folded)
+            ops.append(op)
+            producer[out] = op
+            continue
+        if node.op == "call_module" and isinstance(modules[node.target], nn.BatchNorm2d):
+            bn = modules[node.target]
+            parent = next(iter(args))
+            if (isinstance(prod, ConvOp) and only_user(parent) and prod.act == "none" and prod.residual is None
+                    and not bn.training and bn.running_mean is not None and bn.affine):
+                scale = bn.weight.detach().float() / torch.sqrt(bn.running_var.float() + bn.eps)
+                prod.weight = prod.weight * scale.view(-1, 1, 1, 1)
+                prod.bias = (prod.bias - bn.running_mean.float()) * scale + bn.bias.detach().float()
+                prod.folded.append("bn")
+                env[node] = src
+                continue
+            fallback(node, "BatchNorm not after a conv")
+            continue
+        act = _act_of(node, modules)
+        if act is not None:
+            parent = args[0]
+            if isinstance(prod, (ConvOp, LinearOp)) and only_user(parent) and prod.act == "none":
+                prod.act = act
+                env[node] = src
+                continue
+            fallback(node, "activation not after a conv")
+            continue
+        if node.op in ("call_function", "call_method") and node.target in (_ADD | {"add", "add_"}) \
+                and len(args) == 2 and len(node.args) == 2 and not node.kwargs:
+            a, b_ = args
+            fused = False
+            for first, other in ((a, b_), (b_, a)):
+                p = producer.get(env[first])
+                if isinstance(p, ConvOp) and only_user(first) and p.act == "none" and p.residual is None \
+                        and values[env[first]].shape == values[env[other]].shape:
+                    po = producer.get(env[other])
+                    if isinstance(po, TorchOp) and po.call == "module" and isinstance(po.target, PadShortcut) \
+                            and only_user(other):
+                        # read the option-A shortcut in place: drop its materialisation
+                        ops.remove(po)
+                        p.residual = po.inputs[0]
+                        p.res_kind = "pad_shortcut"
+                        p.res_stride = po.target.stride
+                        p.res_pad_before = po.target.pad_before
+                    else:
+                        p.residual = env[other]
+                    env[node] = env[first]
+                    fused = True
+                    break
+            if fused:
+                continue
+            fallback(node, "add not fusable into a conv epilogue")
+            continue
+        if node.op == "call_module" and isinstance(modules[node.target], (nn.MaxPool2d, nn.AvgPool2d)):
+            m = modules[node.target]
+            k = m.kernel_size if isinstance(m.kernel_size, int) else m.kernel_size[0]
+            s = m.stride if isinstance(m.stride, int) else m.stride[0]
+            pad = m.padding if isinstance(m.padding, int) else m.padding[0]
+            ceil = getattr(m, "ceil_mode", False)
+            shp = values[src].shape
+            if k == 2 and s == 2 and pad == 0 and not ceil and shp[1] % 2 == 0 and shp[2] % 2 == 0 and \
+                    (isinstance(m, nn.MaxPool2d) and m.dilation in (1, (1, 1)) or isinstance(m, nn.AvgPool2d)):
+                out = new_value(node)
+                op = PoolOp(node.target, [src], out, mode="max" if isinstance(m, nn.MaxPool2d) else "avg")
+                ops.append(op)
+                producer[out] = op
+                continue
+            fallback(node, "pooling other than 2x2 stride 2 (even sizes)")
+            continue
+        if _is_gap(node, modules):
+            out = new_value(node)
+            op = GapOp(node.name, [src], out)
+            ops.append(op)
+            producer[out] = op
+            continue
+        if _is_flatten(node, modules) and isinstance(prod, GapOp):
+            # (C,1,1) -> (C,): same memory in the native layout of a GAP result
+            values[src].shape = (values[src].shape[0],)
+            env[node] = src
+            continue
+        if node.op == "call_module" and isinstance(modules[node.target], nn.Linear) and len(values[src].shape) == 1:
+            m = modules[node.target]
+            w = m.weight.detach().float().clone()
+            mask = getattr(m, "weight_mask", None)
+            if isinstance(mask, torch.Tensor):
+                w = w * mask
+            b = m.bias.detach().float().clone() if m.bias is not None else torch.zeros(w.shape[0])
+            out = new_value(node)
+            op = LinearOp(node.target, [src], out, weight=w, bias=b)
+            ops.append(op)
+            producer[out] = op
+            continue
+        what = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+        fallback(node, f"no native kernel for {what}")
+    return Graph(values, ops, inputs, outputs)
