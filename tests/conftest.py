@@ -1,6 +1,9 @@
 import os
 from pathlib import Path
 
+# Tests share 2 cores with whatever else runs: OpenMP threads that spin-wait would starve it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 

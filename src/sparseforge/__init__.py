@@ -4,7 +4,8 @@ __version__ = "0.1.0"
 
 from .errors import SparseforgeError  # noqa: E402
 from .models import create_model, load_weights  # noqa: E402
+from .engine import CompiledModel, compile, load_engine  # noqa: E402
 from .sparsity import ADMMConfig, MagnitudeConfig, Mask, PatternConfig, fold_masks, prune  # noqa: E402
 
 __all__ = ["__version__", "SparseforgeError", "create_model", "load_weights", "prune", "fold_masks", "Mask",
-           "PatternConfig", "ADMMConfig", "MagnitudeConfig"]
+           "PatternConfig", "ADMMConfig", "MagnitudeConfig", "compile", "load_engine", "CompiledModel"]

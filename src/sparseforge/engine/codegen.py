@@ -29,9 +29,9 @@ static inline vf relu(vf v) { vi m = v > BC(0.0f); return (vf)((vi)v & m); }
 static inline vf relu6(vf v) { v = relu(v); vf six = BC(6.0f); vi m = v > six; return (vf)(((vi)v & ~m) | ((vi)six & m)); }
 static inline float relus(float v) { return v > 0.0f ? v : 0.0f; }
 static inline float relu6s(float v) { v = v > 0.0f ? v : 0.0f; return v < 6.0f ? v : 6.0f; }
-static const float* g_w;
-static const int* g_i;
-void sf_init(const float* w, const int* i) { g_w = w; g_i = i; }
+/* weights and indices are passed to every call (never stored in globals): one cached library can serve
+   several engines whose sparsity structure, and so whose source, happens to be identical */
+#define OPARGS float* const* B, int N, int tid, int nth, const float* g_w, const int* g_i
 """
 
 
@@ -43,25 +43,29 @@ def _act_s(act: str, x: str) -> str:
     return {"none": x, "relu": f"relus({x})", "relu6": f"relu6s({x})"}[act]
 
 
-def conv_source(k: int, p: ConvPlan, plan: Plan) -> str:
+def conv_source(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
+    """Wrapper ``op{k}`` plus (deduplicated) body ``convN``.
+
+    The body depends only on structure (layouts, tap shapes, blocking, stride, epilogue); buffer ids and blob
+    offsets are read from a per-op descriptor in the int blob. Layers with the same structure -- most of a
+    ResNet stage -- share one compiled function, which keeps cold compiles short.
+    """
     op: ConvOp = p.op
-    g = plan.graph
     li = plan.layouts[op.inputs[0]]
     lo = plan.layouts[op.output]
     s = op.stride
     pad = op.padding
     R, V = p.rows, p.vecs
-    o = op.weight.shape[0]
     load = "ld" if s == 1 else "ld2"
-    lines = [f"static void op{k}(float* const* B, int N, int tid, int nth) {{",
-             f"  const float* in = B[{op.inputs[0]}]; float* out = B[{op.output}];",
-             f"  const float* bias = g_w + {p.bias_off};",
-             f"  const int* tstart = g_i + {p.tstart_off}; const int* flist = g_i + {p.flist_off};"]
+    ns = len(p.shapes)
+    lines = ["  const float* in = B[d[0]]; float* out = B[d[1]];",
+             "  const float* bias = g_w + d[3];",
+             "  const int* tstart = g_i + d[4]; const int* flist = g_i + d[5];"]
     if op.residual is not None:
-        lines.append(f"  const float* res = B[{op.residual}];")
-    for j in range(len(p.shapes)):
-        lines.append(f"  const int* st{j} = g_i + {p.start_off[j]}; const int* ch{j} = g_i + {p.chan_off[j]}; "
-                     f"const float* w{j} = g_w + {p.w_off[j]};")
+        lines.append("  const float* res = B[d[2]];")
+    for j in range(ns):
+        lines.append(f"  const int* st{j} = g_i + d[{6 + 3 * j}]; const int* ch{j} = g_i + d[{7 + 3 * j}]; "
+                     f"const float* w{j} = g_w + d[{8 + 3 * j}];")
     lines += [f"  for (int t = tid; t < {plan.threads}; t += nth)",
               "  for (int q = tstart[t]; q < tstart[t + 1]; q++) {",
               "    const int f = flist[q];",
@@ -96,7 +100,7 @@ def conv_source(k: int, p: ConvPlan, plan: Plan) -> str:
         lines.append(f"            acc[r][v] += {terms};")
         lines.append("          }")
         lines.append("        }")
-    # epilogue
+    # epilogue: residual, activation, store (the last vector of a row may be partial)
     lines.append(f"        for (int r = 0; r < {R}; r++) for (int v = 0; v < {V}; v++) {{")
     lines.append("          const int y = y0 + r, x = x0 + v * 8;")
     lines.append("          vf a = acc[r][v];")
@@ -112,8 +116,17 @@ def conv_source(k: int, p: ConvPlan, plan: Plan) -> str:
     lines.append(f"          float* op_ = ob + (long)(y + 1) * {lo.rs} + (x + 1);")
     lines.append(f"          if (x + 8 <= {p.wo}) st(op_, a); else stn(op_, a, {p.wo} - x);")
     lines.append("        }")
-    lines += ["      }", "    }", "  }", "}"]
-    return "\n".join(lines)
+    lines += ["      }", "    }", "  }"]
+    body = "\n".join(lines)
+    if body not in bodies:
+        bodies[body] = f"conv{len(bodies)}"
+    fname = bodies[body]
+    desc = [op.inputs[0], op.output, op.residual if op.residual is not None else -1, p.bias_off, p.tstart_off,
+            p.flist_off]
+    for j in range(ns):
+        desc += [p.start_off[j], p.chan_off[j], p.w_off[j]]
+    d_off = plan.blob.add_i(desc)
+    return f"static void op{k}(OPARGS) {{ {fname}(B, N, tid, nth, g_w, g_i, g_i + {d_off}); }}"
 
 
 def pool_source(k: int, op: PoolOp, plan: Plan) -> str:
@@ -123,7 +136,7 @@ def pool_source(k: int, op: PoolOp, plan: Plan) -> str:
         expr = "float m = a[0]; if (a[1] > m) m = a[1]; if (b[0] > m) m = b[0]; if (b[1] > m) m = b[1];"
     else:
         expr = "float m = 0.25f * (a[0] + a[1] + b[0] + b[1]);"
-    return f"""static void op{k}(float* const* B, int N, int tid, int nth) {{
+    return f"""static void op{k}(OPARGS) {{
   const float* in = B[{op.inputs[0]}]; float* out = B[{op.output}];
   for (int q = tid; q < N * {c}; q += nth) {{
     const int n = q / {c}, ch = q % {c};
@@ -142,7 +155,7 @@ def pool_source(k: int, op: PoolOp, plan: Plan) -> str:
 def gap_source(k: int, op: GapOp, plan: Plan) -> str:
     li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
     c, h, w = li.shape
-    return f"""static void op{k}(float* const* B, int N, int tid, int nth) {{
+    return f"""static void op{k}(OPARGS) {{
   const float* in = B[{op.inputs[0]}]; float* out = B[{op.output}];
   for (int q = tid; q < N * {c}; q += nth) {{
     const int n = q / {c}, ch = q % {c};
@@ -158,7 +171,7 @@ def linear_source(k: int, op: LinearOp, plan: Plan) -> str:
     li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
     o, i = op.weight.shape
     offs = plan.other[k]
-    return f"""static void op{k}(float* const* B, int N, int tid, int nth) {{
+    return f"""static void op{k}(OPARGS) {{
   const float* in = B[{op.inputs[0]}]; float* out = B[{op.output}];
   const float* W = g_w + {offs['w_off']}; const float* bb = g_w + {offs['b_off']};
   for (int q = tid; q < N * {o}; q += nth) {{
@@ -176,21 +189,26 @@ TEMPLATES = {ConvOp: None, PoolOp: pool_source, GapOp: gap_source, LinearOp: lin
 
 def generate(plan: Plan) -> str:
     parts = [PRELUDE]
+    bodies: dict[str, str] = {}
+    wrappers = []
     for k, op in enumerate(plan.graph.ops):
         if not op.native:
             continue
         if isinstance(op, ConvOp):
-            parts.append(conv_source(k, plan.convs[k], plan))
+            wrappers.append(conv_source(k, plan.convs[k], plan, bodies))
         else:
-            parts.append(TEMPLATES[type(op)](k, op, plan))
+            wrappers.append(TEMPLATES[type(op)](k, op, plan))
+    for body, fname in bodies.items():
+        parts.append(f"static void {fname}(OPARGS, const int* d) {{\n{body}\n}}")
+    parts += wrappers
     for k, op in enumerate(plan.graph.ops):   # single-op entry points, for per-op profiling
         if op.native:
-            parts.append(f"""void run_op{k}(float* const* B, int N) {{
+            parts.append(f"""void run_op{k}(float* const* B, int N, const float* g_w, const int* g_i) {{
 #ifdef _OPENMP
 #pragma omp parallel num_threads({plan.threads})
-  op{k}(B, N, omp_get_thread_num(), omp_get_num_threads());
+  op{k}(B, N, omp_get_thread_num(), omp_get_num_threads(), g_w, g_i);
 #else
-  op{k}(B, N, 0, 1);
+  op{k}(B, N, 0, 1, g_w, g_i);
 #endif
 }}""")
     for si, (kind, idxs) in enumerate(plan.segments):
@@ -200,8 +218,8 @@ def generate(plan: Plan) -> str:
         for j, k in enumerate(idxs):
             if j:
                 body.append("#ifdef _OPENMP\n#pragma omp barrier\n#endif")
-            body.append(f"    op{k}(B, N, tid, nth);")
-        parts.append(f"""void seg{si}(float* const* B, int N) {{
+            body.append(f"    op{k}(B, N, tid, nth, g_w, g_i);")
+        parts.append(f"""void seg{si}(float* const* B, int N, const float* g_w, const int* g_i) {{
 #ifdef _OPENMP
 #pragma omp parallel num_threads({plan.threads})
 #endif

@@ -42,21 +42,19 @@ class CompiledModel:
         self._floats = torch.from_numpy(np.ascontiguousarray(floats, dtype=np.float32))
         self._ints = torch.from_numpy(np.ascontiguousarray(ints, dtype=np.int32))
         self._lib = ctypes.CDLL(str(self.lib_path))
-        self._lib.sf_init.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-        self._lib.sf_init.restype = None
-        self._lib.sf_init(self._floats.data_ptr(), self._ints.data_ptr())
+        self._wp, self._ip = self._floats.data_ptr(), self._ints.data_ptr()
         self._segs = {}
         for si, seg in enumerate(spec["segments"]):
             if seg["kind"] == "native":
                 fn = getattr(self._lib, f"seg{si}")
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_int]
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
                 fn.restype = None
                 self._segs[si] = fn
         self._ops = {}
         for k, op in enumerate(spec["ops"]):
             if op["native"]:
                 fn = getattr(self._lib, f"run_op{k}")
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_int]
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
                 fn.restype = None
                 self._ops[k] = fn
         self._buffers: dict[int, tuple] = {}
@@ -86,7 +84,9 @@ class CompiledModel:
                 views[vid] = t[: n * v["image"]].view(n, c, h + 2, v["rs"])[:, :, 1:h + 1, 1:w + 1]
             else:
                 views[vid] = t[: n * v["image"]].view(n, *shape)
-        ptrs = (ctypes.c_void_p * len(vals))(*[bufs[int(k)].data_ptr() if int(k) in bufs else None for k in vals])
+        # indexed by value id (JSON may have reordered the keys)
+        nv = max(int(k) for k in vals) + 1
+        ptrs = (ctypes.c_void_p * nv)(*[bufs[i].data_ptr() if i in bufs else None for i in range(nv)])
         self._buffers[n] = (bufs, views, ptrs)
         return self._buffers[n]
 
@@ -115,7 +115,7 @@ class CompiledModel:
         packed = set(self.spec["packed"])
         for si, seg in enumerate(self.spec["segments"]):
             if seg["kind"] == "native":
-                self._segs[si](ptrs, n)
+                self._segs[si](ptrs, n, self._wp, self._ip)
             else:
                 for k in seg["ops"]:
                     op = self._torch_ops[k]
@@ -145,7 +145,7 @@ class CompiledModel:
                 ts = []
                 for _ in range(reps):
                     t0 = time.perf_counter()
-                    self._ops[k](ptrs, batch)
+                    self._ops[k](ptrs, batch, self._wp, self._ip)
                     ts.append(time.perf_counter() - t0)
                 times[k] = float(np.median(ts))
         # fallbacks: time the whole forward minus native ops is noisy; time each op directly

