@@ -32,56 +32,51 @@ static void conv0(OPARGS, const int* d) {
     const int f = flist[q];
     const vf b = BC(bias[f]);
     for (int n = 0; n < N; n++) {
-      const float* ib = in + (long)n * 140;
-      float* ob = out + (long)n * 210 + (long)f * 70;
-      for (int y0 = 0; y0 < 5; y0 += 5)
-      for (int x0 = 0; x0 < 8; x0 += 8) {
-        vf acc[5][1];
-        for (int r = 0; r < 5; r++) for (int v = 0; v < 1; v++) acc[r][v] = b;
-        const long ioff = (long)(y0 * 1 + 1 - 1) * 10 + (x0 * 1 + 1 - 1);
-        for (int e = st0[f]; e < st0[f + 1]; e++) {
-          const float* ip = ib + (long)ch0[e] * 70 + ioff;
-          const float* wp = w0 + (long)e * 4;
-          const vf k0 = BC(wp[0]);
-          const vf k1 = BC(wp[1]);
-          const vf k2 = BC(wp[2]);
-          const vf k3 = BC(wp[3]);
-          for (int r = 0; r < 5; r++) for (int v = 0; v < 1; v++) {
-            const float* rp = ip + r * 10 + v * 8;
-            acc[r][v] += k0 * ld(rp + 1) + k1 * ld(rp + 10) + k2 * ld(rp + 11) + k3 * ld(rp + 12);
-          }
+      const float* ib = in + (long)n * 112;
+      float* ob = out + (long)n * 168 + (long)f * 56;
+      const float* mk = g_w + d[15];
+      vf acc[5];
+      for (int v = 0; v < 5; v++) acc[v] = b;
+      for (int e = st0[f]; e < st0[f + 1]; e++) {
+        const float* ip = ib + (long)ch0[e] * 56 + 9;
+        const float* wp = w0 + (long)e * 4;
+        const vf k0 = BC(wp[0]);
+        const vf k1 = BC(wp[1]);
+        const vf k2 = BC(wp[2]);
+        const vf k3 = BC(wp[3]);
+        for (int v = 0; v < 5; v++) {
+          const float* rp = ip + v * 8;
+          acc[v] += k0 * ld(rp + -8) + k1 * ld(rp + -1) + k2 * ld(rp + 0) + k3 * ld(rp + 1);
         }
-        for (int e = st1[f]; e < st1[f + 1]; e++) {
-          const float* ip = ib + (long)ch1[e] * 70 + ioff;
-          const float* wp = w1 + (long)e * 4;
-          const vf k0 = BC(wp[0]);
-          const vf k1 = BC(wp[1]);
-          const vf k2 = BC(wp[2]);
-          const vf k3 = BC(wp[3]);
-          for (int r = 0; r < 5; r++) for (int v = 0; v < 1; v++) {
-            const float* rp = ip + r * 10 + v * 8;
-            acc[r][v] += k0 * ld(rp + 1) + k1 * ld(rp + 11) + k2 * ld(rp + 12) + k3 * ld(rp + 21);
-          }
+      }
+      for (int e = st1[f]; e < st1[f + 1]; e++) {
+        const float* ip = ib + (long)ch1[e] * 56 + 9;
+        const float* wp = w1 + (long)e * 4;
+        const vf k0 = BC(wp[0]);
+        const vf k1 = BC(wp[1]);
+        const vf k2 = BC(wp[2]);
+        const vf k3 = BC(wp[3]);
+        for (int v = 0; v < 5; v++) {
+          const float* rp = ip + v * 8;
+          acc[v] += k0 * ld(rp + -8) + k1 * ld(rp + 0) + k2 * ld(rp + 1) + k3 * ld(rp + 8);
         }
-        for (int e = st2[f]; e < st2[f + 1]; e++) {
-          const float* ip = ib + (long)ch2[e] * 70 + ioff;
-          const float* wp = w2 + (long)e * 4;
-          const vf k0 = BC(wp[0]);
-          const vf k1 = BC(wp[1]);
-          const vf k2 = BC(wp[2]);
-          const vf k3 = BC(wp[3]);
-          for (int r = 0; r < 5; r++) for (int v = 0; v < 1; v++) {
-            const float* rp = ip + r * 10 + v * 8;
-            acc[r][v] += k0 * ld(rp + 10) + k1 * ld(rp + 11) + k2 * ld(rp + 12) + k3 * ld(rp + 21);
-          }
+      }
+      for (int e = st2[f]; e < st2[f + 1]; e++) {
+        const float* ip = ib + (long)ch2[e] * 56 + 9;
+        const float* wp = w2 + (long)e * 4;
+        const vf k0 = BC(wp[0]);
+        const vf k1 = BC(wp[1]);
+        const vf k2 = BC(wp[2]);
+        const vf k3 = BC(wp[3]);
+        for (int v = 0; v < 5; v++) {
+          const float* rp = ip + v * 8;
+          acc[v] += k0 * ld(rp + -1) + k1 * ld(rp + 0) + k2 * ld(rp + 1) + k3 * ld(rp + 8);
         }
-        for (int r = 0; r < 5; r++) for (int v = 0; v < 1; v++) {
-          const int y = y0 + r, x = x0 + v * 8;
-          vf a = acc[r][v];
-          a = relu(a);
-          float* op_ = ob + (long)(y + 1) * 10 + (x + 1);
-          if (x + 8 <= 6) st(op_, a); else stn(op_, a, 6 - x);
-        }
+      }
+      for (int v = 0; v < 5; v++) {
+        vf a = acc[v];
+        a = relu(a) * ld(mk + v * 8);
+        st(ob + 9 + v * 8, a);
       }
     }
   }

@@ -79,6 +79,8 @@ def conv_source(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
                   f"      const float* rb = (rc >= 0 && rc < {lr.shape[0]}) ? res + (long)n * {lr.image} + (long)rc * {lr.plane} : 0;"]
     elif op.residual is not None:
         lines.append(f"      const float* rb = res + (long)n * {lo.image} + (long)f * {lo.plane};")
+    if p.flat:
+        return _flat_conv(k, p, plan, bodies, lines)
     lines += [f"      for (int y0 = 0; y0 < {p.ho}; y0 += {R})",
               f"      for (int x0 = 0; x0 < {p.xv * VEC}; x0 += {VEC * V}) {{",
               f"        vf acc[{R}][{V}];",
@@ -117,16 +119,60 @@ def conv_source(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
     lines.append(f"          if (x + 8 <= {p.wo}) st(op_, a); else stn(op_, a, {p.wo} - x);")
     lines.append("        }")
     lines += ["      }", "    }", "  }"]
-    body = "\n".join(lines)
+    return _register(k, p, plan, bodies, "\n".join(lines), [])
+
+
+def _register(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], body: str, extra: list[int]) -> str:
     if body not in bodies:
         bodies[body] = f"conv{len(bodies)}"
-    fname = bodies[body]
+    op = p.op
     desc = [op.inputs[0], op.output, op.residual if op.residual is not None else -1, p.bias_off, p.tstart_off,
             p.flist_off]
-    for j in range(ns):
+    for j in range(len(p.shapes)):
         desc += [p.start_off[j], p.chan_off[j], p.w_off[j]]
+    desc += extra
     d_off = plan.blob.add_i(desc)
-    return f"static void op{k}(OPARGS) {{ {fname}(B, N, tid, nth, g_w, g_i, g_i + {d_off}); }}"
+    return f"static void op{k}(OPARGS) {{ {bodies[body]}(B, N, tid, nth, g_w, g_i, g_i + {d_off}); }}"
+
+
+def _flat_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines: list[str]) -> str:
+    """Narrow maps: vectors run along the flattened padded plane, covering several rows at once.
+
+    Valid for stride 1 with equal input/output layouts: every output position p reads input p + tap offset.
+    Border lanes are multiplied by 0 before the store, so the zero border stays zero.
+    """
+    op: ConvOp = p.op
+    li = plan.layouts[op.inputs[0]]
+    nv = p.flat_nv
+    kw = op.weight.shape[3]
+    pad = op.padding
+    ns = len(p.shapes)
+    lines = list(lines)
+    lines.append(f"      const float* mk = g_w + d[{6 + 3 * ns}];")
+    lines.append(f"      vf acc[{nv}];")
+    lines.append(f"      for (int v = 0; v < {nv}; v++) acc[v] = b;")
+    for j, shape in enumerate(p.shapes):
+        nt = len(shape)
+        offs = [(t // kw - pad) * li.rs + (t % kw - pad) for t in shape]
+        lines.append(f"      for (int e = st{j}[f]; e < st{j}[f + 1]; e++) {{")
+        lines.append(f"        const float* ip = ib + (long)ch{j}[e] * {li.plane} + {p.flat_p0};")
+        lines.append(f"        const float* wp = w{j} + (long)e * {nt};")
+        for t in range(nt):
+            lines.append(f"        const vf k{t} = BC(wp[{t}]);")
+        lines.append(f"        for (int v = 0; v < {nv}; v++) {{")
+        lines.append("          const float* rp = ip + v * 8;")
+        terms = " + ".join(f"k{t} * ld(rp + {offs[t]})" for t in range(nt))
+        lines.append(f"          acc[v] += {terms};")
+        lines.append("        }")
+        lines.append("      }")
+    lines.append(f"      for (int v = 0; v < {nv}; v++) {{")
+    lines.append("        vf a = acc[v];")
+    if op.residual is not None:
+        lines.append(f"        a += ld(rb + {p.flat_p0} + v * 8);")
+    lines.append(f"        a = {_act(op.act, 'a')} * ld(mk + v * 8);")
+    lines.append(f"        st(ob + {p.flat_p0} + v * 8, a);")
+    lines += ["      }", "    }", "  }"]
+    return _register(k, p, plan, bodies, "\n".join(lines), [p.flat_mask_off])
 
 
 def pool_source(k: int, op: PoolOp, plan: Plan) -> str:

@@ -35,10 +35,14 @@ class Layout:
     image: int = 0       # floats per image
 
 
+SMALL_W = 6             # maps this narrow are stored with RS = W + 2 and convolved in "flat" mode
+
+
 def layout_for(shape: tuple[int, ...], flat: bool = False) -> Layout:
     if len(shape) == 3 and not flat:
         c, h, w = shape
-        rs = VEC * math.ceil(w / VEC) + 2
+        # Narrow maps: tight rows, so a vector spans several rows (flat mode) instead of one mostly empty row.
+        rs = w + 2 if w <= SMALL_W else VEC * math.ceil(w / VEC) + 2
         plane = (h + 2) * rs
         return Layout(shape, True, rs, plane, c * plane)
     n = int(np.prod(shape)) if shape else 1
@@ -94,6 +98,10 @@ class ConvPlan:
     kernels: int = 0
     taps: int = 0
     flops: int = 0
+    flat: bool = False                   # vectorise along the flattened padded plane (narrow maps)
+    flat_p0: int = 0                     # first interior plane position
+    flat_nv: int = 0                     # vectors covering [p0, last interior position]
+    flat_mask_off: int = 0               # 0/1 lane masks (border positions), flat_nv * 8 floats
 
 
 def _canonical_shapes(tapsets: list[tuple[int, ...]], full: tuple[int, ...]) -> dict[tuple[int, ...], tuple[int, ...]]:
@@ -114,7 +122,8 @@ def _canonical_shapes(tapsets: list[tuple[int, ...]], full: tuple[int, ...]) -> 
     return mapping
 
 
-def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...], blob: Blob, threads: int) -> ConvPlan:
+def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...], blob: Blob, threads: int,
+              lin: Layout | None = None, lout: Layout | None = None) -> ConvPlan:
     w = op.weight.detach().float()
     o, ig, kh, kw = w.shape
     _, ho, wo = out_shape
@@ -142,6 +151,19 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     rmax = max(1, MAX_ACC // vecs)
     rows = max(d for d in range(1, min(ho, rmax) + 1) if ho % d == 0)
     p = ConvPlan(op, shapes, kh, ho, wo, rows, vecs, xv)
+    if (lin is not None and lout is not None and op.stride == 1 and lin.rs == lout.rs and lout.rs == wo + 2
+            and tuple(in_shape[1:]) == (ho, wo) and (op.residual is None or op.res_kind == "identity")):
+        rs = lout.rs
+        p0, p1 = rs + 1, ho * rs + wo
+        nv = math.ceil((p1 - p0 + 1) / VEC)
+        if nv <= MAX_ACC:
+            masks = np.zeros((nv, VEC), np.float32)
+            for v in range(nv):
+                for j in range(VEC):
+                    pos = p0 + v * VEC + j
+                    masks[v, j] = 1.0 if 1 <= pos // rs <= ho and 1 <= pos % rs <= wo else 0.0
+            p.flat, p.flat_p0, p.flat_nv = True, p0, nv
+            p.flat_mask_off = blob.add_f(masks)
     p.bias_off = blob.add_f(op.bias.numpy())
     for j, s in enumerate(shapes):
         starts, chans, ws = [0], [], []
@@ -194,7 +216,8 @@ def make_plan(graph: Graph, threads: int) -> Plan:
     other: dict[int, dict] = {}
     for k, op in enumerate(graph.ops):
         if isinstance(op, ConvOp):
-            convs[k] = plan_conv(op, graph.values[op.inputs[0]].shape, graph.values[op.output].shape, blob, threads)
+            convs[k] = plan_conv(op, graph.values[op.inputs[0]].shape, graph.values[op.output].shape, blob, threads,
+                                 layouts[op.inputs[0]], layouts[op.output])
         elif isinstance(op, LinearOp):
             other[k] = {"w_off": blob.add_f(op.weight.numpy()), "b_off": blob.add_f(op.bias.numpy())}
     segments: list[tuple[str, list[int]]] = []

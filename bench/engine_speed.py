@@ -1,0 +1,184 @@
+"""Whole-network latency: sparseforge engine vs PyTorch dense (BN folded; NCHW and channels_last),
+onnxruntime on the dense ONNX, and PyTorch on the masked weights.
+
+Batch 1 and 8, threads 1 and 2, arms alternating in one process (round-robin, rotated start), >= 30 timed
+runs each; medians with p10/p90. Writes bench/results/engine_speed.json and engine_speed.png (speedups)
+and engine_layers.png (per-op time of each engine at batch 1, 2 threads).
+
+DeepSparse 1.8 pins old numpy/onnx and needs its own venv: bench/deepsparse_speed.py (run separately).
+
+Run: OMP_WAIT_POLICY unset, nothing else running: python bench/engine_speed.py [--runs 30] [--models vgg16,resnet56]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.fx.experimental.optimization as fx_opt
+
+import sparseforge as sf
+from sparseforge.export import export_onnx
+from sparseforge.report.env import environment
+from sparseforge.report.plots import plt  # Agg backend
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "models"
+
+
+def model_for(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = sf.create_model(name)
+    weights = {"resnet20": SHARED / "resnet20-cifar10jpeg.safetensors",
+               "resnet56": SHARED / "akamaster_resnet56-4bfd9763.th"}.get(name)
+    if weights is not None and weights.exists():
+        sf.load_weights(m, weights)
+    return m.eval()
+
+
+CONFIGS = {
+    "pattern8x": sf.PatternConfig(num_patterns=8, connectivity=3.6),
+    "pattern8x-cb2": sf.PatternConfig(num_patterns=8, connectivity=3.6, channel_block=2),
+    "pattern2.25x": sf.PatternConfig(num_patterns=8, connectivity=1.0),
+}
+
+
+def timed(fn, x) -> float:
+    t0 = time.perf_counter()
+    fn(x)
+    return time.perf_counter() - t0
+
+
+def run_case(name: str, cfg_name: str, batch: int, threads: int, runs: int, warmup: int, block: int = 5) -> dict:
+    torch.set_num_threads(threads)
+    dense = model_for(name)
+    pruned = copy.deepcopy(dense)
+    if cfg_name != "dense":
+        sf.prune(pruned, CONFIGS[cfg_name])
+    x1 = torch.randn(1, 3, 32, 32)
+    engine = sf.compile(pruned, x1, threads=threads)
+    engine_dense = sf.compile(dense, x1, threads=threads)
+    fused = fx_opt.fuse(copy.deepcopy(dense))
+    fused_cl = copy.deepcopy(fused).to(memory_format=torch.channels_last)
+    masked = copy.deepcopy(pruned)
+    x = torch.randn(batch, 3, 32, 32)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    arms = {
+        "sparseforge": lambda _: engine(x),
+        "sparseforge-dense": lambda _: engine_dense(x),
+        "torch-dense": lambda _: fused(x),
+        "torch-dense-cl": lambda _: fused_cl(x_cl),
+        "torch-masked": lambda _: masked(x),
+    }
+    try:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        sess = ort.InferenceSession(export_onnx(dense, x1), so, providers=["CPUExecutionProvider"])
+        xn = x.numpy()
+        arms["onnxruntime-dense"] = lambda _: sess.run(None, {"input": xn})
+    except ImportError:
+        pass
+    with torch.inference_mode():
+        ref = masked(x)
+        err = float((engine(x) - ref).abs().max() / ref.abs().max())
+        # Alternate arms in blocks: each block = 1 discarded call (absorbs the previous arm's thread-pool
+        # spin-down: torch/OpenMP and onnxruntime threads keep spinning after a call) + `block` timed calls.
+        times = {k: [] for k in arms}
+        names = list(arms)
+        rounds = -(-runs // block)
+        for k in names:
+            for _ in range(warmup):
+                arms[k](None)
+        for r in range(rounds):
+            order = names[r % len(names):] + names[: r % len(names)]
+            for k in order:
+                arms[k](None)
+                for _ in range(block):
+                    times[k].append(timed(arms[k], None))
+    out = {"model": name, "sparsity": cfg_name, "batch": batch, "threads": threads, "runs": len(times["sparseforge"]),
+           "max_rel_error_vs_torch": err, "arms": {}}
+    for k, ts in times.items():
+        out["arms"][k] = {"median_ms": 1e3 * statistics.median(ts), "p10_ms": 1e3 * float(np.percentile(ts, 10)),
+                          "p90_ms": 1e3 * float(np.percentile(ts, 90))}
+    best_dense = min(out["arms"][k]["median_ms"] for k in ("torch-dense", "torch-dense-cl", "onnxruntime-dense")
+                     if k in out["arms"])
+    out["speedup_vs_torch_dense"] = out["arms"]["torch-dense"]["median_ms"] / out["arms"]["sparseforge"]["median_ms"]
+    out["speedup_vs_best_dense"] = best_dense / out["arms"]["sparseforge"]["median_ms"]
+    if threads == 2 and batch == 1:
+        prof = engine.profile(batch=1, reps=30)
+        out["engine_ops"] = [{"name": op["name"], "describe": op["describe"], "us": 1e6 * prof.get(k, 0.0)}
+                             for k, op in enumerate(engine.spec["ops"])]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="vgg16:pattern8x,vgg16:pattern2.25x,resnet56:pattern8x,resnet20:pattern8x,"
+                                        "resnet56:pattern8x-cb2,mobilenetv2:pattern8x")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "engine_speed"))
+    a = ap.parse_args()
+    results = []
+    for spec in a.models.split(","):
+        name, cfg = spec.split(":")
+        for t in map(int, a.threads.split(",")):
+            for b in map(int, a.batches.split(",")):
+                r = run_case(name, cfg, b, t, a.runs, a.warmup)
+                results.append(r)
+                arms = "  ".join(f"{k} {v['median_ms']:.2f}" for k, v in r["arms"].items())
+                print(f"{name:12s} {cfg:14s} b{b} t{t}: {arms}  -> x{r['speedup_vs_torch_dense']:.2f} vs torch, "
+                      f"x{r['speedup_vs_best_dense']:.2f} vs best dense (err {r['max_rel_error_vs_torch']:.1e})", flush=True)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"benchmark": "engine_speed", "results": results, "env": environment(),
+           "method": f"arms alternate in blocks of 1 discarded + 5 timed calls (rotated order), {a.warmup} warm-up calls, "
+                        f">= {a.runs} timed runs per arm; median/p10/p90 of wall time"}
+    try:
+        import onnxruntime
+
+        doc["env"]["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    Path(str(out) + ".json").write_text(json.dumps(doc, indent=2))
+    # speedup plot
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    labels = [f"{r['model']}\n{r['sparsity']}\nb{r['batch']} t{r['threads']}" for r in results]
+    ax.bar(range(len(results)), [r["speedup_vs_torch_dense"] for r in results], color="#3b6ea8", label="vs PyTorch dense")
+    ax.plot(range(len(results)), [r["speedup_vs_best_dense"] for r in results], "o", color="#c44", label="vs best dense runtime")
+    ax.axhline(1.0, color="#999", lw=0.8)
+    ax.set_xticks(range(len(results)))
+    ax.set_xticklabels(labels, fontsize=6)
+    ax.set_ylabel("speedup (median latency ratio)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(str(out) + ".png", dpi=110)
+    plt.close(fig)
+    # per-layer plot
+    prof = [r for r in results if "engine_ops" in r]
+    if prof:
+        fig, axes = plt.subplots(len(prof), 1, figsize=(9, 2.2 * len(prof)), squeeze=False)
+        for ax, r in zip(axes[:, 0], prof):
+            ops = r["engine_ops"]
+            ax.bar(range(len(ops)), [o["us"] for o in ops], color="#3b6ea8")
+            ax.set_title(f"{r['model']} {r['sparsity']}: engine time per op (us, batch 1, 2 threads)", fontsize=8)
+            ax.set_xticks([])
+        fig.tight_layout()
+        fig.savefig(str(out.parent / "engine_layers.png"), dpi=110)
+        plt.close(fig)
+    print(f"wrote {out}.json")
+
+
+if __name__ == "__main__":
+    main()
