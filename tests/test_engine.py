@@ -168,3 +168,20 @@ def test_snapshot_of_generated_source():
     assert st.source == snap.read_text(), "generated source changed; check the diff and run with UPDATE_SNAPSHOTS=1"
     x = torch.randn(2, 2, 5, 6)
     assert rel_err(st and compile(m, torch.randn(1, 2, 5, 6), threads=2)(x), m(x)) <= TOL
+
+
+def test_cli_compile_and_bench(tmp_path, capsys):
+    from sparseforge.cli import main
+    from sparseforge.models import save_weights
+
+    m = _model("resnet20")
+    sf.prune(m, SPARSITIES["pattern8x"])
+    save_weights(m, tmp_path / "w.safetensors")
+    assert main(["compile", str(tmp_path / "w.safetensors"), "--out", str(tmp_path / "eng"), "--threads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "21/21 ops generated" in out and "engine:" in out
+    e = load_engine(tmp_path / "eng")
+    x = torch.randn(2, 3, 32, 32)
+    assert rel_err(e(x), m.eval()(x)) <= TOL
+    assert main(["bench", str(tmp_path / "w.safetensors"), "--runs", "5", "--json", str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["arms"]["sparseforge"]["runs"] == 5

@@ -166,6 +166,104 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_from_path(path: Path, model_name: str | None):
+    """Rebuild a model (masks and pattern library included) from a run directory or a weights file."""
+    from .models import create_model, load_weights, read_state_dict
+
+    weights = path
+    if path.is_dir():
+        for cand in (path / "model.safetensors",):
+            if cand.exists():
+                weights = cand
+                break
+        else:
+            from .train.checkpoint import latest_checkpoint
+
+            ref = latest_checkpoint(path)
+            if ref is None:
+                raise SparseforgeError(f"{path} holds no model.safetensors and no checkpoints; pass a run directory or weights file")
+            weights = ref.weights_path
+    _, meta = read_state_dict(weights)
+    spec = None
+    if meta.get("model"):
+        spec = json.loads(meta["model"])
+    if model_name:
+        spec = {"name": model_name, "num_classes": (spec or {}).get("num_classes", 10), "kwargs": (spec or {}).get("kwargs", {})}
+    if spec is None:
+        raise SparseforgeError(f"{weights} does not say which model it holds; pass --model NAME")
+    model = create_model(spec["name"], num_classes=spec.get("num_classes", 10), **spec.get("kwargs", {}))
+    load_weights(model, weights)
+    return model.eval(), weights
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    import torch
+
+    from .engine import compile as sf_compile
+
+    path = Path(args.source)
+    model, weights = _model_from_path(path, args.model)
+    shape = tuple(int(v) for v in args.input_shape.split(","))
+    x = torch.randn(1, *shape)
+    engine, st = sf_compile(model, x, threads=args.threads or None, portable=args.portable, return_stages=True)
+    xb = torch.randn(4, *shape)
+    with torch.inference_mode():
+        ref = model(xb)
+    err = float((engine(xb) - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+    out = Path(args.out) if args.out else (path if path.is_dir() else path.parent) / "engine"
+    engine.save(out)
+    print(engine.summary())
+    print(f"compiled {weights} in {sum(st.seconds.values()):.2f} s ({'cached build' if st.build_info['cached'] else 'cold build'}); "
+          f"max |engine - torch| / max |torch| = {err:.2e} on 4 random inputs")
+    print(f"engine: {out}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import statistics
+
+    import torch
+    import torch.fx.experimental.optimization as fx_opt
+
+    from .engine import compile as sf_compile
+    from .report.env import environment
+    from .sparsity import fold_masks
+
+    torch.set_num_threads(args.threads)
+    model, weights = _model_from_path(Path(args.source), args.model)
+    shape = tuple(int(v) for v in args.input_shape.split(","))
+    engine = sf_compile(model, torch.randn(1, *shape), threads=args.threads)
+    import copy
+
+    dense = fx_opt.fuse(fold_masks(copy.deepcopy(model)).eval())
+    x = torch.randn(args.batch, *shape)
+    arms = {"sparseforge": lambda: engine(x), "torch (BN folded)": lambda: dense(x)}
+    times: dict[str, list[float]] = {k: [] for k in arms}
+    import time as _t
+
+    with torch.inference_mode():
+        for k in arms:
+            for _ in range(5):
+                arms[k]()
+        for r in range(-(-args.runs // 5)):
+            for k in arms:
+                arms[k]()
+                for _ in range(5):
+                    t0 = _t.perf_counter()
+                    arms[k]()
+                    times[k].append(_t.perf_counter() - t0)
+    res = {k: {"median_ms": 1e3 * statistics.median(v), "min_ms": 1e3 * min(v), "max_ms": 1e3 * max(v), "runs": len(v)}
+           for k, v in times.items()}
+    for k, v in res.items():
+        print(f"{k:20s} median {v['median_ms']:.3f} ms  (min {v['min_ms']:.3f}, max {v['max_ms']:.3f}, {v['runs']} runs)")
+    sp = res["torch (BN folded)"]["median_ms"] / res["sparseforge"]["median_ms"]
+    print(f"speedup {sp:.2f}x at batch {args.batch}, {args.threads} threads")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"weights": str(weights), "batch": args.batch, "threads": args.threads,
+                                               "arms": res, "speedup": sp, "env": environment()}, indent=2))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .models import list_models
     from .report.env import environment
@@ -235,6 +333,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", action="store_true", help="continue the run in --run-dir (automatic for the default run dir)")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(fn=cmd_compress)
+
+    cc = sub.add_parser("compile", help="compile a pruned model into a fast CPU engine artefact")
+    cc.add_argument("source", help="run directory (compress/train) or weights file")
+    cc.add_argument("--model", help="model name, if the weights do not record it")
+    cc.add_argument("--out", help="artefact directory (default: <run dir>/engine)")
+    cc.add_argument("--threads", type=int, default=0, help="threads the engine runs with (default: torch's)")
+    cc.add_argument("--input-shape", default="3,32,32", help="per-image input shape C,H,W")
+    cc.add_argument("--portable", action="store_true", help="build without -march=native (runs on any x86-64)")
+    cc.set_defaults(fn=cmd_compile)
+
+    b = sub.add_parser("bench", help="measure engine latency against PyTorch dense")
+    b.add_argument("source", help="run directory or weights file")
+    b.add_argument("--model", help="model name, if the weights do not record it")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--runs", type=int, default=30)
+    b.add_argument("--input-shape", default="3,32,32")
+    b.add_argument("--json", help="write the measurements to this JSON file")
+    b.set_defaults(fn=cmd_bench)
 
     i = sub.add_parser("info", help="versions, CPU features, threads, models")
     i.add_argument("--json", action="store_true")

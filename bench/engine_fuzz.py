@@ -1,0 +1,73 @@
+"""Fuzz the compiler against PyTorch with many more cases than CI (default 3000).
+
+Run: python bench/engine_fuzz.py [--cases 3000]; writes bench/results/engine_fuzz.json.
+Tolerance as in tests: max |engine - torch| <= 1e-4 * max |torch| + 1e-6.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from sparseforge.engine import compile  # noqa: E402
+from sparseforge.engine.testing import Case, build_case, valid  # noqa: E402
+from sparseforge.report.env import environment  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", type=int, default=3000)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "engine_fuzz.json"))
+    a = ap.parse_args()
+    os.environ["SPARSEFORGE_CACHE"] = tempfile.mkdtemp(prefix="sf-fuzz-")
+    stats = {"cases": 0, "max_rel_err": 0.0, "failures": []}
+    cases = st.builds(
+        Case, cin=st.integers(1, 96), cout=st.integers(1, 96), h=st.integers(1, 40), w=st.integers(1, 40),
+        k=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]), pad=st.sampled_from([0, 1]), bias=st.booleans(),
+        bn=st.booleans(), act=st.sampled_from(["none", "relu", "relu6"]), residual=st.booleans(),
+        depthwise=st.booleans(), second=st.booleans(),
+        sparsity=st.sampled_from(["dense", "pattern", "kernels", "empty_filters", "zero"]),
+        batch=st.integers(1, 3), seed=st.integers(0, 2**16)).filter(valid)
+
+    @settings(max_examples=a.cases, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+    @given(cases)
+    def check(case):
+        m, x = build_case(case)
+        with torch.inference_mode():
+            ref = m(x)
+        out = compile(m, x[:1], threads=2)(x)
+        err = float((out - ref).abs().max())
+        scale = float(ref.abs().max())
+        stats["cases"] += 1
+        stats["max_rel_err"] = max(stats["max_rel_err"], err / max(scale, 1e-12) if scale > 0 else err)
+        if err > 1e-4 * scale + 1e-6:
+            stats["failures"].append({"case": case.__dict__, "err": err, "scale": scale})
+            raise AssertionError(case)
+
+    t0 = time.perf_counter()
+    try:
+        check()
+        ok = True
+    except AssertionError:
+        ok = False
+    doc = {"benchmark": "engine_fuzz", "ok": ok, **stats, "seconds": round(time.perf_counter() - t0, 1), "env": environment()}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(doc, indent=2, default=str))
+    print(json.dumps({k: v for k, v in doc.items() if k != "env"}, default=str))
+
+
+if __name__ == "__main__":
+    main()
