@@ -55,7 +55,23 @@ def timed(fn, x) -> float:
     return time.perf_counter() - t0
 
 
-def run_case(name: str, cfg_name: str, batch: int, threads: int, runs: int, warmup: int, block: int = 5) -> dict:
+def deepsparse_time(python: str, pruned: torch.nn.Module, batch: int, threads: int, runs: int) -> dict:
+    """DeepSparse lives in its own venv: time the pruned ONNX there, in a separate process."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        onnx_path = Path(d) / "pruned.onnx"
+        export_onnx(pruned, torch.randn(1, 3, 32, 32), onnx_path)
+        r = subprocess.run([python, str(ROOT / "bench" / "deepsparse_worker.py"), str(onnx_path), str(batch),
+                            str(threads), str(runs)], capture_output=True, text=True, timeout=900)
+    if r.returncode != 0:
+        return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1][:300]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def run_case(name: str, cfg_name: str, batch: int, threads: int, runs: int, warmup: int, block: int = 5,
+             deepsparse_python: str = "") -> dict:
     torch.set_num_threads(threads)
     dense = model_for(name)
     pruned = copy.deepcopy(dense)
@@ -109,6 +125,13 @@ def run_case(name: str, cfg_name: str, batch: int, threads: int, runs: int, warm
     for k, ts in times.items():
         out["arms"][k] = {"median_ms": 1e3 * statistics.median(ts), "p10_ms": 1e3 * float(np.percentile(ts, 10)),
                           "p90_ms": 1e3 * float(np.percentile(ts, 90))}
+    if deepsparse_python:
+        ds = deepsparse_time(deepsparse_python, pruned, batch, threads, runs)
+        if "median_ms" in ds:
+            out["arms"]["deepsparse-pruned (own process)"] = {k: ds[k] for k in ("median_ms", "p10_ms", "p90_ms")}
+            out["deepsparse_version"] = ds["version"]
+        else:
+            out["deepsparse_error"] = ds.get("error")
     best_dense = min(out["arms"][k]["median_ms"] for k in ("torch-dense", "torch-dense-cl", "onnxruntime-dense")
                      if k in out["arms"])
     out["speedup_vs_torch_dense"] = out["arms"]["torch-dense"]["median_ms"] / out["arms"]["sparseforge"]["median_ms"]
@@ -129,13 +152,14 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "engine_speed"))
+    ap.add_argument("--deepsparse-python", default="", help="python of a venv with deepsparse==1.8 (optional)")
     a = ap.parse_args()
     results = []
     for spec in a.models.split(","):
         name, cfg = spec.split(":")
         for t in map(int, a.threads.split(",")):
             for b in map(int, a.batches.split(",")):
-                r = run_case(name, cfg, b, t, a.runs, a.warmup)
+                r = run_case(name, cfg, b, t, a.runs, a.warmup, deepsparse_python=a.deepsparse_python)
                 results.append(r)
                 arms = "  ".join(f"{k} {v['median_ms']:.2f}" for k, v in r["arms"].items())
                 print(f"{name:12s} {cfg:14s} b{b} t{t}: {arms}  -> x{r['speedup_vs_torch_dense']:.2f} vs torch, "

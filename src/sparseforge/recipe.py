@@ -249,5 +249,5 @@ class RecipeRunner:
         self.results["seconds_this_invocation"] = round(time.perf_counter() - t0, 1)
         from .report.run_report import write_run_report
 
-        write_run_report(self.run_dir, model, self.recipe, self.results)
+        self.results = write_run_report(self.run_dir, model, self.recipe, self.results)
         return self.results

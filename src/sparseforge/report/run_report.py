@@ -35,7 +35,8 @@ def sparsity_summary(model: nn.Module, input_shape=(1, 3, 32, 32)) -> dict[str, 
     }
 
 
-def write_run_report(run_dir: Path, model: nn.Module, recipe, results: dict[str, Any]) -> Path:
+def write_run_report(run_dir: Path, model: nn.Module, recipe, results: dict[str, Any]) -> dict[str, Any]:
+    """Write results.json, report.md and plots; return the results as written."""
     summ = sparsity_summary(model)
     st = summ.pop("_st")
     results = {**results, "sparsity": summ, "env": environment(), "recipe": recipe.to_dict()}
@@ -80,4 +81,4 @@ def write_run_report(run_dir: Path, model: nn.Module, recipe, results: dict[str,
     lines += ["## Environment", "", f"{env['cpu']}, {env['torch_threads']} threads, torch {env['torch']}, "
               f"sparseforge {env['sparseforge']}", ""]
     atomic_write_text(run_dir / "report.md", "\n".join(lines))
-    return run_dir / "report.md"
+    return results

@@ -2,6 +2,7 @@
 
     minimise  loss(W) + rho/2 ||W - Z + U||_F^2 + rho/2 ||W - Y + V||_F^2     (squared norms)
     every update: Z = P_pattern(W + U), Y = P_connectivity(W + V), U += W - Z, V += W - Y, rho *= factor
+                  (U, V are scaled duals, so they are rescaled by rho_old / rho_new when rho grows)
 
 Z lives in the pattern set (every kernel one library pattern), Y in the
 connectivity set (a fixed number of kernels per layer). After the ADMM epochs
@@ -115,7 +116,15 @@ class ADMMCallback(Callback):
         rec = {"update": self.updates, "rho": self.rho, "residual_pattern": (rz / max(wn, 1e-30)) ** 0.5,
                "residual_connectivity": (ry / max(wn, 1e-30)) ** 0.5}
         self.residuals.append(rec)
-        self.rho = min(self.rho * self.cfg.rho_factor, self.cfg.rho_max)
+        new_rho = min(self.rho * self.cfg.rho_factor, self.cfg.rho_max)
+        if new_rho != self.rho:
+            # U, V are *scaled* duals (lambda / rho): keep lambda fixed when rho changes (Boyd et al. 3.4.1),
+            # otherwise every rho increase silently inflates the dual and the penalty overshoots.
+            scale = self.rho / new_rho
+            for d in (self.U, self.V):
+                for name in d:
+                    d[name].mul_(scale)
+            self.rho = new_rho
         return rec
 
     # ---- callback hooks ---------------------------------------------------
