@@ -81,10 +81,12 @@ def conv_source(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
         lines.append(f"      const float* rb = res + (long)n * {lo.image} + (long)f * {lo.plane};")
     if p.flat:
         return _flat_conv(k, p, plan, bodies, lines)
+    # Accumulators are named scalars and the (row, vector) block is unrolled here, not by the C compiler:
+    # gcc otherwise may interchange the loops and stream one accumulator over all kernels from memory.
+    accs = [(r, v) for r in range(R) for v in range(V)]
     lines += [f"      for (int y0 = 0; y0 < {p.ho}; y0 += {R})",
               f"      for (int x0 = 0; x0 < {p.xv * VEC}; x0 += {VEC * V}) {{",
-              f"        vf acc[{R}][{V}];",
-              f"        for (int r = 0; r < {R}; r++) for (int v = 0; v < {V}; v++) acc[r][v] = b;",
+              "        vf " + ", ".join(f"a{r}_{v} = b" for r, v in accs) + ";",
               # input base of the block: row y0*s + 1 - pad (+tap row), col x0*s + 1 - pad (+tap col)
               f"        const long ioff = (long)(y0 * {s} + 1 - {pad}) * {li.rs} + (x0 * {s} + 1 - {pad});"]
     kw = op.weight.shape[3]
@@ -96,28 +98,27 @@ def conv_source(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
         lines.append(f"          const float* wp = w{j} + (long)e * {nt};")
         for t in range(nt):
             lines.append(f"          const vf k{t} = BC(wp[{t}]);")
-        lines.append(f"          for (int r = 0; r < {R}; r++) for (int v = 0; v < {V}; v++) {{")
-        lines.append(f"            const float* rp = ip + r * {s * li.rs} + v * {VEC * s};")
-        terms = " + ".join(f"k{t} * {load}(rp + {offs[t]})" for t in range(nt))
-        lines.append(f"            acc[r][v] += {terms};")
-        lines.append("          }")
+        for t in range(nt):  # tap-major: each accumulator gets one FMA per tap, independent chains in between
+            for r, v in accs:
+                lines.append(f"          a{r}_{v} += k{t} * {load}(ip + {r * s * li.rs + v * VEC * s + offs[t]});")
         lines.append("        }")
     # epilogue: residual, activation, store (the last vector of a row may be partial)
-    lines.append(f"        for (int r = 0; r < {R}; r++) for (int v = 0; v < {V}; v++) {{")
-    lines.append("          const int y = y0 + r, x = x0 + v * 8;")
-    lines.append("          vf a = acc[r][v];")
-    if op.residual is not None:
-        if op.res_kind == "pad_shortcut":
-            lr = plan.layouts[op.residual]
-            rs_ = op.res_stride
-            rload = "ld" if rs_ == 1 else "ld2"
-            lines.append(f"          if (rb) a += {rload}(rb + (long)(y * {rs_} + 1) * {lr.rs} + (x * {rs_} + 1));")
-        else:
-            lines.append(f"          a += ld(rb + (long)(y + 1) * {lo.rs} + (x + 1));")
-    lines.append(f"          a = {_act(op.act, 'a')};")
-    lines.append(f"          float* op_ = ob + (long)(y + 1) * {lo.rs} + (x + 1);")
-    lines.append(f"          if (x + 8 <= {p.wo}) st(op_, a); else stn(op_, a, {p.wo} - x);")
-    lines.append("        }")
+    for r, v in accs:
+        lines.append("        {")
+        lines.append(f"          const int y = y0 + {r}, x = x0 + {v * 8};")
+        lines.append(f"          vf a = a{r}_{v};")
+        if op.residual is not None:
+            if op.res_kind == "pad_shortcut":
+                lr = plan.layouts[op.residual]
+                rs_ = op.res_stride
+                rload = "ld" if rs_ == 1 else "ld2"
+                lines.append(f"          if (rb) a += {rload}(rb + (long)(y * {rs_} + 1) * {lr.rs} + (x * {rs_} + 1));")
+            else:
+                lines.append(f"          a += ld(rb + (long)(y + 1) * {lo.rs} + (x + 1));")
+        lines.append(f"          a = {_act(op.act, 'a')};")
+        lines.append(f"          float* op_ = ob + (long)(y + 1) * {lo.rs} + (x + 1);")
+        lines.append(f"          if (x + 8 <= {p.wo}) st(op_, a); else if (x < {p.wo}) stn(op_, a, {p.wo} - x);")
+        lines.append("        }")
     lines += ["      }", "    }", "  }"]
     return _register(k, p, plan, bodies, "\n".join(lines), [])
 
@@ -149,8 +150,7 @@ def _flat_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines: l
     ns = len(p.shapes)
     lines = list(lines)
     lines.append(f"      const float* mk = g_w + d[{6 + 3 * ns}];")
-    lines.append(f"      vf acc[{nv}];")
-    lines.append(f"      for (int v = 0; v < {nv}; v++) acc[v] = b;")
+    lines.append("      vf " + ", ".join(f"a{v} = b" for v in range(nv)) + ";")
     for j, shape in enumerate(p.shapes):
         nt = len(shape)
         offs = [(t // kw - pad) * li.rs + (t % kw - pad) for t in shape]
@@ -159,19 +159,19 @@ def _flat_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines: l
         lines.append(f"        const float* wp = w{j} + (long)e * {nt};")
         for t in range(nt):
             lines.append(f"        const vf k{t} = BC(wp[{t}]);")
-        lines.append(f"        for (int v = 0; v < {nv}; v++) {{")
-        lines.append("          const float* rp = ip + v * 8;")
-        terms = " + ".join(f"k{t} * ld(rp + {offs[t]})" for t in range(nt))
-        lines.append(f"          acc[v] += {terms};")
-        lines.append("        }")
+        for t in range(nt):
+            for v in range(nv):
+                lines.append(f"        a{v} += k{t} * ld(ip + {v * VEC + offs[t]});")
         lines.append("      }")
-    lines.append(f"      for (int v = 0; v < {nv}; v++) {{")
-    lines.append("        vf a = acc[v];")
-    if op.residual is not None:
-        lines.append(f"        a += ld(rb + {p.flat_p0} + v * 8);")
-    lines.append(f"        a = {_act(op.act, 'a')} * ld(mk + v * 8);")
-    lines.append(f"        st(ob + {p.flat_p0} + v * 8, a);")
-    lines += ["      }", "    }", "  }"]
+    for v in range(nv):
+        lines.append("      {")
+        lines.append(f"        vf a = a{v};")
+        if op.residual is not None:
+            lines.append(f"        a += ld(rb + {p.flat_p0 + v * VEC});")
+        lines.append(f"        a = {_act(op.act, 'a')} * ld(mk + {v * VEC});")
+        lines.append(f"        st(ob + {p.flat_p0 + v * VEC}, a);")
+        lines.append("      }")
+    lines += ["    }", "  }"]
     return _register(k, p, plan, bodies, "\n".join(lines), [p.flat_mask_off])
 
 
