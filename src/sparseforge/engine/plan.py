@@ -20,7 +20,7 @@ import torch
 
 from .ir import ConvOp, GapOp, Graph, LinearOp, PoolOp, TorchOp
 
-VEC = 8                  # floats per vector (AVX2); AVX-512 machines run the same code
+VEC = 8                  # default floats per vector (AVX2); 16 on AVX-512 machines (see compile(vector_width=))
 MAX_ACC = 12             # accumulators per block (registers)
 MAX_SHAPES = 16          # beyond this many distinct tap sets per layer, kernels use the full 3x3 shape
 SLACK = 512              # floats after every buffer: over-reads by discarded vector lanes stay in bounds
@@ -35,14 +35,16 @@ class Layout:
     image: int = 0       # floats per image
 
 
-SMALL_W = 6             # maps this narrow are stored with RS = W + 2 and convolved in "flat" mode
+def small_w(vec: int) -> int:
+    """Maps this narrow are stored with RS = W + 2 and convolved in "flat" mode."""
+    return 6 if vec == 8 else 12
 
 
-def layout_for(shape: tuple[int, ...], flat: bool = False) -> Layout:
+def layout_for(shape: tuple[int, ...], flat: bool = False, vec: int = VEC) -> Layout:
     if len(shape) == 3 and not flat:
         c, h, w = shape
         # Narrow maps: tight rows, so a vector spans several rows (flat mode) instead of one mostly empty row.
-        rs = w + 2 if w <= SMALL_W else VEC * math.ceil(w / VEC) + 2
+        rs = w + 2 if w <= small_w(vec) else vec * math.ceil(w / vec) + 2
         plane = (h + 2) * rs
         return Layout(shape, True, rs, plane, c * plane)
     n = int(np.prod(shape)) if shape else 1
@@ -101,7 +103,8 @@ class ConvPlan:
     flat: bool = False                   # vectorise along the flattened padded plane (narrow maps)
     flat_p0: int = 0                     # first interior plane position
     flat_nv: int = 0                     # vectors covering [p0, last interior position]
-    flat_mask_off: int = 0               # 0/1 lane masks (border positions), flat_nv * 8 floats
+    flat_mask_off: int = 0               # 0/1 lane masks (border positions), flat_nv * vec floats
+    vec: int = VEC
 
 
 def _canonical_shapes(tapsets: list[tuple[int, ...]], full: tuple[int, ...]) -> dict[tuple[int, ...], tuple[int, ...]]:
@@ -123,7 +126,7 @@ def _canonical_shapes(tapsets: list[tuple[int, ...]], full: tuple[int, ...]) -> 
 
 
 def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...], blob: Blob, threads: int,
-              lin: Layout | None = None, lout: Layout | None = None) -> ConvPlan:
+              lin: Layout | None = None, lout: Layout | None = None, vec: int = VEC) -> ConvPlan:
     w = op.weight.detach().float()
     o, ig, kh, kw = w.shape
     _, ho, wo = out_shape
@@ -146,21 +149,21 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
         chan = f if op.groups > 1 else i      # depthwise: filter f reads input channel f
         per[sidx[s]][f].append((chan, w9[f, i, list(s)].tolist()))
         work[f] += len(s)
-    xv = math.ceil(wo / VEC)
+    xv = math.ceil(wo / vec)
     vecs = max(d for d in range(1, min(xv, 4) + 1) if xv % d == 0)
     rmax = max(1, MAX_ACC // vecs)
     rows = max(d for d in range(1, min(ho, rmax) + 1) if ho % d == 0)
-    p = ConvPlan(op, shapes, kh, ho, wo, rows, vecs, xv)
+    p = ConvPlan(op, shapes, kh, ho, wo, rows, vecs, xv, vec=vec)
     if (lin is not None and lout is not None and op.stride == 1 and lin.rs == lout.rs and lout.rs == wo + 2
             and tuple(in_shape[1:]) == (ho, wo) and (op.residual is None or op.res_kind == "identity")):
         rs = lout.rs
         p0, p1 = rs + 1, ho * rs + wo
-        nv = math.ceil((p1 - p0 + 1) / VEC)
+        nv = math.ceil((p1 - p0 + 1) / vec)
         if nv <= MAX_ACC:
-            masks = np.zeros((nv, VEC), np.float32)
+            masks = np.zeros((nv, vec), np.float32)
             for v in range(nv):
-                for j in range(VEC):
-                    pos = p0 + v * VEC + j
+                for j in range(vec):
+                    pos = p0 + v * vec + j
                     masks[v, j] = 1.0 if 1 <= pos // rs <= ho and 1 <= pos % rs <= wo else 0.0
             p.flat, p.flat_p0, p.flat_nv = True, p0, nv
             p.flat_mask_off = blob.add_f(masks)
@@ -206,18 +209,19 @@ class Plan:
     blob: Blob
     threads: int
     segments: list[tuple[str, list[int]]]  # ("native", [op idx...]) or ("torch", [op idx])
+    vec: int = VEC
 
 
-def make_plan(graph: Graph, threads: int) -> Plan:
+def make_plan(graph: Graph, threads: int, vec: int = VEC) -> Plan:
     blob = Blob()
     gap_out = {op.output for op in graph.ops if isinstance(op, GapOp)}
-    layouts = {vid: layout_for(v.shape, flat=vid in gap_out) for vid, v in graph.values.items()}
+    layouts = {vid: layout_for(v.shape, flat=vid in gap_out, vec=vec) for vid, v in graph.values.items()}
     convs: dict[int, ConvPlan] = {}
     other: dict[int, dict] = {}
     for k, op in enumerate(graph.ops):
         if isinstance(op, ConvOp):
             convs[k] = plan_conv(op, graph.values[op.inputs[0]].shape, graph.values[op.output].shape, blob, threads,
-                                 layouts[op.inputs[0]], layouts[op.output])
+                                 layouts[op.inputs[0]], layouts[op.output], vec)
         elif isinstance(op, LinearOp):
             other[k] = {"w_off": blob.add_f(op.weight.numpy()), "b_off": blob.add_f(op.bias.numpy())}
     segments: list[tuple[str, list[int]]] = []
@@ -227,4 +231,4 @@ def make_plan(graph: Graph, threads: int) -> Plan:
             segments[-1][1].append(k)
         else:
             segments.append((kind, [k]))
-    return Plan(graph, layouts, convs, other, blob, threads, segments)
+    return Plan(graph, layouts, convs, other, blob, threads, segments, vec)
