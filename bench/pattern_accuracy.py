@@ -18,15 +18,13 @@ Writes bench/results/pattern_accuracy/results.json and accuracy.png.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
 from pathlib import Path
 
-import torch
 
-from sparseforge import MagnitudeConfig, PatternConfig, create_model, load_weights, prune
+from sparseforge import PatternConfig, create_model, load_weights, prune
 from sparseforge.recipe import Recipe, RecipeRunner
 from sparseforge.report.env import environment
 from sparseforge.report.plots import plot_curves

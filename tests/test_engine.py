@@ -1,6 +1,5 @@
 """Compiled engine vs PyTorch: numerical equality (tolerance 1e-4 relative to max |output|), artefacts, errors."""
 
-import copy
 import json
 import os
 import subprocess

@@ -1,7 +1,6 @@
 """Contract tests for the sparsity methods (registry-driven where the contract is shared)."""
 
 import copy
-import io
 
 import pytest
 import torch
@@ -10,8 +9,7 @@ import torch.nn as nn
 import sparseforge as sf
 from sparseforge.models import create_model, load_weights, save_weights
 from sparseforge.sparsity import (METHOD_CONFIGS, ADMMCallback, ADMMConfig, Mask, MagnitudeConfig, PatternConfig,
-                                  get_mask, library_strings, mask_optimizer_state, masked_modules)
-from sparseforge.sparsity.callbacks import MaskCallback
+                                  get_mask, library_strings, masked_modules)
 from sparseforge.sparsity.patterns import all_candidates, pconv_library
 from sparseforge.errors import ConfigError, SparseforgeError
 

@@ -149,7 +149,7 @@ class RecipeRunner:
             atomic_write_text(cfg_path, self.recipe.to_toml())
 
     def data(self):
-        from .api import datasets_for, loaders_for
+        from .api import datasets_for
 
         cfg = self.recipe.train_config()
         train, test = datasets_for(cfg)

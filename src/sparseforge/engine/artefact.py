@@ -11,12 +11,11 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from ..errors import SparseforgeError
 from ..report.env import cpu_flags
-from ..utils import atomic_write_bytes, atomic_write_text, sha256_file
+from ..utils import atomic_write_text, sha256_file
 from .runtime import CompiledModel
 
 FILES = ("kernel.c", "kernel.so", "blobs.safetensors", "spec.json")

@@ -6,7 +6,6 @@ import dataclasses
 import time
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 

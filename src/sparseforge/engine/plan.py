@@ -16,9 +16,8 @@ import math
 from collections import Counter
 
 import numpy as np
-import torch
 
-from .ir import ConvOp, GapOp, Graph, LinearOp, PoolOp, TorchOp
+from .ir import ConvOp, GapOp, Graph, LinearOp
 
 VEC = 8                  # default floats per vector (AVX2); 16 on AVX-512 machines (see compile(vector_width=))
 MAX_ACC = 12             # accumulators per block (registers)

@@ -8,7 +8,6 @@ PyTorch fallbacks run in between on views of the same buffers.
 from __future__ import annotations
 
 import ctypes
-import json
 import time
 from pathlib import Path
 from typing import Any

@@ -11,7 +11,6 @@ node we cannot map stays a PyTorch op (correct, and listed by summary()).
 from __future__ import annotations
 
 import operator
-from typing import Any
 
 import torch
 import torch.fx as fx
@@ -78,7 +77,7 @@ def _act_of(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
 def _is_identity(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         m = modules[node.target]
-        return isinstance(m, (nn.Identity, nn.Dropout)) or (isinstance(m, nn.Dropout2d))
+        return isinstance(m, (nn.Identity, nn.Dropout, nn.Dropout2d))  # eval mode: dropout is the identity
     if node.op == "call_function" and node.target in (F.dropout,):
         return True
     return False
@@ -181,7 +180,7 @@ def build_ir(gm: fx.GraphModule) -> Graph:
             ok = (m.padding_mode == "zeros" and m.dilation == (1, 1) and m.stride[0] == m.stride[1]
                   and m.padding[0] == m.padding[1] and isinstance(m.padding[0], int)
                   and m.kernel_size in ((3, 3), (1, 1)) and m.stride[0] in (1, 2)
-                  and m.padding[0] <= (m.kernel_size[0] - 1) // 2 + 0
+                  and m.padding[0] <= (m.kernel_size[0] - 1) // 2
                   and (m.groups == 1 or m.groups == m.in_channels == m.out_channels))
             if not ok:
                 fallback(node, "conv shape not supported natively")
