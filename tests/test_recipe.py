@@ -68,6 +68,23 @@ def test_recipe_killed_mid_stage_resumes_without_redoing_stages(tmp_path):
     assert len(res["sparsity"]["library"]) == 4
 
 
+def test_recipe_killed_inside_admm_stage_resumes(tmp_path):
+    """The ADMM stage stores the pattern library on the model mid-stage; resuming must recreate that buffer."""
+    rp = tmp_path / "r.toml"
+    rp.write_text(RECIPE.replace("epochs = 1\nupdate_every", "epochs = 2\nupdate_every"))
+    r = _child(rp, tmp_path / "a")
+    assert r.returncode == 0, r.stderr
+    r = _child(rp, tmp_path / "b", "00-admm", 14)   # after the step-12 checkpoint, in ADMM epoch 2
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    r = _child(rp, tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    assert "resumed from step-000000012" in r.stderr
+    wa = load_file(str(tmp_path / "a/model.safetensors"))
+    wb = load_file(str(tmp_path / "b/model.safetensors"))
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
 def test_recipe_validation_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown method 'prune'"):
         Recipe.from_toml('model="smallcnn"\n[[stage]]\nmethod="prune"\n')

@@ -31,6 +31,27 @@ register_method("pattern", PatternConfig, prune_pattern)
 register_method("magnitude", MagnitudeConfig, prune_magnitude)
 
 
+def ensure_sparsity_buffers(model: nn.Module, state: dict) -> None:
+    """Create the mask / pattern-library buffers a saved state has and the model lacks (so a strict load works).
+
+    A checkpoint taken after pruning (or after ADMM extracted its library) holds buffers that a freshly built
+    model does not have yet; resuming must recreate them before ``load_state_dict``.
+    """
+    from .mask import MASK_BUFFER
+    from .pattern import COUNTS_BUFFER, LIBRARY_BUFFER, set_library
+
+    own = model.state_dict()
+    if LIBRARY_BUFFER in state and LIBRARY_BUFFER not in own:
+        set_library(model, state[LIBRARY_BUFFER], state.get(COUNTS_BUFFER))
+    modules = dict(model.named_modules())
+    suffix = "." + MASK_BUFFER
+    for k, t in state.items():
+        if k.endswith(suffix) and k not in own:
+            mod = modules.get(k[: -len(suffix)])
+            if mod is not None and getattr(mod, "weight", None) is not None and mod.weight.shape == t.shape:
+                attach_mask(mod, t)
+
+
 def prune(model: nn.Module, config: Config, **kwargs: Any) -> nn.Module:
     """Apply a sparsity method; returns the model (pruned in place for mask-based methods).
 
@@ -46,4 +67,4 @@ def prune(model: nn.Module, config: Config, **kwargs: Any) -> nn.Module:
 
 __all__ = ["prune", "fold_masks", "Mask", "attach_mask", "get_mask", "apply_masks", "masked_modules", "mask_state",
            "mask_optimizer_state", "PatternConfig", "MagnitudeConfig", "ADMMConfig", "ADMMCallback", "MaskCallback",
-           "get_library", "library_strings", "register_method", "METHOD_CONFIGS"]
+           "get_library", "library_strings", "register_method", "METHOD_CONFIGS", "ensure_sparsity_buffers"]

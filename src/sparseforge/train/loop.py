@@ -155,6 +155,9 @@ class Trainer:
         if ref is None:
             return False
         model_state, extra, meta = load_checkpoint(ref)
+        from ..sparsity import ensure_sparsity_buffers
+
+        ensure_sparsity_buffers(self.model, model_state)
         self.model.load_state_dict(model_state)
         self.optimizer.load_state_dict(extra["optimizer"])
         for i, cb in enumerate(self.callbacks):
