@@ -4,13 +4,13 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-typedef float vf __attribute__((vector_size(64)));
-typedef int vi __attribute__((vector_size(64)));
-#define BC(x) ((vf){(x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x)})
+typedef float vf __attribute__((vector_size(32)));
+typedef int vi __attribute__((vector_size(32)));
+#define BC(x) ((vf){(x), (x), (x), (x), (x), (x), (x), (x)})
 static inline vf ld(const float* p) { vf v; memcpy(&v, p, sizeof v); return v; }
-static inline vf ld2(const float* p) { return (vf){p[0], p[2], p[4], p[6], p[8], p[10], p[12], p[14], p[16], p[18], p[20], p[22], p[24], p[26], p[28], p[30]}; }
+static inline vf ld2(const float* p) { return (vf){p[0], p[2], p[4], p[6], p[8], p[10], p[12], p[14]}; }
 static inline void st(float* p, vf v) { memcpy(p, &v, sizeof v); }
-static inline void stn(float* p, vf v, int n) { float t[16]; memcpy(t, &v, sizeof v); for (int j = 0; j < n; j++) p[j] = t[j]; }
+static inline void stn(float* p, vf v, int n) { float t[8]; memcpy(t, &v, sizeof v); for (int j = 0; j < n; j++) p[j] = t[j]; }
 static inline vf relu(vf v) { vi m = v > BC(0.0f); return (vf)((vi)v & m); }
 static inline vf relu6(vf v) { v = relu(v); vf six = BC(6.0f); vi m = v > six; return (vf)(((vi)v & ~m) | ((vi)six & m)); }
 static inline float relus(float v) { return v > 0.0f ? v : 0.0f; }
@@ -35,7 +35,7 @@ static void conv0(OPARGS, const int* d) {
       const float* ib = in + (long)n * 112;
       float* ob = out + (long)n * 168 + (long)f * 56;
       const float* mk = g_w + d[15];
-      vf a0 = b, a1 = b, a2 = b;
+      vf a0 = b, a1 = b, a2 = b, a3 = b, a4 = b;
       for (int e = st0[f]; e < st0[f + 1]; e++) {
         const float* ip = ib + (long)ch0[e] * 56 + 9;
         const float* wp = w0 + (long)e * 4;
@@ -43,18 +43,11 @@ static void conv0(OPARGS, const int* d) {
         const vf k1 = BC(wp[1]);
         const vf k2 = BC(wp[2]);
         const vf k3 = BC(wp[3]);
-        a0 += k0 * ld(ip + -8);
-        a1 += k0 * ld(ip + 8);
-        a2 += k0 * ld(ip + 24);
-        a0 += k1 * ld(ip + -1);
-        a1 += k1 * ld(ip + 15);
-        a2 += k1 * ld(ip + 31);
-        a0 += k2 * ld(ip + 0);
-        a1 += k2 * ld(ip + 16);
-        a2 += k2 * ld(ip + 32);
-        a0 += k3 * ld(ip + 1);
-        a1 += k3 * ld(ip + 17);
-        a2 += k3 * ld(ip + 33);
+        a0 += ((k0 * ld(ip + -8) + k1 * ld(ip + -1)) + (k2 * ld(ip + 0) + k3 * ld(ip + 1)));
+        a1 += ((k0 * ld(ip + 0) + k1 * ld(ip + 7)) + (k2 * ld(ip + 8) + k3 * ld(ip + 9)));
+        a2 += ((k0 * ld(ip + 8) + k1 * ld(ip + 15)) + (k2 * ld(ip + 16) + k3 * ld(ip + 17)));
+        a3 += ((k0 * ld(ip + 16) + k1 * ld(ip + 23)) + (k2 * ld(ip + 24) + k3 * ld(ip + 25)));
+        a4 += ((k0 * ld(ip + 24) + k1 * ld(ip + 31)) + (k2 * ld(ip + 32) + k3 * ld(ip + 33)));
       }
       for (int e = st1[f]; e < st1[f + 1]; e++) {
         const float* ip = ib + (long)ch1[e] * 56 + 9;
@@ -63,18 +56,11 @@ static void conv0(OPARGS, const int* d) {
         const vf k1 = BC(wp[1]);
         const vf k2 = BC(wp[2]);
         const vf k3 = BC(wp[3]);
-        a0 += k0 * ld(ip + -8);
-        a1 += k0 * ld(ip + 8);
-        a2 += k0 * ld(ip + 24);
-        a0 += k1 * ld(ip + 0);
-        a1 += k1 * ld(ip + 16);
-        a2 += k1 * ld(ip + 32);
-        a0 += k2 * ld(ip + 1);
-        a1 += k2 * ld(ip + 17);
-        a2 += k2 * ld(ip + 33);
-        a0 += k3 * ld(ip + 8);
-        a1 += k3 * ld(ip + 24);
-        a2 += k3 * ld(ip + 40);
+        a0 += ((k0 * ld(ip + -8) + k1 * ld(ip + 0)) + (k2 * ld(ip + 1) + k3 * ld(ip + 8)));
+        a1 += ((k0 * ld(ip + 0) + k1 * ld(ip + 8)) + (k2 * ld(ip + 9) + k3 * ld(ip + 16)));
+        a2 += ((k0 * ld(ip + 8) + k1 * ld(ip + 16)) + (k2 * ld(ip + 17) + k3 * ld(ip + 24)));
+        a3 += ((k0 * ld(ip + 16) + k1 * ld(ip + 24)) + (k2 * ld(ip + 25) + k3 * ld(ip + 32)));
+        a4 += ((k0 * ld(ip + 24) + k1 * ld(ip + 32)) + (k2 * ld(ip + 33) + k3 * ld(ip + 40)));
       }
       for (int e = st2[f]; e < st2[f + 1]; e++) {
         const float* ip = ib + (long)ch2[e] * 56 + 9;
@@ -83,18 +69,11 @@ static void conv0(OPARGS, const int* d) {
         const vf k1 = BC(wp[1]);
         const vf k2 = BC(wp[2]);
         const vf k3 = BC(wp[3]);
-        a0 += k0 * ld(ip + -1);
-        a1 += k0 * ld(ip + 15);
-        a2 += k0 * ld(ip + 31);
-        a0 += k1 * ld(ip + 0);
-        a1 += k1 * ld(ip + 16);
-        a2 += k1 * ld(ip + 32);
-        a0 += k2 * ld(ip + 1);
-        a1 += k2 * ld(ip + 17);
-        a2 += k2 * ld(ip + 33);
-        a0 += k3 * ld(ip + 8);
-        a1 += k3 * ld(ip + 24);
-        a2 += k3 * ld(ip + 40);
+        a0 += ((k0 * ld(ip + -1) + k1 * ld(ip + 0)) + (k2 * ld(ip + 1) + k3 * ld(ip + 8)));
+        a1 += ((k0 * ld(ip + 7) + k1 * ld(ip + 8)) + (k2 * ld(ip + 9) + k3 * ld(ip + 16)));
+        a2 += ((k0 * ld(ip + 15) + k1 * ld(ip + 16)) + (k2 * ld(ip + 17) + k3 * ld(ip + 24)));
+        a3 += ((k0 * ld(ip + 23) + k1 * ld(ip + 24)) + (k2 * ld(ip + 25) + k3 * ld(ip + 32)));
+        a4 += ((k0 * ld(ip + 31) + k1 * ld(ip + 32)) + (k2 * ld(ip + 33) + k3 * ld(ip + 40)));
       }
       {
         vf a = a0;
@@ -103,11 +82,21 @@ static void conv0(OPARGS, const int* d) {
       }
       {
         vf a = a1;
+        a = relu(a) * ld(mk + 8);
+        st(ob + 17, a);
+      }
+      {
+        vf a = a2;
         a = relu(a) * ld(mk + 16);
         st(ob + 25, a);
       }
       {
-        vf a = a2;
+        vf a = a3;
+        a = relu(a) * ld(mk + 24);
+        st(ob + 33, a);
+      }
+      {
+        vf a = a4;
         a = relu(a) * ld(mk + 32);
         stn(ob + 41, a, 6);
       }
