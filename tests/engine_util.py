@@ -17,4 +17,5 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
