@@ -183,7 +183,7 @@ def main() -> None:
     ax.plot(range(len(results)), [r["speedup_vs_best_dense"] for r in results], "o", color="#c44", label="vs best dense runtime")
     ax.axhline(1.0, color="#999", lw=0.8)
     ax.set_xticks(range(len(results)))
-    ax.set_xticklabels(labels, fontsize=6)
+    ax.set_xticklabels(labels, fontsize=6, rotation=90)
     ax.set_ylabel("speedup (median latency ratio)")
     ax.legend(fontsize=7)
     fig.tight_layout()
