@@ -185,3 +185,14 @@ def test_cli_compile_and_bench(tmp_path, capsys):
     assert rel_err(e(x), m.eval()(x)) <= TOL
     assert main(["bench", str(tmp_path / "w.safetensors"), "--runs", "5", "--json", str(tmp_path / "b.json")]) == 0
     assert json.loads((tmp_path / "b.json").read_text())["arms"]["sparseforge"]["runs"] == 5
+
+
+def test_channels_last_model_compiles_correctly():
+    """Training defaults to channels_last; a model in that memory format must compile to the same function."""
+    m = _model("resnet20")
+    sf.prune(m, SPARSITIES["pattern8x"])
+    m = m.to(memory_format=torch.channels_last)
+    e = compile(m, torch.randn(1, 3, 32, 32), threads=2)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        assert rel_err(e(x.contiguous(memory_format=torch.channels_last)), m(x)) <= TOL
