@@ -43,18 +43,18 @@ def main() -> None:
 
     @settings(max_examples=a.cases, deadline=None, database=None,
               suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
-    @given(cases)
-    def check(case):
+    @given(cases, st.sampled_from(["auto", "gather"]))
+    def check(case, mode):
         m, x = build_case(case)
         with torch.inference_mode():
             ref = m(x)
-        out = compile(m, x[:1], threads=2)(x)
+        out = compile(m, x[:1], threads=2, conv_mode=mode)(x)
         err = float((out - ref).abs().max())
         scale = float(ref.abs().max())
         stats["cases"] += 1
         stats["max_rel_err"] = max(stats["max_rel_err"], err / max(scale, 1e-12) if scale > 0 else err)
         if err > 1e-4 * scale + 1e-6:
-            stats["failures"].append({"case": case.__dict__, "err": err, "scale": scale})
+            stats["failures"].append({"case": case.__dict__, "mode": mode, "err": err, "scale": scale})
             raise AssertionError(case)
 
     t0 = time.perf_counter()

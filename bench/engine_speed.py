@@ -106,8 +106,10 @@ def run_case(name: str, cfg_name: str, batch: int, threads: int, runs: int, warm
     with torch.inference_mode():
         ref = masked(x)
         err = float((engine(x) - ref).abs().max() / ref.abs().max())
-        # Alternate arms in blocks: each block = 1 discarded call (absorbs the previous arm's thread-pool
-        # spin-down: torch/OpenMP and onnxruntime threads keep spinning after a call) + `block` timed calls.
+        # Alternate arms in blocks. Each block starts with a 50 ms pause and 2 discarded calls: torch's OpenMP
+        # pool, onnxruntime's pool and the engine's own OpenMP pool (separate runtimes in one process) keep
+        # spinning after a call, and on 2 cores the previous arm's spinning threads would otherwise steal the
+        # cores from the arm being timed (measured: engine p90 3x its median without the pause).
         times = {k: [] for k in arms}
         names = list(arms)
         rounds = -(-runs // block)
@@ -117,6 +119,8 @@ def run_case(name: str, cfg_name: str, batch: int, threads: int, runs: int, warm
         for r in range(rounds):
             order = names[r % len(names):] + names[: r % len(names)]
             for k in order:
+                time.sleep(0.05)
+                arms[k](None)
                 arms[k](None)
                 for _ in range(block):
                     times[k].append(timed(arms[k], None))

@@ -36,12 +36,12 @@ def _cache(tmp_path_factory):
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
-@given(cases, st.sampled_from(WIDTHS))
-def test_compiled_block_matches_pytorch(case, width):
+@given(cases, st.sampled_from(WIDTHS), st.sampled_from(["auto", "gather"]))
+def test_compiled_block_matches_pytorch(case, width, mode):
     m, x = build_case(case)
     with torch.inference_mode():
         ref = m(x)
-    e = compile(m, x[:1], threads=2, vector_width=width)
+    e = compile(m, x[:1], threads=2, vector_width=width, conv_mode=mode)
     out = e(x)
     err = float((out - ref).abs().max())
-    assert err <= 1e-4 * float(ref.abs().max()) + 1e-6, (case, width, err)
+    assert err <= 1e-4 * float(ref.abs().max()) + 1e-6, (case, width, mode, err)

@@ -18,6 +18,13 @@ static inline float relu6s(float v) { v = v > 0.0f ? v : 0.0f; return v < 6.0f ?
 /* weights and indices are passed to every call (never stored in globals): one cached library can serve
    several engines whose sparsity structure, and so whose source, happens to be identical */
 #define OPARGS float* const* B, int N, int tid, int nth, const float* g_w, const int* g_i
+/* gather mode: packed, aligned rows of output pixels, 8 or 16 lanes whatever the main vector width */
+typedef float g16 __attribute__((vector_size(64)));
+typedef float g8 __attribute__((vector_size(32)));
+static inline g16 ldg16(const float* p) { g16 v; memcpy(&v, p, sizeof v); return v; }
+static inline g8 ldg8(const float* p) { g8 v; memcpy(&v, p, sizeof v); return v; }
+static inline g16 bcg16(float x) { return (g16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+static inline g8 bcg8(float x) { return (g8){x, x, x, x, x, x, x, x}; }
 
 
 static void conv0(OPARGS, const int* d) {

@@ -39,6 +39,13 @@ static inline float relu6s(float v) { v = v > 0.0f ? v : 0.0f; return v < 6.0f ?
 /* weights and indices are passed to every call (never stored in globals): one cached library can serve
    several engines whose sparsity structure, and so whose source, happens to be identical */
 #define OPARGS float* const* B, int N, int tid, int nth, const float* g_w, const int* g_i
+/* gather mode: packed, aligned rows of output pixels, 8 or 16 lanes whatever the main vector width */
+typedef float g16 __attribute__((vector_size(64)));
+typedef float g8 __attribute__((vector_size(32)));
+static inline g16 ldg16(const float* p) { g16 v; memcpy(&v, p, sizeof v); return v; }
+static inline g8 ldg8(const float* p) { g8 v; memcpy(&v, p, sizeof v); return v; }
+static inline g16 bcg16(float x) { return (g16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+static inline g8 bcg8(float x) { return (g8){x, x, x, x, x, x, x, x}; }
 """
 
 
@@ -107,6 +114,8 @@ def conv_source(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
                   f"      const float* rb = (rc >= 0 && rc < {lr.shape[0]}) ? res + (long)n * {lr.image} + (long)rc * {lr.plane} : 0;"]
     elif op.residual is not None:
         lines.append(f"      const float* rb = res + (long)n * {lo.image} + (long)f * {lo.plane};")
+    if p.gather:
+        return _gather_conv(k, p, plan, bodies, lines)
     if p.flat:
         return _flat_conv(k, p, plan, bodies, lines)
     # Accumulators are named scalars and the (row, vector) block is unrolled here, not by the C compiler:
@@ -207,6 +216,99 @@ def _flat_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines: l
         lines.append("      }")
     lines += ["    }", "  }"]
     return _register(k, p, plan, bodies, "\n".join(lines), [p.flat_mask_off])
+
+
+def _gather_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines: list[str]) -> str:
+    """Small maps: pack each (image, input channel, tap) window into an aligned row of ho*wo pixels; then
+    every kernel tap is one FMA per vector of real output pixels (no lanes wasted on borders).
+
+    Packing is split over threads by (image, channel) and ends in a barrier. Kernels then run channel-major
+    inside tiles of filters: the tile's accumulators live in an L1-sized scratch area and each packed row is
+    read from L2 once per tile -- filter by filter, every kernel would re-read its 4 rows from L2.
+    """
+    op: ConvOp = p.op
+    li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
+    cin = plan.graph.values[op.inputs[0]].shape[0]
+    fout = op.weight.shape[0]
+    s, pad, kw = op.stride, op.padding, op.weight.shape[3]
+    ho, wo = p.ho, p.wo
+    G, PV = p.gather_vec, p.gather_pv
+    PS = PV * G                       # floats per packed row
+    AS = -(-PS // 16) * 16            # accumulator stride: whole cache lines (threads own different filters)
+    T = len(p.gather_taps)
+    ns = len(p.shapes)
+    tpos = {t: i for i, t in enumerate(p.gather_taps)}
+    ty, ld_, bc = f"g{G}", f"ldg{G}", f"bcg{G}"
+    x0 = 6 + 3 * ns                   # first extra descriptor entry
+    b = ["  const float* in = B[d[0]]; float* out = B[d[1]];",
+         "  const float* bias = g_w + d[3];",
+         f"  float* acc = B[{plan.scratch_id}]; float* S = acc + {fout * AS};",
+         f"  const int* tile0 = g_i + d[{x0}]; const int* tf = g_i + d[{x0 + 1}]; const int* fl = g_i + d[{x0 + 2}];",
+         f"  const int* cnt = g_i + d[{x0 + 3}]; const int* te = g_i + d[{x0 + 4}];"]
+    if op.residual is not None:
+        b.append("  const float* res = B[d[2]];")
+    for j in range(ns):
+        b.append(f"  const int* ef{j} = g_i + d[{x0 + 5 + 2 * j}]; const float* ew{j} = g_w + d[{x0 + 6 + 2 * j}];")
+    # every thread packs its own copy: rows written by the other core would have to cross between L2s
+    b += [f"  S += (long)tid * N * {cin * T * PS};",
+          f"  for (int q = 0; q < N * {cin}; q++) {{",
+          f"    const float* ip = in + (long)(q / {cin}) * {li.image} + (long)(q % {cin}) * {li.plane};",
+          f"    float* sp = S + (long)q * {T * PS};"]
+    for i, t in enumerate(p.gather_taps):
+        ky, kx = t // kw, t % kw
+        if s == 1:
+            b.append(f"    for (int y = 0; y < {ho}; y++) memcpy(sp + {i * PS} + y * {wo}, "
+                     f"ip + (long)(y + {ky - pad + 1}) * {li.rs} + {kx - pad + 1}, {4 * wo});")
+        else:
+            b.append(f"    for (int y = 0; y < {ho}; y++) for (int x = 0; x < {wo}; x++) sp[{i * PS} + y * {wo} + x] = "
+                     f"ip[(long)(y * {s} + {ky - pad + 1}) * {li.rs} + x * {s} + {kx - pad + 1}];")
+    b += ["  }",
+          "  for (int n = 0; n < N; n++) {",
+          f"    const float* sb = S + (long)n * {cin * T * PS};",
+          f"    for (int t = tid; t < {plan.threads}; t += nth)",
+          "    for (int ti = tile0[t]; ti < tile0[t + 1]; ti++) {",
+          "      for (int q = tf[ti]; q < tf[ti + 1]; q++) {",
+          f"        const {ty} bb = {bc}(bias[fl[q]]); float* a = acc + (long)fl[q] * {AS};"]
+    b += [f"        memcpy(a + {v * G}, &bb, sizeof bb);" for v in range(PV)]
+    b += ["      }",
+          f"      const int* cn = cnt + (long)ti * {cin * ns};"]
+    for j, shape in enumerate(p.shapes):
+        b.append(f"      const int* f{j} = ef{j} + te[ti * {ns} + {j}]; const float* w{j} = ew{j} + (long)te[ti * {ns} + {j}] * {len(shape)};")
+    b += [f"      for (int c = 0; c < {cin}; c++, cn += {ns}) {{",
+          f"        const float* sc = sb + (long)c * {T * PS};"]
+    for j, shape in enumerate(p.shapes):
+        nt = len(shape)
+        b.append(f"        for (int e = cn[{j}]; e > 0; e--, f{j}++, w{j} += {nt}) {{")
+        b.append(f"          float* a = acc + (long)*f{j} * {AS};")
+        for v in range(PV):
+            terms = [f"{bc}(w{j}[{ti}]) * {ld_}(sc + {tpos[t] * PS + v * G})" for ti, t in enumerate(shape)]
+            b.append(f"          {{ {ty} x = {ld_}(a + {v * G}); x += {_tree(terms)}; memcpy(a + {v * G}, &x, sizeof x); }}")
+        b.append("        }")
+    b += ["      }",
+          "      for (int q = tf[ti]; q < tf[ti + 1]; q++) {",
+          "        const int f = fl[q];",
+          f"        float* tmp = acc + (long)f * {AS};",
+          f"        float* ob = out + (long)n * {lo.image} + (long)f * {lo.plane};"]
+    if op.residual is not None and op.res_kind == "pad_shortcut":
+        lr = plan.layouts[op.residual]
+        rs_ = op.res_stride
+        b += [f"        const int rc = f - {op.res_pad_before};",
+              f"        if (rc >= 0 && rc < {lr.shape[0]}) {{",
+              f"          const float* rb = res + (long)n * {lr.image} + (long)rc * {lr.plane};",
+              f"          for (int y = 0; y < {ho}; y++) for (int x = 0; x < {wo}; x++) "
+              f"tmp[y * {wo} + x] += rb[(long)(y * {rs_} + 1) * {lr.rs} + x * {rs_} + 1];",
+              "        }"]
+    elif op.residual is not None:
+        b += [f"        const float* rb = res + (long)n * {lo.image} + (long)f * {lo.plane};",
+              f"        for (int y = 0; y < {ho}; y++) for (int x = 0; x < {wo}; x++) "
+              f"tmp[y * {wo} + x] += rb[(long)(y + 1) * {lo.rs} + x + 1];"]
+    b.append(f"        for (int y = 0; y < {ho}; y++) for (int x = 0; x < {wo}; x++) "
+             f"ob[(long)(y + 1) * {lo.rs} + x + 1] = {_act_s(op.act, f'tmp[y * {wo} + x]')};")
+    b += ["      }", "    }", "  }"]
+    extra_ = [p.gather_tile0_off, p.gather_tf_off, p.gather_fl_off, p.gather_cnt_off, p.gather_te_off]
+    for j in range(ns):
+        extra_ += [p.gather_ef_off[j], p.gather_ew_off[j]]
+    return _register(k, p, plan, bodies, "\n".join(b), extra_)
 
 
 def pool_source(k: int, op: PoolOp, plan: Plan) -> str:

@@ -56,7 +56,8 @@ def runtime_spec(plan: Plan, input_shape: tuple[int, ...]) -> dict:
         ops.append(d)
     return {"format": "sparseforge-engine-1", "input_shape": list(input_shape), "inputs": g.inputs,
             "outputs": g.outputs, "values": values, "ops": ops, "packed": packed, "threads": plan.threads,
-            "segments": [{"kind": k, "ops": idx} for k, idx in plan.segments], "slack": SLACK}
+            "segments": [{"kind": k, "ops": idx} for k, idx in plan.segments], "slack": SLACK,
+            "scratch": plan.scratch, "scratch_id": plan.scratch_id}
 
 
 def default_vector_width(portable: bool) -> int:
@@ -66,11 +67,13 @@ def default_vector_width(portable: bool) -> int:
 
 
 def compile(model: nn.Module, example_input: torch.Tensor, threads: int | None = None, portable: bool = False,
-            return_stages: bool = False, vector_width: int | None = None):
+            return_stages: bool = False, vector_width: int | None = None, conv_mode: str = "auto"):
     """Compile ``model`` (eval mode: BN folded with its running stats) for inputs shaped like ``example_input``.
 
-    ``threads`` defaults to torch's thread count; ``vector_width`` (8 or 16 floats) to what the CPU supports. Layers without a native kernel run in PyTorch and are
-    listed by ``engine.summary()``.
+    ``threads`` defaults to torch's thread count; ``vector_width`` (8 or 16 floats) to what the CPU supports.
+    ``conv_mode``: "auto" (measured heuristic: gather mode for 3x3 convs with >= 128 input channels on maps of
+    <= 64 pixels, direct otherwise), "direct" or "gather" (every eligible conv; for tests and tuning). Layers
+    without a native kernel run in PyTorch and are listed by ``engine.summary()``.
     """
     if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4:
         raise SparseforgeError("example_input must be a 4-D NCHW float tensor, e.g. torch.randn(1, 3, 32, 32)")
@@ -91,7 +94,9 @@ def compile(model: nn.Module, example_input: torch.Tensor, threads: int | None =
     vec = vector_width or default_vector_width(portable)
     if vec not in (8, 16):
         raise SparseforgeError(f"vector_width must be 8 or 16, got {vec}")
-    st.plan = make_plan(st.graph, threads, vec)
+    if conv_mode not in ("auto", "direct", "gather"):
+        raise SparseforgeError(f"conv_mode must be 'auto', 'direct' or 'gather', got {conv_mode!r}")
+    st.plan = make_plan(st.graph, threads, vec, conv_mode)
     st.seconds["plan"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     st.source = generate(st.plan)

@@ -85,6 +85,11 @@ class CompiledModel:
                 views[vid] = t[: n * v["image"]].view(n, *shape)
         # indexed by value id (JSON may have reordered the keys)
         nv = max(int(k) for k in vals) + 1
+        if self.spec.get("scratch", 0):
+            # packing area of gather-mode convs (sized per image), addressed as buffer id ``scratch_id``
+            sid = self.spec["scratch_id"]
+            bufs[sid] = torch.zeros(n * self.spec["scratch"] + slack, dtype=torch.float32)
+            nv = max(nv, sid + 1)
         ptrs = (ctypes.c_void_p * nv)(*[bufs[i].data_ptr() if i in bufs else None for i in range(nv)])
         self._buffers[n] = (bufs, views, ptrs)
         return self._buffers[n]
