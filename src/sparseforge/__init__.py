@@ -6,6 +6,8 @@ from .errors import SparseforgeError  # noqa: E402
 from .models import create_model, load_weights  # noqa: E402
 from .engine import CompiledModel, compile, load_engine  # noqa: E402
 from .sparsity import ADMMConfig, MagnitudeConfig, Mask, PatternConfig, fold_masks, prune  # noqa: E402
+from . import structured  # noqa: E402  (registers StructuredConfig with prune)
+from .structured import StructuredConfig  # noqa: E402
 
 __all__ = ["__version__", "SparseforgeError", "create_model", "load_weights", "prune", "fold_masks", "Mask",
-           "PatternConfig", "ADMMConfig", "MagnitudeConfig", "compile", "load_engine", "CompiledModel"]
+           "PatternConfig", "ADMMConfig", "MagnitudeConfig", "compile", "load_engine", "CompiledModel", "structured", "StructuredConfig"]

@@ -188,10 +188,12 @@ def _model_from_path(path: Path, model_name: str | None):
     if meta.get("model"):
         spec = json.loads(meta["model"])
     if model_name:
-        spec = {"name": model_name, "num_classes": (spec or {}).get("num_classes", 10), "kwargs": (spec or {}).get("kwargs", {})}
+        spec = {"name": model_name, "num_classes": (spec or {}).get("num_classes", 10), "kwargs": (spec or {}).get("kwargs", {}),
+                "arch": (spec or {}).get("arch")}
     if spec is None:
         raise SparseforgeError(f"{weights} does not say which model it holds; pass --model NAME")
-    model = create_model(spec["name"], num_classes=spec.get("num_classes", 10), **spec.get("kwargs", {}))
+    model = create_model(spec["name"], num_classes=spec.get("num_classes", 10), arch=spec.get("arch"),
+                         **spec.get("kwargs", {}))
     load_weights(model, weights)
     return model.eval(), weights
 

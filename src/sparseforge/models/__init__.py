@@ -29,8 +29,12 @@ MODELS.register("mobilenetv2", lambda num_classes=10, **kw: MobileNetV2(num_clas
 MODELS.register("smallcnn", lambda num_classes=10, **kw: SmallCNN(num_classes=num_classes, **kw))
 
 
-def create_model(name: str, num_classes: int = 10, **kw: Any) -> nn.Module:
-    """Build a registered model; the (name, kwargs) spec is kept on the model so checkpoints can rebuild it."""
+def create_model(name: str, num_classes: int = 10, arch: dict | None = None, **kw: Any) -> nn.Module:
+    """Build a registered model; the (name, kwargs) spec is kept on the model so checkpoints can rebuild it.
+
+    ``arch``: the layer sizes of a structurally pruned model (``sparseforge.structured.arch_of``; saved in
+    every checkpoint's metadata), so a physically smaller network is rebuilt without pickling.
+    """
     factory = MODELS.get(name)
     try:
         model = factory(num_classes=num_classes, **kw)
@@ -38,7 +42,18 @@ def create_model(name: str, num_classes: int = 10, **kw: Any) -> nn.Module:
         raise SparseforgeError(f"model {name!r} does not accept these options: {e}") from None
     kw_plain = {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}
     model.sf_spec = {"name": name.lower(), "num_classes": num_classes, "kwargs": kw_plain}
+    if arch is not None:
+        from ..structured.surgery import apply_arch
+
+        apply_arch(model, arch)
+        model.sf_spec["arch"] = arch
     return model
+
+
+def model_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """Rebuild the model a checkpoint's metadata describes (name, kwargs and, if pruned, its layer sizes)."""
+    return create_model(spec["name"], num_classes=spec.get("num_classes", 10), arch=spec.get("arch"),
+                        **spec.get("kwargs", {}))
 
 
 def model_spec(model: nn.Module) -> dict[str, Any] | None:
@@ -187,6 +202,6 @@ def save_weights(model: nn.Module, path: str | Path, extra_metadata: dict[str, s
 
 
 __all__ = [
-    "MODELS", "create_model", "load_weights", "save_weights", "read_state_dict", "list_models", "model_spec",
+    "MODELS", "create_model", "model_from_spec", "load_weights", "save_weights", "read_state_dict", "list_models", "model_spec",
     "CifarResNet", "BasicBlock", "PadShortcut", "VGG", "MobileNetV2", "SmallCNN",
 ]

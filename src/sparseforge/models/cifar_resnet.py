@@ -46,7 +46,16 @@ class BasicBlock(nn.Module):
         else:
             self.shortcut = nn.Identity()
 
+    branch_removed = False
+
+    def remove_branch(self) -> None:
+        """SSL depth regularisation removed this block's residual branch: it becomes relu(shortcut(x))."""
+        self.branch_removed = True
+        self.conv1 = self.bn1 = self.conv2 = self.bn2 = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.branch_removed:
+            return F.relu(self.shortcut(x))
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return F.relu(out + self.shortcut(x))

@@ -1,0 +1,190 @@
+"""Layer surgery: physically remove channels and describe the result so it can be rebuilt without pickle.
+
+The architecture spec is plain JSON: for every conv / BN / linear / zero-pad shortcut its sizes, and the
+residual branches removed whole (SSL depth). ``apply_arch`` rebuilds a registered model at those sizes.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..errors import SparseforgeError
+from ..models.cifar_resnet import PadShortcut
+from ..sparsity.mask import MASK_BUFFER
+from .graph import DependencyGraph
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parts = name.split(".")
+    mod = model
+    for p in parts[:-1]:
+        mod = getattr(mod, p)
+    return mod, parts[-1]
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, attr = _parent(model, name)
+    setattr(parent, attr, new)
+
+
+def _idx(flags: list[bool]) -> torch.Tensor:
+    return torch.tensor([i for i, k in enumerate(flags) if k], dtype=torch.long)
+
+
+def _copy_mask(old: nn.Module, new: nn.Module, fn) -> None:
+    m = getattr(old, MASK_BUFFER, None)
+    if isinstance(m, torch.Tensor):
+        new.register_buffer(MASK_BUFFER, fn(m).clone())
+
+
+def _conv(m: nn.Conv2d, out_i: torch.Tensor, in_i: torch.Tensor, groups: int) -> nn.Conv2d:
+    cin = len(in_i) if groups == 1 else len(out_i)
+    new = nn.Conv2d(cin, len(out_i), m.kernel_size, m.stride, m.padding, m.dilation, groups, m.bias is not None,
+                    m.padding_mode)
+    with torch.no_grad():
+        w = m.weight[out_i]
+        if groups == 1:
+            w = w[:, in_i]
+        new.weight.copy_(w)
+        if m.bias is not None:
+            new.bias.copy_(m.bias[out_i])
+    _copy_mask(m, new, (lambda t: t[out_i][:, in_i]) if groups == 1 else (lambda t: t[out_i]))
+    return new
+
+
+def _bn(m: nn.modules.batchnorm._BatchNorm, i: torch.Tensor) -> nn.Module:
+    new = type(m)(len(i), m.eps, m.momentum, m.affine, m.track_running_stats)
+    with torch.no_grad():
+        if m.affine:
+            new.weight.copy_(m.weight[i])
+            new.bias.copy_(m.bias[i])
+        if m.track_running_stats:
+            new.running_mean.copy_(m.running_mean[i])
+            new.running_var.copy_(m.running_var[i])
+            new.num_batches_tracked.copy_(m.num_batches_tracked)
+    return new
+
+
+def _linear(m: nn.Linear, out_i: torch.Tensor, in_i: torch.Tensor) -> nn.Linear:
+    new = nn.Linear(len(in_i), len(out_i), m.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(m.weight[out_i][:, in_i])
+        if m.bias is not None:
+            new.bias.copy_(m.bias[out_i])
+    _copy_mask(m, new, lambda t: t[out_i][:, in_i])
+    return new
+
+
+def remove_channels(model: nn.Module, dg: DependencyGraph, removed: set[int]) -> nn.Module:
+    """A physically smaller copy of ``model`` without the channel components ``removed`` (root ids)."""
+    new = copy.deepcopy(model)
+    for name, n in dg.node_of.items():
+        m = dg.modules[name]
+        src = n.args[0]
+        if isinstance(m, nn.Conv2d):
+            keep_out = dg.keep_flags(n, removed)
+            if m.groups == 1:
+                keep_in = dg.keep_flags(src, removed)
+                if all(keep_out) and all(keep_in):
+                    continue
+                if not any(keep_out):
+                    raise SparseforgeError(f"removing every filter of {name}; lower the pruning ratio")
+                _set(new, name, _conv(m, _idx(keep_out), _idx(keep_in), 1))
+            elif m.groups == m.in_channels == m.out_channels and not all(keep_out):
+                i = _idx(keep_out)
+                _set(new, name, _conv(m, i, i, len(i)))
+        elif isinstance(m, nn.Linear):
+            keep_out, keep_in = dg.keep_flags(n, removed), dg.keep_flags(src, removed)
+            if not (all(keep_out) and all(keep_in)):
+                _set(new, name, _linear(m, _idx(keep_out), _idx(keep_in)))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            keep = dg.keep_flags(n, removed)
+            if not all(keep):
+                _set(new, name, _bn(m, _idx(keep)))
+        elif isinstance(m, PadShortcut):
+            keep = dg.keep_flags(n, removed)
+            c_in = len(dg.keep_flags(src, removed))
+            before = sum(keep[: m.pad_before])
+            after = sum(keep[m.pad_before + c_in:])
+            _set(new, name, PadShortcut(m.stride, before, after))
+    if hasattr(model, "sf_spec"):
+        new.sf_spec = dict(model.sf_spec, arch=arch_of(new))
+    return new
+
+
+def zero_channels(model: nn.Module, dg: DependencyGraph, removed: set[int]) -> None:
+    """Zero (in place) everything that produces the components ``removed``: filters, biases, BN scale and shift.
+
+    The removed channels are then exactly zero everywhere, so the model computes what ``remove_channels`` gives;
+    the surgery tests rest on this equivalence.
+    """
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for name, n in dg.node_of.items():
+            m = mods[name]
+            flags = dg.keep_flags(n, removed)
+            gone = [i for i, k in enumerate(flags) if not k]
+            if not gone:
+                continue
+            if isinstance(m, nn.Conv2d | nn.Linear):
+                if isinstance(m, nn.Conv2d) and m.groups not in (1, m.out_channels):
+                    continue
+                m.weight[gone] = 0
+                if m.bias is not None:
+                    m.bias[gone] = 0
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+                m.weight[gone] = 0
+                m.bias[gone] = 0
+
+
+def arch_of(model: nn.Module) -> dict[str, Any]:
+    """Sizes of every resizable layer (JSON-able): enough to rebuild the model with ``apply_arch``."""
+    layers: dict[str, Any] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            layers[name] = {"type": "conv", "in": m.in_channels, "out": m.out_channels, "groups": m.groups}
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            layers[name] = {"type": "bn", "features": m.num_features}
+        elif isinstance(m, nn.Linear):
+            layers[name] = {"type": "linear", "in": m.in_features, "out": m.out_features}
+        elif isinstance(m, PadShortcut):
+            layers[name] = {"type": "pad_shortcut", "before": m.pad_before, "after": m.pad_after}
+    removed = sorted(name for name, m in model.named_modules() if getattr(m, "branch_removed", False))
+    return {"format": "sparseforge-arch-1", "layers": layers, "removed_branches": removed}
+
+
+def apply_arch(model: nn.Module, arch: dict[str, Any]) -> nn.Module:
+    """Resize ``model`` (freshly built, any weights) to ``arch``; weights of resized layers are re-initialised."""
+    if not isinstance(arch, dict) or arch.get("format") != "sparseforge-arch-1":
+        raise SparseforgeError("architecture spec must be a dict with format 'sparseforge-arch-1' (from arch_of)")
+    mods = dict(model.named_modules())
+    for name, spec in arch["layers"].items():
+        m = mods.get(name)
+        if m is None:
+            raise SparseforgeError(f"architecture spec names layer {name!r}, which the model does not have; "
+                                   "build the same base model the spec was made from")
+        t = spec["type"]
+        if t == "conv" and isinstance(m, nn.Conv2d):
+            if (m.in_channels, m.out_channels, m.groups) != (spec["in"], spec["out"], spec["groups"]):
+                _set(model, name, nn.Conv2d(spec["in"], spec["out"], m.kernel_size, m.stride, m.padding, m.dilation,
+                                            spec["groups"], m.bias is not None, m.padding_mode))
+        elif t == "bn" and isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if m.num_features != spec["features"]:
+                _set(model, name, type(m)(spec["features"], m.eps, m.momentum, m.affine, m.track_running_stats))
+        elif t == "linear" and isinstance(m, nn.Linear):
+            if (m.in_features, m.out_features) != (spec["in"], spec["out"]):
+                _set(model, name, nn.Linear(spec["in"], spec["out"], m.bias is not None))
+        elif t == "pad_shortcut" and isinstance(m, PadShortcut):
+            m.pad_before, m.pad_after = int(spec["before"]), int(spec["after"])
+        else:
+            raise SparseforgeError(f"architecture spec says {name} is a {t}, the model has a {type(m).__name__}")
+    for name in arch.get("removed_branches", []):
+        blk = mods.get(name)
+        if blk is None or not hasattr(blk, "remove_branch"):
+            raise SparseforgeError(f"architecture spec removes the residual branch of {name!r}, which is not a block")
+        blk.remove_branch()
+    return model
