@@ -103,6 +103,7 @@ class Trainer:
         self.batch_in_epoch = 0   # batches of the current epoch already done
         self.step = 0             # global optimizer steps done
         self.history: list[dict[str, Any]] = []
+        self.should_stop = False  # a callback may end training early (e.g. an early-bird ticket was drawn)
         self._forward = model
         if config.compile:
             try:
@@ -273,6 +274,8 @@ class Trainer:
             self.epoch += 1
             self.batch_in_epoch = 0
             self.save()
+            if self.should_stop:
+                break
         for cb in self.callbacks:
             cb.on_train_end(self)
         self.model.eval()
