@@ -13,9 +13,12 @@ from sparseforge.sparsity import (METHOD_CONFIGS, ADMMCallback, ADMMConfig, Mask
 from sparseforge.sparsity.patterns import all_candidates, pconv_library
 from sparseforge.errors import ConfigError, SparseforgeError
 
-CONFIGS = {
+CONFIGS = {      # mask methods: prune in place, weights masked to exact zeros
     "pattern": PatternConfig(num_patterns=8, connectivity=3.6),
     "magnitude": MagnitudeConfig(sparsity=0.8),
+}
+STRUCTURAL = {   # structural methods: return a new, physically smaller dense model
+    "structured": sf.StructuredConfig(mac_ratio=0.5),
 }
 
 
@@ -30,7 +33,42 @@ def masks_of(m):
 
 
 def test_every_registered_method_has_a_contract_config():
-    assert set(METHOD_CONFIGS) == set(CONFIGS)
+    assert set(METHOD_CONFIGS) == set(CONFIGS) | set(STRUCTURAL)
+
+
+@pytest.mark.parametrize("method", sorted(STRUCTURAL))
+@pytest.mark.parametrize("model_name", ["resnet20", "vgg16", "mobilenetv2"])
+def test_structural_methods_shrink_a_copy_and_rebuild(method, model_name, tmp_path):
+    from sparseforge.models import model_from_spec, read_state_dict
+    from sparseforge.structured import count_macs
+    import json
+
+    m = small_model(model_name).eval()
+    ref_state = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(2, 3, 32, 32)
+    p = sf.prune(m, STRUCTURAL[method], example_input=x[:1])
+    assert p is not m and all(torch.equal(v, m.state_dict()[k]) for k, v in ref_state.items())
+    assert count_macs(p, x) <= 0.5 * count_macs(m, x) + 1e-9
+    path = save_weights(p, tmp_path / "p.safetensors")
+    q = load_weights(model_from_spec(json.loads(read_state_dict(path)[1]["model"])), path).eval()
+    p.eval()
+    torch.testing.assert_close(q(x), p(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", sorted(STRUCTURAL))
+def test_structural_methods_learn_after_pruning(method):
+    """End to end on synthetic data: prune a trained net to half its MACs, fine-tune briefly, it still learns."""
+    from sparseforge.data import BatchLoader, make_synthetic
+    from sparseforge.train import TrainConfig, Trainer, evaluate
+
+    m = small_model()
+    cfg = TrainConfig(model="resnet20", epochs=1, batch_size=32, lr=0.05, max_steps_per_epoch=20, threads=2)
+    data, test = make_synthetic(640), make_synthetic(256, seed=7)
+    Trainer(m, cfg, BatchLoader(data, 32, shuffle=True), progress=False, log=lambda s: None).fit()
+    p = sf.prune(m, STRUCTURAL[method], example_input=torch.randn(1, 3, 32, 32))
+    Trainer(p, cfg, BatchLoader(data, 32, shuffle=True), progress=False, log=lambda s: None).fit()
+    acc = evaluate(p, BatchLoader(test, 64))["acc"]
+    assert acc > 40.0, acc     # 10 classes: chance is 10%
 
 
 @pytest.mark.parametrize("method", sorted(CONFIGS))
