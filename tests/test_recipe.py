@@ -124,3 +124,61 @@ def test_shipped_recipe_parses():
     st = r.stages()
     assert [s.method for s in st] == ["admm", "finetune"]
     assert st[0].config.target.num_patterns == 8
+
+
+STRUCTURED_RECIPE = """
+model = "resnet20"
+dataset = "synthetic"
+[train]
+batch_size = 32
+lr = 0.05
+train_size = 256
+test_size = 64
+threads = 1
+[[stage]]
+method = "earlybird"
+epochs = 2
+ratio = 0.25
+window = 2
+epsilon = 1.0
+[[stage]]
+method = "ssl"
+epochs = 1
+lambda_g = 1e-3
+groups = ["filter", "channel", "depth"]
+threshold = 1e-6
+[[stage]]
+method = "structured"
+mac_ratio = 0.5
+importance = "taylor"
+round_to = 4
+[[stage]]
+method = "finetune"
+epochs = 1
+"""
+
+
+def test_structured_stages_run_resume_and_report_widths(tmp_path):
+    from sparseforge.structured import count_macs
+
+    rp = tmp_path / "s.toml"
+    rp.write_text(STRUCTURED_RECIPE)
+    recipe = Recipe.load_file(rp)
+    res = RecipeRunner(recipe, tmp_path / "run", log=lambda s: None, progress=False).run()
+    eb = res["stages"][0]["earlybird"]
+    assert eb["drawn_epoch"] == 2            # epsilon 1.0, window 2: drawn as soon as two masks exist
+    assert len(res["stages"][1]["group_norms"]) == 1
+    text = (tmp_path / "run/report.md").read_text()
+    assert "## Structure" in text and "-> " in text
+    # a finished structural stage reloads at its pruned size; resuming redoes nothing
+    logs = []
+    res2 = RecipeRunner(recipe, tmp_path / "run", log=logs.append, progress=False).run(resume=True)
+    assert sum("already done" in s for s in logs) == 4
+    assert res2["final"]["acc"] == res["final"]["acc"]
+    from sparseforge.models import model_from_spec, read_state_dict, load_weights
+
+    path = tmp_path / "run/model.safetensors"
+    m = load_weights(model_from_spec(json.loads(read_state_dict(path)[1]["model"])), path)
+    full = model_from_spec({"name": "resnet20"})
+    x = torch.randn(1, 3, 32, 32)
+    assert count_macs(m, x) <= 0.5 * 0.75 * count_macs(full, x) + 1e-9

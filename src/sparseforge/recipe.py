@@ -48,7 +48,13 @@ class FinetuneConfig(Config):
     epochs: int = opt(3, "epochs of (masked) training", min=1)
 
 
-STAGE_CONFIGS: dict[str, type] = {"finetune": FinetuneConfig, "admm": ADMMConfig}
+def _structured_stages() -> dict[str, type]:
+    from .structured import EarlyBirdConfig, GroupLassoConfig
+
+    return {"ssl": GroupLassoConfig, "earlybird": EarlyBirdConfig}
+
+
+STAGE_CONFIGS: dict[str, type] = {"finetune": FinetuneConfig, "admm": ADMMConfig, **_structured_stages()}
 
 
 def stage_configs() -> dict[str, type]:
@@ -197,9 +203,52 @@ class RecipeRunner:
             info["train"] = self._train(model, cfg, sdir, callbacks=[cb])
             info["admm"] = cb.residuals
             prune(model, stage.config.target)
+        elif stage.method == "ssl":
+            from .structured import GroupLassoCallback, ssl_remove
+
+            cfg = self.recipe.train_config({**stage.train, "epochs": stage.config.epochs})
+            cb = GroupLassoCallback(stage.config)
+            info["train"] = self._train(model, cfg, sdir, callbacks=[cb])
+            info["group_norms"] = cb.history
+            model = ssl_remove(model, stage.config, self._example())
+        elif stage.method == "earlybird":
+            from .structured import EarlyBirdCallback, StructuredConfig
+
+            cfg = self.recipe.train_config({**stage.train, "epochs": stage.config.epochs})
+            cb = EarlyBirdCallback(stage.config)
+            info["train"] = self._train(model, cfg, sdir, callbacks=[cb])
+            info["earlybird"] = {"drawn_epoch": cb.drawn_epoch, "distances": cb.distances}
+            model = prune(model, StructuredConfig(importance="bn", ratio=stage.config.ratio, normalize=False),
+                          example_input=self._example())
         else:
-            model = prune(model, stage.config)
+            if getattr(stage.config, "importance", None) == "taylor":
+                self._gradients(model)
+            model = prune(model, stage.config, example_input=self._example())
         return model, info
+
+    def _example(self) -> torch.Tensor:
+        x, _ = next(iter(self.loaders(self.recipe.train_config())[1].iterate(0, 0)))
+        return x[:1].float()
+
+    def _gradients(self, model: nn.Module, batches: int = 8) -> None:
+        """Taylor importance: accumulate gradients of the training loss over a few batches."""
+        tl, _ = self.loaders(self.recipe.train_config())
+        model.zero_grad(set_to_none=True)
+        model.train()
+        for k, (x, y) in enumerate(tl.iterate(0, 0)):
+            if k >= batches:
+                break
+            nn.functional.cross_entropy(model(x), y).backward()
+
+    def _load_stage_model(self, model: nn.Module, path: Path) -> nn.Module:
+        """A finished stage's weights; structural stages changed the layer sizes, so rebuild from the saved spec."""
+        from .models import load_weights, model_from_spec, read_state_dict
+
+        meta = read_state_dict(path)[1]
+        spec = json.loads(meta["model"]) if meta.get("model") else None
+        if spec and spec.get("arch") is not None:
+            model = model_from_spec(spec)
+        return load_weights(model, path)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         cfg = self.recipe.train_config()
@@ -214,6 +263,9 @@ class RecipeRunner:
         set_threads(self.recipe.train_config().threads)
         self.data()
         model = self.build_model()
+        from .structured import arch_of
+
+        self.results["arch_start"] = arch_of(model)
         start_file = self.run_dir / "start.json"
         if start_file.exists():
             start = json.loads(start_file.read_text())
@@ -227,7 +279,7 @@ class RecipeRunner:
             sdir = self.run_dir / "stages" / f"{i:02d}-{stage.method}"
             done = sdir / "done.json"
             if done.exists():
-                load_weights(model, sdir / "model.safetensors")
+                model = self._load_stage_model(model, sdir / "model.safetensors")
                 info = json.loads(done.read_text())
                 self.log(f"stage {i} ({stage.method}): already done, loaded (test acc {info['eval']['acc']:.2f}%)")
             else:

@@ -35,6 +35,35 @@ def sparsity_summary(model: nn.Module, input_shape=(1, 3, 32, 32)) -> dict[str, 
     }
 
 
+def _widths(arch_start: dict[str, Any], model: nn.Module) -> list[str]:
+    """Per-layer widths before/after when a structural stage changed them (plus MACs and parameters)."""
+    from ..structured import arch_of, count_macs, count_params
+    from ..models import model_from_spec
+
+    now = arch_of(model)
+    changed = [n for n, s in now["layers"].items() if s.get("type") == "conv" and arch_start["layers"].get(n) != s]
+    if not changed and not now["removed_branches"]:
+        return []
+    import torch
+
+    x = torch.randn(1, 3, 32, 32)
+    lines = ["## Structure", ""]
+    spec = getattr(model, "sf_spec", None)
+    if spec:
+        before = model_from_spec({**spec, "arch": None})
+        mb, ma, pb, pa = count_macs(before, x), count_macs(model, x), count_params(before), count_params(model)
+        lines += [f"- MACs per image: {ma:,} of {mb:,} ({mb / max(1, ma):.2f}x fewer)",
+                  f"- parameters: {pa:,} of {pb:,} ({pb / max(1, pa):.2f}x fewer)", ""]
+    if now["removed_branches"]:
+        lines += [f"- residual branches removed: {', '.join(now['removed_branches'])}", ""]
+    lines += ["| layer | in before -> after | out before -> after |", "|---|---:|---:|"]
+    for n in changed:
+        a, b = arch_start["layers"][n], now["layers"][n]
+        lines.append(f"| {n} | {a['in']} -> {b['in']} | {a['out']} -> {b['out']} |")
+    lines.append("")
+    return lines
+
+
 def write_run_report(run_dir: Path, model: nn.Module, recipe, results: dict[str, Any]) -> dict[str, Any]:
     """Write results.json, report.md and plots; return the results as written."""
     summ = sparsity_summary(model)
@@ -76,6 +105,8 @@ def write_run_report(run_dir: Path, model: nn.Module, recipe, results: dict[str,
             for r in s["admm"]:
                 lines.append(f"| {r['update']} | {r['rho']:.3g} | {r['residual_pattern']:.4f} | {r['residual_connectivity']:.4f} |")
             lines.append("")
+    if results.get("arch_start"):
+        lines += _widths(results["arch_start"], model)
     lines += ["## Layers", "", st.to_markdown(), ""]
     env = results["env"]
     lines += ["## Environment", "", f"{env['cpu']}, {env['torch_threads']} threads, torch {env['torch']}, "

@@ -41,6 +41,8 @@ class StructuredConfig(Config):
     ignored_layers: tuple[str, ...] = opt((), "layers (globs) whose output channels are never removed")
     round_to: int = opt(1, "keep channel counts multiples of this (e.g. 8 for SIMD-friendly widths)", min=1)
     max_group_ratio: float = opt(0.9, "never remove more than this fraction of one group", min=0.0, max=1.0)
+    normalize: bool = opt(True, "global scope: divide scores by each group's mean before ranking (False = raw "
+                                "scores, as network slimming ranks |gamma|)")
 
     def validate(self) -> None:
         given = [n for n in ("mac_ratio", "param_ratio", "ratio") if getattr(self, n) > 0]
@@ -105,7 +107,7 @@ def select(gs: list[Group], scores: list[torch.Tensor], cfg: StructuredConfig, c
     """Root ids to remove so the cost reaches ``target`` (kind, ratio of ``base``)."""
     prunable = [(g, s) for g, s in zip(gs, scores) if not g.blocked and len(g) > 1]
     kind, ratio = target
-    if kind == "ratio":
+    if kind == "ratio" and cfg.scope == "layer":
         return _per_group(prunable, lambda g: int(round(len(g) * ratio)), cfg)
 
     def removal(t: float) -> set[int]:
@@ -114,7 +116,7 @@ def select(gs: list[Group], scores: list[torch.Tensor], cfg: StructuredConfig, c
         # global: normalise each group's scores by its mean, rank everything, cut at fraction t of channels
         allv = []
         for gi, (g, s) in enumerate(prunable):
-            ns = (s / s.mean().clamp_min(1e-12)).tolist()
+            ns = (s / s.mean().clamp_min(1e-12) if cfg.normalize else s).tolist()
             allv += [(v, gi, c) for c, v in enumerate(ns)]
         allv.sort()
         n_cut = int(round(t * len(allv)))
@@ -123,6 +125,9 @@ def select(gs: list[Group], scores: list[torch.Tensor], cfg: StructuredConfig, c
             per[gi] += 1
         return _per_group(prunable, lambda g, per=per, idx={id(g): i for i, (g, _) in enumerate(prunable)}:
                           per[idx[id(g)]], cfg)
+
+    if kind == "ratio":
+        return removal(ratio)
 
     def value(rem: set[int]) -> float:
         m, p = cost.cost(np.array(sorted(rem), dtype=np.int64))

@@ -28,6 +28,7 @@ class GroupLassoConfig(Config):
     lambda_g: float = opt(1e-4, "weight of the group-lasso term", min=0.0)
     groups: tuple[str, ...] = opt(("filter", "channel"), "group types: filter, channel, shape, depth")
     threshold: float = opt(1e-3, "after training, groups whose norm is below this are removed", min=0.0)
+    epochs: int = opt(3, "recipe stage: epochs of regularised training before removal", min=1)
 
     def validate(self) -> None:
         bad = [g for g in self.groups if g not in GROUP_TYPES]
@@ -153,6 +154,7 @@ class EarlyBirdConfig(Config):
     epsilon: float = opt(0.1, "draw when the normalised Hamming distance to each recent mask is <= this", min=0.0)
     window: int = opt(5, "masks compared: the newest against the previous window-1", min=2)
     stop_on_draw: bool = opt(True, "end the search stage when the ticket is drawn")
+    epochs: int = opt(20, "recipe stage: most epochs to search before slimming anyway", min=1)
 
 
 def bn_channel_mask(model: nn.Module, ratio: float) -> torch.Tensor:

@@ -1,0 +1,178 @@
+"""Structured pruning on the shared CIFAR-10 data: accuracy vs a same-budget dense control, measured latency.
+
+Experiments (each arm is a resumable recipe run under bench/results/structured/<experiment>/<arm>/):
+
+  resnet56   start: ../shared/models/akamaster_resnet56 (BSD-2). Arms, E epochs of fine-tuning each:
+               control      dense fine-tuning
+               l1-2x        StructuredConfig(mac_ratio=0.48, importance="l1") -> fine-tune
+               taylor-2x    StructuredConfig(mac_ratio=0.48, importance="taylor") -> fine-tune   (--arms)
+             then PyTorch latency (BN folded, eval, inference_mode, 2 threads) at batch 1 and 32 of the pruned
+             vs the unpruned network, alternating in one process with a pause between blocks, >= 30 runs, and
+             the same through sparseforge.compile.
+  ssl        start: ../shared/models/resnet20-cifar10jpeg.safetensors. control: E epochs; ssl: E-1 epochs of
+             group lasso (filter, channel, depth) -> removal -> 1 epoch fine-tune. Group norms per epoch plotted.
+
+Run: python bench/structured.py --experiment resnet56 --epochs 2 ; python bench/structured.py --experiment ssl
+Writes bench/results/structured/<experiment>.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.fx.experimental.optimization as fx_opt
+
+import sparseforge as sf
+from sparseforge.models import load_weights, model_from_spec, read_state_dict
+from sparseforge.recipe import Recipe, RecipeRunner
+from sparseforge.report.env import environment
+from sparseforge.report.plots import plt
+from sparseforge.structured import count_macs, count_params
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+OUT = ROOT / "bench" / "results" / "structured"
+
+
+def recipe(model: str, weights: str, data_dir: str, stages: list[dict], epochs_train: dict) -> Recipe:
+    return Recipe.from_dict({
+        "model": model, "weights": weights, "dataset": "cifar10", "data_dir": data_dir,
+        "train": {"batch_size": 128, "lr": 0.02, "schedule": "cosine", "weight_decay": 5e-4, "threads": 2,
+                  **epochs_train},
+        "stage": stages})
+
+
+def run_arm(name: str, rc: Recipe, exp_dir: Path) -> dict:
+    d = exp_dir / name
+    t0 = time.perf_counter()
+    res = RecipeRunner(rc, d, progress=False).run(resume=(d / "recipe.toml").exists())
+    res["wall_s"] = round(time.perf_counter() - t0, 1)
+    return res
+
+
+def load_final(run_dir: Path) -> torch.nn.Module:
+    p = run_dir / "model.safetensors"
+    return load_weights(model_from_spec(json.loads(read_state_dict(p)[1]["model"])), p).eval()
+
+
+def latency(models: dict[str, torch.nn.Module], batch: int, runs: int, block: int = 5) -> dict:
+    x = torch.randn(batch, 3, 32, 32)
+    fns = {}
+    for k, m in models.items():
+        fused = fx_opt.fuse(copy.deepcopy(m).eval())
+        fns[f"torch:{k}"] = fused
+        fns[f"sparseforge:{k}"] = sf.compile(m, x[:1], threads=2)
+    times = {k: [] for k in fns}
+    with torch.inference_mode():
+        for k in fns:
+            for _ in range(3):
+                fns[k](x)
+        names = list(fns)
+        for r in range(-(-runs // block)):
+            for k in names[r % len(names):] + names[: r % len(names)]:
+                time.sleep(0.05)      # other runtimes' spinning threads settle (see bench/engine_speed.py)
+                fns[k](x)
+                fns[k](x)
+                for _ in range(block):
+                    t0 = time.perf_counter()
+                    fns[k](x)
+                    times[k].append(time.perf_counter() - t0)
+    return {k: {"median_ms": 1e3 * statistics.median(v), "p10_ms": 1e3 * float(np.percentile(v, 10)),
+                "p90_ms": 1e3 * float(np.percentile(v, 90)), "runs": len(v)} for k, v in times.items()}
+
+
+def exp_resnet56(a) -> dict:
+    w = str(SHARED / "models" / "akamaster_resnet56-4bfd9763.th")
+    exp = OUT / "resnet56"
+    arms = {
+        "control": [{"method": "finetune", "epochs": a.epochs}],
+        "l1-2x": [{"method": "structured", "mac_ratio": 0.48, "importance": "l1"},
+                  {"method": "finetune", "epochs": a.epochs}],
+        "taylor-2x": [{"method": "structured", "mac_ratio": 0.48, "importance": "taylor"},
+                      {"method": "finetune", "epochs": a.epochs}],
+    }
+    out = {"experiment": "resnet56", "epochs": a.epochs, "arms": {}}
+    for name in a.arms.split(","):
+        res = run_arm(name, recipe("resnet56", w, a.data_dir, arms[name], {}), exp)
+        out["arms"][name] = {"start_acc": res["start"]["acc"], "final_acc": res["final"]["acc"],
+                             "stages": [s["eval"]["acc"] for s in res["stages"]], "wall_s": res["wall_s"]}
+    x = torch.randn(1, 3, 32, 32)
+    torch.set_num_threads(2)
+    models = {name: load_final(exp / name) for name in out["arms"]}
+    for name, m in models.items():
+        out["arms"][name].update(macs=count_macs(m, x), params=count_params(m))
+    for b in (1, 32):
+        out[f"latency_b{b}_t2"] = latency(models, b, a.runs)
+    return out
+
+
+def exp_ssl(a) -> dict:
+    w = str(SHARED / "models" / "resnet20-cifar10jpeg.safetensors")
+    exp = OUT / "ssl"
+    arms = {
+        "control": [{"method": "finetune", "epochs": a.epochs}],
+        "ssl": [{"method": "ssl", "epochs": max(1, a.epochs - 1), "lambda_g": a.lambda_g,
+                 "groups": ["filter", "channel", "depth"], "threshold": a.threshold},
+                {"method": "finetune", "epochs": 1}],
+    }
+    out = {"experiment": "ssl", "epochs": a.epochs, "lambda_g": a.lambda_g, "threshold": a.threshold, "arms": {}}
+    x = torch.randn(1, 3, 32, 32)
+    for name in a.arms.split(","):
+        res = run_arm(name, recipe("resnet20", w, a.data_dir, arms[name], {}), exp)
+        m = load_final(exp / name)
+        out["arms"][name] = {"start_acc": res["start"]["acc"], "final_acc": res["final"]["acc"],
+                             "stages": [s["eval"]["acc"] for s in res["stages"]], "macs": count_macs(m, x),
+                             "params": count_params(m), "wall_s": res["wall_s"],
+                             "group_norms": res["stages"][0].get("group_norms"),
+                             "removed_branches": getattr(m, "sf_spec", {}).get("arch", {}).get("removed_branches")}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--experiment", choices=["resnet56", "ssl"], default="resnet56")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--arms", default="")
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--lambda-g", type=float, default=2e-4)
+    ap.add_argument("--threshold", type=float, default=1e-2)
+    ap.add_argument("--data-dir", default=str(SHARED / "data" / "cifar-10-batches-py"))
+    a = ap.parse_args()
+    a.arms = a.arms or ("control,l1-2x" if a.experiment == "resnet56" else "control,ssl")
+    out = exp_resnet56(a) if a.experiment == "resnet56" else exp_ssl(a)
+    out["env"] = environment()
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{a.experiment}.json").write_text(json.dumps(out, indent=2, default=str))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if a.experiment == "resnet56":
+        names = list(out["arms"])
+        ax.bar(names, [out["arms"][n]["final_acc"] for n in names])
+        ax.set_ylabel("test top-1 (%)")
+        for n in names:
+            print(f"{n}: acc {out['arms'][n]['final_acc']:.2f}%  MACs {out['arms'][n]['macs']:,}")
+        for b in (1, 32):
+            lat = out[f"latency_b{b}_t2"]
+            print(f"batch {b}: " + "  ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in lat.items()))
+    else:
+        gn = out["arms"].get("ssl", {}).get("group_norms") or []
+        for key in ("filter_mean", "channel_mean", "depth_mean"):
+            ax.plot([r["epoch"] for r in gn], [r.get(key, float("nan")) for r in gn], marker="o", label=key)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("mean group norm")
+        ax.legend()
+        for n, r in out["arms"].items():
+            print(f"{n}: acc {r['final_acc']:.2f}%  MACs {r['macs']:,} params {r['params']:,}")
+    fig.tight_layout()
+    fig.savefig(OUT / f"{a.experiment}.png", dpi=120)
+    print(json.dumps({k: v for k, v in out.items() if k != "env"}, default=str)[:2000])
+
+
+if __name__ == "__main__":
+    main()
