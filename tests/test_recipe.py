@@ -182,3 +182,55 @@ def test_structured_stages_run_resume_and_report_widths(tmp_path):
     full = model_from_spec({"name": "resnet20"})
     x = torch.randn(1, 3, 32, 32)
     assert count_macs(m, x) <= 0.5 * 0.75 * count_macs(full, x) + 1e-9
+
+
+TRAINING_RECIPE = """
+model = "smallcnn"
+dataset = "synthetic"
+[train]
+batch_size = 31
+lr = 0.05
+train_size = 124
+test_size = 64
+threads = 1
+[[stage]]
+method = "mix"
+epochs = 1
+kind = "hmix"
+ratio = 0.5
+[[stage]]
+method = "mix"
+epochs = 1
+kind = "gmix"
+[[stage]]
+method = "rdrop"
+epochs = 1
+alpha = 0.5
+[[stage]]
+method = "pattern"
+connectivity = "2x"
+[[stage]]
+method = "kd"
+epochs = 1
+teacher = "start"
+rkd_distance = 25.0
+rkd_angle = 50.0
+graph = 25.0
+taps = ["features.0", "features.3"]
+"""
+
+
+def test_regulariser_and_distillation_stages_run_masked(tmp_path):
+    from sparseforge.sparsity import masked_modules
+
+    rp = tmp_path / "t.toml"
+    rp.write_text(TRAINING_RECIPE)
+    logs = []
+    runner = RecipeRunner(Recipe.load_file(rp), tmp_path / "run", log=logs.append, progress=False)
+    res = runner.run()
+    assert any("R-Drop on a model without dropout" in s for s in logs)
+    assert len(res["stages"]) == 5 and all(s["eval"]["acc"] >= 0 for s in res["stages"])
+    m = runner.model
+    for _, mod in masked_modules(m):     # the kd stage trained the pattern-pruned model with masks on
+        assert bool((mod.weight[mod.weight_mask == 0] == 0).all())
+    assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in m.modules())

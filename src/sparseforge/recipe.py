@@ -49,9 +49,13 @@ class FinetuneConfig(Config):
 
 
 def _structured_stages() -> dict[str, type]:
+    from .distill import KDConfig
+    from .regularize import MixConfig, RDropConfig
     from .structured import EarlyBirdConfig, GroupLassoConfig
+    from .tickets import IMPConfig
 
-    return {"ssl": GroupLassoConfig, "earlybird": EarlyBirdConfig}
+    return {"ssl": GroupLassoConfig, "earlybird": EarlyBirdConfig, "imp": IMPConfig, "kd": KDConfig,
+            "rdrop": RDropConfig, "mix": MixConfig}
 
 
 STAGE_CONFIGS: dict[str, type] = {"finetune": FinetuneConfig, "admm": ADMMConfig, **_structured_stages()}
@@ -220,11 +224,96 @@ class RecipeRunner:
             info["earlybird"] = {"drawn_epoch": cb.drawn_epoch, "distances": cb.distances}
             model = prune(model, StructuredConfig(importance="bn", ratio=stage.config.ratio, normalize=False),
                           example_input=self._example())
+        elif stage.method == "imp":
+            model, extra = self._imp(model, stage, sdir)
+            info.update(extra)
+        elif stage.method in ("kd", "rdrop", "mix"):
+            cfg = self.recipe.train_config({**stage.train, "epochs": stage.config.epochs})
+            info["train"] = self._train(model, cfg, sdir, callbacks=[self._loss_callback(stage)])
         else:
             if getattr(stage.config, "importance", None) == "taylor":
                 self._gradients(model)
             model = prune(model, stage.config, example_input=self._example())
         return model, info
+
+    def _loss_callback(self, stage: Stage):
+        from .distill import KDCallback
+        from .regularize import MixCallback, RDropCallback
+
+        if stage.method == "kd":
+            return KDCallback(self._teacher(stage.config.teacher), stage.config)
+        if stage.method == "rdrop":
+            return RDropCallback(stage.config)
+        return MixCallback(stage.config, self._train_ds.num_classes, seed=self.recipe.train_config().seed)
+
+    def _teacher(self, spec: str) -> nn.Module:
+        import copy
+
+        from .models import load_weights, model_from_spec, read_state_dict
+
+        if spec == "start":
+            return copy.deepcopy(self._start_model)
+        path = Path(spec)
+        if path.is_dir():
+            path = path / "model.safetensors"
+        meta = read_state_dict(path)[1]
+        if not meta.get("model"):
+            raise ConfigError(f"teacher {spec}: the file does not say which model it holds; use 'start' or a "
+                              "sparseforge checkpoint")
+        return load_weights(model_from_spec(json.loads(meta["model"])), path)
+
+    def _imp(self, model: nn.Module, stage: Stage, sdir: Path) -> tuple[nn.Module, dict[str, Any]]:
+        """Rounds live in sdir/round-N (each resumable); the rewind target and start weights are files."""
+        import copy
+
+        from .distill import KDCallback, KDConfig
+        from .tickets import SnapshotCallback, imp_prune, load_state, rewind_step, rewind_weights, save_state
+
+        c = stage.config
+        cfg = self.recipe.train_config({**stage.train, "epochs": c.epochs})
+        spe = self.loaders(cfg)[0].num_batches()
+        spe = min(spe, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else spe
+        rs = rewind_step(c.rewind, spe)
+        start_f, snap_f = sdir / "start.safetensors", sdir / "rewind.safetensors"
+        if not start_f.exists():
+            save_state({k: v.detach().clone() for k, v in model.state_dict().items()}, start_f)
+        start = load_state(start_f)
+        teacher = None
+        if c.kd:
+            teacher = copy.deepcopy(model)
+            teacher.load_state_dict({k: v for k, v in start.items() if not k.endswith("weight_mask")}, strict=False)
+        rounds = []
+        for r in range(c.rounds + 1):             # the last "round" is the final retraining, without pruning
+            rdir = sdir / (f"round-{r}" if r < c.rounds else "final")
+            rdir.mkdir(parents=True, exist_ok=True)
+            if (rdir / "done.json").exists():
+                model = self._load_stage_model(model, rdir / "model.safetensors")
+                rounds.append(json.loads((rdir / "done.json").read_text()))
+                continue
+            cbs = []
+            snap = None
+            if r == 0 and rs is not None and rs >= 0 and not snap_f.exists():
+                snap = SnapshotCallback(rs, snap_f)
+                cbs.append(snap)
+            if teacher is not None:
+                cbs.append(KDCallback(teacher, KDConfig(T=c.kd_T, alpha=c.kd_alpha)))
+            tr = self._train(model, cfg, rdir, callbacks=cbs)
+            rec: dict[str, Any] = {"round": r, "train": tr}
+            if r < c.rounds:
+                if rs is not None and rs >= 0 and not snap_f.exists():
+                    raise ConfigError(f"IMP rewind point {c.rewind} (step {rs}) lies beyond round 0's "
+                                      f"{cfg.epochs * spe} steps; rewind earlier or train longer")
+                counts = imp_prune(model, c)
+                if rs == -1:
+                    rewind_weights(model, start)
+                elif rs is not None:
+                    rewind_weights(model, load_state(snap_f))
+                rec["kept"] = sum(counts.values())
+                rec["eval_after_rewind"] = self.evaluate(model)
+            _save_model(model, rdir / "model.safetensors")
+            atomic_write_json(rdir / "done.json", rec)
+            rounds.append(rec)
+        return model, {"imp_rounds": rounds}
 
     def _example(self) -> torch.Tensor:
         x, _ = next(iter(self.loaders(self.recipe.train_config())[1].iterate(0, 0)))
@@ -263,7 +352,11 @@ class RecipeRunner:
         set_threads(self.recipe.train_config().threads)
         self.data()
         model = self.build_model()
+        import copy
+
         from .structured import arch_of
+
+        self._start_model = copy.deepcopy(model)    # the teacher for kd stages with teacher = "start"
 
         self.results["arch_start"] = arch_of(model)
         start_file = self.run_dir / "start.json"

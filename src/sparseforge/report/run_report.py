@@ -35,6 +35,26 @@ def sparsity_summary(model: nn.Module, input_shape=(1, 3, 32, 32)) -> dict[str, 
     }
 
 
+def _torch_latency(model: nn.Module, runs: int = 20) -> float:
+    import copy
+    import statistics
+    import time
+
+    import torch.fx.experimental.optimization as fx_opt
+
+    m = fx_opt.fuse(copy.deepcopy(model).eval())
+    x = torch.randn(1, 3, 32, 32)
+    ts = []
+    with torch.inference_mode():
+        for _ in range(3):
+            m(x)
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            m(x)
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
 def _widths(arch_start: dict[str, Any], model: nn.Module) -> list[str]:
     """Per-layer widths before/after when a structural stage changed them (plus MACs and parameters)."""
     from ..structured import arch_of, count_macs, count_params
@@ -53,7 +73,10 @@ def _widths(arch_start: dict[str, Any], model: nn.Module) -> list[str]:
         before = model_from_spec({**spec, "arch": None})
         mb, ma, pb, pa = count_macs(before, x), count_macs(model, x), count_params(before), count_params(model)
         lines += [f"- MACs per image: {ma:,} of {mb:,} ({mb / max(1, ma):.2f}x fewer)",
-                  f"- parameters: {pa:,} of {pb:,} ({pb / max(1, pa):.2f}x fewer)", ""]
+                  f"- parameters: {pa:,} of {pb:,} ({pb / max(1, pa):.2f}x fewer)"]
+        tb, ta = _torch_latency(before), _torch_latency(model)
+        lines += [f"- measured PyTorch latency, batch 1, {torch.get_num_threads()} threads, BN folded, median of 20 "
+                  f"each: {1e3 * ta:.2f} ms vs {1e3 * tb:.2f} ms unpruned ({tb / ta:.2f}x)", ""]
     if now["removed_branches"]:
         lines += [f"- residual branches removed: {', '.join(now['removed_branches'])}", ""]
     lines += ["| layer | in before -> after | out before -> after |", "|---|---:|---:|"]

@@ -35,6 +35,9 @@ class Callback:
     def on_epoch_begin(self, trainer: "Trainer", epoch: int) -> None: ...
     def on_loss(self, trainer: "Trainer", loss: torch.Tensor, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return loss
+    def on_batch(self, trainer: "Trainer", x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Transform a training batch before the forward (mixing regularisers); y may become soft targets."""
+        return x, y
     def on_after_backward(self, trainer: "Trainer") -> None: ...
     def on_step_end(self, trainer: "Trainer") -> None: ...
     def on_epoch_end(self, trainer: "Trainer", epoch: int, metrics: dict[str, float]) -> None: ...
@@ -197,6 +200,8 @@ class Trainer:
 
     # ---- loop ---------------------------------------------------------
     def compute_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for cb in self.callbacks:
+            x, y = cb.on_batch(self, x, y)
         logits = self._forward(x)
         loss = self.loss_fn(logits, y)
         for cb in self.callbacks:
@@ -242,7 +247,7 @@ class Trainer:
                     raise FloatingPointError(f"loss became {lv} at step {self.step}; lower the learning rate")
                 seen += y.numel()
                 loss_sum += lv * y.numel()
-                correct += (logits.detach().argmax(1) == y).sum().item()
+                correct += (logits.detach().argmax(1) == (y if y.dim() == 1 else y.argmax(1))).sum().item()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}", lr=f"{lr:.3g}")
                 if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.batch_in_epoch < n:

@@ -1,0 +1,218 @@
+"""Distillation losses (Hinton KD, RKD distance/angle, graph KD) and feature taps.
+
+Reductions are fixed and documented: cross-entropy is the batch mean and every KL term uses
+``batchmean`` (the per-sample sum over classes averaged over the batch) -- the reference CIFAR KD code
+also divides by the class count, which makes KD ten times weaker on CIFAR-10.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import SparseforgeError
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float = 5.0, alpha: float = 0.9,
+            targets: torch.Tensor | None = None) -> torch.Tensor:
+    """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, targets)."""
+    if student_logits.shape != teacher_logits.shape:
+        raise SparseforgeError(f"kd_loss: student logits {tuple(student_logits.shape)} and teacher logits "
+                               f"{tuple(teacher_logits.shape)} differ; distil between models with the same classes")
+    kl = F.kl_div(F.log_softmax(student_logits / T, dim=1), F.log_softmax(teacher_logits.detach() / T, dim=1),
+                  reduction="batchmean", log_target=True)
+    loss = alpha * T * T * kl
+    if alpha < 1:
+        if targets is None:
+            raise SparseforgeError("kd_loss with alpha < 1 needs targets for its cross-entropy term")
+        loss = loss + (1 - alpha) * F.cross_entropy(student_logits, targets)
+    return loss
+
+
+def _pdist(e: torch.Tensor) -> torch.Tensor:
+    sq = (e.unsqueeze(0) - e.unsqueeze(1)).pow(2).sum(-1)
+    return sq.clamp_min(1e-12).sqrt() * (1 - torch.eye(len(e), dtype=e.dtype, device=e.device))
+
+
+def rkd_distance_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Huber loss between pairwise distances, each set normalised by its mean off-diagonal distance."""
+    s, t = s.flatten(1), t.flatten(1).detach()
+    n = len(s)
+    if n < 2:
+        raise SparseforgeError("rkd_distance_loss needs a batch of at least 2 embeddings")
+    off = n * (n - 1)
+    ds, dt = _pdist(s), _pdist(t)
+    ds = ds / (ds.sum() / off).clamp_min(1e-12)
+    dt = dt / (dt.sum() / off).clamp_min(1e-12)
+    return F.smooth_l1_loss(ds, dt, reduction="mean")
+
+
+def _angles(e: torch.Tensor) -> torch.Tensor:
+    d = e.unsqueeze(0) - e.unsqueeze(1)            # d[i, j] = e_j - e_i
+    d = F.normalize(d, p=2, dim=2)
+    return torch.bmm(d, d.transpose(1, 2))          # [i, j, k] = cos of the angle at e_i between e_j and e_k
+
+
+def rkd_angle_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Huber loss between the cosines of all triplet angles (O(N^3) memory: keep batches <= ~128)."""
+    s, t = s.flatten(1), t.flatten(1).detach()
+    if len(s) < 3:
+        raise SparseforgeError("rkd_angle_loss needs a batch of at least 3 embeddings")
+    return F.smooth_l1_loss(_angles(s), _angles(t), reduction="mean")
+
+
+def _graph(f: torch.Tensor) -> torch.Tensor:
+    """Cosine adjacency with zero diagonal, symmetrically normalised; degrees <= 0 contribute nothing."""
+    f = F.normalize(f.flatten(1), p=2, dim=1)
+    a = f @ f.t()
+    a = a * (1 - torch.eye(len(a), dtype=a.dtype, device=a.device))
+    deg = a.sum(1)
+    inv = torch.where(deg > 0, deg.clamp_min(1e-12).rsqrt(), torch.zeros_like(deg))
+    return inv[:, None] * a * inv[None, :]
+
+
+def graph_kd_loss(s_feats, t_feats, weight: float = 1.0) -> torch.Tensor:
+    """weight * sum over tapped layers of ||A_T - A_S||_F^2 (works across different widths)."""
+    if isinstance(s_feats, torch.Tensor):
+        s_feats, t_feats = [s_feats], [t_feats]
+    if len(s_feats) != len(t_feats) or not s_feats:
+        raise SparseforgeError(f"graph_kd_loss: {len(s_feats)} student vs {len(t_feats)} teacher feature maps; "
+                               "tap the same number of layers in both")
+    return weight * sum(((_graph(t.detach()) - _graph(s)) ** 2).sum() for s, t in zip(s_feats, t_feats))
+
+
+@contextmanager
+def feature_taps(model: nn.Module, paths: list[str] | tuple[str, ...]) -> Iterator[dict[str, torch.Tensor]]:
+    """Collect the outputs of the modules at ``paths`` during forwards inside the block; hooks are removed on
+    exit (so the model deep-copies and pickles as before)."""
+    mods = dict(model.named_modules())
+    missing = [p for p in paths if p not in mods]
+    if missing:
+        near = [n for n in mods if n and n.split(".")[-1] in {m.split(".")[-1] for m in missing}][:5]
+        raise SparseforgeError(f"feature_taps: no module named {missing}; e.g. {near or list(mods)[1:6]}")
+    feats: dict[str, torch.Tensor] = {}
+    hooks = [mods[p].register_forward_hook(lambda m, i, o, p=p: feats.__setitem__(p, o)) for p in paths]
+    try:
+        yield feats
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+class Teacher:
+    """A frozen teacher: eval mode, outputs computed without grad (optionally with feature taps)."""
+
+    def __init__(self, model: nn.Module, taps: tuple[str, ...] = ()):
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.taps = tuple(taps)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with feature_taps(self.model, self.taps) as f:
+            logits = self.model(x)
+        return logits, [f[p] for p in self.taps]
+
+
+__all__ = ["kd_loss", "rkd_distance_loss", "rkd_angle_loss", "graph_kd_loss", "feature_taps", "Teacher"]
+
+
+# ---- training integration -------------------------------------------------------------------------------
+import dataclasses  # noqa: E402
+
+from .config import Config, opt  # noqa: E402
+from .train.loop import Callback  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class KDConfig(Config):
+    """Train with a teacher: Hinton KD on the logits, optionally RKD on embeddings and graph KD on taps."""
+
+    epochs: int = opt(3, "recipe stage: epochs of distillation", min=1)
+    teacher: str = opt("start", "'start' (the recipe's model before any stage), or a weights file / run directory")
+    T: float = opt(5.0, "temperature", min=1e-3)
+    alpha: float = opt(0.9, "weight of the KD term (1 - alpha on cross-entropy)", min=0.0, max=1.0)
+    rkd_distance: float = opt(0.0, "weight of the RKD distance term on the penultimate features", min=0.0)
+    rkd_angle: float = opt(0.0, "weight of the RKD angle term on the penultimate features", min=0.0)
+    graph: float = opt(0.0, "weight of graph KD over `taps`", min=0.0)
+    taps: tuple[str, ...] = opt((), "module paths tapped for graph KD (same paths in teacher and student)")
+    embed: str = opt("", "module whose output is the embedding for RKD (default: the input of the classifier)")
+
+
+def _embed_module(model: nn.Module, cfg: KDConfig) -> str:
+    if cfg.embed:
+        return cfg.embed
+    lins = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not lins:
+        raise SparseforgeError("RKD needs an embedding: set KDConfig.embed to a module path")
+    return lins[-1]
+
+
+class _Hooks:
+    """Forward hooks recording module outputs (taps) and one module's input (the embedding)."""
+
+    def __init__(self, model: nn.Module, taps: tuple[str, ...], embed: str | None):
+        mods = dict(model.named_modules())
+        for p in [*taps, *([embed] if embed else [])]:
+            if p not in mods:
+                raise SparseforgeError(f"distillation: no module named {p!r} in {type(model).__name__}")
+        self.out: dict[str, torch.Tensor] = {}
+        self.emb: torch.Tensor | None = None
+        self.handles = [mods[p].register_forward_hook(lambda m, i, o, p=p: self.out.__setitem__(p, o)) for p in taps]
+        if embed:
+            self.handles.append(mods[embed].register_forward_pre_hook(lambda m, i: setattr(self, "emb", i[0])))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+class KDCallback(Callback):
+    """Replaces the loss with the distillation loss. Teacher outputs are computed without grad; student
+    features come from hooks installed for the duration of training only (removed in on_train_end)."""
+
+    def __init__(self, teacher: nn.Module, cfg: KDConfig):
+        self.cfg = cfg
+        self.teacher_model = teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        self._s: _Hooks | None = None
+        self._t: _Hooks | None = None
+
+    def on_train_begin(self, trainer) -> None:
+        c = self.cfg
+        emb = _embed_module(trainer.model, c) if (c.rkd_distance or c.rkd_angle) else None
+        self._s = _Hooks(trainer.model, tuple(c.taps) if c.graph else (), emb)
+        self._t = _Hooks(self.teacher_model, tuple(c.taps) if c.graph else (), emb)
+
+    def on_train_end(self, trainer) -> None:
+        for h in (self._s, self._t):
+            if h is not None:
+                h.remove()
+
+    def on_loss(self, trainer, loss, logits, x, y):
+        c = self.cfg
+        if self._s is None:
+            self.on_train_begin(trainer)
+        with torch.no_grad():
+            t_logits = self.teacher_model(x)
+        kl = F.kl_div(F.log_softmax(logits / c.T, 1), F.log_softmax(t_logits / c.T, 1), reduction="batchmean",
+                      log_target=True)
+        out = c.alpha * c.T ** 2 * kl + (1 - c.alpha) * loss     # loss: the trainer's CE (hard or soft targets)
+        if c.rkd_distance:
+            out = out + c.rkd_distance * rkd_distance_loss(self._s.emb, self._t.emb)
+        if c.rkd_angle:
+            out = out + c.rkd_angle * rkd_angle_loss(self._s.emb, self._t.emb)
+        if c.graph:
+            out = out + graph_kd_loss([self._s.out[p] for p in c.taps], [self._t.out[p] for p in c.taps],
+                                      weight=c.graph)
+        return out
+
+
+__all__ += ["KDConfig", "KDCallback"]
