@@ -234,3 +234,42 @@ def test_regulariser_and_distillation_stages_run_masked(tmp_path):
     for _, mod in masked_modules(m):     # the kd stage trained the pattern-pruned model with masks on
         assert bool((mod.weight[mod.weight_mask == 0] == 0).all())
     assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in m.modules())
+
+
+LOWBIT_RECIPE = """
+model = "smallcnn"
+dataset = "synthetic"
+[train]
+batch_size = 32
+lr = 0.05
+train_size = 192
+test_size = 64
+threads = 1
+[[stage]]
+method = "pattern"
+connectivity = "2x"
+[[stage]]
+method = "pow2"
+epochs = 1
+[[stage]]
+method = "precision"
+epochs = 2
+period = 1
+window = 2
+epsilon = 10.0
+"""
+
+
+def test_lowbit_stages_fold_to_plain_convs_and_report_savings(tmp_path):
+    rp = tmp_path / "l.toml"
+    rp.write_text(LOWBIT_RECIPE)
+    runner = RecipeRunner(Recipe.load_file(rp), tmp_path / "run", log=lambda s: None, progress=False)
+    res = runner.run()
+    st = res["stages"][1]["storage_bits"]
+    assert st["pow2"] < st["fp32"]
+    pr = res["stages"][2]["precision"]
+    assert pr["final_stage"] == 3 and len(pr["switch_steps"]) == 3 and 0 < pr["saved"] < 1
+    assert all(type(m) is torch.nn.Conv2d for m in runner.model.modules() if isinstance(m, torch.nn.Conv2d))
+    logs = []
+    RecipeRunner(Recipe.load_file(rp), tmp_path / "run", log=logs.append, progress=False).run(resume=True)
+    assert sum("already done" in s for s in logs) == 3

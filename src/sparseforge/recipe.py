@@ -54,8 +54,10 @@ def _structured_stages() -> dict[str, type]:
     from .structured import EarlyBirdConfig, GroupLassoConfig
     from .tickets import IMPConfig
 
+    from .lowbit import Pow2Config, ProgressivePrecisionConfig
+
     return {"ssl": GroupLassoConfig, "earlybird": EarlyBirdConfig, "imp": IMPConfig, "kd": KDConfig,
-            "rdrop": RDropConfig, "mix": MixConfig}
+            "rdrop": RDropConfig, "mix": MixConfig, "pow2": Pow2Config, "precision": ProgressivePrecisionConfig}
 
 
 STAGE_CONFIGS: dict[str, type] = {"finetune": FinetuneConfig, "admm": ADMMConfig, **_structured_stages()}
@@ -227,6 +229,28 @@ class RecipeRunner:
         elif stage.method == "imp":
             model, extra = self._imp(model, stage, sdir)
             info.update(extra)
+        elif stage.method in ("pow2", "precision"):
+            from .lowbit import (ProgressivePrecisionCallback, apply_fake_quant, apply_pow2, fold_lowbit,
+                                 pow2_storage)
+            from .structured import count_macs
+
+            cfg = self.recipe.train_config({**stage.train, "epochs": stage.config.epochs})
+            cbs = []
+            if stage.method == "pow2":
+                apply_pow2(model, stage.config)
+                info["storage_bits_before"] = pow2_storage(model)
+            else:
+                macs = count_macs(model, self._example())
+                apply_fake_quant(model)
+                cbs.append(ProgressivePrecisionCallback(stage.config, macs))
+            info["train"] = self._train(model, cfg, sdir, callbacks=cbs)
+            if stage.method == "pow2":
+                info["storage_bits"] = pow2_storage(model)
+            else:
+                cb = cbs[0]
+                info["precision"] = {"final_stage": cb.stage, "switch_steps": cb.switches,
+                                     "bitops": cb.bitops, "bitops_fixed_8bit": cb.bitops_8bit, "saved": cb.saved()}
+            fold_lowbit(model)
         elif stage.method in ("kd", "rdrop", "mix"):
             cfg = self.recipe.train_config({**stage.train, "epochs": stage.config.epochs})
             info["train"] = self._train(model, cfg, sdir, callbacks=[self._loss_callback(stage)])

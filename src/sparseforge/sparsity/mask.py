@@ -86,7 +86,8 @@ def attach_mask(module: nn.Module, mask: Mask | torch.Tensor) -> Mask:
 
 def masked_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, m in model.named_modules():
-        if isinstance(getattr(m, MASK_BUFFER, None), torch.Tensor):
+        # modules that build their weight in forward (Pow2Conv2d) apply their mask there and have no .weight
+        if isinstance(getattr(m, MASK_BUFFER, None), torch.Tensor) and isinstance(getattr(m, "weight", None), torch.Tensor):
             yield name, m
 
 
