@@ -162,7 +162,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     print(f"run directory: {run_dir}", file=sys.stderr)
     res = RecipeRunner(recipe, run_dir, progress=None if not args.no_progress else False).run(resume=resume)
     print(f"final test accuracy {res['final']['acc']:.2f}% (start {res['start']['acc']:.2f}%)")
-    print(f"report: {run_dir / 'report.md'}")
+    print(f"report: {run_dir / 'report.html'}")
     return 0
 
 
@@ -288,6 +288,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe_args(c: argparse.ArgumentParser) -> None:
+    c.add_argument("recipe", help="recipe TOML (see recipes/)")
+    c.add_argument("--data-dir", help="dataset directory (overrides the recipe's data_dir)")
+    c.add_argument("--run-dir", help="run directory (default: runs/<recipe>-<hash of the resolved recipe>)")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. --set train.lr=0.01 --set stage.0.epochs=1")
+    c.add_argument("--resume", action="store_true", help="continue the run in --run-dir (automatic for the default run dir)")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(fn=cmd_compress)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report.compare import compare_runs
+
+    md, html_path = compare_runs([Path(r) for r in args.runs], Path(args.out))
+    print(md)
+    print(f"report: {html_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .train import TrainConfig
@@ -325,16 +345,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_stats)
 
-    c = sub.add_parser("compress", help="run a compression recipe (train -> prune -> fine-tune), resumable",
-                       description="Run a recipe's stages; re-running the same command resumes an interrupted run.")
-    c.add_argument("recipe", help="recipe TOML (see recipes/)")
-    c.add_argument("--data-dir", help="dataset directory (overrides the recipe's data_dir)")
-    c.add_argument("--run-dir", help="run directory (default: runs/<recipe>-<hash of the resolved recipe>)")
-    c.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a recipe field, e.g. --set train.lr=0.01 --set stage.0.epochs=1")
-    c.add_argument("--resume", action="store_true", help="continue the run in --run-dir (automatic for the default run dir)")
-    c.add_argument("--no-progress", action="store_true")
-    c.set_defaults(fn=cmd_compress)
+    for name, helptext in (("run", "run a recipe: train -> compress -> fine-tune -> compile -> bench -> report"),
+                           ("compress", "alias of run")):
+        c = sub.add_parser(name, help=helptext,
+                           description="Run a recipe's stages; re-running the same command resumes an interrupted "
+                                       "run (finished stages are loaded, an interrupted stage continues from its "
+                                       "last checkpoint). The resolved recipe is saved and hashed into the run "
+                                       "directory name.")
+        _recipe_args(c)
+
+    rp = sub.add_parser("report", help="compare run directories side by side (markdown + self-contained HTML)")
+    rp.add_argument("runs", nargs="+", help="run directories (each holds results.json)")
+    rp.add_argument("--out", default="report-compare", help="output path without extension (default report-compare)")
+    rp.set_defaults(fn=cmd_report)
 
     cc = sub.add_parser("compile", help="compile a pruned model into a fast CPU engine artefact")
     cc.add_argument("source", help="run directory (compress/train) or weights file")

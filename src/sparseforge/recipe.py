@@ -60,7 +60,18 @@ def _structured_stages() -> dict[str, type]:
             "rdrop": RDropConfig, "mix": MixConfig, "pow2": Pow2Config, "precision": ProgressivePrecisionConfig}
 
 
-STAGE_CONFIGS: dict[str, type] = {"finetune": FinetuneConfig, "admm": ADMMConfig, **_structured_stages()}
+@dataclasses.dataclass(frozen=True)
+class CompileConfig(Config):
+    """Compile the current model with sparseforge.compile and measure it against the dense start model."""
+
+    threads: int = opt(0, "engine and baseline threads (0 = the training threads / PyTorch default)", min=0)
+    batches: tuple[int, ...] = opt((1,), "batch sizes measured")
+    runs: int = opt(30, "timed runs per arm and batch size (median, p10, p90 reported)", min=5)
+    onnxruntime: bool = opt(True, "also time onnxruntime on the dense ONNX, when installed")
+
+
+STAGE_CONFIGS: dict[str, type] = {"finetune": FinetuneConfig, "admm": ADMMConfig, "compile": CompileConfig,
+                                  **_structured_stages()}
 
 
 def stage_configs() -> dict[str, type]:
@@ -251,6 +262,8 @@ class RecipeRunner:
                 info["precision"] = {"final_stage": cb.stage, "switch_steps": cb.switches,
                                      "bitops": cb.bitops, "bitops_fixed_8bit": cb.bitops_8bit, "saved": cb.saved()}
             fold_lowbit(model)
+        elif stage.method == "compile":
+            info.update(self._compile(model, stage.config, sdir))
         elif stage.method in ("kd", "rdrop", "mix"):
             cfg = self.recipe.train_config({**stage.train, "epochs": stage.config.epochs})
             info["train"] = self._train(model, cfg, sdir, callbacks=[self._loss_callback(stage)])
@@ -259,6 +272,47 @@ class RecipeRunner:
                 self._gradients(model)
             model = prune(model, stage.config, example_input=self._example())
         return model, info
+
+    def _compile(self, model: nn.Module, c: CompileConfig, sdir: Path) -> dict[str, Any]:
+        """Engine vs PyTorch dense (BN folded) vs onnxruntime dense vs PyTorch on the compressed model."""
+        from .engine import compile as sf_compile
+        from .report.latency import measure, onnxruntime_session, torch_fused
+
+        threads = c.threads or self.recipe.train_config().threads or torch.get_num_threads()
+        prev = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            model.eval()
+            x1 = self._example()
+            engine = sf_compile(model, x1, threads=threads)
+            dense = torch_fused(self._start_model)
+            mine = torch_fused(model)
+            sess = onnxruntime_session(self._start_model, x1, threads) if c.onnxruntime else None
+            out: dict[str, Any] = {"threads": threads, "latency": {}}
+            for b in c.batches:
+                x = x1.repeat(b, 1, 1, 1)
+                with torch.inference_mode():
+                    ref = model(x)
+                    out.setdefault("max_rel_err", {})[str(b)] = float((engine(x) - ref).abs().max() / ref.abs().max())
+                fns = {"sparseforge": lambda x=x: engine(x), "torch-dense": lambda x=x: dense(x),
+                       "torch-compressed": lambda x=x: mine(x)}
+                if sess is not None:
+                    xn = x.numpy()
+                    fns["onnxruntime-dense"] = lambda xn=xn: sess.run(None, {"input": xn})
+                out["latency"][str(b)] = measure(fns, runs=c.runs)
+            prof = engine.profile(batch=1, reps=20)
+            out["engine_ops"] = [{"name": op["name"], "path": "generated" if op["native"] else "PyTorch",
+                                  "describe": op["describe"], "us": 1e6 * prof.get(k, 0.0)}
+                                 for k, op in enumerate(engine.spec["ops"])]
+            try:
+                engine.save(sdir / "engine")
+                out["engine_dir"] = str(sdir / "engine")
+            except Exception as e:  # noqa: BLE001 - engines with PyTorch fallbacks cannot be saved yet
+                out["engine_dir"] = None
+                out["engine_save_error"] = str(e)
+            return out
+        finally:
+            torch.set_num_threads(prev)
 
     def _loss_callback(self, stage: Stage):
         from .distill import KDCallback

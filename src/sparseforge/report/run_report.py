@@ -130,9 +130,48 @@ def write_run_report(run_dir: Path, model: nn.Module, recipe, results: dict[str,
             lines.append("")
     if results.get("arch_start"):
         lines += _widths(results["arch_start"], model)
+    for i, s_ in enumerate(results["stages"]):
+        if s_.get("latency"):
+            lines += _latency(i, s_, run_dir, plots)
     lines += ["## Layers", "", st.to_markdown(), ""]
     env = results["env"]
     lines += ["## Environment", "", f"{env['cpu']}, {env['torch_threads']} threads, torch {env['torch']}, "
               f"sparseforge {env['sparseforge']}", ""]
     atomic_write_text(run_dir / "report.md", "\n".join(lines))
+    from .html import markdown_to_html
+
+    atomic_write_text(run_dir / "report.html", markdown_to_html("\n".join(lines), run_dir,
+                                                                title=f"sparseforge: {recipe.model}"))
     return results
+
+
+def _latency(i: int, s: dict[str, Any], run_dir: Path, plots: list) -> list[str]:
+    """Measured latency table (median, p10-p90) and the engine's per-op time breakdown."""
+    from .plots import plt
+
+    lines = [f"## Measured latency (stage {i}: {s['threads']} threads)", "",
+             "| batch | arm | median ms | p10-p90 ms | vs PyTorch dense |", "|---:|---|---:|---:|---:|"]
+    for b, arms in s["latency"].items():
+        base = arms["torch-dense"]["median_ms"]
+        for name, r in arms.items():
+            lines.append(f"| {b} | {name} | {r['median_ms']:.3f} | {r['p10_ms']:.3f}-{r['p90_ms']:.3f} | "
+                         f"{base / r['median_ms']:.2f}x |")
+    lines += ["", f"Engine output vs PyTorch: max relative error {max(s['max_rel_err'].values()):.2e}; "
+              f"{s['latency'][next(iter(s['latency']))]['sparseforge']['runs']} timed runs per arm, arms alternating "
+              "with a pause between blocks.", ""]
+    ops = s.get("engine_ops") or []
+    if ops:
+        fname = f"engine_ops_stage{i}.png"
+        fig, ax = plt.subplots(figsize=(7, max(2.5, 0.18 * len(ops))))
+        ax.barh([o["name"] for o in ops][::-1], [o["us"] for o in ops][::-1],
+                color=["tab:blue" if o["path"] == "generated" else "tab:orange" for o in ops][::-1])
+        ax.set_xlabel("us per op, batch 1 (orange: PyTorch fallback)")
+        ax.tick_params(axis="y", labelsize=6)
+        fig.tight_layout()
+        fig.savefig(run_dir / fname, dpi=110)
+        plt.close(fig)
+        lines += [f"![Per-op engine time]({fname})", ""]
+        fb = [o["name"] for o in ops if o["path"] != "generated"]
+        lines += [f"{len(ops) - len(fb)}/{len(ops)} ops run as generated kernels"
+                  + (f"; PyTorch fallbacks: {', '.join(fb)}" if fb else "") + ".", ""]
+    return lines

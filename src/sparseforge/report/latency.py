@@ -1,0 +1,64 @@
+"""Latency measurement shared by the compile stage, the CLI and the benchmarks.
+
+Arms alternate in blocks within one process. Each block starts with a pause and discarded calls: torch's
+OpenMP pool, onnxruntime's pool and the engine's OpenMP pool are separate runtimes whose threads keep
+spinning after a call; on a 2-core machine the previous arm's spinning threads would steal the cores.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+
+def measure(fns: dict[str, Callable[[], object]], runs: int = 30, block: int = 5, pause: float = 0.05,
+            warmup: int = 3) -> dict[str, dict[str, float]]:
+    """Median / p10 / p90 milliseconds per arm, >= ``runs`` timed calls each, arms rotated block by block."""
+    names = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    with torch.inference_mode():
+        for k in names:
+            for _ in range(warmup):
+                fns[k]()
+        for r in range(-(-runs // block)):
+            for k in names[r % len(names):] + names[: r % len(names)]:
+                time.sleep(pause)
+                fns[k]()
+                fns[k]()
+                for _ in range(block):
+                    t0 = time.perf_counter()
+                    fns[k]()
+                    times[k].append(time.perf_counter() - t0)
+    return {k: {"median_ms": 1e3 * statistics.median(v), "p10_ms": 1e3 * float(np.percentile(v, 10)),
+                "p90_ms": 1e3 * float(np.percentile(v, 90)), "runs": len(v)} for k, v in times.items()}
+
+
+def torch_fused(model: nn.Module) -> nn.Module:
+    """Eval copy with BatchNorm folded into the convs (the fair PyTorch dense baseline)."""
+    import torch.fx.experimental.optimization as fx_opt
+
+    m = copy.deepcopy(model).eval()
+    try:
+        return fx_opt.fuse(m)
+    except Exception:  # noqa: BLE001 - untraceable models: time them unfused
+        return m
+
+
+def onnxruntime_session(model: nn.Module, example: torch.Tensor, threads: int):
+    """An onnxruntime CPU session for the dense ONNX of ``model``, or None when onnxruntime is absent."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    from ..export import export_onnx
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(export_onnx(model, example), so, providers=["CPUExecutionProvider"])
