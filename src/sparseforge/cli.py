@@ -394,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .distributed import init_from_env
+
+    init_from_env()          # under torchrun: DDP process group from the environment
     try:
         return args.fn(args)
     except SparseforgeError as e:

@@ -38,7 +38,23 @@ from .config import Config, loads_toml, opt
 from .errors import ConfigError, RunDirError
 from .sparsity import ADMMCallback, ADMMConfig, METHOD_CONFIGS, prune
 from .train import TrainConfig, Trainer, evaluate
-from .utils import atomic_write_json, atomic_write_text, set_threads
+from .distributed import barrier, broadcast_model, is_main
+from .utils import atomic_write_json as _atomic_write_json
+from .utils import atomic_write_text as _atomic_write_text
+from .utils import set_threads
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Rank 0 writes (under torchrun every rank runs the recipe); the others wait until the file is there."""
+    if is_main():
+        _atomic_write_json(path, obj)
+    barrier()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    if is_main():
+        _atomic_write_text(path, text)
+    barrier()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +157,9 @@ class Recipe(Config):
 def _save_model(model: nn.Module, path: Path) -> None:
     from .models import save_weights
 
-    save_weights(model, path)
+    if is_main():
+        save_weights(model, path)
+    barrier()
 
 
 class RecipeRunner:
@@ -159,6 +177,7 @@ class RecipeRunner:
 
     # ---- setup -------------------------------------------------------------
     def prepare(self, resume: bool) -> None:
+        barrier()          # every rank checks the run directory before rank 0 writes into it
         cfg_path = self.run_dir / "recipe.toml"
         if cfg_path.exists():
             saved = Recipe.from_toml(cfg_path.read_text(), str(cfg_path))
@@ -263,7 +282,9 @@ class RecipeRunner:
                                      "bitops": cb.bitops, "bitops_fixed_8bit": cb.bitops_8bit, "saved": cb.saved()}
             fold_lowbit(model)
         elif stage.method == "compile":
-            info.update(self._compile(model, stage.config, sdir))
+            if is_main():     # timing on one rank only: the others would compete for the same cores
+                info.update(self._compile(model, stage.config, sdir))
+            barrier()
         elif stage.method in ("kd", "rdrop", "mix"):
             cfg = self.recipe.train_config({**stage.train, "epochs": stage.config.epochs})
             info["train"] = self._train(model, cfg, sdir, callbacks=[self._loss_callback(stage)])
@@ -354,7 +375,9 @@ class RecipeRunner:
         rs = rewind_step(c.rewind, spe)
         start_f, snap_f = sdir / "start.safetensors", sdir / "rewind.safetensors"
         if not start_f.exists():
-            save_state({k: v.detach().clone() for k, v in model.state_dict().items()}, start_f)
+            if is_main():
+                save_state({k: v.detach().clone() for k, v in model.state_dict().items()}, start_f)
+            barrier()
         start = load_state(start_f)
         teacher = None
         if c.kd:
@@ -458,6 +481,7 @@ class RecipeRunner:
                 sdir.mkdir(parents=True, exist_ok=True)
                 ts = time.perf_counter()
                 model, info = self.run_stage(model, stage, sdir)
+                broadcast_model(model)     # rank 0's masks / library / pruned weights everywhere
                 info["eval"] = self.evaluate(model)
                 info["seconds"] = round(time.perf_counter() - ts, 1)
                 info["method"] = stage.method
@@ -472,5 +496,7 @@ class RecipeRunner:
         self.results["seconds_this_invocation"] = round(time.perf_counter() - t0, 1)
         from .report.run_report import write_run_report
 
-        self.results = write_run_report(self.run_dir, model, self.recipe, self.results)
+        if is_main():
+            self.results = write_run_report(self.run_dir, model, self.recipe, self.results)
+        barrier()
         return self.results

@@ -128,7 +128,9 @@ class SnapshotCallback(Callback):
     def _take(self, trainer) -> None:
         self.state = {k: v.detach().clone().contiguous() for k, v in trainer.model.state_dict().items()
                       if not k.endswith("weight_mask")}
-        if self.path is not None:
+        from .distributed import is_main
+
+        if self.path is not None and is_main():
             save_state(self.state, self.path)
 
 

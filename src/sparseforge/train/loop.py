@@ -101,16 +101,19 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g.setdefault("base_lr", g["lr"])
         self.log = log or (lambda s: print(s, file=sys.stderr))
-        self.is_main = is_main
+        from ..distributed import rank_world, wrap
+
+        self.rank, self.world_size = rank_world()
+        self.is_main = is_main and self.rank == 0    # only rank 0 logs and writes checkpoints
         self.epoch = 0            # current epoch (0-based)
         self.batch_in_epoch = 0   # batches of the current epoch already done
         self.step = 0             # global optimizer steps done
         self.history: list[dict[str, Any]] = []
         self.should_stop = False  # a callback may end training early (e.g. an early-bird ticket was drawn)
-        self._forward = model
+        self._forward = wrap(model)       # DDP under torchrun: gradients averaged over ranks
         if config.compile:
             try:
-                self._forward = torch.compile(model)
+                self._forward = torch.compile(self._forward)
             except Exception as e:  # pragma: no cover - depends on the toolchain
                 self.log(f"warning: torch.compile unavailable ({e}); training eagerly")
 
@@ -142,7 +145,10 @@ class Trainer:
         return self.run_dir / "checkpoints" if self.run_dir else None
 
     def save(self) -> None:
+        from ..distributed import barrier
+
         if not self.checkpoint_dir or not self.is_main:
+            barrier()
             return
         from ..models import model_spec
 
@@ -152,6 +158,7 @@ class Trainer:
                 "rng": rng_state(), "config": self.config.to_dict(), "history": self.history}
         save_checkpoint(self.checkpoint_dir, f"step-{self.step:09d}", self.model.state_dict(), extra, meta,
                         model_spec=model_spec(self.model), keep=self.config.keep_checkpoints)
+        barrier()       # other ranks may resume from it: it must be complete before anyone goes on
 
     def resume(self) -> bool:
         """Restore the last checkpoint of ``run_dir``; False when there is none."""

@@ -1,0 +1,61 @@
+"""PyTorch DDP under ``torchrun``: process group from the environment, rank-0 decisions broadcast.
+
+Launch: ``torchrun --nproc-per-node N -m sparseforge.cli run RECIPE.toml`` (one machine) or, on several,
+``torchrun --nnodes M --node-rank R --master-addr HOST --master-port 29500 --nproc-per-node N -m sparseforge.cli ...``.
+Backend: gloo on CPU, nccl when CUDA is available. Every rank runs the same program; masks, pattern libraries
+and tickets are computed on rank 0 and broadcast, so all ranks hold bit-identical models; only rank 0
+writes checkpoints, run directories and reports. BatchNorm statistics are per rank (as in plain DDP).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+def init_from_env() -> tuple[int, int]:
+    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1); returns (rank, world size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return rank_world()
+
+
+def rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return rank_world()[0] == 0
+
+
+def barrier() -> None:
+    if rank_world()[1] > 1:
+        dist.barrier()
+
+
+def broadcast_model(model: nn.Module, src: int = 0) -> None:
+    """Every parameter and buffer (masks, pattern library) from rank ``src`` to all ranks, in place."""
+    if rank_world()[1] == 1:
+        return
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point() or t.dtype in (torch.int64, torch.int32, torch.uint8, torch.bool):
+                buf = t.contiguous()
+                dist.broadcast(buf, src)
+                if buf.data_ptr() != t.data_ptr():
+                    t.copy_(buf)
+
+
+def wrap(model: nn.Module) -> nn.Module:
+    """The model as DDP when distributed (gradients averaged across ranks), else unchanged."""
+    if rank_world()[1] == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, broadcast_buffers=True)
