@@ -1,3 +1,5 @@
+import re
+import pytest
 import json
 import os
 import subprocess
@@ -91,4 +93,11 @@ def test_demo_runs(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     report = Path(out.strip().splitlines()[-1].split("report: ")[1])
-    assert report.exists() and "| **total** |" in report.read_text()
+    assert report.suffix == ".html" and report.exists()
+    md = (report.parent / "report.md").read_text()
+    assert "| **total** |" in md and "Measured latency" in md
+    m = re.search(r"speedup ([0-9.]+)x vs PyTorch", out)
+    res = json.loads((report.parent / "results.json").read_text())
+    lat = res["stages"][-1]["latency"]["1"]
+    assert m and float(m.group(1)) == pytest.approx(lat["torch-dense"]["median_ms"] / lat["sparseforge"]["median_ms"],
+                                                    abs=0.006)

@@ -299,6 +299,20 @@ def _recipe_args(c: argparse.ArgumentParser) -> None:
     c.set_defaults(fn=cmd_compress)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .export import export_onnx
+
+    model, weights = _model_from_path(Path(args.source), args.model)
+    out = Path(args.out)
+    if out.exists():
+        raise SparseforgeError(f"{out} exists; choose another --out (nothing is overwritten)")
+    export_onnx(model, torch.randn(1, 3, args.size, args.size), out)
+    print(f"wrote {out} (from {weights})")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report.compare import compare_runs
 
@@ -358,6 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("runs", nargs="+", help="run directories (each holds results.json)")
     rp.add_argument("--out", default="report-compare", help="output path without extension (default report-compare)")
     rp.set_defaults(fn=cmd_report)
+
+    ex = sub.add_parser("export", help="ONNX of the folded model (masks folded to zeros), for other runtimes")
+    ex.add_argument("source", help="run directory or weights file")
+    ex.add_argument("--model", help="model name, if the weights do not record it")
+    ex.add_argument("--out", required=True, help="output .onnx path")
+    ex.add_argument("--size", type=int, default=32, help="input height/width")
+    ex.set_defaults(fn=cmd_export)
 
     cc = sub.add_parser("compile", help="compile a pruned model into a fast CPU engine artefact")
     cc.add_argument("source", help="run directory (compress/train) or weights file")
