@@ -10,7 +10,8 @@ Experiments (each arm is a resumable recipe run under bench/results/structured/<
              vs the unpruned network, alternating in one process with a pause between blocks, >= 30 runs, and
              the same through sparseforge.compile.
   ssl        start: ../shared/models/resnet20-cifar10jpeg.safetensors. control: E epochs; ssl: E-1 epochs of
-             group lasso (filter, channel, depth) -> removal -> 1 epoch fine-tune. Group norms per epoch plotted.
+             group lasso (filter, channel, depth; proximal steps, lambda 0.05) -> removal of groups with norm
+             < 1e-3 -> 1 epoch fine-tune. Group norms per epoch plotted.
 
 Run: python bench/structured.py --experiment resnet56 --epochs 2 ; python bench/structured.py --experiment ssl
 Writes bench/results/structured/<experiment>.json and .png.
@@ -119,7 +120,7 @@ def exp_ssl(a) -> dict:
     arms = {
         "control": [{"method": "finetune", "epochs": a.epochs}],
         "ssl": [{"method": "ssl", "epochs": max(1, a.epochs - 1), "lambda_g": a.lambda_g,
-                 "groups": ["filter", "channel", "depth"], "threshold": a.threshold},
+                 "groups": ["filter", "channel", "depth"], "threshold": a.threshold, "proximal": True},
                 {"method": "finetune", "epochs": 1}],
     }
     out = {"experiment": "ssl", "epochs": a.epochs, "lambda_g": a.lambda_g, "threshold": a.threshold, "arms": {}}
@@ -141,8 +142,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--arms", default="")
     ap.add_argument("--runs", type=int, default=30)
-    ap.add_argument("--lambda-g", type=float, default=2e-4)
-    ap.add_argument("--threshold", type=float, default=1e-2)
+    ap.add_argument("--lambda-g", type=float, default=0.05, help="group-lasso weight (proximal steps)")
+    ap.add_argument("--threshold", type=float, default=1e-3)
     ap.add_argument("--data-dir", default=str(SHARED / "data" / "cifar-10-batches-py"))
     a = ap.parse_args()
     a.arms = a.arms or ("control,l1-2x" if a.experiment == "resnet56" else "control,ssl")

@@ -89,3 +89,18 @@ def test_early_bird_callback_penalises_bn_and_stops_training():
     assert cb.drawn_epoch == 3 and fake.should_stop
     assert int((bn_channel_mask(m, 0.3) == 0).sum()) == round(0.3 * sum(
         mm.num_features for mm in m.modules() if isinstance(mm, nn.BatchNorm2d)))
+
+
+def test_proximal_group_lasso_reaches_exact_zeros():
+    torch.manual_seed(0)
+    m = sf.create_model("resnet20")
+    cfg = GroupLassoConfig(lambda_g=5.0, groups=("filter",), proximal=True)
+    cb = GroupLassoCallback(cfg)
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    fake = types.SimpleNamespace(model=m, optimizer=opt)
+    for _ in range(3):
+        cb.on_step_end(fake)
+    norms = group_norms(m, cfg)["filter"]
+    assert int((norms == 0).sum()) > 0      # soft-thresholding: small groups become exactly zero
+    small = ssl_remove(m, GroupLassoConfig(groups=("filter",), threshold=1e-12), torch.randn(1, 3, 32, 32))
+    assert count_params(small) < count_params(m)

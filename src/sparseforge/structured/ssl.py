@@ -29,6 +29,8 @@ class GroupLassoConfig(Config):
     groups: tuple[str, ...] = opt(("filter", "channel"), "group types: filter, channel, shape, depth")
     threshold: float = opt(1e-3, "after training, groups whose norm is below this are removed", min=0.0)
     epochs: int = opt(3, "recipe stage: epochs of regularised training before removal", min=1)
+    proximal: bool = opt(False, "proximal steps (group soft-thresholding after every optimizer step, reaching exact "
+                                "zeros) instead of the subgradient of the SSL paper")
 
     def validate(self) -> None:
         bad = [g for g in self.groups if g not in GROUP_TYPES]
@@ -71,9 +73,30 @@ class GroupLassoCallback(Callback):
         self.cfg = cfg
         self.history: list[dict[str, float]] = []
 
+    def on_step_end(self, trainer) -> None:
+        if not self.cfg.proximal or self.cfg.lambda_g == 0:
+            return
+        t = self.cfg.lambda_g * trainer.optimizer.param_groups[0]["lr"]
+        with torch.no_grad():
+            for _, m in _convs(trainer.model):
+                w = m.weight
+                if "filter" in self.cfg.groups:
+                    w.mul_((1 - t / w.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp_min(0)[:, None, None, None])
+                if "channel" in self.cfg.groups:
+                    w.mul_((1 - t / w.transpose(0, 1).flatten(1).norm(dim=1).clamp_min(1e-12)).clamp_min(0)
+                           [None, :, None, None])
+                if "shape" in self.cfg.groups:
+                    w.mul_((1 - t / w.norm(dim=0, keepdim=True).clamp_min(1e-12)).clamp_min(0))
+            if "depth" in self.cfg.groups:
+                for _, b in _blocks(trainer.model):
+                    ws = [b.conv1.weight, b.conv2.weight]
+                    n = torch.sqrt(sum((p ** 2).sum() for p in ws)).clamp_min(1e-12)
+                    for p in ws:
+                        p.mul_((1 - t / n).clamp_min(0))
+
     def on_after_backward(self, trainer) -> None:
         lam = self.cfg.lambda_g
-        if lam == 0:
+        if lam == 0 or self.cfg.proximal:
             return
         eps = 1e-12
         with torch.no_grad():
