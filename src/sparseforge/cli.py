@@ -153,8 +153,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
     d = _merge(d, sets)
     if args.data_dir:
         d["data_dir"] = args.data_dir
-    if d.get("weights") and not Path(d["weights"]).exists() and (p.parent / d["weights"]).exists():
-        d["weights"] = str(p.parent / d["weights"])
+    if d.get("weights") and not Path(d["weights"]).exists():
+        # relative to the working directory, else to the recipe's folder or the project root above recipes/
+        for base in (p.parent, p.parent.parent):
+            if (base / d["weights"]).exists():
+                d["weights"] = str((base / d["weights"]).resolve())
+                break
     recipe = Recipe.from_dict(d, where=str(p))
     h = hashlib.sha256(recipe.to_toml().encode()).hexdigest()[:8]
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"{p.stem}-{h}"
