@@ -107,6 +107,10 @@ class Stage:
         return d
 
 
+# stages after which the weights no longer match their BatchNorm statistics
+PRUNING_STAGES = {"admm", "pattern", "magnitude", "structured", "ssl", "earlybird"}
+
+
 def parse_stage(d: dict[str, Any], where: str) -> Stage:
     if not isinstance(d, dict) or "method" not in d:
         raise ConfigError(f"{where}: every [[stage]] needs method = one of {', '.join(sorted(stage_configs()))}")
@@ -128,6 +132,9 @@ class Recipe(Config):
     data_dir: str = opt("", "dataset directory")
     train: dict[str, Any] = opt(help="TrainConfig fields shared by training stages", factory=dict)
     stage: tuple[dict[str, Any], ...] = opt((), "ordered stages")
+    bn_recalibration: int = opt(50, "after every pruning step, re-estimate BatchNorm statistics on this many "
+                                    "training batches (stale statistics make a freshly pruned net look broken); "
+                                    "0 = off", min=0)
 
     def validate(self) -> None:
         if not self.stage:
@@ -229,6 +236,38 @@ class RecipeRunner:
         return trainer.fit(resume=True)
 
     def run_stage(self, model: nn.Module, stage: Stage, sdir: Path) -> tuple[nn.Module, dict[str, Any]]:
+        model, info = self._run_stage(model, stage, sdir)
+        if stage.method in PRUNING_STAGES and self.recipe.bn_recalibration:
+            info["bn_recalibrated_batches"] = self._recalibrate_bn(model, self.recipe.bn_recalibration)
+        return model, info
+
+    def _recalibrate_bn(self, model: nn.Module, batches: int) -> int:
+        """Cumulative BN statistics over ``batches`` training batches (no weight changes)."""
+        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        if not bns:
+            return 0
+        tl, _ = self.loaders(self.recipe.train_config())
+        saved = [(m.momentum, m.training) for m in bns]
+        was = model.training
+        model.eval()
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None          # cumulative moving average
+            m.train()
+        n = 0
+        with torch.no_grad():
+            for x, _ in tl.iterate(0, 0):
+                if n >= batches:
+                    break
+                model(x)
+                n += 1
+        for m, (mom, tr) in zip(bns, saved):
+            m.momentum = mom
+            m.train(tr)
+        model.train(was)
+        return n
+
+    def _run_stage(self, model: nn.Module, stage: Stage, sdir: Path) -> tuple[nn.Module, dict[str, Any]]:
         info: dict[str, Any] = {}
         if stage.method == "finetune":
             cfg = self.recipe.train_config({**stage.train, "epochs": stage.config.epochs})
