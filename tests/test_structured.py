@@ -151,8 +151,12 @@ def test_taylor_without_gradients_is_a_clear_error():
 def test_ignored_layers_and_bad_configs():
     m = _model("vgg16")
     x = torch.randn(1, 3, 32, 32)
-    p = sf.prune(m, StructuredConfig(ratio=0.5, ignored_layers=("features.0",)), example_input=x)
+    p = sf.prune(m, StructuredConfig(ratio=0.5, scope="layer", ignored_layers=("features.0",)), example_input=x)
     assert p.features[0].out_channels == 64 and p.features[3].out_channels == 32
+    # global scope: the same share of all prunable channels, spread by (normalised) importance
+    g = sf.prune(m, StructuredConfig(ratio=0.5, ignored_layers=("features.0",)), example_input=x)
+    convs = lambda mm: [c.out_channels for c in mm.modules() if isinstance(c, nn.Conv2d)][1:]   # noqa: E731
+    assert g.features[0].out_channels == 64 and abs(sum(convs(g)) - sum(convs(m)) / 2) <= 1
     with pytest.raises(sf.SparseforgeError, match="exactly one target"):
         StructuredConfig()
     with pytest.raises(sf.SparseforgeError, match="example_input"):
