@@ -169,7 +169,8 @@ def test_structured_stages_run_resume_and_report_widths(tmp_path):
     res = RecipeRunner(recipe, tmp_path / "run", log=lambda s: None, progress=False).run()
     eb = res["stages"][0]["earlybird"]
     assert eb["drawn_epoch"] == 2            # epsilon 1.0, window 2: drawn as soon as two masks exist
-    assert len(res["stages"][1]["group_norms"]) == 1
+    gn = res["stages"][1]["group_norms"]
+    assert [r["epoch"] for r in gn] == [0, 1]
     text = (tmp_path / "run/report.md").read_text()
     assert "## Structure" in text and "-> " in text
     # a finished structural stage reloads at its pruned size; resuming redoes nothing

@@ -118,7 +118,14 @@ class GroupLassoCallback(Callback):
                         if p.grad is not None:
                             p.grad.add_(lam * p / norm)
 
+    def on_train_begin(self, trainer) -> None:
+        if not self.history:           # epoch 0: the norms before any regularised step (the plot's start)
+            self._record(trainer, -1)
+
     def on_epoch_end(self, trainer, epoch: int, metrics: dict[str, float]) -> None:
+        self._record(trainer, epoch)
+
+    def _record(self, trainer, epoch: int) -> None:
         norms = group_norms(trainer.model, self.cfg)
         rec = {"epoch": epoch + 1}
         for k, v in norms.items():
