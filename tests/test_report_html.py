@@ -30,6 +30,11 @@ connectivity = "3.6x"
 method = "compile"
 batches = [1, 2]
 runs = 5
+[[stage]]
+method = "robustness"
+eps = [0.1, 1.0]
+samples = 16
+perturbations = 2
 """
 
 
@@ -61,13 +66,17 @@ def test_report_numbers_match_results_json(run_dir):
         for arm, r in arms.items():
             assert f"| {b} | {arm} | {r['median_ms']:.3f} |" in md
     assert "ops run as generated kernels" in md and "![Per-op engine time]" in md
+    rob = res["stages"][3]["lipschitz"]
+    assert set(rob) == {"dense start", "compressed"}
+    for e, v in rob["compressed"].items():
+        assert f"| {e} | {rob['dense start'][e]:.4f} | {v:.4f} |" in md
 
 
 def test_html_renders_in_headless_chromium_and_every_image_loads(run_dir):
     browser = _browser()
     html = (run_dir / "report.html").read_text()
     n_img = len(re.findall(r"<img ", html))
-    assert n_img >= 3 and "data:image/png;base64," in html and 'src="' in html
+    assert n_img >= 4 and "data:image/png;base64," in html and 'src="' in html
     assert not re.search(r'<img [^>]*src="(?!data:)', html)          # self-contained
     r = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
                         "--dump-dom", (run_dir / "report.html").as_uri()], capture_output=True, text=True, timeout=120)

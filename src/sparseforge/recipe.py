@@ -86,7 +86,17 @@ class CompileConfig(Config):
     onnxruntime: bool = opt(True, "also time onnxruntime on the dense ONNX, when installed")
 
 
+@dataclasses.dataclass(frozen=True)
+class RobustnessConfig(Config):
+    """Localized Lipschitz estimate of the current model and of the dense start model, side by side."""
+
+    eps: tuple[float, ...] = opt((0.01, 0.03, 0.1, 0.3, 1.0), "perturbation norms (L2, input space)")
+    samples: int = opt(256, "test images", min=1)
+    perturbations: int = opt(8, "random directions per image and eps", min=1)
+
+
 STAGE_CONFIGS: dict[str, type] = {"finetune": FinetuneConfig, "admm": ADMMConfig, "compile": CompileConfig,
+                                  "robustness": RobustnessConfig,
                                   **_structured_stages()}
 
 
@@ -320,6 +330,15 @@ class RecipeRunner:
                 info["precision"] = {"final_stage": cb.stage, "switch_steps": cb.switches,
                                      "bitops": cb.bitops, "bitops_fixed_8bit": cb.bitops_8bit, "saved": cb.saved()}
             fold_lowbit(model)
+        elif stage.method == "robustness":
+            from .report import lipschitz
+
+            c = stage.config
+            _, el = self.loaders(self.recipe.train_config())
+            kw = dict(eps_values=c.eps, perturbations=c.perturbations, max_samples=c.samples)
+            info["lipschitz"] = {
+                "dense start": {str(k): v for k, v in lipschitz(self._start_model, el.iterate(0, 0), **kw).items()},
+                "compressed": {str(k): v for k, v in lipschitz(model, el.iterate(0, 0), **kw).items()}}
         elif stage.method == "compile":
             if is_main():     # timing on one rank only: the others would compete for the same cores
                 info.update(self._compile(model, stage.config, sdir))

@@ -133,6 +133,8 @@ def write_run_report(run_dir: Path, model: nn.Module, recipe, results: dict[str,
     for i, s_ in enumerate(results["stages"]):
         if s_.get("latency"):
             lines += _latency(i, s_, run_dir, plots)
+        if s_.get("lipschitz"):
+            lines += _robustness(i, s_["lipschitz"], run_dir)
     lines += ["## Layers", "", st.to_markdown(), ""]
     env = results["env"]
     lines += ["## Environment", "", f"{env['cpu']}, {env['torch_threads']} threads, torch {env['torch']}, "
@@ -143,6 +145,21 @@ def write_run_report(run_dir: Path, model: nn.Module, recipe, results: dict[str,
     atomic_write_text(run_dir / "report.html", markdown_to_html("\n".join(lines), run_dir,
                                                                 title=f"sparseforge: {recipe.model}"))
     return results
+
+
+def _robustness(i: int, curves: dict[str, dict[str, float]], run_dir: Path) -> list[str]:
+    from .robustness import plot_lipschitz
+
+    fname = f"robustness_stage{i}.png"
+    plot_lipschitz({n: {float(k): v for k, v in c.items()} for n, c in curves.items()}, run_dir / fname)
+    names = list(curves)
+    eps = list(curves[names[0]])
+    lines = ["## Robustness (localized Lipschitz estimate)", "",
+             "max over test images and random directions of ||softmax f(x+d) - softmax f(x)|| / ||d||, ||d|| = eps", "",
+             "| eps | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+    for e in eps:
+        lines.append(f"| {e} | " + " | ".join(f"{curves[n][e]:.4f}" for n in names) + " |")
+    return lines + ["", f"![Robustness]({fname})", ""]
 
 
 def _latency(i: int, s: dict[str, Any], run_dir: Path, plots: list) -> list[str]:
