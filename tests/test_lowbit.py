@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import sparseforge as sf
 from sparseforge.lowbit import (FQConv2d, Pow2Conv2d, ProgressivePrecisionCallback, ProgressivePrecisionConfig,
-                                apply_fake_quant, apply_pow2, fake_quant, fold_lowbit, plateaued, pow2_round,
+                                apply_pow2, fake_quant, fold_lowbit, plateaued, pow2_round,
                                 pow2_storage)
 from sparseforge.report import lipschitz
 

@@ -24,18 +24,20 @@ def test_each_round_removes_the_fraction_of_survivors_exactly_and_masks_shrink(s
     cfg = IMPConfig(fraction=0.2, scope=scope)
     total = sum(mod.weight.numel() for _, mod in prunable(m, cfg))
     alive, prev = total, None
+    counts = [mod.weight.numel() for _, mod in prunable(m, cfg)]        # per-layer survivors before a round
     for r in range(4):
         imp_prune(m, cfg)
         now = _alive(m, cfg)
         if scope == "global":
             assert now == alive - round(0.2 * alive), (r, now, alive)
         else:
-            assert now == sum(n - round(0.2 * n) for n in prev_counts) if r else True
+            after = [int(mod.weight_mask.sum()) for _, mod in prunable(m, cfg)]
+            assert after == [n - round(0.2 * n) for n in counts], r
+            counts = after
         masks = {n: mod.weight_mask.clone() for n, mod in masked_modules(m)}
         if prev is not None:
             assert all(bool((masks[n] <= prev[n]).all()) for n in masks)
         prev = masks
-        prev_counts = [int(mod.weight_mask.sum()) for _, mod in prunable(m, cfg)]
         with torch.no_grad():       # training would move weights; pruned ones must stay out
             for p in m.parameters():
                 p.add_(torch.randn_like(p))

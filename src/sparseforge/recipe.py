@@ -504,7 +504,6 @@ class RecipeRunner:
         return evaluate(model, el)
 
     def run(self, resume: bool = False) -> dict[str, Any]:
-        from .models import load_weights
 
         t0 = time.perf_counter()
         self.prepare(resume)
