@@ -165,6 +165,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     resume = args.resume or (run_dir / "recipe.toml").exists()  # same recipe required; checked by the runner
     print(f"run directory: {run_dir}", file=sys.stderr)
     res = RecipeRunner(recipe, run_dir, progress=None if not args.no_progress else False).run(resume=resume)
+    from .distributed import is_main
+
+    if not is_main():
+        return 0
     print(f"final test accuracy {res['final']['acc']:.2f}% (start {res['start']['acc']:.2f}%)")
     print(f"report: {run_dir / 'report.html'}")
     return 0

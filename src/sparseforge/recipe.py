@@ -187,6 +187,8 @@ class RecipeRunner:
         self.recipe = recipe
         self.run_dir = Path(run_dir)
         self.log = log or (lambda s: print(s, file=sys.stderr))
+        if not is_main():             # under torchrun only rank 0 talks
+            self.log = lambda s: None
         self.progress = progress
         self.eval_limit = eval_limit
         self.extra_callbacks = tuple(callbacks)  # added to every training stage (logging, tests)
