@@ -63,12 +63,18 @@ def load_final(run_dir: Path) -> torch.nn.Module:
     return load_weights(model_from_spec(json.loads(read_state_dict(p)[1]["model"])), p).eval()
 
 
+def _channels_last(m: torch.nn.Module):
+    m = m.to(memory_format=torch.channels_last)
+    return lambda x: m(x.contiguous(memory_format=torch.channels_last))
+
+
 def latency(models: dict[str, torch.nn.Module], batch: int, runs: int, block: int = 5) -> dict:
     x = torch.randn(batch, 3, 32, 32)
     fns = {}
     for k, m in models.items():
         fused = fx_opt.fuse(copy.deepcopy(m).eval())
         fns[f"torch:{k}"] = fused
+        fns[f"torch-cl:{k}"] = _channels_last(fx_opt.fuse(copy.deepcopy(m).eval()))
         fns[f"sparseforge:{k}"] = sf.compile(m, x[:1], threads=2)
     times = {k: [] for k in fns}
     with torch.inference_mode():
@@ -101,6 +107,11 @@ def exp_resnet56(a) -> dict:
         # widths kept at multiples of 8: oneDNN runs odd widths (7, 11, 12 channels) poorly at batch 32
         "l1-2x-r8": [{"method": "structured", "mac_ratio": 0.48, "importance": "l1", "round_to": 8},
                      {"method": "finetune", "epochs": a.epochs}],
+        # growing regularisation: 1 epoch fading the chosen channels, remove, E-1 epochs fine-tuning (same budget
+        # as the control); widths multiples of 8, the same share removed in every group (oneDNN-friendly)
+        "grow-2x-r8": [{"method": "structured", "mac_ratio": 0.48, "importance": "l1", "round_to": 8,
+                        "scope": "layer", "regularize_epochs": 1},
+                       {"method": "finetune", "epochs": max(1, a.epochs - 1)}],
     }
     out = {"experiment": "resnet56", "epochs": a.epochs, "arms": {}}
     for name in a.arms.split(","):

@@ -104,3 +104,49 @@ def test_proximal_group_lasso_reaches_exact_zeros():
     assert int((norms == 0).sum()) > 0      # soft-thresholding: small groups become exactly zero
     small = ssl_remove(m, GroupLassoConfig(groups=("filter",), threshold=1e-12), torch.randn(1, 3, 32, 32))
     assert count_params(small) < count_params(m)
+
+
+def test_growing_regularisation_fades_the_chosen_channels_so_removal_is_nearly_lossless():
+    from sparseforge.structured import count_macs, growing_reg, remove_channels
+
+    torch.manual_seed(0)
+    m = sf.create_model("resnet20").eval()
+    x = torch.randn(1, 3, 32, 32)
+    cfg = sf.StructuredConfig(mac_ratio=0.6, regularize_epochs=1, reg_max=1.0)
+    cb, dg, rem = growing_reg(m, cfg, x)
+    assert rem and cb.slices
+    abrupt = remove_channels(m, dg, rem)          # what removing at once would give, from the same start
+    m.train()
+    fake = types.SimpleNamespace(model=m, total_steps=60)
+    cb.on_train_begin(fake)
+    rms0, kept0 = cb.history[0]["removed_rms"], cb.history[0]["kept_rms"]
+    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    xb, yb = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    lams = []
+    for _ in range(60):
+        opt.zero_grad()
+        nn.functional.cross_entropy(m(xb), yb).backward()
+        cb.on_after_backward(fake)
+        opt.step()
+        lams.append(cb.lam())
+        cb.on_step_end(fake)
+    assert lams[0] == 0 and abs(lams[30] - 1.0) < 1e-9 and lams == sorted(lams)     # rises over half, then holds
+    cb.on_epoch_end(fake, 0, {})
+    rms1 = cb.history[-1]["removed_rms"]
+    assert rms1 < 0.05 * rms0 and cb.history[-1]["kept_rms"] > 0.2 * kept0
+    m.eval()
+    small = remove_channels(m, dg, rem)
+    assert count_macs(small, x) == count_macs(abrupt, x) <= 0.6 * count_macs(m, x) * 1.01
+    with torch.no_grad():
+        full, pruned = m(xb), small(xb)
+    # the faded channels contribute almost nothing any more: removing them barely changes the outputs
+    assert (full - pruned).abs().max() <= 0.05 * full.abs().max()
+
+
+def test_growing_regularisation_needs_a_single_step():
+    import pytest
+
+    from sparseforge.config import ConfigError
+
+    with pytest.raises(ConfigError, match="steps=1"):
+        sf.StructuredConfig(mac_ratio=0.5, regularize_epochs=1, steps=2)

@@ -351,7 +351,16 @@ class RecipeRunner:
         else:
             if getattr(stage.config, "importance", None) == "taylor":
                 self._gradients(model)
-            model = prune(model, stage.config, example_input=self._example())
+            if getattr(stage.config, "regularize_epochs", 0):
+                from .structured import growing_reg, remove_channels
+
+                cb, dg, rem = growing_reg(model, stage.config, self._example())
+                cfg = self.recipe.train_config({**stage.train, "epochs": stage.config.regularize_epochs})
+                info["train"] = self._train(model, cfg, sdir, callbacks=[cb])
+                info["growing_reg"] = cb.history
+                model = remove_channels(model, dg, rem)
+            else:
+                model = prune(model, stage.config, example_input=self._example())
         return model, info
 
     def _compile(self, model: nn.Module, c: CompileConfig, sdir: Path) -> dict[str, Any]:

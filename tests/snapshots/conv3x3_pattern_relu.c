@@ -25,6 +25,12 @@ static inline g16 ldg16(const float* p) { g16 v; memcpy(&v, p, sizeof v); return
 static inline g8 ldg8(const float* p) { g8 v; memcpy(&v, p, sizeof v); return v; }
 static inline g16 bcg16(float x) { return (g16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 static inline g8 bcg8(float x) { return (g8){x, x, x, x, x, x, x, x}; }
+typedef int gi16 __attribute__((vector_size(64)));
+typedef int gi8 __attribute__((vector_size(32)));
+static inline g16 relug16(g16 v) { gi16 m = v > bcg16(0.0f); return (g16)((gi16)v & m); }
+static inline g16 relu6g16(g16 v) { v = relug16(v); gi16 m = v > bcg16(6.0f); return (g16)(((gi16)v & ~m) | ((gi16)bcg16(6.0f) & m)); }
+static inline g8 relug8(g8 v) { gi8 m = v > bcg8(0.0f); return (g8)((gi8)v & m); }
+static inline g8 relu6g8(g8 v) { v = relug8(v); gi8 m = v > bcg8(6.0f); return (g8)(((gi8)v & ~m) | ((gi8)bcg8(6.0f) & m)); }
 
 
 static void conv0(OPARGS, const int* d) {
@@ -34,11 +40,14 @@ static void conv0(OPARGS, const int* d) {
   const int* st0 = g_i + d[6]; const int* ch0 = g_i + d[7]; const float* w0 = g_w + d[8];
   const int* st1 = g_i + d[9]; const int* ch1 = g_i + d[10]; const float* w1 = g_w + d[11];
   const int* st2 = g_i + d[12]; const int* ch2 = g_i + d[13]; const float* w2 = g_w + d[14];
-  for (int t = tid; t < 2; t += nth)
-  for (int q = tstart[t]; q < tstart[t + 1]; q++) {
-    const int f = flist[q];
-    const vf b = BC(bias[f]);
-    for (int n = 0; n < N; n++) {
+  const int Nf = N - N % nth;
+  for (int n = 0; n < N; n++) {
+    const int own = n < Nf;
+    if (own && n % nth != tid) continue;
+    for (int t = own ? 0 : tid; t < 2; t += own ? 1 : nth)
+    for (int q = tstart[t]; q < tstart[t + 1]; q++) {
+      const int f = flist[q];
+      const vf b = BC(bias[f]);
       const float* ib = in + (long)n * 112;
       float* ob = out + (long)n * 168 + (long)f * 56;
       const float* mk = g_w + d[15];

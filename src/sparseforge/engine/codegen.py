@@ -10,7 +10,7 @@ in the source come only from integer indices, never from user strings.
 from __future__ import annotations
 
 from .ir import ConvOp, GapOp, LinearOp, PoolOp
-from .plan import ConvPlan, Plan
+from .plan import PACKED1_CHAINS, ConvPlan, Plan
 
 def prelude(vec: int) -> str:
     lanes = ", ".join(["(x)"] * vec)
@@ -46,6 +46,12 @@ static inline g16 ldg16(const float* p) { g16 v; memcpy(&v, p, sizeof v); return
 static inline g8 ldg8(const float* p) { g8 v; memcpy(&v, p, sizeof v); return v; }
 static inline g16 bcg16(float x) { return (g16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 static inline g8 bcg8(float x) { return (g8){x, x, x, x, x, x, x, x}; }
+typedef int gi16 __attribute__((vector_size(64)));
+typedef int gi8 __attribute__((vector_size(32)));
+static inline g16 relug16(g16 v) { gi16 m = v > bcg16(0.0f); return (g16)((gi16)v & m); }
+static inline g16 relu6g16(g16 v) { v = relug16(v); gi16 m = v > bcg16(6.0f); return (g16)(((gi16)v & ~m) | ((gi16)bcg16(6.0f) & m)); }
+static inline g8 relug8(g8 v) { gi8 m = v > bcg8(0.0f); return (g8)((gi8)v & m); }
+static inline g8 relu6g8(g8 v) { v = relug8(v); gi8 m = v > bcg8(6.0f); return (g8)(((gi8)v & ~m) | ((gi8)bcg8(6.0f) & m)); }
 """
 
 
@@ -101,12 +107,28 @@ def conv_source(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
     for j in range(ns):
         lines.append(f"  const int* st{j} = g_i + d[{6 + 3 * j}]; const int* ch{j} = g_i + d[{7 + 3 * j}]; "
                      f"const float* w{j} = g_w + d[{8 + 3 * j}];")
-    lines += [f"  for (int t = tid; t < {plan.threads}; t += nth)",
-              "  for (int q = tstart[t]; q < tstart[t + 1]; q++) {",
-              "    const int f = flist[q];",
-              "    const vf b = BC(bias[f]);",
-              "    for (int n = 0; n < N; n++) {",
-              f"      const float* ib = in + (long)n * {li.image};",
+    if p.img_par:
+        # Whole rounds of images go one image per thread, all filters: a thread's activations stay in its own
+        # L2 from layer to layer. The remaining images (all of them at batch 1) are split by filter lists.
+        lines += ["  const int Nf = N - N % nth;",
+                  "  for (int n = 0; n < N; n++) {",
+                  "    const int own = n < Nf;",
+                  "    if (own && n % nth != tid) continue;",
+                  f"    for (int t = own ? 0 : tid; t < {plan.threads}; t += own ? 1 : nth)" if not p.spatial else
+                  # split by rows instead: a thread reads the rows it wrote in the layer before (no transfers
+                  # between cores' caches for 1x1 and depthwise layers, a halo row for 3x3)
+                  f"    for (int t = 0; t < {plan.threads}; t++)",
+                  "    for (int q = tstart[t]; q < tstart[t + 1]; q++) {",
+                  "      const int f = flist[q];",
+                  "      const vf b = BC(bias[f]);"]
+    else:
+        # weight-heavy layers (small maps, many channels): each filter's weights are reused over the batch
+        lines += [f"  for (int t = tid; t < {plan.threads}; t += nth)",
+                  "  for (int q = tstart[t]; q < tstart[t + 1]; q++) {",
+                  "    const int f = flist[q];",
+                  "    const vf b = BC(bias[f]);",
+                  "    for (int n = 0; n < N; n++) {"]
+    lines += [f"      const float* ib = in + (long)n * {li.image};",
               f"      float* ob = out + (long)n * {lo.image} + (long)f * {lo.plane};"]
     if op.residual is not None and op.res_kind == "pad_shortcut":
         lr = plan.layouts[op.residual]
@@ -116,12 +138,18 @@ def conv_source(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
         lines.append(f"      const float* rb = res + (long)n * {lo.image} + (long)f * {lo.plane};")
     if p.gather:
         return _gather_conv(k, p, plan, bodies, lines)
+    if p.packed1:
+        return _packed1_conv(k, p, plan, bodies)
     if p.flat:
         return _flat_conv(k, p, plan, bodies, lines)
     # Accumulators are named scalars and the (row, vector) block is unrolled here, not by the C compiler:
     # gcc otherwise may interchange the loops and stream one accumulator over all kernels from memory.
     accs = [(r, v) for r in range(R) for v in range(V)]
-    lines += [f"      for (int y0 = 0; y0 < {p.ho}; y0 += {R})",
+    if p.spatial:
+        nb = p.ho // R
+        lines += ["      int ylo = 0, yhi = " + str(p.ho) + ";",
+                  f"      if (!own) {{ ylo = ({nb} * tid / nth) * {R}; yhi = ({nb} * (tid + 1) / nth) * {R}; }}"]
+    lines += [f"      for (int y0 = {'ylo' if p.spatial else 0}; y0 < {'yhi' if p.spatial else p.ho}; y0 += {R})",
               f"      for (int x0 = 0; x0 < {p.xv * VEC}; x0 += {VEC * V}) {{",
               "        vf " + ", ".join(f"a{r}_{v} = b" for r, v in accs) + ";",
               # input base of the block: row y0*s + 1 - pad (+tap row), col x0*s + 1 - pad (+tap col)
@@ -222,9 +250,10 @@ def _gather_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines:
     """Small maps: pack each (image, input channel, tap) window into an aligned row of ho*wo pixels; then
     every kernel tap is one FMA per vector of real output pixels (no lanes wasted on borders).
 
-    Packing is split over threads by (image, channel) and ends in a barrier. Kernels then run channel-major
-    inside tiles of filters: the tile's accumulators live in an L1-sized scratch area and each packed row is
-    read from L2 once per tile -- filter by filter, every kernel would re-read its 4 rows from L2.
+    Every thread packs the images it works on into its own scratch area (no barrier, no rows crossing between
+    cores). Kernels then run channel-major inside tiles of filters: the tile's accumulators live in an L1-sized
+    area and each packed row is read from L2 once per tile -- filter by filter, every kernel would re-read its
+    4 rows from L2.
     """
     op: ConvOp = p.op
     li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
@@ -242,30 +271,35 @@ def _gather_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines:
     x0 = 6 + 3 * ns                   # first extra descriptor entry
     b = ["  const float* in = B[d[0]]; float* out = B[d[1]];",
          "  const float* bias = g_w + d[3];",
-         f"  float* acc = B[{plan.scratch_id}]; float* S = acc + {fout * AS};",
+         # per thread: one image's packed rows, then accumulators for every filter (threads may work on the
+         # same filter for different images)
+         f"  float* S = B[{plan.scratch_id}] + (long)tid * {cin * T * PS + fout * AS}; float* acc = S + {cin * T * PS};",
          f"  const int* tile0 = g_i + d[{x0}]; const int* tf = g_i + d[{x0 + 1}]; const int* fl = g_i + d[{x0 + 2}];",
          f"  const int* cnt = g_i + d[{x0 + 3}]; const int* te = g_i + d[{x0 + 4}];"]
     if op.residual is not None:
         b.append("  const float* res = B[d[2]];")
     for j in range(ns):
         b.append(f"  const int* ef{j} = g_i + d[{x0 + 5 + 2 * j}]; const float* ew{j} = g_w + d[{x0 + 6 + 2 * j}];")
-    # every thread packs its own copy: rows written by the other core would have to cross between L2s
-    b += [f"  S += (long)tid * N * {cin * T * PS};",
-          f"  for (int q = 0; q < N * {cin}; q++) {{",
-          f"    const float* ip = in + (long)(q / {cin}) * {li.image} + (long)(q % {cin}) * {li.plane};",
-          f"    float* sp = S + (long)q * {T * PS};"]
+    # whole rounds of images: one image per thread, every tile; the rest (batch 1) split by tiles. Every thread
+    # packs its own copy: rows written by the other core would have to cross between L2s.
+    b += ["  const int Nf = N - N % nth;",
+          "  for (int n = 0; n < N; n++) {",
+          "    const int own = n < Nf;",
+          "    if (own && n % nth != tid) continue;",
+          f"    for (int c = 0; c < {cin}; c++) {{",
+          f"      const float* ip = in + (long)n * {li.image} + (long)c * {li.plane};",
+          f"      float* sp = S + (long)c * {T * PS};"]
     for i, t in enumerate(p.gather_taps):
         ky, kx = t // kw, t % kw
         if s == 1:
-            b.append(f"    for (int y = 0; y < {ho}; y++) memcpy(sp + {i * PS} + y * {wo}, "
+            b.append(f"      for (int y = 0; y < {ho}; y++) memcpy(sp + {i * PS} + y * {wo}, "
                      f"ip + (long)(y + {ky - pad + 1}) * {li.rs} + {kx - pad + 1}, {4 * wo});")
         else:
-            b.append(f"    for (int y = 0; y < {ho}; y++) for (int x = 0; x < {wo}; x++) sp[{i * PS} + y * {wo} + x] = "
+            b.append(f"      for (int y = 0; y < {ho}; y++) for (int x = 0; x < {wo}; x++) sp[{i * PS} + y * {wo} + x] = "
                      f"ip[(long)(y * {s} + {ky - pad + 1}) * {li.rs} + x * {s} + {kx - pad + 1}];")
-    b += ["  }",
-          "  for (int n = 0; n < N; n++) {",
-          f"    const float* sb = S + (long)n * {cin * T * PS};",
-          f"    for (int t = tid; t < {plan.threads}; t += nth)",
+    b += ["    }",
+          "    const float* sb = S;",
+          f"    for (int t = own ? 0 : tid; t < {plan.threads}; t += own ? 1 : nth)",
           "    for (int ti = tile0[t]; ti < tile0[t + 1]; ti++) {",
           "      for (int q = tf[ti]; q < tf[ti + 1]; q++) {",
           f"        const {ty} bb = {bc}(bias[fl[q]]); float* a = acc + (long)fl[q] * {AS};"]
@@ -309,6 +343,96 @@ def _gather_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines:
     for j in range(ns):
         extra_ += [p.gather_ef_off[j], p.gather_ew_off[j]]
     return _register(k, p, plan, bodies, "\n".join(b), extra_)
+
+
+def _packed1_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
+    """1x1 convs on small maps: each thread packs the image's channel interiors into dense rows (no border
+    lanes: a 4x4 map is one 16-lane vector instead of three 8-lane ones over the padded plane), then every kept
+    weight of a filter is one FMA per vector from L1/L2, summed in a few independent register chains.
+
+    Images go one per thread while whole rounds remain; otherwise (batch 1) threads split the filter lists and
+    each packs the whole input (no barrier; rows stay in the core that reads them).
+    """
+    op: ConvOp = p.op
+    li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
+    cin = plan.graph.values[op.inputs[0]].shape[0]
+    s = op.stride
+    ho, wo = p.ho, p.wo
+    G, PV = p.gather_vec, p.gather_pv
+    PS = PV * G
+    C = PACKED1_CHAINS
+    ty, ld_, bc = f"g{G}", f"ldg{G}", f"bcg{G}"
+    b = ["  const float* in = B[d[0]]; float* out = B[d[1]];",
+         "  const float* bias = g_w + d[3];",
+         "  const int* tstart = g_i + d[4]; const int* flist = g_i + d[5];",
+         f"  float* S = B[{plan.scratch_id}] + (long)tid * {cin * PS};"]
+    if p.shapes:      # a 1x1 conv has one shape (the centre tap), none if every weight is zero
+        b.append("  const int* st = g_i + d[6]; const int* ch = g_i + d[7]; const float* w = g_w + d[8];")
+    if op.residual is not None:
+        b.append("  const float* res = B[d[2]];")
+    b += ["  const int Nf = N - N % nth;",
+          "  for (int n = 0; n < N; n++) {",
+          "    const int own = n < Nf;",
+          "    if (own && n % nth != tid) continue;",
+          f"    for (int c = 0; c < {cin}; c++) {{",
+          f"      const float* ip = in + (long)n * {li.image} + (long)c * {li.plane};",
+          f"      float* sp = S + (long)c * {PS};"]
+    if s == 1:
+        b.append(f"      for (int y = 0; y < {ho}; y++) memcpy(sp + y * {wo}, ip + (long)(y + 1) * {li.rs} + 1, {4 * wo});")
+    else:
+        b.append(f"      for (int y = 0; y < {ho}; y++) for (int x = 0; x < {wo}; x++) "
+                 f"sp[y * {wo} + x] = ip[(long)(y * {s} + 1) * {li.rs} + x * {s} + 1];")
+    if PS > ho * wo:
+        b.append(f"      memset(sp + {ho * wo}, 0, {4 * (PS - ho * wo)});")
+    b += ["    }",
+          f"    for (int t = own ? 0 : tid; t < {plan.threads}; t += own ? 1 : nth)",
+          "    for (int q = tstart[t]; q < tstart[t + 1]; q++) {",
+          "      const int f = flist[q];",
+          f"      {ty} " + ", ".join(f"a{v}_{c} = {bc}(0.0f)" for v in range(PV) for c in range(C)) + ";"]
+    if p.shapes:
+        b += ["      int e = st[f];",
+              "      const int e1 = st[f + 1];",
+              f"      for (; e + {C} <= e1; e += {C}) {{"]
+        for c in range(C):
+            b.append(f"        {{ const float* r = S + (long)ch[e + {c}] * {PS}; const {ty} k = {bc}(w[e + {c}]);")
+            b += [f"          a{v}_{c} += k * {ld_}(r + {v * G});" for v in range(PV)]
+            b.append("        }")
+        b += ["      }",
+              "      for (; e < e1; e++) {",
+              f"        const float* r = S + (long)ch[e] * {PS}; const {ty} k = {bc}(w[e]);"]
+        b += [f"        a{v}_0 += k * {ld_}(r + {v * G});" for v in range(PV)]
+        b.append("      }")
+    b.append(f"      float tmp[{PS}];")
+    b.append(f"      float* ob = out + (long)n * {lo.image} + (long)f * {lo.plane};")
+    vec_epi = op.residual is None or op.res_kind != "pad_shortcut"
+    if op.residual is not None and vec_epi:
+        # the residual's interior rows, packed like the output (vector add before the activation)
+        b += [f"      float rt[{PS}];",
+              f"      const float* rb = res + (long)n * {lo.image} + (long)f * {lo.plane};",
+              f"      for (int y = 0; y < {ho}; y++) memcpy(rt + y * {wo}, rb + (long)(y + 1) * {lo.rs} + 1, {4 * wo});"]
+        if PS > ho * wo:
+            b.append(f"      memset(rt + {ho * wo}, 0, {4 * (PS - ho * wo)});")
+    act = {"none": "{}", "relu": f"relu{ty}({{}})", "relu6": f"relu6{ty}({{}})"}[op.act] if vec_epi else "{}"
+    for v in range(PV):
+        acc = _tree([f"a{v}_{c}" for c in range(C)]) + f" + {bc}(bias[f])"
+        if op.residual is not None and vec_epi:
+            acc += f" + {ld_}(rt + {v * G})"
+        b.append(f"      {{ {ty} a = {act.format(acc)}; memcpy(tmp + {v * G}, &a, sizeof a); }}")
+    if vec_epi:
+        b.append(f"      for (int y = 0; y < {ho}; y++) memcpy(ob + (long)(y + 1) * {lo.rs} + 1, tmp + y * {wo}, {4 * wo});")
+    else:
+        lr = plan.layouts[op.residual]
+        rs_ = op.res_stride
+        b += [f"      const int rc = f - {op.res_pad_before};",
+              f"      if (rc >= 0 && rc < {lr.shape[0]}) {{",
+              f"        const float* rb = res + (long)n * {lr.image} + (long)rc * {lr.plane};",
+              f"        for (int y = 0; y < {ho}; y++) for (int x = 0; x < {wo}; x++) "
+              f"tmp[y * {wo} + x] += rb[(long)(y * {rs_} + 1) * {lr.rs} + x * {rs_} + 1];",
+              "      }",
+              f"      for (int y = 0; y < {ho}; y++) for (int x = 0; x < {wo}; x++) "
+              f"ob[(long)(y + 1) * {lo.rs} + x + 1] = {_act_s(op.act, f'tmp[y * {wo} + x]')};"]
+    b += ["    }", "  }"]
+    return _register(k, p, plan, bodies, "\n".join(b), [])
 
 
 def pool_source(k: int, op: PoolOp, plan: Plan) -> str:

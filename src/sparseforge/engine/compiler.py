@@ -30,6 +30,51 @@ class Stages:
     seconds: dict = dataclasses.field(default_factory=dict)
 
 
+def assign_slots(plan: Plan, buffered: set[int]) -> tuple[dict[int, int], list[int]]:
+    """Memory plan: values whose lifetimes do not overlap share a buffer ("slot"), so a network's activations
+    cycle through a few buffers that stay in cache instead of streaming through fresh memory every layer.
+
+    Only maps with the same plane geometry (H, W, row stride) share a slot: kernels write interiors only, so a
+    plane's zero border stays valid for every value the slot ever holds. A slot is sized (floats per image) for
+    its largest value. Graph inputs and outputs keep slots of their own.
+    """
+    g = plan.graph
+    last: dict[int, int] = {}
+    for k, op in enumerate(g.ops):
+        for v in list(op.inputs) + ([op.residual] if isinstance(op, ConvOp) and op.residual is not None else []):
+            last[v] = k
+    pinned = set(g.inputs) | set(g.outputs)
+    slot_of: dict[int, int] = {}
+    sizes: list[int] = []
+    geom: list[tuple] = []
+    free: list[int] = []
+
+    def place(vid: int) -> None:
+        lay = plan.layouts[vid]
+        key = (lay.shape[1:], lay.rs, lay.plane) if lay.is_map else None
+        j = next((j for j in free if key is not None and geom[j] == key and vid not in pinned), None)
+        if j is None:
+            sizes.append(0)
+            geom.append(key)
+            j = len(sizes) - 1
+        else:
+            free.remove(j)
+        slot_of[vid] = j
+        sizes[j] = max(sizes[j], lay.image)
+
+    for vid in g.inputs:
+        if vid in buffered:
+            place(vid)
+    for k, op in enumerate(g.ops):
+        if op.output in buffered and op.output not in slot_of:
+            place(op.output)
+        # values read for the last time by this op: their slots are free for the ops after it
+        for v in set(op.inputs) | ({op.residual} if isinstance(op, ConvOp) and op.residual is not None else set()):
+            if last.get(v) == k and v in slot_of and v not in pinned:
+                free.append(slot_of[v])
+    return slot_of, sizes
+
+
 def runtime_spec(plan: Plan, input_shape: tuple[int, ...]) -> dict:
     g = plan.graph
     consumed_native = set()
@@ -40,11 +85,13 @@ def runtime_spec(plan: Plan, input_shape: tuple[int, ...]) -> dict:
                 consumed_native.add(op.residual)
     produced_native = {op.output for op in g.ops if op.native}
     packed = sorted(v for v in consumed_native if v not in produced_native)
+    buffered = consumed_native | produced_native
+    slot_of, slots = assign_slots(plan, buffered)
     values = {}
     for vid, v in g.values.items():
         lay = plan.layouts[vid]
         values[str(vid)] = {"shape": list(v.shape), "is_map": lay.is_map, "rs": lay.rs, "plane": lay.plane,
-                            "image": lay.image, "buffer": vid in consumed_native or vid in produced_native}
+                            "image": lay.image, "buffer": vid in buffered, "slot": slot_of.get(vid, -1)}
     ops = []
     for k, op in enumerate(g.ops):
         d = {"name": op.name, "kind": op.kind, "native": op.native, "describe": op.describe(),
@@ -57,7 +104,8 @@ def runtime_spec(plan: Plan, input_shape: tuple[int, ...]) -> dict:
     return {"format": "sparseforge-engine-1", "input_shape": list(input_shape), "inputs": g.inputs,
             "outputs": g.outputs, "values": values, "ops": ops, "packed": packed, "threads": plan.threads,
             "segments": [{"kind": k, "ops": idx} for k, idx in plan.segments], "slack": SLACK,
-            "scratch": plan.scratch, "scratch_id": plan.scratch_id}
+            "scratch_total": plan.scratch, "scratch_id": plan.scratch_id,
+            "slots": slots}
 
 
 def default_vector_width(portable: bool) -> int:

@@ -71,11 +71,14 @@ class CompiledModel:
         bufs: dict[int, torch.Tensor] = {}
         views: dict[int, torch.Tensor] = {}
         slack = self.spec["slack"]
+        # values share slot buffers where the memory plan says so (artefacts without one: a buffer per value)
+        slot_bufs = [torch.zeros(n * f + slack, dtype=torch.float32) for f in self.spec.get("slots", [])]
         for vid_s, v in vals.items():
             vid = int(vid_s)
             if not v["buffer"]:
                 continue
-            t = torch.zeros(n * v["image"] + slack, dtype=torch.float32)
+            slot = v.get("slot", -1)
+            t = slot_bufs[slot] if slot >= 0 else torch.zeros(n * v["image"] + slack, dtype=torch.float32)
             bufs[vid] = t
             shape = v["shape"]
             if v["is_map"]:
@@ -85,10 +88,12 @@ class CompiledModel:
                 views[vid] = t[: n * v["image"]].view(n, *shape)
         # indexed by value id (JSON may have reordered the keys)
         nv = max(int(k) for k in vals) + 1
-        if self.spec.get("scratch", 0):
-            # packing area of gather-mode convs (sized per image), addressed as buffer id ``scratch_id``
+        # packing area of gather-mode convs, addressed as buffer id ``scratch_id``: a fixed size
+        # ("scratch_total"), or per image in artefacts built before that ("scratch")
+        scratch = self.spec.get("scratch_total", n * self.spec.get("scratch", 0))
+        if scratch:
             sid = self.spec["scratch_id"]
-            bufs[sid] = torch.zeros(n * self.spec["scratch"] + slack, dtype=torch.float32)
+            bufs[sid] = torch.zeros(scratch + slack, dtype=torch.float32)
             nv = max(nv, sid + 1)
         ptrs = (ctypes.c_void_p * nv)(*[bufs[i].data_ptr() if i in bufs else None for i in range(nv)])
         self._buffers[n] = (bufs, views, ptrs)

@@ -9,6 +9,7 @@ the dependency graph, so the target is met to within one ``round_to`` step per g
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -43,12 +44,18 @@ class StructuredConfig(Config):
     max_group_ratio: float = opt(0.9, "never remove more than this fraction of one group", min=0.0, max=1.0)
     normalize: bool = opt(True, "global scope: divide scores by each group's mean before ranking (False = raw "
                                 "scores, as network slimming ranks |gamma|)")
+    regularize_epochs: int = opt(0, "recipe stage: train this many epochs with a growing L2 penalty on the chosen "
+                                    "channels before removing them (growing regularisation); 0 = remove at once",
+                                 min=0)
+    reg_max: float = opt(1.0, "growing regularisation: the penalty coefficient reached halfway through", min=0.0)
 
     def validate(self) -> None:
         given = [n for n in ("mac_ratio", "param_ratio", "ratio") if getattr(self, n) > 0]
         if len(given) != 1:
             raise ConfigError("StructuredConfig needs exactly one target: mac_ratio, param_ratio or ratio "
                               f"(got {', '.join(given) or 'none'}); e.g. StructuredConfig(mac_ratio=0.5)")
+        if self.regularize_epochs and self.steps > 1:
+            raise ConfigError("StructuredConfig: regularize_epochs chooses the channels once; use steps=1 with it")
 
 
 class CostModel:
@@ -143,7 +150,29 @@ def select(gs: list[Group], scores: list[torch.Tensor], cfg: StructuredConfig, c
             hi = mid
         else:
             lo = mid
-    return removal(hi)
+    rem = removal(hi)
+    return _give_back(prunable, rem, value, ratio, cfg) if cfg.round_to > 1 else rem
+
+
+def _give_back(prunable, rem: set[int], value, ratio: float, cfg: StructuredConfig) -> set[int]:
+    """With ``round_to`` > 1 every group moves in whole steps, so one cut for all groups overshoots the target;
+    hand back one step at a time (the group whose removed channels score highest first) while the target holds."""
+    rem = set(rem)
+    while True:
+        best = None
+        for g, s in prunable:
+            gone = [c for c in range(len(g)) if g.roots[c] in rem]
+            if len(gone) < cfg.round_to:
+                continue
+            back = sorted(gone, key=lambda c: -float(s[c]))[: cfg.round_to]
+            cand = rem - {g.roots[c] for c in back}
+            if value(cand) <= ratio:
+                sc = float(s[back].mean() / s.mean().clamp_min(1e-12))
+                if best is None or sc > best[0]:
+                    best = (sc, cand)
+        if best is None:
+            return rem
+        rem = best[1]
 
 
 def _per_group(prunable, count, cfg: StructuredConfig) -> set[int]:
@@ -163,6 +192,9 @@ def prune_structured(model: nn.Module, cfg: StructuredConfig, example_input: tor
     if example_input is None:
         raise SparseforgeError("structured pruning traces the model: pass example_input=torch.randn(1, 3, 32, 32) "
                                "(any batch of the right shape)")
+    if cfg.regularize_epochs:
+        warnings.warn("StructuredConfig.regularize_epochs needs training: prune() removes the channels at once. "
+                      "Use a recipe 'structured' stage, or structured.growing_reg() with a Trainer", stacklevel=3)
     dg0 = DependencyGraph(model, example_input)
     base = CostModel(dg0).cost(np.array([], dtype=np.int64))
     cur = model

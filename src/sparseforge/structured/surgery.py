@@ -116,29 +116,38 @@ def remove_channels(model: nn.Module, dg: DependencyGraph, removed: set[int]) ->
     return new
 
 
+def producer_slices(model: nn.Module, dg: DependencyGraph, removed: set[int]) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """(parameter, channel indices) of everything that produces the components ``removed``: filters, biases,
+    BN scale and shift. Zeroing them makes those channels exactly zero everywhere; penalising them drives the
+    channels towards zero during training (growing regularisation)."""
+    mods = dict(model.named_modules())
+    out: list[tuple[nn.Parameter, torch.Tensor]] = []
+    for name, n in dg.node_of.items():
+        m = mods[name]
+        flags = dg.keep_flags(n, removed)
+        gone = torch.tensor([i for i, k in enumerate(flags) if not k], dtype=torch.long)
+        if not len(gone):
+            continue
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            if isinstance(m, nn.Conv2d) and m.groups not in (1, m.out_channels):
+                continue
+            out.append((m.weight, gone))
+            if m.bias is not None:
+                out.append((m.bias, gone))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+            out += [(m.weight, gone), (m.bias, gone)]
+    return out
+
+
 def zero_channels(model: nn.Module, dg: DependencyGraph, removed: set[int]) -> None:
     """Zero (in place) everything that produces the components ``removed``: filters, biases, BN scale and shift.
 
     The removed channels are then exactly zero everywhere, so the model computes what ``remove_channels`` gives;
     the surgery tests rest on this equivalence.
     """
-    mods = dict(model.named_modules())
     with torch.no_grad():
-        for name, n in dg.node_of.items():
-            m = mods[name]
-            flags = dg.keep_flags(n, removed)
-            gone = [i for i, k in enumerate(flags) if not k]
-            if not gone:
-                continue
-            if isinstance(m, nn.Conv2d | nn.Linear):
-                if isinstance(m, nn.Conv2d) and m.groups not in (1, m.out_channels):
-                    continue
-                m.weight[gone] = 0
-                if m.bias is not None:
-                    m.bias[gone] = 0
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
-                m.weight[gone] = 0
-                m.bias[gone] = 0
+        for p, idx in producer_slices(model, dg, removed):
+            p[idx] = 0
 
 
 def arch_of(model: nn.Module) -> dict[str, Any]:
