@@ -25,6 +25,9 @@ static inline g16 ldg16(const float* p) { g16 v; memcpy(&v, p, sizeof v); return
 static inline g8 ldg8(const float* p) { g8 v; memcpy(&v, p, sizeof v); return v; }
 static inline g16 bcg16(float x) { return (g16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 static inline g8 bcg8(float x) { return (g8){x, x, x, x, x, x, x, x}; }
+static inline g16 ld2g16(const float* p) { return (g16){p[0], p[2], p[4], p[6], p[8], p[10], p[12], p[14], p[16], p[18], p[20], p[22], p[24], p[26], p[28], p[30]}; }
+static inline void stg16(float* p, g16 v) { memcpy(p, &v, sizeof v); }
+static inline void stng16(float* p, g16 v, int n) { float t[16]; memcpy(t, &v, sizeof v); for (int j = 0; j < n; j++) p[j] = t[j]; }
 typedef int gi16 __attribute__((vector_size(64)));
 typedef int gi8 __attribute__((vector_size(32)));
 static inline g16 relug16(g16 v) { gi16 m = v > bcg16(0.0f); return (g16)((gi16)v & m); }

@@ -46,6 +46,9 @@ static inline g16 ldg16(const float* p) { g16 v; memcpy(&v, p, sizeof v); return
 static inline g8 ldg8(const float* p) { g8 v; memcpy(&v, p, sizeof v); return v; }
 static inline g16 bcg16(float x) { return (g16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 static inline g8 bcg8(float x) { return (g8){x, x, x, x, x, x, x, x}; }
+static inline g16 ld2g16(const float* p) { return (g16){p[0], p[2], p[4], p[6], p[8], p[10], p[12], p[14], p[16], p[18], p[20], p[22], p[24], p[26], p[28], p[30]}; }
+static inline void stg16(float* p, g16 v) { memcpy(p, &v, sizeof v); }
+static inline void stng16(float* p, g16 v, int n) { float t[16]; memcpy(t, &v, sizeof v); for (int j = 0; j < n; j++) p[j] = t[j]; }
 typedef int gi16 __attribute__((vector_size(64)));
 typedef int gi8 __attribute__((vector_size(32)));
 static inline g16 relug16(g16 v) { gi16 m = v > bcg16(0.0f); return (g16)((gi16)v & m); }
@@ -75,8 +78,8 @@ def _accumulate(accs: list[str], taps: int, load_expr) -> list[str]:
     return [f"{a} += {_tree([f'k{t} * {load_expr(i, t)}' for t in range(taps)])};" for i, a in enumerate(accs)]
 
 
-def _act(act: str, x: str) -> str:
-    return {"none": x, "relu": f"relu({x})", "relu6": f"relu6({x})"}[act]
+def _act(act: str, x: str, suffix: str = "") -> str:
+    return {"none": x, "relu": f"relu{suffix}({x})", "relu6": f"relu6{suffix}({x})"}[act]
 
 
 def _act_s(act: str, x: str) -> str:
@@ -97,7 +100,11 @@ def conv_source(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
     pad = op.padding
     R, V = p.rows, p.vecs
     VEC = p.vec
-    load = "ld" if s == 1 else "ld2"
+    # the main width (plan.vec) uses vf/BC/ld...; wider layers (16 lanes in an 8-lane plan) the g16 helpers
+    wide = VEC != plan.vec
+    T_, BC_, LD, LD2, ST, STN = (("g16", "bcg16", "ldg16", "ld2g16", "stg16", "stng16") if wide else
+                                 ("vf", "BC", "ld", "ld2", "st", "stn"))
+    load = LD if s == 1 else LD2
     ns = len(p.shapes)
     lines = ["  const float* in = B[d[0]]; float* out = B[d[1]];",
              "  const float* bias = g_w + d[3];",
@@ -120,13 +127,13 @@ def conv_source(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
                   f"    for (int t = 0; t < {plan.threads}; t++)",
                   "    for (int q = tstart[t]; q < tstart[t + 1]; q++) {",
                   "      const int f = flist[q];",
-                  "      const vf b = BC(bias[f]);"]
+                  f"      const {T_} b = {BC_}(bias[f]);"]
     else:
         # weight-heavy layers (small maps, many channels): each filter's weights are reused over the batch
         lines += [f"  for (int t = tid; t < {plan.threads}; t += nth)",
                   "  for (int q = tstart[t]; q < tstart[t + 1]; q++) {",
                   "    const int f = flist[q];",
-                  "    const vf b = BC(bias[f]);",
+                  f"    const {T_} b = {BC_}(bias[f]);",
                   "    for (int n = 0; n < N; n++) {"]
     lines += [f"      const float* ib = in + (long)n * {li.image};",
               f"      float* ob = out + (long)n * {lo.image} + (long)f * {lo.plane};"]
@@ -151,7 +158,7 @@ def conv_source(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
                   f"      if (!own) {{ ylo = ({nb} * tid / nth) * {R}; yhi = ({nb} * (tid + 1) / nth) * {R}; }}"]
     lines += [f"      for (int y0 = {'ylo' if p.spatial else 0}; y0 < {'yhi' if p.spatial else p.ho}; y0 += {R})",
               f"      for (int x0 = 0; x0 < {p.xv * VEC}; x0 += {VEC * V}) {{",
-              "        vf " + ", ".join(f"a{r}_{v} = b" for r, v in accs) + ";",
+              f"        {T_} " + ", ".join(f"a{r}_{v} = b" for r, v in accs) + ";",
               # input base of the block: row y0*s + 1 - pad (+tap row), col x0*s + 1 - pad (+tap col)
               f"        const long ioff = (long)(y0 * {s} + 1 - {pad}) * {li.rs} + (x0 * {s} + 1 - {pad});"]
     kw = op.weight.shape[3]
@@ -162,7 +169,7 @@ def conv_source(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
         lines.append(f"          const float* ip = ib + (long)ch{j}[e] * {li.plane} + ioff;")
         lines.append(f"          const float* wp = w{j} + (long)e * {nt};")
         for t in range(nt):
-            lines.append(f"          const vf k{t} = BC(wp[{t}]);")
+            lines.append(f"          const {T_} k{t} = {BC_}(wp[{t}]);")
         names = [f"a{r}_{v}" for r, v in accs]
         lines += ["          " + st_ for st_ in _accumulate(
             names, nt, lambda i, t, o=offs: f"{load}(ip + {accs[i][0] * s * li.rs + accs[i][1] * VEC * s + o[t]})")]
@@ -171,18 +178,18 @@ def conv_source(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
     for r, v in accs:
         lines.append("        {")
         lines.append(f"          const int y = y0 + {r}, x = x0 + {v * VEC};")
-        lines.append(f"          vf a = a{r}_{v};")
+        lines.append(f"          {T_} a = a{r}_{v};")
         if op.residual is not None:
             if op.res_kind == "pad_shortcut":
                 lr = plan.layouts[op.residual]
                 rs_ = op.res_stride
-                rload = "ld" if rs_ == 1 else "ld2"
+                rload = LD if rs_ == 1 else LD2
                 lines.append(f"          if (rb) a += {rload}(rb + (long)(y * {rs_} + 1) * {lr.rs} + (x * {rs_} + 1));")
             else:
-                lines.append(f"          a += ld(rb + (long)(y + 1) * {lo.rs} + (x + 1));")
-        lines.append(f"          a = {_act(op.act, 'a')};")
+                lines.append(f"          a += {LD}(rb + (long)(y + 1) * {lo.rs} + (x + 1));")
+        lines.append(f"          a = {_act(op.act, 'a', 'g16' if wide else '')};")
         lines.append(f"          float* op_ = ob + (long)(y + 1) * {lo.rs} + (x + 1);")
-        lines.append(f"          if (x + {VEC} <= {p.wo}) st(op_, a); else if (x < {p.wo}) stn(op_, a, {p.wo} - x);")
+        lines.append(f"          if (x + {VEC} <= {p.wo}) {ST}(op_, a); else if (x < {p.wo}) {STN}(op_, a, {p.wo} - x);")
         lines.append("        }")
     lines += ["      }", "    }", "  }"]
     return _register(k, p, plan, bodies, "\n".join(lines), [])
@@ -312,11 +319,17 @@ def _gather_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines:
           f"        const float* sc = sb + (long)c * {T * PS};"]
     for j, shape in enumerate(p.shapes):
         nt = len(shape)
-        b.append(f"        for (int e = cn[{j}]; e > 0; e--, f{j}++, w{j} += {nt}) {{")
-        b.append(f"          float* a = acc + (long)*f{j} * {AS};")
+        # the shape's packed rows of channel c are the same for every filter in the list: load them once
+        # (stores to the accumulators could alias them, so the C compiler would not hoist the loads itself)
+        b.append(f"        if (cn[{j}]) {{")
+        b += [f"          const {ty} r{ti}_{v} = {ld_}(sc + {tpos[t] * PS + v * G});"
+              for ti, t in enumerate(shape) for v in range(PV)]
+        b.append(f"          for (int e = cn[{j}]; e > 0; e--, f{j}++, w{j} += {nt}) {{")
+        b.append(f"            float* a = acc + (long)*f{j} * {AS};")
         for v in range(PV):
-            terms = [f"{bc}(w{j}[{ti}]) * {ld_}(sc + {tpos[t] * PS + v * G})" for ti, t in enumerate(shape)]
-            b.append(f"          {{ {ty} x = {ld_}(a + {v * G}); x += {_tree(terms)}; memcpy(a + {v * G}, &x, sizeof x); }}")
+            terms = [f"{bc}(w{j}[{ti}]) * r{ti}_{v}" for ti, t in enumerate(shape)]
+            b.append(f"            {{ {ty} x = {ld_}(a + {v * G}); x += {_tree(terms)}; memcpy(a + {v * G}, &x, sizeof x); }}")
+        b.append("          }")
         b.append("        }")
     b += ["      }",
           "      for (int q = tf[ti]; q < tf[ti + 1]; q++) {",

@@ -108,6 +108,12 @@ def runtime_spec(plan: Plan, input_shape: tuple[int, ...]) -> dict:
             "slots": slots}
 
 
+def _has_avx512() -> bool:
+    from ..report.env import cpu_flags
+
+    return "avx512f" in cpu_flags()
+
+
 def default_vector_width(portable: bool) -> int:
     """8 floats (AVX2; SSE pairs when portable). 16 (AVX-512) is available via ``vector_width=16`` but measured
     slower on CIFAR VGG-16 here (narrow maps waste half-empty 16-lane vectors), so it is not the default."""
@@ -144,7 +150,7 @@ def compile(model: nn.Module, example_input: torch.Tensor, threads: int | None =
         raise SparseforgeError(f"vector_width must be 8 or 16, got {vec}")
     if conv_mode not in ("auto", "direct", "gather"):
         raise SparseforgeError(f"conv_mode must be 'auto', 'direct' or 'gather', got {conv_mode!r}")
-    st.plan = make_plan(st.graph, threads, vec, conv_mode)
+    st.plan = make_plan(st.graph, threads, vec, conv_mode, wide=not portable and vec == 8 and _has_avx512())
     st.seconds["plan"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     st.source = generate(st.plan)

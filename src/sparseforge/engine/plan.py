@@ -21,6 +21,7 @@ from .ir import ConvOp, GapOp, Graph, LinearOp
 
 VEC = 8                  # default floats per vector (AVX2); 16 on AVX-512 machines (see compile(vector_width=))
 MAX_ACC = 12             # accumulators per block (registers)
+MAX_ACC_WIDE = 16        # the same for 16-lane layers in an 8-lane plan (AVX-512 has 32 vector registers)
 MAX_SHAPES = 16          # beyond this many distinct tap sets per layer, kernels use the full 3x3 shape
 SLACK = 512              # floats after every buffer: over-reads by discarded vector lanes stay in bounds
 GATHER_ACC_BYTES = 24576 # gather mode: accumulator bytes per filter tile (about half of L1)
@@ -160,7 +161,7 @@ def _canonical_shapes(tapsets: list[tuple[int, ...]], full: tuple[int, ...]) -> 
 
 def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...], blob: Blob, threads: int,
               lin: Layout | None = None, lout: Layout | None = None, vec: int = VEC,
-              conv_mode: str = "auto") -> ConvPlan:
+              conv_mode: str = "auto", wide: bool = False) -> ConvPlan:
     w = op.weight.detach().float()
     o, ig, kh, kw = w.shape
     _, ho, wo = out_shape
@@ -183,9 +184,22 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
         chan = f if op.groups > 1 else i      # depthwise: filter f reads input channel f
         per[sidx[s]][f].append((chan, w9[f, i, list(s)].tolist()))
         work[f] += len(s)
+    packed1 = (op.groups == 1 and kh == 1 and kw == 1 and op.padding == 0 and ho * wo <= PACKED1_MAX
+               and conv_mode != "direct")
+    gather_ok = op.groups == 1 and op.padding <= 1 and kh <= 3 and kw <= 3
+    gather_auto = ho * wo <= GATHER_MAX and kh == 3 and kw == 3 and in_shape[0] >= GATHER_MIN_CIN
+    gather = gather_ok and (conv_mode == "gather" or (conv_mode == "auto" and gather_auto))
+    max_acc = MAX_ACC
+    base_vec = vec
+    if wide and vec == 8 and wo % 16 == 0 and not packed1 and not gather:
+        # maps 16k pixels wide: 16-lane vectors (AVX-512) fill exactly, in the same padded layout; 32 registers
+        vec, max_acc = 16, MAX_ACC_WIDE
+    # Measured on CIFAR VGG-16/ResNet-56/MobileNetV2 (2-core AVX-512 Xeon): gather mode wins for 3x3 convs with
+    # >= 128 input channels; with fewer channels packing and tile overheads dominate, and 1x1 convs lose to
+    # in-register accumulation (one FMA per accumulator load/store).
     xv = math.ceil(wo / vec)
     vecs = max(d for d in range(1, min(xv, 4) + 1) if xv % d == 0)
-    rmax = max(1, MAX_ACC // vecs)
+    rmax = max(1, max_acc // vecs)
     rows = max(d for d in range(1, min(ho, rmax) + 1) if ho % d == 0)
     p = ConvPlan(op, shapes, kh, ho, wo, rows, vecs, xv, vec=vec)
     in_bytes = 4 * (lin.image if lin is not None else int(np.prod(in_shape)))
@@ -193,23 +207,17 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     p.img_par = in_bytes >= IMG_PAR_RATIO * w_bytes
     # (not depthwise: a filter is too little work, and the rows two threads write meet in shared cache lines)
     spatial = threads > 1 and op.groups == 1 and in_bytes >= SPATIAL_RATIO * w_bytes and ho >= 2 * threads
-    # Measured on CIFAR VGG-16/ResNet-56/MobileNetV2 (2-core AVX-512 Xeon): gather mode wins for 3x3 convs with
-    # >= 128 input channels; with fewer channels packing and tile overheads dominate, and 1x1 convs lose to
-    # in-register accumulation (one FMA per accumulator load/store).
-    eligible = op.groups == 1 and op.padding <= 1 and kh <= 3 and kw <= 3
-    auto = ho * wo <= GATHER_MAX and kh == 3 and kw == 3 and in_shape[0] >= GATHER_MIN_CIN
-    if (op.groups == 1 and kh == 1 and kw == 1 and op.padding == 0 and ho * wo <= PACKED1_MAX
-            and conv_mode != "direct"):
+    if packed1:
         p.packed1 = True
         p.gather_vec = 8 if ho * wo <= 8 else 16
         p.gather_pv = math.ceil(ho * wo / p.gather_vec)
-    elif eligible and (conv_mode == "gather" or (conv_mode == "auto" and auto)):
+    elif gather:
         p.gather = True
         p.gather_taps = tuple(sorted(set().union(*shapes))) if shapes else ()
         p.gather_vec = 8 if ho * wo <= 8 else 16
         p.gather_pv = math.ceil(ho * wo / p.gather_vec)
         p.gather_ft = max(1, GATHER_ACC_BYTES // (4 * -(-p.gather_pv * p.gather_vec // 16) * 16))
-    elif (lin is not None and lout is not None and op.stride == 1 and lin.rs == lout.rs and lout.rs == wo + 2
+    elif (vec == base_vec and lin is not None and lout is not None and op.stride == 1 and lin.rs == lout.rs and lout.rs == wo + 2
             and tuple(in_shape[1:]) == (ho, wo) and (op.residual is None or op.res_kind == "identity")):
         rs = lout.rs
         p0, p1 = rs + 1, ho * rs + wo
@@ -319,7 +327,8 @@ class Plan:
         return self.threads * (packed + c.op.weight.shape[0] * acc_stride)
 
 
-def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto") -> Plan:
+def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto", wide: bool = False) -> Plan:
+    """``wide``: direct-mode layers on maps a multiple of 16 wide may use 16-lane vectors (AVX-512 hosts)."""
     blob = Blob()
     gap_out = {op.output for op in graph.ops if isinstance(op, GapOp)}
     layouts = {vid: layout_for(v.shape, flat=vid in gap_out, vec=vec) for vid, v in graph.values.items()}
@@ -328,7 +337,7 @@ def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto
     for k, op in enumerate(graph.ops):
         if isinstance(op, ConvOp):
             convs[k] = plan_conv(op, graph.values[op.inputs[0]].shape, graph.values[op.output].shape, blob, threads,
-                                 layouts[op.inputs[0]], layouts[op.output], vec, conv_mode)
+                                 layouts[op.inputs[0]], layouts[op.output], vec, conv_mode, wide)
         elif isinstance(op, LinearOp):
             other[k] = {"w_off": blob.add_f(op.weight.numpy()), "b_off": blob.add_f(op.bias.numpy())}
     segments: list[tuple[str, list[int]]] = []
