@@ -118,6 +118,7 @@ class ConvPlan:
     # images not split by image (batch 1): threads take row ranges of every filter rather than filter lists,
     # for activation-heavy layers in direct mode (see plan_conv)
     spatial: bool = False
+    thread_of: list[int] = dataclasses.field(default_factory=list)   # filter -> thread (filter-split runs)
     # gather mode (small maps, any stride): the input's shifted windows are first packed per (image, channel,
     # tap) into dense aligned rows of ho*wo pixels in scratch memory, so every vector lane is a real output
     # pixel and the FMAs read aligned vectors; without it a 4x4 map fills 16 of 24 lanes and the few
@@ -161,7 +162,9 @@ def _canonical_shapes(tapsets: list[tuple[int, ...]], full: tuple[int, ...]) -> 
 
 def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...], blob: Blob, threads: int,
               lin: Layout | None = None, lout: Layout | None = None, vec: int = VEC,
-              conv_mode: str = "auto", wide: bool = False) -> ConvPlan:
+              conv_mode: str = "auto", wide: bool = False, affinity: list[int] | None = None) -> ConvPlan:
+    """``affinity``: for a depthwise conv, the thread that wrote each input channel (filter-split producer);
+    filter f then runs on that thread and reads its input from its own cache."""
     w = op.weight.detach().float()
     o, ig, kh, kw = w.shape
     _, ho, wo = out_shape
@@ -250,8 +253,12 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     order = sorted(range(o), key=lambda f: (-int(work[f]), sig[f], f))
     loads = [0] * threads
     lists: list[list[int]] = [[] for _ in range(threads)]
+    depthwise = op.groups > 1 and op.groups == o
     for f in order:
-        t = min(range(threads), key=lambda t: (loads[t], t))
+        if depthwise and affinity is not None and len(affinity) == o:
+            t = affinity[f]
+        else:
+            t = min(range(threads), key=lambda t: (loads[t], t))
         lists[t].append(f)
         loads[t] += int(work[f]) + 1   # +1: the epilogue of an empty filter still costs something
     tstart = [0]
@@ -259,6 +266,10 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     for t in range(threads):
         flist += lists[t]
         tstart.append(len(flist))
+    p.thread_of = [0] * o
+    for t, lst in enumerate(lists):
+        for f in lst:
+            p.thread_of[f] = t
     p.tstart_off = blob.add_i(tstart)
     p.flist_off = blob.add_i(flist if flist else [0])
     if p.gather:
@@ -334,10 +345,14 @@ def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto
     layouts = {vid: layout_for(v.shape, flat=vid in gap_out, vec=vec) for vid, v in graph.values.items()}
     convs: dict[int, ConvPlan] = {}
     other: dict[int, dict] = {}
+    writer: dict[int, list[int]] = {}       # value id -> thread that writes each channel (batch 1)
     for k, op in enumerate(graph.ops):
         if isinstance(op, ConvOp):
-            convs[k] = plan_conv(op, graph.values[op.inputs[0]].shape, graph.values[op.output].shape, blob, threads,
-                                 layouts[op.inputs[0]], layouts[op.output], vec, conv_mode, wide)
+            c = convs[k] = plan_conv(op, graph.values[op.inputs[0]].shape, graph.values[op.output].shape, blob,
+                                     threads, layouts[op.inputs[0]], layouts[op.output], vec, conv_mode, wide,
+                                     affinity=writer.get(op.inputs[0]))
+            if not c.spatial and not c.gather:
+                writer[op.output] = c.thread_of
         elif isinstance(op, LinearOp):
             other[k] = {"w_off": blob.add_f(op.weight.numpy()), "b_off": blob.add_f(op.bias.numpy())}
     segments: list[tuple[str, list[int]]] = []
