@@ -21,7 +21,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from sparseforge.engine import compile  # noqa: E402
 from sparseforge.engine.testing import Case, build_case, valid  # noqa: E402
-from sparseforge.report.env import environment  # noqa: E402
+from sparseforge.report.env import cpu_flags, environment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,20 +41,22 @@ def main() -> None:
         sparsity=st.sampled_from(["dense", "pattern", "kernels", "empty_filters", "zero"]),
         batch=st.integers(1, 3), seed=st.integers(0, 2**16)).filter(valid)
 
+    widths = [8, 16] if "avx512f" in cpu_flags() else [8]
+
     @settings(max_examples=a.cases, deadline=None, database=None,
               suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
-    @given(cases, st.sampled_from(["auto", "gather"]))
-    def check(case, mode):
+    @given(cases, st.sampled_from(widths), st.sampled_from(["auto", "gather", "direct"]))
+    def check(case, width, mode):
         m, x = build_case(case)
         with torch.inference_mode():
             ref = m(x)
-        out = compile(m, x[:1], threads=2, conv_mode=mode)(x)
+        out = compile(m, x[:1], threads=2, vector_width=width, conv_mode=mode)(x)
         err = float((out - ref).abs().max())
         scale = float(ref.abs().max())
         stats["cases"] += 1
         stats["max_rel_err"] = max(stats["max_rel_err"], err / max(scale, 1e-12) if scale > 0 else err)
         if err > 1e-4 * scale + 1e-6:
-            stats["failures"].append({"case": case.__dict__, "mode": mode, "err": err, "scale": scale})
+            stats["failures"].append({"case": case.__dict__, "width": width, "mode": mode, "err": err, "scale": scale})
             raise AssertionError(case)
 
     t0 = time.perf_counter()

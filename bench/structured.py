@@ -97,7 +97,7 @@ def latency(models: dict[str, torch.nn.Module], batch: int, runs: int, block: in
 
 def exp_resnet56(a) -> dict:
     w = str(SHARED / "models" / "akamaster_resnet56-4bfd9763.th")
-    exp = OUT / "resnet56"
+    exp = OUT / ("resnet56" if a.epochs == 2 else f"resnet56-e{a.epochs}")
     arms = {
         "control": [{"method": "finetune", "epochs": a.epochs}],
         "l1-2x": [{"method": "structured", "mac_ratio": 0.48, "importance": "l1"},
@@ -109,6 +109,9 @@ def exp_resnet56(a) -> dict:
                      {"method": "finetune", "epochs": a.epochs}],
         # growing regularisation: 1 epoch fading the chosen channels, remove, E-1 epochs fine-tuning (same budget
         # as the control); widths multiples of 8, the same share removed in every group (oneDNN-friendly)
+        "grow-2x-r8-global": [{"method": "structured", "mac_ratio": 0.48, "importance": "l1", "round_to": 8,
+                               "regularize_epochs": 1},
+                              {"method": "finetune", "epochs": max(1, a.epochs - 1)}],
         "grow-2x-r8": [{"method": "structured", "mac_ratio": 0.48, "importance": "l1", "round_to": 8,
                         "scope": "layer", "regularize_epochs": 1},
                        {"method": "finetune", "epochs": max(1, a.epochs - 1)}],
@@ -130,7 +133,7 @@ def exp_resnet56(a) -> dict:
 
 def exp_ssl(a) -> dict:
     w = str(SHARED / "models" / "resnet20-cifar10jpeg.safetensors")
-    exp = OUT / "ssl"
+    exp = OUT / ("ssl" if a.epochs == 2 else f"ssl-e{a.epochs}")
     arms = {
         "control": [{"method": "finetune", "epochs": a.epochs}],
         "ssl": [{"method": "ssl", "epochs": max(1, a.epochs - 1), "lambda_g": a.lambda_g,
@@ -164,7 +167,8 @@ def main() -> None:
     out = exp_resnet56(a) if a.experiment == "resnet56" else exp_ssl(a)
     out["env"] = environment()
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{a.experiment}.json").write_text(json.dumps(out, indent=2, default=str))
+    tag = a.experiment if a.epochs == 2 else f"{a.experiment}-e{a.epochs}"
+    (OUT / f"{tag}.json").write_text(json.dumps(out, indent=2, default=str))
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if a.experiment == "resnet56":
         names = list(out["arms"])
@@ -185,7 +189,7 @@ def main() -> None:
         for n, r in out["arms"].items():
             print(f"{n}: acc {r['final_acc']:.2f}%  MACs {r['macs']:,} params {r['params']:,}")
     fig.tight_layout()
-    fig.savefig(OUT / f"{a.experiment}.png", dpi=120)
+    fig.savefig(OUT / f"{tag}.png", dpi=120)
     print(json.dumps({k: v for k, v in out.items() if k != "env"}, default=str)[:2000])
 
 

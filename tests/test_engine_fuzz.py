@@ -36,7 +36,7 @@ def _cache(tmp_path_factory):
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
-@given(cases, st.sampled_from(WIDTHS), st.sampled_from(["auto", "gather"]))
+@given(cases, st.sampled_from(WIDTHS), st.sampled_from(["auto", "gather", "direct"]))
 def test_compiled_block_matches_pytorch(case, width, mode):
     m, x = build_case(case)
     with torch.inference_mode():

@@ -28,9 +28,9 @@ GATHER_ACC_BYTES = 24576 # gather mode: accumulator bytes per filter tile (about
 GATHER_MIN_CIN = 128
 GATHER_MAX = 64          # output maps with at most this many pixels run in gather mode (see ConvPlan.gather)
 SPATIAL_RATIO = 1.0      # batch 1: split rows, not filters, when input bytes >= this x weight bytes
+RUNS_IN_WALK_ORDER = True
 PACKED1_MAX = 64         # 1x1 convs with output maps of at most this many pixels run in packed mode
 PACKED1_CHAINS = 4       # independent partial sums per output vector in packed mode (hides FMA latency)
-IMG_PAR_RATIO = 0.0      # batches split by image when a layer's input per image >= this x its weight bytes (0: always; measured best on VGG-16, ResNet-56, MobileNetV2 at batch 8)
 
 
 @dataclasses.dataclass
@@ -99,7 +99,7 @@ class ConvPlan:
     vecs: int                            # V: vectors per block along x
     xv: int                              # vectors per output row
     bias_off: int = 0
-    start_off: list[int] = dataclasses.field(default_factory=list)   # per shape: (F+1) ints
+    start_off: list[int] = dataclasses.field(default_factory=list)   # per shape: (F+1) ints, by flist position
     chan_off: list[int] = dataclasses.field(default_factory=list)
     w_off: list[int] = dataclasses.field(default_factory=list)
     tstart_off: int = 0
@@ -112,9 +112,6 @@ class ConvPlan:
     flat_nv: int = 0                     # vectors covering [p0, last interior position]
     flat_mask_off: int = 0               # 0/1 lane masks (border positions), flat_nv * vec floats
     vec: int = VEC
-    # batch >= threads: whole rounds of images one per thread (activations stay in each core's L2 across layers)
-    # rather than filter lists per thread over every image (weights read once per batch; weight-heavy layers)
-    img_par: bool = True
     # images not split by image (batch 1): threads take row ranges of every filter rather than filter lists,
     # for activation-heavy layers in direct mode (see plan_conv)
     spatial: bool = False
@@ -207,7 +204,6 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     p = ConvPlan(op, shapes, kh, ho, wo, rows, vecs, xv, vec=vec)
     in_bytes = 4 * (lin.image if lin is not None else int(np.prod(in_shape)))
     w_bytes = 4 * int(sum(len(s) + 1 for s in (mapping[k[2]] for k in kern)))
-    p.img_par = in_bytes >= IMG_PAR_RATIO * w_bytes
     # (not depthwise: a filter is too little work, and the rows two threads write meet in shared cache lines)
     spatial = threads > 1 and op.groups == 1 and in_bytes >= SPATIAL_RATIO * w_bytes and ho >= 2 * threads
     if packed1:
@@ -238,16 +234,6 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
         p.rows = max(d for d in range(1, min(ho // threads, rmax) + 1) if ho % d == 0)
         p.spatial = p.ho // p.rows >= threads
     p.bias_off = blob.add_f(op.bias.numpy())
-    for j, s in enumerate(shapes):
-        starts, chans, ws = [0], [], []
-        for f in range(o):
-            for ch, wv in per[j][f]:
-                chans.append(ch)
-                ws.extend(wv)
-            starts.append(len(chans))
-        p.start_off.append(blob.add_i(starts))
-        p.chan_off.append(blob.add_i(chans if chans else [0]))
-        p.w_off.append(blob.add_f(ws if ws else [0.0]))
     # filter-kernel reorder + FLOP-balanced thread lists (LPT), each list in (work, signature) order
     sig = {f: tuple(len(per[j][f]) for j in range(len(shapes))) for f in range(o)}
     order = sorted(range(o), key=lambda f: (-int(work[f]), sig[f], f))
@@ -270,6 +256,18 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     for t, lst in enumerate(lists):
         for f in lst:
             p.thread_of[f] = t
+    # runs stored in the order the threads walk them (position q in flist, not filter index): each thread then
+    # streams its weights and channel indices sequentially, which the hardware prefetchers follow
+    for j, s in enumerate(shapes):
+        starts, chans, ws = [0], [], []
+        for f in (flist if RUNS_IN_WALK_ORDER else range(o)):
+            for ch, wv in per[j][f]:
+                chans.append(ch)
+                ws.extend(wv)
+            starts.append(len(chans))
+        p.start_off.append(blob.add_i(starts))
+        p.chan_off.append(blob.add_i(chans if chans else [0]))
+        p.w_off.append(blob.add_f(ws if ws else [0.0]))
     p.tstart_off = blob.add_i(tstart)
     p.flist_off = blob.add_i(flist if flist else [0])
     if p.gather:
