@@ -55,7 +55,7 @@ static void conv0(OPARGS, const int* d) {
       float* ob = out + (long)n * 168 + (long)f * 56;
       const float* mk = g_w + d[15];
       vf a0 = b, a1 = b, a2 = b, a3 = b, a4 = b;
-      for (int e = st0[f]; e < st0[f + 1]; e++) {
+      for (int e = st0[q]; e < st0[q + 1]; e++) {
         const float* ip = ib + (long)ch0[e] * 56 + 9;
         const float* wp = w0 + (long)e * 4;
         const vf k0 = BC(wp[0]);
@@ -68,7 +68,7 @@ static void conv0(OPARGS, const int* d) {
         a3 += ((k0 * ld(ip + 16) + k1 * ld(ip + 23)) + (k2 * ld(ip + 24) + k3 * ld(ip + 25)));
         a4 += ((k0 * ld(ip + 24) + k1 * ld(ip + 31)) + (k2 * ld(ip + 32) + k3 * ld(ip + 33)));
       }
-      for (int e = st1[f]; e < st1[f + 1]; e++) {
+      for (int e = st1[q]; e < st1[q + 1]; e++) {
         const float* ip = ib + (long)ch1[e] * 56 + 9;
         const float* wp = w1 + (long)e * 4;
         const vf k0 = BC(wp[0]);
@@ -81,7 +81,7 @@ static void conv0(OPARGS, const int* d) {
         a3 += ((k0 * ld(ip + 16) + k1 * ld(ip + 24)) + (k2 * ld(ip + 25) + k3 * ld(ip + 32)));
         a4 += ((k0 * ld(ip + 24) + k1 * ld(ip + 32)) + (k2 * ld(ip + 33) + k3 * ld(ip + 40)));
       }
-      for (int e = st2[f]; e < st2[f + 1]; e++) {
+      for (int e = st2[q]; e < st2[q + 1]; e++) {
         const float* ip = ib + (long)ch2[e] * 56 + 9;
         const float* wp = w2 + (long)e * 4;
         const vf k0 = BC(wp[0]);
