@@ -70,6 +70,10 @@ def test_prune_meets_mac_and_param_targets_within_round_to():
         if isinstance(mod, nn.Conv2d) and mod.out_channels != 10:
             assert mod.out_channels % 8 == 0, mod
     assert count_macs(p, x) / count_macs(m, x) <= 0.5 + 1e-9
+    # per-layer scope moves every group in steps of 8 at once (0.335 here); steps handed back bring it to the target
+    pl = sf.prune(m, StructuredConfig(mac_ratio=0.5, round_to=8, scope="layer"), example_input=x)
+    assert 0.48 <= count_macs(pl, x) / count_macs(m, x) <= 0.5 + 1e-9
+    assert all(mod.out_channels % 8 == 0 for mod in pl.modules() if isinstance(mod, nn.Conv2d) and mod.out_channels != 10)
     # iterative schedule reaches the same target
     p3 = sf.prune(m, StructuredConfig(mac_ratio=0.5, steps=3), example_input=x)
     assert 0.47 <= count_macs(p3, x) / count_macs(m, x) <= 0.5 + 1e-9

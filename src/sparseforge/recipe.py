@@ -196,9 +196,11 @@ class RecipeRunner:
 
     # ---- setup -------------------------------------------------------------
     def prepare(self, resume: bool) -> None:
-        barrier()          # every rank checks the run directory before rank 0 writes into it
         cfg_path = self.run_dir / "recipe.toml"
-        if cfg_path.exists():
+        barrier()
+        existed = cfg_path.exists()
+        barrier()          # every rank has looked at the run directory before rank 0 writes into it
+        if existed:
             saved = Recipe.from_toml(cfg_path.read_text(), str(cfg_path))
             if not resume:
                 raise RunDirError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
