@@ -6,6 +6,8 @@ Experiments (each arm is a resumable recipe run under bench/results/structured/<
                control      dense fine-tuning
                l1-2x        StructuredConfig(mac_ratio=0.48, importance="l1") -> fine-tune
                taylor-2x    StructuredConfig(mac_ratio=0.48, importance="taylor") -> fine-tune   (--arms)
+               adapt-kd-2.2x  E/4 epochs dense fine-tune -> StructuredConfig(mac_ratio=0.45, round_to=8,
+                            scope="layer") -> KD from the stage-0 dense model for the remaining epochs   (--arms)
              then PyTorch latency (BN folded, eval, inference_mode, 2 threads) at batch 1 and 32 of the pruned
              vs the unpruned network, alternating in one process with a pause between blocks, >= 30 runs, and
              the same through sparseforge.compile.
@@ -112,6 +114,13 @@ def exp_resnet56(a) -> dict:
         "grow-2x-r8-global": [{"method": "structured", "mac_ratio": 0.48, "importance": "l1", "round_to": 8,
                                "regularize_epochs": 1},
                               {"method": "finetune", "epochs": max(1, a.epochs - 1)}],
+        # train -> prune -> fine-tune in the same epoch budget as the control: E/4 epochs dense (the data here is
+        # JPEG-decoded, so the pretrained net first adapts), remove 55% of the MACs (per-layer, widths multiples
+        # of 8: the widths oneDNN runs well), then distil from that dense model (stage 0) for the rest
+        "adapt-kd-2.2x": [{"method": "finetune", "epochs": max(1, a.epochs // 4)},
+                          {"method": "structured", "mac_ratio": 0.45, "importance": "l1", "round_to": 8,
+                           "scope": "layer"},
+                          {"method": "kd", "epochs": max(1, a.epochs - max(1, a.epochs // 4)), "teacher": "stage:0"}],
         "grow-2x-r8": [{"method": "structured", "mac_ratio": 0.48, "importance": "l1", "round_to": 8,
                         "scope": "layer", "regularize_epochs": 1},
                        {"method": "finetune", "epochs": max(1, a.epochs - 1)}],
@@ -122,9 +131,11 @@ def exp_resnet56(a) -> dict:
         old = json.loads(prev.read_text())
         out["arms"] = {k: v for k, v in old["arms"].items() if k in a.arms.split(",")}
     for name in ([] if a.latency_only else a.arms.split(",")):
-        res = run_arm(name, recipe("resnet56", w, a.data_dir, arms[name], {}), exp)
+        res = run_arm(name, recipe("resnet56", w, a.data_dir, arms[name], {"threads": a.threads}), exp)
         out["arms"][name] = {"start_acc": res["start"]["acc"], "final_acc": res["final"]["acc"],
                              "stages": [s["eval"]["acc"] for s in res["stages"]], "wall_s": res["wall_s"]}
+    if a.train_only:
+        return out
     x = torch.randn(1, 3, 32, 32)
     torch.set_num_threads(2)
     models = {name: load_final(exp / name) for name in out["arms"]}
@@ -166,12 +177,19 @@ def main() -> None:
     ap.add_argument("--arms", default="")
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--latency-only", action="store_true", help="resnet56: re-measure latency of finished arms")
+    ap.add_argument("--threads", type=int, default=2, help="training threads (latency is always measured at 2)")
+    ap.add_argument("--train-only", action="store_true",
+                    help="resnet56: train the arms, skip latency and the JSON (e.g. two arms training side by side; "
+                         "measure afterwards on a quiet machine with the same command without this flag)")
     ap.add_argument("--lambda-g", type=float, default=0.05, help="group-lasso weight (proximal steps)")
     ap.add_argument("--threshold", type=float, default=1e-3)
     ap.add_argument("--data-dir", default=str(SHARED / "data" / "cifar-10-batches-py"))
     a = ap.parse_args()
     a.arms = a.arms or ("control,l1-2x" if a.experiment == "resnet56" else "control,ssl")
     out = exp_resnet56(a) if a.experiment == "resnet56" else exp_ssl(a)
+    if a.train_only:
+        print(json.dumps(out, default=str)[:2000])
+        return
     out["env"] = environment()
     OUT.mkdir(parents=True, exist_ok=True)
     tag = a.experiment if a.epochs == 2 else f"{a.experiment}-e{a.epochs}"

@@ -80,6 +80,16 @@ def test_fallback_is_correct_and_visible():
     assert "PyTorch" in s and "generated" in s
     x = torch.randn(3, 3, 12, 10)
     assert rel_err(e(x), m(x)) <= TOL
+    # network-order profile: every op timed (native and fallback), per-thread work for native ops only,
+    # and the traced forward computes the same result as the plain one
+    prof = e.profile(batch=2, reps=3, mode="network")
+    assert sorted(prof) == list(range(len(e.spec["ops"]))) and all(t > 0 for t in prof.values())
+    for k, op in enumerate(e.spec["ops"]):
+        w = e.profile_detail[k]["work_s_per_thread"]
+        assert (w is not None and len(w) == 2 and all(v >= 0 for v in w)) if op["native"] else w is None
+    assert torch.equal(e._run(x, trace={}), e(x))
+    with pytest.raises(SparseforgeError, match="'isolated' or 'network'"):
+        e.profile(mode="hot")
 
 
 def test_input_errors():

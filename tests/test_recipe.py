@@ -276,3 +276,47 @@ def test_lowbit_stages_fold_to_plain_convs_and_report_savings(tmp_path):
     logs = []
     RecipeRunner(Recipe.load_file(rp), tmp_path / "run", log=logs.append, progress=False).run(resume=True)
     assert sum("already done" in s for s in logs) == 3
+
+
+KD_FROM_STAGE_RECIPE = """
+model = "smallcnn"
+dataset = "synthetic"
+[train]
+batch_size = 32
+lr = 0.05
+train_size = 128
+test_size = 64
+threads = 1
+[[stage]]
+method = "finetune"
+epochs = 1
+[[stage]]
+method = "structured"
+mac_ratio = 0.6
+[[stage]]
+method = "kd"
+epochs = 1
+teacher = "stage:0"
+"""
+
+
+def test_kd_teacher_from_an_earlier_stage(tmp_path):
+    """A pruned net distils from the dense model stage 0 produced (not the recipe's start weights)."""
+    rp = tmp_path / "t.toml"
+    rp.write_text(KD_FROM_STAGE_RECIPE)
+    runner = RecipeRunner(Recipe.load_file(rp), tmp_path / "run", progress=False)
+    res = runner.run()
+    assert len(res["stages"]) == 3
+    t = runner._stage_teacher("stage:0")
+    from sparseforge.models import load_weights, model_from_spec, read_state_dict
+
+    p = next((tmp_path / "run" / "stages").glob("00-*/model.safetensors"))
+    ref = load_weights(model_from_spec(json.loads(read_state_dict(p)[1]["model"])), p)
+    for (k, a), (_, b) in zip(t.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(a, b), k
+    start = runner._start_model.state_dict()
+    assert any(not torch.equal(v, start[k]) for k, v in t.state_dict().items() if k in start)  # trained, not start
+    bad = KD_FROM_STAGE_RECIPE.replace('teacher = "stage:0"', 'teacher = "stage:2"')
+    rp.write_text(bad)
+    with pytest.raises(ConfigError, match="earlier stage"):
+        Recipe.load_file(rp)

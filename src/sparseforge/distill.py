@@ -134,7 +134,9 @@ class KDConfig(Config):
     """Train with a teacher: Hinton KD on the logits, optionally RKD on embeddings and graph KD on taps."""
 
     epochs: int = opt(3, "recipe stage: epochs of distillation", min=1)
-    teacher: str = opt("start", "'start' (the recipe's model before any stage), or a weights file / run directory")
+    teacher: str = opt("start", "'start' (the recipe's model before any stage), 'stage:N' (the model "
+                                "stage N of this recipe produced, e.g. the dense model before pruning), or a "
+                                "weights file / run directory")
     T: float = opt(5.0, "temperature", min=1e-3)
     alpha: float = opt(0.9, "weight of the KD term (1 - alpha on cross-entropy)", min=0.0, max=1.0)
     rkd_distance: float = opt(0.0, "weight of the RKD distance term on the penultimate features", min=0.0)

@@ -150,7 +150,11 @@ class Recipe(Config):
         if not self.stage:
             raise ConfigError("Recipe.stage: a recipe needs at least one [[stage]]")
         for i, s in enumerate(self.stage):
-            parse_stage(s, f"stage[{i}]")
+            st = parse_stage(s, f"stage[{i}]")
+            t = str(getattr(st.config, "teacher", ""))
+            if t.startswith("stage:") and not (t[6:].isdigit() and int(t[6:]) < i):
+                raise ConfigError(f"stage[{i}].teacher = {t!r}: write stage:N with N the index (from 0) of an "
+                                  f"earlier stage, 0..{i - 1}")
         # data_dir may come from the command line at run time; everything else must be valid now
         self.train_config({"data_dir": self.data_dir or "(given at run time)"})
 
@@ -423,6 +427,8 @@ class RecipeRunner:
 
         if spec == "start":
             return copy.deepcopy(self._start_model)
+        if spec.startswith("stage:"):
+            return self._stage_teacher(spec)
         path = Path(spec)
         if path.is_dir():
             path = path / "model.safetensors"
@@ -431,6 +437,24 @@ class RecipeRunner:
             raise ConfigError(f"teacher {spec}: the file does not say which model it holds; use 'start' or a "
                               "sparseforge checkpoint")
         return load_weights(model_from_spec(json.loads(meta["model"])), path)
+
+    def _stage_teacher(self, spec: str) -> nn.Module:
+        """The model an earlier stage of this run produced (e.g. the dense model right before pruning), so a
+        pruned network can learn from its own unpruned self without a second training run."""
+        idx = spec.split(":", 1)[1]
+        if not idx.isdigit():
+            raise ConfigError(f"teacher {spec!r}: write stage:N with N the 0-based index of an earlier stage")
+        n = int(idx)
+        cur = self._stage_index
+        if n >= cur:
+            raise ConfigError(f"teacher {spec!r} in stage {cur}: the teacher must be an earlier stage "
+                              f"(0..{cur - 1}); stages run in order")
+        found = sorted((self.run_dir / "stages").glob(f"{n:02d}-*/model.safetensors"))
+        if not found:
+            raise ConfigError(f"teacher {spec!r}: stage {n} left no model in {self.run_dir / 'stages'}")
+        import copy
+
+        return self._load_stage_model(copy.deepcopy(self._start_model), found[0]).eval()
 
     def _imp(self, model: nn.Module, stage: Stage, sdir: Path) -> tuple[nn.Module, dict[str, Any]]:
         """Rounds live in sdir/round-N (each resumable); the rewind target and start weights are files."""
@@ -540,6 +564,7 @@ class RecipeRunner:
         self.log(f"start: {self.recipe.model} test acc {start['acc']:.2f}%")
         stages = self.recipe.stages()
         for i, stage in enumerate(stages):
+            self._stage_index = i
             sdir = self.run_dir / "stages" / f"{i:02d}-{stage.method}"
             done = sdir / "done.json"
             if done.exists():

@@ -147,3 +147,27 @@ void seg0(float* const* B, int N, const float* g_w, const int* g_i) {
     op0(B, N, tid, nth, g_w, g_i);
   }
 }
+
+void tseg0(float* const* B, int N, const float* g_w, const int* g_i, double* T) {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(2)
+#endif
+  {
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+#else
+    const int tid = 0, nth = 1;
+#endif
+#ifdef _OPENMP
+    if (T) T[(long)1 * 2 * nth + tid] = omp_get_wtime();
+#endif
+    op0(B, N, tid, nth, g_w, g_i);
+#ifdef _OPENMP
+    if (T) T[((0) * nth + tid) * 2 + 0] = omp_get_wtime();
+#endif
+#ifdef _OPENMP
+#pragma omp barrier
+    if (T) T[((0) * nth + tid) * 2 + 1] = omp_get_wtime();
+#endif
+  }
+}

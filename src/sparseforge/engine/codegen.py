@@ -505,6 +505,37 @@ def linear_source(k: int, op: LinearOp, plan: Plan) -> str:
 TEMPLATES = {ConvOp: None, PoolOp: pool_source, GapOp: gap_source, LinearOp: linear_source}
 
 
+def _segment(si: int, idxs: list[int], plan: Plan, traced: bool) -> str:
+    """One parallel region for a run of native ops, a barrier between them. The traced twin (``tseg``) also
+    stamps, per thread, when each op's work ended and when its barrier let the thread go: the network-order
+    profile (cache misses and waiting included), which per-op timing in isolation cannot show."""
+    body = []
+    stamp = "    if (T) T[(({j}) * nth + tid) * 2 + {e}] = omp_get_wtime();" if traced else ""
+    for j, k in enumerate(idxs):
+        if j:
+            body.append("#ifdef _OPENMP\n#pragma omp barrier\n" + stamp.format(j=j - 1, e=1) + "\n#endif")
+        body.append(f"    op{k}(B, N, tid, nth, g_w, g_i);")
+        if traced:
+            body.append("#ifdef _OPENMP\n" + stamp.format(j=j, e=0) + "\n#endif")
+    if traced:
+        body.append("#ifdef _OPENMP\n#pragma omp barrier\n" + stamp.format(j=len(idxs) - 1, e=1) + "\n#endif")
+    name, extra = (f"tseg{si}", ", double* T") if traced else (f"seg{si}", "")
+    head = "#ifdef _OPENMP\n    if (T) T[(long)" + str(len(idxs)) + " * 2 * nth + tid] = omp_get_wtime();\n#endif\n" if traced else ""
+    return f"""void {name}(float* const* B, int N, const float* g_w, const int* g_i{extra}) {{
+#ifdef _OPENMP
+#pragma omp parallel num_threads({plan.threads})
+#endif
+  {{
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+#else
+    const int tid = 0, nth = 1;
+#endif
+{head}{chr(10).join(body)}
+  }}
+}}"""
+
+
 def generate(plan: Plan) -> str:
     parts = [prelude(plan.vec)]
     bodies: dict[str, str] = {}
@@ -532,22 +563,6 @@ def generate(plan: Plan) -> str:
     for si, (kind, idxs) in enumerate(plan.segments):
         if kind != "native":
             continue
-        body = []
-        for j, k in enumerate(idxs):
-            if j:
-                body.append("#ifdef _OPENMP\n#pragma omp barrier\n#endif")
-            body.append(f"    op{k}(B, N, tid, nth, g_w, g_i);")
-        parts.append(f"""void seg{si}(float* const* B, int N, const float* g_w, const int* g_i) {{
-#ifdef _OPENMP
-#pragma omp parallel num_threads({plan.threads})
-#endif
-  {{
-#ifdef _OPENMP
-    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-#else
-    const int tid = 0, nth = 1;
-#endif
-{chr(10).join(body)}
-  }}
-}}""")
+        parts.append(_segment(si, idxs, plan, traced=False))
+        parts.append(_segment(si, idxs, plan, traced=True))
     return "\n\n".join(parts) + "\n"

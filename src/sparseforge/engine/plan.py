@@ -29,6 +29,7 @@ GATHER_MIN_CIN = 128
 GATHER_MAX = 64          # output maps with at most this many pixels run in gather mode (see ConvPlan.gather)
 SPATIAL_RATIO = 1.0      # batch 1: split rows, not filters, when input bytes >= this x weight bytes
 RUNS_IN_WALK_ORDER = True
+SPATIAL_DEPTHWISE = False  # measured slower on MobileNetV2 (b1, 2 threads): see plan_conv
 PACKED1_MAX = 64         # 1x1 convs with output maps of at most this many pixels run in packed mode
 PACKED1_CHAINS = 4       # independent partial sums per output vector in packed mode (hides FMA latency)
 
@@ -159,9 +160,12 @@ def _canonical_shapes(tapsets: list[tuple[int, ...]], full: tuple[int, ...]) -> 
 
 def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...], blob: Blob, threads: int,
               lin: Layout | None = None, lout: Layout | None = None, vec: int = VEC,
-              conv_mode: str = "auto", wide: bool = False, affinity: list[int] | None = None) -> ConvPlan:
+              conv_mode: str = "auto", wide: bool = False, affinity: list[int] | None = None,
+              rows_in: bool = False) -> ConvPlan:
     """``affinity``: for a depthwise conv, the thread that wrote each input channel (filter-split producer);
-    filter f then runs on that thread and reads its input from its own cache."""
+    filter f then runs on that thread and reads its input from its own cache. ``rows_in``: the input was
+    written split by rows (spatial producer); a depthwise conv then splits by rows too, so each thread reads
+    the rows it wrote (and one halo row) instead of half of every channel from the other core's cache."""
     w = op.weight.detach().float()
     o, ig, kh, kw = w.shape
     _, ho, wo = out_shape
@@ -205,7 +209,9 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     in_bytes = 4 * (lin.image if lin is not None else int(np.prod(in_shape)))
     w_bytes = 4 * int(sum(len(s) + 1 for s in (mapping[k[2]] for k in kern)))
     # (not depthwise: a filter is too little work, and the rows two threads write meet in shared cache lines)
-    spatial = threads > 1 and op.groups == 1 and in_bytes >= SPATIAL_RATIO * w_bytes and ho >= 2 * threads
+    depthwise = op.groups > 1 and op.groups == o
+    spatial = threads > 1 and ho >= 2 * threads and (
+        (op.groups == 1 and in_bytes >= SPATIAL_RATIO * w_bytes) or (depthwise and rows_in and SPATIAL_DEPTHWISE))
     if packed1:
         p.packed1 = True
         p.gather_vec = 8 if ho * wo <= 8 else 16
@@ -216,7 +222,7 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
         p.gather_vec = 8 if ho * wo <= 8 else 16
         p.gather_pv = math.ceil(ho * wo / p.gather_vec)
         p.gather_ft = max(1, GATHER_ACC_BYTES // (4 * -(-p.gather_pv * p.gather_vec // 16) * 16))
-    elif (vec == base_vec and lin is not None and lout is not None and op.stride == 1 and lin.rs == lout.rs and lout.rs == wo + 2
+    elif (not (depthwise and spatial) and vec == base_vec and lin is not None and lout is not None and op.stride == 1 and lin.rs == lout.rs and lout.rs == wo + 2
             and tuple(in_shape[1:]) == (ho, wo) and (op.residual is None or op.res_kind == "identity")):
         rs = lout.rs
         p0, p1 = rs + 1, ho * rs + wo
@@ -239,7 +245,6 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     order = sorted(range(o), key=lambda f: (-int(work[f]), sig[f], f))
     loads = [0] * threads
     lists: list[list[int]] = [[] for _ in range(threads)]
-    depthwise = op.groups > 1 and op.groups == o
     for f in order:
         if depthwise and affinity is not None and len(affinity) == o:
             t = affinity[f]
@@ -344,13 +349,16 @@ def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto
     convs: dict[int, ConvPlan] = {}
     other: dict[int, dict] = {}
     writer: dict[int, list[int]] = {}       # value id -> thread that writes each channel (batch 1)
+    by_rows: set[int] = set()               # values written split by rows (batch 1)
     for k, op in enumerate(graph.ops):
         if isinstance(op, ConvOp):
             c = convs[k] = plan_conv(op, graph.values[op.inputs[0]].shape, graph.values[op.output].shape, blob,
                                      threads, layouts[op.inputs[0]], layouts[op.output], vec, conv_mode, wide,
-                                     affinity=writer.get(op.inputs[0]))
+                                     affinity=writer.get(op.inputs[0]), rows_in=op.inputs[0] in by_rows)
             if not c.spatial and not c.gather:
                 writer[op.output] = c.thread_of
+            if c.spatial:
+                by_rows.add(op.output)
         elif isinstance(op, LinearOp):
             other[k] = {"w_off": blob.add_f(op.weight.numpy()), "b_off": blob.add_f(op.bias.numpy())}
     segments: list[tuple[str, list[int]]] = []

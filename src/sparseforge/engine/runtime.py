@@ -43,12 +43,18 @@ class CompiledModel:
         self._lib = ctypes.CDLL(str(self.lib_path))
         self._wp, self._ip = self._floats.data_ptr(), self._ints.data_ptr()
         self._segs = {}
+        self._tsegs = {}
         for si, seg in enumerate(spec["segments"]):
             if seg["kind"] == "native":
                 fn = getattr(self._lib, f"seg{si}")
                 fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
                 fn.restype = None
                 self._segs[si] = fn
+                tfn = getattr(self._lib, f"tseg{si}", None)    # absent in artefacts built before tracing
+                if tfn is not None:
+                    tfn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                    tfn.restype = None
+                    self._tsegs[si] = tfn
         self._ops = {}
         for k, op in enumerate(spec["ops"]):
             if op["native"]:
@@ -113,6 +119,10 @@ class CompiledModel:
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x)
+
+    @torch.inference_mode()
+    def _run(self, x: torch.Tensor, trace: dict | None = None) -> torch.Tensor:
         self._check(x)
         n = x.shape[0]
         bufs, views, ptrs = self._alloc(n)
@@ -124,9 +134,16 @@ class CompiledModel:
         packed = set(self.spec["packed"])
         for si, seg in enumerate(self.spec["segments"]):
             if seg["kind"] == "native":
-                self._segs[si](ptrs, n, self._wp, self._ip)
+                if trace is not None:
+                    buf = trace.setdefault(si, np.zeros((2 * len(seg["ops"]) + 1) * self.spec["threads"] + 8))
+                    t0 = time.perf_counter()
+                    self._tsegs[si](ptrs, n, self._wp, self._ip, buf.ctypes.data)
+                    trace[("wall", si)] = time.perf_counter() - t0
+                else:
+                    self._segs[si](ptrs, n, self._wp, self._ip)
             else:
                 for k in seg["ops"]:
+                    t0 = time.perf_counter()
                     op = self._torch_ops[k]
                     args = _sub(op.args, env)
                     kwargs = _sub(op.kwargs, env)
@@ -139,12 +156,21 @@ class CompiledModel:
                         env[op.output] = views[op.output]
                     else:
                         env[op.output] = y
+                    if trace is not None:
+                        trace[("torch", k)] = time.perf_counter() - t0
         outs = [env[o].clone().contiguous() for o in self.spec["outputs"]]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     # ---- introspection ------------------------------------------------------------
-    def profile(self, batch: int = 1, reps: int = 20) -> dict[int, float]:
-        """Median seconds per op (native ops one at a time, each in its own parallel region)."""
+    def profile(self, batch: int = 1, reps: int = 20, mode: str = "isolated") -> dict[int, float]:
+        """Median seconds per op. ``isolated``: native ops one at a time, each in its own parallel region, its
+        data hot in cache. ``network``: whole forward passes, each op from the end of the previous op's barrier
+        to the end of its own, so cold weights, cache misses between layers and waiting for the slower thread
+        are charged to the op that suffers them (details per thread in ``self.profile_detail``)."""
+        if mode == "network":
+            return self._profile_network(batch, reps)
+        if mode != "isolated":
+            raise SparseforgeError(f"profile mode must be 'isolated' or 'network', got {mode!r}")
         x = torch.randn(batch, *self.input_shape)
         self(x)
         bufs, views, ptrs = self._alloc(batch)
@@ -170,6 +196,47 @@ class CompiledModel:
                     ts.append(time.perf_counter() - t0)
                 env[top.output] = y
                 times[k] = float(np.median(ts))
+        self._profile = times
+        return times
+
+    def _profile_network(self, batch: int, reps: int) -> dict[int, float]:
+        native = [si for si, seg in enumerate(self.spec["segments"]) if seg["kind"] == "native"]
+        if any(si not in self._tsegs for si in native):
+            raise SparseforgeError("this engine artefact was built without traced segments; recompile the model "
+                                   "to profile in network order")
+        x = torch.randn(batch, *self.input_shape)
+        for _ in range(3):
+            self(x)
+        nth = self.spec["threads"]
+        walls: dict[int, list[float]] = {}
+        work: dict[int, list[list[float]]] = {}
+        for _ in range(reps):
+            tr: dict = {}
+            self._run(x, trace=tr)
+            for si, seg in enumerate(self.spec["segments"]):
+                if seg["kind"] != "native":
+                    for k in seg["ops"]:
+                        walls.setdefault(k, []).append(tr[("torch", k)])
+                    continue
+                m = len(seg["ops"])
+                t = tr[si]
+                if not t.any():
+                    raise SparseforgeError("network profile: the library was built without OpenMP, so its "
+                                           "segments record no times; use mode='isolated'")
+                start = t[2 * m * nth: 2 * m * nth + nth]
+                stamps = t[: 2 * m * nth].reshape(m, nth, 2)
+                prev = start
+                for j, k in enumerate(seg["ops"]):
+                    # the op began for everyone when the last thread left the previous barrier
+                    began = prev.max()
+                    walls.setdefault(k, []).append(float(stamps[j, :, 1].max() - began))
+                    work.setdefault(k, []).append([float(v) for v in stamps[j, :, 0] - prev])
+                    prev = stamps[j, :, 1]
+        times = {k: float(np.median(v)) for k, v in walls.items()}
+        self.profile_detail = {k: {"wall_s": times[k],
+                                   "work_s_per_thread": [float(np.median([r[i] for r in work[k]]))
+                                                         for i in range(nth)] if k in work else None}
+                               for k in times}
         self._profile = times
         return times
 
