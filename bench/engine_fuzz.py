@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "engine_fuzz.json"))
     a = ap.parse_args()
     os.environ["SPARSEFORGE_CACHE"] = tempfile.mkdtemp(prefix="sf-fuzz-")
-    stats = {"cases": 0, "max_rel_err": 0.0, "failures": []}
+    stats = {"cases": 0, "fused_cases": 0, "max_rel_err": 0.0, "failures": []}
     cases = st.builds(
         Case, cin=st.integers(1, 96), cout=st.integers(1, 96), h=st.integers(1, 40), w=st.integers(1, 40),
         k=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]), pad=st.sampled_from([0, 1]), bias=st.booleans(),
@@ -40,23 +40,34 @@ def main() -> None:
         depthwise=st.booleans(), second=st.booleans(),
         sparsity=st.sampled_from(["dense", "pattern", "kernels", "empty_filters", "zero"]),
         batch=st.integers(1, 3), seed=st.integers(0, 2**16)).filter(valid)
+    # inverted-residual blocks (fused into one op on maps of <= 64 pixels), batches up to 5 so whole-image
+    # rounds and leftover images both run
+    inverted = st.builds(
+        Case, cin=st.integers(1, 40), cout=st.integers(1, 96), h=st.integers(1, 12), w=st.integers(1, 12),
+        k=st.just(1), stride=st.just(1), pad=st.just(0), bias=st.booleans(), bn=st.booleans(),
+        act=st.sampled_from(["none", "relu", "relu6"]), residual=st.booleans(), depthwise=st.just(False),
+        second=st.just(False), sparsity=st.sampled_from(["dense", "pattern", "kernels", "empty_filters", "zero"]),
+        batch=st.integers(1, 5), seed=st.integers(0, 2**16), inverted=st.just(True))
+    cases = st.one_of(cases, cases, cases, inverted)
 
     widths = [8, 16] if "avx512f" in cpu_flags() else [8]
 
     @settings(max_examples=a.cases, deadline=None, database=None,
               suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
-    @given(cases, st.sampled_from(widths), st.sampled_from(["auto", "gather", "direct"]))
-    def check(case, width, mode):
+    @given(cases, st.sampled_from(widths), st.sampled_from(["auto", "gather", "direct"]), st.sampled_from([2, 2, 1, 3]))
+    def check(case, width, mode, threads):
         m, x = build_case(case)
         with torch.inference_mode():
             ref = m(x)
-        out = compile(m, x[:1], threads=2, vector_width=width, conv_mode=mode)(x)
+        e = compile(m, x[:1], threads=threads, vector_width=width, conv_mode=mode)
+        stats["fused_cases"] += any("fused_block" in op for op in e.spec["ops"])
+        out = e(x)
         err = float((out - ref).abs().max())
         scale = float(ref.abs().max())
         stats["cases"] += 1
         stats["max_rel_err"] = max(stats["max_rel_err"], err / max(scale, 1e-12) if scale > 0 else err)
         if err > 1e-4 * scale + 1e-6:
-            stats["failures"].append({"case": case.__dict__, "width": width, "mode": mode, "err": err, "scale": scale})
+            stats["failures"].append({"case": case.__dict__, "width": width, "mode": mode, "threads": threads, "err": err, "scale": scale})
             raise AssertionError(case)
 
     t0 = time.perf_counter()

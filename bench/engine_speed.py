@@ -141,7 +141,7 @@ def run_case(name: str, cfg_name: str, batch: int, threads: int, runs: int, warm
     out["speedup_vs_torch_dense"] = out["arms"]["torch-dense"]["median_ms"] / out["arms"]["sparseforge"]["median_ms"]
     out["speedup_vs_best_dense"] = best_dense / out["arms"]["sparseforge"]["median_ms"]
     if threads == 2 and batch == 1:
-        prof = engine.profile(batch=1, reps=30)
+        prof = engine.profile(batch=1, reps=30, mode="network")
         out["engine_ops"] = [{"name": op["name"], "describe": op["describe"], "us": 1e6 * prof.get(k, 0.0)}
                              for k, op in enumerate(engine.spec["ops"])]
     return out

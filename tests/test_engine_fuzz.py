@@ -45,3 +45,30 @@ def test_compiled_block_matches_pytorch(case, width, mode):
     out = e(x)
     err = float((out - ref).abs().max())
     assert err <= 1e-4 * float(ref.abs().max()) + 1e-6, (case, width, mode, err)
+
+
+inverted = st.builds(
+    Case,
+    cin=st.integers(1, 40), cout=st.integers(1, 96), h=st.integers(1, 10), w=st.integers(1, 10),
+    k=st.just(1), stride=st.just(1), pad=st.just(0),
+    bias=st.booleans(), bn=st.booleans(), act=st.sampled_from(["none", "relu", "relu6"]),
+    residual=st.booleans(), depthwise=st.just(False), second=st.just(False),
+    sparsity=st.sampled_from(["dense", "pattern", "kernels", "empty_filters", "zero"]),
+    batch=st.integers(1, 5), seed=st.integers(0, 2**16), inverted=st.just(True),
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(inverted, st.sampled_from([1, 2, 3]))
+def test_fused_inverted_block_matches_pytorch(case, threads):
+    """expand -> depthwise -> project on small maps runs as one fused op (any batch: whole-image rounds and
+    the split of the leftover images); larger maps run layer by layer. Same tolerance as above."""
+    m, x = build_case(case)
+    with torch.inference_mode():
+        ref = m(x)
+    e = compile(m, x[:1], threads=threads)
+    fused = [op for op in e.spec["ops"] if "fused_block" in op]
+    assert len(fused) == (1 if case.h * case.w <= 64 else 0), (case, [op["describe"] for op in e.spec["ops"]])
+    out = e(x)
+    err = float((out - ref).abs().max())
+    assert err <= 1e-4 * float(ref.abs().max()) + 1e-6, (case, threads, err)

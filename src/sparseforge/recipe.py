@@ -396,7 +396,7 @@ class RecipeRunner:
                     xn = x.numpy()
                     fns["onnxruntime-dense"] = lambda xn=xn: sess.run(None, {"input": xn})
                 out["latency"][str(b)] = measure(fns, runs=c.runs)
-            prof = engine.profile(batch=1, reps=20)
+            prof = engine.profile(batch=1, reps=20, mode="network")
             out["engine_ops"] = [{"name": op["name"], "path": "generated" if op["native"] else "PyTorch",
                                   "describe": op["describe"], "us": 1e6 * prof.get(k, 0.0)}
                                  for k, op in enumerate(engine.spec["ops"])]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from .ir import ConvOp, GapOp, LinearOp, PoolOp
 from . import plan as _plan
-from .plan import PACKED1_CHAINS, ConvPlan, Plan
+from .plan import PACKED1_CHAINS, BlockPlan, ConvPlan, Plan
 
 def prelude(vec: int) -> str:
     lanes = ", ".join(["(x)"] * vec)
@@ -447,6 +447,130 @@ def _packed1_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> st
     return _register(k, p, plan, bodies, "\n".join(b), [])
 
 
+def _chains(b: list[str], ind: str, acc: str, st: str, idx: str, wts: str, base: str, PV: int, G: int,
+            C: int) -> None:
+    """Sum of w * row over the run [st[q], st[q+1]) into PV x C register chains ``acc{v}_{c}``."""
+    ty, ld_, bc = f"g{G}", f"ldg{G}", f"bcg{G}"
+    b += [f"{ind}int e = {st}[0]; const int e1 = {st}[1];",
+          f"{ind}for (; e + {C} <= e1; e += {C}) {{"]
+    for c in range(C):
+        b.append(f"{ind}  {{ const float* r = {base} + (long){idx}[e + {c}] * {PV * G}; const {ty} k = {bc}({wts}[e + {c}]);")
+        b += [f"{ind}    {acc}{v}_{c} += k * {ld_}(r + {v * G});" for v in range(PV)]
+        b.append(f"{ind}  }}")
+    b += [f"{ind}}}",
+          f"{ind}for (; e < e1; e++) {{",
+          f"{ind}  const float* r = {base} + (long){idx}[e] * {PV * G}; const {ty} k = {bc}({wts}[e]);"]
+    b += [f"{ind}  {acc}{v}_0 += k * {ld_}(r + {v * G});" for v in range(PV)]
+    b.append(f"{ind}}}")
+
+
+def block_source(k: int, bp: BlockPlan, plan: Plan) -> str:
+    """A fused inverted-residual block (see ``BlockPlan``). Images go one per thread while whole rounds
+    remain (the thread runs every partition itself); the rest (batch 1) split the expanded channels, then,
+    after a barrier, the output channels for the sum of the partial results."""
+    g = plan.graph
+    A, Bc, C = g.ops[bp.a], g.ops[bp.b], g.ops[bp.c]
+    li, lo = plan.layouts[A.inputs[0]], plan.layouts[C.output]
+    G, PV, PS, M, T = bp.G, bp.PV, bp.PS, bp.M, plan.threads
+    ho, wo, cin, cout = bp.ho, bp.wo, bp.cin, bp.cout
+    CH = PACKED1_CHAINS
+    ty, ld_, bc = f"g{G}", f"ldg{G}", f"bcg{G}"
+    o = bp.offs
+
+    def act(a: str, x: str) -> str:
+        return {"none": x, "relu": f"relu{ty}({x})", "relu6": f"relu6{ty}({x})"}[a]
+
+    b = [f"static void op{k}(OPARGS) {{",
+         f"  const float* in = B[{A.inputs[0]}]; float* out = B[{C.output}];"]
+    if C.residual is not None:
+        b.append(f"  const float* res = B[{C.residual}];")
+    b += [f"  const int* estart = g_i + {o['estart']};",
+          f"  const int* a_st = g_i + {o['a_st']}; const int* a_ch = g_i + {o['a_ch']}; "
+          f"const float* a_w = g_w + {o['a_w']}; const float* a_b = g_w + {o['a_b']};",
+          f"  const int* b_st = g_i + {o['b_st']}; const int* b_tap = g_i + {o['b_tap']}; "
+          f"const float* b_w = g_w + {o['b_w']}; const float* b_b = g_w + {o['b_b']};",
+          f"  const int* c_st = g_i + {o['c_st']}; const int* c_ix = g_i + {o['c_ix']}; "
+          f"const float* c_w = g_w + {o['c_w']}; const float* c_b = g_w + {o['c_b']};",
+          f"  const float* mk = g_w + {o['mask']};",
+          # tap t = 3 dy + dx of the 3x3 kernel reads the packed pixel (dy - 1) rows and (dx - 1) columns away
+          "  static const int toff[9] = {" + ", ".join(str((t // 3 - 1) * wo + (t % 3 - 1)) for t in range(9)) + "};",
+          f"  float* S = B[{plan.scratch_id}] + (long)tid * {bp.private(T)};",
+          f"  float* Z = S + {cin * PS};           /* expanded row, zero margins of {M} floats */",
+          f"  float* D = Z + {PS + 2 * M};          /* filtered rows of this thread's expanded channels */",
+          f"  float* Po = D + {bp.max_e * PS};      /* partial sums, whole-image rounds */",
+          f"  float* Ps = B[{plan.scratch_id}] + (long){T} * {bp.private(T)};   /* partial sums, shared (batch 1) */",
+          f"  memset(Z, 0, {4 * M}); memset(Z + {M + PS}, 0, {4 * M});",
+          "  const int Nf = N - N % nth;",
+          "  for (int n = 0; n < N; n++) {",
+          "    const int own = n < Nf;",
+          "    if (own && n % nth != tid) continue;",
+          f"    for (int c = 0; c < {cin}; c++) {{",
+          f"      const float* ip = in + (long)n * {li.image} + (long)c * {li.plane};",
+          f"      float* sp = S + (long)c * {PS};",
+          f"      for (int y = 0; y < {ho}; y++) memcpy(sp + y * {wo}, ip + (long)(y + 1) * {li.rs} + 1, {4 * wo});"]
+    if PS > ho * wo:
+        b.append(f"      memset(sp + {ho * wo}, 0, {4 * (PS - ho * wo)});")
+    b += ["    }",
+          "    float* P = own ? Po : Ps;",
+          f"    for (int t = own ? 0 : tid; t < {T}; t += own ? 1 : nth) {{",
+          "      for (int q = estart[t]; q < estart[t + 1]; q++) {",
+          f"        {ty} " + ", ".join(f"x{v}_{c} = {bc}(0.0f)" for v in range(PV) for c in range(CH)) + ";",
+          "        { const int* st = a_st + q;"]
+    _chains(b, "        ", "x", "st", "a_ch", "a_w", "S", PV, G, CH)
+    b.append("        }")
+    for v in range(PV):
+        acc = _tree([f"x{v}_{c}" for c in range(CH)]) + f" + {bc}(a_b[q])"
+        b.append(f"        {{ {ty} a = {act(A.act, acc)}; memcpy(Z + {M + v * G}, &a, sizeof a); }}")
+    b += [f"        {ty} " + ", ".join(f"y{v} = {bc}(b_b[q])" for v in range(PV)) + ";",
+          "        for (int j = b_st[q]; j < b_st[q + 1]; j++) {",
+          f"          const int tp = b_tap[j]; const {ty} kk = {bc}(b_w[j]);",
+          f"          const float* zp = Z + {M} + toff[tp]; const float* m = mk + tp * {PS};"]
+    b += [f"          y{v} += kk * {ld_}(m + {v * G}) * {ld_}(zp + {v * G});" for v in range(PV)]
+    b += ["        }",
+          f"        float* dp = D + (long)(q - estart[t]) * {PS};"]
+    b += [f"        {{ {ty} a = {act(Bc.act, f'y{v}')}; memcpy(dp + {v * G}, &a, sizeof a); }}" for v in range(PV)]
+    b += ["      }",
+          f"      for (int oc = 0; oc < {cout}; oc++) {{",
+          f"        {ty} " + ", ".join(f"z{v}_{c} = {bc}(0.0f)" for v in range(PV) for c in range(CH)) + ";",
+          f"        {{ const int* st = c_st + t * {cout + 1} + oc;"]
+    _chains(b, "        ", "z", "st", "c_ix", "c_w", "D", PV, G, CH)
+    b.append("        }")
+    b.append(f"        float* pp = P + ((long)t * {cout} + oc) * {PS};")
+    for v in range(PV):
+        b.append(f"        {{ {ty} a = {_tree([f'z{v}_{c}' for c in range(CH)])}; memcpy(pp + {v * G}, &a, sizeof a); }}")
+    b += ["      }", "    }"]
+    b += ["#ifdef _OPENMP",
+          "    if (!own) {",
+          "#pragma omp barrier",
+          "    }",
+          "#endif",
+          f"    const int olo = own ? 0 : {cout} * tid / nth, ohi = own ? {cout} : {cout} * (tid + 1) / nth;",
+          "    for (int oc = olo; oc < ohi; oc++) {",
+          f"      float tmp[{PS}];",
+          f"      float* ob = out + (long)n * {lo.image} + (long)oc * {lo.plane};"]
+    if C.residual is not None:
+        b += [f"      float rt[{PS}];",
+              f"      const float* rb = res + (long)n * {lo.image} + (long)oc * {lo.plane};",
+              f"      for (int y = 0; y < {ho}; y++) memcpy(rt + y * {wo}, rb + (long)(y + 1) * {lo.rs} + 1, {4 * wo});"]
+        if PS > ho * wo:
+            b.append(f"      memset(rt + {ho * wo}, 0, {4 * (PS - ho * wo)});")
+    for v in range(PV):
+        terms = [f"{bc}(c_b[oc])"] + [f"{ld_}(P + ({t}L * {cout} + oc) * {PS} + {v * G})" for t in range(T)]
+        if C.residual is not None:
+            terms.append(f"{ld_}(rt + {v * G})")
+        b.append(f"      {{ {ty} a = {act(C.act, _tree(terms))}; memcpy(tmp + {v * G}, &a, sizeof a); }}")
+    b += [f"      for (int y = 0; y < {ho}; y++) memcpy(ob + (long)(y + 1) * {lo.rs} + 1, tmp + y * {wo}, {4 * wo});",
+          "    }",
+          "#ifdef _OPENMP",
+          "    if (!own) {",
+          "#pragma omp barrier",
+          "    }",
+          "#endif",
+          "  }",
+          "}"]
+    return "\n".join(b)
+
+
 def pool_source(k: int, op: PoolOp, plan: Plan) -> str:
     li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
     c, ho, wo = lo.shape
@@ -512,6 +636,11 @@ def _segment(si: int, idxs: list[int], plan: Plan, traced: bool) -> str:
     body = []
     stamp = "    if (T) T[(({j}) * nth + tid) * 2 + {e}] = omp_get_wtime();" if traced else ""
     for j, k in enumerate(idxs):
+        if j and k in plan.absorbed:     # no barrier inside a fused block: it already ran this op
+            if traced:
+                body.append("#ifdef _OPENMP\n" + stamp.format(j=j - 1, e=1) + "\n" + stamp.format(j=j, e=0)
+                            + "\n#endif")
+            continue
         if j:
             body.append("#ifdef _OPENMP\n#pragma omp barrier\n" + stamp.format(j=j - 1, e=1) + "\n#endif")
         body.append(f"    op{k}(B, N, tid, nth, g_w, g_i);")
@@ -543,7 +672,11 @@ def generate(plan: Plan) -> str:
     for k, op in enumerate(plan.graph.ops):
         if not op.native:
             continue
-        if isinstance(op, ConvOp):
+        if k in plan.blocks:
+            wrappers.append(block_source(k, plan.blocks[k], plan))
+        elif k in plan.absorbed:      # runs inside its fused block; kept so every op has an entry point
+            wrappers.append(f"static void op{k}(OPARGS) {{ (void)B; (void)N; (void)tid; (void)nth; (void)g_w; (void)g_i; }}")
+        elif isinstance(op, ConvOp):
             wrappers.append(conv_source(k, plan.convs[k], plan, bodies))
         else:
             wrappers.append(TEMPLATES[type(op)](k, op, plan))

@@ -43,6 +43,11 @@ def assign_slots(plan: Plan, buffered: set[int]) -> tuple[dict[int, int], list[i
     for k, op in enumerate(g.ops):
         for v in list(op.inputs) + ([op.residual] if isinstance(op, ConvOp) and op.residual is not None else []):
             last[v] = k
+    # a fused block reads its input and writes its output inside one op, image after image: its input stays
+    # live until the block's last op, so the output never takes the input's slot
+    for bp in plan.blocks.values():
+        for v in list(g.ops[bp.a].inputs):
+            last[v] = max(last.get(v, bp.c), bp.c)
     pinned = set(g.inputs) | set(g.outputs)
     slot_of: dict[int, int] = {}
     sizes: list[int] = []
@@ -100,6 +105,14 @@ def runtime_spec(plan: Plan, input_shape: tuple[int, ...]) -> dict:
             c = plan.convs[k]
             d.update(kernels=c.kernels, taps=c.taps, flops_per_image=c.flops, shapes=len(c.shapes),
                      block=[c.rows, c.vecs])
+        if k in plan.blocks:
+            bp = plan.blocks[k]
+            d["fused_block"] = [bp.a, bp.b, bp.c]
+            d["flops_per_image"] = bp.flops
+            d["describe"] = f"{d['describe']} [fused block: ops {bp.a}-{bp.c}]"
+        if k in plan.absorbed:
+            d["fused_into"] = plan.absorbed[k]
+            d["describe"] = f"{d['describe']} [runs in fused op {plan.absorbed[k]}]"
         ops.append(d)
     return {"format": "sparseforge-engine-1", "input_shape": list(input_shape), "inputs": g.inputs,
             "outputs": g.outputs, "values": values, "ops": ops, "packed": packed, "threads": plan.threads,

@@ -327,6 +327,8 @@ class Plan:
     vec: int = VEC
     scratch: int = 0                      # floats of scratch memory (gather mode), independent of the batch
     scratch_id: int = 0                   # its index in the buffer table (after every value id)
+    blocks: dict = dataclasses.field(default_factory=dict)     # fused blocks by their first op (BlockPlan)
+    absorbed: dict = dataclasses.field(default_factory=dict)   # op index -> the fused block op that runs it
 
     def gather_size(self, k: int) -> int:
         """Floats of scratch memory conv ``k`` needs, whatever the batch: per thread, one image's packed rows
@@ -341,6 +343,139 @@ class Plan:
         return self.threads * (packed + c.op.weight.shape[0] * acc_stride)
 
 
+FUSE_BLOCKS = True     # fuse 1x1 expand -> 3x3 depthwise -> 1x1 project on small maps (see BlockPlan)
+
+
+@dataclasses.dataclass
+class BlockPlan:
+    """An inverted-residual block (1x1 expand -> 3x3 depthwise s1 -> 1x1 project, maps of <= PACKED1_MAX
+    pixels) run as one op. At batch 1, layer by layer, every 1x1 layer reads all channels, half of them written
+    by the other core, and every output line was last read by the other core: measured on MobileNetV2 (2-core
+    Xeon, network-order profile), those transfers doubled the time of the small-map layers. Fused, each thread
+    expands and filters its own share of the expanded channels into private memory (never materialised in
+    the network's buffers), computes the project layer's partial sums over them, and the threads then add up
+    the partials of their share of output channels: only the block input and the partial sums cross cores.
+    Packed rows as in packed 1x1 mode (``ConvPlan.packed1``); the depthwise taps are shifted loads from the
+    packed expanded row with 0/1 masks for the map's edges."""
+
+    a: int                                # op indices: expand, depthwise, project
+    b: int
+    c: int
+    cin: int
+    mid: int
+    cout: int
+    ho: int
+    wo: int
+    G: int                                # lanes
+    PV: int                               # vectors per map
+    M: int                                # zero margin (floats) before and after the packed expanded row
+    max_e: int                            # most expanded channels in one partition
+    offs: dict = dataclasses.field(default_factory=dict)
+    flops: int = 0
+
+    @property
+    def PS(self) -> int:
+        return self.PV * self.G
+
+    def private(self, threads: int) -> int:
+        """Floats of scratch per thread: packed input, expanded row with margins, filtered rows, own partials."""
+        return self.cin * self.PS + (self.PS + 2 * self.M) + self.max_e * self.PS + threads * self.cout * self.PS
+
+    def scratch(self, threads: int) -> int:
+        return threads * self.private(threads) + threads * self.cout * self.PS
+
+
+def fusable_blocks(graph: Graph) -> list[tuple[int, int, int]]:
+    """Consecutive (expand, depthwise, project) triples the fused block kernel supports."""
+    out = []
+    used = {v for v in graph.outputs}
+    k = 0
+    ops = graph.ops
+    while k + 2 < len(ops):
+        a, b, c = ops[k], ops[k + 1], ops[k + 2]
+        ok = (all(isinstance(x, ConvOp) and x.native for x in (a, b, c))
+              and a.weight.shape[2:] == (1, 1) and a.groups == 1 and a.stride == 1 and a.padding == 0
+              and a.residual is None
+              and b.inputs[0] == a.output and b.weight.shape[2:] == (3, 3) and b.stride == 1 and b.padding == 1
+              and b.groups == b.weight.shape[0] == a.weight.shape[0] and b.weight.shape[1] == 1 and b.residual is None
+              and c.inputs[0] == b.output and c.weight.shape[2:] == (1, 1) and c.groups == 1 and c.stride == 1
+              and c.padding == 0 and (c.residual is None or c.res_kind == "identity")
+              and a.output not in used and b.output not in used
+              and len(graph.users(a.output)) == 1 and len(graph.users(b.output)) == 1)
+        if ok:
+            _, ho, wo = graph.values[c.output].shape
+            ok = ho * wo <= PACKED1_MAX and tuple(graph.values[a.inputs[0]].shape[1:]) == (ho, wo)
+        if ok:
+            out.append((k, k + 1, k + 2))
+            k += 3
+        else:
+            k += 1
+    return out
+
+
+def plan_block(graph: Graph, trip: tuple[int, int, int], blob: Blob, threads: int) -> BlockPlan:
+    ka, kb, kc = trip
+    A, Bc, C = graph.ops[ka], graph.ops[kb], graph.ops[kc]
+    wa = A.weight.detach().float().reshape(A.weight.shape[0], -1)          # (mid, cin)
+    wb = Bc.weight.detach().float().reshape(Bc.weight.shape[0], 9)         # (mid, 9)
+    wc = C.weight.detach().float().reshape(C.weight.shape[0], -1)          # (cout, mid)
+    mid, cin = wa.shape
+    cout = wc.shape[0]
+    _, ho, wo = graph.values[C.output].shape
+    G = 8 if ho * wo <= 8 else 16
+    PV = math.ceil(ho * wo / G)
+    # expanded channels: LPT over (expand taps + depthwise taps + project taps), biggest first
+    work = (wa != 0).sum(1) + (wb != 0).sum(1) + (wc != 0).sum(0) + 1
+    loads = [0] * threads
+    parts: list[list[int]] = [[] for _ in range(threads)]
+    for e in sorted(range(mid), key=lambda e: (-int(work[e]), e)):
+        t = min(range(threads), key=lambda t: (loads[t], t))
+        parts[t].append(e)
+        loads[t] += int(work[e])
+    walk = [e for p in parts for e in p]
+    estart = [0]
+    for p in parts:
+        estart.append(estart[-1] + len(p))
+    a_st, a_ch, a_w = [0], [], []
+    b_st, b_tap, b_w = [0], [], []
+    for e in walk:
+        nz = wa[e].nonzero().flatten().tolist()
+        a_ch += nz
+        a_w += wa[e, nz].tolist()
+        a_st.append(len(a_ch))
+        tz = wb[e].nonzero().flatten().tolist()
+        b_tap += tz
+        b_w += wb[e, tz].tolist()
+        b_st.append(len(b_tap))
+    c_st, c_ix, c_w = [], [], []
+    for t, p in enumerate(parts):
+        for o in range(cout):
+            c_st.append(len(c_ix))
+            for li, e in enumerate(p):
+                if wc[o, e] != 0:
+                    c_ix.append(li)
+                    c_w.append(float(wc[o, e]))
+        c_st.append(len(c_ix))
+    PS = PV * G
+    masks = np.zeros((9, PS), np.float32)
+    for tp in range(9):
+        dy, dx = tp // 3 - 1, tp % 3 - 1
+        for q in range(ho * wo):
+            y, x = divmod(q, wo)
+            masks[tp, q] = 1.0 if 0 <= y + dy < ho and 0 <= x + dx < wo else 0.0
+    M = -(-(wo + 1) // 16) * 16
+    bp = BlockPlan(ka, kb, kc, cin, mid, cout, ho, wo, G, PV, M, max(len(p) for p in parts))
+    bp.offs = {
+        "estart": blob.add_i(estart), "a_st": blob.add_i(a_st), "a_ch": blob.add_i(a_ch or [0]),
+        "a_w": blob.add_f(a_w or [0.0]), "a_b": blob.add_f(A.bias.numpy()[walk]),   # biases in walk order
+        "b_st": blob.add_i(b_st), "b_tap": blob.add_i(b_tap or [0]), "b_w": blob.add_f(b_w or [0.0]),
+        "b_b": blob.add_f(Bc.bias.numpy()[walk]), "c_st": blob.add_i(c_st), "c_ix": blob.add_i(c_ix or [0]),
+        "c_w": blob.add_f(c_w or [0.0]), "c_b": blob.add_f(C.bias.numpy()), "mask": blob.add_f(masks),
+    }
+    bp.flops = 2 * ho * wo * int((wa != 0).sum() + (wb != 0).sum() + (wc != 0).sum())
+    return bp
+
+
 def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto", wide: bool = False) -> Plan:
     """``wide``: direct-mode layers on maps a multiple of 16 wide may use 16-lane vectors (AVX-512 hosts)."""
     blob = Blob()
@@ -350,7 +485,15 @@ def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto
     other: dict[int, dict] = {}
     writer: dict[int, list[int]] = {}       # value id -> thread that writes each channel (batch 1)
     by_rows: set[int] = set()               # values written split by rows (batch 1)
+    blocks: dict[int, BlockPlan] = {}
+    absorbed: dict[int, int] = {}
+    if FUSE_BLOCKS:
+        for trip in fusable_blocks(graph):
+            blocks[trip[0]] = plan_block(graph, trip, blob, threads)
+            absorbed[trip[1]] = absorbed[trip[2]] = trip[0]
     for k, op in enumerate(graph.ops):
+        if k in blocks or k in absorbed:
+            continue
         if isinstance(op, ConvOp):
             c = convs[k] = plan_conv(op, graph.values[op.inputs[0]].shape, graph.values[op.output].shape, blob,
                                      threads, layouts[op.inputs[0]], layouts[op.output], vec, conv_mode, wide,
@@ -368,7 +511,8 @@ def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto
             segments[-1][1].append(k)
         else:
             segments.append((kind, [k]))
-    plan = Plan(graph, layouts, convs, other, blob, threads, segments, vec)
+    plan = Plan(graph, layouts, convs, other, blob, threads, segments, vec, blocks=blocks, absorbed=absorbed)
     plan.scratch_id = max(graph.values) + 1
-    plan.scratch = max([plan.gather_size(k) for k, c in convs.items() if c.gather or c.packed1], default=0)
+    plan.scratch = max([plan.gather_size(k) for k, c in convs.items() if c.gather or c.packed1]
+                       + [bp.scratch(threads) for bp in blocks.values()], default=0)
     return plan
