@@ -93,8 +93,22 @@ def latency(models: dict[str, torch.nn.Module], batch: int, runs: int, block: in
                     t0 = time.perf_counter()
                     fns[k](x)
                     times[k].append(time.perf_counter() - t0)
-    return {k: {"median_ms": 1e3 * statistics.median(v), "p10_ms": 1e3 * float(np.percentile(v, 10)),
-                "p90_ms": 1e3 * float(np.percentile(v, 90)), "runs": len(v)} for k, v in times.items()}
+    out = {k: {"median_ms": 1e3 * statistics.median(v), "p10_ms": 1e3 * float(np.percentile(v, 10)),
+               "p90_ms": 1e3 * float(np.percentile(v, 90)), "runs": len(v)} for k, v in times.items()}
+    # paired speedups: the machine's speed drifts between rounds (other tenants, cache state), so compare the
+    # arms round by round (median of each round's block) and report the median and spread of those ratios
+    base = next(iter(models))
+    for k in times:
+        kind, arm = k.split(":", 1)
+        if arm == base:
+            continue
+        ref = f"{kind}:{base}"
+        rounds = [statistics.median(times[ref][i:i + block]) / statistics.median(times[k][i:i + block])
+                  for i in range(0, min(len(times[ref]), len(times[k])), block)]
+        out[k]["paired_speedup_vs_" + base] = {"median": statistics.median(rounds),
+                                               "p10": float(np.percentile(rounds, 10)),
+                                               "p90": float(np.percentile(rounds, 90)), "rounds": len(rounds)}
+    return out
 
 
 def exp_resnet56(a) -> dict:

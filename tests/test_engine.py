@@ -47,15 +47,20 @@ def test_engine_matches_pytorch(name, sparsity):
     m = _model(name)
     if SPARSITIES[sparsity] is not None:
         sf.prune(m, SPARSITIES[sparsity])
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    training = m.training
     engine = compile(m, torch.randn(1, 3, 32, 32), threads=2)
     assert all(op["native"] for op in engine.spec["ops"]), engine.summary(profile=False)
+    if name == "mobilenetv2":      # its 8x8 and 4x4 inverted-residual blocks run fused
+        assert sum("fused_block" in op for op in engine.spec["ops"]) == 9
     for batch in (1, 8):
         x = torch.randn(batch, 3, 32, 32)
         with torch.inference_mode():
             ref = m(x)
         assert rel_err(engine(x), ref) <= TOL
-    # the model itself is untouched by compilation
-    assert not m.training or True
+    # the model itself is untouched by compilation (weights, BN statistics, train/eval mode)
+    assert m.training == training
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
 
 
 def test_fallback_is_correct_and_visible():
