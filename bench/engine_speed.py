@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -173,6 +174,10 @@ def main() -> None:
     doc = {"benchmark": "engine_speed", "results": results, "env": environment(),
            "method": f"arms alternate in blocks of 1 discarded + 5 timed calls (rotated order), {a.warmup} warm-up calls, "
                         f">= {a.runs} timed runs per arm; median/p10/p90 of wall time"}
+    # glibc returns big freed blocks to the OS (mmap threshold / trim): a fresh process then page-faults PyTorch's
+    # activations on every call, which slows the dense baselines (see docs); GLIBC_TUNABLES=glibc.malloc.
+    # mmap_threshold=...:glibc.malloc.trim_threshold=... keeps the heap warm. Recorded so runs can be compared.
+    doc["env"]["GLIBC_TUNABLES"] = os.environ.get("GLIBC_TUNABLES", "")
     try:
         import onnxruntime
 

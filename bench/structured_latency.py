@@ -5,9 +5,14 @@ only in the process, channels_last, BN folded, inference_mode, 2 threads, batch 
 the models; each round times a block of 5 calls per model after a 50 ms pause and 2 discarded calls; speedups are
 paired (ratio of block medians within a round), median and p10/p90 over rounds.
 
-Run: python bench/structured_latency.py layer:0.45:8 layer:0.40:8 global:0.45:8   (scope:mac_ratio:round_to)
-Writes bench/results/structured_latency.json. Compare with bench/structured.py, which times trained arms in the
-process that also ran their recipes (its dense timings have come out 25-35% faster than here; see the notes).
+Run with a warm heap (steady state of a serving process):
+  GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824 \
+  python bench/structured_latency.py layer:0.45:8 layer:0.40:8 global:0.45:8      (scope:mac_ratio:round_to)
+Without it, glibc hands PyTorch's freed activation buffers back to the OS and every call page-faults them in
+again; in a fresh process that made the dense ResNet-56 48 ms instead of 31 ms at batch 32 and inflated the
+speedups (1.92x instead of 1.52x for the same pair). bench/structured.py times its arms in the process that ran
+the recipes, whose heap is already warm, and agrees with the tuned figures.
+Writes bench/results/structured_latency.json.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -72,7 +78,8 @@ def main() -> None:
                 blocks[k].append(statistics.median(ts))
     dense_macs = count_macs(base, x1)
     out = {"benchmark": "structured_latency", "batch": a.batch, "threads": a.threads, "rounds": a.rounds,
-           "layout": "channels_last", "models": {}, "env": environment()}
+           "layout": "channels_last", "models": {}, "env": environment(),
+           "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", "")}
     for k, v in blocks.items():
         ratios = [d / s for d, s in zip(blocks["dense"], v)]
         out["models"][k] = {"mac_ratio": count_macs(models[k], x1) / dense_macs,
