@@ -208,7 +208,9 @@ def main() -> None:
             ax.set_title(f"{r['model']} {r['sparsity']}: engine time per op (us, batch 1, 2 threads, network order; 0 = runs in a fused block)", fontsize=8)
             ax.set_xticks([])
         fig.tight_layout()
-        fig.savefig(str(out.parent / "engine_layers.png"), dpi=110)
+        # the default run writes engine_layers.png; runs with another --out get <out>_layers.png
+        layers = out.parent / ("engine_layers.png" if out.name == "engine_speed" else f"{out.name}_layers.png")
+        fig.savefig(str(layers), dpi=110)
         plt.close(fig)
     print(f"wrote {out}.json")
 
