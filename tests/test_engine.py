@@ -211,3 +211,20 @@ def test_channels_last_model_compiles_correctly():
     x = torch.randn(3, 3, 32, 32)
     with torch.inference_mode():
         assert rel_err(e(x.contiguous(memory_format=torch.channels_last)), m(x)) <= TOL
+
+
+def test_fused_block_engine_saves_and_reloads(tmp_path):
+    """An engine with a fused inverted-residual block round-trips through save/load: same outputs, same plan."""
+    from sparseforge.engine.testing import Case, build_case
+
+    c = Case(cin=8, cout=24, h=6, w=5, k=1, stride=1, pad=0, bias=True, bn=True, act="relu6", residual=True,
+             depthwise=False, second=False, sparsity="pattern", batch=3, seed=7, inverted=True)
+    m, x = build_case(c)
+    e = compile(m, x[:1], threads=2)
+    assert sum("fused_block" in op for op in e.spec["ops"]) == 1
+    e.save(tmp_path / "eng")
+    e2 = load_engine(tmp_path / "eng")
+    assert [op.get("fused_into") for op in e2.spec["ops"]] == [op.get("fused_into") for op in e.spec["ops"]]
+    assert torch.equal(e2(x), e(x))
+    with torch.inference_mode():
+        assert rel_err(e2(x), m(x)) <= TOL
