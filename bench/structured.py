@@ -52,8 +52,40 @@ def recipe(model: str, weights: str, data_dir: str, stages: list[dict], epochs_t
         "stage": stages})
 
 
+def _setup(rc: Recipe) -> dict:
+    """A recipe without its stages and thread count (threads change the speed, not what is computed, up to
+    float summation order)."""
+    d = {k: v for k, v in rc.to_dict().items() if k != "stage"}
+    d["train"] = {k: v for k, v in d.get("train", {}).items() if k != "threads"}
+    return d
+
+
+def reuse_first_stage(rc: Recipe, d: Path, exp_dir: Path) -> None:
+    """Arms of one experiment that start with the same stage (e.g. the dense adaptation epochs before pruning)
+    share it: a new arm copies a finished identical stage 0 from a sibling instead of training it again (same
+    recipe settings and seed)."""
+    import shutil
+
+    if (d / "recipe.toml").exists():
+        return
+    first = rc.stages()[0]
+    for other in sorted(p for p in exp_dir.iterdir() if p.is_dir() and p != d):
+        try:
+            orc = Recipe.from_toml((other / "recipe.toml").read_text())
+        except (OSError, ValueError, sf.SparseforgeError):
+            continue
+        src = other / "stages" / f"00-{first.method}"
+        same = _setup(orc) == _setup(rc)
+        if same and orc.stages()[0] == first and (src / "done.json").exists():
+            shutil.copytree(src, d / "stages" / src.name)
+            shutil.copy(other / "start.json", d / "start.json")
+            print(f"{d.name}: stage 0 ({first.method}) copied from {other.name}", flush=True)
+            return
+
+
 def run_arm(name: str, rc: Recipe, exp_dir: Path) -> dict:
     d = exp_dir / name
+    reuse_first_stage(rc, d, exp_dir)
     t0 = time.perf_counter()
     res = RecipeRunner(rc, d, progress=False).run(resume=(d / "recipe.toml").exists())
     res["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -135,6 +167,12 @@ def exp_resnet56(a) -> dict:
                           {"method": "structured", "mac_ratio": 0.45, "importance": "l1", "round_to": 8,
                            "scope": "layer"},
                           {"method": "kd", "epochs": max(1, a.epochs - max(1, a.epochs // 4)), "teacher": "stage:0"}],
+        # layer pruning: the same budget and teacher as adapt-kd-2.2x, but whole residual branches are dropped
+        # (greedy, by the loss increase on 4 training batches) until <= 0.5 of the MACs remain: narrow layers run
+        # far below peak, so a dropped block saves its whole time where a thinned one saves little
+        "depth-kd-2x": [{"method": "finetune", "epochs": max(1, a.epochs // 4)},
+                        {"method": "depth", "mac_ratio": 0.5, "importance": "loss"},
+                        {"method": "kd", "epochs": max(1, a.epochs - max(1, a.epochs // 4)), "teacher": "stage:0"}],
         "grow-2x-r8": [{"method": "structured", "mac_ratio": 0.48, "importance": "l1", "round_to": 8,
                         "scope": "layer", "regularize_epochs": 1},
                        {"method": "finetune", "epochs": max(1, a.epochs - 1)}],

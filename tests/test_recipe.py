@@ -320,3 +320,46 @@ def test_kd_teacher_from_an_earlier_stage(tmp_path):
     rp.write_text(bad)
     with pytest.raises(ConfigError, match="earlier stage"):
         Recipe.load_file(rp)
+
+
+DEPTH_RECIPE = """
+model = "resnet20"
+dataset = "synthetic"
+[train]
+batch_size = 32
+lr = 0.05
+train_size = 128
+test_size = 64
+threads = 1
+[[stage]]
+method = "finetune"
+epochs = 1
+[[stage]]
+method = "depth"
+blocks = 2
+importance = "loss"
+calibration_batches = 2
+[[stage]]
+method = "kd"
+epochs = 1
+teacher = "stage:0"
+"""
+
+
+def test_depth_stage_drops_branches_saves_the_shallow_net_and_resumes(tmp_path):
+    from sparseforge.models import load_weights, model_from_spec, read_state_dict
+
+    rp = tmp_path / "d.toml"
+    rp.write_text(DEPTH_RECIPE)
+    recipe = Recipe.load_file(rp)
+    res = RecipeRunner(recipe, tmp_path / "run", log=lambda s: None, progress=False).run()
+    hist = res["stages"][1]["depth"]
+    assert len(hist) == 2 and res["stages"][1]["bn_recalibrated_batches"] > 0
+    for path in (tmp_path / "run/stages/01-depth/model.safetensors", tmp_path / "run/model.safetensors"):
+        m = load_weights(model_from_spec(json.loads(read_state_dict(path)[1]["model"])), path)
+        assert sorted(n for n, b in m.named_modules() if getattr(b, "branch_removed", False)) == \
+            sorted(h["block"] for h in hist)
+    assert "residual branches removed" in (tmp_path / "run/report.md").read_text()
+    logs = []
+    res2 = RecipeRunner(recipe, tmp_path / "run", log=logs.append, progress=False).run(resume=True)
+    assert sum("already done" in s for s in logs) == 3 and res2["final"] == res["final"]

@@ -180,3 +180,109 @@ def test_explain_reports_what_cannot_be_grouped():
 
     text = groups(Odd(), torch.randn(1, 3, 12, 12)).explain()
     assert "grouped conv" in text and "BLOCKED" in text and "could not be grouped" in text
+
+
+# ---- depth (layer) pruning ------------------------------------------------------------------------------------
+
+def _batches(n=2, bs=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(bs, 3, 32, 32, generator=g), torch.randint(0, 10, (bs,), generator=g)) for _ in range(n)]
+
+
+def _quiet(m, name, scale=1e-3):
+    """Make one block's branch nearly silent (its last BN scales the output by ~0)."""
+    bn = dict(m.named_modules())[name].bn2
+    bn.weight.data.fill_(scale)
+    bn.bias.data.zero_()
+
+
+@pytest.mark.parametrize("importance", ["bn", "output"])
+def test_depth_criteria_drop_the_silent_branch_first(importance):
+    m = _model("resnet20")
+    _quiet(m, "layer2.1")
+    p = sf.prune(m, sf.DepthConfig(blocks=1, importance=importance), example_input=torch.randn(1, 3, 32, 32),
+                 calibration=_batches())
+    assert [h["block"] for h in p.sf_depth_history] == ["layer2.1"]
+    assert dict(p.named_modules())["layer2.1"].branch_removed
+    assert not getattr(dict(m.named_modules())["layer2.1"], "branch_removed", False)   # input model untouched
+
+
+def test_depth_meets_mac_target_minimally_and_equals_zeroed_branches(tmp_path):
+    m = _model("resnet20")
+    x = torch.randn(3, 3, 32, 32)
+    base = count_macs(m, x[:1])
+    p = sf.prune(m, sf.DepthConfig(mac_ratio=0.6, importance="bn"), example_input=x[:1]).eval()
+    gone = [h["block"] for h in p.sf_depth_history]
+    macs = sf.structured.block_macs(m, x[:1])
+    assert count_macs(p, x[:1]) <= 0.6 * base
+    assert count_macs(p, x[:1]) + macs[gone[-1]] > 0.6 * base       # one block fewer would miss the target
+    assert count_macs(p, x[:1]) == base - sum(macs[b] for b in gone)
+    mods = dict(p.named_modules())
+    for name in ("layer2.0", "layer3.0"):                          # downsampling blocks are never dropped
+        assert name not in gone and not mods[name].branch_removed
+    # the same function as the original network with those branches silenced
+    zeroed = copy.deepcopy(m)
+    for b in gone:
+        _quiet(zeroed, b, 0.0)
+    with torch.no_grad():
+        assert _rel(p(x), zeroed(x)) <= 1e-5
+    path = save_weights(p, tmp_path / "shallow.safetensors")
+    from sparseforge.models import read_state_dict
+    import json
+
+    spec = json.loads(read_state_dict(path)[1]["model"])
+    assert sorted(spec["arch"]["removed_branches"]) == sorted(gone)
+    rebuilt = load_weights(model_from_spec(spec), path).eval()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), p(x))
+    # the compiler runs the shallower net natively: a dropped branch's relu(x) of a ReLU output is an alias
+    engine = sf.compile(p, x[:1], threads=1)
+    assert all(op["native"] for op in engine.spec["ops"])
+    with torch.no_grad():
+        assert _rel(engine(x), p(x)) <= 1e-4
+
+
+def test_depth_loss_criterion_is_greedy_and_composes_with_width_pruning():
+    import torch.nn.functional as F
+
+    m = _model("resnet20")
+    x = torch.randn(1, 3, 32, 32)
+    cal = _batches()
+
+    def loss(net):
+        with torch.no_grad():
+            return sum(float(F.cross_entropy(net(a), b, reduction="sum")) for a, b in cal) / 32
+
+    p = sf.prune(m, sf.DepthConfig(blocks=3, importance="loss"), example_input=x, calibration=cal)
+    hist = p.sf_depth_history
+    # every step dropped the block whose removal raised the calibration loss least, given the earlier drops
+    cur = copy.deepcopy(m)
+    for h in hist:
+        ref = loss(cur)
+        deltas = {}
+        for name in sf.structured.candidate_blocks(cur, sf.DepthConfig(blocks=1)):
+            trial = copy.deepcopy(cur)
+            dict(trial.named_modules())[name].remove_branch()
+            deltas[name] = loss(trial) - ref
+        assert h["block"] == min(deltas, key=deltas.get)
+        assert h["score"] == pytest.approx(deltas[h["block"]], abs=1e-5)
+        dict(cur.named_modules())[h["block"]].remove_branch()
+    assert len(hist) == 3 and len({h["block"] for h in hist}) == 3
+    assert all(h["mac_ratio"] > hist[i + 1]["mac_ratio"] for i, h in enumerate(hist[:-1]))
+    both = sf.prune(p, StructuredConfig(mac_ratio=0.5), example_input=x)
+    assert count_macs(both, x) <= 0.5 * count_macs(p, x)
+    assert sum(getattr(b, "branch_removed", False) for b in both.modules()) == 3
+
+
+def test_depth_bad_input_is_a_clear_error():
+    m = _model("resnet20")
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(sf.SparseforgeError, match="calibration"):
+        sf.prune(m, sf.DepthConfig(blocks=1, importance="loss"), example_input=x)
+    with pytest.raises(Exception, match="exactly one target"):
+        sf.DepthConfig(blocks=1, mac_ratio=0.5)
+    with pytest.raises(sf.SparseforgeError, match="reaches only"):
+        sf.prune(m, sf.DepthConfig(mac_ratio=0.05, importance="bn"), example_input=x)
+    with pytest.raises(sf.SparseforgeError, match="no residual block"):
+        sf.prune(sf.create_model("vgg16"), sf.DepthConfig(blocks=1, importance="bn"), example_input=x)
+    assert sf.DepthConfig.from_toml(sf.DepthConfig(mac_ratio=0.5).to_toml()) == sf.DepthConfig(mac_ratio=0.5)

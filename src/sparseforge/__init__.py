@@ -7,10 +7,10 @@ from .models import create_model, load_weights  # noqa: E402
 from .engine import CompiledModel, compile, load_engine  # noqa: E402
 from .sparsity import ADMMConfig, MagnitudeConfig, Mask, PatternConfig, fold_masks, prune  # noqa: E402
 from . import structured  # noqa: E402  (registers StructuredConfig with prune)
-from .structured import EarlyBirdConfig, GroupLassoConfig, StructuredConfig  # noqa: E402
+from .structured import DepthConfig, EarlyBirdConfig, GroupLassoConfig, StructuredConfig  # noqa: E402
 from .lowbit import Pow2Config, ProgressivePrecisionConfig  # noqa: E402
 from . import distill, regularize, report  # noqa: E402
 
 __all__ = ["__version__", "SparseforgeError", "create_model", "load_weights", "prune", "fold_masks", "Mask",
-           "PatternConfig", "ADMMConfig", "MagnitudeConfig", "compile", "load_engine", "CompiledModel", "structured", "StructuredConfig", "GroupLassoConfig", "EarlyBirdConfig",
+           "PatternConfig", "ADMMConfig", "MagnitudeConfig", "compile", "load_engine", "CompiledModel", "structured", "StructuredConfig", "DepthConfig", "GroupLassoConfig", "EarlyBirdConfig",
            "Pow2Config", "ProgressivePrecisionConfig", "distill", "regularize", "report"]

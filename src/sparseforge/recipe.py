@@ -118,7 +118,7 @@ class Stage:
 
 
 # stages after which the weights no longer match their BatchNorm statistics
-PRUNING_STAGES = {"admm", "pattern", "magnitude", "structured", "ssl", "earlybird"}
+PRUNING_STAGES = {"admm", "pattern", "magnitude", "structured", "depth", "ssl", "earlybird"}
 
 
 def parse_stage(d: dict[str, Any], where: str) -> Stage:
@@ -365,9 +365,23 @@ class RecipeRunner:
                 info["train"] = self._train(model, cfg, sdir, callbacks=[cb])
                 info["growing_reg"] = cb.history
                 model = remove_channels(model, dg, rem)
+            elif stage.method == "depth":
+                model = prune(model, stage.config, example_input=self._example(),
+                              calibration=self._calibration(stage.config.calibration_batches))
+                info["depth"] = getattr(model, "sf_depth_history", [])
             else:
                 model = prune(model, stage.config, example_input=self._example())
         return model, info
+
+    def _calibration(self, batches: int) -> list:
+        """The first ``batches`` training batches (epoch 0's order, so a resumed run picks the same ones)."""
+        tl, _ = self.loaders(self.recipe.train_config())
+        out = []
+        for x, y in tl.iterate(0, 0):
+            if len(out) >= batches:
+                break
+            out.append((x, y))
+        return out
 
     def _compile(self, model: nn.Module, c: CompileConfig, sdir: Path) -> dict[str, Any]:
         """Engine vs PyTorch dense (BN folded) vs onnxruntime dense vs PyTorch on the compressed model."""

@@ -211,6 +211,9 @@ def build_ir(gm: fx.GraphModule) -> Graph:
                 prod.act = act
                 env[node] = src
                 continue
+            if act == "relu" and isinstance(prod, (ConvOp, LinearOp)) and prod.act in ("relu", "relu6"):
+                env[node] = src      # relu of a non-negative value (e.g. a dropped residual branch's relu(x))
+                continue
             fallback(node, "activation not after a conv")
             continue
         if node.op in ("call_function", "call_method") and node.target in (_ADD | {"add", "add_"}) \
