@@ -60,32 +60,43 @@ def _setup(rc: Recipe) -> dict:
     return d
 
 
-def reuse_first_stage(rc: Recipe, d: Path, exp_dir: Path) -> None:
-    """Arms of one experiment that start with the same stage (e.g. the dense adaptation epochs before pruning)
-    share it: a new arm copies a finished identical stage 0 from a sibling instead of training it again (same
-    recipe settings and seed)."""
+def reuse_stages(rc: Recipe, d: Path, exp_dir: Path) -> None:
+    """Arms of one experiment that start with the same stages (e.g. the dense adaptation epochs, then the same
+    depth pruning) share them: a new arm copies the longest finished identical prefix of stages from a sibling
+    instead of computing it again (same recipe settings and seed)."""
     import shutil
 
     if (d / "recipe.toml").exists():
         return
-    first = rc.stages()[0]
+    mine = rc.stages()
+    best: tuple[int, Path | None] = (0, None)
     for other in sorted(p for p in exp_dir.iterdir() if p.is_dir() and p != d):
         try:
             orc = Recipe.from_toml((other / "recipe.toml").read_text())
         except (OSError, ValueError, sf.SparseforgeError):
             continue
-        src = other / "stages" / f"00-{first.method}"
-        same = _setup(orc) == _setup(rc)
-        if same and orc.stages()[0] == first and (src / "done.json").exists():
-            shutil.copytree(src, d / "stages" / src.name)
-            shutil.copy(other / "start.json", d / "start.json")
-            print(f"{d.name}: stage 0 ({first.method}) copied from {other.name}", flush=True)
-            return
+        if _setup(orc) != _setup(rc):
+            continue
+        n = 0
+        for i, (a_, b_) in enumerate(zip(orc.stages(), mine)):
+            if a_ != b_ or not (other / "stages" / f"{i:02d}-{a_.method}" / "done.json").exists():
+                break
+            n = i + 1
+        if n > best[0]:
+            best = (n, other)
+    n, other = best
+    if other is None:
+        return
+    for i in range(n):
+        src = other / "stages" / f"{i:02d}-{mine[i].method}"
+        shutil.copytree(src, d / "stages" / src.name)
+    shutil.copy(other / "start.json", d / "start.json")
+    print(f"{d.name}: stages 0-{n - 1} ({', '.join(s.method for s in mine[:n])}) copied from {other.name}", flush=True)
 
 
 def run_arm(name: str, rc: Recipe, exp_dir: Path) -> dict:
     d = exp_dir / name
-    reuse_first_stage(rc, d, exp_dir)
+    reuse_stages(rc, d, exp_dir)
     t0 = time.perf_counter()
     res = RecipeRunner(rc, d, progress=False).run(resume=(d / "recipe.toml").exists())
     res["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -173,6 +184,12 @@ def exp_resnet56(a) -> dict:
         "depth-kd-2x": [{"method": "finetune", "epochs": max(1, a.epochs // 4)},
                         {"method": "depth", "mac_ratio": 0.5, "importance": "loss"},
                         {"method": "kd", "epochs": max(1, a.epochs - max(1, a.epochs // 4)), "teacher": "stage:0"}],
+        # the same, plus FitNets hints: depth pruning keeps every width, so the student's stage outputs can be
+        # matched to the teacher's directly (relative squared error, weight 1) on top of Hinton KD
+        "depth-hint-2x": [{"method": "finetune", "epochs": max(1, a.epochs // 4)},
+                          {"method": "depth", "mac_ratio": 0.5, "importance": "loss"},
+                          {"method": "kd", "epochs": max(1, a.epochs - max(1, a.epochs // 4)), "teacher": "stage:0",
+                           "hint": 1.0, "taps": ["layer1", "layer2", "layer3"]}],
         "grow-2x-r8": [{"method": "structured", "mac_ratio": 0.48, "importance": "l1", "round_to": 8,
                         "scope": "layer", "regularize_epochs": 1},
                        {"method": "finetune", "epochs": max(1, a.epochs - 1)}],

@@ -178,3 +178,46 @@ def test_feature_taps_are_removed_and_teacher_has_no_grad():
     with pytest.raises(SparseforgeError, match="no module named"):
         with distill.feature_taps(m, ["layer9"]):
             pass
+
+
+def test_hint_loss_matches_formula_and_pulls_a_depth_pruned_student_to_its_teacher():
+    import copy
+
+    import sparseforge as sf
+
+    g = torch.Generator().manual_seed(1)
+    s = [torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64) for _ in range(2)]
+    t = [torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64) for _ in range(2)]
+    ref = sum(float(((a - b) ** 2).sum() / (b ** 2).sum()) for a, b in zip(s, t))
+    assert float(distill.hint_loss(s, t)) == pytest.approx(ref, rel=1e-12)
+    assert float(distill.hint_loss(t, t)) == 0.0
+    with pytest.raises(SparseforgeError, match="equal shapes"):
+        distill.hint_loss([s[0]], [t[0][:, :2]])
+    # a few steps of hints on a student with two residual branches dropped bring its stage outputs closer
+    torch.manual_seed(0)
+    teacher = sf.create_model("resnet20").eval()
+    student = sf.prune(teacher, sf.DepthConfig(blocks=2, importance="bn"), example_input=torch.randn(1, 3, 32, 32))
+    student.eval()       # BN statistics fixed: only the weights move
+    taps = ["layer1", "layer2", "layer3"]
+    x = torch.randn(16, 3, 32, 32)
+
+    def gap():
+        with torch.no_grad(), distill.feature_taps(student, taps) as fs, distill.feature_taps(teacher, taps) as ft:
+            student(x)
+            teacher(x)
+            return float(distill.hint_loss([fs[p] for p in taps], [ft[p] for p in taps]))
+
+    before = gap()
+    opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+    for _ in range(25):
+        with distill.feature_taps(student, taps) as fs, distill.feature_taps(teacher, taps) as ft:
+            student(x)
+            with torch.no_grad():
+                teacher(x)
+            loss = distill.hint_loss([fs[p] for p in taps], [ft[p] for p in taps])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = gap()
+    assert after < 0.5 * before, (before, after)
+    assert copy.deepcopy(student) is not None

@@ -75,6 +75,25 @@ def _graph(f: torch.Tensor) -> torch.Tensor:
     return inv[:, None] * a * inv[None, :]
 
 
+def hint_loss(s_feats, t_feats) -> torch.Tensor:
+    """Sum over tapped layers of ||s - t||^2 / ||t||^2 (FitNets hints without a regressor: the student's
+    features must have the teacher's shapes, as after depth pruning, which keeps every width)."""
+    if isinstance(s_feats, torch.Tensor):
+        s_feats, t_feats = [s_feats], [t_feats]
+    if len(s_feats) != len(t_feats) or not s_feats:
+        raise SparseforgeError(f"hint_loss: {len(s_feats)} student vs {len(t_feats)} teacher feature maps; "
+                               "tap the same number of layers in both")
+    total = 0.0
+    for k, (s, t) in enumerate(zip(s_feats, t_feats)):
+        if s.shape != t.shape:
+            raise SparseforgeError(f"hint_loss: tap {k} has shape {tuple(s.shape)} in the student and "
+                                   f"{tuple(t.shape)} in the teacher; hints need equal shapes (tap layers whose "
+                                   "width pruning kept, or use graph KD, which works across widths)")
+        t = t.detach()
+        total = total + ((s - t) ** 2).sum() / (t ** 2).sum().clamp_min(1e-12)
+    return total
+
+
 def graph_kd_loss(s_feats, t_feats, weight: float = 1.0) -> torch.Tensor:
     """weight * sum over tapped layers of ||A_T - A_S||_F^2 (works across different widths)."""
     if isinstance(s_feats, torch.Tensor):
@@ -119,7 +138,7 @@ class Teacher:
         return logits, [f[p] for p in self.taps]
 
 
-__all__ = ["kd_loss", "rkd_distance_loss", "rkd_angle_loss", "graph_kd_loss", "feature_taps", "Teacher"]
+__all__ = ["kd_loss", "rkd_distance_loss", "rkd_angle_loss", "graph_kd_loss", "hint_loss", "feature_taps", "Teacher"]
 
 
 # ---- training integration -------------------------------------------------------------------------------
@@ -142,6 +161,9 @@ class KDConfig(Config):
     rkd_distance: float = opt(0.0, "weight of the RKD distance term on the penultimate features", min=0.0)
     rkd_angle: float = opt(0.0, "weight of the RKD angle term on the penultimate features", min=0.0)
     graph: float = opt(0.0, "weight of graph KD over `taps`", min=0.0)
+    hint: float = opt(0.0, "weight of feature matching over `taps` (FitNets hints): relative squared error "
+                           "||s - t||^2 / ||t||^2 per tap; needs the same shapes (e.g. a depth-pruned student)",
+                      min=0.0)
     taps: tuple[str, ...] = opt((), "module paths tapped for graph KD (same paths in teacher and student)")
     embed: str = opt("", "module whose output is the embedding for RKD (default: the input of the classifier)")
 
@@ -190,8 +212,11 @@ class KDCallback(Callback):
     def on_train_begin(self, trainer) -> None:
         c = self.cfg
         emb = _embed_module(trainer.model, c) if (c.rkd_distance or c.rkd_angle) else None
-        self._s = _Hooks(trainer.model, tuple(c.taps) if c.graph else (), emb)
-        self._t = _Hooks(self.teacher_model, tuple(c.taps) if c.graph else (), emb)
+        taps = tuple(c.taps) if (c.graph or c.hint) else ()
+        if (c.graph or c.hint) and not taps:
+            raise SparseforgeError("KDConfig: graph / hint weights need taps, e.g. taps = [\"layer1\", \"layer2\"]")
+        self._s = _Hooks(trainer.model, taps, emb)
+        self._t = _Hooks(self.teacher_model, taps, emb)
 
     def on_train_end(self, trainer) -> None:
         for h in (self._s, self._t):
@@ -214,6 +239,8 @@ class KDCallback(Callback):
         if c.graph:
             out = out + graph_kd_loss([self._s.out[p] for p in c.taps], [self._t.out[p] for p in c.taps],
                                       weight=c.graph)
+        if c.hint:
+            out = out + c.hint * hint_loss([self._s.out[p] for p in c.taps], [self._t.out[p] for p in c.taps])
         return out
 
 
