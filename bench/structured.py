@@ -61,8 +61,9 @@ def _setup(rc: Recipe) -> dict:
 
 
 def reuse_stages(rc: Recipe, d: Path, exp_dir: Path) -> None:
-    """Arms of one experiment that start with the same stages (e.g. the dense adaptation epochs, then the same
-    depth pruning) share them: a new arm copies the longest finished identical prefix of stages from a sibling
+    """Arms that start with the same stages (e.g. the dense adaptation epochs, then the same depth pruning) share
+    them: a new arm copies the longest finished identical prefix of stages from another arm of this or another
+    budget of the experiment (e.g. the 8-epoch control is stage 0 of a 16-epoch arm that prunes after 8 epochs)
     instead of computing it again (same recipe settings and seed)."""
     import shutil
 
@@ -70,7 +71,9 @@ def reuse_stages(rc: Recipe, d: Path, exp_dir: Path) -> None:
         return
     mine = rc.stages()
     best: tuple[int, Path | None] = (0, None)
-    for other in sorted(p for p in exp_dir.iterdir() if p.is_dir() and p != d):
+    siblings = [p for e in sorted(exp_dir.parent.glob(exp_dir.name.split("-")[0] + "*")) if e.is_dir()
+                for p in sorted(e.iterdir()) if p.is_dir() and p != d]
+    for other in siblings:
         try:
             orc = Recipe.from_toml((other / "recipe.toml").read_text())
         except (OSError, ValueError, sf.SparseforgeError):
@@ -91,7 +94,8 @@ def reuse_stages(rc: Recipe, d: Path, exp_dir: Path) -> None:
         src = other / "stages" / f"{i:02d}-{mine[i].method}"
         shutil.copytree(src, d / "stages" / src.name)
     shutil.copy(other / "start.json", d / "start.json")
-    print(f"{d.name}: stages 0-{n - 1} ({', '.join(s.method for s in mine[:n])}) copied from {other.name}", flush=True)
+    print(f"{d.name}: stages 0-{n - 1} ({', '.join(s.method for s in mine[:n])}) copied from "
+          f"{other.parent.name}/{other.name}", flush=True)
 
 
 def run_arm(name: str, rc: Recipe, exp_dir: Path) -> dict:
@@ -190,6 +194,12 @@ def exp_resnet56(a) -> dict:
                           {"method": "depth", "mac_ratio": 0.5, "importance": "loss"},
                           {"method": "kd", "epochs": max(1, a.epochs - max(1, a.epochs // 4)), "teacher": "stage:0",
                            "hint": 1.0, "taps": ["layer1", "layer2", "layer3"]}],
+        # half the budget dense (the teacher: for E=16 that is exactly the 8-epoch control), then depth pruning
+        # and KD + hints for the other half
+        "depth-hint-half": [{"method": "finetune", "epochs": max(1, a.epochs // 2)},
+                            {"method": "depth", "mac_ratio": 0.5, "importance": "loss"},
+                            {"method": "kd", "epochs": max(1, a.epochs - max(1, a.epochs // 2)),
+                             "teacher": "stage:0", "hint": 1.0, "taps": ["layer1", "layer2", "layer3"]}],
         "grow-2x-r8": [{"method": "structured", "mac_ratio": 0.48, "importance": "l1", "round_to": 8,
                         "scope": "layer", "regularize_epochs": 1},
                        {"method": "finetune", "epochs": max(1, a.epochs - 1)}],

@@ -8,6 +8,7 @@ paired (ratio of block medians within a round), median and p10/p90 over rounds.
 Run with a warm heap (steady state of a serving process):
   GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824 \
   python bench/structured_latency.py layer:0.45:8 layer:0.40:8 global:0.45:8      (scope:mac_ratio:round_to)
+  python bench/structured_latency.py layer:0.45:8 depth:0.5 keep:5,3,5           (depth pruning)
 Without it, glibc hands PyTorch's freed activation buffers back to the OS and every call page-faults them in
 again; in a fresh process that made the dense ResNet-56 48 ms instead of 31 ms at batch 32 and inflated the
 speedups (1.92x instead of 1.52x for the same pair). bench/structured.py times its arms in the process that ran
@@ -40,7 +41,9 @@ WEIGHTS = ROOT.parent / "shared" / "models" / "akamaster_resnet56-4bfd9763.th"
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("configs", nargs="+", help="scope:mac_ratio:round_to, e.g. layer:0.45:8")
+    ap.add_argument("configs", nargs="+", help="scope:mac_ratio:round_to (channels, e.g. layer:0.45:8), "
+                                                 "depth:mac_ratio (blocks dropped, e.g. depth:0.5) or keep:a,b,c "
+                                                 "(blocks kept per stage, e.g. keep:5,3,5)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2)
@@ -54,6 +57,21 @@ def main() -> None:
     x1 = torch.randn(1, 3, 32, 32)
     models = {"dense": base}
     for spec in a.configs:
+        if spec.startswith("depth:"):         # whole residual branches dropped (|gamma| ranking: data-free)
+            cfg = sf.DepthConfig(mac_ratio=float(spec.split(":")[1]), importance="bn")
+            models[spec] = sf.prune(copy.deepcopy(base), cfg, example_input=x1).eval()
+            continue
+        if spec.startswith("keep:"):          # keep a,b,c blocks per stage (the first of each stage and evenly
+            keep = [int(v) for v in spec[5:].split(",")]     # spaced others), e.g. keep:5,3,5
+            m = copy.deepcopy(base)
+            for stage, k in zip((m.layer1, m.layer2, m.layer3), keep):
+                n = len(stage)
+                kept = {round(i * (n - 1) / max(1, k - 1)) for i in range(k)} if k > 1 else {0}
+                for j in range(n):
+                    if j not in kept:
+                        stage[j].remove_branch()
+            models[spec] = m.eval()
+            continue
         scope, ratio, rt = spec.split(":")
         cfg = sf.StructuredConfig(mac_ratio=float(ratio), round_to=int(rt), scope=scope)
         models[spec] = sf.prune(copy.deepcopy(base), cfg, example_input=x1).eval()
