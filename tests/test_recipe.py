@@ -359,7 +359,9 @@ def test_depth_stage_drops_branches_saves_the_shallow_net_and_resumes(tmp_path):
         m = load_weights(model_from_spec(json.loads(read_state_dict(path)[1]["model"])), path)
         assert sorted(n for n, b in m.named_modules() if getattr(b, "branch_removed", False)) == \
             sorted(h["block"] for h in hist)
-    assert "residual branches removed" in (tmp_path / "run/report.md").read_text()
+    text = (tmp_path / "run/report.md").read_text()
+    assert "residual branches removed (2 of 9 blocks)" in text
+    assert "in before -> after" not in text          # no width changed: no empty width table
     logs = []
     res2 = RecipeRunner(recipe, tmp_path / "run", log=logs.append, progress=False).run(resume=True)
     assert sum("already done" in s for s in logs) == 3 and res2["final"] == res["final"]

@@ -78,12 +78,15 @@ def _widths(arch_start: dict[str, Any], model: nn.Module) -> list[str]:
         lines += [f"- measured PyTorch latency, batch 1, {torch.get_num_threads()} threads, BN folded, median of 20 "
                   f"each: {1e3 * ta:.2f} ms vs {1e3 * tb:.2f} ms unpruned ({tb / ta:.2f}x)", ""]
     if now["removed_branches"]:
-        lines += [f"- residual branches removed: {', '.join(now['removed_branches'])}", ""]
-    lines += ["| layer | in before -> after | out before -> after |", "|---|---:|---:|"]
-    for n in changed:
-        a, b = arch_start["layers"][n], now["layers"][n]
-        lines.append(f"| {n} | {a['in']} -> {b['in']} | {a['out']} -> {b['out']} |")
-    lines.append("")
+        blocks = sum(1 for m in model.modules() if hasattr(m, "remove_branch"))
+        lines += [f"- residual branches removed ({len(now['removed_branches'])} of {blocks} blocks): "
+                  f"{', '.join(now['removed_branches'])}", ""]
+    if changed:
+        lines += ["| layer | in before -> after | out before -> after |", "|---|---:|---:|"]
+        for n in changed:
+            a, b = arch_start["layers"][n], now["layers"][n]
+            lines.append(f"| {n} | {a['in']} -> {b['in']} | {a['out']} -> {b['out']} |")
+        lines.append("")
     return lines
 
 
