@@ -19,7 +19,9 @@ CONFIGS = {      # mask methods: prune in place, weights masked to exact zeros
 }
 STRUCTURAL = {   # structural methods: return a new, physically smaller dense model
     "structured": sf.StructuredConfig(mac_ratio=0.5),
+    "depth": sf.DepthConfig(mac_ratio=0.5, importance="bn"),
 }
+NO_BLOCKS = {("depth", "vgg16")}     # a plain chain has no residual branch to drop (tested: a clear error)
 
 
 def small_model(name="resnet20", seed=0):
@@ -46,6 +48,10 @@ def test_structural_methods_shrink_a_copy_and_rebuild(method, model_name, tmp_pa
     m = small_model(model_name).eval()
     ref_state = {k: v.clone() for k, v in m.state_dict().items()}
     x = torch.randn(2, 3, 32, 32)
+    if (method, model_name) in NO_BLOCKS:
+        with pytest.raises(sf.SparseforgeError, match="no residual block"):
+            sf.prune(m, STRUCTURAL[method], example_input=x[:1])
+        return
     p = sf.prune(m, STRUCTURAL[method], example_input=x[:1])
     assert p is not m and all(torch.equal(v, m.state_dict()[k]) for k, v in ref_state.items())
     assert count_macs(p, x) <= 0.5 * count_macs(m, x) + 1e-9

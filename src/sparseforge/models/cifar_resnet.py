@@ -47,6 +47,7 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Identity()
 
     branch_removed = False
+    branch_removable = True      # with option A even a downsampling block keeps a (subsampled, padded) path
 
     def remove_branch(self) -> None:
         """SSL depth regularisation removed this block's residual branch: it becomes relu(shortcut(x))."""

@@ -26,7 +26,23 @@ class InvertedResidual(nn.Module):
         ]
         self.conv = nn.Sequential(*layers)
 
+    branch_removed = False
+
+    @property
+    def branch_removable(self) -> bool:
+        """Only a block with an identity shortcut can lose its branch (it then passes its input through)."""
+        return self.use_residual
+
+    def remove_branch(self) -> None:
+        """Depth pruning / SSL dropped this block's branch: it becomes the identity."""
+        if not self.use_residual:
+            raise ValueError("an inverted-residual block without a shortcut cannot drop its branch")
+        self.branch_removed = True
+        self.conv = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.branch_removed:
+            return x
         out = self.conv(x)
         return x + out if self.use_residual else out
 

@@ -58,10 +58,21 @@ def candidate_blocks(model: nn.Module, cfg: DepthConfig) -> list[str]:
             continue
         if any(fnmatch(name, g) for g in cfg.ignored_layers):
             continue
-        if cfg.keep_downsampling and not isinstance(getattr(m, "shortcut", None), nn.Identity):
+        if not getattr(m, "branch_removable", True):
+            continue
+        if cfg.keep_downsampling and not _identity_skip(m):
             continue
         out.append(name)
     return out
+
+
+def _identity_skip(m: nn.Module) -> bool:
+    return isinstance(getattr(m, "shortcut", None), nn.Identity) or getattr(m, "use_residual", False) is True
+
+
+def _skip(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    sc = getattr(m, "shortcut", None)
+    return sc(x) if sc is not None else x
 
 
 def block_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
@@ -118,7 +129,7 @@ def _score_output(model: nn.Module, names: list[str], batches: list[tuple[torch.
     def hook(name):
         def h(m, inp, out):
             x = inp[0]
-            acc[name][0] += float((out - m.shortcut(x)).norm())
+            acc[name][0] += float((out - _skip(m, x)).norm())
             acc[name][1] += float(x.norm())
         return h
 

@@ -45,7 +45,8 @@ def _convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
 
 def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules()
-            if hasattr(m, "remove_branch") and not getattr(m, "branch_removed", False)]
+            if hasattr(m, "remove_branch") and hasattr(m, "conv1") and getattr(m, "branch_removable", True)
+            and not getattr(m, "branch_removed", False)]       # SSL's depth groups: conv1 + conv2 of a basic block
 
 
 def group_norms(model: nn.Module, cfg: GroupLassoConfig) -> dict[str, torch.Tensor]:
