@@ -103,6 +103,11 @@ def reuse_stages(rc: Recipe, d: Path, exp_dir: Path) -> None:
 
 def run_arm(name: str, rc: Recipe, exp_dir: Path) -> dict:
     d = exp_dir / name
+    saved = d / "recipe.toml"
+    if saved.exists():       # a finished / interrupted arm resumes with the thread count it was trained with
+        orc = Recipe.from_toml(saved.read_text())
+        if _setup(orc) == _setup(rc) and orc.stages() == rc.stages():
+            rc = orc
     reuse_stages(rc, d, exp_dir)
     t0 = time.perf_counter()
     res = RecipeRunner(rc, d, progress=False).run(resume=(d / "recipe.toml").exists())
