@@ -8,6 +8,9 @@ Experiments (each arm is a resumable recipe run under bench/results/structured/<
                taylor-2x    StructuredConfig(mac_ratio=0.48, importance="taylor") -> fine-tune   (--arms)
                adapt-kd-2.2x  E/4 epochs dense fine-tune -> StructuredConfig(mac_ratio=0.45, round_to=8,
                             scope="layer") -> KD from the stage-0 dense model for the remaining epochs   (--arms)
+               depth-kd-2x  E/4 epochs dense fine-tune -> DepthConfig(mac_ratio=0.5, importance="loss") (whole
+                            residual branches dropped) -> KD from the stage-0 model   (--arms; also depth-hint-2x,
+                            depth-iter-kd-2x, depth-hint-half: see the arms table below)
              then PyTorch latency (BN folded, eval, inference_mode, 2 threads) at batch 1 and 32 of the pruned
              vs the unpruned network, alternating in one process with a pause between blocks, >= 30 runs, and
              the same through sparseforge.compile.
