@@ -221,6 +221,11 @@ def exp_resnet56(a) -> dict:
                              {"method": "kd", "epochs": max(1, a.epochs - max(1, a.epochs // 4)
                                                          - max(1, (a.epochs - max(1, a.epochs // 4)) // 3)),
                               "teacher": "stage:0"}],
+        # depth-kd-2x with half the weight on the labels (the 2-epoch teacher caps a student that mostly imitates it)
+        "depth-kd-a05-2x": [{"method": "finetune", "epochs": max(1, a.epochs // 4)},
+                            {"method": "depth", "mac_ratio": 0.5, "importance": "loss"},
+                            {"method": "kd", "epochs": max(1, a.epochs - max(1, a.epochs // 4)), "teacher": "stage:0",
+                             "alpha": 0.5}],
         "grow-2x-r8": [{"method": "structured", "mac_ratio": 0.48, "importance": "l1", "round_to": 8,
                         "scope": "layer", "regularize_epochs": 1},
                        {"method": "finetune", "epochs": max(1, a.epochs - 1)}],
