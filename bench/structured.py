@@ -226,6 +226,23 @@ def exp_resnet56(a) -> dict:
                             {"method": "depth", "mac_ratio": 0.5, "importance": "loss"},
                             {"method": "kd", "epochs": max(1, a.epochs - max(1, a.epochs // 4)), "teacher": "stage:0",
                              "alpha": 0.5}],
+        # growing regularisation for whole blocks: the same blocks chosen as depth-kd-2x's after the dense epochs,
+        # but their branches fade out (growing L2 on their last BN) for E/4 epochs while the rest of the net adapts on
+        # the labels, then they are dropped and the shallow net fine-tunes on the labels (no teacher to cap it)
+        "depth-grow-2x": [{"method": "finetune", "epochs": max(1, a.epochs // 4)},
+                          {"method": "depth", "mac_ratio": 0.5, "importance": "loss",
+                           "regularize_epochs": max(1, a.epochs // 4)},
+                          {"method": "finetune", "epochs": max(1, a.epochs - 2 * max(1, a.epochs // 4))}],
+        # the same, distilling from the stage-0 dense model after the drop
+        "depth-grow-kd-2x": [{"method": "finetune", "epochs": max(1, a.epochs // 4)},
+                             {"method": "depth", "mac_ratio": 0.5, "importance": "loss",
+                              "regularize_epochs": max(1, a.epochs // 4)},
+                             {"method": "kd", "epochs": max(1, a.epochs - 2 * max(1, a.epochs // 4)),
+                              "teacher": "stage:0"}],
+        # fading from the start (blocks chosen on the pretrained net): E/4 epochs fading at full depth, the rest shallow
+        "depth-grow0-2x": [{"method": "depth", "mac_ratio": 0.5, "importance": "loss",
+                            "regularize_epochs": max(1, a.epochs // 4)},
+                           {"method": "finetune", "epochs": max(1, a.epochs - max(1, a.epochs // 4))}],
         "grow-2x-r8": [{"method": "structured", "mac_ratio": 0.48, "importance": "l1", "round_to": 8,
                         "scope": "layer", "regularize_epochs": 1},
                        {"method": "finetune", "epochs": max(1, a.epochs - 1)}],

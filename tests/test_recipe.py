@@ -365,3 +365,30 @@ def test_depth_stage_drops_branches_saves_the_shallow_net_and_resumes(tmp_path):
     logs = []
     res2 = RecipeRunner(recipe, tmp_path / "run", log=logs.append, progress=False).run(resume=True)
     assert sum("already done" in s for s in logs) == 3 and res2["final"] == res["final"]
+
+
+def test_depth_stage_with_growing_regularisation_fades_then_drops_and_resumes(tmp_path):
+    """regularize_epochs: the plan is written before training (a resumed stage fades the same blocks), the branches
+    fade during the stage, and the dropped net is what the stage saves."""
+    from sparseforge.models import load_weights, model_from_spec, read_state_dict
+
+    rp = tmp_path / "d.toml"
+    rp.write_text(DEPTH_RECIPE.replace('calibration_batches = 2', 'calibration_batches = 2\nregularize_epochs = 2\n'
+                                       'reg_max = 2.0'))
+    recipe = Recipe.load_file(rp)
+    assert recipe.stages()[1].config.regularize_epochs == 2
+    res = RecipeRunner(recipe, tmp_path / "run", log=lambda s: None, progress=False).run()
+    st = res["stages"][1]
+    plan = json.loads((tmp_path / "run/stages/01-depth/depth_plan.json").read_text())
+    assert [h["block"] for h in st["depth"]] == [h["block"] for h in plan] and len(plan) == 2
+    gr = st["growing_reg"]
+    assert gr[0]["lambda"] == 0 and gr[-1]["lambda"] == pytest.approx(2.0)
+    assert gr[-1]["removed_rms"] < 0.5 * gr[0]["removed_rms"]          # the chosen branches' BN faded
+    assert st["train"]["epoch"] == 2 and st["acc_before_drop"] is not None
+    path = tmp_path / "run/model.safetensors"
+    m = load_weights(model_from_spec(json.loads(read_state_dict(path)[1]["model"])), path)
+    assert sorted(n for n, b in m.named_modules() if getattr(b, "branch_removed", False)) == \
+        sorted(h["block"] for h in plan)
+    logs = []
+    res2 = RecipeRunner(recipe, tmp_path / "run", log=logs.append, progress=False).run(resume=True)
+    assert sum("already done" in s for s in logs) == 3 and res2["final"] == res["final"]

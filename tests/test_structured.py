@@ -286,3 +286,50 @@ def test_depth_bad_input_is_a_clear_error():
     with pytest.raises(sf.SparseforgeError, match="no residual block"):
         sf.prune(sf.create_model("vgg16"), sf.DepthConfig(blocks=1, importance="bn"), example_input=x)
     assert sf.DepthConfig.from_toml(sf.DepthConfig(mac_ratio=0.5).to_toml()) == sf.DepthConfig(mac_ratio=0.5)
+
+
+def test_growing_depth_fades_the_chosen_branches_so_dropping_them_costs_little():
+    """Growing regularisation of whole blocks: the chosen branches' last BN goes to ~0 while training, the rest
+    does not; dropping them afterwards changes the output far less than dropping them from the start model."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    m = _model("resnet20").train()
+    x0 = torch.randn(1, 3, 32, 32)
+    cal = _batches(n=4, bs=16, seed=1)
+    plan = sf.structured.plan_depth(m, sf.DepthConfig(blocks=3, importance="bn"), x0, cal)
+    blocks = [h["block"] for h in plan]
+    assert len(blocks) == 3 and all(not getattr(b, "branch_removed", False) for b in m.modules())  # plan only
+    probe = torch.randn(8, 3, 32, 32)
+
+    def drop_change(net):
+        net = net.eval()
+        with torch.no_grad():
+            return _rel(sf.structured.drop_blocks(net, blocks).eval()(probe), net(probe))
+
+    before = drop_change(copy.deepcopy(m))
+    steps = 60
+    cb = sf.structured.growing_depth(m, blocks, reg_max=2.0)
+    t = SimpleNamespace(total_steps=steps, model=m)
+    cb.on_train_begin(t)
+    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    m.train()
+    for i in range(steps):
+        x, y = cal[i % len(cal)]
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        cb.on_after_backward(t)
+        opt.step()
+        cb.on_step_end(t)
+    mods = dict(m.named_modules())
+    faded = max(float(mods[b].bn2.weight.detach().abs().max()) for b in blocks)
+    kept = min(float(mods[n].bn2.weight.detach().abs().mean()) for n in sf.structured.candidate_blocks(
+        m, sf.DepthConfig(blocks=1)) if n not in blocks)
+    assert faded < 0.1 * kept, (faded, kept)      # start: every |gamma| in [0.2, 1.5]
+    after = drop_change(m)
+    assert after < 0.2 * before, (before, after)
+    with pytest.raises(sf.SparseforgeError, match="not a residual block"):
+        sf.structured.drop_blocks(m, ["linear"])
+    with pytest.warns(UserWarning, match="needs training"):
+        sf.prune(m, sf.DepthConfig(blocks=1, importance="bn", regularize_epochs=1), example_input=x0)

@@ -357,7 +357,9 @@ class RecipeRunner:
         else:
             if getattr(stage.config, "importance", None) == "taylor":
                 self._gradients(model)
-            if getattr(stage.config, "regularize_epochs", 0):
+            if stage.method == "depth" and stage.config.regularize_epochs:
+                model, info = self._depth_regularized(model, stage, sdir)
+            elif getattr(stage.config, "regularize_epochs", 0):
                 from .structured import growing_reg, remove_channels
 
                 cb, dg, rem = growing_reg(model, stage.config, self._example())
@@ -371,6 +373,30 @@ class RecipeRunner:
                 info["depth"] = getattr(model, "sf_depth_history", [])
             else:
                 model = prune(model, stage.config, example_input=self._example())
+        return model, info
+
+    def _depth_regularized(self, model: nn.Module, stage: Stage, sdir: Path) -> tuple[nn.Module, dict[str, Any]]:
+        """Choose the blocks, fade their branches out for ``regularize_epochs`` epochs, then drop them. The choice is
+        written to ``depth_plan.json`` first, so a resumed stage fades the same blocks."""
+        from .structured import drop_blocks, growing_depth, plan_depth
+
+        c = stage.config
+        plan_file = sdir / "depth_plan.json"
+        if plan_file.exists():
+            plan = json.loads(plan_file.read_text())
+        else:
+            plan = plan_depth(model, c, self._example(), self._calibration(c.calibration_batches))
+            sdir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(plan_file, plan)
+        blocks = [h["block"] for h in plan]
+        self.log(f"depth: fading {len(blocks)} residual branches for {c.regularize_epochs} epoch(s): {', '.join(blocks)}")
+        cb = growing_depth(model, blocks, c.reg_max)
+        cfg = self.recipe.train_config({**stage.train, "epochs": c.regularize_epochs})
+        info: dict[str, Any] = {"depth": plan}
+        info["train"] = self._train(model, cfg, sdir, callbacks=[cb])
+        info["growing_reg"] = cb.history
+        info["acc_before_drop"] = info["train"].get("test_acc")     # the last epoch's evaluation, branches faded
+        model = drop_blocks(model, blocks, plan)
         return model, info
 
     def _calibration(self, batches: int) -> list:

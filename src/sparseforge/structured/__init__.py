@@ -1,6 +1,6 @@
 """Structured sparsity: dependency groups, importance, scheduling, surgery, SSL and early-bird tickets."""
 
-from .depth import DepthConfig, block_macs, candidate_blocks, prune_depth
+from .depth import DepthConfig, block_macs, candidate_blocks, drop_blocks, growing_depth, plan_depth, prune_depth
 from .graph import DependencyGraph, Group, Slot, groups
 from .importance import IMPORTANCE, score_groups
 from .prune import CostModel, StructuredConfig, count_macs, count_params, prune_structured, select_step
@@ -12,7 +12,7 @@ from .surgery import apply_arch, arch_of, producer_slices, remove_channels, zero
 __all__ = ["groups", "DependencyGraph", "Group", "Slot", "IMPORTANCE", "score_groups", "StructuredConfig",
            "prune_structured", "count_macs", "count_params", "CostModel", "apply_arch", "arch_of", "remove_channels",
            "zero_channels", "producer_slices", "select_step", "GrowingRegCallback", "growing_reg", "plan_removal", "GroupLassoConfig", "GroupLassoCallback", "EarlyBirdConfig",
-           "EarlyBirdCallback", "group_norms", "DepthConfig", "prune_depth", "candidate_blocks", "block_macs", "ssl_remove", "bn_channel_mask", "mask_distance", "early_bird_drawn"]
+           "EarlyBirdCallback", "group_norms", "DepthConfig", "prune_depth", "plan_depth", "drop_blocks", "growing_depth", "candidate_blocks", "block_macs", "ssl_remove", "bn_channel_mask", "mask_distance", "early_bird_drawn"]
 
 from ..sparsity import register_method  # noqa: E402
 

@@ -42,6 +42,10 @@ class DepthConfig(Config):
     ignored_layers: tuple[str, ...] = opt((), "blocks (module names, globs) never dropped")
     keep_downsampling: bool = opt(True, "never drop a block whose shortcut is not the identity")
     calibration_batches: int = opt(4, "recipe stage: training batches used by the output / loss criteria", min=1)
+    regularize_epochs: int = opt(0, "recipe stage: choose the blocks now, train this many epochs with a growing "
+                                    "L2 penalty on their last BatchNorm's scale and shift (the branch fades out "
+                                    "while the rest adapts), then drop them; 0 = drop at once", min=0)
+    reg_max: float = opt(1.0, "growing regularisation: the penalty coefficient reached halfway through", min=0.0)
 
     def validate(self) -> None:
         if (self.mac_ratio > 0) == (self.blocks > 0):
@@ -163,9 +167,9 @@ class _Dropped:
         del self.block.branch_removed     # back to the class default (False)
 
 
-def prune_depth(model: nn.Module, cfg: DepthConfig, example_input: torch.Tensor | None = None,
-                calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None, **_) -> nn.Module:
-    """Returns a new model with the chosen residual branches removed (the input model is left unchanged).
+def plan_depth(model: nn.Module, cfg: DepthConfig, example_input: torch.Tensor | None = None,
+               calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[dict]:
+    """The blocks ``cfg`` drops, in order: ``[{"block", "score", "mac_ratio"}, ...]`` (the model is not changed).
 
     ``calibration``: (images, labels) batches for importance 'output' / 'loss' (the recipe stage passes
     ``calibration_batches`` training batches)."""
@@ -179,8 +183,7 @@ def prune_depth(model: nn.Module, cfg: DepthConfig, example_input: torch.Tensor 
     if cfg.importance in ("output", "loss") and not batches:
         raise SparseforgeError(f"DepthConfig(importance={cfg.importance!r}) needs data: pass calibration=[(images, "
                                "labels), ...] (a few training batches), or use importance='bn'")
-    model = copy.deepcopy(model)
-    was = model.training
+    model = copy.deepcopy(model)       # the greedy search drops branches as it goes
     model.eval()
     names = candidate_blocks(model, cfg)
     if not names:
@@ -190,11 +193,10 @@ def prune_depth(model: nn.Module, cfg: DepthConfig, example_input: torch.Tensor 
     base = count_macs(model, example_input)
     macs = block_macs(model, example_input)
     total = base
-    removed: list[str] = []
-    history = []
+    history: list[dict] = []
 
     def done() -> bool:
-        return (len(removed) >= cfg.blocks) if cfg.blocks else (total / base <= cfg.mac_ratio)
+        return (len(history) >= cfg.blocks) if cfg.blocks else (total / base <= cfg.mac_ratio)
 
     static = (_score_bn(model, names) if cfg.importance == "bn"
               else _score_output(model, names, batches) if cfg.importance == "output" else None)
@@ -210,19 +212,65 @@ def prune_depth(model: nn.Module, cfg: DepthConfig, example_input: torch.Tensor 
         pick = min(names, key=lambda n: scores[n])
         mods[pick].remove_branch()
         names.remove(pick)
-        removed.append(pick)
         total -= macs[pick]
         history.append({"block": pick, "score": scores[pick], "mac_ratio": total / base})
     if not done():
         raise SparseforgeError(f"DepthConfig: dropping every candidate block reaches only {total / base:.3f} of the "
                                f"MACs (target {cfg.mac_ratio}); lower the target or combine with StructuredConfig")
-    model.train(was)
+    return history
+
+
+def drop_blocks(model: nn.Module, blocks: Iterable[str], history: list[dict] | None = None) -> nn.Module:
+    """A copy of ``model`` with the residual branches of ``blocks`` removed (checkpoint spec updated)."""
+    import copy
+
+    model = copy.deepcopy(model)
+    mods = dict(model.named_modules())
+    for n in blocks:
+        if n not in mods or not hasattr(mods[n], "remove_branch"):
+            raise SparseforgeError(f"drop_blocks: {n!r} is not a residual block of this model")
+        mods[n].remove_branch()
     if hasattr(model, "sf_spec"):       # checkpoints rebuild the shallower network from this spec
         from .surgery import arch_of
 
         model.sf_spec = dict(model.sf_spec, arch=arch_of(model))
-    model.sf_depth_history = history
+    model.sf_depth_history = list(history) if history is not None else [{"block": n} for n in blocks]
     return model
 
 
-__all__ = ["DepthConfig", "prune_depth", "candidate_blocks", "block_macs"]
+def prune_depth(model: nn.Module, cfg: DepthConfig, example_input: torch.Tensor | None = None,
+                calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None, **_) -> nn.Module:
+    """Returns a new model with the chosen residual branches removed (the input model is left unchanged).
+
+    ``calibration``: (images, labels) batches for importance 'output' / 'loss' (the recipe stage passes
+    ``calibration_batches`` training batches)."""
+    if cfg.regularize_epochs:
+        import warnings
+
+        warnings.warn("DepthConfig.regularize_epochs needs training: prune() drops the blocks at once. Use a recipe "
+                      "'depth' stage, or structured.growing_depth() with a Trainer", stacklevel=3)
+    history = plan_depth(model, cfg, example_input, calibration)
+    return drop_blocks(model, [h["block"] for h in history], history)
+
+
+def growing_depth(model: nn.Module, blocks: Iterable[str], reg_max: float = 1.0):
+    """Growing regularisation for whole blocks: a callback whose L2 penalty (rising from 0 to ``reg_max``) pulls
+    the scale and shift of each chosen block's last BatchNorm to zero. That BN's output is what the branch adds to
+    the stream, so the branch fades out while the rest of the network learns to do without it; dropping it
+    afterwards (``drop_blocks``) changes little. Why: an abrupt cut of 14 of ResNet-56's 27 blocks leaves a net at
+    54% accuracy that fine-tuning must win back, under a teacher or a budget that caps it."""
+    from .regrow import GrowingRegCallback
+
+    mods = dict(model.named_modules())
+    slices = []
+    for n in blocks:
+        bn = _branch_last_bn(mods[n]) if n in mods else None
+        if bn is None or not bn.affine:
+            raise SparseforgeError(f"growing_depth: block {n!r} has no affine BatchNorm to fade; drop it at once "
+                                   "(DepthConfig(regularize_epochs=0))")
+        idx = torch.arange(bn.num_features)
+        slices += [(bn.weight, idx), (bn.bias, idx)]
+    return GrowingRegCallback(slices, reg_max)
+
+
+__all__ = ["DepthConfig", "prune_depth", "plan_depth", "drop_blocks", "growing_depth", "candidate_blocks", "block_macs"]
