@@ -243,6 +243,13 @@ def exp_resnet56(a) -> dict:
         "depth-grow0-2x": [{"method": "depth", "mac_ratio": 0.5, "importance": "loss",
                             "regularize_epochs": max(1, a.epochs // 4)},
                            {"method": "finetune", "epochs": max(1, a.epochs - max(1, a.epochs // 4))}],
+        # half the budget dense (for E=16: the 8-epoch control is the teacher), then the chosen blocks fade out for
+        # E/8 epochs (no abrupt cut: depth-hint-half's cut of a longer-trained net left 26%), then KD for the rest
+        "depth-grow-half": [{"method": "finetune", "epochs": max(1, a.epochs // 2)},
+                            {"method": "depth", "mac_ratio": 0.5, "importance": "loss",
+                             "regularize_epochs": max(1, a.epochs // 8)},
+                            {"method": "kd", "epochs": max(1, a.epochs - a.epochs // 2 - max(1, a.epochs // 8)),
+                             "teacher": "stage:0"}],
         "grow-2x-r8": [{"method": "structured", "mac_ratio": 0.48, "importance": "l1", "round_to": 8,
                         "scope": "layer", "regularize_epochs": 1},
                        {"method": "finetune", "epochs": max(1, a.epochs - 1)}],
