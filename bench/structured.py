@@ -10,7 +10,10 @@ Experiments (each arm is a resumable recipe run under bench/results/structured/<
                             scope="layer") -> KD from the stage-0 dense model for the remaining epochs   (--arms)
                depth-kd-2x  E/4 epochs dense fine-tune -> DepthConfig(mac_ratio=0.5, importance="loss") (whole
                             residual branches dropped) -> KD from the stage-0 model   (--arms; also depth-hint-2x,
-                            depth-iter-kd-2x, depth-hint-half: see the arms table below)
+                            depth-iter-kd-2x, depth-hint-half, depth-kd-lr{05,01,1}-2x: see the arms table below)
+               depth-grow-2x  E/4 dense -> the same blocks fade out (growing L2 on their last BN) for E/4 epochs on
+                            the labels -> dropped -> fine-tune (also depth-grow-kd-2x, depth-grow0-2x,
+                            depth-grow-half)
              then PyTorch latency (BN folded, eval, inference_mode, 2 threads) at batch 1 and 32 of the pruned
              vs the unpruned network, alternating in one process with a pause between blocks, >= 30 runs, and
              the same through sparseforge.compile.
@@ -250,6 +253,13 @@ def exp_resnet56(a) -> dict:
                              "regularize_epochs": max(1, a.epochs // 8)},
                             {"method": "kd", "epochs": max(1, a.epochs - a.epochs // 2 - max(1, a.epochs // 8)),
                              "teacher": "stage:0"}],
+        # depth-kd-2x with another learning rate for the KD stage (the student, at 54% after the cut, re-learns at the
+        # stage's own cosine schedule: is 0.02 too small to reorganise, or too large to stay near the teacher?)
+        **{f"depth-kd-lr{tag}-2x": [{"method": "finetune", "epochs": max(1, a.epochs // 4)},
+                                    {"method": "depth", "mac_ratio": 0.5, "importance": "loss"},
+                                    {"method": "kd", "epochs": max(1, a.epochs - max(1, a.epochs // 4)),
+                                     "teacher": "stage:0", "train": {"lr": lr}}]
+           for tag, lr in (("05", 0.05), ("01", 0.01), ("1", 0.1))},
         "grow-2x-r8": [{"method": "structured", "mac_ratio": 0.48, "importance": "l1", "round_to": 8,
                         "scope": "layer", "regularize_epochs": 1},
                        {"method": "finetune", "epochs": max(1, a.epochs - 1)}],
