@@ -17,6 +17,7 @@ Experiments (each arm is a resumable recipe run under bench/results/structured/<
              then PyTorch latency (BN folded, eval, inference_mode, 2 threads) at batch 1 and 32 of the pruned
              vs the unpruned network, alternating in one process with a pause between blocks, >= 30 runs, and
              the same through sparseforge.compile.
+             References (--arms ref-resnet32,ref-resnet20): the zoo's smaller dense ResNets fine-tuned for E epochs.
   ssl        start: ../shared/models/resnet20-cifar10jpeg.safetensors. control: E epochs; ssl: E-1 epochs of
              group lasso (filter, channel, depth; proximal steps, lambda 0.05) -> removal of groups with norm
              < 1e-3 -> 1 epoch fine-tune. Group norms per epoch plotted.
@@ -260,6 +261,11 @@ def exp_resnet56(a) -> dict:
                                     {"method": "kd", "epochs": max(1, a.epochs - max(1, a.epochs // 4)),
                                      "teacher": "stage:0", "train": {"lr": lr}}]
            for tag, lr in (("05", 0.05), ("01", 0.01), ("1", 0.1))},
+        # half the budget dense (the teacher), cut, KD for the other half at a lower learning rate
+        "depth-kd-half-lr01": [{"method": "finetune", "epochs": max(1, a.epochs // 2)},
+                               {"method": "depth", "mac_ratio": 0.5, "importance": "loss"},
+                               {"method": "kd", "epochs": max(1, a.epochs - max(1, a.epochs // 2)),
+                                "teacher": "stage:0", "train": {"lr": 0.01}}],
         "grow-2x-r8": [{"method": "structured", "mac_ratio": 0.48, "importance": "l1", "round_to": 8,
                         "scope": "layer", "regularize_epochs": 1},
                        {"method": "finetune", "epochs": max(1, a.epochs - 1)}],
@@ -269,8 +275,18 @@ def exp_resnet56(a) -> dict:
     if a.latency_only:        # re-measure finished arms (e.g. after engine changes) without touching training
         old = json.loads(prev.read_text())
         out["arms"] = {k: v for k, v in old["arms"].items() if k in a.arms.split(",")}
+    # references, not pruning: the zoo's smaller dense ResNets fine-tuned for the same budget (what a user gets by
+    # picking a smaller model instead of pruning; ResNet-32 has 0.55 of ResNet-56's MACs, ResNet-20 0.32)
+    refs = {"ref-resnet32": ("resnet32", "akamaster_resnet32-d509ac18.th"),
+            "ref-resnet20": ("resnet20", "akamaster_resnet20-12fca82f.th")}
     for name in ([] if a.latency_only else a.arms.split(",")):
-        res = run_arm(name, recipe("resnet56", w, a.data_dir, arms[name], {"threads": a.threads}), exp)
+        if name in refs:
+            model, wf = refs[name]
+            rc = recipe(model, str(SHARED / "models" / wf), a.data_dir, [{"method": "finetune", "epochs": a.epochs}],
+                        {"threads": a.threads})
+        else:
+            rc = recipe("resnet56", w, a.data_dir, arms[name], {"threads": a.threads})
+        res = run_arm(name, rc, exp)
         out["arms"][name] = {"start_acc": res["start"]["acc"], "final_acc": res["final"]["acc"],
                              "stages": [s["eval"]["acc"] for s in res["stages"]], "wall_s": res["wall_s"]}
     if a.train_only:
