@@ -333,3 +333,42 @@ def test_growing_depth_fades_the_chosen_branches_so_dropping_them_costs_little()
         sf.structured.drop_blocks(m, ["linear"])
     with pytest.warns(UserWarning, match="needs training"):
         sf.prune(m, sf.DepthConfig(blocks=1, importance="bn", regularize_epochs=1), example_input=x0)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2"])
+def test_depth_loss_replay_equals_full_forwards(name):
+    """The greedy search replays the recorded outputs of the blocks before the dropped one: the same losses as full
+    forwards; a block called twice per forward (shared weights) switches the replay off."""
+    import torch.nn.functional as F
+
+    from sparseforge.structured.depth import _Dropped, _Replay
+
+    m = _model(name)
+    cal = _batches(n=2, bs=8, seed=3)
+
+    def full():
+        with torch.no_grad():
+            return sum(float(F.cross_entropy(m(a), b, reduction="sum")) for a, b in cal) / 16
+
+    r = _Replay(m, cal)
+    assert r.ok and r.ref == pytest.approx(full(), rel=1e-6)
+    names = sf.structured.candidate_blocks(m, sf.DepthConfig(blocks=1))
+    assert len(names) >= 3
+    for n in names:
+        with _Dropped(dict(m.named_modules())[n]):
+            want = full()
+        assert r.loss_without(n) == pytest.approx(want, rel=1e-6), n
+    assert not any("forward" in vars(b) for b in r.blocks.values())      # every replay undone
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _model("resnet20")
+
+        def forward(self, x):
+            return self.net.linear(torch.nn.functional.adaptive_avg_pool2d(
+                self.net.layer1(self.net.layer1(torch.relu(self.net.bn1(self.net.conv1(x))))), 1).flatten(1)[:, :16]
+                .repeat(1, 4))
+
+    t = Twice().eval()
+    assert not _Replay(t, cal).ok

@@ -148,10 +148,52 @@ def _score_output(model: nn.Module, names: list[str], batches: list[tuple[torch.
     return {n: a / max(b, 1e-12) for n, (a, b) in acc.items()}
 
 
-def _loss(model: nn.Module, batches) -> float:
-    with torch.no_grad():
-        return sum(float(F.cross_entropy(model(x), y, reduction="sum")) for x, y in batches) / \
-            max(1, sum(len(y) for _, y in batches))
+class _Replay:
+    """The greedy loss search, about twice as fast: with candidate ``n`` dropped, every block that runs before ``n``
+    computes exactly what it computed in the reference pass (eval mode, same inputs), so it hands back its recorded
+    output (a copy: a later in-place op must not change the record) instead of running. Blocks called more than once
+    per forward (shared weights) turn the replay off; the search then runs full forwards."""
+
+    def __init__(self, model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.model = model
+        self.batches = batches
+        self.blocks = {n: m for n, m in model.named_modules() if hasattr(m, "remove_branch")}
+        self.order: list[str] = []
+        self.out: dict[str, list[torch.Tensor]] = {n: [] for n in self.blocks}
+        self.i = 0
+
+        def rec(name):
+            def h(m, inp, o):
+                if name not in self.order:
+                    self.order.append(name)
+                self.out[name].append(o.detach())
+            return h
+
+        hs = [m.register_forward_hook(rec(n)) for n, m in self.blocks.items()]
+        try:
+            self.ref = self._run()
+        finally:
+            for h in hs:
+                h.remove()
+        self.ok = all(len(v) == len(batches) for k, v in self.out.items() if k in self.order)
+
+    def _run(self) -> float:
+        tot = 0.0
+        with torch.no_grad():
+            for self.i, (x, y) in enumerate(self.batches):
+                tot += float(F.cross_entropy(self.model(x), y, reduction="sum"))
+        return tot / max(1, sum(len(y) for _, y in self.batches))
+
+    def loss_without(self, name: str) -> float:
+        before = self.order[: self.order.index(name)] if self.ok and name in self.order else []
+        for b in before:
+            self.blocks[b].forward = (lambda b: lambda *a, **k: self.out[b][self.i].clone())(b)
+        try:
+            with _Dropped(self.blocks[name]):
+                return self._run()
+        finally:
+            for b in before:
+                del self.blocks[b].forward
 
 
 class _Dropped:
@@ -204,11 +246,8 @@ def plan_depth(model: nn.Module, cfg: DepthConfig, example_input: torch.Tensor |
         if static is not None:
             scores = {n: static[n] for n in names}
         else:
-            ref = _loss(model, batches)
-            scores = {}
-            for n in names:
-                with _Dropped(mods[n]):
-                    scores[n] = _loss(model, batches) - ref
+            replay = _Replay(model, batches)       # the reference pass, recording every block's output
+            scores = {n: replay.loss_without(n) - replay.ref for n in names}
         pick = min(names, key=lambda n: scores[n])
         mods[pick].remove_branch()
         names.remove(pick)
