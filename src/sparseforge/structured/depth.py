@@ -152,7 +152,8 @@ class _Replay:
     """The greedy loss search, about twice as fast: with candidate ``n`` dropped, every block that runs before ``n``
     computes exactly what it computed in the reference pass (eval mode, same inputs), so it hands back its recorded
     output (a copy: a later in-place op must not change the record) instead of running. Blocks called more than once
-    per forward (shared weights) turn the replay off; the search then runs full forwards."""
+    per forward (shared weights) turn the replay off; the search then runs full forwards. Memory: every block's output
+    on the calibration batches (ResNet-56, 4 batches of 128: 27 x 512 outputs, ~0.53 GB)."""
 
     def __init__(self, model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]):
         self.model = model
