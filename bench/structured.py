@@ -80,7 +80,7 @@ def reuse_stages(rc: Recipe, d: Path, exp_dir: Path) -> None:
     best: tuple[int, Path | None] = (0, None)
     # this budget's arms first (on a tie they win: numerics differ slightly between runs with other thread counts
     # or code versions, and arms compared with each other should share the very same stage 0)
-    exps = [exp_dir] + [e for e in sorted(exp_dir.parent.glob(exp_dir.name.split("-")[0] + "*"))
+    exps = ([exp_dir] if exp_dir.is_dir() else []) + [e for e in sorted(exp_dir.parent.glob(exp_dir.name.split("-")[0] + "*"))
                         if e.is_dir() and e != exp_dir]
     siblings = [p for e in exps for p in sorted(e.iterdir()) if p.is_dir() and p != d]
     for other in siblings:
