@@ -173,9 +173,18 @@ def latency(models: dict[str, torch.nn.Module], batch: int, runs: int, block: in
     return out
 
 
+def _prec(a) -> str:
+    """bf16-trained arms live in their own directories and JSON: they are compared with a bf16 control only."""
+    return "" if a.precision == "fp32" else f"-{a.precision}"
+
+
+def _prec_train(a) -> dict:
+    return {} if a.precision == "fp32" else {"precision": a.precision}
+
+
 def exp_resnet56(a) -> dict:
     w = str(SHARED / "models" / "akamaster_resnet56-4bfd9763.th")
-    exp = OUT / ("resnet56" if a.epochs == 2 else f"resnet56-e{a.epochs}")
+    exp = OUT / (("resnet56" if a.epochs == 2 else f"resnet56-e{a.epochs}") + _prec(a))
     arms = {
         "control": [{"method": "finetune", "epochs": a.epochs}],
         "l1-2x": [{"method": "structured", "mac_ratio": 0.48, "importance": "l1"},
@@ -271,7 +280,7 @@ def exp_resnet56(a) -> dict:
                        {"method": "finetune", "epochs": max(1, a.epochs - 1)}],
     }
     out = {"experiment": "resnet56", "epochs": a.epochs, "arms": {}}
-    prev = OUT / ("resnet56.json" if a.epochs == 2 else f"resnet56-e{a.epochs}.json")
+    prev = OUT / (("resnet56" if a.epochs == 2 else f"resnet56-e{a.epochs}") + _prec(a) + ".json")
     if a.latency_only:        # re-measure finished arms (e.g. after engine changes) without touching training
         old = json.loads(prev.read_text())
         out["arms"] = {k: v for k, v in old["arms"].items() if k in a.arms.split(",")}
@@ -283,9 +292,9 @@ def exp_resnet56(a) -> dict:
         if name in refs:
             model, wf = refs[name]
             rc = recipe(model, str(SHARED / "models" / wf), a.data_dir, [{"method": "finetune", "epochs": a.epochs}],
-                        {"threads": a.threads})
+                        {"threads": a.threads, **_prec_train(a)})
         else:
-            rc = recipe("resnet56", w, a.data_dir, arms[name], {"threads": a.threads})
+            rc = recipe("resnet56", w, a.data_dir, arms[name], {"threads": a.threads, **_prec_train(a)})
         res = run_arm(name, rc, exp)
         out["arms"][name] = {"start_acc": res["start"]["acc"], "final_acc": res["final"]["acc"],
                              "stages": [s["eval"]["acc"] for s in res["stages"]], "wall_s": res["wall_s"]}
@@ -339,7 +348,11 @@ def main() -> None:
     ap.add_argument("--lambda-g", type=float, default=0.05, help="group-lasso weight (proximal steps)")
     ap.add_argument("--threshold", type=float, default=1e-3)
     ap.add_argument("--data-dir", default=str(SHARED / "data" / "cifar-10-batches-py"))
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="training arithmetic (TrainConfig.precision); bf16 arms get their own directory and JSON")
     a = ap.parse_args()
+    if a.experiment == "ssl" and a.precision != "fp32":
+        ap.error("--precision applies to --experiment resnet56 only")
     a.arms = a.arms or ("control,l1-2x" if a.experiment == "resnet56" else "control,ssl")
     out = exp_resnet56(a) if a.experiment == "resnet56" else exp_ssl(a)
     if a.train_only:
@@ -347,7 +360,7 @@ def main() -> None:
         return
     out["env"] = environment()
     OUT.mkdir(parents=True, exist_ok=True)
-    tag = a.experiment if a.epochs == 2 else f"{a.experiment}-e{a.epochs}"
+    tag = (a.experiment if a.epochs == 2 else f"{a.experiment}-e{a.epochs}") + _prec(a)
     if a.experiment == "ssl" and (a.lambda_g, a.threshold) != (0.05, 1e-3):
         tag += f"-l{a.lambda_g:g}-t{a.threshold:g}"
     (OUT / f"{tag}.json").write_text(json.dumps(out, indent=2, default=str))

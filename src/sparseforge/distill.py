@@ -228,19 +228,23 @@ class KDCallback(Callback):
         if self._s is None:
             self.on_train_begin(trainer)
         with torch.no_grad():
-            t_logits = self.teacher_model(x)
+            t_logits = self.teacher_model(x).float()       # bf16 under TrainConfig.precision='bf16'
         kl = F.kl_div(F.log_softmax(logits / c.T, 1), F.log_softmax(t_logits / c.T, 1), reduction="batchmean",
                       log_target=True)
         out = c.alpha * c.T ** 2 * kl + (1 - c.alpha) * loss     # loss: the trainer's CE (hard or soft targets)
-        if c.rkd_distance:
-            out = out + c.rkd_distance * rkd_distance_loss(self._s.emb, self._t.emb)
-        if c.rkd_angle:
-            out = out + c.rkd_angle * rkd_angle_loss(self._s.emb, self._t.emb)
-        if c.graph:
-            out = out + graph_kd_loss([self._s.out[p] for p in c.taps], [self._t.out[p] for p in c.taps],
-                                      weight=c.graph)
-        if c.hint:
-            out = out + c.hint * hint_loss([self._s.out[p] for p in c.taps], [self._t.out[p] for p in c.taps])
+        # feature losses in fp32 even in bf16 training: relations and relative errors of nearly equal maps
+        with torch.autocast("cpu", enabled=False):
+            s_emb, t_emb = (None, None) if self._s.emb is None else (self._s.emb.float(), self._t.emb.float())
+            s_f = [self._s.out[p].float() for p in c.taps] if (c.graph or c.hint) else []
+            t_f = [self._t.out[p].float() for p in c.taps] if (c.graph or c.hint) else []
+            if c.rkd_distance:
+                out = out + c.rkd_distance * rkd_distance_loss(s_emb, t_emb)
+            if c.rkd_angle:
+                out = out + c.rkd_angle * rkd_angle_loss(s_emb, t_emb)
+            if c.graph:
+                out = out + graph_kd_loss(s_f, t_f, weight=c.graph)
+            if c.hint:
+                out = out + c.hint * hint_loss(s_f, t_f)
         return out
 
 

@@ -2,7 +2,8 @@
 
 Launch: ``torchrun --nproc-per-node N -m sparseforge.cli run RECIPE.toml`` (one machine) or, on several,
 ``torchrun --nnodes M --node-rank R --master-addr HOST --master-port 29500 --nproc-per-node N -m sparseforge.cli ...``.
-Backend: gloo on CPU, nccl when CUDA is available. Every rank runs the same program; masks, pattern libraries
+Backend: gloo (training runs on CPU tensors, and NCCL only carries CUDA tensors: choosing it because a GPU
+happens to be present made every collective fail); ``SPARSEFORGE_DIST_BACKEND`` overrides it. Every rank runs the same program; masks, pattern libraries
 and tickets are computed on rank 0 and broadcast, so all ranks hold bit-identical models; only rank 0
 writes checkpoints, run directories and reports. BatchNorm statistics are per rank (as in plain DDP).
 """
@@ -20,7 +21,7 @@ def init_from_env() -> tuple[int, int]:
     """Initialise the process group when launched by torchrun (WORLD_SIZE > 1); returns (rank, world size)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(os.environ.get("SPARSEFORGE_DIST_BACKEND", "gloo"))
     return rank_world()
 
 

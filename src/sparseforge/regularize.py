@@ -149,7 +149,7 @@ class RDropCallback(Callback):
                         "and training costs twice as much; add dropout or use another regulariser")
 
     def on_loss(self, trainer, loss, logits, x, y):
-        logits2 = trainer.model(x)
+        logits2 = trainer.model(x).float()      # the trainer's first pass is fp32 too (bf16 training)
         return rdrop_loss(logits, logits2, y, self.cfg.alpha)
 
 

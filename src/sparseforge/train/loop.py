@@ -111,6 +111,12 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.should_stop = False  # a callback may end training early (e.g. an early-bird ticket was drawn)
         self._forward = wrap(model)       # DDP under torchrun: gradients averaged over ranks
+        if config.precision == "bf16" and self.is_main:
+            from ..report.env import cpu_flags
+
+            if not {"amx_bf16", "avx512_bf16"} & set(cpu_flags()):
+                self.log("warning: TrainConfig.precision='bf16' on a CPU without AMX or AVX512-BF16: bfloat16 "
+                         "arithmetic is emulated there and runs slower than fp32; use precision='fp32'")
         if config.compile:
             try:
                 self._forward = torch.compile(self._forward)
@@ -206,13 +212,21 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     # ---- loop ---------------------------------------------------------
+    def autocast(self):
+        """The forward's arithmetic (``TrainConfig.precision``): callbacks that run a model of their own (a teacher,
+        a second R-Drop pass) run it inside this too, so it costs what the student's forward costs."""
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
+
     def compute_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         for cb in self.callbacks:
             x, y = cb.on_batch(self, x, y)
-        logits = self._forward(x)
-        loss = self.loss_fn(logits, y)
-        for cb in self.callbacks:
-            loss = cb.on_loss(self, loss, logits, x, y)
+        with self.autocast():
+            # losses see fp32 logits: a bf16 softmax keeps ~3 significant digits, too few for a KL between
+            # nearly equal distributions
+            logits = self._forward(x).float()
+            loss = self.loss_fn(logits, y)
+            for cb in self.callbacks:
+                loss = cb.on_loss(self, loss, logits, x, y)
         return loss, logits
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
