@@ -55,7 +55,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
 
 
 def test_help_everywhere():
-    for cmd in ([], ["train"], ["eval"], ["demo"], ["info"], ["stats"]):
+    for cmd in ([], ["train"], ["eval"], ["demo"], ["info"], ["stats"], ["groups"]):
         r = run_cli(*cmd, "--help")
         assert r.returncode == 0 and "usage:" in r.stdout
 
@@ -77,6 +77,25 @@ def test_info_json(capsys):
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert "resnet20" in info["models"] and info["torch"] == torch.__version__
+
+
+def test_groups_preflight(capsys):
+    """`sparseforge groups`: ResNet-20 has 13 groups (the classifier's blocked: network output), the option-A
+    stream of stage 2 splits into the channels tied to stage 1 and the zero-padded ones, and 7 of its 9 blocks
+    (not the two downsampling ones) can be dropped, each 1/8.6 of the MACs; --ignore blocks a group by name."""
+    assert main(["groups", "--model", "resnet20", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    gs = {g["name"]: g for g in d["groups"]}
+    assert len(gs) == 13 and gs["linear"]["blocked"] == "network output"
+    assert [n for n, g in gs.items() if g["blocked"]] == ["linear"]
+    assert "residual" in gs["conv1"]["kinds"] and "layer3.2.conv2" in gs["conv1"]["modules"]
+    assert gs["layer2.0.conv2"]["channels"] == 16 and "residual" in gs["layer2.0.conv2"]["kinds"]
+    assert sorted(d["droppable_blocks"]) == ["layer1.0", "layer1.1", "layer1.2", "layer2.1", "layer2.2",
+                                             "layer3.1", "layer3.2"]
+    assert all(abs(v - d["droppable_blocks"]["layer1.0"]) < 1e-9 for v in d["droppable_blocks"].values())
+    assert main(["groups", "--model", "resnet20", "--ignore", "layer1.0.conv1"]) == 0
+    out = capsys.readouterr().out
+    assert "BLOCKED (ignored layer layer1.0.conv1)" in out and "7 residual blocks DepthConfig may drop" in out
 
 
 def test_eval_shared_resnet20(models_dir, cifar_dir, capsys):

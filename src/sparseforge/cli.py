@@ -103,6 +103,41 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_groups(args: argparse.Namespace) -> int:
+    """The structured-pruning pre-flight: what ``StructuredConfig`` can thin and ``DepthConfig`` can drop, before
+    any training is spent on it."""
+    import torch
+
+    from .models import create_model, load_weights
+    from .structured import DepthConfig, block_macs, candidate_blocks, count_macs, groups
+
+    model = create_model(args.model, num_classes=args.num_classes).eval()
+    if args.weights:
+        load_weights(model, args.weights)
+    x = torch.zeros(1, 3, args.size, args.size)
+    g = groups(model, x)
+    ignored = tuple(args.ignore or ())
+    total = count_macs(model, x)
+    macs = block_macs(model, x)
+    cands = candidate_blocks(model, DepthConfig(blocks=1, ignored_layers=ignored))
+    if args.json:
+        print(json.dumps({
+            "model": args.model, "macs": total,
+            "groups": [{"name": gr.name, "channels": len(gr), "kinds": sorted(gr.kinds), "blocked": gr.blocked,
+                        "modules": gr.modules} for gr in g.groups(ignored)],
+            "could_not_group": list(dict.fromkeys(g.problems)),
+            "droppable_blocks": {n: macs.get(n, 0) / total for n in cands}}, indent=2))
+        return 0
+    print(g.explain(ignored))
+    print(f"\n{len(cands)} residual blocks DepthConfig may drop (identity shortcut), each this share of the "
+          f"{total:,} MACs:")
+    for n in cands:
+        print(f"  {n:28s} {100 * macs.get(n, 0) / total:5.2f}%")
+    if not cands:
+        print("  none: depth pruning needs residual blocks with an identity shortcut and remove_branch()")
+    return 0
+
+
 def parse_sets(items: list[str]) -> dict:
     """--set a.b=value pairs -> nested dict; values parsed as TOML scalars (strings may be bare)."""
     from .config import loads_toml
@@ -406,6 +441,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--input-shape", default="3,32,32")
     b.add_argument("--json", help="write the measurements to this JSON file")
     b.set_defaults(fn=cmd_bench)
+
+    gp = sub.add_parser("groups", help="structured pre-flight: dependency groups, what cannot be pruned and why, "
+                                       "droppable residual blocks")
+    gp.add_argument("--model", default="resnet20")
+    gp.add_argument("--weights", help="weights to load first (optional: the groups depend on the architecture)")
+    gp.add_argument("--num-classes", type=int, default=10)
+    gp.add_argument("--size", type=int, default=32, help="input height and width")
+    gp.add_argument("--ignore", action="append", help="layer name or glob never pruned (repeatable)")
+    gp.add_argument("--json", action="store_true")
+    gp.set_defaults(fn=cmd_groups)
 
     i = sub.add_parser("info", help="versions, CPU features, threads, models")
     i.add_argument("--json", action="store_true")
