@@ -221,3 +221,20 @@ def test_hint_loss_matches_formula_and_pulls_a_depth_pruned_student_to_its_teach
     after = gap()
     assert after < 0.5 * before, (before, after)
     assert copy.deepcopy(student) is not None
+
+
+def test_kd_feature_terms_need_hooks_before_the_forward():
+    """Without on_train_begin the student's features were never recorded: a clear error, not a KeyError."""
+    import sparseforge as sf
+    from sparseforge.distill import KDCallback, KDConfig
+    from sparseforge.train import Trainer, TrainConfig
+
+    s, t = sf.create_model("resnet20"), sf.create_model("resnet20")
+    kd = KDCallback(t, KDConfig(hint=1.0, taps=("layer1",)))
+    tr = Trainer(s, TrainConfig(model="resnet20", threads=1), train_loader=None, callbacks=[kd], log=lambda m: None)
+    with pytest.raises(SparseforgeError, match="on_train_begin"):
+        tr.compute_loss(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    plain = KDCallback(t, KDConfig())         # logits only: installs what it needs lazily
+    tr = Trainer(s, TrainConfig(model="resnet20", threads=1), train_loader=None, callbacks=[plain], log=lambda m: None)
+    loss, _ = tr.compute_loss(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    assert torch.isfinite(loss)

@@ -226,6 +226,10 @@ class KDCallback(Callback):
     def on_loss(self, trainer, loss, logits, x, y):
         c = self.cfg
         if self._s is None:
+            if c.graph or c.hint or c.rkd_distance or c.rkd_angle:
+                # the hooks must be in place before the student's forward, which has already run
+                raise SparseforgeError("KDCallback with feature terms (graph / hint / RKD) was used before "
+                                       "on_train_begin(trainer): Trainer.fit calls it; a custom loop must too")
             self.on_train_begin(trainer)
         with torch.no_grad():
             t_logits = self.teacher_model(x).float()       # bf16 under TrainConfig.precision='bf16'
