@@ -104,3 +104,22 @@ def test_robustness_estimate_of_a_linear_model_equals_its_analytic_value():
         assert v == pytest.approx(2.5, rel=1e-4)
     soft = lipschitz(lin, x, eps_values=(0.01,))
     assert 0 < soft[0.01] <= 2.5 * 0.5 + 1e-6    # softmax is 1/2-Lipschitz in L2... bounded above
+
+
+def test_low_precision_layers_keep_fp32_arithmetic_under_bf16_training():
+    """TrainConfig.precision='bf16' autocasts the forward; the simulated grids must not be rounded by it."""
+    from sparseforge.lowbit import Pow2Config, Pow2Conv2d
+
+    torch.manual_seed(0)
+    fq = FQConv2d.from_conv(nn.Conv2d(3, 4, 3))
+    fq.bits, fq.gbits = 6, 8
+    p2 = Pow2Conv2d.from_conv(nn.Conv2d(3, 4, 3), Pow2Config())
+    x = torch.randn(2, 3, 6, 6)
+    for layer in (fq, p2):
+        ref = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = layer(x.bfloat16())
+            plain = nn.functional.conv2d(x, torch.randn(4, 3, 3, 3))
+        assert plain.dtype == torch.bfloat16          # autocast is really on around the layer
+        assert got.dtype == torch.float32 and torch.allclose(got, layer(x.bfloat16().float()), atol=0, rtol=0)
+        assert torch.allclose(ref, layer(x), atol=0, rtol=0)
