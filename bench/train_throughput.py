@@ -72,7 +72,8 @@ def main() -> None:
     arms = [("nchw", False, False, False), ("channels_last", True, False, False),
             ("nchw+bf16", False, False, True), ("channels_last+bf16", True, False, True)]
     if a.compile:
-        arms += [("nchw+compile", False, True, False), ("channels_last+compile", True, True, False)]
+        arms += [("nchw+compile", False, True, False), ("channels_last+compile", True, True, False),
+                 ("nchw+bf16+compile", False, True, True), ("channels_last+bf16+compile", True, True, True)]
     results = {}
     for name, cl, comp, bf16 in arms:
         try:

@@ -113,6 +113,87 @@ def test_bf16_training_learns_like_fp32_and_keeps_fp32_state(tmp_path):
     assert 0 < rel < 0.5, rel
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compiled_step_computes_what_eager_computes(precision):
+    """TrainConfig.compile changes the speed, not what is computed: one training step's loss and gradients equal
+    eager's up to float reassociation (fp32) or to bf16 rounding at other points of the graph (bf16)."""
+    import copy
+
+    import sparseforge as sf
+    from sparseforge.train import Trainer
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = sf.create_model("smallcnn")
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    out = {}
+    for comp in (False, True):
+        m = copy.deepcopy(model).train()
+        tr = Trainer(m, TrainConfig(model="smallcnn", compile=comp, precision=precision, threads=2),
+                     train_loader=None, log=lambda s: None)
+        loss, _ = tr.compute_loss(x, y)
+        loss.backward()
+        out[comp] = (loss.item(), [p.grad.clone() for p in m.parameters()])
+    (le, ge), (lc, gc) = out[False], out[True]
+    tol_loss, tol_grad = (1e-5, 1e-4) if precision == "fp32" else (1e-2, 5e-2)
+    assert abs(lc - le) / le < tol_loss, (lc, le)
+    rel = max(float((a - b).norm() / b.norm()) for a, b in zip(gc, ge))
+    assert rel < tol_grad, rel
+
+
+def test_compiled_training_run_checkpoints_like_eager(tmp_path):
+    """A compiled run learns and checkpoints under the eager model's keys (no torch.compile wrapper prefix), so its
+    checkpoint loads into an eager model; after 16 steps its weights are still close to the eager run's (small
+    per-step differences grow through training, ~1e-3 here)."""
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    base = dict(model="smallcnn", dataset="synthetic", train_size=1024, test_size=256, epochs=2,
+                max_steps_per_epoch=8, batch_size=64, lr=0.05, threads=2)
+    _, rc = train(TrainConfig(**base, compile=True), tmp_path / "c", progress=False)
+    assert counters["stats"]["unique_graphs"] >= 1, dict(counters["stats"])   # it really was compiled
+    _, re_ = train(TrainConfig(**base), tmp_path / "e", progress=False)
+    wc, _ = _final_weights(tmp_path / "c")
+    we, _ = _final_weights(tmp_path / "e")
+    assert wc.keys() == we.keys() and not any("_orig_mod" in k for k in wc)
+    for k in we:
+        if we[k].ndim >= 2:       # conv / linear weights (near-zero BN biases make relative errors meaningless)
+            assert float((wc[k] - we[k]).norm() / we[k].norm()) < 2e-2, k
+    assert abs(rc["test_acc"] - re_["test_acc"]) <= 2.0, (rc, re_)
+
+
+def test_compiled_kd_teacher_gives_eager_loss():
+    """With TrainConfig.compile the KD teacher (no feature terms) runs as a frozen compiled graph (BN folded into its
+    convs); the distillation loss is eager's up to float reassociation. With feature terms it stays eager (a compiled
+    graph would skip the module hooks that read the features)."""
+    import sparseforge as sf
+    from sparseforge.distill import KDCallback, KDConfig
+    from sparseforge.train import Trainer
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    student, teacher = sf.create_model("smallcnn"), sf.create_model("smallcnn")
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    losses = {}
+    for comp in (False, True):
+        cfg = TrainConfig(model="smallcnn", compile=comp, threads=2)
+        kd = KDCallback(teacher, KDConfig(T=4.0, alpha=0.9))
+        tr = Trainer(student, cfg, train_loader=None, callbacks=[kd], log=lambda s: None)
+        student.eval()
+        kd.on_train_begin(tr)
+        assert (kd._t_fwd is teacher) != comp
+        losses[comp] = tr.compute_loss(x, y)[0].item()
+        kd.on_train_end(tr)
+        assert kd._t_fwd is teacher
+    assert abs(losses[True] - losses[False]) / losses[False] < 1e-4, losses
+    kd = KDCallback(teacher, KDConfig(hint=1.0, taps=("features.0",)))
+    kd.on_train_begin(Trainer(student, TrainConfig(model="smallcnn", compile=True), train_loader=None,
+                              callbacks=[kd], log=lambda s: None))
+    assert kd._t_fwd is teacher
+    kd.on_train_end(None)
+
+
 def test_bf16_kd_losses_stay_close_to_fp32():
     """Teacher forward in bf16, KL and feature losses in fp32: the loss differs from fp32 by bf16 rounding of the
     forwards (~1e-2 relative), not more."""
