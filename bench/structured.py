@@ -45,6 +45,7 @@ from sparseforge.recipe import Recipe, RecipeRunner
 from sparseforge.report.env import environment
 from sparseforge.report.plots import plt
 from sparseforge.structured import count_macs, count_params
+from sparseforge.utils import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -120,6 +121,32 @@ def run_arm(name: str, rc: Recipe, exp_dir: Path) -> dict:
     res = RecipeRunner(rc, d, progress=False).run(resume=(d / "recipe.toml").exists())
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     return res
+
+
+def record_arm(d: Path) -> dict | None:
+    """What an arm measured, in one small committed file beside its (ignored, multi-MB) run directory.
+
+    Run directories hold weights and checkpoints and are not committed, so a new machine starts without them: the
+    record keeps the recipe, every stage's result and per-epoch metrics and the final architecture (block list and
+    widths, enough to rebuild the network for latency), also for an arm still training (``--record``)."""
+    if not (d / "recipe.toml").exists():
+        return None
+    rec: dict = {"arm": d.name, "recipe_toml": (d / "recipe.toml").read_text(), "stages": []}
+    if (d / "start.json").exists():
+        rec["start"] = json.loads((d / "start.json").read_text())
+    for sdir in sorted((d / "stages").glob("*")):
+        st: dict = {"dir": sdir.name, "done": (sdir / "done.json").exists()}
+        if st["done"]:
+            st["result"] = json.loads((sdir / "done.json").read_text())
+        st["metrics"] = [json.loads(line) for m in sorted(sdir.rglob("metrics.jsonl"))
+                         for line in m.read_text().splitlines() if line.strip()]
+        rec["stages"].append(st)
+    rec["finished"] = (d / "model.safetensors").exists()
+    if rec["finished"]:
+        rec["final_acc"] = rec["stages"][-1]["result"]["eval"]["acc"] if rec["stages"] else rec["start"]["acc"]
+        rec["model_spec"] = json.loads(read_state_dict(d / "model.safetensors")[1]["model"])
+    atomic_write_json(d.parent / f"{d.name}.record.json", rec)
+    return rec
 
 
 def load_final(run_dir: Path) -> torch.nn.Module:
@@ -288,7 +315,17 @@ def exp_resnet56(a) -> dict:
     # picking a smaller model instead of pruning; ResNet-32 has 0.55 of ResNet-56's MACs, ResNet-20 0.32)
     refs = {"ref-resnet32": ("resnet32", "akamaster_resnet32-d509ac18.th"),
             "ref-resnet20": ("resnet20", "akamaster_resnet20-12fca82f.th")}
+    recorded = {}
     for name in ([] if a.latency_only else a.arms.split(",")):
+        rec_file = exp / f"{name}.record.json"
+        if a.from_records and not (exp / name / "model.safetensors").exists() and rec_file.exists():
+            rec = json.loads(rec_file.read_text())
+            if rec.get("finished"):
+                recorded[name] = rec
+                out["arms"][name] = {"start_acc": rec["start"]["acc"], "final_acc": rec["final_acc"],
+                                     "stages": [s["result"]["eval"]["acc"] for s in rec["stages"]],
+                                     "from_record": True}
+                continue
         if name in refs:
             model, wf = refs[name]
             rc = recipe(model, str(SHARED / "models" / wf), a.data_dir, [{"method": "finetune", "epochs": a.epochs}],
@@ -296,13 +333,17 @@ def exp_resnet56(a) -> dict:
         else:
             rc = recipe("resnet56", w, a.data_dir, arms[name], {"threads": a.threads, **_prec_train(a)})
         res = run_arm(name, rc, exp)
+        record_arm(exp / name)
         out["arms"][name] = {"start_acc": res["start"]["acc"], "final_acc": res["final"]["acc"],
                              "stages": [s["eval"]["acc"] for s in res["stages"]], "wall_s": res["wall_s"]}
     if a.train_only:
         return out
     x = torch.randn(1, 3, 32, 32)
     torch.set_num_threads(2)
-    models = {name: load_final(exp / name) for name in out["arms"]}
+    # an arm known only from its record (run directory on another machine) is rebuilt from its architecture with
+    # fresh weights: its accuracy is the record's, and a dense network's latency does not depend on weight values
+    models = {name: (model_from_spec(recorded[name]["model_spec"]).eval() if name in recorded
+                     else load_final(exp / name)) for name in out["arms"]}
     for name, m in models.items():
         out["arms"][name].update(macs=count_macs(m, x), params=count_params(m))
     for b in (1, 32):
@@ -325,6 +366,7 @@ def exp_ssl(a) -> dict:
         # runs with another lambda / threshold than the first (0.05, 1e-3) get their own directory
         d = name if name != "ssl" or (a.lambda_g, a.threshold) == (0.05, 1e-3) else f"ssl-l{a.lambda_g:g}-t{a.threshold:g}"
         res = run_arm(d, recipe("resnet20", w, a.data_dir, arms[name], {}), exp)
+        record_arm(exp / d)
         m = load_final(exp / d)
         out["arms"][name] = {"start_acc": res["start"]["acc"], "final_acc": res["final"]["acc"],
                              "stages": [s["eval"]["acc"] for s in res["stages"]], "macs": count_macs(m, x),
@@ -345,6 +387,12 @@ def main() -> None:
     ap.add_argument("--train-only", action="store_true",
                     help="resnet56: train the arms, skip latency and the JSON (e.g. two arms training side by side; "
                          "measure afterwards on a quiet machine with the same command without this flag)")
+    ap.add_argument("--from-records", action="store_true",
+                    help="resnet56: an arm whose run directory is missing but whose <arm>.record.json is finished is "
+                         "not retrained: accuracy from the record, latency on its architecture rebuilt")
+    ap.add_argument("--record", action="store_true",
+                    help="only write <arm>.record.json for every arm directory of the experiment (e.g. an arm still "
+                         "training, before the machine is given back), then exit")
     ap.add_argument("--lambda-g", type=float, default=0.05, help="group-lasso weight (proximal steps)")
     ap.add_argument("--threshold", type=float, default=1e-3)
     ap.add_argument("--data-dir", default=str(SHARED / "data" / "cifar-10-batches-py"))
@@ -357,6 +405,15 @@ def main() -> None:
     if a.experiment == "ssl" and a.precision != "fp32":
         ap.error("--precision applies to --experiment resnet56 only")
     a.arms = a.arms or ("control,l1-2x" if a.experiment == "resnet56" else "control,ssl")
+    if a.record:
+        base = "resnet56" if a.experiment == "resnet56" else "ssl"
+        exp = OUT / ((base if a.epochs == 2 else f"{base}-e{a.epochs}") + (_prec(a) if base == "resnet56" else ""))
+        for d in sorted(p for p in exp.iterdir() if p.is_dir()):
+            rec = record_arm(d)
+            if rec:
+                print(f"{d.name}: {sum(s['done'] for s in rec['stages'])}/{len(rec['stages'])} stages done, "
+                      f"{sum(len(s['metrics']) for s in rec['stages'])} epoch records, finished={rec['finished']}")
+        return
     out = exp_resnet56(a) if a.experiment == "resnet56" else exp_ssl(a)
     if a.train_only:
         print(json.dumps(out, default=str)[:2000])
