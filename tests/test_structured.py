@@ -372,3 +372,48 @@ def test_depth_loss_replay_equals_full_forwards(name):
 
     t = Twice().eval()
     assert not _Replay(t, cal).ok
+
+
+def test_bench_record_keeps_results_and_rebuilds_architecture(tmp_path):
+    """bench/structured.py's <arm>.record.json is what survives a new machine (run directories are not committed):
+    it must hold every stage's result, the per-epoch metrics and an architecture that rebuilds the pruned net."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from sparseforge.models import read_state_dict
+    from sparseforge.recipe import Recipe, RecipeRunner
+
+    spec = importlib.util.spec_from_file_location("bench_structured", Path(__file__).parents[1] / "bench" / "structured.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rc = Recipe.from_toml("""
+model = "resnet20"
+dataset = "synthetic"
+[train]
+batch_size = 16
+lr = 0.02
+train_size = 64
+test_size = 32
+threads = 1
+[[stage]]
+method = "depth"
+blocks = 2
+importance = "bn"
+[[stage]]
+method = "finetune"
+epochs = 2
+""")
+    d = tmp_path / "exp" / "arm"
+    res = RecipeRunner(rc, d, progress=False).run()
+    assert bench.record_arm(tmp_path / "exp" / "missing") is None
+    bench.record_arm(d)
+    rec = json.loads((tmp_path / "exp" / "arm.record.json").read_text())
+    assert rec["finished"] and rec["final_acc"] == res["final"]["acc"]
+    assert [s["done"] for s in rec["stages"]] == [True, True]
+    assert [m["epoch"] for m in rec["stages"][1]["metrics"] if m.get("split") == "train"] == [1, 2]
+    final = load_weights(model_from_spec(json.loads(read_state_dict(d / "model.safetensors")[1]["model"])),
+                         d / "model.safetensors")
+    rebuilt = model_from_spec(rec["model_spec"])
+    assert count_params(rebuilt) == count_params(final) < count_params(sf.create_model("resnet20"))
+    assert [n for n, _ in rebuilt.named_parameters()] == [n for n, _ in final.named_parameters()]
