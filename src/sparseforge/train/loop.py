@@ -119,7 +119,10 @@ class Trainer:
                          "arithmetic is emulated there and runs slower than fp32; use precision='fp32'")
         if config.compile:
             try:
-                self._forward = torch.compile(self._forward)
+                # static shapes: the epoch's last, smaller batch gets a graph of its own. With torch's automatic
+                # dynamic shapes it would switch every later step to a shape-generic graph, measured slower
+                # (depth-pruned ResNet-56, batch 128, bf16, 2 threads: 109 vs 95 ms a step)
+                self._forward = torch.compile(self._forward, dynamic=False)
             except Exception as e:  # pragma: no cover - depends on the toolchain
                 self.log(f"warning: torch.compile unavailable ({e}); training eagerly")
 
