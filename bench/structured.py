@@ -14,6 +14,9 @@ Experiments (each arm is a resumable recipe run under bench/results/structured/<
                depth-grow-2x  E/4 dense -> the same blocks fade out (growing L2 on their last BN) for E/4 epochs on
                             the labels -> dropped -> fine-tune (also depth-grow-kd-2x, depth-grow0-2x,
                             depth-grow-half)
+               depth-inplace-2x  the same blocks chosen on the start model; all E epochs train the full net on the
+                            labels and, with shared weights, the shallow net on the full net's soft outputs
+                            (in-place distillation); then the branches are dropped
              then PyTorch latency (BN folded, eval, inference_mode, 2 threads) at batch 1 and 32 of the pruned
              vs the unpruned network, alternating in one process with a pause between blocks, >= 30 runs, and
              the same through sparseforge.compile.
@@ -302,6 +305,12 @@ def exp_resnet56(a) -> dict:
                                {"method": "depth", "mac_ratio": 0.5, "importance": "loss"},
                                {"method": "kd", "epochs": max(1, a.epochs - max(1, a.epochs // 2)),
                                 "teacher": "stage:0", "train": {"lr": 0.01}}],
+        # in-place distillation: the blocks are chosen on the start model, then for all E epochs every step trains the
+        # full net on the labels and the shallow sub-network (same weights, those branches skipped) on the full net's
+        # soft outputs (T 5, alpha 0.9, as the KD arms); then the branches are dropped. Teacher and student both
+        # train for the whole budget (depth-kd-2x's teacher gets E/4 epochs, its student 3E/4); a step costs ~1.5x
+        # a dense step
+        "depth-inplace-2x": [{"method": "depth", "mac_ratio": 0.5, "importance": "loss", "inplace_epochs": a.epochs}],
         "grow-2x-r8": [{"method": "structured", "mac_ratio": 0.48, "importance": "l1", "round_to": 8,
                         "scope": "layer", "regularize_epochs": 1},
                        {"method": "finetune", "epochs": max(1, a.epochs - 1)}],

@@ -392,3 +392,31 @@ def test_depth_stage_with_growing_regularisation_fades_then_drops_and_resumes(tm
     logs = []
     res2 = RecipeRunner(recipe, tmp_path / "run", log=logs.append, progress=False).run(resume=True)
     assert sum("already done" in s for s in logs) == 3 and res2["final"] == res["final"]
+
+
+def test_depth_stage_trained_in_place_drops_the_planned_blocks_and_resumes(tmp_path):
+    """inplace_epochs: the plan is written before training, every epoch records the shallow sub-network's and the
+    full net's test accuracy, the saved net is the shallow one, it learned (far above chance on the synthetic
+    classes), and a resumed run redoes nothing."""
+    from sparseforge.models import load_weights, model_from_spec, read_state_dict
+
+    rp = tmp_path / "d.toml"
+    rp.write_text(DEPTH_RECIPE.replace('calibration_batches = 2', 'calibration_batches = 2\ninplace_epochs = 3')
+                  .replace("train_size = 128", "train_size = 512").replace("test_size = 64", "test_size = 256"))
+    recipe = Recipe.load_file(rp)
+    assert recipe.stages()[1].config.inplace_epochs == 3
+    res = RecipeRunner(recipe, tmp_path / "run", log=lambda s: None, progress=False).run()
+    st = res["stages"][1]
+    plan = json.loads((tmp_path / "run/stages/01-depth/depth_plan.json").read_text())
+    assert [h["block"] for h in st["depth"]] == [h["block"] for h in plan] and len(plan) == 2
+    assert [r["epoch"] for r in st["inplace"]] == [1, 2, 3] and st["train"]["epoch"] == 3
+    assert all("sub_test_acc" in r and "full_test_acc" in r for r in st["inplace"])
+    assert st["acc_before_drop"] == st["inplace"][-1]["sub_test_acc"]
+    assert st["eval"]["acc"] > 40, st      # 10 synthetic classes: chance is 10%
+    path = tmp_path / "run/model.safetensors"
+    m = load_weights(model_from_spec(json.loads(read_state_dict(path)[1]["model"])), path)
+    assert sorted(n for n, b in m.named_modules() if getattr(b, "branch_removed", False)) == \
+        sorted(h["block"] for h in plan)
+    logs = []
+    res2 = RecipeRunner(recipe, tmp_path / "run", log=logs.append, progress=False).run(resume=True)
+    assert sum("already done" in s for s in logs) == 3 and res2["final"] == res["final"]

@@ -417,3 +417,83 @@ epochs = 2
     rebuilt = model_from_spec(rec["model_spec"])
     assert count_params(rebuilt) == count_params(final) < count_params(sf.create_model("resnet20"))
     assert [n for n, _ in rebuilt.named_parameters()] == [n for n, _ in final.named_parameters()]
+
+
+def test_inplace_subnet_shares_weights_keeps_its_own_bn_statistics_and_equals_the_dropped_net():
+    """In-place depth distillation's sub-network: the model's parameters (same objects), BatchNorm statistics of its
+    own (a training forward moves only its statistics), and in eval mode exactly what drop_blocks gives."""
+    from sparseforge.structured import shared_subnet
+
+    m = _model("resnet20")
+    blocks = ["layer1.1", "layer2.2", "layer3.1"]
+    sub = shared_subnet(m, blocks)
+    params = dict(m.named_parameters())
+    assert all(p is params[n] for n, p in sub.named_parameters())
+    assert not any(b is mb for b, mb in zip(sub.buffers(), m.buffers()))
+    assert not any(getattr(b, "branch_removed", False) for b in m.modules())       # the model keeps every branch
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert _rel(sub.eval()(x), sf.structured.drop_blocks(m, blocks).eval()(x)) < 1e-6
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        sub.train()(x)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    assert not torch.equal(sub.layer1[0].bn1.running_mean, m.layer1[0].bn1.running_mean)
+    with pytest.raises(sf.SparseforgeError, match="not a residual block"):
+        shared_subnet(m, ["linear"])
+
+
+def test_inplace_step_adds_the_shallow_nets_distillation_gradient_and_resumes_its_statistics():
+    """One step of InplaceDepthCallback: the gradient is that of CE(full) + kd(shallow, full.detach()) computed on an
+    independent copy (branches switched off in place); the skipped blocks get only the full net's gradient. Its
+    state (history, the sub-network's BN statistics) survives a checkpoint round trip."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from sparseforge.distill import kd_loss
+    from sparseforge.structured import InplaceDepthCallback
+    from sparseforge.train.checkpoint import join_state, split_state
+
+    blocks = ["layer1.1", "layer2.2", "layer3.1"]
+    m = _model("resnet20").train()
+    ref, plain = copy.deepcopy(m), copy.deepcopy(m)
+    x, y = _batches(n=1, bs=8, seed=3)[0]
+    t = SimpleNamespace(model=m, config=SimpleNamespace(compile=False), log=lambda s: None, test_loader=None,
+                        is_main=True)
+    cb = InplaceDepthCallback(blocks, T=2.0, alpha=0.5, weight=1.0)
+    cb.on_train_begin(t)
+    logits = m(x)
+    total = cb.on_loss(t, F.cross_entropy(logits, y), logits, x, y)
+    total.backward()
+
+    full = ref(x)
+    mods = dict(ref.named_modules())
+    for b in blocks:
+        mods[b].branch_removed = True
+    shallow = ref(x)
+    for b in blocks:
+        del mods[b].branch_removed
+    (F.cross_entropy(full, y) + kd_loss(shallow, full.detach(), T=2.0, alpha=0.5, targets=y)).backward()
+    F.cross_entropy(plain(x), y).backward()
+    rp, pp = dict(ref.named_parameters()), dict(plain.named_parameters())
+    for n, p in m.named_parameters():
+        assert _rel(p.grad, rp[n].grad) < 1e-5, n
+        if n.startswith(tuple(b + "." for b in blocks)):
+            assert _rel(p.grad, pp[n].grad) < 1e-5, n           # skipped branch: the full net's gradient only
+    assert _rel(m.layer3[0].conv1.weight.grad, pp["layer3.0.conv1.weight"].grad) > 1e-3   # shared: both nets'
+
+    cb.on_epoch_end(t, 0, {})
+    tensors, skel = split_state(cb.state_dict(), "cb")
+    cb2 = InplaceDepthCallback(blocks, T=2.0, alpha=0.5)
+    cb2.load_state_dict(join_state(skel, tensors))
+    cb2.on_train_begin(t)
+    assert cb2.history == cb.history
+    for (k, v), (k2, v2) in zip(cb.sub.named_buffers(), cb2.sub.named_buffers()):
+        assert k == k2 and torch.equal(v, v2)
+    assert not torch.equal(cb2.sub.layer3[0].bn1.running_mean, m.layer3[0].bn1.running_mean)   # its own input
+    with pytest.raises(sf.SparseforgeError, match="other blocks"):
+        InplaceDepthCallback(["layer1.0"]).load_state_dict(cb.state_dict())
+    from sparseforge.config import ConfigError
+
+    with pytest.raises(ConfigError, match="not both"):
+        sf.DepthConfig(blocks=2, regularize_epochs=1, inplace_epochs=1)

@@ -357,8 +357,8 @@ class RecipeRunner:
         else:
             if getattr(stage.config, "importance", None) == "taylor":
                 self._gradients(model)
-            if stage.method == "depth" and stage.config.regularize_epochs:
-                model, info = self._depth_regularized(model, stage, sdir)
+            if stage.method == "depth" and (stage.config.regularize_epochs or stage.config.inplace_epochs):
+                model, info = self._depth_trained(model, stage, sdir)
             elif getattr(stage.config, "regularize_epochs", 0):
                 from .structured import growing_reg, remove_channels
 
@@ -375,10 +375,11 @@ class RecipeRunner:
                 model = prune(model, stage.config, example_input=self._example())
         return model, info
 
-    def _depth_regularized(self, model: nn.Module, stage: Stage, sdir: Path) -> tuple[nn.Module, dict[str, Any]]:
-        """Choose the blocks, fade their branches out for ``regularize_epochs`` epochs, then drop them. The choice is
-        written to ``depth_plan.json`` first, so a resumed stage fades the same blocks."""
-        from .structured import drop_blocks, growing_depth, plan_depth
+    def _depth_trained(self, model: nn.Module, stage: Stage, sdir: Path) -> tuple[nn.Module, dict[str, Any]]:
+        """Choose the blocks, train with them (fade their branches out for ``regularize_epochs`` epochs, or train the
+        shallow sub-network in place for ``inplace_epochs``), then drop them. The choice is written to
+        ``depth_plan.json`` first, so a resumed stage trains with the same blocks."""
+        from .structured import InplaceDepthCallback, drop_blocks, growing_depth, plan_depth
 
         c = stage.config
         plan_file = sdir / "depth_plan.json"
@@ -389,13 +390,24 @@ class RecipeRunner:
             sdir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(plan_file, plan)
         blocks = [h["block"] for h in plan]
-        self.log(f"depth: fading {len(blocks)} residual branches for {c.regularize_epochs} epoch(s): {', '.join(blocks)}")
-        cb = growing_depth(model, blocks, c.reg_max)
-        cfg = self.recipe.train_config({**stage.train, "epochs": c.regularize_epochs})
         info: dict[str, Any] = {"depth": plan}
-        info["train"] = self._train(model, cfg, sdir, callbacks=[cb])
-        info["growing_reg"] = cb.history
-        info["acc_before_drop"] = info["train"].get("test_acc")     # the last epoch's evaluation, branches faded
+        if c.inplace_epochs:
+            self.log(f"depth: training the net without {len(blocks)} residual branches inside the full net for "
+                     f"{c.inplace_epochs} epoch(s): {', '.join(blocks)}")
+            cb = InplaceDepthCallback(blocks, T=c.inplace_T, alpha=c.inplace_alpha)
+            cfg = self.recipe.train_config({**stage.train, "epochs": c.inplace_epochs})
+            info["train"] = self._train(model, cfg, sdir, callbacks=[cb])
+            info["inplace"] = cb.history
+            info["full_acc_before_drop"] = info["train"].get("test_acc")    # the deep net (the teacher) at the end
+            info["acc_before_drop"] = cb.history[-1].get("sub_test_acc") if cb.history else None
+        else:
+            self.log(f"depth: fading {len(blocks)} residual branches for {c.regularize_epochs} epoch(s): "
+                     f"{', '.join(blocks)}")
+            cb = growing_depth(model, blocks, c.reg_max)
+            cfg = self.recipe.train_config({**stage.train, "epochs": c.regularize_epochs})
+            info["train"] = self._train(model, cfg, sdir, callbacks=[cb])
+            info["growing_reg"] = cb.history
+            info["acc_before_drop"] = info["train"].get("test_acc")     # the last epoch's evaluation, branches faded
         model = drop_blocks(model, blocks, plan)
         return model, info
 

@@ -46,10 +46,20 @@ class DepthConfig(Config):
                                     "L2 penalty on their last BatchNorm's scale and shift (the branch fades out "
                                     "while the rest adapts), then drop them; 0 = drop at once", min=0)
     reg_max: float = opt(1.0, "growing regularisation: the penalty coefficient reached halfway through", min=0.0)
+    inplace_epochs: int = opt(0, "recipe stage: choose the blocks now, then train this many epochs in place: every "
+                                 "step trains the full net on the labels and the shallow sub-network (the chosen "
+                                 "branches skipped, weights shared) on the full net's soft outputs; then drop "
+                                 "them; 0 = drop at once", min=0)
+    inplace_T: float = opt(5.0, "in-place distillation: softmax temperature", min=1e-3)
+    inplace_alpha: float = opt(0.9, "in-place distillation: weight of the soft targets (1 - alpha on the labels)",
+                               min=0.0, max=1.0)
 
     def validate(self) -> None:
         if (self.mac_ratio > 0) == (self.blocks > 0):
             raise ConfigError("DepthConfig needs exactly one target: mac_ratio (e.g. 0.5) or blocks (e.g. 10)")
+        if self.regularize_epochs and self.inplace_epochs:
+            raise ConfigError("DepthConfig: choose one of regularize_epochs (fade the branches out) and "
+                              "inplace_epochs (train the shallow net inside the deep one), not both")
 
 
 def candidate_blocks(model: nn.Module, cfg: DepthConfig) -> list[str]:
@@ -284,11 +294,13 @@ def prune_depth(model: nn.Module, cfg: DepthConfig, example_input: torch.Tensor 
 
     ``calibration``: (images, labels) batches for importance 'output' / 'loss' (the recipe stage passes
     ``calibration_batches`` training batches)."""
-    if cfg.regularize_epochs:
+    if cfg.regularize_epochs or cfg.inplace_epochs:
         import warnings
 
-        warnings.warn("DepthConfig.regularize_epochs needs training: prune() drops the blocks at once. Use a recipe "
-                      "'depth' stage, or structured.growing_depth() with a Trainer", stacklevel=3)
+        which = "regularize_epochs" if cfg.regularize_epochs else "inplace_epochs"
+        warnings.warn(f"DepthConfig.{which} needs training: prune() drops the blocks at once. Use a recipe "
+                      "'depth' stage, or structured.growing_depth() / InplaceDepthCallback with a Trainer",
+                      stacklevel=3)
     history = plan_depth(model, cfg, example_input, calibration)
     return drop_blocks(model, [h["block"] for h in history], history)
 
