@@ -335,6 +335,15 @@ def exp_resnet56(a) -> dict:
                                      "stages": [s["result"]["eval"]["acc"] for s in rec["stages"]],
                                      "from_record": True}
                 continue
+        if (a.from_records and name == "control" and not (exp / name / "model.safetensors").exists()
+                and not rec_file.exists() and prev.exists() and "control" in json.loads(prev.read_text())["arms"]):
+            # a control trained before records existed: its accuracy from this budget's earlier JSON; latency on the
+            # unpruned architecture (weight values do not change a dense network's latency)
+            old = json.loads(prev.read_text())["arms"]["control"]
+            recorded[name] = {"model_spec": None}
+            out["arms"][name] = {"start_acc": old["start_acc"], "final_acc": old["final_acc"], "stages": old["stages"],
+                                 "from_previous_json": prev.name}
+            continue
         if name in refs:
             model, wf = refs[name]
             rc = recipe(model, str(SHARED / "models" / wf), a.data_dir, [{"method": "finetune", "epochs": a.epochs}],
@@ -351,12 +360,18 @@ def exp_resnet56(a) -> dict:
     torch.set_num_threads(2)
     # an arm known only from its record (run directory on another machine) is rebuilt from its architecture with
     # fresh weights: its accuracy is the record's, and a dense network's latency does not depend on weight values
-    models = {name: (model_from_spec(recorded[name]["model_spec"]).eval() if name in recorded
+    models = {name: ((model_from_spec(recorded[name]["model_spec"]) if recorded[name]["model_spec"]
+                      else sf.create_model("resnet56")).eval() if name in recorded
                      else load_final(exp / name)) for name in out["arms"]}
     for name, m in models.items():
         out["arms"][name].update(macs=count_macs(m, x), params=count_params(m))
     for b in (1, 32):
         out[f"latency_b{b}_t2"] = latency(models, b, a.runs)
+    if prev.exists():     # arms measured earlier for this budget and not re-run now stay in the file, marked
+        old = json.loads(prev.read_text())
+        earlier = {**old.get("earlier_arms", {}), **{k: v for k, v in old["arms"].items() if k not in out["arms"]}}
+        if earlier:
+            out["earlier_arms"] = {k: v for k, v in earlier.items() if k not in out["arms"]}
     return out
 
 
@@ -398,7 +413,8 @@ def main() -> None:
                          "measure afterwards on a quiet machine with the same command without this flag)")
     ap.add_argument("--from-records", action="store_true",
                     help="resnet56: an arm whose run directory is missing but whose <arm>.record.json is finished is "
-                         "not retrained: accuracy from the record, latency on its architecture rebuilt")
+                         "not retrained: accuracy from the record, latency on its architecture rebuilt; a control "
+                         "with neither takes its accuracy from this budget's earlier JSON")
     ap.add_argument("--record", action="store_true",
                     help="only write <arm>.record.json for every arm directory of the experiment (e.g. an arm still "
                          "training, before the machine is given back), then exit")
