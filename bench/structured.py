@@ -311,6 +311,10 @@ def exp_resnet56(a) -> dict:
         # train for the whole budget (depth-kd-2x's teacher gets E/4 epochs, its student 3E/4); a step costs ~1.5x
         # a dense step
         "depth-inplace-2x": [{"method": "depth", "mac_ratio": 0.5, "importance": "loss", "inplace_epochs": a.epochs}],
+        # the same with the shallow net's loss weight rising from 0 to 1 over the first half of the budget (at full
+        # weight from step 0 the freshly cut sub-network's gradients cost the full net 1.8 pt at E=2)
+        "depth-inplace-warm-2x": [{"method": "depth", "mac_ratio": 0.5, "importance": "loss",
+                                   "inplace_epochs": a.epochs, "inplace_warmup": a.epochs / 2}],
         "grow-2x-r8": [{"method": "structured", "mac_ratio": 0.48, "importance": "l1", "round_to": 8,
                         "scope": "layer", "regularize_epochs": 1},
                        {"method": "finetune", "epochs": max(1, a.epochs - 1)}],

@@ -497,3 +497,25 @@ def test_inplace_step_adds_the_shallow_nets_distillation_gradient_and_resumes_it
 
     with pytest.raises(ConfigError, match="not both"):
         sf.DepthConfig(blocks=2, regularize_epochs=1, inplace_epochs=1)
+
+
+def test_inplace_warmup_ramps_the_shallow_nets_loss_weight_from_the_step_count():
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from sparseforge.structured import InplaceDepthCallback
+
+    m = _model("resnet20").train()
+    x, y = _batches(n=1, bs=8, seed=4)[0]
+    t = SimpleNamespace(model=m, config=SimpleNamespace(compile=False), log=lambda s: None, step=0,
+                        steps_per_epoch=10)
+    cb = InplaceDepthCallback(["layer1.1", "layer3.2"], warmup_epochs=2.0)
+    cb.on_train_begin(t)
+    logits = m(x)
+    loss = F.cross_entropy(logits, y)
+    assert cb.on_loss(t, loss, logits, x, y) is loss            # step 0: the full net alone
+    for step, w in ((5, 0.25), (20, 1.0), (35, 1.0)):
+        t.step = step
+        total = cb.on_loss(t, loss, logits, x, y)
+        assert float(total - loss) == pytest.approx(w * cb.last_sub_loss, rel=1e-5)

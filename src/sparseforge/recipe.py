@@ -394,7 +394,7 @@ class RecipeRunner:
         if c.inplace_epochs:
             self.log(f"depth: training the net without {len(blocks)} residual branches inside the full net for "
                      f"{c.inplace_epochs} epoch(s): {', '.join(blocks)}")
-            cb = InplaceDepthCallback(blocks, T=c.inplace_T, alpha=c.inplace_alpha)
+            cb = InplaceDepthCallback(blocks, T=c.inplace_T, alpha=c.inplace_alpha, warmup_epochs=c.inplace_warmup)
             cfg = self.recipe.train_config({**stage.train, "epochs": c.inplace_epochs})
             info["train"] = self._train(model, cfg, sdir, callbacks=[cb])
             info["inplace"] = cb.history

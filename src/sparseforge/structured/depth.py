@@ -53,6 +53,8 @@ class DepthConfig(Config):
     inplace_T: float = opt(5.0, "in-place distillation: softmax temperature", min=1e-3)
     inplace_alpha: float = opt(0.9, "in-place distillation: weight of the soft targets (1 - alpha on the labels)",
                                min=0.0, max=1.0)
+    inplace_warmup: float = opt(0.0, "in-place distillation: epochs over which the shallow net's loss weight rises "
+                                     "from 0 to 1 (0 = full weight from the first step)", min=0.0)
 
     def validate(self) -> None:
         if (self.mac_ratio > 0) == (self.blocks > 0):

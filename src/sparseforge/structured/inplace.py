@@ -47,11 +47,13 @@ class InplaceDepthCallback(Callback):
 
     name = "inplace_depth"
 
-    def __init__(self, blocks: list[str], T: float = 5.0, alpha: float = 0.9, weight: float = 1.0):
+    def __init__(self, blocks: list[str], T: float = 5.0, alpha: float = 0.9, weight: float = 1.0,
+                 warmup_epochs: float = 0.0):
         if not blocks:
             raise SparseforgeError("in-place depth distillation needs at least one block to skip")
         self.blocks = list(blocks)
         self.T, self.alpha, self.weight = float(T), float(alpha), float(weight)
+        self.warmup_epochs = float(warmup_epochs)
         self.sub: nn.Module | None = None
         self._forward = None
         self._bn_state: dict[str, torch.Tensor] | None = None
@@ -70,7 +72,19 @@ class InplaceDepthCallback(Callback):
             except Exception as e:  # pragma: no cover - depends on the toolchain
                 trainer.log(f"warning: torch.compile unavailable for the sub-network ({e}); running it eagerly")
 
+    def current_weight(self, trainer) -> float:
+        """``weight``, reached linearly over the first ``warmup_epochs`` (from the trainer's step count, so a resumed
+        run continues the ramp): a freshly cut sub-network's large gradients then do not disturb the shared weights
+        at once."""
+        if self.warmup_epochs <= 0:
+            return self.weight
+        ramp = self.warmup_epochs * trainer.steps_per_epoch
+        return self.weight * min(1.0, trainer.step / max(1.0, ramp))
+
     def on_loss(self, trainer, loss, logits, x, y):
+        w = self.current_weight(trainer)
+        if w == 0:
+            return loss
         if y.dim() != 1 and self.alpha < 1:
             raise SparseforgeError("in-place depth distillation with alpha < 1 needs hard labels; set alpha = 1 "
                                    "when a mixing regulariser turns the labels soft")
@@ -78,7 +92,7 @@ class InplaceDepthCallback(Callback):
         sub_loss = kd_loss(sub_logits, logits.detach(), T=self.T, alpha=self.alpha,
                            targets=y if self.alpha < 1 else None)
         self.last_sub_loss = float(sub_loss.detach())
-        return loss + self.weight * sub_loss
+        return loss + w * sub_loss
 
     def on_epoch_end(self, trainer, epoch: int, metrics: dict[str, float]) -> None:
         rec: dict[str, Any] = {"epoch": epoch + 1, "sub_loss_last_step": self.last_sub_loss}
