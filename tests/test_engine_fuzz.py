@@ -1,7 +1,8 @@
 """Property-based fuzzing of the compiler: random single layers and small blocks vs PyTorch.
 
 Tolerance: max |engine - torch| <= 1e-4 * max |torch| (+1e-6 absolute for all-zero outputs).
-300 cases here; bench/engine_fuzz.py runs 3000.
+100 cases here (each compiles its own C kernel: 2.7 s a case on a 2-core AMD EPYC, where 300 cases took 820 s of CI);
+bench/engine_fuzz.py runs 3000.
 """
 
 import pytest
@@ -35,7 +36,7 @@ def _cache(tmp_path_factory):
     mp.undo()
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
 @given(cases, st.sampled_from(WIDTHS), st.sampled_from(["auto", "gather", "direct"]))
 def test_compiled_block_matches_pytorch(case, width, mode):
     m, x = build_case(case)
