@@ -315,6 +315,13 @@ def exp_resnet56(a) -> dict:
         # weight from step 0 the freshly cut sub-network's gradients cost the full net 1.8 pt at E=2)
         "depth-inplace-warm-2x": [{"method": "depth", "mac_ratio": 0.5, "importance": "loss",
                                    "inplace_epochs": a.epochs, "inplace_warmup": a.epochs / 2}],
+        # online distillation: the blocks are dropped from the start model at once, then for all E epochs the
+        # shallow student distils (T 5, alpha 0.9) from a dense teacher that itself trains on the labels alongside it
+        # (the start model, same batches and schedule: the teacher *is* a dense control). The cut-then-KD student
+        # ends near its teacher, which depth-kd-2x trains for only E/4 epochs; here it trains for all E. A step costs
+        # a dense step plus a student step (~1.5x the control's)
+        "depth-online-2x": [{"method": "depth", "mac_ratio": 0.5, "importance": "loss"},
+                            {"method": "kd", "epochs": a.epochs, "teacher": "start", "online": True}],
         "grow-2x-r8": [{"method": "structured", "mac_ratio": 0.48, "importance": "l1", "round_to": 8,
                         "scope": "layer", "regularize_epochs": 1},
                        {"method": "finetune", "epochs": max(1, a.epochs - 1)}],

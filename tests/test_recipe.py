@@ -420,3 +420,55 @@ def test_depth_stage_trained_in_place_drops_the_planned_blocks_and_resumes(tmp_p
     logs = []
     res2 = RecipeRunner(recipe, tmp_path / "run", log=logs.append, progress=False).run(resume=True)
     assert sum("already done" in s for s in logs) == 3 and res2["final"] == res["final"]
+
+
+ONLINE_KD_RECIPE = """
+model = "resnet20"
+dataset = "synthetic"
+[train]
+batch_size = 32
+lr = 0.05
+train_size = 256
+test_size = 64
+threads = 1
+[[stage]]
+method = "depth"
+blocks = 3
+importance = "bn"
+[[stage]]
+method = "kd"
+epochs = 2
+teacher = "start"
+online = true
+"""
+
+
+def test_online_kd_stage_trains_the_dense_control_alongside_the_student(tmp_path):
+    """kd with online = true and teacher = 'start': the teacher, trained on the same batches at the same schedule, is
+    the dense control (equal to a finetune stage of the same budget up to float noise); it is saved beside the
+    student with its test accuracy, and the student is the pruned net."""
+    from sparseforge.models import load_weights, model_from_spec, read_state_dict
+    from sparseforge.train import evaluate
+
+    runner = RecipeRunner(Recipe.from_toml(ONLINE_KD_RECIPE), tmp_path / "online", progress=False)
+    res = runner.run()
+    st = res["stages"][1]
+    assert [h["epoch"] for h in st["online_teacher"]] == [1, 2]
+    p = tmp_path / "online" / "stages" / "01-kd" / "teacher.safetensors"
+    teacher = load_weights(model_from_spec(json.loads(read_state_dict(p)[1]["model"])), p).eval()
+    control_rc = ONLINE_KD_RECIPE.split("[[stage]]")[0] + '[[stage]]\nmethod = "finetune"\nepochs = 2\n'
+    control_runner = RecipeRunner(Recipe.from_toml(control_rc), tmp_path / "control", progress=False)
+    control_runner.run()
+    q = tmp_path / "control" / "model.safetensors"
+    control = load_weights(model_from_spec(json.loads(read_state_dict(q)[1]["model"])), q).eval()
+    start = runner._start_model.state_dict()
+    moved = 0
+    for k, v in control.state_dict().items():
+        assert torch.allclose(teacher.state_dict()[k].float(), v.float(), rtol=1e-4, atol=1e-5), k
+        moved += not torch.equal(v, start[k])
+    assert moved > 10
+    _, el = runner.loaders(runner.recipe.train_config())
+    assert st["teacher_acc"] == pytest.approx(evaluate(teacher, el)["acc"])
+    student = tmp_path / "online" / "model.safetensors"
+    spec = json.loads(read_state_dict(student)[1]["model"])
+    assert len(spec["arch"]["removed_branches"]) == 3

@@ -233,3 +233,81 @@ def test_label_smoothing_and_channels_last_run(tmp_path):
     model, res = train(cfg, tmp_path / "r", progress=False)
     assert "test_acc" in res
     assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def _online_setup(seed=0):
+    import copy
+
+    import sparseforge as sf
+    from sparseforge.api import loaders_for
+    from sparseforge.data import synthetic_splits
+
+    cfg = TrainConfig(model="smallcnn", dataset="synthetic", batch_size=16, epochs=2, lr=0.05, threads=1,
+                      augment=False, max_steps_per_epoch=3, channels_last=False, seed=seed)
+    tr_ds, te_ds = synthetic_splits(64, 32, seed=seed)
+    tl, el = loaders_for(cfg, tr_ds, te_ds)
+    torch.manual_seed(seed)
+    student, teacher = sf.create_model("smallcnn"), sf.create_model("smallcnn")
+    return cfg, tl, el, student, teacher, copy
+
+
+def test_online_kd_teacher_takes_its_own_step_on_the_same_batch():
+    """KDConfig(online=True): one training step moves the teacher exactly as an SGD step on CE(teacher(x), y) at the
+    step's learning rate would, and the student's gradient is the distillation loss's against the teacher's
+    train-mode logits of that batch (before the teacher's update)."""
+    from sparseforge.distill import KDCallback, KDConfig
+    from sparseforge.train import Trainer
+    from sparseforge.train.loop import build_optimizer
+
+    cfg, tl, el, student, teacher, copy = _online_setup()
+    cfg = TrainConfig(**{**cfg.to_dict(), "epochs": 1, "max_steps_per_epoch": 1})
+    s_ref, t_ref = copy.deepcopy(student).train(), copy.deepcopy(teacher).train()
+    kd = KDCallback(teacher, KDConfig(T=4.0, alpha=0.9, online=True))
+    Trainer(student, cfg, tl, None, callbacks=[kd], log=lambda s: None).fit()
+
+    x, y = next(iter(tl.iterate(0)))
+    t_opt, s_opt = build_optimizer(t_ref, cfg), build_optimizer(s_ref, cfg)
+    t_out = t_ref(x)
+    s_out = s_ref(x)
+    kl = torch.nn.functional.kl_div(torch.log_softmax(s_out / 4, 1), torch.log_softmax(t_out.detach() / 4, 1),
+                                    reduction="batchmean", log_target=True)
+    (0.9 * 16 * kl + 0.1 * torch.nn.functional.cross_entropy(s_out, y)).backward()
+    torch.nn.functional.cross_entropy(t_out, y).backward()
+    t_opt.step()
+    s_opt.step()
+    for ref, got, who in ((t_ref, teacher, "teacher"), (s_ref, student, "student")):
+        for (n, a), b in zip(ref.state_dict().items(), got.state_dict().values()):
+            if a.is_floating_point():
+                assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (who, n, (a - b).abs().max())
+    assert not torch.equal(t_ref.state_dict()["features.0.weight"], _online_setup()[4].state_dict()["features.0.weight"])
+    assert kd.teacher_model.training is False     # handed back in eval mode
+
+
+def test_online_kd_teacher_resumes_exactly(tmp_path):
+    """The teacher's weights and optimizer state are in the checkpoint: training stopped after epoch 1 and resumed
+    (with a fresh callback and a fresh copy of the start teacher) ends with the uninterrupted run's teacher."""
+    from sparseforge.distill import KDCallback, KDConfig
+    from sparseforge.train import Callback, Trainer
+
+    class StopAfterFirst(Callback):
+        name = "stop"
+
+        def on_epoch_end(self, trainer, epoch, metrics):
+            trainer.should_stop = True
+
+    finals = {}
+    for mode in ("straight", "resumed"):
+        cfg, tl, el, student, teacher, copy = _online_setup()
+        start = copy.deepcopy(teacher)
+        kd = KDCallback(teacher, KDConfig(online=True))
+        extra = [StopAfterFirst()] if mode == "resumed" else []
+        Trainer(student, cfg, tl, el, callbacks=[kd, *extra], run_dir=tmp_path / mode, log=lambda s: None).fit()
+        if mode == "resumed":
+            assert len(kd.history) == 1
+            kd = KDCallback(start, KDConfig(online=True))
+            Trainer(student, cfg, tl, el, callbacks=[kd], run_dir=tmp_path / mode, log=lambda s: None).fit(resume=True)
+        assert [h["epoch"] for h in kd.history] == [1, 2] and all("teacher_test_acc" in h for h in kd.history)
+        finals[mode] = (copy.deepcopy(kd.teacher_model.state_dict()), copy.deepcopy(student.state_dict()))
+    for a, b in zip(finals["straight"], finals["resumed"]):
+        for k in a:
+            assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-6), k

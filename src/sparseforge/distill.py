@@ -166,6 +166,10 @@ class KDConfig(Config):
                       min=0.0)
     taps: tuple[str, ...] = opt((), "module paths tapped for graph KD (same paths in teacher and student)")
     embed: str = opt("", "module whose output is the embedding for RKD (default: the input of the classifier)")
+    online: bool = opt(False, "the teacher keeps training on the labels during the stage (same optimizer settings "
+                              "and schedule as the student, same batches), and the student distils from it as it "
+                              "improves: with teacher = 'start' the teacher is the dense control, trained alongside; "
+                              "a step costs a teacher training step more")
 
 
 def _embed_module(model: nn.Module, cfg: KDConfig) -> str:
@@ -203,12 +207,52 @@ class KDCallback(Callback):
 
     def __init__(self, teacher: nn.Module, cfg: KDConfig):
         self.cfg = cfg
-        self.teacher_model = teacher.eval()
+        self.teacher_model = teacher.train(cfg.online)
         for p in teacher.parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(cfg.online)
         self._s: _Hooks | None = None
         self._t: _Hooks | None = None
         self._t_fwd: nn.Module = self.teacher_model
+        # online teacher: its optimizer is built on train begin (it needs the trainer's config); a resumed state
+        # waits in _pending until then (Trainer.fit restores callbacks before on_train_begin)
+        self.t_optimizer: torch.optim.Optimizer | None = None
+        self._pending: dict | None = None
+        self._t_loss: torch.Tensor | None = None
+        self.history: list[dict] = []
+
+    @property
+    def name(self) -> str:     # offline and online KD checkpoint different state: a resume must not mix them
+        return "kd-online" if self.cfg.online else "kd"
+
+    def state_dict(self) -> dict:
+        if not self.cfg.online:
+            return {}
+        if self.t_optimizer is None:     # saved before training began: whatever was restored, unchanged
+            return self._pending or {}
+        return {"teacher": self.teacher_model.state_dict(), "optimizer": self.t_optimizer.state_dict(),
+                "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.cfg.online and state:
+            self._pending = state
+
+    def _online_begin(self, trainer) -> None:
+        from .distributed import wrap
+        from .train.loop import build_optimizer
+
+        dev = next(trainer.model.parameters()).device
+        self.teacher_model.to(dev).train()
+        if trainer.config.channels_last:
+            self.teacher_model.to(memory_format=torch.channels_last)
+        self.t_optimizer = build_optimizer(self.teacher_model, trainer.config)
+        for g in self.t_optimizer.param_groups:
+            g.setdefault("base_lr", g["lr"])
+        if self._pending:
+            self.teacher_model.load_state_dict(self._pending["teacher"])
+            self.t_optimizer.load_state_dict(self._pending["optimizer"])
+            self.history = list(self._pending.get("history", []))
+            self._pending = None
+        self._t_fwd = wrap(self.teacher_model)      # DDP under torchrun: the teacher's gradients are averaged too
 
     def on_train_begin(self, trainer) -> None:
         c = self.cfg
@@ -219,7 +263,14 @@ class KDCallback(Callback):
         self._s = _Hooks(trainer.model, taps, emb)
         self._t = _Hooks(self.teacher_model, taps, emb)
         self._t_fwd = self.teacher_model
-        if getattr(trainer.config, "compile", False) and not taps and emb is None:
+        if c.online:
+            self._online_begin(trainer)
+            if getattr(trainer.config, "compile", False) and not taps and emb is None:
+                try:
+                    self._t_fwd = torch.compile(self._t_fwd, dynamic=False)
+                except Exception as e:  # pragma: no cover - depends on the toolchain
+                    trainer.log(f"warning: torch.compile unavailable for the teacher ({e}); it runs eagerly")
+        elif getattr(trainer.config, "compile", False) and not taps and emb is None:
             # the frozen teacher is a third of a KD step's arithmetic: compiled with its weights as constants
             # (BN folded, ~1.2-1.5x the eager forward's speed for ResNet-56 on 2 cores). Feature terms read
             # module hooks, which a compiled graph would not call: then the teacher stays eager.
@@ -233,6 +284,34 @@ class KDCallback(Callback):
             if h is not None:
                 h.remove()
         self._t_fwd = self.teacher_model
+        if self.cfg.online:
+            self.teacher_model.eval()
+
+    def on_after_backward(self, trainer) -> None:
+        """Online teacher: its own step on the same batch, after the student's backward (outside autocast), at
+        the student's learning-rate factor for this step."""
+        if self._t_loss is None:
+            return
+        self._t_loss.backward()
+        self._t_loss = None
+        f = trainer.current_lr_factor()
+        for g in self.t_optimizer.param_groups:
+            g["lr"] = g["base_lr"] * f
+        self.t_optimizer.step()
+        self.t_optimizer.zero_grad(set_to_none=True)
+
+    def on_epoch_end(self, trainer, epoch: int, metrics: dict) -> None:
+        if not self.cfg.online:
+            return
+        from .train.loop import evaluate
+
+        rec: dict = {"epoch": epoch + 1}
+        if trainer.test_loader is not None and "test_acc" in metrics:
+            rec["teacher_test_acc"] = evaluate(self.teacher_model, trainer.test_loader)["acc"]
+            self.teacher_model.train()
+            if trainer.is_main:
+                trainer.log(f"epoch {epoch + 1}: online teacher test acc {rec['teacher_test_acc']:.2f}%")
+        self.history.append(rec)
 
     def on_loss(self, trainer, loss, logits, x, y):
         c = self.cfg
@@ -242,8 +321,16 @@ class KDCallback(Callback):
                 raise SparseforgeError("KDCallback with feature terms (graph / hint / RKD) was used before "
                                        "on_train_begin(trainer): Trainer.fit calls it; a custom loop must too")
             self.on_train_begin(trainer)
-        with torch.no_grad():
-            t_logits = self._t_fwd(x).float()       # bf16 under TrainConfig.precision='bf16'
+        if c.online:
+            if self.t_optimizer is None:
+                self._online_begin(trainer)
+            # train-mode forward with grad: the same logits teach the student (detached) and train the teacher
+            t_out = self._t_fwd(x).float()
+            self._t_loss = trainer.loss_fn(t_out, y)
+            t_logits = t_out.detach()
+        else:
+            with torch.no_grad():
+                t_logits = self._t_fwd(x).float()       # bf16 under TrainConfig.precision='bf16'
         kl = F.kl_div(F.log_softmax(logits / c.T, 1), F.log_softmax(t_logits / c.T, 1), reduction="batchmean",
                       log_target=True)
         out = c.alpha * c.T ** 2 * kl + (1 - c.alpha) * loss     # loss: the trainer's CE (hard or soft targets)

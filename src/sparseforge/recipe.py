@@ -353,7 +353,13 @@ class RecipeRunner:
             barrier()
         elif stage.method in ("kd", "rdrop", "mix"):
             cfg = self.recipe.train_config({**stage.train, "epochs": stage.config.epochs})
-            info["train"] = self._train(model, cfg, sdir, callbacks=[self._loss_callback(stage)])
+            cb = self._loss_callback(stage)
+            info["train"] = self._train(model, cfg, sdir, callbacks=[cb])
+            if stage.method == "kd" and stage.config.online:
+                # the teacher trained alongside is a result too (with teacher = 'start': the dense control)
+                info["online_teacher"] = cb.history
+                info["teacher_acc"] = cb.history[-1].get("teacher_test_acc") if cb.history else None
+                _save_model(cb.teacher_model, sdir / "teacher.safetensors")
         else:
             if getattr(stage.config, "importance", None) == "taylor":
                 self._gradients(model)
