@@ -98,7 +98,7 @@ def test_learns_synthetic(tmp_path, opt):
 def test_bf16_training_learns_like_fp32_and_keeps_fp32_state(tmp_path):
     """bf16 autocasts the forward only: parameters, checkpoints and evaluation stay fp32, and on the synthetic task
     it learns as fp32 does (same seed; they differ by rounding only)."""
-    base = dict(model="smallcnn", dataset="synthetic", train_size=4000, test_size=500, epochs=4, lr=0.05,
+    base = dict(model="smallcnn", dataset="synthetic", train_size=2000, test_size=500, epochs=4, lr=0.05, batch_size=32,
                 schedule="onecycle", threads=2)
     m16, r16 = train(TrainConfig(**base, precision="bf16"), tmp_path / "bf16", progress=False)
     m32, r32 = train(TrainConfig(**base), tmp_path / "fp32", progress=False)
