@@ -322,6 +322,12 @@ def exp_resnet56(a) -> dict:
         # a dense step plus a student step (~1.5x the control's)
         "depth-online-2x": [{"method": "depth", "mac_ratio": 0.5, "importance": "loss"},
                             {"method": "kd", "epochs": a.epochs, "teacher": "start", "online": True}],
+        # depth-kd-2x with the teacher (the stage-0 model) training on alongside the student (online) during the KD
+        # stage: the same start, cut and student budget, only the teacher keeps improving
+        "depth-kd-online-2x": [{"method": "finetune", "epochs": max(1, a.epochs // 4)},
+                               {"method": "depth", "mac_ratio": 0.5, "importance": "loss"},
+                               {"method": "kd", "epochs": max(1, a.epochs - max(1, a.epochs // 4)),
+                                "teacher": "stage:0", "online": True}],
         "grow-2x-r8": [{"method": "structured", "mac_ratio": 0.48, "importance": "l1", "round_to": 8,
                         "scope": "layer", "regularize_epochs": 1},
                        {"method": "finetune", "epochs": max(1, a.epochs - 1)}],
