@@ -64,10 +64,10 @@ def recipe(model: str, weights: str, data_dir: str, stages: list[dict], epochs_t
 
 
 def _setup(rc: Recipe) -> dict:
-    """A recipe without its stages, thread count and torch.compile switch (they change the speed, not what is
-    computed, up to float summation order)."""
+    """A recipe without its stages, thread count, torch.compile switch and device (they change the speed, not what
+    is computed, up to float summation order)."""
     d = {k: v for k, v in rc.to_dict().items() if k != "stage"}
-    d["train"] = {k: v for k, v in d.get("train", {}).items() if k not in ("threads", "compile")}
+    d["train"] = {k: v for k, v in d.get("train", {}).items() if k not in ("threads", "compile", "device")}
     return d
 
 
@@ -209,7 +209,8 @@ def _prec(a) -> str:
 
 
 def _prec_train(a) -> dict:
-    return ({} if a.precision == "fp32" else {"precision": a.precision}) | ({"compile": True} if a.compile else {})
+    return (({} if a.precision == "fp32" else {"precision": a.precision}) | ({"compile": True} if a.compile else {})
+            | ({} if a.device == "auto" else {"device": a.device}))
 
 
 def exp_resnet56(a) -> dict:
@@ -406,7 +407,7 @@ def exp_ssl(a) -> dict:
     for name in a.arms.split(","):
         # runs with another lambda / threshold than the first (0.05, 1e-3) get their own directory
         d = name if name != "ssl" or (a.lambda_g, a.threshold) == (0.05, 1e-3) else f"ssl-l{a.lambda_g:g}-t{a.threshold:g}"
-        res = run_arm(d, recipe("resnet20", w, a.data_dir, arms[name], {}), exp)
+        res = run_arm(d, recipe("resnet20", w, a.data_dir, arms[name], {} if a.device == "auto" else {"device": a.device}), exp)
         record_arm(exp / d)
         m = load_final(exp / d)
         out["arms"][name] = {"start_acc": res["start"]["acc"], "final_acc": res["final"]["acc"],
@@ -443,6 +444,9 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the training forward (TrainConfig.compile; ResNet-56 bf16 channels_last: "
                          "~1.2x the images/s of eager, ~40 s to compile per stage)")
+    ap.add_argument("--device", default="auto",
+                    help="where training runs (TrainConfig.device: auto, cpu, cuda, cuda:N); latency is always "
+                         "measured on the CPU")
     a = ap.parse_args()
     if a.experiment == "ssl" and a.precision != "fp32":
         ap.error("--precision applies to --experiment resnet56 only")

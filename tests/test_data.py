@@ -7,6 +7,8 @@ import torch
 from sparseforge.data import BatchLoader, augment_crop_flip, load_cifar, load_dataset, make_synthetic
 from sparseforge.errors import DataError
 
+from conftest import shared_or_skip
+
 
 def _write_fake_cifar(d, n=20, with_evil=False):
     d.mkdir(parents=True)
@@ -137,3 +139,62 @@ def test_shared_cifar_loads(cifar_dir):
     te = load_cifar("cifar10", cifar_dir, "test")
     assert len(tr) == 50000 and len(te) == 10000
     assert torch.bincount(te.labels).tolist() == [1000] * 10
+
+
+def _write_jpeg_npz(path, images, labels, split="train", **extra):
+    import io
+
+    from PIL import Image
+
+    files = []
+    for im in images:
+        buf = io.BytesIO()
+        Image.fromarray(im.transpose(1, 2, 0)).save(buf, format="JPEG", quality=95)
+        files.append(np.frombuffer(buf.getvalue(), dtype=np.uint8))
+    off = np.concatenate([[0], np.cumsum([f.size for f in files])]).astype(np.int64)
+    arrays = {f"{split}_jpeg": np.concatenate(files), f"{split}_offsets": off,
+              f"{split}_labels": np.asarray(labels, dtype=np.uint8)}
+    arrays.update(extra)
+    np.savez(path, **arrays)
+    return arrays
+
+
+def test_jpeg_npz_archive_reads_like_the_images_it_holds(tmp_path):
+    """A JPEG archive (the shared cifar10-jpeg.npz layout) is a data_dir: images within JPEG error of what was
+    written, exact labels, the CIFAR-10 class names; a damaged archive is an error that says what is wrong."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    # smooth images: JPEG keeps them within a few grey levels (noise would not survive compression)
+    yy, xx = np.mgrid[0:32, 0:32]
+    imgs = np.stack([np.stack([(yy * a + xx * b + c) % 256 for a, b, c in rng.integers(0, 5, (3, 3))])
+                     for _ in range(12)]).astype(np.uint8)
+    labels = rng.integers(0, 10, 12)
+    arrays = _write_jpeg_npz(tmp_path / "d.npz", imgs, labels)
+    ds = load_cifar("cifar10", tmp_path / "d.npz", "train")
+    assert ds.images.shape == (12, 3, 32, 32) and ds.images.dtype == torch.uint8
+    assert ds.labels.tolist() == labels.tolist() and ds.classes[0] == "airplane"
+    assert (ds.images.float() - torch.from_numpy(imgs).float()).abs().mean() < 4
+    # each image is exactly what Pillow decodes from its own file
+    third = arrays["train_jpeg"][arrays["train_offsets"][2]:arrays["train_offsets"][3]].tobytes()
+    import io
+    assert np.array_equal(ds.images[2].permute(1, 2, 0).numpy(), np.asarray(Image.open(io.BytesIO(third)).convert("RGB")))
+    with pytest.raises(DataError, match="has no test_jpeg, test_offsets, test_labels"):
+        load_cifar("cifar10", tmp_path / "d.npz", "test")
+    bad = dict(arrays)
+    bad["train_offsets"] = bad["train_offsets"].copy()
+    bad["train_offsets"][-1] += 5
+    np.savez(tmp_path / "bad.npz", **bad)
+    with pytest.raises(DataError, match="increasing boundaries"):
+        load_cifar("cifar10", tmp_path / "bad.npz", "train")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="not a readable .npz"):
+        load_cifar("cifar10", tmp_path / "junk.npz", "train")
+
+
+def test_shared_jpeg_archive_equals_the_python_batches(cifar_dir):
+    """../shared/data/cifar10-jpeg.npz decodes to the very pixels of the python batches (they were decoded from it)."""
+    npz = shared_or_skip(cifar_dir.parent / "cifar10-jpeg.npz")
+    for split in ("train", "test"):
+        a, b = load_cifar("cifar10", npz, split), load_cifar("cifar10", cifar_dir, split)
+        assert torch.equal(a.labels, b.labels) and torch.equal(a.images, b.images), split

@@ -102,6 +102,10 @@ def test_different_recipe_in_same_run_dir_refused(tmp_path):
     r2 = Recipe.from_toml(RECIPE)
     with pytest.raises(RunDirError, match="different recipe"):
         RecipeRunner(r2, tmp_path / "r", progress=False).run(resume=True)
+    # where it trains is not what it computes: the same recipe on another device resumes (here: finds it done)
+    r1_cpu = Recipe.from_dict({**r1.to_dict(), "train": {**r1.train, "device": "cpu"}})
+    assert r1_cpu != r1 and r1_cpu.identity() == r1.identity()
+    RecipeRunner(r1_cpu, tmp_path / "r", progress=False).run(resume=True)
 
 
 def test_compress_cli_with_overrides(tmp_path, capsys):

@@ -311,3 +311,72 @@ def test_online_kd_teacher_resumes_exactly(tmp_path):
     for a, b in zip(finals["straight"], finals["resumed"]):
         for k in a:
             assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-6), k
+
+
+def test_device_resolution_names_the_problem_and_the_fix(monkeypatch):
+    """TrainConfig.device: auto follows what torch sees; a GPU that is not there is an error saying what to do, never
+    a silent CPU run; under torchrun each process takes its LOCAL_RANK's GPU. (The CUDA training path itself needs a
+    GPU: none is available to this test suite.)"""
+    from sparseforge.api import config_hash
+    from sparseforge.errors import ConfigError
+    from sparseforge.utils import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match='sees no CUDA GPU; use device = "cpu"'):
+        resolve_device("cuda")
+    with pytest.raises(ConfigError, match="not a device"):
+        resolve_device("tpu")
+    with pytest.raises(ConfigError, match="cuda:N"):
+        TrainConfig(device="gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == torch.device("cuda", 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(ConfigError, match="only 2 CUDA device"):
+        resolve_device("cuda:2")
+    # where a run trains is not what it is: the default run directory does not depend on it
+    assert config_hash(TrainConfig(device="cpu")) == config_hash(TrainConfig()) != config_hash(TrainConfig(epochs=3))
+
+
+def test_trainer_gives_the_model_back_where_it_was(monkeypatch):
+    """The loop moves the model to TrainConfig.device and back when fit ends, also when fit fails (pruning and the
+    compiler that follow work on the CPU copy). Checked through the moves the trainer asks for, since no second
+    device exists here."""
+    from sparseforge.data import BatchLoader, synthetic_splits
+    from sparseforge.models import create_model
+    from sparseforge.train import Trainer
+
+    tr, te = synthetic_splits(64, 32)
+    model = create_model("smallcnn", num_classes=tr.num_classes)
+    moves = []
+    orig = torch.nn.Module.to
+
+    def to(self, *a, **k):
+        if self is model:
+            moves.append(str(a[0]) if a else str(k.get("device")))
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    cfg = TrainConfig(model="smallcnn", epochs=1, batch_size=32, device="cpu", channels_last=False)
+    t = Trainer(model, cfg, BatchLoader(tr, 32, shuffle=True), BatchLoader(te, 32), progress=False)
+    t.fit()
+    assert moves == ["cpu", "cpu", "cpu"]      # __init__, fit begin, fit end (home = cpu)
+
+    class Boom(Exception):
+        pass
+
+    def fail(*a, **k):
+        raise Boom
+
+    moves.clear()
+    t2 = Trainer(model, cfg, BatchLoader(tr, 32, shuffle=True), None, progress=False)
+    t2._home = torch.device("meta")      # stands in for "a device other than the training one"
+    monkeypatch.setattr(t2, "compute_loss", fail)
+    with pytest.raises(Boom):
+        t2.fit()
+    assert moves == ["cpu", "cpu", "meta"] and next(model.parameters()).device.type == "meta"

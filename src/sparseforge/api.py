@@ -18,7 +18,13 @@ from .utils import set_threads
 
 
 def config_hash(cfg: TrainConfig) -> str:
-    return hashlib.sha256(cfg.to_toml().encode()).hexdigest()[:8]
+    """What the run is, not where it runs: ``device`` is left out, so a run started on a GPU resumes in the same
+    default directory on the CPU (and directories named before the field existed keep their names)."""
+    from .config import dumps_toml
+
+    d = cfg.to_dict()
+    d.pop("device", None)
+    return hashlib.sha256(dumps_toml(d).encode()).hexdigest()[:8]
 
 
 def default_run_dir(cfg: TrainConfig, root: str | Path = "runs") -> Path:

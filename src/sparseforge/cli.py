@@ -195,7 +195,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                 d["weights"] = str((base / d["weights"]).resolve())
                 break
     recipe = Recipe.from_dict(d, where=str(p))
-    h = hashlib.sha256(recipe.to_toml().encode()).hexdigest()[:8]
+    h = hashlib.sha256(recipe.identity().to_toml().encode()).hexdigest()[:8]
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"{p.stem}-{h}"
     resume = args.resume or (run_dir / "recipe.toml").exists()  # same recipe required; checked by the runner
     print(f"run directory: {run_dir}", file=sys.stderr)

@@ -213,6 +213,7 @@ class KDCallback(Callback):
         self._s: _Hooks | None = None
         self._t: _Hooks | None = None
         self._t_fwd: nn.Module = self.teacher_model
+        self._t_home: torch.device | None = None
         # online teacher: its optimizer is built on train begin (it needs the trainer's config); a resumed state
         # waits in _pending until then (Trainer.fit restores callbacks before on_train_begin)
         self.t_optimizer: torch.optim.Optimizer | None = None
@@ -240,8 +241,7 @@ class KDCallback(Callback):
         from .distributed import wrap
         from .train.loop import build_optimizer
 
-        dev = next(trainer.model.parameters()).device
-        self.teacher_model.to(dev).train()
+        self.teacher_model.to(trainer.device).train()
         if trainer.config.channels_last:
             self.teacher_model.to(memory_format=torch.channels_last)
         self.t_optimizer = build_optimizer(self.teacher_model, trainer.config)
@@ -252,7 +252,7 @@ class KDCallback(Callback):
             self.t_optimizer.load_state_dict(self._pending["optimizer"])
             self.history = list(self._pending.get("history", []))
             self._pending = None
-        self._t_fwd = wrap(self.teacher_model)      # DDP under torchrun: the teacher's gradients are averaged too
+        self._t_fwd = wrap(self.teacher_model, trainer.device)      # DDP under torchrun: the teacher's gradients are averaged too
 
     def on_train_begin(self, trainer) -> None:
         c = self.cfg
@@ -260,6 +260,11 @@ class KDCallback(Callback):
         taps = tuple(c.taps) if (c.graph or c.hint) else ()
         if (c.graph or c.hint) and not taps:
             raise SparseforgeError("KDConfig: graph / hint weights need taps, e.g. taps = [\"layer1\", \"layer2\"]")
+        from .train.loop import model_device
+
+        # the teacher runs where the student trains, and goes back where it was when training ends
+        self._t_home = model_device(self.teacher_model)
+        self.teacher_model.to(trainer.device)
         self._s = _Hooks(trainer.model, taps, emb)
         self._t = _Hooks(self.teacher_model, taps, emb)
         self._t_fwd = self.teacher_model
@@ -286,6 +291,8 @@ class KDCallback(Callback):
         self._t_fwd = self.teacher_model
         if self.cfg.online:
             self.teacher_model.eval()
+        if self._t_home is not None:
+            self.teacher_model.to(self._t_home)
 
     def on_after_backward(self, trainer) -> None:
         """Online teacher: its own step on the same batch, after the student's backward (outside autocast), at
@@ -335,7 +342,7 @@ class KDCallback(Callback):
                       log_target=True)
         out = c.alpha * c.T ** 2 * kl + (1 - c.alpha) * loss     # loss: the trainer's CE (hard or soft targets)
         # feature losses in fp32 even in bf16 training: relations and relative errors of nearly equal maps
-        with torch.autocast("cpu", enabled=False):
+        with trainer.full_precision():
             s_emb, t_emb = (None, None) if self._s.emb is None else (self._s.emb.float(), self._t.emb.float())
             s_f = [self._s.out[p].float() for p in c.taps] if (c.graph or c.hint) else []
             t_f = [self._t.out[p].float() for p in c.taps] if (c.graph or c.hint) else []

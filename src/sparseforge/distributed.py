@@ -2,8 +2,11 @@
 
 Launch: ``torchrun --nproc-per-node N -m sparseforge.cli run RECIPE.toml`` (one machine) or, on several,
 ``torchrun --nnodes M --node-rank R --master-addr HOST --master-port 29500 --nproc-per-node N -m sparseforge.cli ...``.
-Backend: gloo (training runs on CPU tensors, and NCCL only carries CUDA tensors: choosing it because a GPU
-happens to be present made every collective fail); ``SPARSEFORGE_DIST_BACKEND`` overrides it. Every rank runs the same program; masks, pattern libraries
+Backend: gloo for CPU tensors, and on a machine with CUDA ``cpu:gloo,cuda:nccl``: training on the GPUs
+(``TrainConfig.device``) averages CUDA gradients over NCCL, while rank 0's pruning decisions are broadcast as
+CPU tensors over gloo (NCCL alone carries only CUDA tensors: choosing it because a GPU happened to be present
+made every CPU collective fail). ``SPARSEFORGE_DIST_BACKEND`` overrides it. Each process takes the GPU of its
+``LOCAL_RANK``. Every rank runs the same program; masks, pattern libraries
 and tickets are computed on rank 0 and broadcast, so all ranks hold bit-identical models; only rank 0
 writes checkpoints, run directories and reports. BatchNorm statistics are per rank (as in plain DDP).
 """
@@ -21,7 +24,10 @@ def init_from_env() -> tuple[int, int]:
     """Initialise the process group when launched by torchrun (WORLD_SIZE > 1); returns (rank, world size)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(os.environ.get("SPARSEFORGE_DIST_BACKEND", "gloo"))
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        dist.init_process_group(os.environ.get("SPARSEFORGE_DIST_BACKEND", "cpu:gloo,cuda:nccl" if cuda else "gloo"))
     return rank_world()
 
 
@@ -53,10 +59,13 @@ def broadcast_model(model: nn.Module, src: int = 0) -> None:
                     t.copy_(buf)
 
 
-def wrap(model: nn.Module) -> nn.Module:
-    """The model as DDP when distributed (gradients averaged across ranks), else unchanged."""
+def wrap(model: nn.Module, device: torch.device | None = None) -> nn.Module:
+    """The model as DDP when distributed (gradients averaged across ranks), else unchanged. ``device``: where the
+    model trains (a CUDA device gets DDP's single-device placement)."""
     if rank_world()[1] == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    if device is not None and device.type == "cuda":
+        return DDP(model, device_ids=[device.index], output_device=device.index, broadcast_buffers=True)
     return DDP(model, broadcast_buffers=True)

@@ -94,7 +94,7 @@ class Pow2Conv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # fp32 even under TrainConfig.precision='bf16': bf16 would round C @ B away from the power-of-two grid
         # that the stage's storage accounting and fold assume
-        with torch.autocast("cpu", enabled=False):
+        with torch.autocast(x.device.type, enabled=False):
             return self._conv_forward(x.float(), self.effective_weight(), self.bias)
 
     def storage_bits(self) -> dict[str, int]:
@@ -190,7 +190,7 @@ class FQConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # fp32 even under TrainConfig.precision='bf16': the simulated b-bit grid (up to 2^8 levels with an offset)
         # is not representable in bf16's 8 significant bits, so autocast would add levels the bit-op count ignores
-        with torch.autocast("cpu", enabled=False):
+        with torch.autocast(x.device.type, enabled=False):
             x = _FQ.apply(x.float(), self.bits, self.gbits)
             w = _FQ.apply(self.weight, self.bits, self.gbits)
             return self._conv_forward(x, w, self.bias)

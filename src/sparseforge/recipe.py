@@ -161,6 +161,13 @@ class Recipe(Config):
     def stages(self) -> list[Stage]:
         return [parse_stage(s, f"stage[{i}]") for i, s in enumerate(self.stage)]
 
+    def identity(self) -> "Recipe":
+        """The recipe without ``train.device``: where a run trains is not what it computes, so a run started on a
+        GPU resumes on the CPU (and keeps its default run directory name)."""
+        import dataclasses
+
+        return dataclasses.replace(self, train={k: v for k, v in self.train.items() if k != "device"})
+
     def train_config(self, overrides: dict[str, Any] | None = None) -> TrainConfig:
         base = {"model": self.model, "dataset": self.dataset, "data_dir": self.data_dir}
         return TrainConfig.from_dict({**base, **self.train, **(overrides or {})}, where="Recipe.train")
@@ -208,7 +215,7 @@ class RecipeRunner:
             saved = Recipe.from_toml(cfg_path.read_text(), str(cfg_path))
             if not resume:
                 raise RunDirError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
-            if saved != self.recipe:
+            if saved.identity() != self.recipe.identity():
                 raise RunDirError(f"{self.run_dir} was started with a different recipe; resume it with the same recipe "
                                   "or choose another --run-dir")
         else:

@@ -61,7 +61,7 @@ def hmix(x: torch.Tensor, y: torch.Tensor, lam: float, ratio: float, generator: 
     if not 0.0 <= ratio <= 1.0:
         raise SparseforgeError(f"HMix ratio must be in [0, 1], got {ratio}")
     n, _, h, w = x.shape
-    perm = _perm(n, generator)
+    perm = _perm(n, generator).to(x.device)     # drawn on the CPU: the same mix on every device
     yt = soft_targets(y, num_classes)
     xp, yp = x[perm], yt[perm]
     box_area = ratio * (1 - lam)
@@ -92,14 +92,14 @@ def gmix(x: torch.Tensor, y: torch.Tensor, lam: float, generator: torch.Generato
     out = (1 - M) x + M partner; the partner's label weight is mean(M)."""
     _check(x, lam)
     n, _, h, w = x.shape
-    perm = _perm(n, generator)
+    perm = _perm(n, generator).to(x.device)     # drawn on the CPU: the same mix on every device
     yt = soft_targets(y, num_classes)
     cy, cx = _uniform(generator) * h, _uniform(generator) * w
     if lam >= 1:
-        m = torch.zeros(h, w, dtype=x.dtype)
+        m = torch.zeros(h, w, dtype=x.dtype, device=x.device)
     else:
-        yy = torch.arange(h, dtype=x.dtype)[:, None] + 0.5
-        xx = torch.arange(w, dtype=x.dtype)[None, :] + 0.5
+        yy = torch.arange(h, dtype=x.dtype, device=x.device)[:, None] + 0.5
+        xx = torch.arange(w, dtype=x.dtype, device=x.device)[None, :] + 0.5
         m = torch.exp(-math.pi * ((yy - cy) ** 2 + (xx - cx) ** 2) / ((1 - lam) * h * w))
     out = (1 - m) * x + m * x[perm]
     share = float(m.mean())

@@ -126,7 +126,8 @@ class SnapshotCallback(Callback):
             self._take(trainer)
 
     def _take(self, trainer) -> None:
-        self.state = {k: v.detach().clone().contiguous() for k, v in trainer.model.state_dict().items()
+        # a CPU copy whatever device trains: rewinding and the saved file work on the model back on the CPU
+        self.state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in trainer.model.state_dict().items()
                       if not k.endswith("weight_mask")}
         from .distributed import is_main
 

@@ -59,3 +59,36 @@ def set_threads(threads: int | None) -> int:
     if threads:
         torch.set_num_threads(int(threads))
     return torch.get_num_threads()
+
+
+def resolve_device(spec: str = "auto", local_rank: int | None = None):
+    """The torch.device that ``TrainConfig.device`` names.
+
+    ``auto`` is CUDA when this torch build sees a GPU, else the CPU. Under torchrun each process takes the GPU
+    of its ``LOCAL_RANK`` (``cuda`` without an index). Asking for a device this build or machine lacks is an error
+    that says what to do, never a silent fall back to the CPU: a run sized for a GPU would take days there.
+    """
+    import torch
+
+    from .errors import ConfigError
+
+    spec = (spec or "auto").strip().lower()
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise ConfigError(f"TrainConfig.device={spec!r}, but torch {torch.__version__} ({build}) sees no CUDA GPU; "
+                              "use device = \"cpu\" (or \"auto\"), or install a CUDA build of torch on a GPU machine")
+        index = int(spec.split(":", 1)[1]) if ":" in spec else local_rank
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"TrainConfig.device={spec!r} (process {local_rank}), but only "
+                              f"{torch.cuda.device_count()} CUDA device(s) are visible; pick one below that or "
+                              "launch fewer processes per node")
+        return torch.device("cuda", index)
+    raise ConfigError(f"TrainConfig.device={spec!r} is not a device this toolkit trains on; use \"auto\", \"cpu\", "
+                      "\"cuda\" or \"cuda:N\"")

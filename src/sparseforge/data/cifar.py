@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
 import tarfile
 import urllib.request
@@ -111,6 +112,8 @@ def load_cifar(name: str, root: str | Path, split: str = "train", download: bool
         raise DataError(f"split must be 'train' or 'test', got {split!r}")
     spec = SPECS[name]
     root = Path(root).expanduser()
+    if root.suffix == ".npz" and root.is_file():
+        return load_jpeg_npz(root, split, name)
     d = _resolve_dir(root, spec)
     files = [d / f for f in spec[split]]
     if not all(f.exists() for f in files):
@@ -142,6 +145,68 @@ def load_cifar(name: str, root: str | Path, split: str = "train", download: bool
         if meta_key in m:
             classes = [str(c) for c in m[meta_key]]
     return ImageDataset(images, y, classes, f"{name}-{split}")
+
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _decode_jpeg(blob: bytes):
+    from PIL import Image
+
+    with Image.open(io.BytesIO(blob)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def load_jpeg_npz(path: str | Path, split: str = "train", name: str = "cifar10") -> ImageDataset:
+    """``split`` of a dataset stored as JPEG files in one ``.npz``: ``{split}_jpeg`` (uint8, the files back to back),
+    ``{split}_offsets`` (int64, N + 1 boundaries) and ``{split}_labels``.
+
+    Why: such an archive (``../shared/data/cifar10-jpeg.npz``, 56 MB) is a third of the decoded batches' size, small
+    enough to carry to another machine (a GPU box). Loaded with ``allow_pickle=False``; decoded with Pillow (a
+    dependency of matplotlib), on threads: Pillow's decoder releases the GIL.
+    """
+    path = Path(path)
+    if split not in ("train", "test"):
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    try:
+        import PIL  # noqa: F401
+    except ImportError:
+        raise DataError(f"{path} holds JPEG files: reading it needs Pillow (pip install pillow)") from None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = {k: z[k] for k in (f"{split}_jpeg", f"{split}_offsets", f"{split}_labels") if k in z.files}
+            present = sorted(z.files)
+    except Exception as e:
+        raise DataError(f"{path} is not a readable .npz ({type(e).__name__}: {e})") from None
+    missing = [k for k in (f"{split}_jpeg", f"{split}_offsets", f"{split}_labels") if k not in keys]
+    if missing:
+        raise DataError(f"{path} has no {', '.join(missing)} (it holds {', '.join(present) or 'nothing'}); a JPEG "
+                        f"archive needs {split}_jpeg, {split}_offsets and {split}_labels")
+    blob, off, lab = keys[f"{split}_jpeg"], keys[f"{split}_offsets"].astype(np.int64), keys[f"{split}_labels"]
+    n = len(lab)
+    if (blob.dtype != np.uint8 or blob.ndim != 1 or off.shape != (n + 1,) or off[0] != 0 or off[-1] != blob.size
+            or (np.diff(off) <= 0).any()):
+        raise DataError(f"{path}: {split}_offsets must be {n + 1} increasing boundaries from 0 to the size of "
+                        f"{split}_jpeg (a uint8 vector); the archive is damaged or not in this layout")
+    from concurrent.futures import ThreadPoolExecutor
+
+    raw = blob.tobytes()
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as ex:
+        try:
+            imgs = list(ex.map(_decode_jpeg, (raw[off[i]:off[i + 1]] for i in range(n)), chunksize=256))
+        except Exception as e:
+            raise DataError(f"{path}: an image of {split}_jpeg does not decode ({type(e).__name__}: {e})") from None
+    shapes = {im.shape for im in imgs}
+    if len(shapes) > 1:
+        raise DataError(f"{path}: the {split} images differ in size ({sorted(shapes)[:3]}...); one size is needed")
+    spec = SPECS.get(name, {"num_classes": int(lab.max()) + 1 if n else 0})
+    y = torch.from_numpy(lab.astype(np.int64))
+    if n and (int(y.min()) < 0 or int(y.max()) >= spec["num_classes"]):
+        raise DataError(f"{path}: labels outside 0..{spec['num_classes'] - 1}; is this {name}?")
+    images = torch.from_numpy(np.stack(imgs).transpose(0, 3, 1, 2).copy()) if n else torch.zeros(0, 3, 32, 32,
+                                                                                               dtype=torch.uint8)
+    classes = CIFAR10_CLASSES if name == "cifar10" else [str(i) for i in range(spec["num_classes"])]
+    return ImageDataset(images, y, list(classes), f"{name}-{split}")
 
 
 def _load_batch_meta(path: Path) -> dict:

@@ -61,10 +61,14 @@ class ADMMCallback(Callback):
         self._modules = {c.name: c.module for c in choices if c.role in (PATTERN, PATTERN_ONLY, CONNECTIVITY)}
         self._pattern_names = {c.name for c in choices if c.role in (PATTERN, PATTERN_ONLY)}
         conn = [c for c in choices if c.role in (PATTERN, CONNECTIVITY)]
+        self._library = self._library.cpu()     # masks are chosen on the CPU, whatever device trains
         if not self.keep:
-            pm = {c.name: pattern_mask(c.module.weight, self._library, t.channel_block)
+            pm = {c.name: pattern_mask(c.module.weight.detach().cpu(), self._library, t.channel_block)
                   for c in choices if c.role in (PATTERN, PATTERN_ONLY)}
             self.keep = _connectivity_counts(t, conn, pm)
+        for d in (self.Z, self.Y, self.U, self.V):      # restored from a checkpoint (CPU): to the weights' device
+            for name in d:
+                d[name] = d[name].to(self._modules[name].weight.device)
         if not self.Z and not self.Y:
             with torch.no_grad():
                 for name, m in self._modules.items():
@@ -76,11 +80,12 @@ class ADMMCallback(Callback):
                         self.Y[name] = self.project_connectivity(name, w)
                         self.V[name] = torch.zeros_like(w)
 
+    # the projections choose their masks on the CPU (a no-op when training there), once per ADMM update
     def project_pattern(self, x: torch.Tensor) -> torch.Tensor:
-        return x * pattern_mask(x, self._library, self.cfg.target.channel_block)
+        return x * pattern_mask(x.cpu(), self._library, self.cfg.target.channel_block).to(x.device)
 
     def project_connectivity(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        return x * connectivity_mask_k(x, self.keep[name], self.cfg.target.channel_block)
+        return x * connectivity_mask_k(x.cpu(), self.keep[name], self.cfg.target.channel_block).to(x.device)
 
     def penalty(self) -> torch.Tensor:
         """rho/2 * sum ||W - Z + U||^2 + rho/2 * sum ||W - Y + V||^2 (squared Frobenius norms)."""

@@ -76,14 +76,16 @@ def get_library(model: nn.Module) -> torch.Tensor | None:
 
 def set_library(model: nn.Module, library: torch.Tensor, counts: torch.Tensor | None = None) -> None:
     """Store the library on the model (a buffer: saved with the weights, kept by deepcopy)."""
-    lib = library.detach().float().clone()
+    from ..train.loop import model_device
+
+    lib = library.detach().float().to(model_device(model), copy=True)    # a buffer lives where the model does
     if get_library(model) is not None:
         del model._buffers[LIBRARY_BUFFER]
     model.register_buffer(LIBRARY_BUFFER, lib)
     if counts is not None:
         if COUNTS_BUFFER in model._buffers:
             del model._buffers[COUNTS_BUFFER]
-        model.register_buffer(COUNTS_BUFFER, counts.detach().to(torch.int64).clone())
+        model.register_buffer(COUNTS_BUFFER, counts.detach().to(lib.device, torch.int64, copy=True))
 
 
 def library_strings(model: nn.Module) -> list[str]:
@@ -103,7 +105,7 @@ def _connectivity_counts(cfg: PatternConfig, layers: list[LayerChoice],
     scores, owners = [], []
     total = 0
     for l in layers:
-        w = l.module.weight.detach().float()
+        w = l.module.weight.detach().float().cpu()
         if l.name in pmasks:
             w = w * pmasks[l.name]
         e = block_sum(kernel_energy(w).sum(-1), b).flatten()
@@ -151,7 +153,7 @@ def ensure_library(model: nn.Module, cfg: PatternConfig, choices: list[LayerChoi
         library = all_candidates()[: cfg.num_patterns]
     else:
         # count best fits over the kernels connectivity would keep: those are the ones that use patterns
-        ws = [c.module.weight.detach() for c in pat_layers]  # masked taps are already exactly 0
+        ws = [c.module.weight.detach().cpu() for c in pat_layers]  # masked taps are already exactly 0
         kms = [kernel_mask_of(connectivity_mask(w, cfg.keep_fraction(c.name), b)) if c.role == PATTERN
                else torch.ones(w.shape[:2]) for c, w in zip(pat_layers, ws)]
         library, counts = extract_library(ws, cfg.num_patterns, b, kms)

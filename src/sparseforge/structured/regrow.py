@@ -58,6 +58,7 @@ class GrowingRegCallback(Callback):
         with torch.no_grad():
             for p, sel in seen.values():
                 q = p.detach().reshape(p.shape[0], -1).float()
+                sel = sel.to(q.device)
                 pen += float((q[sel] ** 2).sum())
                 npen += int(q[sel].numel())
                 other += float((q[~sel] ** 2).sum())

@@ -195,7 +195,7 @@ def bn_channel_mask(model: nn.Module, ratio: float) -> torch.Tensor:
     k = int(round(ratio * g.numel()))
     if k:
         mask[torch.argsort(g, stable=True)[:k]] = 0
-    return mask
+    return mask.cpu()        # on the CPU whatever device trains: compared with masks restored from a checkpoint
 
 
 def mask_distance(a: torch.Tensor, b: torch.Tensor) -> float:

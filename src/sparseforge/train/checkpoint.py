@@ -157,10 +157,24 @@ def load_checkpoint(ref: CheckpointRef) -> tuple[dict[str, torch.Tensor], dict[s
     return model_state, join_state(meta["state"], tensors), meta
 
 
-def rng_state() -> dict[str, Any]:
-    return {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii")}
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+def rng_state(cuda: bool = False) -> dict[str, Any]:
+    """The CPU generator's state, and with ``cuda`` every CUDA device's (dropout and randomness drawn on the GPU)."""
+    out: dict[str, Any] = {"torch": _b64(torch.get_rng_state())}
+    if cuda and torch.cuda.is_available():
+        out["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return out
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    raw = base64.b64decode(state["torch"])
-    torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+    torch.set_rng_state(_unb64(state["torch"]))
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in cuda])

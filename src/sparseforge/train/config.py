@@ -15,7 +15,8 @@ class TrainConfig(Config):
 
     model: str = opt("resnet20", "model name (see `sparseforge info`)")
     dataset: Literal["synthetic", "cifar10", "cifar100"] = opt("synthetic", "dataset name")
-    data_dir: str = opt("", "directory of the CIFAR python batches (not needed for synthetic)")
+    data_dir: str = opt("", "directory of the CIFAR python batches, or a JPEG archive (.npz, e.g. cifar10-jpeg.npz); "
+                            "not needed for synthetic")
     normalize: Literal["auto", "imagenet", "cifar10", "cifar100", "half"] = opt(
         "auto", "input normalisation; auto = imagenet for CIFAR (what the shared pretrained weights expect), half for synthetic")
     weights: str = opt("", "initial weights (.safetensors, .pt/.th, or a run directory); empty = random init")
@@ -39,6 +40,9 @@ class TrainConfig(Config):
                 "optimizer state stay fp32, evaluation stays fp32; 2x faster per step on CPUs with AMX / AVX512-BF16 "
                 "(bench/train_throughput.py --model resnet56), slower than fp32 on CPUs without them")
     compile: bool = opt(False, "torch.compile the model for training")
+    device: str = opt("auto", "where training runs: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda, "
+                              "cuda:N. Only the training loop runs there: the model comes back to where it was "
+                              "(pruning, surgery and the compiler work on the CPU copy)")
     seed: int = opt(0, "random seed (init, data order, augmentation)")
     threads: int = opt(0, "intra-op threads (0 = PyTorch default)", min=0)
     eval_every: int = opt(1, "evaluate every N epochs (0 = only at the end)", min=0)
@@ -51,5 +55,8 @@ class TrainConfig(Config):
     def validate(self) -> None:
         if self.dataset != "synthetic" and not self.data_dir:
             raise ConfigError(f"TrainConfig.data_dir: dataset {self.dataset!r} needs data_dir (pass --data-dir DIR)")
+        if not (self.device in ("auto", "cpu", "cuda") or
+                (self.device.startswith("cuda:") and self.device[5:].isdigit())):
+            raise ConfigError(f"TrainConfig.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
         if any(not 0 < m < 1 for m in self.milestones):
             raise ConfigError("TrainConfig.milestones: each must be a fraction in (0, 1), e.g. [0.5, 0.75]")

@@ -61,15 +61,26 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's weights are (the CPU for a model without any)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: BatchLoader, max_batches: int = 0) -> dict[str, float]:
-    """Top-1 accuracy (%) and mean cross-entropy over ``loader``."""
+    """Top-1 accuracy (%) and mean cross-entropy over ``loader``, on whatever device the model is."""
     was_training = model.training
     model.eval()
+    dev = model_device(model)
     correct, total, loss_sum = 0, 0, 0.0
     for i, (x, y) in enumerate(loader.iterate(0)):
         if max_batches and i >= max_batches:
             break
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         out = model(x)
         loss_sum += F.cross_entropy(out, y, reduction="sum").item()
         correct += (out.argmax(1) == y).sum().item()
@@ -86,8 +97,14 @@ class Trainer:
                  run_dir: str | Path | None = None, loss_fn: Callable[..., torch.Tensor] | None = None,
                  progress: bool | None = None, optimizer: torch.optim.Optimizer | None = None,
                  log: Callable[[str], None] | None = None, is_main: bool = True):
-        self.model = model
+        from ..utils import resolve_device
+
         self.config = config
+        # the loop runs on config.device; the model goes back to where it came from when fit ends (pruning, surgery
+        # and the compiler that follow work on CPU tensors)
+        self.device = resolve_device(config.device)
+        self._home = model_device(model)
+        self.model = model.to(self.device)
         self.train_loader = train_loader
         self.test_loader = test_loader
         from ..sparsity.callbacks import MaskCallback
@@ -110,8 +127,8 @@ class Trainer:
         self.step = 0             # global optimizer steps done
         self.history: list[dict[str, Any]] = []
         self.should_stop = False  # a callback may end training early (e.g. an early-bird ticket was drawn)
-        self._forward = wrap(model)       # DDP under torchrun: gradients averaged over ranks
-        if config.precision == "bf16" and self.is_main:
+        self._forward = wrap(model, self.device)     # DDP under torchrun: gradients averaged over ranks
+        if config.precision == "bf16" and self.is_main and self.device.type == "cpu":
             from ..report.env import cpu_flags
 
             if not {"amx_bf16", "avx512_bf16"} & set(cpu_flags()):
@@ -164,7 +181,7 @@ class Trainer:
         extra = {"optimizer": self.optimizer.state_dict(),
                  "callbacks": {f"{i}:{cb.name}": cb.state_dict() for i, cb in enumerate(self.callbacks)}}
         meta = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
-                "rng": rng_state(), "config": self.config.to_dict(), "history": self.history}
+                "rng": rng_state(cuda=self.device.type == "cuda"), "config": self.config.to_dict(), "history": self.history}
         save_checkpoint(self.checkpoint_dir, f"step-{self.step:09d}", self.model.state_dict(), extra, meta,
                         model_spec=model_spec(self.model), keep=self.config.keep_checkpoints)
         barrier()       # other ranks may resume from it: it must be complete before anyone goes on
@@ -218,7 +235,11 @@ class Trainer:
     def autocast(self):
         """The forward's arithmetic (``TrainConfig.precision``): callbacks that run a model of their own (a teacher,
         a second R-Drop pass) run it inside this too, so it costs what the student's forward costs."""
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
+
+    def full_precision(self):
+        """A region in fp32 inside :meth:`autocast` (losses between nearly equal feature maps or distributions)."""
+        return torch.autocast(self.device.type, enabled=False)
 
     def compute_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         for cb in self.callbacks:
@@ -233,6 +254,13 @@ class Trainer:
         return loss, logits
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
+        self.model.to(self.device)
+        try:
+            return self._fit(resume)
+        finally:
+            self.model.to(self._home)
+
+    def _fit(self, resume: bool) -> dict[str, Any]:
         from tqdm import tqdm
 
         c = self.config
@@ -255,6 +283,7 @@ class Trainer:
             for x, y in self.train_loader.iterate(epoch, self.batch_in_epoch):
                 if self.batch_in_epoch >= n:
                     break
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 lr = self._set_lr()
                 loss, logits = self.compute_loss(x, y)
                 self.optimizer.zero_grad(set_to_none=True)
