@@ -27,6 +27,10 @@ Experiments (each arm is a resumable recipe run under bench/results/structured/<
 
 Run: python bench/structured.py --experiment resnet56 --epochs 2 ; python bench/structured.py --experiment ssl
 Writes bench/results/structured/<experiment>.json and .png.
+On a GPU (training only; latency is measured on the CPU afterwards with --from-records):
+  python bench/structured.py --experiment resnet56 --epochs 64 --device cuda --precision bf16 \
+      --data-dir ../shared/data/cifar10-jpeg.npz --arms control,depth-kd-2x,depth-kd-online-2x --train-only
+(the .npz is the same data as the python batches, 56 MB: small enough to carry to another machine).
 """
 
 from __future__ import annotations

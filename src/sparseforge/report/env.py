@@ -45,4 +45,8 @@ def environment() -> dict[str, Any]:
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
+        # what TrainConfig.device = "auto" would train on (benchmarks record it: a GPU-trained arm says so)
+        "cuda": (", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+                 if torch.cuda.is_available() else f"none (torch built for CUDA {torch.version.cuda})"
+                 if torch.version.cuda else "none (CPU-only torch build)"),
     }
