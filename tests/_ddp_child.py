@@ -46,8 +46,19 @@ def main() -> None:
                       channels_last=False, weight_decay=1e-3)
     data = make_synthetic(160)
     tl, _ = loaders_for(cfg, data, data)
-    Trainer(model, cfg, tl, progress=False, log=lambda s: None).fit()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"rank{rank}-of-{world}.safetensors"))
+    callbacks, tag = [], ""
+    if len(sys.argv) > 2 and sys.argv[2] == "kd-online":
+        # online distillation: the teacher trains beside the student; under DDP its gradients are averaged too
+        from sparseforge.distill import KDCallback, KDConfig
+
+        torch.manual_seed(99)
+        teacher = Tiny()
+        callbacks, tag = [KDCallback(teacher, KDConfig(online=True, T=4.0, alpha=0.7))], "kd-"
+    Trainer(model, cfg, tl, callbacks=callbacks, progress=False, log=lambda s: None).fit()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if callbacks:
+        state.update({"teacher." + k: v.contiguous() for k, v in callbacks[0].teacher_model.state_dict().items()})
+    save_file(state, str(out / f"{tag}rank{rank}-of-{world}.safetensors"))
 
 
 if __name__ == "__main__":
