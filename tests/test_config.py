@@ -76,3 +76,26 @@ def test_frozen():
 def test_dumps_arrays_of_tables():
     text = dumps_toml({"model": "r20", "stage": [{"method": "pattern", "k": 8}, {"method": "finetune", "opt": {"lr": 0.1}}]})
     assert loads_toml(text) == {"model": "r20", "stage": [{"method": "pattern", "k": 8}, {"method": "finetune", "opt": {"lr": 0.1}}]}
+
+
+def test_atomic_writes_get_plain_file_permissions(tmp_path):
+    """Checkpoints, models and reports are written through a temp file; they must still get the permissions a
+    plain write gives (umask), or keep those of the file they replace - not the temp file's owner-only 0600."""
+    import os
+    import stat
+
+    from sparseforge.utils import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a.bin", b"x")
+        assert stat.S_IMODE((tmp_path / "a.bin").stat().st_mode) == 0o644
+        os.chmod(tmp_path / "a.bin", 0o640)
+        atomic_write_bytes(tmp_path / "a.bin", b"y")
+        assert stat.S_IMODE((tmp_path / "a.bin").stat().st_mode) == 0o640
+        assert (tmp_path / "a.bin").read_bytes() == b"y"
+        os.umask(0o077)
+        atomic_write_bytes(tmp_path / "b.bin", b"z")
+        assert stat.S_IMODE((tmp_path / "b.bin").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
