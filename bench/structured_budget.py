@@ -69,10 +69,12 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     fams = sorted({r["arm"] for r in rows})
-    for fam in fams:
+    colours = plt.get_cmap("tab20").colors
+    for i, fam in enumerate(fams):
         pts = sorted((r["epochs"], r["gap"]) for r in rows if r["arm"] == fam)
         style = "-o" if fam in ("depth-kd-2x", "depth-kd-online-2x") else "o"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, ms=4, label=fam, alpha=0.9 if style == "-o" else 0.5)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, ms=4, label=fam, color=colours[i % len(colours)],
+                alpha=0.95 if style == "-o" else 0.6)
     ax.axhline(TARGET, color="k", ls="--", lw=1, label="target: control - 0.5 pt")
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xscale("log", base=2)
