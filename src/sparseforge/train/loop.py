@@ -105,8 +105,6 @@ class Trainer:
         self.device = resolve_device(config.device)
         self._home = model_device(model)
         self.model = model.to(self.device)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True      # fixed CIFAR shapes: let cuDNN pick its fastest algorithms
         self.train_loader = train_loader
         self.test_loader = test_loader
         from ..sparsity.callbacks import MaskCallback
