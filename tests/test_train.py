@@ -380,3 +380,28 @@ def test_trainer_gives_the_model_back_where_it_was(monkeypatch):
     with pytest.raises(Boom):
         t2.fit()
     assert moves == ["cpu", "cpu", "meta"] and next(model.parameters()).device.type == "meta"
+
+
+def test_unusable_device_fails_before_a_run_directory_exists(tmp_path, monkeypatch):
+    """Asking for a GPU that is not there must not leave a run directory behind that blocks the retry; and a run
+    saved with such a device resumes where the caller says (device is where a run trains, not what it is)."""
+    import dataclasses
+
+    from sparseforge.api import prepare_run_dir
+    from sparseforge.errors import ConfigError
+    from sparseforge.recipe import Recipe, RecipeRunner
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = TrainConfig(model="smallcnn", epochs=1, batch_size=64, train_size=128, test_size=64, device="cuda")
+    with pytest.raises(ConfigError, match="sees no CUDA GPU"):
+        train(cfg, run_dir=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+    rc = Recipe.from_dict({"model": "smallcnn", "dataset": "synthetic",
+                           "train": {"train_size": 128, "test_size": 64, "batch_size": 64, "device": "cuda"},
+                           "stage": [{"method": "finetune", "epochs": 1}]})
+    with pytest.raises(ConfigError, match="sees no CUDA GPU"):
+        RecipeRunner(rc, tmp_path / "rr", progress=False).run()
+    assert not (tmp_path / "rr").exists()
+    prepare_run_dir(tmp_path / "s", cfg, resume=False)        # started elsewhere, on a GPU
+    _, last = train(dataclasses.replace(cfg, device="cpu"), run_dir=tmp_path / "s", resume=True, progress=False)
+    assert last["epoch"] == 1 and "test_acc" in last

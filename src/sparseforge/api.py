@@ -83,9 +83,15 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> TrainConfi
 def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = False,
           callbacks: Iterable[Callback] = (), progress: bool | None = None,
           log: Callable[[str], None] | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Train per ``cfg``; returns (model, last metrics). With ``resume`` the run dir's saved config wins."""
+    """Train per ``cfg``; returns (model, last metrics). With ``resume`` the run dir's saved config wins, except for
+    ``device``: where the run continues is the caller's choice (a GPU-started run resumes on a CPU machine)."""
+    import dataclasses
+
+    from .utils import resolve_device
+
+    resolve_device(cfg.device)      # an unusable device fails here, before a run directory exists to block a retry
     if run_dir is not None:
-        cfg = prepare_run_dir(Path(run_dir), cfg, resume)
+        cfg = dataclasses.replace(prepare_run_dir(Path(run_dir), cfg, resume), device=cfg.device)
     set_threads(cfg.threads)
     train_ds, test_ds = datasets_for(cfg)
     model = build_model(cfg, train_ds.num_classes)

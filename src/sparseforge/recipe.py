@@ -607,7 +607,10 @@ class RecipeRunner:
 
     def run(self, resume: bool = False) -> dict[str, Any]:
 
+        from .utils import resolve_device
+
         t0 = time.perf_counter()
+        resolve_device(self.recipe.train_config().device)   # before the run directory exists: a retry is not blocked
         self.prepare(resume)
         set_threads(self.recipe.train_config().threads)
         self.data()
