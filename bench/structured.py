@@ -333,6 +333,12 @@ def exp_resnet56(a) -> dict:
                                {"method": "depth", "mac_ratio": 0.5, "importance": "loss"},
                                {"method": "kd", "epochs": max(1, a.epochs - max(1, a.epochs // 4)),
                                 "teacher": "stage:0", "online": True}],
+        # depth-kd-2x with another data order (seed) in the KD stage only: the same start, teacher and cut, so the
+        # difference to depth-kd-2x is the KD stage's run-to-run noise (what differences between arms must exceed)
+        "depth-kd-2x-s1": [{"method": "finetune", "epochs": max(1, a.epochs // 4)},
+                           {"method": "depth", "mac_ratio": 0.5, "importance": "loss"},
+                           {"method": "kd", "epochs": max(1, a.epochs - max(1, a.epochs // 4)), "teacher": "stage:0",
+                            "train": {"seed": 1}}],
         "grow-2x-r8": [{"method": "structured", "mac_ratio": 0.48, "importance": "l1", "round_to": 8,
                         "scope": "layer", "regularize_epochs": 1},
                        {"method": "finetune", "epochs": max(1, a.epochs - 1)}],
