@@ -37,7 +37,8 @@ def collect() -> list[dict]:
         if "control" not in arms:
             continue
         ctl = arms["control"]
-        for name, a in arms.items():
+        # arms measured earlier for the same budget and control, kept in the JSON when later runs re-measured others
+        for name, a in {**d.get("earlier_arms", {}), **arms}.items():
             if name == "control" or name.startswith("ref-"):
                 continue
             if a.get("macs") and ctl.get("macs") and a["macs"] > PRUNED_MACS * ctl["macs"] * 1.000001:
