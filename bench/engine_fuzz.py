@@ -1,7 +1,12 @@
-"""Fuzz the compiler against PyTorch with many more cases than CI (default 3000).
+"""Fuzz the compiler against PyTorch with many more cases than CI.
 
 Run: python bench/engine_fuzz.py [--cases 3000]; writes bench/results/engine_fuzz.json.
 Tolerance as in tests: max |engine - torch| <= 1e-4 * max |torch| + 1e-6.
+
+python bench/engine_fuzz.py --networks 3000: whole generated networks (engine.testing.random_network), every other
+one as a feature extractor with a NaN and an Inf in its input; writes bench/results/engine_fuzz_networks.json.
+Tolerance: max |engine - torch| <= 1e-4 * max |torch| + 1e-5 over finite values, NaN/Inf exactly where PyTorch has
+them (sparse networks: the engine may be finite where PyTorch multiplies a pruned zero by NaN/Inf, never the reverse).
 """
 
 from __future__ import annotations
@@ -29,9 +34,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", type=int, default=3000)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "engine_fuzz.json"))
+    ap.add_argument("--networks", type=int, default=0, help="generated whole networks instead of layers")
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--out", default="")
     a = ap.parse_args()
     os.environ["SPARSEFORGE_CACHE"] = tempfile.mkdtemp(prefix="sf-fuzz-")
+    if a.networks:
+        return fuzz_networks(a)
+    a.out = a.out or str(ROOT / "bench" / "results" / "engine_fuzz.json")
     stats = {"cases": 0, "fused_cases": 0, "max_rel_err": 0.0, "failures": []}
     cases = st.builds(
         Case, cin=st.integers(1, 96), cout=st.integers(1, 96), h=st.integers(1, 40), w=st.integers(1, 40),
@@ -80,6 +90,47 @@ def main() -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(doc, indent=2, default=str))
     print(json.dumps({k: v for k, v in doc.items() if k != "env"}, default=str))
+
+
+def fuzz_networks(a: argparse.Namespace) -> None:
+    import torch.nn as nn
+
+    from sparseforge.engine.testing import compare_outputs, random_network, with_nonfinite
+
+    out_path = Path(a.out or ROOT / "bench" / "results" / "engine_fuzz_networks.json")
+    stats = {"networks": 0, "nonfinite_inputs": 0, "sparse": 0, "native_ops": 0, "fallback_ops": 0,
+             "fallback_kinds": {}, "failures": []}
+    t0 = time.perf_counter()
+    for seed in range(a.first_seed, a.first_seed + a.networks):
+        m, x, desc = random_network(seed)
+        sparse = "sparsity dense" not in desc
+        if seed % 2:
+            m = nn.Sequential(m.stem, m.blocks).eval()
+            x = with_nonfinite(x, seed)
+            stats["nonfinite_inputs"] += 1
+        with torch.inference_mode():
+            ref = m(x)
+        e = compile(m, x[:1], threads=1 + seed % 3)
+        ok, why = compare_outputs(e(x), ref, sparse=sparse)
+        stats["networks"] += 1
+        stats["sparse"] += sparse
+        for op in e.spec["ops"]:
+            stats["native_ops" if op["native"] else "fallback_ops"] += 1
+            if not op["native"]:
+                kind = op["describe"].split("(")[0].strip()
+                stats["fallback_kinds"][kind] = stats["fallback_kinds"].get(kind, 0) + 1
+        if not ok:
+            stats["failures"].append({"seed": seed, "why": why, "network": desc})
+            print(f"seed {seed}: {why}: {' | '.join(desc)}", flush=True)
+        if stats["networks"] % 100 == 0:
+            print(f"{stats['networks']} networks, {len(stats['failures'])} mismatches, "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+    doc = {"benchmark": "engine_fuzz_networks", "ok": not stats["failures"], "first_seed": a.first_seed,
+           "tolerance": "max|e-t| <= 1e-4*max|t| + 1e-5 over finite values; NaN/Inf positions as PyTorch's",
+           **stats, "seconds": round(time.perf_counter() - t0, 1), "env": environment()}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(doc, indent=2, default=str))
+    print(json.dumps({k: v for k, v in doc.items() if k not in ("env", "fallback_kinds")}, default=str))
 
 
 if __name__ == "__main__":

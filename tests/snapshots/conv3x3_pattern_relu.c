@@ -11,10 +11,13 @@ static inline vf ld(const float* p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline vf ld2(const float* p) { return (vf){p[0], p[2], p[4], p[6], p[8], p[10], p[12], p[14]}; }
 static inline void st(float* p, vf v) { memcpy(p, &v, sizeof v); }
 static inline void stn(float* p, vf v, int n) { float t[8]; memcpy(t, &v, sizeof v); for (int j = 0; j < n; j++) p[j] = t[j]; }
-static inline vf relu(vf v) { vi m = v > BC(0.0f); return (vf)((vi)v & m); }
+/* activations keep NaN as PyTorch does: a lane is cleared only where the comparison is true */
+static inline vf relu(vf v) { vi m = v < BC(0.0f); return (vf)((vi)v & ~m); }
 static inline vf relu6(vf v) { v = relu(v); vf six = BC(6.0f); vi m = v > six; return (vf)(((vi)v & ~m) | ((vi)six & m)); }
-static inline float relus(float v) { return v > 0.0f ? v : 0.0f; }
-static inline float relu6s(float v) { v = v > 0.0f ? v : 0.0f; return v < 6.0f ? v : 6.0f; }
+static inline float relus(float v) { return v < 0.0f ? 0.0f : v; }
+static inline float relu6s(float v) { v = v < 0.0f ? 0.0f : v; return v > 6.0f ? 6.0f : v; }
+/* lane masks are all-ones/all-zero bit patterns: a masked lane becomes exactly 0 even where it holds NaN/Inf */
+static inline vf andm(vf a, vf m) { return (vf)((vi)a & (vi)m); }
 /* weights and indices are passed to every call (never stored in globals): one cached library can serve
    several engines whose sparsity structure, and so whose source, happens to be identical */
 #define OPARGS float* const* B, int N, int tid, int nth, const float* g_w, const int* g_i
@@ -30,9 +33,11 @@ static inline void stg16(float* p, g16 v) { memcpy(p, &v, sizeof v); }
 static inline void stng16(float* p, g16 v, int n) { float t[16]; memcpy(t, &v, sizeof v); for (int j = 0; j < n; j++) p[j] = t[j]; }
 typedef int gi16 __attribute__((vector_size(64)));
 typedef int gi8 __attribute__((vector_size(32)));
-static inline g16 relug16(g16 v) { gi16 m = v > bcg16(0.0f); return (g16)((gi16)v & m); }
+static inline g16 relug16(g16 v) { gi16 m = v < bcg16(0.0f); return (g16)((gi16)v & ~m); }
+static inline g16 andmg16(g16 a, g16 m) { return (g16)((gi16)a & (gi16)m); }
 static inline g16 relu6g16(g16 v) { v = relug16(v); gi16 m = v > bcg16(6.0f); return (g16)(((gi16)v & ~m) | ((gi16)bcg16(6.0f) & m)); }
-static inline g8 relug8(g8 v) { gi8 m = v > bcg8(0.0f); return (g8)((gi8)v & m); }
+static inline g8 relug8(g8 v) { gi8 m = v < bcg8(0.0f); return (g8)((gi8)v & ~m); }
+static inline g8 andmg8(g8 a, g8 m) { return (g8)((gi8)a & (gi8)m); }
 static inline g8 relu6g8(g8 v) { v = relug8(v); gi8 m = v > bcg8(6.0f); return (g8)(((gi8)v & ~m) | ((gi8)bcg8(6.0f) & m)); }
 
 
@@ -96,27 +101,27 @@ static void conv0(OPARGS, const int* d) {
       }
       {
         vf a = a0;
-        a = relu(a) * ld(mk + 0);
+        a = andm(relu(a), ld(mk + 0));
         st(ob + 9, a);
       }
       {
         vf a = a1;
-        a = relu(a) * ld(mk + 8);
+        a = andm(relu(a), ld(mk + 8));
         st(ob + 17, a);
       }
       {
         vf a = a2;
-        a = relu(a) * ld(mk + 16);
+        a = andm(relu(a), ld(mk + 16));
         st(ob + 25, a);
       }
       {
         vf a = a3;
-        a = relu(a) * ld(mk + 24);
+        a = andm(relu(a), ld(mk + 24));
         st(ob + 33, a);
       }
       {
         vf a = a4;
-        a = relu(a) * ld(mk + 32);
+        a = andm(relu(a), ld(mk + 32));
         stn(ob + 41, a, 6);
       }
     }

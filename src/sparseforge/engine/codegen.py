@@ -33,10 +33,13 @@ static inline vf ld(const float* p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline vf ld2(const float* p) { return (vf){@STRIDED@}; }
 static inline void st(float* p, vf v) { memcpy(p, &v, sizeof v); }
 static inline void stn(float* p, vf v, int n) { float t[@VEC@]; memcpy(t, &v, sizeof v); for (int j = 0; j < n; j++) p[j] = t[j]; }
-static inline vf relu(vf v) { vi m = v > BC(0.0f); return (vf)((vi)v & m); }
+/* activations keep NaN as PyTorch does: a lane is cleared only where the comparison is true */
+static inline vf relu(vf v) { vi m = v < BC(0.0f); return (vf)((vi)v & ~m); }
 static inline vf relu6(vf v) { v = relu(v); vf six = BC(6.0f); vi m = v > six; return (vf)(((vi)v & ~m) | ((vi)six & m)); }
-static inline float relus(float v) { return v > 0.0f ? v : 0.0f; }
-static inline float relu6s(float v) { v = v > 0.0f ? v : 0.0f; return v < 6.0f ? v : 6.0f; }
+static inline float relus(float v) { return v < 0.0f ? 0.0f : v; }
+static inline float relu6s(float v) { v = v < 0.0f ? 0.0f : v; return v > 6.0f ? 6.0f : v; }
+/* lane masks are all-ones/all-zero bit patterns: a masked lane becomes exactly 0 even where it holds NaN/Inf */
+static inline vf andm(vf a, vf m) { return (vf)((vi)a & (vi)m); }
 /* weights and indices are passed to every call (never stored in globals): one cached library can serve
    several engines whose sparsity structure, and so whose source, happens to be identical */
 #define OPARGS float* const* B, int N, int tid, int nth, const float* g_w, const int* g_i
@@ -52,9 +55,11 @@ static inline void stg16(float* p, g16 v) { memcpy(p, &v, sizeof v); }
 static inline void stng16(float* p, g16 v, int n) { float t[16]; memcpy(t, &v, sizeof v); for (int j = 0; j < n; j++) p[j] = t[j]; }
 typedef int gi16 __attribute__((vector_size(64)));
 typedef int gi8 __attribute__((vector_size(32)));
-static inline g16 relug16(g16 v) { gi16 m = v > bcg16(0.0f); return (g16)((gi16)v & m); }
+static inline g16 relug16(g16 v) { gi16 m = v < bcg16(0.0f); return (g16)((gi16)v & ~m); }
+static inline g16 andmg16(g16 a, g16 m) { return (g16)((gi16)a & (gi16)m); }
 static inline g16 relu6g16(g16 v) { v = relug16(v); gi16 m = v > bcg16(6.0f); return (g16)(((gi16)v & ~m) | ((gi16)bcg16(6.0f) & m)); }
-static inline g8 relug8(g8 v) { gi8 m = v > bcg8(0.0f); return (g8)((gi8)v & m); }
+static inline g8 relug8(g8 v) { gi8 m = v < bcg8(0.0f); return (g8)((gi8)v & ~m); }
+static inline g8 andmg8(g8 a, g8 m) { return (g8)((gi8)a & (gi8)m); }
 static inline g8 relu6g8(g8 v) { v = relug8(v); gi8 m = v > bcg8(6.0f); return (g8)(((gi8)v & ~m) | ((gi8)bcg8(6.0f) & m)); }
 """
 
@@ -240,7 +245,7 @@ def _flat_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines: l
         lines.append(f"        vf a = a{v};")
         if op.residual is not None:
             lines.append(f"        a += ld(rb + {p.flat_p0 + v * VEC});")
-        lines.append(f"        a = {_act(op.act, 'a')} * ld(mk + {v * VEC});")
+        lines.append(f"        a = andm({_act(op.act, 'a')}, ld(mk + {v * VEC}));")
         last = p.ho * plan.layouts[op.output].rs + p.wo     # last interior position: never write past it
         n = min(VEC, last - (p.flat_p0 + v * VEC) + 1)
         if n == VEC:
@@ -525,7 +530,7 @@ def block_source(k: int, bp: BlockPlan, plan: Plan) -> str:
           "        for (int j = b_st[q]; j < b_st[q + 1]; j++) {",
           f"          const int tp = b_tap[j]; const {ty} kk = {bc}(b_w[j]);",
           f"          const float* zp = Z + {M} + toff[tp]; const float* m = mk + tp * {PS};"]
-    b += [f"          y{v} += kk * {ld_}(m + {v * G}) * {ld_}(zp + {v * G});" for v in range(PV)]
+    b += [f"          y{v} += kk * andm{ty}({ld_}(zp + {v * G}), {ld_}(m + {v * G}));" for v in range(PV)]
     b += ["        }",
           f"        float* dp = D + (long)(q - estart[t]) * {PS};"]
     b += [f"        {{ {ty} a = {act(Bc.act, f'y{v}')}; memcpy(dp + {v * G}, &a, sizeof a); }}" for v in range(PV)]
@@ -575,7 +580,9 @@ def pool_source(k: int, op: PoolOp, plan: Plan) -> str:
     li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
     c, ho, wo = lo.shape
     if op.mode == "max":
-        expr = "float m = a[0]; if (a[1] > m) m = a[1]; if (b[0] > m) m = b[0]; if (b[1] > m) m = b[1];"
+        # NaN wins, as in PyTorch: a NaN candidate replaces m, and nothing compares greater than a NaN m
+        expr = ("float m = a[0]; if (a[1] > m || a[1] != a[1]) m = a[1]; if (b[0] > m || b[0] != b[0]) m = b[0]; "
+                "if (b[1] > m || b[1] != b[1]) m = b[1];")
     else:
         expr = "float m = 0.25f * (a[0] + a[1] + b[0] + b[1]);"
     return f"""static void op{k}(OPARGS) {{
@@ -604,7 +611,7 @@ def gap_source(k: int, op: GapOp, plan: Plan) -> str:
     const float* ip = in + (long)n * {li.image} + (long)ch * {li.plane};
     float s = 0.0f;
     for (int y = 0; y < {h}; y++) for (int x = 0; x < {w}; x++) s += ip[(long)(y + 1) * {li.rs} + (x + 1)];
-    out[(long)n * {lo.image} + ch] = s * {1.0 / (h * w)!r}f;
+    out[(long)n * {lo.image} + {f"(long)ch * {lo.plane} + {lo.rs + 1}" if lo.is_map else "ch"}] = s * {1.0 / (h * w)!r}f;
   }}
 }}"""
 

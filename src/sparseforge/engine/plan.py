@@ -75,6 +75,12 @@ class Blob:
         self.nf += a.size
         return off
 
+    def add_mask(self, keep) -> int:
+        """Lane masks as all-ones / all-zero bit patterns in the float blob: kernels AND them in, so a masked lane
+        is exactly 0 even where the value is NaN or Inf (a 0/1 multiply would keep NaN and turn Inf into NaN)."""
+        bits = np.where(np.asarray(keep, dtype=bool), np.int32(-1), np.int32(0)).astype(np.int32)
+        return self.add_f(bits.view(np.float32))
+
     def add_i(self, a) -> int:
         a = np.ascontiguousarray(np.asarray(a, dtype=np.int32).ravel())
         off = self.ni
@@ -228,13 +234,13 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
         p0, p1 = rs + 1, ho * rs + wo
         nv = math.ceil((p1 - p0 + 1) / vec)
         if nv <= MAX_ACC:
-            masks = np.zeros((nv, vec), np.float32)
+            masks = np.zeros((nv, vec), bool)
             for v in range(nv):
                 for j in range(vec):
                     pos = p0 + v * vec + j
-                    masks[v, j] = 1.0 if 1 <= pos // rs <= ho and 1 <= pos % rs <= wo else 0.0
+                    masks[v, j] = 1 <= pos // rs <= ho and 1 <= pos % rs <= wo
             p.flat, p.flat_p0, p.flat_nv = True, p0, nv
-            p.flat_mask_off = blob.add_f(masks)
+            p.flat_mask_off = blob.add_mask(masks)
     if not p.gather and not p.flat and not p.packed1 and spatial:
         # at least one block of rows per thread
         p.rows = max(d for d in range(1, min(ho // threads, rmax) + 1) if ho % d == 0)
@@ -457,12 +463,12 @@ def plan_block(graph: Graph, trip: tuple[int, int, int], blob: Blob, threads: in
                     c_w.append(float(wc[o, e]))
         c_st.append(len(c_ix))
     PS = PV * G
-    masks = np.zeros((9, PS), np.float32)
+    masks = np.zeros((9, PS), bool)
     for tp in range(9):
         dy, dx = tp // 3 - 1, tp % 3 - 1
         for q in range(ho * wo):
             y, x = divmod(q, wo)
-            masks[tp, q] = 1.0 if 0 <= y + dy < ho and 0 <= x + dx < wo else 0.0
+            masks[tp, q] = 0 <= y + dy < ho and 0 <= x + dx < wo
     M = -(-(wo + 1) // 16) * 16
     bp = BlockPlan(ka, kb, kc, cin, mid, cout, ho, wo, G, PV, M, max(len(p) for p in parts))
     bp.offs = {
@@ -470,7 +476,7 @@ def plan_block(graph: Graph, trip: tuple[int, int, int], blob: Blob, threads: in
         "a_w": blob.add_f(a_w or [0.0]), "a_b": blob.add_f(A.bias.numpy()[walk]),   # biases in walk order
         "b_st": blob.add_i(b_st), "b_tap": blob.add_i(b_tap or [0]), "b_w": blob.add_f(b_w or [0.0]),
         "b_b": blob.add_f(Bc.bias.numpy()[walk]), "c_st": blob.add_i(c_st), "c_ix": blob.add_i(c_ix or [0]),
-        "c_w": blob.add_f(c_w or [0.0]), "c_b": blob.add_f(C.bias.numpy()), "mask": blob.add_f(masks),
+        "c_w": blob.add_f(c_w or [0.0]), "c_b": blob.add_f(C.bias.numpy()), "mask": blob.add_mask(masks),
     }
     bp.flops = 2 * ho * wo * int((wa != 0).sum() + (wb != 0).sum() + (wc != 0).sum())
     return bp
@@ -479,7 +485,9 @@ def plan_block(graph: Graph, trip: tuple[int, int, int], blob: Blob, threads: in
 def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto", wide: bool = False) -> Plan:
     """``wide``: direct-mode layers on maps a multiple of 16 wide may use 16-lane vectors (AVX-512 hosts)."""
     blob = Blob()
-    gap_out = {op.output for op in graph.ops if isinstance(op, GapOp)}
+    # a pooled (C,1,1) vector stays plain unless a conv reads it as a map (squeeze-excite's 1x1 convs)
+    conv_in = {v for op in graph.ops if isinstance(op, ConvOp) for v in op.inputs}
+    gap_out = {op.output for op in graph.ops if isinstance(op, GapOp) and op.output not in conv_in}
     layouts = {vid: layout_for(v.shape, flat=vid in gap_out, vec=vec) for vid, v in graph.values.items()}
     convs: dict[int, ConvPlan] = {}
     other: dict[int, dict] = {}

@@ -114,3 +114,325 @@ def _sparsify(w: torch.Tensor, c: Case, g: torch.Generator) -> None:
         w.mul_((torch.rand(o, 1, 1, 1, generator=g) < 0.5).float())
     elif c.sparsity == "zero":
         w.zero_()
+
+
+# ---- whole random networks --------------------------------------------------------------------------------------
+# A small grammar of the structures real CNNs are made of (stems, residual blocks with identity and projection
+# shortcuts, bottlenecks, inverted residuals, squeeze-excite, concatenation, grouped and dilated convs, pools,
+# assorted activations, a classifier head), drawn at random with odd channel counts and non-square maps, so that
+# bugs which only show when blocks meet - a shortcut traced after the branch it is added to, a pooled vector read
+# as a map - cannot hide from the fuzz.
+
+ACTS = ("relu", "relu6", "silu", "hardswish", "sigmoid", "gelu", "none")
+SPARSITIES = ("dense", "pattern", "pattern+connectivity", "kernels", "empty_filters")
+
+
+def make_act(name: str) -> nn.Module:
+    return {"relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "hardswish": nn.Hardswish, "sigmoid": nn.Sigmoid,
+            "gelu": nn.GELU, "none": nn.Identity}[name]()
+
+
+class ConvBNAct(nn.Module):
+    def __init__(self, cin, cout, k=3, s=1, p=None, groups=1, dilation=1, act="relu", bn=True, bias=False):
+        super().__init__()
+        p = dilation * (k - 1) // 2 if p is None else p
+        self.conv = nn.Conv2d(cin, cout, k, s, p, dilation=dilation, groups=groups, bias=bias)
+        self.bn = nn.BatchNorm2d(cout) if bn else nn.Identity()
+        self.act = make_act(act)
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock: 1x1 projection shortcut when the shape changes (or when asked)."""
+
+    def __init__(self, cin, cout, stride, act, project):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.act = make_act(act)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                           if project or stride != 1 or cin != cout else None)
+        self.out_act = nn.ReLU()
+
+    def forward(self, x):
+        out = self.act(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = self.downsample(x) if self.downsample is not None else x
+        out += identity
+        return self.out_act(out)
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin, mid, cout, stride, act, groups):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, mid, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride, 1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(mid, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.act = make_act(act)
+        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                           if stride != 1 or cin != cout else None)
+
+    def forward(self, x):
+        out = self.act(self.bn1(self.conv1(x)))
+        out = self.act(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return torch.relu(out + identity)
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c, squeeze, gate):
+        super().__init__()
+        self.fc1 = nn.Conv2d(c, squeeze, 1)
+        self.fc2 = nn.Conv2d(squeeze, c, 1)
+        self.gate = nn.Sigmoid() if gate == "sigmoid" else nn.Hardsigmoid()
+
+    def forward(self, x):
+        s = torch.nn.functional.adaptive_avg_pool2d(x, 1)
+        return x * self.gate(self.fc2(torch.relu(self.fc1(s))))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin, exp, cout, stride, act, se):
+        super().__init__()
+        layers = [ConvBNAct(cin, exp, 1, act=act)] if exp != cin else []
+        layers.append(ConvBNAct(exp, exp, 3, stride, groups=exp, act=act))
+        if se:
+            layers.append(SqueezeExcite(exp, max(1, exp // 4), se))
+        layers += [nn.Conv2d(exp, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        self.conv = nn.Sequential(*layers)
+        self.use_res = stride == 1 and cin == cout
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+class ConcatBlock(nn.Module):
+    """Inception/DenseNet-style: branches concatenated along channels (optionally with the input itself)."""
+
+    def __init__(self, cin, c1, c2, act, keep_input):
+        super().__init__()
+        self.b1 = ConvBNAct(cin, c1, 1, act=act)
+        self.b2 = ConvBNAct(cin, c2, 3, act=act)
+        self.keep_input = keep_input
+
+    def forward(self, x):
+        parts = [self.b1(x), self.b2(x)] + ([x] if self.keep_input else [])
+        return torch.cat(parts, 1)
+
+
+class RandomNet(nn.Module):
+    def __init__(self, stem, blocks, head):
+        super().__init__()
+        self.stem = stem
+        self.blocks = nn.Sequential(*blocks)
+        self.head = head
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+
+
+class _GapHead(nn.Module):
+    def __init__(self, c, classes, hidden_act):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, classes)
+        self.act = make_act(hidden_act)
+
+    def forward(self, x):
+        return self.act(self.fc(torch.flatten(self.pool(x), 1)))
+
+
+class _FlatHead(nn.Module):
+    def __init__(self, n, classes):
+        super().__init__()
+        self.fc = nn.Linear(n, classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(x, 1))
+
+
+def random_network(seed: int, sparsity: str | None = None, max_blocks: int = 4
+                   ) -> tuple[nn.Module, torch.Tensor, list[str]]:
+    """A random whole network (eval mode, random BN statistics, random sparsity), its input and a description."""
+    import random
+
+    r = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    desc: list[str] = []
+    h, w = r.randint(6, 40), r.randint(6, 40)
+    cin = r.choice([1, 3, 3, 4])
+    batch = r.choice([1, 1, 2, 3, 5, 8])
+    k = r.choice([3, 3, 5, 7])
+    s = r.choice([1, 2]) if min(h, w) >= 12 else 1
+    c = r.randint(3, 40)
+    act = r.choice(ACTS)
+    stem = [ConvBNAct(cin, c, k, s, act=act, bn=r.random() < 0.8, bias=r.random() < 0.3)]
+    desc.append(f"input {batch}x{cin}x{h}x{w}; stem conv{k}x{k} s{s} ->{c} {act}")
+    h, w = (h + 2 * (k // 2) - k) // s + 1, (w + 2 * (k // 2) - k) // s + 1
+    if r.random() < 0.4 and min(h, w) >= 6:
+        pk = r.choice([2, 3])
+        ps = r.choice([1, 2])
+        pp = r.choice([0, pk // 2])
+        pool = (nn.MaxPool2d(pk, ps, pp) if r.random() < 0.7 else
+                nn.AvgPool2d(pk, ps, pp, count_include_pad=r.random() < 0.5))
+        stem.append(pool)
+        desc.append(f"{type(pool).__name__} k{pk} s{ps} p{pp}")
+        h, w = (h + 2 * pp - pk) // ps + 1, (w + 2 * pp - pk) // ps + 1
+    blocks = []
+    for _ in range(r.randint(1, max_blocks)):
+        n_before = len(blocks)
+        kind = r.choice(["basic", "basic_proj", "bottleneck", "inverted", "inverted_se", "se", "concat", "grouped",
+                         "dilated", "pool", "plain"])
+        stride = 2 if r.random() < 0.3 and min(h, w) >= 4 else 1
+        act = r.choice(ACTS)
+        if kind in ("basic", "basic_proj"):
+            cout = r.choice([c, r.randint(3, 48)])
+            blocks.append(BasicBlock(c, cout, stride, act, project=kind == "basic_proj"))
+        elif kind == "bottleneck":
+            groups = r.choice([1, 1, 2])
+            mid = r.randint(2, 16) * groups
+            cout = r.choice([c, r.randint(3, 48)])
+            blocks.append(Bottleneck(c, mid, cout, stride, act, groups))
+        elif kind in ("inverted", "inverted_se"):
+            exp = r.choice([c, c * r.choice([2, 3, 4])])
+            cout = r.choice([c, r.randint(3, 40)])
+            se = r.choice(["sigmoid", "hardsigmoid"]) if kind == "inverted_se" else None
+            blocks.append(InvertedResidual(c, exp, cout, stride, act, se))
+        elif kind == "se":
+            cout, stride = c, 1
+            blocks.append(SqueezeExcite(c, max(1, c // r.choice([2, 4, 8])), r.choice(["sigmoid", "hardsigmoid"])))
+        elif kind == "concat":
+            c1, c2 = r.randint(1, 24), r.randint(1, 24)
+            keep = r.random() < 0.5
+            cout, stride = c1 + c2 + (c if keep else 0), 1
+            blocks.append(ConcatBlock(c, c1, c2, act, keep))
+        elif kind == "grouped":
+            groups = r.choice([2, 3, 4])
+            cin_g = max(1, c // groups)
+            blocks.append(ConvBNAct(c, cin_g * groups, 1, act="none"))     # make the channel count divisible
+            cout = groups * r.randint(1, 8)
+            blocks.append(ConvBNAct(cin_g * groups, cout, 3, stride, groups=groups, act=act))
+        elif kind == "dilated":
+            cout = r.randint(3, 40)
+            blocks.append(ConvBNAct(c, cout, 3, 1, dilation=2, act=act))
+            stride = 1
+        elif kind == "pool":
+            pk = r.choice([2, 3])
+            ps = r.choice([1, 2]) if min(h, w) >= 4 else 1
+            pp = r.choice([0, pk // 2])
+            blocks.append(nn.MaxPool2d(pk, ps, pp, ceil_mode=r.random() < 0.2) if r.random() < 0.6 else
+                          nn.AvgPool2d(pk, ps, pp))
+            cout, stride = c, 1
+        else:
+            cout = r.randint(3, 48)
+            kk = r.choice([1, 3, 5])
+            blocks.append(ConvBNAct(c, cout, kk, stride, act=act, bias=r.random() < 0.5))
+        try:     # a block that the map has become too small for is dropped again
+            with torch.no_grad():
+                h2, w2 = RandomNet(nn.Sequential(*stem), blocks, nn.Identity()).eval()(
+                    torch.zeros(1, cin, *_in_hw(desc))).shape[2:]
+        except RuntimeError:
+            blocks[n_before:] = []
+            continue
+        desc.append(f"{kind} {c}->{cout} s{stride} {act}: {type(blocks[-1]).__name__}")
+        c, h, w = cout, h2, w2
+    classes = r.randint(2, 12)
+    if r.random() < 0.8 or h * w * c > 4096:
+        head = _GapHead(c, classes, r.choice(["none", "none", "relu", "sigmoid"]))
+        desc.append(f"gap -> linear {c}->{classes}")
+    else:
+        head = _FlatHead(c * h * w, classes)
+        desc.append(f"flatten -> linear {c * h * w}->{classes}")
+    net = RandomNet(nn.Sequential(*stem), blocks, head)
+    sparsity = sparsity or r.choice(SPARSITIES)
+    desc.append(f"sparsity {sparsity}")
+    _randomize(net, sparsity, g, use_mask_buffers=r.random() < 0.5)
+    x = torch.randn(batch, cin, *_in_hw(desc), generator=g)
+    return net.eval(), x, desc
+
+
+def _in_hw(desc: list[str]) -> tuple[int, int]:
+    dims = desc[0].split(";")[0].split()[1].split("x")
+    return int(dims[2]), int(dims[3])
+
+
+def _randomize(net: nn.Module, sparsity: str, g: torch.Generator, use_mask_buffers: bool) -> None:
+    """Random weights with BN statistics that are not the identity, then the sparsity: weights zeroed, or
+    ``weight_mask`` buffers as pruning leaves them."""
+    cands = all_candidates()
+    with torch.no_grad():
+        for mod in net.modules():
+            if isinstance(mod, (nn.Conv2d, nn.Linear)):
+                fan_in = mod.weight[0].numel()
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
+                if mod.bias is not None:
+                    mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.1)
+            elif isinstance(mod, nn.BatchNorm2d):
+                mod.weight.copy_(1 + 0.2 * torch.randn(mod.num_features, generator=g))
+                mod.bias.copy_(0.2 * torch.randn(mod.num_features, generator=g))
+                mod.running_mean.copy_(torch.randn(mod.num_features, generator=g) * 0.3)
+                mod.running_var.copy_(0.5 + torch.rand(mod.num_features, generator=g))
+        if sparsity == "dense":
+            return
+        convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)][1:]     # the stem stays dense
+        for m in convs:
+            o, i, kh, kw = m.weight.shape
+            mask = torch.ones_like(m.weight)
+            if sparsity in ("pattern", "pattern+connectivity") and (kh, kw) == (3, 3):
+                mask = cands[torch.randint(0, len(cands), (o, i), generator=g)].reshape(o, i, 3, 3).float()
+            if sparsity in ("pattern+connectivity", "kernels") and m.groups == 1:
+                mask = mask * (torch.rand(o, i, 1, 1, generator=g) < 0.3).float()
+            if sparsity == "empty_filters":
+                mask = mask * (torch.rand(o, 1, 1, 1, generator=g) < 0.6).float()
+            m.weight.mul_(mask)          # as pruning leaves a layer: weights zero where the mask is
+            if use_mask_buffers:
+                m.register_buffer("weight_mask", mask)
+
+
+def with_nonfinite(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """``x`` with a NaN at one random position of the first image and an Inf in the last (batch > 1)."""
+    g = torch.Generator().manual_seed(seed)
+    x = x.clone()
+    n, c, h, w = x.shape
+    x[0, int(torch.randint(c, (1,), generator=g)), int(torch.randint(h, (1,), generator=g)),
+      int(torch.randint(w, (1,), generator=g))] = float("nan")
+    if n > 1:
+        x[-1, int(torch.randint(c, (1,), generator=g)), 0, 0] = float("inf")
+    return x
+
+
+def compare_outputs(out: torch.Tensor, ref: torch.Tensor, sparse: bool, rtol: float = 1e-4,
+                    atol: float = 1e-5) -> tuple[bool, str]:
+    """The engine's output against PyTorch's: ``max |out - ref| <= rtol * max |ref| + atol`` over the finite
+    values, and NaN/Inf exactly where PyTorch has them.
+
+    A pruned weight is absent in the engine, while PyTorch multiplies it (0 * NaN = NaN, 0 * Inf = NaN): for a
+    sparse network the engine may be finite where PyTorch is not, never the other way round.
+    """
+    if out.shape != ref.shape:
+        return False, f"shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    fin_ref, fin_out = ref.isfinite(), out.isfinite()
+    if sparse:
+        if bool((~fin_out & fin_ref).any()):
+            return False, f"{int((~fin_out & fin_ref).sum())} non-finite values where PyTorch is finite"
+        both = fin_ref & fin_out     # (where both are non-finite, Inf vs NaN may differ: 0 * Inf is skipped)
+    else:
+        if not torch.equal(ref.isnan(), out.isnan()) or not torch.equal(ref.isinf() & (ref > 0), out.isinf() & (out > 0)) \
+                or not torch.equal(ref.isinf() & (ref < 0), out.isinf() & (out < 0)):
+            return False, (f"non-finite values differ: NaN {int(out.isnan().sum())} vs {int(ref.isnan().sum())}, "
+                           f"Inf {int(out.isinf().sum())} vs {int(ref.isinf().sum())}")
+        both = fin_ref
+    if not bool(both.any()):
+        return True, "no finite values"
+    err = float((out[both] - ref[both]).abs().max())
+    scale = float(ref[both].abs().max())
+    ok = err <= rtol * scale + atol
+    return ok, f"max err {err:.3g} (scale {scale:.3g})"

@@ -220,13 +220,30 @@ def build_ir(gm: fx.GraphModule) -> Graph:
                 and len(args) == 2 and len(node.args) == 2 and not node.kwargs:
             a, b_ = args
             fused = False
-            for first, other in ((a, b_), (b_, a)):
+            # the conv that takes the add into its epilogue reads the other operand, so that operand must exist
+            # before the conv runs: of two conv branches (a projection shortcut: bn(conv1x1(x)) is traced after
+            # the main branch) the later one takes the add
+            def pos(vid: int) -> int:
+                p_ = producer.get(vid)
+                return next((i for i, o in enumerate(ops) if o is p_), -1)
+
+            def pad_shortcut(node_: fx.Node) -> TorchOp | None:
+                po_ = producer.get(env[node_])
+                return po_ if (isinstance(po_, TorchOp) and po_.call == "module"
+                               and isinstance(po_.target, PadShortcut) and only_user(node_)) else None
+
+            def read(node_: fx.Node) -> int:      # the value the epilogue reads (a pad shortcut's input)
+                ps = pad_shortcut(node_)
+                return ps.inputs[0] if ps is not None else env[node_]
+
+            pairs = sorted(((a, b_), (b_, a)), key=lambda fo: -pos(env[fo[0]]))
+            for first, other in pairs:
                 p = producer.get(env[first])
                 if isinstance(p, ConvOp) and only_user(first) and p.act == "none" and p.residual is None \
-                        and values[env[first]].shape == values[env[other]].shape:
-                    po = producer.get(env[other])
-                    if isinstance(po, TorchOp) and po.call == "module" and isinstance(po.target, PadShortcut) \
-                            and only_user(other):
+                        and values[env[first]].shape == values[env[other]].shape \
+                        and pos(read(other)) < pos(env[first]):
+                    po = pad_shortcut(other)
+                    if po is not None:
                         # read the option-A shortcut in place: drop its materialisation
                         ops.remove(po)
                         p.residual = po.inputs[0]
@@ -264,7 +281,7 @@ def build_ir(gm: fx.GraphModule) -> Graph:
             ops.append(op)
             producer[out] = op
             continue
-        if _is_flatten(node, modules) and isinstance(prod, GapOp):
+        if _is_flatten(node, modules) and isinstance(prod, GapOp) and only_user(args[0]):
             # (C,1,1) -> (C,): same memory in the native layout of a GAP result
             values[src].shape = (values[src].shape[0],)
             env[node] = src
