@@ -95,6 +95,27 @@ class Blob:
         return np.concatenate(self.i) if self.i else np.zeros(1, np.int32)
 
 
+class KernelRuns:
+    """The kernels of one tap shape of a conv: filter, input channel and weights per kernel, sorted by filter."""
+
+    def __init__(self, f: np.ndarray, ch: np.ndarray, w: np.ndarray, filters: int):
+        self.f, self.ch, self.w = f, ch, w
+        self.count = np.bincount(f, minlength=filters).astype(np.int64)
+        self.begin = np.concatenate([[0], np.cumsum(self.count)]).astype(np.int64)
+
+    def gather(self, filters: np.ndarray) -> np.ndarray:
+        """Kernel indices of ``filters``, filter after filter in the order given."""
+        if len(filters) == 0:
+            return np.zeros(0, dtype=np.int64)
+        lens = self.count[filters]
+        total = int(lens.sum())
+        if total == 0:
+            return np.zeros(0, dtype=np.int64)
+        starts = self.begin[filters]
+        offs = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        return np.repeat(starts - offs, lens) + np.arange(total)
+
+
 @dataclasses.dataclass
 class ConvPlan:
     op: ConvOp
@@ -176,24 +197,27 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     o, ig, kh, kw = w.shape
     _, ho, wo = out_shape
     taps_all = tuple(range(kh * kw))
-    w9 = w.reshape(o, ig, kh * kw)
-    nz = (w9 != 0)
-    # kernel list: (filter, input channel, tap set)
-    kern = []
-    for f in range(o):
-        rows = nz[f].any(-1).nonzero().flatten().tolist()
-        for i in rows:
-            kern.append((f, i, tuple(nz[f, i].nonzero().flatten().tolist())))
-    mapping = _canonical_shapes([k[2] for k in kern], taps_all)
-    shapes = sorted(set(mapping.values()), key=lambda s: (len(s), s)) if kern else []
+    w9 = w.reshape(o, ig, kh * kw).numpy()
+    # kernel list: (filter, input channel, tap set), filter-major; tap sets as bit codes (numpy: a 512x512
+    # layer has 262k kernels, too many for per-kernel tensor ops)
+    codes = ((w9 != 0) * (np.int64(1) << np.arange(kh * kw, dtype=np.int64))).sum(-1)
+    kf, ki = np.nonzero(codes)
+    kc = codes[kf, ki]
+    tapset = {int(c): tuple(t for t in range(kh * kw) if (int(c) >> t) & 1) for c in np.unique(kc)}
+    mapping = _canonical_shapes([tapset[c] for c in kc.tolist()], taps_all)
+    shapes = sorted(set(mapping.values()), key=lambda s: (len(s), s)) if len(kc) else []
     sidx = {s: j for j, s in enumerate(shapes)}
-    per = [[[] for _ in range(o)] for _ in shapes]
+    code_shape = {c: sidx[mapping[ts]] for c, ts in tapset.items()}
+    kshape = np.array([code_shape[c] for c in kc.tolist()], dtype=np.int64)
+    # per shape: its kernels as arrays, filter-major (input channel ascending within a filter)
+    per: list[KernelRuns] = []
     work = np.zeros(o, dtype=np.int64)
-    for f, i, ts in kern:
-        s = mapping[ts]
-        chan = f if op.groups > 1 else i      # depthwise: filter f reads input channel f
-        per[sidx[s]][f].append((chan, w9[f, i, list(s)].tolist()))
-        work[f] += len(s)
+    for j, s in enumerate(shapes):
+        sel = np.nonzero(kshape == j)[0]
+        fj = kf[sel]
+        chans = fj if op.groups > 1 else ki[sel]      # depthwise: filter f reads input channel f
+        per.append(KernelRuns(fj, chans, np.ascontiguousarray(w9[fj, ki[sel]][:, list(s)], dtype=np.float32), o))
+        work += per[-1].count * len(s)
     packed1 = (op.groups == 1 and kh == 1 and kw == 1 and op.padding == 0 and ho * wo <= PACKED1_MAX
                and conv_mode != "direct")
     gather_ok = op.groups == 1 and op.padding <= 1 and kh <= 3 and kw <= 3
@@ -213,7 +237,7 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     rows = max(d for d in range(1, min(ho, rmax) + 1) if ho % d == 0)
     p = ConvPlan(op, shapes, kh, ho, wo, rows, vecs, xv, vec=vec)
     in_bytes = 4 * (lin.image if lin is not None else int(np.prod(in_shape)))
-    w_bytes = 4 * int(sum(len(s) + 1 for s in (mapping[k[2]] for k in kern)))
+    w_bytes = 4 * int(work.sum() + len(kc))
     # (not depthwise: a filter is too little work, and the rows two threads write meet in shared cache lines)
     depthwise = op.groups > 1 and op.groups == o
     spatial = threads > 1 and ho >= 2 * threads and (
@@ -247,7 +271,8 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
         p.spatial = p.ho // p.rows >= threads
     p.bias_off = blob.add_f(op.bias.numpy())
     # filter-kernel reorder + FLOP-balanced thread lists (LPT), each list in (work, signature) order
-    sig = {f: tuple(len(per[j][f]) for j in range(len(shapes))) for f in range(o)}
+    counts = np.stack([r.count for r in per], 1).tolist() if per else [[] for _ in range(o)]
+    sig = {f: tuple(counts[f]) for f in range(o)}
     order = sorted(range(o), key=lambda f: (-int(work[f]), sig[f], f))
     loads = [0] * threads
     lists: list[list[int]] = [[] for _ in range(threads)]
@@ -269,56 +294,56 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
             p.thread_of[f] = t
     # runs stored in the order the threads walk them (position q in flist, not filter index): each thread then
     # streams its weights and channel indices sequentially, which the hardware prefetchers follow
-    for j, s in enumerate(shapes):
-        starts, chans, ws = [0], [], []
-        for f in (flist if RUNS_IN_WALK_ORDER else range(o)):
-            for ch, wv in per[j][f]:
-                chans.append(ch)
-                ws.extend(wv)
-            starts.append(len(chans))
-        p.start_off.append(blob.add_i(starts))
-        p.chan_off.append(blob.add_i(chans if chans else [0]))
-        p.w_off.append(blob.add_f(ws if ws else [0.0]))
+    walk = np.array(flist if RUNS_IN_WALK_ORDER else range(o), dtype=np.int64)
+    for r in per:
+        idx = r.gather(walk)
+        p.start_off.append(blob.add_i(np.concatenate([[0], np.cumsum(r.count[walk])])))
+        p.chan_off.append(blob.add_i(r.ch[idx] if len(idx) else [0]))
+        p.w_off.append(blob.add_f(r.w[idx].ravel() if len(idx) else [0.0]))
     p.tstart_off = blob.add_i(tstart)
     p.flist_off = blob.add_i(flist if flist else [0])
     if p.gather:
         _plan_gather(p, per, lists, in_shape[0], blob)
-    p.kernels = len(kern)
+    p.kernels = len(kc)
     p.taps = int(work.sum())
     p.flops = 2 * p.taps * ho * wo
     return p
 
 
-def _plan_gather(p: ConvPlan, per: list, lists: list[list[int]], cin: int, blob: Blob) -> None:
+def _plan_gather(p: ConvPlan, per: list[KernelRuns], lists: list[list[int]], cin: int, blob: Blob) -> None:
+    """Tiles of filters per thread; within a tile, kernels ordered by (input channel, shape, filter position)."""
     ns = len(p.shapes)
-    tile0, tf, fl, cnt, te = [0], [0], [], [], []
-    ef: list[list[int]] = [[] for _ in range(ns)]
-    ew: list[list[float]] = [[] for _ in range(ns)]
+    tile0, tf, fl, te = [0], [0], [], []
+    cnt: list[np.ndarray] = []
+    ef: list[list[np.ndarray]] = [[] for _ in range(ns)]
+    ew: list[list[np.ndarray]] = [[] for _ in range(ns)]
+    ne = [0] * ns
+    o = 1 + max((f for lst in lists for f in lst), default=0)
     for lst in lists:
         for a in range(0, len(lst), p.gather_ft):
             tile = lst[a:a + p.gather_ft]
             fl += tile
             tf.append(len(fl))
-            te += [len(ef[j]) for j in range(ns)]
-            buckets = [[[] for _ in range(ns)] for _ in range(cin)]
-            for j in range(ns):
-                for f in tile:
-                    for ch, wv in per[j][f]:
-                        buckets[ch][j].append((f, wv))
-            for ch in range(cin):
-                for j in range(ns):
-                    cnt.append(len(buckets[ch][j]))
-                    for f, wv in buckets[ch][j]:
-                        ef[j].append(f)
-                        ew[j].extend(wv)
+            te += ne
+            pos = np.full(o, -1, dtype=np.int64)
+            pos[np.array(tile, dtype=np.int64)] = np.arange(len(tile))
+            c = np.zeros((cin, ns), dtype=np.int64)
+            for j, r in enumerate(per):
+                idx = r.gather(np.array(tile, dtype=np.int64))
+                order = idx[np.argsort(r.ch[idx] * len(tile) + pos[r.f[idx]], kind="stable")]
+                c[:, j] = np.bincount(r.ch[order], minlength=cin)
+                ef[j].append(r.f[order])
+                ew[j].append(r.w[order].ravel())
+                ne[j] += len(order)
+            cnt.append(c.ravel())
         tile0.append(len(tf) - 1)
     p.gather_tile0_off = blob.add_i(tile0)
     p.gather_tf_off = blob.add_i(tf)
     p.gather_fl_off = blob.add_i(fl or [0])
-    p.gather_cnt_off = blob.add_i(cnt or [0])
+    p.gather_cnt_off = blob.add_i(np.concatenate(cnt) if cnt else [0])
     p.gather_te_off = blob.add_i(te or [0])
-    p.gather_ef_off = [blob.add_i(e or [0]) for e in ef]
-    p.gather_ew_off = [blob.add_f(w or [0.0]) for w in ew]
+    p.gather_ef_off = [blob.add_i(np.concatenate(e) if e and sum(map(len, e)) else [0]) for e in ef]
+    p.gather_ew_off = [blob.add_f(np.concatenate(w) if w and sum(map(len, w)) else [0.0]) for w in ew]
 
 
 @dataclasses.dataclass

@@ -16,6 +16,7 @@ import torch.nn as nn
 from ..errors import CheckpointError, SparseforgeError
 from ..registry import Registry
 from .cifar_resnet import BasicBlock, CifarResNet, PadShortcut
+from .imagenet import MobileNetV2ImageNet, ResNet, VGGImageNet, resnet18, resnet34, resnet50
 from .mobilenetv2 import MobileNetV2
 from .small import SmallCNN
 from .vgg import VGG
@@ -27,19 +28,28 @@ for _d in (20, 32, 44, 56, 110):
 MODELS.register("vgg16", lambda num_classes=10, **kw: VGG(num_classes=num_classes, **kw))
 MODELS.register("mobilenetv2", lambda num_classes=10, **kw: MobileNetV2(num_classes=num_classes, **kw))
 MODELS.register("smallcnn", lambda num_classes=10, **kw: SmallCNN(num_classes=num_classes, **kw))
+# ImageNet-size (224x224), torchvision's layouts and module names; 1000 classes unless told
+MODELS.register("resnet18", lambda num_classes=1000: resnet18(num_classes))
+MODELS.register("resnet34", lambda num_classes=1000: resnet34(num_classes))
+MODELS.register("resnet50", lambda num_classes=1000: resnet50(num_classes))
+MODELS.register("vgg16_bn", lambda num_classes=1000, **kw: VGGImageNet(num_classes=num_classes, **kw))
+MODELS.register("mobilenet_v2", lambda num_classes=1000, **kw: MobileNetV2ImageNet(num_classes=num_classes, **kw))
 
 
-def create_model(name: str, num_classes: int = 10, arch: dict | None = None, **kw: Any) -> nn.Module:
+def create_model(name: str, num_classes: int | None = None, arch: dict | None = None, **kw: Any) -> nn.Module:
     """Build a registered model; the (name, kwargs) spec is kept on the model so checkpoints can rebuild it.
 
     ``arch``: the layer sizes of a structurally pruned model (``sparseforge.structured.arch_of``; saved in
     every checkpoint's metadata), so a physically smaller network is rebuilt without pickling.
     """
     factory = MODELS.get(name)
-    try:
-        model = factory(num_classes=num_classes, **kw)
+    try:     # num_classes None: the model's own default (10 for the CIFAR models, 1000 for the ImageNet ones)
+        model = factory(**kw) if num_classes is None else factory(num_classes=num_classes, **kw)
     except TypeError as e:
         raise SparseforgeError(f"model {name!r} does not accept these options: {e}") from None
+    if num_classes is None:
+        heads = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        num_classes = heads[-1].out_features if heads else 10
     kw_plain = {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}
     model.sf_spec = {"name": name.lower(), "num_classes": num_classes, "kwargs": kw_plain}
     if arch is not None:
@@ -203,5 +213,6 @@ def save_weights(model: nn.Module, path: str | Path, extra_metadata: dict[str, s
 
 __all__ = [
     "MODELS", "create_model", "model_from_spec", "load_weights", "save_weights", "read_state_dict", "list_models", "model_spec",
-    "CifarResNet", "BasicBlock", "PadShortcut", "VGG", "MobileNetV2", "SmallCNN",
+    "CifarResNet", "BasicBlock", "PadShortcut", "VGG", "MobileNetV2", "SmallCNN", "ResNet", "VGGImageNet",
+    "MobileNetV2ImageNet",
 ]
