@@ -1,4 +1,5 @@
 import pytest
+import sparseforge as sf
 import torch
 from safetensors.torch import save_file
 
@@ -92,3 +93,45 @@ def test_shared_akamaster_weights_load_strictly(models_dir):
         f = next(models_dir.glob(f"akamaster_resnet{depth}-*.th"))
         load_weights(create_model(f"resnet{depth}"), f)
     load_weights(create_model("resnet20"), models_dir / "resnet20-cifar10jpeg.safetensors")
+
+
+# ---- ImageNet-size zoo: torchvision layouts ---------------------------------------------------------------------
+TORCHVISION = {   # parameter counts of torchvision's models, and keys its state_dicts hold
+    "resnet18": (11_689_512, 122, ["conv1.weight", "layer2.0.downsample.0.weight", "layer4.1.bn2.running_var", "fc.bias"]),
+    "resnet34": (21_797_672, 218, ["layer3.5.conv2.weight", "layer4.0.downsample.1.num_batches_tracked"]),
+    "resnet50": (25_557_032, 320, ["layer1.0.downsample.0.weight", "layer4.2.bn3.running_var", "layer2.3.conv3.weight"]),
+    "vgg16_bn": (138_365_992, 97, ["features.0.bias", "features.1.running_mean", "features.41.weight",
+                                   "classifier.0.weight", "classifier.3.weight", "classifier.6.bias"]),
+    "mobilenet_v2": (3_504_872, 314, ["features.0.0.weight", "features.1.conv.0.0.weight", "features.1.conv.1.weight",
+                                      "features.2.conv.1.0.weight", "features.17.conv.3.running_var",
+                                      "features.18.1.weight", "classifier.1.weight"]),
+}
+
+
+@pytest.mark.parametrize("name", list(TORCHVISION))
+def test_imagenet_zoo_has_torchvision_layout(name):
+    params, n_keys, keys = TORCHVISION[name]
+    m = sf.create_model(name)
+    sd = m.state_dict()
+    assert sum(p.numel() for p in m.parameters()) == params
+    assert len(sd) == n_keys
+    assert set(keys) <= set(sd)
+    assert m.sf_spec["num_classes"] == 1000
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "vgg16_bn"])
+def test_torchvision_state_dict_loads_strictly(name, tmp_path):
+    """A plain torch.save(state_dict) under torchvision's key names (what a torchvision user has) loads strictly;
+    a state_dict missing one key or with a renamed one is refused with the key named."""
+    src = sf.create_model(name).eval()
+    torch.save(src.state_dict(), tmp_path / "tv.pth")
+    dst = sf.load_weights(sf.create_model(name).eval(), tmp_path / "tv.pth")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(dst(x), src(x))
+    sd = src.state_dict()
+    key = next(k for k in sd if k.endswith("running_mean"))
+    sd[key.replace("running_mean", "running_avg")] = sd.pop(key)
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match="running_avg"):
+        sf.load_weights(sf.create_model(name), tmp_path / "bad.pth")

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from ..errors import SparseforgeError
-from .build import build
+from ..utils import atomic_write_bytes
+from .build import build, cache_root
 from .codegen import generate
-from .ir import ConvOp, Graph, TorchOp
+from .ir import ConvOp, Graph, TorchOp, graph_fingerprint
 from .plan import SLACK, Plan, make_plan
 from .runtime import CompiledModel
 from .trace import build_ir, trace
@@ -121,6 +126,65 @@ def runtime_spec(plan: Plan, input_shape: tuple[int, ...]) -> dict:
             "slots": slots}
 
 
+_CODE_HASH: str | None = None
+
+
+def _engine_code_hash() -> str:
+    """The compiler's own source: a plan cached by an older compiler is never reused by a newer one."""
+    global _CODE_HASH
+    if _CODE_HASH is None:
+        h = hashlib.sha256()
+        for f in sorted(Path(__file__).parent.glob("*.py")):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+        _CODE_HASH = h.hexdigest()
+    return _CODE_HASH
+
+
+def plan_key(graph: Graph, options: dict) -> str:
+    h = hashlib.sha256()
+    for part in (graph_fingerprint(graph), json.dumps(options, sort_keys=True), _engine_code_hash()):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _plan_dir(key: str) -> Path:
+    return cache_root().parent / "plans" / key[:40]
+
+
+def load_plan(key: str) -> tuple[dict, str, np.ndarray, np.ndarray] | None:
+    """A plan cached under ``key`` (spec, C source, weight and index blobs), or None. A damaged entry (torn
+    write, edited file) is a miss: the entry records its own hashes and is rebuilt when they disagree."""
+    d = _plan_dir(key)
+    try:
+        meta = json.loads((d / "plan.json").read_text())
+        blobs = (d / "blobs.bin").read_bytes()
+        if meta.get("key") != key or hashlib.sha256(blobs).hexdigest() != meta["blobs_sha256"] \
+                or hashlib.sha256(meta["source"].encode()).hexdigest() != meta["source_sha256"]:
+            return None
+        nf = int(meta["floats"])
+        floats = np.frombuffer(blobs, dtype=np.float32, count=nf).copy()
+        ints = np.frombuffer(blobs, dtype=np.int32, offset=4 * nf).copy()
+        return meta["spec"], meta["source"], floats, ints
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def store_plan(key: str, spec: dict, source: str, floats: np.ndarray, ints: np.ndarray) -> None:
+    d = _plan_dir(key)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        blobs = np.ascontiguousarray(floats, np.float32).tobytes() + np.ascontiguousarray(ints, np.int32).tobytes()
+        meta = {"key": key, "spec": spec, "source": source, "floats": int(np.asarray(floats).size),
+                "blobs_sha256": hashlib.sha256(blobs).hexdigest(),
+                "source_sha256": hashlib.sha256(source.encode()).hexdigest()}
+        atomic_write_bytes(d / "blobs.bin", blobs)
+        atomic_write_bytes(d / "plan.json", json.dumps(meta).encode())
+    except OSError:        # a read-only or full cache only costs the next compile its planning time
+        pass
+
+
 def _has_avx512() -> bool:
     from ..report.env import cpu_flags
 
@@ -163,17 +227,31 @@ def compile(model: nn.Module, example_input: torch.Tensor, threads: int | None =
         raise SparseforgeError(f"vector_width must be 8 or 16, got {vec}")
     if conv_mode not in ("auto", "direct", "gather"):
         raise SparseforgeError(f"conv_mode must be 'auto', 'direct' or 'gather', got {conv_mode!r}")
-    st.plan = make_plan(st.graph, threads, vec, conv_mode, wide=not portable and vec == 8 and _has_avx512())
-    st.seconds["plan"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    st.source = generate(st.plan)
-    st.seconds["codegen"] = time.perf_counter() - t0
+    wide = not portable and vec == 8 and _has_avx512()
+    options = {"input_shape": list(example_input.shape[1:]), "threads": threads, "vec": vec, "conv_mode": conv_mode,
+               "wide": wide, "portable": portable}
+    key = plan_key(st.graph, options)
+    cached = None if return_stages else load_plan(key)
+    st.seconds["fingerprint"] = time.perf_counter() - t0
+    if cached is not None:
+        spec, st.source, floats, ints = cached
+    else:
+        t0 = time.perf_counter()
+        st.plan = make_plan(st.graph, threads, vec, conv_mode, wide=wide)
+        st.seconds["plan"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        st.source = generate(st.plan)
+        st.seconds["codegen"] = time.perf_counter() - t0
+        spec = runtime_spec(st.plan, tuple(example_input.shape[1:]))
+        floats, ints = st.plan.blob.floats(), st.plan.blob.ints()
     t0 = time.perf_counter()
     lib, st.build_info = build(st.source, portable=portable)
     st.seconds["build"] = time.perf_counter() - t0
-    spec = runtime_spec(st.plan, tuple(example_input.shape[1:]))
-    spec["build"] = st.build_info
+    if cached is None:
+        store_plan(key, spec, st.source, floats, ints)
+    spec = dict(spec)
+    spec["build"] = {**st.build_info, "plan_cached": cached is not None}
     torch_ops = {k: op for k, op in enumerate(st.graph.ops) if isinstance(op, TorchOp)}
-    engine = CompiledModel(spec, lib, st.plan.blob.floats(), st.plan.blob.ints(), torch_ops, st.source)
+    engine = CompiledModel(spec, lib, floats, ints, torch_ops, st.source)
     engine.stages = st
     return (engine, st) if return_stages else engine

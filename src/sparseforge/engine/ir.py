@@ -121,3 +121,42 @@ class Graph:
 
     def users(self, vid: int) -> list[Op]:
         return [op for op in self.ops if vid in op.inputs or getattr(op, "residual", None) == vid]
+
+
+def graph_fingerprint(graph: Graph) -> str:
+    """A content hash of everything planning reads: values and their shapes, ops with every field, weights by
+    their bytes. Two graphs with the same fingerprint get the same plan, so a plan can be cached under it."""
+    import hashlib
+
+    h = hashlib.sha256()
+
+    def put(x) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().contiguous().cpu()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+        elif isinstance(x, (list, tuple)):
+            h.update(f"[{len(x)}".encode())
+            for y in x:
+                put(y)
+            h.update(b"]")
+        elif isinstance(x, dict):
+            h.update(f"{{{len(x)}".encode())
+            for k in sorted(x, key=str):
+                put(str(k))
+                put(x[k])
+            h.update(b"}")
+        else:
+            h.update(f"{type(x).__name__}:{x!r};".encode())
+
+    for vid in sorted(graph.values):
+        put((vid, tuple(graph.values[vid].shape)))
+    put(("in", list(graph.inputs), "out", list(graph.outputs)))
+    for op in graph.ops:
+        put(type(op).__name__)
+        for f in dataclasses.fields(op):
+            v = getattr(op, f.name)
+            if f.name == "target":          # a fallback's module/function: its type and name (it runs live)
+                v = f"{type(v).__name__}:{getattr(v, '__name__', '')}"
+            put((f.name, v))
+    return h.hexdigest()
