@@ -9,7 +9,7 @@ in the source come only from integer indices, never from user strings.
 
 from __future__ import annotations
 
-from .ir import ConvOp, GapOp, LinearOp, PoolOp
+from .ir import ConvOp, FlattenOp, GapOp, LinearOp, PoolOp
 from . import plan as _plan
 from .plan import PACKED1_CHAINS, BlockPlan, ConvPlan, Plan
 
@@ -579,6 +579,8 @@ def block_source(k: int, bp: BlockPlan, plan: Plan) -> str:
 def pool_source(k: int, op: PoolOp, plan: Plan) -> str:
     li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
     c, ho, wo = lo.shape
+    if (op.kernel, op.stride, op.padding) != (2, 2, 0) or li.shape[1] % 2 or li.shape[2] % 2:
+        return _general_pool_source(k, op, plan)
     if op.mode == "max":
         # NaN wins, as in PyTorch: a NaN candidate replaces m, and nothing compares greater than a NaN m
         expr = ("float m = a[0]; if (a[1] > m || a[1] != a[1]) m = a[1]; if (b[0] > m || b[0] != b[0]) m = b[0]; "
@@ -597,6 +599,60 @@ def pool_source(k: int, op: PoolOp, plan: Plan) -> str:
       {expr}
       opp[(long)(y + 1) * {lo.rs} + (x + 1)] = m;
     }}
+  }}
+}}"""
+
+
+def _general_pool_source(k: int, op: PoolOp, plan: Plan) -> str:
+    """Any square window, stride and padding: the window is clipped to the map, so padded positions never win a
+    max (PyTorch pads max pooling with -inf) and count in an average only with ``include_pad``."""
+    li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
+    c, ho, wo = lo.shape
+    _, hi, wi = li.shape
+    K, S, P = op.kernel, op.stride, op.padding
+    if op.mode == "max":
+        init, acc, fin = "-__builtin_inff()", "if (v > m || v != v) m = v;", "m"
+    else:
+        init, acc = "0.0f", "m += v;"
+        fin = f"m * {1.0 / (K * K)!r}f" if op.include_pad else "m / (float)((y1 - y0) * (x1 - x0))"
+    return f"""static void op{k}(OPARGS) {{
+  const float* in = B[{op.inputs[0]}]; float* out = B[{op.output}];
+  for (int q = tid; q < N * {c}; q += nth) {{
+    const int n = q / {c}, ch = q % {c};
+    const float* ip = in + (long)n * {li.image} + (long)ch * {li.plane};
+    float* opp = out + (long)n * {lo.image} + (long)ch * {lo.plane};
+    for (int y = 0; y < {ho}; y++) {{
+      const int y0 = y * {S} - {P} < 0 ? 0 : y * {S} - {P};
+      const int y1 = y * {S} - {P} + {K} > {hi} ? {hi} : y * {S} - {P} + {K};
+      for (int x = 0; x < {wo}; x++) {{
+        const int x0 = x * {S} - {P} < 0 ? 0 : x * {S} - {P};
+        const int x1 = x * {S} - {P} + {K} > {wi} ? {wi} : x * {S} - {P} + {K};
+        float m = {init};
+        for (int yy = y0; yy < y1; yy++) for (int xx = x0; xx < x1; xx++) {{
+          const float v = ip[(long)(yy + 1) * {li.rs} + (xx + 1)];
+          {acc}
+        }}
+        opp[(long)(y + 1) * {lo.rs} + (x + 1)] = {fin};
+      }}
+    }}
+  }}
+}}"""
+
+
+def flatten_source(k: int, op: FlattenOp, plan: Plan) -> str:
+    li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
+    if not li.is_map:
+        return f"""static void op{k}(OPARGS) {{
+  for (int n = tid; n < N; n += nth) memcpy(B[{op.output}] + (long)n * {lo.image}, B[{op.inputs[0]}] + (long)n * {li.image}, {4 * int(lo.shape[0])});
+}}"""
+    c, h, w = li.shape
+    return f"""static void op{k}(OPARGS) {{
+  const float* in = B[{op.inputs[0]}]; float* out = B[{op.output}];
+  for (int q = tid; q < N * {c}; q += nth) {{
+    const int n = q / {c}, ch = q % {c};
+    const float* ip = in + (long)n * {li.image} + (long)ch * {li.plane};
+    float* opp = out + (long)n * {lo.image} + (long)ch * {h * w};
+    for (int y = 0; y < {h}; y++) memcpy(opp + y * {w}, ip + (long)(y + 1) * {li.rs} + 1, {4 * w});
   }}
 }}"""
 
@@ -633,7 +689,8 @@ def linear_source(k: int, op: LinearOp, plan: Plan) -> str:
 }}"""
 
 
-TEMPLATES = {ConvOp: None, PoolOp: pool_source, GapOp: gap_source, LinearOp: linear_source}
+TEMPLATES = {ConvOp: None, PoolOp: pool_source, GapOp: gap_source, LinearOp: linear_source,
+             FlattenOp: flatten_source}
 
 
 def _segment(si: int, idxs: list[int], plan: Plan, traced: bool) -> str:

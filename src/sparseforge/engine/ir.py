@@ -73,10 +73,19 @@ class PoolOp(Op):
     mode: str = "max"                 # max | avg
     kernel: int = 2
     stride: int = 2
+    padding: int = 0                  # max: padded positions never win; avg: see include_pad
+    include_pad: bool = True          # avg: divide by kernel*kernel (PyTorch's count_include_pad) or by the valid count
     kind = "pool"
 
     def describe(self) -> str:
-        return f"{self.mode}pool{self.kernel} s{self.stride}"
+        return f"{self.mode}pool{self.kernel} s{self.stride}" + (f" p{self.padding}" if self.padding else "")
+
+
+@dataclasses.dataclass
+class FlattenOp(Op):
+    """A map's interior as one plain vector per image (C*H*W, row-major as torch.flatten), for a linear layer."""
+
+    kind = "flatten"
 
 
 @dataclasses.dataclass
@@ -108,6 +117,8 @@ class TorchOp(Op):
     kind = "torch"
 
     def describe(self) -> str:
+        if hasattr(self.target, "describe"):       # a FallbackConv: what it runs and what was folded into it
+            return f"torch {self.target.describe()} ({self.reason})"
         t = self.target if isinstance(self.target, str) else getattr(self.target, "__name__", type(self.target).__name__)
         return f"torch {t} ({self.reason})" if self.reason else f"torch {t}"
 

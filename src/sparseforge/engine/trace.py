@@ -20,9 +20,40 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import SparseforgeError
 from ..models.cifar_resnet import PadShortcut
-from .ir import ConvOp, GapOp, Graph, LinearOp, Op, PoolOp, TorchOp, Value
+from .ir import ConvOp, FlattenOp, GapOp, Graph, LinearOp, Op, PoolOp, TorchOp, Value
 
 _LEAVES = (PadShortcut,)
+
+
+class FallbackConv(nn.Module):
+    """A conv the generated kernels do not cover (e.g. a 7x7 stride-2 stem, a dilated or grouped conv), run by
+    PyTorch (oneDNN) - but on a copy that takes the folding the native convs get: mask and BatchNorm folded into
+    its weights, the activation after it fused into the same fallback op."""
+
+    def __init__(self, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.conv = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                              conv.dilation, conv.groups, True, conv.padding_mode)
+        with torch.no_grad():
+            self.conv.weight.copy_(weight)
+            self.conv.bias.copy_(bias)
+        self.conv.eval()
+        self.act = "none"
+        self.folded: list[str] = []
+
+    def describe(self) -> str:
+        kh, kw = self.conv.kernel_size
+        fused = self.folded + ([self.act] if self.act != "none" else [])
+        return (f"conv{kh}x{kw} s{self.conv.stride[0]} d{self.conv.dilation[0]} g{self.conv.groups}"
+                + (f" fused: {','.join(fused)}" if fused else ""))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.act == "relu":
+            return torch.relu(y)
+        if self.act == "relu6":
+            return F.relu6(y)
+        return y
 
 
 class _Tracer(fx.Tracer):
@@ -105,6 +136,20 @@ def _is_gap(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
+def _is_identity_pool(node: fx.Node, modules: dict[str, nn.Module], shape: tuple[int, ...]) -> bool:
+    if len(shape) != 3:
+        return False
+    if node.op == "call_module" and isinstance(modules[node.target], (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+        size = modules[node.target].output_size
+    elif node.op == "call_function" and node.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+    else:
+        return False
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    size = tuple(shape[1 + i] if v is None else v for i, v in enumerate(size))
+    return size == tuple(shape[1:])
+
+
 def build_ir(gm: fx.GraphModule) -> Graph:
     modules = dict(gm.named_modules())
     values: dict[int, Value] = {}
@@ -183,7 +228,11 @@ def build_ir(gm: fx.GraphModule) -> Graph:
                   and m.padding[0] <= (m.kernel_size[0] - 1) // 2
                   and (m.groups == 1 or m.groups == m.in_channels == m.out_channels))
             if not ok:
-                fallback(node, "conv shape not supported natively")
+                fallback(node, "no generated kernel for this conv shape: oneDNN")
+                op_ = ops[-1]
+                op_.target = FallbackConv(m, w, b)
+                op_.target.folded = folded
+                op_.call = "module"
                 continue
             out = new_value(node)
             op = ConvOp(node.target, [src], out, weight=w, bias=b, stride=m.stride[0], padding=m.padding[0],
@@ -202,6 +251,16 @@ def build_ir(gm: fx.GraphModule) -> Graph:
                 prod.folded.append("bn")
                 env[node] = src
                 continue
+            if (isinstance(prod, TorchOp) and isinstance(prod.target, FallbackConv) and only_user(parent)
+                    and prod.target.act == "none" and not bn.training and bn.running_mean is not None and bn.affine):
+                fc = prod.target.conv
+                scale = bn.weight.detach().float() / torch.sqrt(bn.running_var.float() + bn.eps)
+                with torch.no_grad():
+                    fc.weight.mul_(scale.view(-1, 1, 1, 1))
+                    fc.bias.copy_((fc.bias - bn.running_mean.float()) * scale + bn.bias.detach().float())
+                prod.target.folded.append("bn")
+                env[node] = src
+                continue
             fallback(node, "BatchNorm not after a conv")
             continue
         act = _act_of(node, modules)
@@ -213,6 +272,11 @@ def build_ir(gm: fx.GraphModule) -> Graph:
                 continue
             if act == "relu" and isinstance(prod, (ConvOp, LinearOp)) and prod.act in ("relu", "relu6"):
                 env[node] = src      # relu of a non-negative value (e.g. a dropped residual branch's relu(x))
+                continue
+            if (isinstance(prod, TorchOp) and isinstance(prod.target, FallbackConv) and only_user(parent)
+                    and prod.target.act == "none"):
+                prod.target.act = act
+                env[node] = src
                 continue
             fallback(node, "activation not after a conv")
             continue
@@ -265,15 +329,22 @@ def build_ir(gm: fx.GraphModule) -> Graph:
             s = m.stride if isinstance(m.stride, int) else m.stride[0]
             pad = m.padding if isinstance(m.padding, int) else m.padding[0]
             ceil = getattr(m, "ceil_mode", False)
-            shp = values[src].shape
-            if k == 2 and s == 2 and pad == 0 and not ceil and shp[1] % 2 == 0 and shp[2] % 2 == 0 and \
-                    (isinstance(m, nn.MaxPool2d) and m.dilation in (1, (1, 1)) or isinstance(m, nn.AvgPool2d)):
+            square = all(isinstance(v, int) or (len(set(v)) == 1) for v in (m.kernel_size, m.stride, m.padding))
+            plain = (isinstance(m, nn.MaxPool2d) and m.dilation in (1, (1, 1)) and not m.return_indices) or \
+                (isinstance(m, nn.AvgPool2d) and m.divisor_override is None)
+            if square and plain and not ceil and 1 <= k <= 8 and 1 <= s <= 4 and 0 <= pad <= k // 2 \
+                    and len(values[src].shape) == 3:
                 out = new_value(node)
-                op = PoolOp(node.target, [src], out, mode="max" if isinstance(m, nn.MaxPool2d) else "avg")
+                op = PoolOp(node.target, [src], out, mode="max" if isinstance(m, nn.MaxPool2d) else "avg",
+                            kernel=k, stride=s, padding=pad,
+                            include_pad=bool(getattr(m, "count_include_pad", True)))
                 ops.append(op)
                 producer[out] = op
                 continue
-            fallback(node, "pooling other than 2x2 stride 2 (even sizes)")
+            fallback(node, "pooling with ceil_mode, dilation or non-square windows")
+            continue
+        if _is_identity_pool(node, modules, values[src].shape if src is not None else ()):
+            env[node] = src              # adaptive pool to the size the map already has (VGG's 7x7 at 224x224)
             continue
         if _is_gap(node, modules):
             out = new_value(node)
@@ -285,6 +356,12 @@ def build_ir(gm: fx.GraphModule) -> Graph:
             # (C,1,1) -> (C,): same memory in the native layout of a GAP result
             values[src].shape = (values[src].shape[0],)
             env[node] = src
+            continue
+        if _is_flatten(node, modules) and src is not None and len(values[src].shape) == 3:
+            out = new_value(node)
+            op = FlattenOp(node.name, [src], out)
+            ops.append(op)
+            producer[out] = op
             continue
         if node.op == "call_module" and isinstance(modules[node.target], nn.Linear) and len(values[src].shape) == 1:
             m = modules[node.target]
