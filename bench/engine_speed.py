@@ -8,6 +8,12 @@ and engine_layers.png (per-op time of each engine at batch 1, 2 threads, profile
 DeepSparse 1.8 pins old numpy/onnx and needs its own venv: bench/deepsparse_speed.py (run separately).
 
 Run: OMP_WAIT_POLICY unset, nothing else running: python bench/engine_speed.py [--runs 30] [--models vgg16,resnet56]
+ImageNet size (random weights, non-trivial BN statistics; VGG-16-BN's two 4096-wide linears magnitude-pruned to
+the same 8x in the "pattern8x+fc" config, the output layer dense):
+  python bench/engine_speed.py --size 224 --models resnet18:pattern8x,resnet50:pattern8x,vgg16_bn:pattern8x+fc,\
+      mobilenet_v2:pattern8x --batches 1,8 --threads 2 --out bench/results/engine_speed_224
+onnxruntime int8: static quantization of the *dense* model (QDQ, per-channel weights, int8 activations,
+calibrated on 8 random inputs: for latency only), next to onnxruntime fp32.
 """
 
 from __future__ import annotations
@@ -36,6 +42,15 @@ SHARED = ROOT.parent / "shared" / "models"
 def model_for(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
     m = sf.create_model(name)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():     # non-trivial BN statistics, so folding is measured as it will be on trained weights
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                n = mod.num_features
+                mod.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+                mod.running_var.copy_(0.5 + torch.rand(n, generator=g))
+                mod.weight.copy_(0.5 + torch.rand(n, generator=g))
+                mod.bias.copy_(0.4 * torch.rand(n, generator=g) - 0.2)
     weights = {"resnet20": SHARED / "resnet20-cifar10jpeg.safetensors",
                "resnet56": SHARED / "akamaster_resnet56-4bfd9763.th"}.get(name)
     if weights is not None and weights.exists():
@@ -47,7 +62,43 @@ CONFIGS = {
     "pattern8x": sf.PatternConfig(num_patterns=8, connectivity=3.6),
     "pattern8x-cb2": sf.PatternConfig(num_patterns=8, connectivity=3.6, channel_block=2),
     "pattern2.25x": sf.PatternConfig(num_patterns=8, connectivity=1.0),
+    # + the hidden linears of a VGG-style classifier magnitude-pruned 8x (the output layer stays dense)
+    "pattern8x+fc": sf.PatternConfig(num_patterns=8, connectivity=3.6),
 }
+FC_8X = sf.MagnitudeConfig(sparsity=0.875, scope="layer", include=("classifier.0", "classifier.3"), prune_linear=True)
+
+
+def ort_int8_session(dense: torch.nn.Module, x1: torch.Tensor, threads: int):
+    """What a latency-minded user runs today: onnxruntime static quantization of the dense model (QDQ,
+    per-channel int8 weights, int8 activations)."""
+    import tempfile
+
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            g = torch.Generator().manual_seed(1)
+            self.data = iter([{"input": torch.randn(x1.shape, generator=g).numpy()} for _ in range(8)])
+
+        def get_next(self):
+            return next(self.data, None)
+
+    d = tempfile.mkdtemp(prefix="ort-int8-")
+    fp32, pre, int8 = Path(d) / "fp32.onnx", Path(d) / "pre.onnx", Path(d) / "int8.onnx"
+    export_onnx(dense, x1, fp32)
+    try:       # onnxruntime's recommended pre-processing (shape inference + graph optimisation) before quantizing
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        quant_pre_process(str(fp32), str(pre))
+    except Exception:  # noqa: BLE001 - older onnxruntime: quantize the plain export
+        pre = fp32
+    quantize_static(str(pre), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(int8), so, providers=["CPUExecutionProvider"])
 
 
 def timed(fn, x) -> float:
@@ -72,19 +123,23 @@ def deepsparse_time(python: str, pruned: torch.nn.Module, batch: int, threads: i
 
 
 def run_case(name: str, cfg_name: str, batch: int, threads: int, runs: int, warmup: int, block: int = 5,
-             deepsparse_python: str = "") -> dict:
+             deepsparse_python: str = "", size: int = 32) -> dict:
     torch.set_num_threads(threads)
     dense = model_for(name)
     pruned = copy.deepcopy(dense)
     if cfg_name != "dense":
         sf.prune(pruned, CONFIGS[cfg_name])
-    x1 = torch.randn(1, 3, 32, 32)
+    if cfg_name.endswith("+fc"):
+        sf.prune(pruned, FC_8X)
+    x1 = torch.randn(1, 3, size, size)
+    t0 = time.perf_counter()
     engine = sf.compile(pruned, x1, threads=threads)
+    compile_s = time.perf_counter() - t0
     engine_dense = sf.compile(dense, x1, threads=threads)
     fused = fx_opt.fuse(copy.deepcopy(dense))
     fused_cl = copy.deepcopy(fused).to(memory_format=torch.channels_last)
     masked = copy.deepcopy(pruned)
-    x = torch.randn(batch, 3, 32, 32)
+    x = torch.randn(batch, 3, size, size)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     arms = {
         "sparseforge": lambda _: engine(x),
@@ -102,6 +157,8 @@ def run_case(name: str, cfg_name: str, batch: int, threads: int, runs: int, warm
         sess = ort.InferenceSession(export_onnx(dense, x1), so, providers=["CPUExecutionProvider"])
         xn = x.numpy()
         arms["onnxruntime-dense"] = lambda _: sess.run(None, {"input": xn})
+        sess8 = ort_int8_session(dense, x1, threads)
+        arms["onnxruntime-int8-dense"] = lambda _: sess8.run(None, {"input": xn})
     except ImportError:
         pass
     with torch.inference_mode():
@@ -125,8 +182,9 @@ def run_case(name: str, cfg_name: str, batch: int, threads: int, runs: int, warm
                 arms[k](None)
                 for _ in range(block):
                     times[k].append(timed(arms[k], None))
-    out = {"model": name, "sparsity": cfg_name, "batch": batch, "threads": threads, "runs": len(times["sparseforge"]),
-           "max_rel_error_vs_torch": err, "arms": {}}
+    out = {"model": name, "sparsity": cfg_name, "size": size, "batch": batch, "threads": threads,
+           "runs": len(times["sparseforge"]), "max_rel_error_vs_torch": err, "compile_s": round(compile_s, 1),
+           "engine_fallbacks": [op["describe"] for op in engine.spec["ops"] if not op["native"]], "arms": {}}
     for k, ts in times.items():
         out["arms"][k] = {"median_ms": 1e3 * statistics.median(ts), "p10_ms": 1e3 * float(np.percentile(ts, 10)),
                           "p90_ms": 1e3 * float(np.percentile(ts, 90))}
@@ -139,6 +197,13 @@ def run_case(name: str, cfg_name: str, batch: int, threads: int, runs: int, warm
             out["deepsparse_error"] = ds.get("error")
     best_dense = min(out["arms"][k]["median_ms"] for k in ("torch-dense", "torch-dense-cl", "onnxruntime-dense")
                      if k in out["arms"])
+    if "onnxruntime-dense" in out["arms"]:
+        ort_ms = out["arms"]["onnxruntime-dense"]["median_ms"]
+        out["speedup_vs_onnxruntime_fp32"] = ort_ms / out["arms"]["sparseforge"]["median_ms"]
+        out["dense_engine_vs_onnxruntime_fp32"] = out["arms"]["sparseforge-dense"]["median_ms"] / ort_ms
+    if "onnxruntime-int8-dense" in out["arms"]:
+        out["speedup_vs_onnxruntime_int8"] = (out["arms"]["onnxruntime-int8-dense"]["median_ms"]
+                                              / out["arms"]["sparseforge"]["median_ms"])
     out["speedup_vs_torch_dense"] = out["arms"]["torch-dense"]["median_ms"] / out["arms"]["sparseforge"]["median_ms"]
     out["speedup_vs_best_dense"] = best_dense / out["arms"]["sparseforge"]["median_ms"]
     if threads == 2 and batch == 1:
@@ -155,6 +220,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--size", type=int, default=32, help="input height and width (224 for the ImageNet zoo)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "engine_speed"))
     ap.add_argument("--deepsparse-python", default="", help="python of a venv with deepsparse==1.8 (optional)")
@@ -164,11 +230,12 @@ def main() -> None:
         name, cfg = spec.split(":")
         for t in map(int, a.threads.split(",")):
             for b in map(int, a.batches.split(",")):
-                r = run_case(name, cfg, b, t, a.runs, a.warmup, deepsparse_python=a.deepsparse_python)
+                r = run_case(name, cfg, b, t, a.runs, a.warmup, deepsparse_python=a.deepsparse_python, size=a.size)
                 results.append(r)
                 arms = "  ".join(f"{k} {v['median_ms']:.2f}" for k, v in r["arms"].items())
                 print(f"{name:12s} {cfg:14s} b{b} t{t}: {arms}  -> x{r['speedup_vs_torch_dense']:.2f} vs torch, "
-                      f"x{r['speedup_vs_best_dense']:.2f} vs best dense (err {r['max_rel_error_vs_torch']:.1e})", flush=True)
+                      f"x{r['speedup_vs_best_dense']:.2f} vs best dense, x{r.get('speedup_vs_onnxruntime_int8', 0):.2f} vs "
+                      f"ort int8 (err {r['max_rel_error_vs_torch']:.1e}, compile {r['compile_s']} s)", flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": "engine_speed", "results": results, "env": environment(),
