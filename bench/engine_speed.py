@@ -33,6 +33,7 @@ import torch.fx.experimental.optimization as fx_opt
 import sparseforge as sf
 from sparseforge.export import export_onnx
 from sparseforge.report.env import environment
+from sparseforge.report.latency import onnxruntime_int8_session
 from sparseforge.report.plots import plt  # Agg backend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,39 +67,6 @@ CONFIGS = {
     "pattern8x+fc": sf.PatternConfig(num_patterns=8, connectivity=3.6),
 }
 FC_8X = sf.MagnitudeConfig(sparsity=0.875, scope="layer", include=("classifier.0", "classifier.3"), prune_linear=True)
-
-
-def ort_int8_session(dense: torch.nn.Module, x1: torch.Tensor, threads: int):
-    """What a latency-minded user runs today: onnxruntime static quantization of the dense model (QDQ,
-    per-channel int8 weights, int8 activations)."""
-    import tempfile
-
-    import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            g = torch.Generator().manual_seed(1)
-            self.data = iter([{"input": torch.randn(x1.shape, generator=g).numpy()} for _ in range(8)])
-
-        def get_next(self):
-            return next(self.data, None)
-
-    d = tempfile.mkdtemp(prefix="ort-int8-")
-    fp32, pre, int8 = Path(d) / "fp32.onnx", Path(d) / "pre.onnx", Path(d) / "int8.onnx"
-    export_onnx(dense, x1, fp32)
-    try:       # onnxruntime's recommended pre-processing (shape inference + graph optimisation) before quantizing
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
-        quant_pre_process(str(fp32), str(pre))
-    except Exception:  # noqa: BLE001 - older onnxruntime: quantize the plain export
-        pre = fp32
-    quantize_static(str(pre), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(int8), so, providers=["CPUExecutionProvider"])
 
 
 def timed(fn, x) -> float:
@@ -157,7 +125,7 @@ def run_case(name: str, cfg_name: str, batch: int, threads: int, runs: int, warm
         sess = ort.InferenceSession(export_onnx(dense, x1), so, providers=["CPUExecutionProvider"])
         xn = x.numpy()
         arms["onnxruntime-dense"] = lambda _: sess.run(None, {"input": xn})
-        sess8 = ort_int8_session(dense, x1, threads)
+        sess8 = onnxruntime_int8_session(dense, x1, threads)
         arms["onnxruntime-int8-dense"] = lambda _: sess8.run(None, {"input": xn})
     except ImportError:
         pass

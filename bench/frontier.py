@@ -19,6 +19,13 @@ metrics, timing) to <arm>.record.json, both committed, so the frontier accumulat
 Train (two arms at a time, one thread each, in the background):
   python bench/frontier.py train --arms pattern-8x --threads 1 &
   python bench/frontier.py train --arms magnitude-8x --threads 1 &
+
+Measure (quiet machine): every finished arm's accuracy on the full test set through PyTorch, the engine and
+onnxruntime int8 (calibrated on 512 training images), and its batch-1 latency on every runtime it runs on
+(PyTorch with BN folded, onnxruntime fp32 and int8, sparseforge.compile), all arms x runtimes alternating in one
+process; writes frontier.json, frontier.png (accuracy vs latency) and the table of the fastest model within
+0.5 / 1 / 2 pt of the dense control per runtime:
+  python bench/frontier.py measure [--threads 2] [--runs 30]
 """
 
 from __future__ import annotations
@@ -120,6 +127,129 @@ def cmd_train(a: argparse.Namespace) -> None:
         print(f"== {arm}: {rec['final_acc']:.2f}%", file=sys.stderr, flush=True)
 
 
+RUNTIMES = ("pytorch", "onnxruntime-fp32", "onnxruntime-int8", "sparseforge")
+
+
+def load_arm(path: Path):
+    """The model an arm saved (architecture from its metadata: a structurally pruned arm rebuilds its widths)."""
+    from sparseforge.models import model_from_spec, read_state_dict
+
+    meta = read_state_dict(path)[1]
+    model = model_from_spec(json.loads(meta["model"]))
+    load_weights(model, path)
+    return model.eval()
+
+
+def cmd_measure(a: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+
+    import sparseforge as sf
+    from sparseforge.data import BatchLoader, load_dataset, resolve_normalization
+    from sparseforge.report.latency import measure, onnxruntime_int8_session, onnxruntime_session, torch_fused
+    from sparseforge.report.plots import plt
+    from sparseforge.train import evaluate
+
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    train_ds, test = load_dataset("cifar10", a.data_dir)
+    norm = resolve_normalization("cifar10", "auto")
+    test_batches = list(BatchLoader(test, 500, normalize=norm).iterate(0))
+    calib = [x for x, _ in BatchLoader(train_ds.subset(512), 1, normalize=norm).iterate(0)]
+    arms: dict[str, torch.nn.Module] = {}
+    records: dict[str, dict] = {}
+    start = create_model("resnet20")
+    load_weights(start, a.weights)
+    arms["pretrained-start"] = start.eval()
+    records["pretrained-start"] = {"note": "the shared pretrained model, 0 epochs of the budget (not a control)"}
+    for rec_path in sorted(out.glob("*.record.json")):
+        rec = json.loads(rec_path.read_text())
+        model_path = out / f"{rec['arm']}.safetensors"
+        if rec.get("finished") and model_path.exists():
+            arms[rec["arm"]] = load_arm(model_path)
+            records[rec["arm"]] = rec
+    x1 = test_batches[0][0][:1].contiguous()
+    rows: dict[str, dict] = {}
+    fns = {}
+    for name, model in arms.items():
+        r = rows[name] = {"runtimes": {}}
+        with torch.inference_mode():
+            r["acc_pytorch"] = evaluate(model, BatchLoader(test, 500, normalize=norm))["acc"]
+        engine = sf.compile(model, x1, threads=a.threads)
+        sess = onnxruntime_session(model, x1, a.threads)
+        sess8 = onnxruntime_int8_session(model, x1, a.threads, calibration=calib)
+        fused = torch_fused(model)
+        correct_e = correct_8 = total = 0
+        with torch.inference_mode():
+            for x, y in test_batches:
+                correct_e += int((engine(x).argmax(1) == y).sum())
+                if sess8 is not None:
+                    correct_8 += int((torch.from_numpy(sess8.run(None, {"input": x.numpy()})[0]).argmax(1) == y).sum())
+                total += len(y)
+        r["acc_sparseforge"] = 100.0 * correct_e / total
+        r["engine_fallbacks"] = [op["describe"] for op in engine.spec["ops"] if not op["native"]]
+        xn = x1.numpy()
+        fns[(name, "pytorch")] = lambda m=fused: m(x1)
+        fns[(name, "sparseforge")] = lambda e=engine: e(x1)
+        if sess is not None:
+            fns[(name, "onnxruntime-fp32")] = lambda s_=sess: s_.run(None, {"input": xn})
+        if sess8 is not None:
+            r["acc_onnxruntime-int8"] = 100.0 * correct_8 / total
+            fns[(name, "onnxruntime-int8")] = lambda s_=sess8: s_.run(None, {"input": xn})
+        print(f"{name}: acc pytorch {r['acc_pytorch']:.2f} engine {r['acc_sparseforge']:.2f} "
+              f"ort-int8 {r.get('acc_onnxruntime-int8', float('nan')):.2f}", flush=True)
+    keys = list(fns)
+    lat = measure({f"{n}|{rt}": fns[(n, rt)] for n, rt in keys}, runs=a.runs)
+    for n, rt in keys:
+        acc = rows[n]["acc_onnxruntime-int8"] if rt == "onnxruntime-int8" else \
+            rows[n]["acc_sparseforge"] if rt == "sparseforge" else rows[n]["acc_pytorch"]
+        rows[n]["runtimes"][rt] = {**lat[f"{n}|{rt}"], "acc": acc}
+    ref_name = "control" if "control" in rows else "pretrained-start"
+    ref_acc = rows[ref_name]["acc_pytorch"]
+    dense_ms = {rt: rows[ref_name]["runtimes"][rt]["median_ms"] for rt in rows[ref_name]["runtimes"]}
+    table = {}
+    for tol in (0.5, 1.0, 2.0):
+        per_rt = {}
+        for rt in RUNTIMES:
+            ok = [(rows[n]["runtimes"][rt]["median_ms"], n) for n in rows
+                  if rt in rows[n]["runtimes"] and rows[n]["runtimes"][rt]["acc"] >= ref_acc - tol]
+            if ok:
+                ms, n = min(ok)
+                per_rt[rt] = {"arm": n, "median_ms": ms, "acc": rows[n]["runtimes"][rt]["acc"]}
+        best = min(per_rt.items(), key=lambda kv: kv[1]["median_ms"]) if per_rt else None
+        table[f"within_{tol}_pt"] = {"per_runtime": per_rt, "fastest": best[0] if best else None,
+                                     "vs_dense_runtimes": {rt: ms / best[1]["median_ms"] for rt, ms in dense_ms.items()}
+                                     if best else {}}
+    doc = {"benchmark": "frontier", "model": "resnet20", "reference": ref_name, "reference_acc": ref_acc,
+           "reference_note": "" if ref_name == "control" else
+           "the same-budget dense control is not trained yet: the pretrained start stands in for it",
+           "batch": 1, "threads": a.threads, "runs": a.runs, "arms": rows,
+           "records": {n: {k: v for k, v in r.items() if k in ("budget", "final_acc", "sparsity", "note")}
+                       for n, r in records.items()},
+           "table": table, "env": environment()}
+    atomic_write_json(out / "frontier.json", doc)
+    markers = {"pytorch": "o", "onnxruntime-fp32": "s", "onnxruntime-int8": "D", "sparseforge": "*"}
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = plt.cm.tab10(np.linspace(0, 1, 10))
+    for i, (n, r) in enumerate(rows.items()):
+        for rt, v in r["runtimes"].items():
+            ax.scatter(v["median_ms"], v["acc"], marker=markers[rt], color=colors[i % 10], s=70 if rt == "sparseforge" else 40,
+                       label=n if rt == "pytorch" else None)
+    for rt, mk in markers.items():
+        ax.scatter([], [], marker=mk, color="gray", label=rt)
+    ax.axhline(ref_acc - 1.0, color="#999", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"latency, batch 1, {a.threads} threads (ms, median; log scale)")
+    ax.set_ylabel("CIFAR-10 test top-1 (%)")
+    ax.set_title(f"ResNet-20 frontier: same budget per arm; dashed: {ref_name} - 1 pt", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "frontier.png", dpi=110)
+    plt.close(fig)
+    for k, v in table.items():
+        print(k, json.dumps(v))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -134,9 +264,15 @@ def main() -> None:
     t.add_argument("--out", default=str(OUT))
     t.add_argument("--max-steps", type=int, default=0, help="cap steps per epoch (smoke tests only)")
     t.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N test images (smoke only)")
+    m = sub.add_parser("measure", help="accuracy and latency of every finished arm, side by side")
+    m.add_argument("--threads", type=int, default=2)
+    m.add_argument("--runs", type=int, default=30)
+    m.add_argument("--data-dir", default=str(SHARED / "data" / "cifar-10-batches-py"))
+    m.add_argument("--weights", default=str(SHARED / "models" / "resnet20-cifar10jpeg.safetensors"))
+    m.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    {"train": cmd_train}[a.cmd](a)
+    {"train": cmd_train, "measure": cmd_measure}[a.cmd](a)
 
 
 if __name__ == "__main__":

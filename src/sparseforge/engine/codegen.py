@@ -9,7 +9,7 @@ in the source come only from integer indices, never from user strings.
 
 from __future__ import annotations
 
-from .ir import ConvOp, FlattenOp, GapOp, LinearOp, PoolOp
+from .ir import ConcatOp, ConvOp, EltwiseOp, FlattenOp, GapOp, LinearOp, PoolOp
 from . import plan as _plan
 from .plan import PACKED1_CHAINS, BlockPlan, ConvPlan, Plan
 
@@ -40,6 +40,13 @@ static inline float relus(float v) { return v < 0.0f ? 0.0f : v; }
 static inline float relu6s(float v) { v = v < 0.0f ? 0.0f : v; return v > 6.0f ? 6.0f : v; }
 /* lane masks are all-ones/all-zero bit patterns: a masked lane becomes exactly 0 even where it holds NaN/Inf */
 static inline vf andm(vf a, vf m) { return (vf)((vi)a & (vi)m); }
+/* scalar activations of the element-wise op, written as PyTorch defines them (NaN propagates through each) */
+#include <math.h>
+static inline float silus(float v) { return v / (1.0f + expf(-v)); }
+static inline float sigmoids(float v) { return 1.0f / (1.0f + expf(-v)); }
+static inline float hardsigmoids(float v) { float t = v / 6.0f + 0.5f; return t < 0.0f ? 0.0f : (t > 1.0f ? 1.0f : t); }
+static inline float hardswishs(float v) { float t = v + 3.0f; t = t < 0.0f ? 0.0f : (t > 6.0f ? 6.0f : t); return v * t / 6.0f; }
+static inline float gelus(float v) { return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); }
 /* weights and indices are passed to every call (never stored in globals): one cached library can serve
    several engines whose sparsity structure, and so whose source, happens to be identical */
 #define OPARGS float* const* B, int N, int tid, int nth, const float* g_w, const int* g_i
@@ -657,6 +664,66 @@ def flatten_source(k: int, op: FlattenOp, plan: Plan) -> str:
 }}"""
 
 
+def _addr(lay, n: str, c: str, y: str, x: str) -> str:
+    """Address of element (n, c, y, x) of a value in its native layout (maps: padded planes)."""
+    if lay.is_map:
+        return f"(long){n} * {lay.image} + (long){c} * {lay.plane} + (long)({y} + 1) * {lay.rs} + ({x} + 1)"
+    if len(lay.shape) == 3:
+        _, h, w = lay.shape
+        return f"(long){n} * {lay.image} + (long){c} * {h * w} + (long){y} * {w} + {x}"
+    return f"(long){n} * {lay.image} + {c}"
+
+
+_ELT_FN = {"relu": "relus(a)", "relu6": "relu6s(a)", "silu": "silus(a)", "sigmoid": "sigmoids(a)",
+           "hardsigmoid": "hardsigmoids(a)", "hardswish": "hardswishs(a)", "gelu": "gelus(a)", "tanh": "tanhf(a)"}
+
+
+def eltwise_source(k: int, op: EltwiseOp, plan: Plan) -> str:
+    lo = plan.layouts[op.output]
+    l0 = plan.layouts[op.inputs[0]]
+    shape = plan.graph.values[op.output].shape
+    c, h, w = (shape[0], 1, 1) if len(shape) == 1 else shape
+    lines = [f"static void op{k}(OPARGS) {{", f"  const float* in = B[{op.inputs[0]}]; float* out = B[{op.output}];"]
+    if op.fn == "affine":
+        o = plan.other[k]
+        lines.append(f"  const float* sc = g_w + {o['scale_off']}; const float* sh = g_w + {o['shift_off']};")
+        expr = "a * sc[ch] + sh[ch]"
+    elif op.fn in ("mul", "add"):
+        l1 = plan.layouts[op.inputs[1]]
+        s1 = plan.graph.values[op.inputs[1]].shape
+        bcast = len(s1) == 3 and tuple(s1[1:]) == (1, 1) and (h, w) != (1, 1)
+        lines.append(f"  const float* in1 = B[{op.inputs[1]}];")
+        other = "in1[" + (_addr(l1, "n", "ch", "0", "0") if bcast else _addr(l1, "n", "ch", "y", "x")) + "]"
+        expr = f"a {'*' if op.fn == 'mul' else '+'} {other}"
+    else:
+        expr = _ELT_FN[op.fn]
+    lines += [f"  for (int q = tid; q < N * {c}; q += nth) {{",
+              f"    const int n = q / {c}, ch = q % {c}; (void)ch;",
+              f"    for (int y = 0; y < {h}; y++) for (int x = 0; x < {w}; x++) {{",
+              f"      const float a = in[{_addr(l0, 'n', 'ch', 'y', 'x')}];",
+              f"      out[{_addr(lo, 'n', 'ch', 'y', 'x')}] = {expr};",
+              "    }", "  }", "}"]
+    return "\n".join(lines)
+
+
+def concat_source(k: int, op: ConcatOp, plan: Plan) -> str:
+    lo = plan.layouts[op.output]
+    lines = [f"static void op{k}(OPARGS) {{", f"  float* out = B[{op.output}];"]
+    c0 = 0
+    for j, v in enumerate(op.inputs):
+        li = plan.layouts[v]
+        c, h, w = plan.graph.values[v].shape
+        lines += [f"  {{ const float* in = B[{v}];",
+                  f"    for (int q = tid; q < N * {c}; q += nth) {{",
+                  f"      const int n = q / {c}, ch = q % {c};",
+                  f"      for (int y = 0; y < {h}; y++) for (int x = 0; x < {w}; x++)",
+                  f"        out[{_addr(lo, 'n', f'(ch + {c0})', 'y', 'x')}] = in[{_addr(li, 'n', 'ch', 'y', 'x')}];",
+                  "    }", "  }"]
+        c0 += c
+    lines.append("}")
+    return "\n".join(lines)
+
+
 def gap_source(k: int, op: GapOp, plan: Plan) -> str:
     li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
     c, h, w = li.shape
@@ -690,7 +757,7 @@ def linear_source(k: int, op: LinearOp, plan: Plan) -> str:
 
 
 TEMPLATES = {ConvOp: None, PoolOp: pool_source, GapOp: gap_source, LinearOp: linear_source,
-             FlattenOp: flatten_source}
+             FlattenOp: flatten_source, EltwiseOp: eltwise_source, ConcatOp: concat_source}
 
 
 def _segment(si: int, idxs: list[int], plan: Plan, traced: bool) -> str:

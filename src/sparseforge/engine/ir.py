@@ -171,3 +171,28 @@ def graph_fingerprint(graph: Graph) -> str:
                 v = f"{type(v).__name__}:{getattr(v, '__name__', '')}"
             put((f.name, v))
     return h.hexdigest()
+
+
+@dataclasses.dataclass
+class EltwiseOp(Op):
+    """Element-wise over one or two values of the same channel count, interior only (a map's zero border stays
+    zero): ``fn`` an activation of input 0; "affine" (a BatchNorm not after a conv: x * scale[c] + shift[c]);
+    "mul" / "add" of two values, the second broadcast over H and W when it is (C, 1, 1) (squeeze-excite)."""
+
+    fn: str = "silu"
+    scale: torch.Tensor = None
+    shift: torch.Tensor = None
+    kind = "eltwise"
+
+    def describe(self) -> str:
+        return self.fn
+
+
+@dataclasses.dataclass
+class ConcatOp(Op):
+    """Channel concatenation: each input copied into its channel range of the output."""
+
+    kind = "concat"
+
+    def describe(self) -> str:
+        return f"concat of {len(self.inputs)}"

@@ -17,7 +17,7 @@ from collections import Counter
 
 import numpy as np
 
-from .ir import ConvOp, GapOp, Graph, LinearOp
+from .ir import ConvOp, EltwiseOp, GapOp, Graph, LinearOp
 
 VEC = 8                  # default floats per vector (AVX2); 16 on AVX-512 machines (see compile(vector_width=))
 MAX_ACC = 12             # accumulators per block (registers)
@@ -537,6 +537,8 @@ def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto
                 by_rows.add(op.output)
         elif isinstance(op, LinearOp):
             other[k] = {"w_off": blob.add_f(op.weight.numpy()), "b_off": blob.add_f(op.bias.numpy())}
+        elif isinstance(op, EltwiseOp) and op.fn == "affine":
+            other[k] = {"scale_off": blob.add_f(op.scale.numpy()), "shift_off": blob.add_f(op.shift.numpy())}
     segments: list[tuple[str, list[int]]] = []
     for k, op in enumerate(graph.ops):
         kind = "native" if op.native else "torch"

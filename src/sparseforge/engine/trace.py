@@ -20,7 +20,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import SparseforgeError
 from ..models.cifar_resnet import PadShortcut
-from .ir import ConvOp, FlattenOp, GapOp, Graph, LinearOp, Op, PoolOp, TorchOp, Value
+from .ir import ConcatOp, ConvOp, EltwiseOp, FlattenOp, GapOp, Graph, LinearOp, Op, PoolOp, TorchOp, Value
 
 _LEAVES = (PadShortcut,)
 
@@ -105,6 +105,32 @@ def _act_of(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
     return None
 
 
+_ELT_MODULES = {nn.SiLU: "silu", nn.Hardswish: "hardswish", nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid",
+                nn.Tanh: "tanh", nn.ReLU: "relu", nn.ReLU6: "relu6"}
+_ELT_FUNCTIONS = {F.silu: "silu", F.hardswish: "hardswish", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
+                  F.hardsigmoid: "hardsigmoid", torch.tanh: "tanh", F.tanh: "tanh", F.relu: "relu", torch.relu: "relu",
+                  F.relu6: "relu6"}
+_ELT_METHODS = {"sigmoid": "sigmoid", "tanh": "tanh", "relu": "relu"}
+
+
+def _eltwise_of(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """A standalone element-wise activation the generated code has (exact GELU included)."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        if isinstance(m, nn.GELU):
+            return "gelu" if m.approximate == "none" else "gelu_tanh"
+        return _ELT_MODULES.get(type(m))
+    if node.op == "call_function":
+        if node.target is F.gelu:
+            return "gelu" if node.kwargs.get("approximate", "none") == "none" else "gelu_tanh"
+        if node.kwargs.get("inplace"):
+            pass
+        return _ELT_FUNCTIONS.get(node.target)
+    if node.op == "call_method":
+        return _ELT_METHODS.get(node.target)
+    return None
+
+
 def _is_identity(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         m = modules[node.target]
@@ -134,6 +160,19 @@ def _is_gap(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         return tuple(dims) in ((2, 3), (-2, -1)) and bool(node.kwargs.get("keepdim", False))
     return False
+
+
+def _same_or_broadcast(values: dict[int, Value], a: int, b: int) -> bool:
+    """Equal per-image shapes, or a (C,H,W) map with a (C,1,1) per-channel value."""
+    sa, sb = tuple(values[a].shape), tuple(values[b].shape)
+    if sa == sb and len(sa) in (1, 3):
+        return True
+    return len(sa) == len(sb) == 3 and sa[0] == sb[0] and (sa[1:] == (1, 1) or sb[1:] == (1, 1))
+
+
+def _cat_dim(node: fx.Node) -> int | None:
+    d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return 1 if d in (1, -3) else None
 
 
 def _is_identity_pool(node: fx.Node, modules: dict[str, nn.Module], shape: tuple[int, ...]) -> bool:
@@ -261,7 +300,17 @@ def build_ir(gm: fx.GraphModule) -> Graph:
                 prod.target.folded.append("bn")
                 env[node] = src
                 continue
-            fallback(node, "BatchNorm not after a conv")
+            if not bn.training and bn.running_mean is not None and len(values[src].shape) == 3:
+                scale = torch.ones(bn.num_features) if not bn.affine else bn.weight.detach().float().clone()
+                scale = scale / torch.sqrt(bn.running_var.float() + bn.eps)
+                shift = (bn.bias.detach().float() if bn.affine else torch.zeros(bn.num_features)) \
+                    - bn.running_mean.float() * scale
+                out = new_value(node)
+                op = EltwiseOp(node.target, [src], out, fn="affine", scale=scale, shift=shift)
+                ops.append(op)
+                producer[out] = op
+                continue
+            fallback(node, "BatchNorm in training mode or without running statistics")
             continue
         act = _act_of(node, modules)
         if act is not None:
@@ -278,7 +327,20 @@ def build_ir(gm: fx.GraphModule) -> Graph:
                 prod.target.act = act
                 env[node] = src
                 continue
+            if len(args) == 1 and len(values[src].shape) in (1, 3):
+                out = new_value(node)
+                op = EltwiseOp(node.name, [src], out, fn=act)
+                ops.append(op)
+                producer[out] = op
+                continue
             fallback(node, "activation not after a conv")
+            continue
+        fn = _eltwise_of(node, modules)
+        if fn is not None and len(args) == 1 and len(values[src].shape) in (1, 3) and fn != "gelu_tanh":
+            out = new_value(node)
+            op = EltwiseOp(node.name, [src], out, fn=fn)
+            ops.append(op)
+            producer[out] = op
             continue
         if node.op in ("call_function", "call_method") and node.target in (_ADD | {"add", "add_"}) \
                 and len(args) == 2 and len(node.args) == 2 and not node.kwargs:
@@ -321,7 +383,37 @@ def build_ir(gm: fx.GraphModule) -> Graph:
                     break
             if fused:
                 continue
-            fallback(node, "add not fusable into a conv epilogue")
+            if _same_or_broadcast(values, env[a], env[b_]):
+                va, vb = env[a], env[b_]
+                if values[va].shape != values[vb].shape and values[va].shape[1:] == (1, 1):
+                    va, vb = vb, va         # the full map first, the (C,1,1) value second
+                out = new_value(node, values[va].shape)
+                op = EltwiseOp(node.name, [va, vb], out, fn="add")
+                ops.append(op)
+                producer[out] = op
+                continue
+            fallback(node, "add of values with different shapes")
+            continue
+        if node.op in ("call_function", "call_method") and node.target in (operator.mul, torch.mul, "mul", "mul_",
+                                                                            operator.imul) \
+                and len(args) == 2 and len(node.args) == 2 and not node.kwargs \
+                and _same_or_broadcast(values, env[args[0]], env[args[1]]):
+            a, b_ = env[args[0]], env[args[1]]
+            if values[a].shape != values[b_].shape and values[a].shape[1:] == (1, 1):
+                a, b_ = b_, a       # the full map first, the (C,1,1) scale second
+            out = new_value(node, values[a].shape)
+            op = EltwiseOp(node.name, [a, b_], out, fn="mul")
+            ops.append(op)
+            producer[out] = op
+            continue
+        if node.op == "call_function" and node.target is torch.cat and _cat_dim(node) == 1 \
+                and all(isinstance(t, fx.Node) for t in node.args[0]) \
+                and all(len(values[env[t]].shape) == 3 for t in node.args[0]) \
+                and len({values[env[t]].shape[1:] for t in node.args[0]}) == 1:
+            out = new_value(node)
+            op = ConcatOp(node.name, [env[t] for t in node.args[0]], out)
+            ops.append(op)
+            producer[out] = op
             continue
         if node.op == "call_module" and isinstance(modules[node.target], (nn.MaxPool2d, nn.AvgPool2d)):
             m = modules[node.target]
