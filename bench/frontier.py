@@ -11,6 +11,10 @@ them over stages and use any of the toolkit's methods (KD from the dense start i
   pattern-8x       as above, + connectivity 3.6x, kernels compete across layers (global scope)
   pattern-8x-cb2   pattern-8x with channel_block=2 (pairs of filters share patterns and kept kernels)
   structured-2x    dependency-group channel pruning to 0.5 of the MACs -> KD, E epochs
+  pattern-8x-gradual    one stage of E epochs with KD from the start: patterns at step 0, then the kernels kept
+                        fall on the cubic schedule to 1/3.6 (global scope) over the first half, then train on
+  magnitude-8x-gradual  the same stage with global unstructured magnitude at pattern-8x's weight count: the two
+                        structures compared with one pipeline
 
 Each arm is a resumable recipe run in bench/results/frontier/runs/<arm>/ (ignored: checkpoints); when it ends its
 model goes to bench/results/frontier/<arm>.safetensors and its record (recipe, per-stage results, per-epoch
@@ -76,6 +80,10 @@ def arm_stages(E: int, admm_epochs: int, weights: str) -> dict[str, list[dict]]:
         "pattern-8x": pattern(p8),
         "pattern-8x-cb2": pattern({**p8, "channel_block": 2}),
         "structured-2x": [{"method": "structured", "mac_ratio": 0.5, "round_to": 8}, {**kd, "epochs": E}],
+        "pattern-8x-gradual": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100, "teacher": "start",
+                                "target": p8}],
+        "magnitude-8x-gradual": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100, "teacher": "start",
+                                  "magnitude": matched_magnitude_sparsity(weights, PatternConfig(**p8))}],
     }
 
 

@@ -72,7 +72,10 @@ def _structured_stages() -> dict[str, type]:
 
     from .lowbit import Pow2Config, ProgressivePrecisionConfig
 
+    from .sparsity.gradual import GradualConfig
+
     return {"ssl": GroupLassoConfig, "earlybird": EarlyBirdConfig, "imp": IMPConfig, "kd": KDConfig,
+            "gradual": GradualConfig,
             "rdrop": RDropConfig, "mix": MixConfig, "pow2": Pow2Config, "precision": ProgressivePrecisionConfig}
 
 
@@ -303,6 +306,19 @@ class RecipeRunner:
             info["train"] = self._train(model, cfg, sdir, callbacks=[cb])
             info["admm"] = cb.residuals
             prune(model, stage.config.target)
+        elif stage.method == "gradual":
+            from .distill import KDCallback, KDConfig
+            from .sparsity.gradual import GradualCallback
+
+            c = stage.config
+            cfg = self.recipe.train_config({**stage.train, "epochs": c.epochs})
+            cb = GradualCallback(c)
+            cbs = [cb]
+            if c.teacher:
+                cbs.append(KDCallback(self._teacher(c.teacher), KDConfig(epochs=c.epochs, teacher=c.teacher, T=c.T,
+                                                                         alpha=c.alpha)))
+            info["train"] = self._train(model, cfg, sdir, callbacks=cbs)
+            info["gradual"] = cb.history
         elif stage.method == "ssl":
             from .structured import GroupLassoCallback, ssl_remove
 

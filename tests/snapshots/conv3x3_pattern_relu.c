@@ -18,6 +18,13 @@ static inline float relus(float v) { return v < 0.0f ? 0.0f : v; }
 static inline float relu6s(float v) { v = v < 0.0f ? 0.0f : v; return v > 6.0f ? 6.0f : v; }
 /* lane masks are all-ones/all-zero bit patterns: a masked lane becomes exactly 0 even where it holds NaN/Inf */
 static inline vf andm(vf a, vf m) { return (vf)((vi)a & (vi)m); }
+/* scalar activations of the element-wise op, written as PyTorch defines them (NaN propagates through each) */
+#include <math.h>
+static inline float silus(float v) { return v / (1.0f + expf(-v)); }
+static inline float sigmoids(float v) { return 1.0f / (1.0f + expf(-v)); }
+static inline float hardsigmoids(float v) { float t = v / 6.0f + 0.5f; return t < 0.0f ? 0.0f : (t > 1.0f ? 1.0f : t); }
+static inline float hardswishs(float v) { float t = v + 3.0f; t = t < 0.0f ? 0.0f : (t > 6.0f ? 6.0f : t); return v * t / 6.0f; }
+static inline float gelus(float v) { return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); }
 /* weights and indices are passed to every call (never stored in globals): one cached library can serve
    several engines whose sparsity structure, and so whose source, happens to be identical */
 #define OPARGS float* const* B, int N, int tid, int nth, const float* g_w, const int* g_i
