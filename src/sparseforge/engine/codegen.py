@@ -740,20 +740,58 @@ def gap_source(k: int, op: GapOp, plan: Plan) -> str:
 
 
 def linear_source(k: int, op: LinearOp, plan: Plan) -> str:
+    """Rows split in contiguous chunks over threads; every row's weights are read once and used for all images
+    of the batch (the layer is memory-bound: re-reading a 100 KB row per image would multiply the traffic).
+    A pruned layer (see plan.SPARSE_LINEAR_DENSITY) streams CSR: kept weights and their column indices only."""
     li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
     o, i = op.weight.shape
     offs = plan.other[k]
-    return f"""static void op{k}(OPARGS) {{
-  const float* in = B[{op.inputs[0]}]; float* out = B[{op.output}];
-  const float* W = g_w + {offs['w_off']}; const float* bb = g_w + {offs['b_off']};
-  for (int q = tid; q < N * {o}; q += nth) {{
-    const int n = q / {o}, r = q % {o};
-    const float* x = in + (long)n * {li.image}; const float* wr = W + (long)r * {i};
-    float s = bb[r];
-    for (int j = 0; j < {i}; j++) s += wr[j] * x[j];
-    out[(long)n * {lo.image} + r] = {_act_s(op.act, 's')};
-  }}
-}}"""
+    if offs.get("csr"):
+        pre = [f"  const int* rp = g_i + {offs['rowptr_off']}; const int* ci = g_i + {offs['col_off']}; "
+               f"const float* vv = g_w + {offs['val_off']};"]
+        loop4 = ["      for (int j = rp[r]; j < rp[r + 1]; j++) { const float w = vv[j]; const int c = ci[j];",
+                 "        s0 += w * x0[c]; s1 += w * x1[c]; s2 += w * x2[c]; s3 += w * x3[c]; }"]
+        loop1 = ["      for (int j = rp[r]; j < rp[r + 1]; j++) s += vv[j] * x[ci[j]];"]
+    else:
+        # vector partial sums (one register per image), summed across lanes at the end of the row
+        V = plan.vec
+        iv = i - i % V
+        hsum = " + ".join(f"{{a}}[{t}]" for t in range(V))
+        pre = [f"  const float* W = g_w + {offs['w_off']};"]
+        loop4 = [f"      const float* wr = W + (long)r * {i};",
+                 "      vf a0 = BC(0.0f), a1 = BC(0.0f), a2 = BC(0.0f), a3 = BC(0.0f);",
+                 f"      for (int j = 0; j < {iv}; j += {V}) {{ const vf w = ld(wr + j);",
+                 "        a0 += w * ld(x0 + j); a1 += w * ld(x1 + j); a2 += w * ld(x2 + j); a3 += w * ld(x3 + j); }",
+                 f"      s0 += {hsum.format(a='a0')}; s1 += {hsum.format(a='a1')}; "
+                 f"s2 += {hsum.format(a='a2')}; s3 += {hsum.format(a='a3')};",
+                 f"      for (int j = {iv}; j < {i}; j++) {{ const float w = wr[j];",
+                 "        s0 += w * x0[j]; s1 += w * x1[j]; s2 += w * x2[j]; s3 += w * x3[j]; }"]
+        loop1 = [f"      const float* wr = W + (long)r * {i};",
+                 "      vf a = BC(0.0f);",
+                 f"      for (int j = 0; j < {iv}; j += {V}) a += ld(wr + j) * ld(x + j);",
+                 f"      s += {hsum.format(a='a')};",
+                 f"      for (int j = {iv}; j < {i}; j++) s += wr[j] * x[j];"]
+    body = [f"static void op{k}(OPARGS) {{",
+            f"  const float* in = B[{op.inputs[0]}]; float* out = B[{op.output}];",
+            f"  const float* bb = g_w + {offs['b_off']};"] + pre + [
+            f"  const int r0 = (int)((long){o} * tid / nth), r1 = (int)((long){o} * (tid + 1) / nth);",
+            "  for (int r = r0; r < r1; r++) {",
+            "    int n = 0;",
+            "    for (; n + 4 <= N; n += 4) {",
+            f"      const float* x0 = in + (long)n * {li.image}; const float* x1 = x0 + {li.image};",
+            f"      const float* x2 = x1 + {li.image}; const float* x3 = x2 + {li.image};",
+            "      float s0 = bb[r], s1 = bb[r], s2 = bb[r], s3 = bb[r];"] + loop4 + [
+            f"      out[(long)n * {lo.image} + r] = {_act_s(op.act, 's0')};",
+            f"      out[(long)(n + 1) * {lo.image} + r] = {_act_s(op.act, 's1')};",
+            f"      out[(long)(n + 2) * {lo.image} + r] = {_act_s(op.act, 's2')};",
+            f"      out[(long)(n + 3) * {lo.image} + r] = {_act_s(op.act, 's3')};",
+            "    }",
+            "    for (; n < N; n++) {",
+            f"      const float* x = in + (long)n * {li.image};",
+            "      float s = bb[r];"] + loop1 + [
+            f"      out[(long)n * {lo.image} + r] = {_act_s(op.act, 's')};",
+            "    }", "  }", "}"]
+    return "\n".join(body)
 
 
 TEMPLATES = {ConvOp: None, PoolOp: pool_source, GapOp: gap_source, LinearOp: linear_source,

@@ -101,7 +101,9 @@ class LinearOp(Op):
     kind = "linear"
 
     def describe(self) -> str:
-        return f"linear {self.weight.shape[1]}->{self.weight.shape[0]}" + (f" +{self.act}" if self.act != "none" else "")
+        dens = float((self.weight != 0).float().mean()) if self.weight is not None else 1.0
+        return (f"linear {self.weight.shape[1]}->{self.weight.shape[0]}" + (f" density {dens:.3f}" if dens < 1 else "")
+                + (f" +{self.act}" if self.act != "none" else ""))
 
 
 @dataclasses.dataclass

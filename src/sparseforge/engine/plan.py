@@ -31,6 +31,7 @@ SPATIAL_RATIO = 1.0      # batch 1: split rows, not filters, when input bytes >=
 RUNS_IN_WALK_ORDER = True
 SPATIAL_DEPTHWISE = False  # measured slower on MobileNetV2 (b1, 2 threads): see plan_conv
 PACKED1_MAX = 64         # 1x1 convs with output maps of at most this many pixels run in packed mode
+SPARSE_LINEAR_DENSITY = 0.4   # linear layers at most this dense run as CSR sparse GEMV
 PACKED1_CHAINS = 4       # independent partial sums per output vector in packed mode (hides FMA latency)
 
 
@@ -536,7 +537,17 @@ def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto
             if c.spatial:
                 by_rows.add(op.output)
         elif isinstance(op, LinearOp):
-            other[k] = {"w_off": blob.add_f(op.weight.numpy()), "b_off": blob.add_f(op.bias.numpy())}
+            w = op.weight.numpy()
+            nz = w != 0
+            if nz.mean() <= SPARSE_LINEAR_DENSITY:
+                # pruned linears are memory-bound: CSR streams only the kept weights (+ a 4-byte index each)
+                rows, cols = np.nonzero(nz)
+                other[k] = {"csr": True, "rowptr_off": blob.add_i(np.concatenate([[0], np.cumsum(nz.sum(1))])),
+                            "col_off": blob.add_i(cols if len(cols) else [0]),
+                            "val_off": blob.add_f(w[rows, cols] if len(cols) else [0.0]),
+                            "b_off": blob.add_f(op.bias.numpy()), "nnz": int(len(cols))}
+            else:
+                other[k] = {"w_off": blob.add_f(w), "b_off": blob.add_f(op.bias.numpy())}
         elif isinstance(op, EltwiseOp) and op.fn == "affine":
             other[k] = {"scale_off": blob.add_f(op.scale.numpy()), "shift_off": blob.add_f(op.shift.numpy())}
     segments: list[tuple[str, list[int]]] = []
