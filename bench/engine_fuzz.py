@@ -98,7 +98,7 @@ def fuzz_networks(a: argparse.Namespace) -> None:
     from sparseforge.engine.testing import compare_outputs, random_network, with_nonfinite
 
     out_path = Path(a.out or ROOT / "bench" / "results" / "engine_fuzz_networks.json")
-    stats = {"networks": 0, "nonfinite_inputs": 0, "sparse": 0, "native_ops": 0, "fallback_ops": 0,
+    stats = {"networks": 0, "max_rel_err": 0.0, "max_rel_err_seed": None, "nonfinite_inputs": 0, "sparse": 0, "native_ops": 0, "fallback_ops": 0,
              "fallback_kinds": {}, "failures": []}
     t0 = time.perf_counter()
     for seed in range(a.first_seed, a.first_seed + a.networks):
@@ -111,7 +111,13 @@ def fuzz_networks(a: argparse.Namespace) -> None:
         with torch.inference_mode():
             ref = m(x)
         e = compile(m, x[:1], threads=1 + seed % 3)
-        ok, why = compare_outputs(e(x), ref, sparse=sparse)
+        out = e(x)
+        ok, why = compare_outputs(out, ref, sparse=sparse)
+        fin = ref.isfinite() & out.isfinite()
+        if bool(fin.any()):
+            rel = float((out[fin] - ref[fin]).abs().max() / ref[fin].abs().max().clamp_min(1e-12))
+            if rel > stats["max_rel_err"]:
+                stats["max_rel_err"], stats["max_rel_err_seed"] = rel, seed
         stats["networks"] += 1
         stats["sparse"] += sparse
         for op in e.spec["ops"]:

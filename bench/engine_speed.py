@@ -31,6 +31,7 @@ import torch
 import torch.fx.experimental.optimization as fx_opt
 
 import sparseforge as sf
+from sparseforge.engine.testing import random_bn_statistics
 from sparseforge.export import export_onnx
 from sparseforge.report.env import environment
 from sparseforge.report.latency import onnxruntime_int8_session
@@ -43,15 +44,7 @@ SHARED = ROOT.parent / "shared" / "models"
 def model_for(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
     m = sf.create_model(name)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():     # non-trivial BN statistics, so folding is measured as it will be on trained weights
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                n = mod.num_features
-                mod.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-                mod.running_var.copy_(0.5 + torch.rand(n, generator=g))
-                mod.weight.copy_(0.5 + torch.rand(n, generator=g))
-                mod.bias.copy_(0.4 * torch.rand(n, generator=g) - 0.2)
+    random_bn_statistics(m, torch.Generator().manual_seed(0))   # folding measured as on trained weights
     weights = {"resnet20": SHARED / "resnet20-cifar10jpeg.safetensors",
                "resnet56": SHARED / "akamaster_resnet56-4bfd9763.th"}.get(name)
     if weights is not None and weights.exists():

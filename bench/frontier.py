@@ -17,8 +17,9 @@ them over stages and use any of the toolkit's methods (KD from the dense start i
                         structures compared with one pipeline
 
 Each arm is a resumable recipe run in bench/results/frontier/runs/<arm>/ (ignored: checkpoints); when it ends its
-model goes to bench/results/frontier/<arm>.safetensors and its record (recipe, per-stage results, per-epoch
-metrics, timing) to <arm>.record.json, both committed, so the frontier accumulates arm by arm across machines.
+model goes to bench/results/frontier/<arm>.safetensors (weights stay out of git: keep or copy them beside the
+checkout) and its record (recipe, per-stage results, per-epoch metrics, timing) to <arm>.record.json (committed),
+so the frontier's figures accumulate arm by arm across machines.
 
 Train (two arms at a time, one thread each, in the background):
   python bench/frontier.py train --arms pattern-8x --threads 1 &
@@ -41,25 +42,15 @@ import sys
 import time
 from pathlib import Path
 
-from sparseforge import PatternConfig, create_model, load_weights, prune
+from pattern_accuracy import matched_magnitude_sparsity  # bench/ is on sys.path when this script runs
+from sparseforge import PatternConfig, create_model, load_weights
 from sparseforge.recipe import Recipe, RecipeRunner
 from sparseforge.report.env import environment
-from sparseforge.sparsity import masked_modules
 from sparseforge.utils import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 OUT = ROOT / "bench" / "results" / "frontier"
-
-
-def matched_magnitude_sparsity(weights: str, target: PatternConfig) -> float:
-    """Sparsity over the same layers that gives the pattern arm's exact weight count."""
-    m = create_model("resnet20")
-    load_weights(m, weights)
-    prune(m, target)
-    kept = sum(int(mod.weight_mask.sum()) for _, mod in masked_modules(m))
-    total = sum(mod.weight.numel() for _, mod in masked_modules(m))
-    return 1.0 - kept / total
 
 
 def arm_stages(E: int, admm_epochs: int, weights: str) -> dict[str, list[dict]]:

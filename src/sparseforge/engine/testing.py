@@ -364,6 +364,23 @@ def _in_hw(desc: list[str]) -> tuple[int, int]:
     return int(dims[2]), int(dims[3])
 
 
+def random_bn_statistics(model: nn.Module, g: torch.Generator) -> nn.Module:
+    """BatchNorm affine parameters and running statistics that are not the identity, so folding is exercised
+    (and timed) as it will be on trained weights."""
+    for mod in model.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            _random_bn(mod, g)
+    return model
+
+
+@torch.no_grad()
+def _random_bn(mod: nn.BatchNorm2d, g: torch.Generator) -> None:
+    mod.weight.copy_(1 + 0.2 * torch.randn(mod.num_features, generator=g))
+    mod.bias.copy_(0.2 * torch.randn(mod.num_features, generator=g))
+    mod.running_mean.copy_(torch.randn(mod.num_features, generator=g) * 0.3)
+    mod.running_var.copy_(0.5 + torch.rand(mod.num_features, generator=g))
+
+
 def _randomize(net: nn.Module, sparsity: str, g: torch.Generator, use_mask_buffers: bool) -> None:
     """Random weights with BN statistics that are not the identity, then the sparsity: weights zeroed, or
     ``weight_mask`` buffers as pruning leaves them."""
@@ -376,10 +393,7 @@ def _randomize(net: nn.Module, sparsity: str, g: torch.Generator, use_mask_buffe
                 if mod.bias is not None:
                     mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.1)
             elif isinstance(mod, nn.BatchNorm2d):
-                mod.weight.copy_(1 + 0.2 * torch.randn(mod.num_features, generator=g))
-                mod.bias.copy_(0.2 * torch.randn(mod.num_features, generator=g))
-                mod.running_mean.copy_(torch.randn(mod.num_features, generator=g) * 0.3)
-                mod.running_var.copy_(0.5 + torch.rand(mod.num_features, generator=g))
+                _random_bn(mod, g)
         if sparsity == "dense":
             return
         convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)][1:]     # the stem stays dense

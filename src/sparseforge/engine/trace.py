@@ -123,8 +123,6 @@ def _eltwise_of(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
     if node.op == "call_function":
         if node.target is F.gelu:
             return "gelu" if node.kwargs.get("approximate", "none") == "none" else "gelu_tanh"
-        if node.kwargs.get("inplace"):
-            pass
         return _ELT_FUNCTIONS.get(node.target)
     if node.op == "call_method":
         return _ELT_METHODS.get(node.target)
