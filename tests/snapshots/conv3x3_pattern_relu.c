@@ -8,7 +8,12 @@ typedef float vf __attribute__((vector_size(32)));
 typedef int vi __attribute__((vector_size(32)));
 #define BC(x) ((vf){(x), (x), (x), (x), (x), (x), (x), (x)})
 static inline vf ld(const float* p) { vf v; memcpy(&v, p, sizeof v); return v; }
-static inline vf ld2(const float* p) { return (vf){p[0], p[2], p[4], p[6], p[8], p[10], p[12], p[14]}; }
+/* every other float from p: two vector loads and one even-lane shuffle (not 8 or 16 scalar loads) */
+#ifdef __clang__
+static inline vf ld2(const float* p) { vf a = ld(p), b = ld(p + 8); return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14); }
+#else
+static inline vf ld2(const float* p) { vf a = ld(p), b = ld(p + 8); return __builtin_shuffle(a, b, (vi){0, 2, 4, 6, 8, 10, 12, 14}); }
+#endif
 static inline void st(float* p, vf v) { memcpy(p, &v, sizeof v); }
 static inline void stn(float* p, vf v, int n) { float t[8]; memcpy(t, &v, sizeof v); for (int j = 0; j < n; j++) p[j] = t[j]; }
 /* activations keep NaN as PyTorch does: a lane is cleared only where the comparison is true */
@@ -31,15 +36,19 @@ static inline float gelus(float v) { return 0.5f * v * (1.0f + erff(v * 0.707106
 /* gather mode: packed, aligned rows of output pixels, 8 or 16 lanes whatever the main vector width */
 typedef float g16 __attribute__((vector_size(64)));
 typedef float g8 __attribute__((vector_size(32)));
+typedef int gi16 __attribute__((vector_size(64)));
+typedef int gi8 __attribute__((vector_size(32)));
 static inline g16 ldg16(const float* p) { g16 v; memcpy(&v, p, sizeof v); return v; }
 static inline g8 ldg8(const float* p) { g8 v; memcpy(&v, p, sizeof v); return v; }
 static inline g16 bcg16(float x) { return (g16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 static inline g8 bcg8(float x) { return (g8){x, x, x, x, x, x, x, x}; }
-static inline g16 ld2g16(const float* p) { return (g16){p[0], p[2], p[4], p[6], p[8], p[10], p[12], p[14], p[16], p[18], p[20], p[22], p[24], p[26], p[28], p[30]}; }
+#ifdef __clang__
+static inline g16 ld2g16(const float* p) { g16 a = ldg16(p), b = ldg16(p + 16); return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30); }
+#else
+static inline g16 ld2g16(const float* p) { g16 a = ldg16(p), b = ldg16(p + 16); return __builtin_shuffle(a, b, (gi16){0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}); }
+#endif
 static inline void stg16(float* p, g16 v) { memcpy(p, &v, sizeof v); }
 static inline void stng16(float* p, g16 v, int n) { float t[16]; memcpy(t, &v, sizeof v); for (int j = 0; j < n; j++) p[j] = t[j]; }
-typedef int gi16 __attribute__((vector_size(64)));
-typedef int gi8 __attribute__((vector_size(32)));
 static inline g16 relug16(g16 v) { gi16 m = v < bcg16(0.0f); return (g16)((gi16)v & ~m); }
 static inline g16 andmg16(g16 a, g16 m) { return (g16)((gi16)a & (gi16)m); }
 static inline g16 relu6g16(g16 v) { v = relug16(v); gi16 m = v > bcg16(6.0f); return (g16)(((gi16)v & ~m) | ((gi16)bcg16(6.0f) & m)); }

@@ -15,8 +15,8 @@ from .plan import PACKED1_CHAINS, BlockPlan, ConvPlan, Plan
 
 def prelude(vec: int) -> str:
     lanes = ", ".join(["(x)"] * vec)
-    strided = ", ".join(f"p[{2 * j}]" for j in range(vec))
-    return PRELUDE.replace("@BYTES@", str(4 * vec)).replace("@LANES@", lanes).replace("@STRIDED@", strided) \
+    even = ", ".join(str(2 * j) for j in range(vec))
+    return PRELUDE.replace("@BYTES@", str(4 * vec)).replace("@LANES@", lanes).replace("@EVEN@", even) \
         .replace("@VEC@", str(vec))
 
 
@@ -30,7 +30,12 @@ typedef float vf __attribute__((vector_size(@BYTES@)));
 typedef int vi __attribute__((vector_size(@BYTES@)));
 #define BC(x) ((vf){@LANES@})
 static inline vf ld(const float* p) { vf v; memcpy(&v, p, sizeof v); return v; }
-static inline vf ld2(const float* p) { return (vf){@STRIDED@}; }
+/* every other float from p: two vector loads and one even-lane shuffle (not 8 or 16 scalar loads) */
+#ifdef __clang__
+static inline vf ld2(const float* p) { vf a = ld(p), b = ld(p + @VEC@); return __builtin_shufflevector(a, b, @EVEN@); }
+#else
+static inline vf ld2(const float* p) { vf a = ld(p), b = ld(p + @VEC@); return __builtin_shuffle(a, b, (vi){@EVEN@}); }
+#endif
 static inline void st(float* p, vf v) { memcpy(p, &v, sizeof v); }
 static inline void stn(float* p, vf v, int n) { float t[@VEC@]; memcpy(t, &v, sizeof v); for (int j = 0; j < n; j++) p[j] = t[j]; }
 /* activations keep NaN as PyTorch does: a lane is cleared only where the comparison is true */
@@ -53,15 +58,19 @@ static inline float gelus(float v) { return 0.5f * v * (1.0f + erff(v * 0.707106
 /* gather mode: packed, aligned rows of output pixels, 8 or 16 lanes whatever the main vector width */
 typedef float g16 __attribute__((vector_size(64)));
 typedef float g8 __attribute__((vector_size(32)));
+typedef int gi16 __attribute__((vector_size(64)));
+typedef int gi8 __attribute__((vector_size(32)));
 static inline g16 ldg16(const float* p) { g16 v; memcpy(&v, p, sizeof v); return v; }
 static inline g8 ldg8(const float* p) { g8 v; memcpy(&v, p, sizeof v); return v; }
 static inline g16 bcg16(float x) { return (g16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 static inline g8 bcg8(float x) { return (g8){x, x, x, x, x, x, x, x}; }
-static inline g16 ld2g16(const float* p) { return (g16){p[0], p[2], p[4], p[6], p[8], p[10], p[12], p[14], p[16], p[18], p[20], p[22], p[24], p[26], p[28], p[30]}; }
+#ifdef __clang__
+static inline g16 ld2g16(const float* p) { g16 a = ldg16(p), b = ldg16(p + 16); return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30); }
+#else
+static inline g16 ld2g16(const float* p) { g16 a = ldg16(p), b = ldg16(p + 16); return __builtin_shuffle(a, b, (gi16){0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}); }
+#endif
 static inline void stg16(float* p, g16 v) { memcpy(p, &v, sizeof v); }
 static inline void stng16(float* p, g16 v, int n) { float t[16]; memcpy(t, &v, sizeof v); for (int j = 0; j < n; j++) p[j] = t[j]; }
-typedef int gi16 __attribute__((vector_size(64)));
-typedef int gi8 __attribute__((vector_size(32)));
 static inline g16 relug16(g16 v) { gi16 m = v < bcg16(0.0f); return (g16)((gi16)v & ~m); }
 static inline g16 andmg16(g16 a, g16 m) { return (g16)((gi16)a & (gi16)m); }
 static inline g16 relu6g16(g16 v) { v = relug16(v); gi16 m = v > bcg16(6.0f); return (g16)(((gi16)v & ~m) | ((gi16)bcg16(6.0f) & m)); }
@@ -154,55 +163,71 @@ def conv_source(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
                   f"      const float* rb = (rc >= 0 && rc < {lr.shape[0]}) ? res + (long)n * {lr.image} + (long)rc * {lr.plane} : 0;"]
     elif op.residual is not None:
         lines.append(f"      const float* rb = res + (long)n * {lo.image} + (long)f * {lo.plane};")
+    head_lines = lines[lines.index("  const int Nf = N - N % nth;") + 4:]   # thread list, filter, its pointers
     if p.gather:
         return _gather_conv(k, p, plan, bodies, lines)
     if p.packed1:
         return _packed1_conv(k, p, plan, bodies)
+    if p.flat and p.flat_tv:
+        return _flat_tiled_conv(k, p, plan, bodies, lines, head_lines)
     if p.flat:
         return _flat_conv(k, p, plan, bodies, lines)
     # Accumulators are named scalars and the (row, vector) block is unrolled here, not by the C compiler:
     # gcc otherwise may interchange the loops and stream one accumulator over all kernels from memory.
     accs = [(r, v) for r in range(R) for v in range(V)]
+    if p.block_outer:
+        # same statements, loops reordered: image, block, (thread list,) filter
+        pre = lines[:lines.index("  const int Nf = N - N % nth;")]
+        lines = pre + ["  const int Nf = N - N % nth;",
+                       "  for (int n = 0; n < N; n++) {",
+                       "    const int own = n < Nf;",
+                       "    if (own && n % nth != tid) continue;",
+                       f"    const float* ib = in + (long)n * {li.image};"]
+    block = []
     if p.spatial:
         nb = p.ho // R
-        lines += ["      int ylo = 0, yhi = " + str(p.ho) + ";",
+        block += ["      int ylo = 0, yhi = " + str(p.ho) + ";",
                   f"      if (!own) {{ ylo = ({nb} * tid / nth) * {R}; yhi = ({nb} * (tid + 1) / nth) * {R}; }}"]
-    lines += [f"      for (int y0 = {'ylo' if p.spatial else 0}; y0 < {'yhi' if p.spatial else p.ho}; y0 += {R})",
+    block += [f"      for (int y0 = {'ylo' if p.spatial else 0}; y0 < {'yhi' if p.spatial else p.ho}; y0 += {R})",
               f"      for (int x0 = 0; x0 < {p.xv * VEC}; x0 += {VEC * V}) {{",
-              f"        {T_} " + ", ".join(f"a{r}_{v} = b" for r, v in accs) + ";",
               # input base of the block: row y0*s + 1 - pad (+tap row), col x0*s + 1 - pad (+tap col)
               f"        const long ioff = (long)(y0 * {s} + 1 - {pad}) * {li.rs} + (x0 * {s} + 1 - {pad});"]
+    inner = [f"        {T_} " + ", ".join(f"a{r}_{v} = b" for r, v in accs) + ";"]
     kw = op.weight.shape[3]
     for j, shape in enumerate(p.shapes):
         nt = len(shape)
         offs = [(t // kw) * li.rs + (t % kw) for t in shape]
-        lines.append(f"        for (int e = st{j}[{_ri()}]; e < st{j}[{_ri()} + 1]; e++) {{")
-        lines.append(f"          const float* ip = ib + (long)ch{j}[e] * {li.plane} + ioff;")
-        lines.append(f"          const float* wp = w{j} + (long)e * {nt};")
+        inner.append(f"        for (int e = st{j}[{_ri()}]; e < st{j}[{_ri()} + 1]; e++) {{")
+        inner.append(f"          const float* ip = ib + (long)ch{j}[e] * {li.plane} + ioff;")
+        inner.append(f"          const float* wp = w{j} + (long)e * {nt};")
         for t in range(nt):
-            lines.append(f"          const {T_} k{t} = {BC_}(wp[{t}]);")
+            inner.append(f"          const {T_} k{t} = {BC_}(wp[{t}]);")
         names = [f"a{r}_{v}" for r, v in accs]
-        lines += ["          " + st_ for st_ in _accumulate(
+        inner += ["          " + st_ for st_ in _accumulate(
             names, nt, lambda i, t, o=offs: f"{load}(ip + {accs[i][0] * s * li.rs + accs[i][1] * VEC * s + o[t]})")]
-        lines.append("        }")
+        inner.append("        }")
     # epilogue: residual, activation, store (the last vector of a row may be partial)
     for r, v in accs:
-        lines.append("        {")
-        lines.append(f"          const int y = y0 + {r}, x = x0 + {v * VEC};")
-        lines.append(f"          {T_} a = a{r}_{v};")
+        inner.append("        {")
+        inner.append(f"          const int y = y0 + {r}, x = x0 + {v * VEC};")
+        inner.append(f"          {T_} a = a{r}_{v};")
         if op.residual is not None:
             if op.res_kind == "pad_shortcut":
                 lr = plan.layouts[op.residual]
                 rs_ = op.res_stride
                 rload = LD if rs_ == 1 else LD2
-                lines.append(f"          if (rb) a += {rload}(rb + (long)(y * {rs_} + 1) * {lr.rs} + (x * {rs_} + 1));")
+                inner.append(f"          if (rb) a += {rload}(rb + (long)(y * {rs_} + 1) * {lr.rs} + (x * {rs_} + 1));")
             else:
-                lines.append(f"          a += {LD}(rb + (long)(y + 1) * {lo.rs} + (x + 1));")
-        lines.append(f"          a = {_act(op.act, 'a', 'g16' if wide else '')};")
-        lines.append(f"          float* op_ = ob + (long)(y + 1) * {lo.rs} + (x + 1);")
-        lines.append(f"          if (x + {VEC} <= {p.wo}) {ST}(op_, a); else if (x < {p.wo}) {STN}(op_, a, {p.wo} - x);")
-        lines.append("        }")
-    lines += ["      }", "    }", "  }"]
+                inner.append(f"          a += {LD}(rb + (long)(y + 1) * {lo.rs} + (x + 1));")
+        inner.append(f"          a = {_act(op.act, 'a', 'g16' if wide else '')};")
+        inner.append(f"          float* op_ = ob + (long)(y + 1) * {lo.rs} + (x + 1);")
+        inner.append(f"          if (x + {VEC} <= {p.wo}) {ST}(op_, a); else if (x < {p.wo}) {STN}(op_, a, {p.wo} - x);")
+        inner.append("        }")
+    if p.block_outer:
+        filt = [head for head in head_lines if "const float* ib" not in head]
+        lines += block + ["  " + h for h in filt] + ["  " + x for x in inner] + ["      }", "      }", "  }"]
+    else:
+        lines += block + inner + ["      }", "    }", "  }"]
     return _register(k, p, plan, bodies, "\n".join(lines), [])
 
 
@@ -217,6 +242,67 @@ def _register(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], body: str
     desc += extra
     d_off = plan.blob.add_i(desc)
     return f"static void op{k}(OPARGS) {{ {bodies[body]}(B, N, tid, nth, g_w, g_i, g_i + {d_off}); }}"
+
+
+def _flat_tiled_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines: list[str],
+                     head_lines: list[str]) -> str:
+    """Flat mode over a wide map, in tiles of ``flat_tv`` vectors: image, tile, (thread list,) filter, kernel.
+
+    A tile's input (every channel's ``flat_tv`` vectors plus the taps' row reach) stays in L1/L2 while every
+    filter of the thread reads it, and each kernel's loads run along memory. The last tile is shifted back to
+    end at the last vector: the vectors it shares with the tile before are recomputed to the same values.
+    """
+    op: ConvOp = p.op
+    li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
+    nv, TV, VEC = p.flat_nv, p.flat_tv, p.vec
+    nt_ = -(-nv // TV)
+    kw = op.weight.shape[3]
+    pad = op.padding
+    ns = len(p.shapes)
+    pre = lines[:lines.index("  const int Nf = N - N % nth;")]
+    last = p.ho * lo.rs + p.wo          # last interior position: never write past it
+    nlast = last - (p.flat_p0 + (nv - 1) * VEC) + 1
+    b = pre + [f"  const float* mk = g_w + d[{6 + 3 * ns}];",
+               "  const int Nf = N - N % nth;",
+               "  for (int n = 0; n < N; n++) {",
+               "    const int own = n < Nf;",
+               "    if (own && n % nth != tid) continue;",
+               f"    const float* ib = in + (long)n * {li.image};",
+               f"    int tlo = 0, thi = {nt_};"]
+    if p.spatial:
+        b.append(f"    if (!own) {{ tlo = {nt_} * tid / nth; thi = {nt_} * (tid + 1) / nth; }}")
+    b += ["    for (int tt = tlo; tt < thi; tt++) {",
+          f"      const int v0 = tt < {nt_ - 1} ? tt * {TV} : {nv - TV};",
+          f"      const long pb = {p.flat_p0} + (long)v0 * {VEC};"]
+    heads = list(head_lines)
+    if p.spatial:     # tiles are split, filters are not
+        heads[0] = f"    for (int t = 0; t < {plan.threads}; t++)"
+    b += ["  " + h for h in heads if "const float* ib" not in h]
+    b.append("        vf " + ", ".join(f"a{v} = b" for v in range(TV)) + ";")
+    for j, shape in enumerate(p.shapes):
+        nt = len(shape)
+        offs = [(t // kw - pad) * li.rs + (t % kw - pad) for t in shape]
+        b.append(f"        for (int e = st{j}[{_ri()}]; e < st{j}[{_ri()} + 1]; e++) {{")
+        b.append(f"          const float* ip = ib + (long)ch{j}[e] * {li.plane} + pb;")
+        b.append(f"          const float* wp = w{j} + (long)e * {nt};")
+        for t in range(nt):
+            b.append(f"          const vf k{t} = BC(wp[{t}]);")
+        b += ["          " + st_ for st_ in _accumulate(
+            [f"a{v}" for v in range(TV)], nt, lambda i, t, o=offs: f"ld(ip + {i * VEC + o[t]})")]
+        b.append("        }")
+    for v in range(TV):
+        b.append("        {")
+        b.append(f"          vf a = a{v};")
+        if op.residual is not None:
+            b.append(f"          a += ld(rb + pb + {v * VEC});")
+        b.append(f"          a = andm({_act(op.act, 'a')}, ld(mk + (long)(v0 + {v}) * {VEC}));")
+        if v == TV - 1 and nlast < VEC:   # only the last vector of the last tile can reach past the interior
+            b.append(f"          if (v0 + {v} == {nv - 1}) stn(ob + pb + {v * VEC}, a, {nlast}); else st(ob + pb + {v * VEC}, a);")
+        else:
+            b.append(f"          st(ob + pb + {v * VEC}, a);")
+        b.append("        }")
+    b += ["      }", "    }", "  }"]
+    return _register(k, p, plan, bodies, "\n".join(b), [p.flat_mask_off])
 
 
 def _flat_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines: list[str]) -> str:
@@ -612,34 +698,57 @@ def pool_source(k: int, op: PoolOp, plan: Plan) -> str:
 
 def _general_pool_source(k: int, op: PoolOp, plan: Plan) -> str:
     """Any square window, stride and padding: the window is clipped to the map, so padded positions never win a
-    max (PyTorch pads max pooling with -inf) and count in an average only with ``include_pad``."""
+    max (PyTorch pads max pooling with -inf) and count in an average only with ``include_pad``.
+
+    Separable: per output row, a vertical pass over the window's rows into a row buffer (contiguous, so the
+    compiler vectorises it), then a horizontal pass over the buffer. A 1x1 window is a strided copy.
+    """
     li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
     c, ho, wo = lo.shape
     _, hi, wi = li.shape
     K, S, P = op.kernel, op.stride, op.padding
-    if op.mode == "max":
-        init, acc, fin = "-__builtin_inff()", "if (v > m || v != v) m = v;", "m"
-    else:
-        init, acc = "0.0f", "m += v;"
-        fin = f"m * {1.0 / (K * K)!r}f" if op.include_pad else "m / (float)((y1 - y0) * (x1 - x0))"
-    return f"""static void op{k}(OPARGS) {{
+    head = f"""static void op{k}(OPARGS) {{
   const float* in = B[{op.inputs[0]}]; float* out = B[{op.output}];
   for (int q = tid; q < N * {c}; q += nth) {{
     const int n = q / {c}, ch = q % {c};
     const float* ip = in + (long)n * {li.image} + (long)ch * {li.plane};
-    float* opp = out + (long)n * {lo.image} + (long)ch * {lo.plane};
+    float* opp = out + (long)n * {lo.image} + (long)ch * {lo.plane};"""
+    if K == 1 and P == 0:
+        return head + f"""
+    for (int y = 0; y < {ho}; y++) {{
+      const float* r = ip + (long)({S} * y + 1) * {li.rs} + 1;
+      float* o = opp + (long)(y + 1) * {lo.rs} + 1;
+      for (int x = 0; x < {wo}; x++) o[x] = r[{S} * x];
+    }}
+  }}
+}}"""
+    V = plan.vec
+    wp = -(-wi // V) * V       # the row buffer in whole vectors (lanes past the map are never read back)
+    if op.mode == "max":
+        # a lane takes v where v > t or v is NaN (NaN wins, as in PyTorch); bit-select, no branches
+        init, hacc, fin = "-__builtin_inff()", "if (t[xx] > m || t[xx] != t[xx]) m = t[xx];", "m"
+        vacc = "const vi c = (v > u) | (v != v); st(t + x, (vf)(((vi)v & c) | ((vi)u & ~c)));"
+    else:
+        init, hacc = "0.0f", "m += t[xx];"
+        vacc = "st(t + x, u + v);"
+        fin = f"m * {1.0 / (K * K)!r}f" if op.include_pad else "m / (float)((y1 - y0) * (x1 - x0))"
+    return head + f"""
+    float t[{wp}];
     for (int y = 0; y < {ho}; y++) {{
       const int y0 = y * {S} - {P} < 0 ? 0 : y * {S} - {P};
       const int y1 = y * {S} - {P} + {K} > {hi} ? {hi} : y * {S} - {P} + {K};
+      for (int x = 0; x < {wp}; x++) t[x] = {init};
+      for (int yy = y0; yy < y1; yy++) {{
+        const float* r = ip + (long)(yy + 1) * {li.rs} + 1;
+        for (int x = 0; x < {wp}; x += {V}) {{ const vf v = ld(r + x), u = ld(t + x); {vacc} }}
+      }}
+      float* o = opp + (long)(y + 1) * {lo.rs} + 1;
       for (int x = 0; x < {wo}; x++) {{
         const int x0 = x * {S} - {P} < 0 ? 0 : x * {S} - {P};
         const int x1 = x * {S} - {P} + {K} > {wi} ? {wi} : x * {S} - {P} + {K};
         float m = {init};
-        for (int yy = y0; yy < y1; yy++) for (int xx = x0; xx < x1; xx++) {{
-          const float v = ip[(long)(yy + 1) * {li.rs} + (xx + 1)];
-          {acc}
-        }}
-        opp[(long)(y + 1) * {lo.rs} + (x + 1)] = {fin};
+        for (int xx = x0; xx < x1; xx++) {hacc}
+        o[x] = {fin};
       }}
     }}
   }}

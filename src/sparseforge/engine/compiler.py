@@ -18,7 +18,8 @@ from ..utils import atomic_write_bytes
 from .build import build, cache_root
 from .codegen import generate
 from .ir import ConvOp, Graph, TorchOp, graph_fingerprint
-from .plan import SLACK, Plan, make_plan
+from . import plan as _plan
+from .plan import SLACK, Plan, lower, make_plan
 from .runtime import CompiledModel
 from .trace import build_ir, trace
 
@@ -143,7 +144,10 @@ def _engine_code_hash() -> str:
 
 def plan_key(graph: Graph, options: dict) -> str:
     h = hashlib.sha256()
-    for part in (graph_fingerprint(graph), json.dumps(options, sort_keys=True), _engine_code_hash()):
+    # the planner's tuning constants as they are now (a benchmark may set them between compiles)
+    knobs = {n: repr(getattr(_plan, n)) for n in dir(_plan) if n.isupper()}
+    for part in (graph_fingerprint(graph), json.dumps(options, sort_keys=True), _engine_code_hash(),
+                 json.dumps(knobs, sort_keys=True)):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
@@ -217,7 +221,7 @@ def compile(model: nn.Module, example_input: torch.Tensor, threads: int | None =
         st.graph_module = trace(model, example_input.float())
         st.seconds["trace"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        st.graph = build_ir(st.graph_module)
+        st.graph = lower(build_ir(st.graph_module))
         st.seconds["fold"] = time.perf_counter() - t0
     finally:
         model.train(was_training)

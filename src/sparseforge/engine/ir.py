@@ -78,6 +78,8 @@ class PoolOp(Op):
     kind = "pool"
 
     def describe(self) -> str:
+        if self.kernel == 1 and self.padding == 0:
+            return f"subsample s{self.stride}"
         return f"{self.mode}pool{self.kernel} s{self.stride}" + (f" p{self.padding}" if self.padding else "")
 
 

@@ -17,7 +17,7 @@ from collections import Counter
 
 import numpy as np
 
-from .ir import ConvOp, EltwiseOp, GapOp, Graph, LinearOp
+from .ir import ConvOp, EltwiseOp, GapOp, Graph, LinearOp, PoolOp, Value
 
 VEC = 8                  # default floats per vector (AVX2); 16 on AVX-512 machines (see compile(vector_width=))
 MAX_ACC = 12             # accumulators per block (registers)
@@ -29,6 +29,11 @@ GATHER_MIN_CIN = 128
 GATHER_MAX = 64          # output maps with at most this many pixels run in gather mode (see ConvPlan.gather)
 SPATIAL_RATIO = 1.0      # batch 1: split rows, not filters, when input bytes >= this x weight bytes
 RUNS_IN_WALK_ORDER = True
+ALIGN_ROWS = True        # row stride of wide maps a multiple of the vector width
+FLAT_TILED = True        # stride-1 convs on wider maps: flat mode in tiles of FLAT_TILE vectors, tiles outside filters
+FLAT_TILE = 12           # most vectors (accumulators) per tile
+FLAT_TILE_WIDE = 24      # the same on AVX-512 hosts
+BLOCK_OUTER_RATIO = 1.0  # direct convs loop blocks outside filters when input bytes >= this x weight bytes
 SPATIAL_DEPTHWISE = False  # measured slower on MobileNetV2 (b1, 2 threads): see plan_conv
 PACKED1_MAX = 64         # 1x1 convs with output maps of at most this many pixels run in packed mode
 SPARSE_LINEAR_DENSITY = 0.4   # linear layers at most this dense run as CSR sparse GEMV
@@ -53,7 +58,9 @@ def layout_for(shape: tuple[int, ...], flat: bool = False, vec: int = VEC) -> La
     if len(shape) == 3 and not flat:
         c, h, w = shape
         # Narrow maps: tight rows, so a vector spans several rows (flat mode) instead of one mostly empty row.
-        rs = w + 2 if w <= small_w(vec) else vec * math.ceil(w / vec) + 2
+        # wider maps: rows a whole number of vectors (planes start vector-aligned, so flat-mode 1x1 convs load
+        # aligned vectors)
+        rs = w + 2 if w <= small_w(vec) else (vec * math.ceil((w + 2) / vec) if ALIGN_ROWS else vec * math.ceil(w / vec) + 2)
         plane = (h + 2) * rs
         return Layout(shape, True, rs, plane, c * plane)
     n = int(np.prod(shape)) if shape else 1
@@ -140,10 +147,17 @@ class ConvPlan:
     flat_p0: int = 0                     # first interior plane position
     flat_nv: int = 0                     # vectors covering [p0, last interior position]
     flat_mask_off: int = 0               # 0/1 lane masks (border positions), flat_nv * vec floats
+    # tiled flat mode (larger maps): the flat range in tiles of flat_tv vectors, tiles outside the filter loop, so
+    # every filter reads the tile's input (Cin x flat_tv vectors, contiguous per channel) from L1/L2 and the
+    # loads run along memory (no row jumps, few pages); the last tile is shifted back to end at the last vector
+    flat_tv: int = 0
     vec: int = VEC
     # images not split by image (batch 1): threads take row ranges of every filter rather than filter lists,
     # for activation-heavy layers in direct mode (see plan_conv)
     spatial: bool = False
+    # blocks outside, filters inside: each (rows x vectors) block's input window is read from L2 by every filter
+    # instead of every filter streaming the whole map from L3/DRAM (large maps: 56x56x256 is 3.2 MB)
+    block_outer: bool = False
     thread_of: list[int] = dataclasses.field(default_factory=list)   # filter -> thread (filter-split runs)
     # gather mode (small maps, any stride): the input's shifted windows are first packed per (image, channel,
     # tap) into dense aligned rows of ho*wo pixels in scratch memory, so every vector lane is a real output
@@ -253,19 +267,27 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
         p.gather_vec = 8 if ho * wo <= 8 else 16
         p.gather_pv = math.ceil(ho * wo / p.gather_vec)
         p.gather_ft = max(1, GATHER_ACC_BYTES // (4 * -(-p.gather_pv * p.gather_vec // 16) * 16))
-    elif (not (depthwise and spatial) and vec == base_vec and lin is not None and lout is not None and op.stride == 1 and lin.rs == lout.rs and lout.rs == wo + 2
-            and tuple(in_shape[1:]) == (ho, wo) and (op.residual is None or op.res_kind == "identity")):
+    elif (not (depthwise and spatial) and vec == base_vec and lin is not None and lout is not None and op.stride == 1 and lin.rs == lout.rs
+            and tuple(in_shape[1:]) == (ho, wo) and (op.residual is None or op.res_kind == "identity")
+            and (lout.rs == wo + 2 or (FLAT_TILED and not depthwise))):
         rs = lout.rs
         p0, p1 = rs + 1, ho * rs + wo
+        if kh == 1 and rs % vec == 0:
+            p0 = rs          # aligned loads: the row's left border lane is masked like any other border lane
         nv = math.ceil((p1 - p0 + 1) / vec)
-        if nv <= MAX_ACC:
-            masks = np.zeros((nv, vec), bool)
-            for v in range(nv):
-                for j in range(vec):
-                    pos = p0 + v * vec + j
-                    masks[v, j] = 1 <= pos // rs <= ho and 1 <= pos % rs <= wo
+        tiled = nv > MAX_ACC and FLAT_TILED and not depthwise
+        if nv <= MAX_ACC or tiled:
+            pos = p0 + np.arange(nv * vec).reshape(nv, vec)
+            masks = (pos // rs >= 1) & (pos // rs <= ho) & (pos % rs >= 1) & (pos % rs <= wo)
             p.flat, p.flat_p0, p.flat_nv = True, p0, nv
             p.flat_mask_off = blob.add_mask(masks)
+            if tiled:
+                # AVX-512 hosts have 32 vector registers (8-lane ones included): twice the accumulators
+                most = FLAT_TILE_WIDE if wide else FLAT_TILE
+                p.flat_tv = -(-nv // -(-nv // most))      # balanced tiles: the shifted last one overlaps little
+                p.spatial = spatial        # threads take runs of tiles (all filters) rather than filter lists
+    if not p.gather and not p.flat and not p.packed1 and op.groups == 1 and in_bytes >= BLOCK_OUTER_RATIO * w_bytes:
+        p.block_outer = True
     if not p.gather and not p.flat and not p.packed1 and spatial:
         # at least one block of rows per thread
         p.rows = max(d for d in range(1, min(ho // threads, rmax) + 1) if ho % d == 0)
@@ -506,6 +528,32 @@ def plan_block(graph: Graph, trip: tuple[int, int, int], blob: Blob, threads: in
     }
     bp.flops = 2 * ho * wo * int((wa != 0).sum() + (wb != 0).sum() + (wc != 0).sum())
     return bp
+
+
+def lower(graph: Graph) -> Graph:
+    """Rewrites that let the planner's fast paths apply; the input graph is left as it was.
+
+    A 1x1 stride-2 conv on a map too large for packed mode (ResNet's projection shortcuts) becomes a subsample
+    (a 1x1 stride-2 max pool: a strided copy, NaN kept) and a stride-1 1x1 conv, which runs in tiled flat mode:
+    the strided conv otherwise assembles every input vector from 8 scalar loads.
+    """
+    values = dict(graph.values)
+    ops: list = []
+    nid = max(values) + 1 if values else 0
+    for op in graph.ops:
+        if (isinstance(op, ConvOp) and op.weight.shape[2:] == (1, 1) and op.stride > 1 and op.padding == 0
+                and op.groups == 1 and len(values[op.inputs[0]].shape) == 3):
+            c = values[op.inputs[0]].shape[0]
+            _, ho, wo = values[op.output].shape
+            if ho * wo > PACKED1_MAX:
+                values[nid] = Value(nid, (c, ho, wo), f"{op.name}.subsample")
+                ops.append(PoolOp(f"{op.name}.subsample", [op.inputs[0]], nid, mode="max", kernel=1,
+                                  stride=op.stride, padding=0))
+                ops.append(dataclasses.replace(op, inputs=[nid], stride=1))
+                nid += 1
+                continue
+        ops.append(op)
+    return Graph(values, ops, list(graph.inputs), list(graph.outputs))
 
 
 def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto", wide: bool = False) -> Plan:
