@@ -856,7 +856,9 @@ def linear_source(k: int, op: LinearOp, plan: Plan) -> str:
     o, i = op.weight.shape
     offs = plan.other[k]
     if offs.get("csr"):
-        pre = [f"  const int* rp = g_i + {offs['rowptr_off']}; const int* ci = g_i + {offs['col_off']}; "
+        ctype = "unsigned short" if offs.get("col16") else "int"
+        pre = [f"  const int* rp = g_i + {offs['rowptr_off']}; "
+               f"const {ctype}* ci = (const {ctype}*)(g_i + {offs['col_off']}); "
                f"const float* vv = g_w + {offs['val_off']};"]
         loop4 = ["      for (int j = rp[r]; j < rp[r + 1]; j++) { const float w = vv[j]; const int c = ci[j];",
                  "        s0 += w * x0[c]; s1 += w * x1[c]; s2 += w * x2[c]; s3 += w * x3[c]; }"]
