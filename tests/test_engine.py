@@ -117,13 +117,94 @@ def test_save_load_round_trip_and_tamper(tmp_path):
     e2 = load_engine(tmp_path / "eng")
     x = torch.randn(4, 3, 32, 32)
     assert torch.equal(e(x), e2(x))
-    # modified weights blob
-    blob = tmp_path / "eng" / "blobs.safetensors"
+    assert not list((tmp_path / "eng").glob("*.so")), "an artefact holds data only, no binary"
+    # modified weights
+    blob = tmp_path / "eng" / "graph.safetensors"
     data = bytearray(blob.read_bytes())
     data[-5] ^= 0xFF
     blob.write_bytes(bytes(data))
     with pytest.raises(SparseforgeError, match="modified"):
         load_engine(tmp_path / "eng")
+
+
+def _rehash(eng_dir, extra_files=()):
+    """What an attacker who can write the artefact does: recompute every hash so the manifest checks pass."""
+    from sparseforge.engine.artefact import _manifest_hash
+    from sparseforge.utils import sha256_file
+
+    mf = eng_dir / "manifest.json"
+    man = json.loads(mf.read_text())
+    for f in list(man["files"]) + list(extra_files):
+        man["files"][f] = sha256_file(eng_dir / f)
+    man["manifest_sha256"] = _manifest_hash(man)
+    mf.write_text(json.dumps(man))
+
+
+def _evil_library(path, marker):
+    """A shared library whose constructor writes ``marker`` the moment it is loaded."""
+    src = Path(marker).with_name("evil.c")
+    src.write_text('#include <stdio.h>\n__attribute__((constructor)) static void pwn(void) '
+                   f'{{ FILE* f = fopen("{marker}", "w"); if (f) {{ fputs("ran", f); fclose(f); }} }}\n'
+                   'void run_op0(void) {}\n')
+    subprocess.run(["gcc", "-shared", "-fPIC", str(src), "-o", str(path)], check=True)
+
+
+def test_artefact_binary_is_never_loaded(tmp_path):
+    """A library planted in an artefact (hashes recomputed) never runs; an edited source is refused, not built."""
+    m = _model("resnet20")
+    sf.prune(m, SPARSITIES["pattern8x"])
+    e = compile(m, torch.randn(1, 3, 32, 32), threads=2)
+    eng = tmp_path / "eng"
+    e.save(eng)
+    marker = tmp_path / "marker"
+    _evil_library(eng / "kernel.so", marker)
+    _rehash(eng, extra_files=("kernel.so",))
+    e2 = load_engine(eng)
+    assert not marker.exists()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(e2(x), e(x))
+    assert Path(e2.lib_path).resolve().parent != eng.resolve()
+    # the source edited to run code, hashes recomputed: regenerated from the graph, it differs -> refused
+    src = (eng / "kernel.c").read_text()
+    (eng / "kernel.c").write_text(src + f'\n__attribute__((constructor)) static void pwn(void) {{ '
+                                  f'FILE* f = fopen("{marker}", "w"); }}\n')
+    _rehash(eng)
+    with pytest.raises(SparseforgeError, match="regenerated"):
+        load_engine(eng)
+    assert not marker.exists()
+    # an old-format artefact that ships a library: refused before anything is opened
+    mf = eng / "manifest.json"
+    man = json.loads(mf.read_text())
+    man["format"] = "sparseforge-engine-artefact-1"
+    mf.write_text(json.dumps(man))
+    with pytest.raises(SparseforgeError, match="no\\s+longer loads|longer loads"):
+        load_engine(eng)
+    assert not marker.exists()
+
+
+def test_damaged_build_cache_entry_is_rebuilt(tmp_path, monkeypatch):
+    """A truncated or replaced kernel.so in the build cache is rebuilt, never loaded (it used to SIGBUS)."""
+    monkeypatch.setenv("SPARSEFORGE_CACHE", str(tmp_path / "cache"))
+    m = _model("resnet20")
+    sf.prune(m, SPARSITIES["pattern8x"])
+    x = torch.randn(2, 3, 32, 32)
+    e = compile(m, x[:1], threads=2)
+    ref = e(x)
+    lib = Path(e.lib_path)
+    del e
+    marker = tmp_path / "marker"
+    for damage in ("truncate", "replace"):
+        if damage == "truncate":
+            data = lib.read_bytes()
+            lib.unlink()               # a new inode: the loaded copy stays mapped
+            lib.write_bytes(data[:1000])
+        else:
+            lib.unlink()
+            _evil_library(lib, marker)
+        e2 = compile(m, x[:1], threads=2)
+        assert e2.spec["build"]["cached"] is False
+        assert Path(e2.lib_path) == lib and not marker.exists()
+        assert torch.equal(e2(x), ref)
 
 
 def test_load_refuses_missing_cpu_features(tmp_path):

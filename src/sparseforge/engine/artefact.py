@@ -1,7 +1,13 @@
-"""Engine artefacts: a self-contained directory (source, library, weights, manifest with hashes).
+"""Engine artefacts are data, never code.
 
-Loading verifies every file's sha256 against the manifest (and the manifest's
-own hash), and refuses a library built for CPU features this machine lacks.
+An artefact directory holds the folded graph (``graph.json`` + ``graph.safetensors``: every op's fields and
+weights), the runtime spec, the generated C source (for reading and for a consistency check) and a manifest of
+sha256 hashes. It holds no binary. Loading checks the hashes (to catch damage, not attackers: anyone who can
+write the directory can recompute them), rebuilds the graph from the data, plans and generates the C source
+again with *this* sparseforge, refuses the artefact if that source differs from the stored one (another engine
+version made it: recompile), and builds the source into the content-addressed build cache (or finds it there,
+verified). So loading an artefact trusts only this package and the local compiler: a library placed in the
+directory, or a source edited to match recomputed hashes, is never compiled or loaded.
 """
 
 from __future__ import annotations
@@ -11,14 +17,16 @@ import json
 import shutil
 from pathlib import Path
 
-from safetensors.numpy import load_file, save_file
+from safetensors.torch import load_file, save_file
 
 from ..errors import SparseforgeError
 from ..report.env import cpu_flags
 from ..utils import atomic_write_text, sha256_file
+from .ir import graph_from_data, graph_to_data
 from .runtime import CompiledModel
 
-FILES = ("kernel.c", "kernel.so", "blobs.safetensors", "spec.json")
+FORMAT = "sparseforge-engine-artefact-2"
+FILES = ("kernel.c", "graph.json", "graph.safetensors", "spec.json")
 
 
 def _manifest_hash(m: dict) -> str:
@@ -31,21 +39,25 @@ def save_engine(engine: CompiledModel, path: Path) -> Path:
         names = ", ".join(op.name for op in engine._torch_ops.values())
         raise SparseforgeError(f"this engine runs PyTorch fallbacks ({names}); saving supports fully generated "
                                "engines only -- keep the model and recompile instead")
+    stages = getattr(engine, "stages", None)
+    if stages is None or stages.graph is None or "options" not in engine.spec:
+        raise SparseforgeError("this engine has no graph to save (made by an older sparseforge); recompile the model")
     path = Path(path)
-    if path.exists() and any(path.iterdir()):
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise SparseforgeError(f"{path} exists and is not empty; choose a new path (artefacts are never overwritten)")
+    data, tensors = graph_to_data(stages.graph)
     tmp = path.with_name(path.name + ".tmp-write")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     atomic_write_text(tmp / "kernel.c", engine.source)
-    shutil.copyfile(engine.lib_path, tmp / "kernel.so")
-    save_file({"floats": engine._floats.numpy(), "ints": engine._ints.numpy()}, str(tmp / "blobs.safetensors"))
-    atomic_write_text(tmp / "spec.json", json.dumps(engine.spec, indent=1, sort_keys=True))
-    flags = engine.spec.get("build", {}).get("flags", [])
+    atomic_write_text(tmp / "graph.json", json.dumps(data))
+    save_file(tensors, str(tmp / "graph.safetensors"))
+    spec = {k: v for k, v in engine.spec.items() if k != "build"}
+    atomic_write_text(tmp / "spec.json", json.dumps(spec, indent=1, sort_keys=True))
     manifest = {
-        "format": "sparseforge-engine-artefact-1",
+        "format": FORMAT,
         "files": {f: sha256_file(tmp / f) for f in FILES},
-        "cpu_flags_required": cpu_flags() if "-march=native" in flags else [],
+        "cpu_flags_required": cpu_flags() if not engine.spec["options"].get("portable") else [],
         "threads": engine.spec["threads"],
         "input_shape": engine.spec["input_shape"],
     }
@@ -58,30 +70,52 @@ def save_engine(engine: CompiledModel, path: Path) -> Path:
 
 
 def load_engine(path: str | Path) -> CompiledModel:
+    from .compiler import engine_from_graph
+
     path = Path(path)
     mf = path / "manifest.json"
-    if not mf.exists():
+    if not mf.is_file():
         raise SparseforgeError(f"{path} is not an engine artefact (no manifest.json); create one with engine.save(path)")
     try:
         manifest = json.loads(mf.read_text())
-    except ValueError as e:
-        raise SparseforgeError(f"{mf} is corrupt ({e})") from None
-    if manifest.get("format") != "sparseforge-engine-artefact-1":
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SparseforgeError(f"{mf} is corrupt ({e}); recompile the model to get a fresh artefact") from None
+    if not isinstance(manifest, dict):
+        raise SparseforgeError(f"{mf} is not a manifest (a JSON object is expected); recompile the model")
+    if manifest.get("format") == "sparseforge-engine-artefact-1":
+        raise SparseforgeError(f"{path} is an old artefact that ships a compiled library, which sparseforge no "
+                               "longer loads; recompile the model and save it again")
+    if manifest.get("format") != FORMAT:
         raise SparseforgeError(f"{path}: unknown artefact format {manifest.get('format')!r}")
     if manifest.get("manifest_sha256") != _manifest_hash(manifest):
         raise SparseforgeError(f"{mf} was modified (hash mismatch); refusing to load a tampered artefact")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise SparseforgeError(f"{mf} lacks its file hashes; recompile the model to get a fresh artefact")
     for f in FILES:
         p = path / f
-        if not p.exists() or sha256_file(p) != manifest["files"][f]:
+        if not p.is_file() or sha256_file(p) != files.get(f):
             raise SparseforgeError(f"{p} is missing or was modified (sha256 mismatch); refusing to load. "
                                    "Recompile the model to get a fresh artefact")
     need = set(manifest.get("cpu_flags_required", []))
-    have = set(cpu_flags())
-    lacking = sorted(need - have)
+    lacking = sorted(need - set(cpu_flags()))
     if lacking:
         raise SparseforgeError(f"{path} was built for CPU features this machine lacks ({', '.join(lacking)}); "
                                "recompile on this machine (or compile with portable=True to run anywhere)")
-    spec = json.loads((path / "spec.json").read_text())
-    blobs = load_file(str(path / "blobs.safetensors"))
+    try:
+        spec = json.loads((path / "spec.json").read_text())
+        options = dict(spec["options"])
+        graph = graph_from_data(json.loads((path / "graph.json").read_text()),
+                                load_file(str(path / "graph.safetensors")))
+    except Exception as e:  # malformed data of any kind: one message, never a half-loaded engine
+        raise SparseforgeError(f"{path} holds a malformed graph or spec ({type(e).__name__}: {e}); "
+                               "recompile the model") from None
     source = (path / "kernel.c").read_text()
-    return CompiledModel(spec, path / "kernel.so", blobs["floats"], blobs["ints"], {}, source, artefact_dir=path)
+    engine = engine_from_graph(graph, options, artefact_dir=path)
+    if engine.source != source:
+        raise SparseforgeError(f"{path}: the C source regenerated from the stored graph differs from the stored "
+                               "kernel.c (made by another sparseforge engine version, or edited); recompile the model")
+    return engine
+
+
+__all__ = ["save_engine", "load_engine"]

@@ -234,28 +234,39 @@ def compile(model: nn.Module, example_input: torch.Tensor, threads: int | None =
     wide = not portable and vec == 8 and _has_avx512()
     options = {"input_shape": list(example_input.shape[1:]), "threads": threads, "vec": vec, "conv_mode": conv_mode,
                "wide": wide, "portable": portable}
-    key = plan_key(st.graph, options)
-    cached = None if return_stages else load_plan(key)
     st.seconds["fingerprint"] = time.perf_counter() - t0
+    engine = engine_from_graph(st.graph, options, st, use_cache=not return_stages)
+    return (engine, st) if return_stages else engine
+
+
+def engine_from_graph(graph: Graph, options: dict, st: Stages | None = None, use_cache: bool = True,
+                      artefact_dir: Path | None = None) -> CompiledModel:
+    """Plan, generate, build and load: the stages after folding, shared by ``compile`` and ``load_engine`` (which
+    rebuilds an artefact from its stored graph instead of trusting a stored binary)."""
+    st = st if st is not None else Stages()
+    st.graph = graph
+    key = plan_key(graph, options)
+    cached = load_plan(key) if use_cache else None
     if cached is not None:
         spec, st.source, floats, ints = cached
     else:
         t0 = time.perf_counter()
-        st.plan = make_plan(st.graph, threads, vec, conv_mode, wide=wide)
+        st.plan = make_plan(graph, options["threads"], options["vec"], options["conv_mode"], wide=options["wide"])
         st.seconds["plan"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         st.source = generate(st.plan)
         st.seconds["codegen"] = time.perf_counter() - t0
-        spec = runtime_spec(st.plan, tuple(example_input.shape[1:]))
+        spec = runtime_spec(st.plan, tuple(options["input_shape"]))
         floats, ints = st.plan.blob.floats(), st.plan.blob.ints()
     t0 = time.perf_counter()
-    lib, st.build_info = build(st.source, portable=portable)
+    lib, st.build_info = build(st.source, portable=options["portable"])
     st.seconds["build"] = time.perf_counter() - t0
     if cached is None:
         store_plan(key, spec, st.source, floats, ints)
     spec = dict(spec)
+    spec["options"] = dict(options)
     spec["build"] = {**st.build_info, "plan_cached": cached is not None}
-    torch_ops = {k: op for k, op in enumerate(st.graph.ops) if isinstance(op, TorchOp)}
-    engine = CompiledModel(spec, lib, floats, ints, torch_ops, st.source)
+    torch_ops = {k: op for k, op in enumerate(graph.ops) if isinstance(op, TorchOp)}
+    engine = CompiledModel(spec, lib, floats, ints, torch_ops, st.source, artefact_dir=artefact_dir)
     engine.stages = st
-    return (engine, st) if return_stages else engine
+    return engine

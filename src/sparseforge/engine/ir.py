@@ -200,3 +200,48 @@ class ConcatOp(Op):
 
     def describe(self) -> str:
         return f"concat of {len(self.inputs)}"
+
+
+# ---- graphs as data (engine artefacts store their graph, never a binary) ------------------------------------
+NATIVE_OPS = {cls.__name__: cls for cls in (ConvOp, PoolOp, FlattenOp, GapOp, LinearOp, EltwiseOp, ConcatOp)}
+
+
+def graph_to_data(graph: Graph) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The graph as JSON-able data plus named tensors. Only native ops: an engine with PyTorch fallbacks holds
+    live modules and is not saved."""
+    tensors: dict[str, torch.Tensor] = {}
+    ops = []
+    for k, op in enumerate(graph.ops):
+        name = type(op).__name__
+        if name not in NATIVE_OPS:
+            raise ValueError(f"op {op.name!r} ({name}) cannot be stored as data")
+        fields = {}
+        for f in dataclasses.fields(op):
+            v = getattr(op, f.name)
+            if isinstance(v, torch.Tensor):
+                key = f"op{k}.{f.name}"
+                tensors[key] = v.detach().float().contiguous()
+                fields[f.name] = {"tensor": key}
+            else:
+                fields[f.name] = list(v) if isinstance(v, tuple) else v
+        ops.append({"type": name, "fields": fields})
+    data = {"values": [{"id": v.id, "shape": list(v.shape), "name": v.name} for v in graph.values.values()],
+            "ops": ops, "inputs": list(graph.inputs), "outputs": list(graph.outputs)}
+    return data, tensors
+
+
+def graph_from_data(data: dict, tensors: dict[str, torch.Tensor]) -> Graph:
+    """Inverse of ``graph_to_data``; raises ValueError/KeyError/TypeError on anything malformed."""
+    values = {int(v["id"]): Value(int(v["id"]), tuple(int(s) for s in v["shape"]), str(v["name"]))
+              for v in data["values"]}
+    ops: list[Op] = []
+    for o in data["ops"]:
+        cls = NATIVE_OPS[o["type"]]
+        kw = {}
+        names = {f.name for f in dataclasses.fields(cls)}
+        for name, v in o["fields"].items():
+            if name not in names:
+                raise KeyError(f"unknown field {name!r} of {o['type']}")
+            kw[name] = tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v
+        ops.append(cls(**kw))
+    return Graph(values, ops, [int(i) for i in data["inputs"]], [int(i) for i in data["outputs"]])
