@@ -120,3 +120,52 @@ def test_demo_runs(tmp_path, capsys):
     lat = res["stages"][-1]["latency"]["1"]
     assert m and float(m.group(1)) == pytest.approx(lat["torch-dense"]["median_ms"] / lat["sparseforge"]["median_ms"],
                                                     abs=0.006)
+
+
+def test_second_run_on_a_directory_fails_at_once(tmp_path):
+    """One run per directory: while a process holds the run's lock, a second `train` or `run` on it exits 2 at
+    once with one line; the lock dies with its holder (kill -9 included); a file as run dir is one line too."""
+    import signal
+    import time
+
+    from sparseforge.utils import RunLock
+
+    rd = tmp_path / "r"
+    args = ["train", "--model", "smallcnn", "--train-size", "64", "--test-size", "20", "--batch-size", "32",
+            "--epochs", "1", "--threads", "1", "--no-progress", "--run-dir", rd]
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
+                               "from sparseforge.utils import RunLock; RunLock(sys.argv[2]).acquire();"
+                               "print('held', flush=True); time.sleep(120)", SRC, str(rd)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.perf_counter()
+        r = run_cli(*args)
+        assert_one_line_error(r, "in use by another sparseforge run")
+        assert f"pid {holder.pid}" in r.stderr
+        assert time.perf_counter() - t0 < 60
+        assert not (rd / "config.toml").exists()            # nothing was written by the refused run
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with RunLock(rd):                                       # released by the kill: the next run proceeds
+        pass
+    assert run_cli(*args).returncode == 0
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert_one_line_error(run_cli(*args[:-1], f), "is a file, not a run directory")
+
+
+def test_nonfinite_weights_and_divergence_are_one_line_errors(tmp_path):
+    m = create_model("smallcnn", num_classes=10)
+    sd = {k: v.clone().contiguous() for k, v in m.state_dict().items()}
+    first = next(k for k in sd if k.endswith("weight"))
+    sd[first].view(-1)[0] = float("nan")
+    save_file(sd, str(tmp_path / "nan.safetensors"), metadata={"model": json.dumps({"name": "smallcnn", "num_classes": 10})})
+    assert_one_line_error(run_cli("eval", "--model", "smallcnn", "--dataset", "synthetic", "--weights",
+                                  tmp_path / "nan.safetensors"), "NaN or Inf")
+    r = run_cli("train", "--model", "smallcnn", "--train-size", "64", "--test-size", "20", "--batch-size", "32",
+                "--epochs", "2", "--threads", "1", "--no-progress", "--lr", "1e12", "--run-dir", tmp_path / "r")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    errs = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(errs) == 1 and "training diverged" in errs[0] and "at step" in errs[0], r.stderr

@@ -309,3 +309,15 @@ def test_fused_block_engine_saves_and_reloads(tmp_path):
     assert torch.equal(e2(x), e(x))
     with torch.inference_mode():
         assert rel_err(e2(x), m(x)) <= TOL
+
+
+def test_nonfinite_weights_are_refused_naming_the_layer():
+    m = _model("resnet20")
+    with torch.no_grad():
+        m.layer2[1].conv1.weight[3, 2, 1, 1] = float("nan")
+    with pytest.raises(SparseforgeError, match="layer2.1.conv1.*NaN or Inf"):
+        compile(m, torch.randn(1, 3, 32, 32), threads=1)
+    m = _model("resnet20")
+    m.bn1.running_mean[0] = float("inf")
+    with pytest.raises(SparseforgeError, match="NaN or Inf"):
+        compile(m, torch.randn(1, 3, 32, 32), threads=1)

@@ -108,6 +108,16 @@ def test_different_recipe_in_same_run_dir_refused(tmp_path):
     RecipeRunner(r1_cpu, tmp_path / "r", progress=False).run(resume=True)
 
 
+def test_recipe_run_directory_is_locked(tmp_path):
+    """A recipe run holds its directory's lock: another run on it is refused before anything is written."""
+    from sparseforge.utils import RunLock
+
+    with RunLock(tmp_path / "r"):
+        with pytest.raises(RunDirError, match="in use by another sparseforge run"):
+            RecipeRunner(Recipe.from_toml(RECIPE), tmp_path / "r", progress=False).run()
+    assert not (tmp_path / "r" / "recipe.toml").exists()
+
+
 def test_compress_cli_with_overrides(tmp_path, capsys):
     rp = tmp_path / "r.toml"
     rp.write_text(RECIPE)

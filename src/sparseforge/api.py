@@ -14,7 +14,7 @@ from .data import BatchLoader, ImageDataset, load_dataset, resolve_normalization
 from .errors import RunDirError
 from .models import create_model, load_weights
 from .train import Callback, TrainConfig, Trainer, evaluate
-from .utils import set_threads
+from .utils import RunLock, set_threads
 
 
 def config_hash(cfg: TrainConfig) -> str:
@@ -73,7 +73,7 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> TrainConfi
         if resume:
             return saved
         raise RunDirError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
-    if resume and run_dir.exists() and any(run_dir.iterdir()):
+    if resume and run_dir.exists() and any(p.name != RunLock.NAME for p in run_dir.iterdir()):
         raise RunDirError(f"{run_dir} has no config.toml, so it cannot be resumed; choose another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(cfg_path)
@@ -82,23 +82,34 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> TrainConfi
 
 def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = False,
           callbacks: Iterable[Callback] = (), progress: bool | None = None,
-          log: Callable[[str], None] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+          log: Callable[[str], None] | None = None, announce: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Train per ``cfg``; returns (model, last metrics). With ``resume`` the run dir's saved config wins, except for
-    ``device``: where the run continues is the caller's choice (a GPU-started run resumes on a CPU machine)."""
+    ``device``: where the run continues is the caller's choice (a GPU-started run resumes on a CPU machine).
+    The run directory is locked for the call: a second process on it fails at once (``RunDirError``)."""
     import dataclasses
 
+    from .distributed import is_main
     from .utils import resolve_device
 
     resolve_device(cfg.device)      # an unusable device fails here, before a run directory exists to block a retry
-    if run_dir is not None:
-        cfg = dataclasses.replace(prepare_run_dir(Path(run_dir), cfg, resume), device=cfg.device)
-    set_threads(cfg.threads)
-    train_ds, test_ds = datasets_for(cfg)
-    model = build_model(cfg, train_ds.num_classes)
-    tl, el = loaders_for(cfg, train_ds, test_ds)
-    trainer = Trainer(model, cfg, tl, el, callbacks=callbacks, run_dir=run_dir, progress=progress, log=log)
-    result = trainer.fit(resume=resume)
-    return model, result
+    lock = RunLock(run_dir) if run_dir is not None and is_main() else None
+    if lock is not None:
+        lock.acquire()              # a second process on the same run directory fails here, at once
+    try:
+        if run_dir is not None:
+            cfg = dataclasses.replace(prepare_run_dir(Path(run_dir), cfg, resume), device=cfg.device)
+            if announce:            # (after the lock: a refused run prints only its error)
+                (log or log_stderr)(f"run directory: {run_dir}")
+        set_threads(cfg.threads)
+        train_ds, test_ds = datasets_for(cfg)
+        model = build_model(cfg, train_ds.num_classes)
+        tl, el = loaders_for(cfg, train_ds, test_ds)
+        trainer = Trainer(model, cfg, tl, el, callbacks=callbacks, run_dir=run_dir, progress=progress, log=log)
+        result = trainer.fit(resume=resume)
+        return model, result
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def evaluate_model(model_name: str, weights: str | Path | None, dataset: str = "cifar10", data_dir: str | None = None,

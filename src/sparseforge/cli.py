@@ -66,8 +66,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if changed:
             raise SparseforgeError(f"--resume uses the run's saved config; these flags differ from it: {', '.join(changed)}. "
                                    "Drop them, or start a new --run-dir")
-    print(f"run directory: {run_dir}", file=sys.stderr)
-    _, result = train(cfg, run_dir, resume=args.resume, progress=None if not args.no_progress else False)
+    _, result = train(cfg, run_dir, resume=args.resume, progress=None if not args.no_progress else False,
+                      announce=True)
     print(json.dumps({k: v for k, v in result.items() if k != "split"}))
     return 0
 

@@ -27,3 +27,7 @@ class CheckpointError(SparseforgeError):
 
 class RunDirError(SparseforgeError):
     """A run directory would be overwritten or cannot be resumed."""
+
+
+class TrainingDivergedError(SparseforgeError, FloatingPointError):
+    """The loss became NaN or Inf (a FloatingPointError too, for callers that caught the old one)."""

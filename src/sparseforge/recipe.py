@@ -622,11 +622,20 @@ class RecipeRunner:
         return evaluate(model, el)
 
     def run(self, resume: bool = False) -> dict[str, Any]:
+        """Run (or resume) every stage; the run directory is locked against a second process meanwhile."""
+        from .utils import RunLock, resolve_device
 
-        from .utils import resolve_device
-
-        t0 = time.perf_counter()
         resolve_device(self.recipe.train_config().device)   # before the run directory exists: a retry is not blocked
+        lock = RunLock(self.run_dir)
+        if is_main():
+            lock.acquire()
+        try:
+            return self._run(resume)
+        finally:
+            lock.release()
+
+    def _run(self, resume: bool) -> dict[str, Any]:
+        t0 = time.perf_counter()
         self.prepare(resume)
         set_threads(self.recipe.train_config().threads)
         self.data()

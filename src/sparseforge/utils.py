@@ -116,3 +116,57 @@ def resolve_device(spec: str = "auto", local_rank: int | None = None):
         return torch.device("cuda", index)
     raise ConfigError(f"TrainConfig.device={spec!r} is not a device this toolkit trains on; use \"auto\", \"cpu\", "
                       "\"cuda\" or \"cuda:N\"")
+
+
+class RunLock:
+    """An advisory lock on a run directory (``<run_dir>/.lock``), held while one process works in it.
+
+    A second run on the same directory fails at once instead of interleaving its checkpoints and metrics with
+    the first. The OS drops the lock when the holder exits by any path (kill -9 included), so a killed run never
+    leaves a stale lock behind; the pid in the file is only for the message."""
+
+    NAME = ".lock"
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        from .errors import RunDirError
+
+        try:
+            import fcntl
+        except ImportError:       # pragma: no cover - not a POSIX system: no locking
+            return self
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.run_dir / self.NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except (NotADirectoryError, FileExistsError):
+            raise RunDirError(f"{self.run_dir} is a file, not a run directory; choose another --run-dir") from None
+        except OSError as e:
+            raise RunDirError(f"cannot use {self.run_dir} as a run directory ({e.strerror}); "
+                              "check its permissions or choose another --run-dir") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                pid = os.read(fd, 32).decode().strip() or "?"
+            finally:
+                os.close(fd)
+            raise RunDirError(f"{self.run_dir} is in use by another sparseforge run (pid {pid}); wait for it to "
+                              "finish or choose another --run-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)        # closing drops the flock
+            self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

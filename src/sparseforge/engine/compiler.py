@@ -223,6 +223,7 @@ def compile(model: nn.Module, example_input: torch.Tensor, threads: int | None =
         t0 = time.perf_counter()
         st.graph = lower(build_ir(st.graph_module))
         st.seconds["fold"] = time.perf_counter() - t0
+        _check_finite(st.graph)
     finally:
         model.train(was_training)
     t0 = time.perf_counter()
@@ -237,6 +238,16 @@ def compile(model: nn.Module, example_input: torch.Tensor, threads: int | None =
     st.seconds["fingerprint"] = time.perf_counter() - t0
     engine = engine_from_graph(st.graph, options, st, use_cache=not return_stages)
     return (engine, st) if return_stages else engine
+
+
+def _check_finite(graph: Graph) -> None:
+    """NaN/Inf weights (after folding BatchNorm) would give NaN outputs for every input: refuse, naming the layer."""
+    for op in graph.ops:
+        for f in ("weight", "bias", "scale", "shift"):
+            t = getattr(op, f, None)
+            if isinstance(t, torch.Tensor) and not bool(torch.isfinite(t).all()):
+                raise SparseforgeError(f"layer {op.name!r} has NaN or Inf in its {f} (BatchNorm statistics folded "
+                                       "in); the model diverged or was damaged: load good weights before compiling")
 
 
 def engine_from_graph(graph: Graph, options: dict, st: Stages | None = None, use_cache: bool = True,

@@ -182,6 +182,10 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.
             "Create the model the weights were saved from, or pass strict=False"
         )
     load = {k: v for k, v in sd.items() if k in own and sd[k].shape == own[k].shape}
+    bad = [k for k, v in load.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{path} holds NaN or Inf values in {len(bad)} tensors ({', '.join(bad[:3])}); the "
+                              "run that saved them diverged: use an earlier checkpoint or retrain with a lower lr")
     for k, v in load.items():
         if own[k].dtype != v.dtype and not k.endswith("num_batches_tracked"):
             load[k] = v.to(own[k].dtype)

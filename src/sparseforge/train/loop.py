@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import BatchLoader
-from ..errors import RunDirError
+from ..errors import RunDirError, TrainingDivergedError
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .schedule import lr_factor
@@ -297,7 +297,13 @@ class Trainer:
                     cb.on_step_end(self)
                 lv = loss.item()
                 if not math.isfinite(lv):
-                    raise FloatingPointError(f"loss became {lv} at step {self.step}; lower the learning rate")
+                    if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+                        why = "the weights hold NaN/Inf"
+                    else:
+                        why = "the weights are finite, so an input or the loss itself is not"
+                    raise TrainingDivergedError(f"training diverged: loss {lv} at step {self.step} (epoch "
+                                                f"{self.epoch + 1}; {why}); lower the learning rate, or check "
+                                                "the data and the loss")
                 seen += y.numel()
                 loss_sum += lv * y.numel()
                 correct += (logits.detach().argmax(1) == (y if y.dim() == 1 else y.argmax(1))).sum().item()
