@@ -57,6 +57,31 @@ def test_two_process_ddp_matches_one_process(tmp_path, mode):
     assert bool((w0[a["c2.weight_mask"] == 0] == 0).all())
 
 
+def test_sync_bn_makes_two_processes_equal_one(tmp_path):
+    """With BatchNorm, per-rank statistics make a 2-process run differ from one process on the same global batch;
+    TrainConfig.sync_bn (global-batch statistics, all-reduced with autograd; CPU/gloo) makes them equal."""
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src"), "OMP_NUM_THREADS": "1"}
+    for mode in ("bn-sync", "bn-local"):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            str(HERE / "_ddp_child.py"), str(tmp_path), mode], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        r1 = subprocess.run([sys.executable, str(HERE / "_ddp_child.py"), str(tmp_path), mode], env=env,
+                            capture_output=True, text=True, timeout=300)
+        assert r1.returncode == 0, r1.stderr[-3000:]
+    one = {m: load_file(str(tmp_path / f"{m}rank0-of-1.safetensors")) for m in ("bnsync-", "bnlocal-")}
+    for m in ("bnsync-", "bnlocal-"):      # the 1-process references are the same run (sync_bn is a no-op there)
+        assert all(torch.equal(one["bnsync-"][k], one[m][k]) for k in one[m])
+    a, b = (load_file(str(tmp_path / f"bnsync-rank{r}-of-2.safetensors")) for r in (0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    masks = [k for k in a if k.endswith("weight_mask")]
+    assert masks and all(torch.equal(a[k], one["bnsync-"][k]) for k in masks)
+    for k in a:                            # weights and running statistics
+        torch.testing.assert_close(a[k], one["bnsync-"][k], rtol=1e-4, atol=1e-5)
+    local = load_file(str(tmp_path / "bnlocal-rank0-of-2.safetensors"))
+    assert not torch.allclose(local["b1.running_var"], one["bnsync-"]["b1.running_var"], rtol=1e-4, atol=1e-5)
+
+
 def test_recipe_runs_under_torchrun(tmp_path):
     """sparseforge run under 2 processes: finishes, rank 0 alone writes and talks, masks identical."""
     (tmp_path / "r.toml").write_text("""

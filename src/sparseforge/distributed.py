@@ -69,3 +69,49 @@ def wrap(model: nn.Module, device: torch.device | None = None) -> nn.Module:
     if device is not None and device.type == "cuda":
         return DDP(model, device_ids=[device.index], output_device=device.index, broadcast_buffers=True)
     return DDP(model, broadcast_buffers=True)
+
+
+class SyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose training statistics are those of the *global* batch, on any device (torch's
+    ``nn.SyncBatchNorm`` runs on GPUs only): per-channel sums and sums of squares are all-reduced with autograd
+    (``torch.distributed.nn.functional.all_reduce``, whose backward all-reduces the gradients), so a run on
+    k processes computes what one process computes on the same global batch. Outside a distributed training
+    forward it is plain ``BatchNorm2d``; the parameters and buffers are the same tensors, so a model converted in
+    place keeps its optimizer state and state_dict keys."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and rank_world()[1] > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        dims = [d for d in range(x.dim()) if d != 1]
+        xf = x.float()
+        n_local = torch.tensor([float(x.numel() // x.shape[1])], device=x.device)
+        stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), n_local])
+        stats = all_reduce(stats)
+        c = x.shape[1]
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0.0)
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                mom = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                unbiased = var.detach() * (n / (n - 1).clamp_min(1.0))
+                self.running_mean.mul_(1 - mom).add_(mom * mean.detach())
+                self.running_var.mul_(1 - mom).add_(mom * unbiased)
+        shape = [1, c] + [1] * (x.dim() - 2)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def convert_sync_bn(model: nn.Module) -> int:
+    """Make every BatchNorm2d of ``model`` a SyncBatchNorm in place (same parameters); returns how many."""
+    n = 0
+    for m in model.modules():
+        if type(m) is nn.BatchNorm2d:
+            m.__class__ = SyncBatchNorm
+            n += 1
+    return n

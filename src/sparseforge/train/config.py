@@ -40,6 +40,8 @@ class TrainConfig(Config):
                 "optimizer state stay fp32, evaluation stays fp32; 2x faster per step on CPUs with AMX / AVX512-BF16 "
                 "(bench/train_throughput.py --model resnet56), slower than fp32 on CPUs without them")
     compile: bool = opt(False, "torch.compile the model for training")
+    sync_bn: bool = opt(False, "under torchrun: BatchNorm statistics of the global batch (all ranks), so k processes "
+                               "train as one process on the same global batch would; off: per-rank statistics")
     device: str = opt("auto", "where training runs: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda, "
                               "cuda:N. Only the training loop runs there: the model comes back to where it was "
                               "(pruning, surgery and the compiler work on the CPU copy)")

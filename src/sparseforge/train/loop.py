@@ -127,6 +127,10 @@ class Trainer:
         self.step = 0             # global optimizer steps done
         self.history: list[dict[str, Any]] = []
         self.should_stop = False  # a callback may end training early (e.g. an early-bird ticket was drawn)
+        if config.sync_bn and self.world_size > 1:
+            from ..distributed import convert_sync_bn
+
+            convert_sync_bn(model)                   # in place: the same parameters, the optimizer is unaffected
         self._forward = wrap(model, self.device)     # DDP under torchrun: gradients averaged over ranks
         if config.precision == "bf16" and self.is_main and self.device.type == "cpu":
             from ..report.env import cpu_flags
