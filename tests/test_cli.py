@@ -169,3 +169,60 @@ def test_nonfinite_weights_and_divergence_are_one_line_errors(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     errs = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(errs) == 1 and "training diverged" in errs[0] and "at step" in errs[0], r.stderr
+
+
+def _weights_with_meta(path, meta):
+    m = create_model("smallcnn", num_classes=10)
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path),
+              metadata={"format": "sparseforge-weights-1", **({"model": meta} if meta is not None else {})})
+    return path
+
+
+def test_bad_input_table(tmp_path):
+    """Every clumsy input of issue 25 sections 2-3 we cover: exit 2, one line naming the problem, no traceback."""
+    good = _weights_with_meta(tmp_path / "good.safetensors", json.dumps({"name": "smallcnn", "num_classes": 10}))
+    rec = tmp_path / "ok.toml"
+    rec.write_text('model = "smallcnn"\n[train]\ndataset = "synthetic"\ntrain_size = 64\ntest_size = 20\n'
+                   '[[stage]]\nmethod = "finetune"\nepochs = 1\n')
+    st_model = tmp_path / "stage_model.toml"
+    st_model.write_text(rec.read_text() + '[stage.train]\nmodel = "resnet20"\n')
+    binary = tmp_path / "bin.toml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    train = ["train", "--model", "smallcnn", "--train-size", "64", "--test-size", "20", "--epochs", "1",
+             "--threads", "1", "--no-progress"]
+    cases = [
+        (["eval", "--model", "smallcnn", "--dataset", "synthetic", "--limit", "-5"], "--limit"),
+        (train + ["--batch-size", "500", "--run-dir", tmp_path / "r_big"], "larger than the training set"),
+        (["run", st_model, "--run-dir", tmp_path / "r_st"], "stage[0].train sets model"),
+        (["run", binary, "--run-dir", tmp_path / "r_bin"], "not a text (TOML) file"),
+        (["run", rec, "--set", "stage=1", "--run-dir", tmp_path / "r_s1"], "--set stage"),
+        (["run", rec, "--set", "stage.0=5", "--run-dir", tmp_path / "r_s2"], "--set stage"),
+        (["run", rec, "--run-dir", a_file], "is a file, not a run directory"),
+        (train + ["--run-dir", a_file], "is a file, not a run directory"),
+        (["compile", good, "--input-shape", "3,x,32", "--out", tmp_path / "e1"], "--input-shape"),
+        (["compile", good, "--input-shape", "0,0,0", "--out", tmp_path / "e2"], "--input-shape"),
+        (["compile", good, "--threads", "-3", "--out", tmp_path / "e3"], "--threads"),
+        (["bench", good, "--runs", "0"], "--runs"),
+        (["bench", good, "--threads", "0"], "--threads"),
+        (["stats", "--model", "smallcnn", "--size", "0"], "--size"),
+    ]
+    for name, meta, needle in [("nonjson", "{not json", "not JSON"), ("list", "[1, 2]", "not an object"),
+                               ("neg", json.dumps({"name": "smallcnn", "num_classes": -5}), "num_classes=-5")]:
+        w = _weights_with_meta(tmp_path / f"{name}.safetensors", meta)
+        cases += [(["compile", w, "--out", tmp_path / f"e_{name}"], needle),
+                  (["export", w, "--out", tmp_path / f"{name}.onnx"], needle)]
+    for args, needle in cases:
+        assert_one_line_error(run_cli(*args), needle)
+    assert not (tmp_path / "r_big" / "config.toml").exists()     # a failed start leaves nothing that blocks a rerun
+
+
+def test_edited_config_is_refused_on_resume(tmp_path):
+    rd = tmp_path / "r"
+    r = run_cli("train", "--model", "smallcnn", "--train-size", "64", "--test-size", "20", "--batch-size", "32",
+                "--epochs", "1", "--threads", "1", "--no-progress", "--run-dir", rd)
+    assert r.returncode == 0, r.stderr
+    cfg = rd / "config.toml"
+    cfg.write_text("\n".join("lr = 0.5" if l.startswith("lr =") else l for l in cfg.read_text().splitlines()) + "\n")
+    assert_one_line_error(run_cli("train", "--run-dir", rd, "--resume"), "lr: 0.1 -> 0.5")

@@ -95,18 +95,24 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = Fa
     lock = RunLock(run_dir) if run_dir is not None and is_main() else None
     if lock is not None:
         lock.acquire()              # a second process on the same run directory fails here, at once
+    fresh = run_dir is not None and not (Path(run_dir) / "config.toml").exists()
     try:
         if run_dir is not None:
             cfg = dataclasses.replace(prepare_run_dir(Path(run_dir), cfg, resume), device=cfg.device)
-            if announce:            # (after the lock: a refused run prints only its error)
-                (log or log_stderr)(f"run directory: {run_dir}")
         set_threads(cfg.threads)
         train_ds, test_ds = datasets_for(cfg)
         model = build_model(cfg, train_ds.num_classes)
         tl, el = loaders_for(cfg, train_ds, test_ds)
         trainer = Trainer(model, cfg, tl, el, callbacks=callbacks, run_dir=run_dir, progress=progress, log=log)
+        trainer.announce = announce     # "run directory: ..." once the checks passed (a refused run prints one line)
         result = trainer.fit(resume=resume)
         return model, result
+    except BaseException:
+        # a run that failed before its first checkpoint (bad weights, a batch larger than the data, ...) leaves no
+        # config behind: fixing the input and running the same command again must just work
+        if fresh and lock is not None and not any((Path(run_dir) / "checkpoints").glob("*")):
+            (Path(run_dir) / "config.toml").unlink(missing_ok=True)
+        raise
     finally:
         if lock is not None:
             lock.release()

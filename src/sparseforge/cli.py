@@ -138,6 +138,15 @@ def cmd_groups(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_text(p: Path, what: str) -> str:
+    try:
+        return p.read_text()
+    except UnicodeDecodeError:
+        raise SparseforgeError(f"{what} {p} is not a text (TOML) file; pass the .toml recipe") from None
+    except OSError as e:
+        raise SparseforgeError(f"cannot read {what} {p} ({e.strerror}); check the path and its permissions") from None
+
+
 def parse_sets(items: list[str]) -> dict:
     """--set a.b=value pairs -> nested dict; values parsed as TOML scalars (strings may be bare)."""
     from .config import loads_toml
@@ -175,12 +184,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
     p = Path(args.recipe)
     if not p.is_file():
         raise SparseforgeError(f"recipe {p} not found; shipped recipes are in recipes/")
-    d = loads_toml(p.read_text(), str(p))
+    d = loads_toml(_read_text(p, "recipe"), str(p))
     sets = parse_sets(args.set)
     if "stage" in sets:
         # --set stage.0.epochs=1 style: apply per-stage overrides
         st = [dict(s) for s in d.get("stage", [])]
-        for idx, over in sets.pop("stage").items():
+        over_all = sets.pop("stage")
+        if not isinstance(over_all, dict) or not all(isinstance(o, dict) for o in over_all.values()):
+            raise SparseforgeError("--set stage...: set one field of one stage, e.g. --set stage.0.epochs=1")
+        for idx, over in over_all.items():
             if not str(idx).isdigit() or int(idx) >= len(st):
                 raise SparseforgeError(f"--set stage.{idx}...: the recipe has stages 0..{len(st) - 1}")
             st[int(idx)] = _merge(st[int(idx)], over)
@@ -198,7 +210,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
     h = hashlib.sha256(recipe.identity().to_toml().encode()).hexdigest()[:8]
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"{p.stem}-{h}"
     resume = args.resume or (run_dir / "recipe.toml").exists()  # same recipe required; checked by the runner
-    print(f"run directory: {run_dir}", file=sys.stderr)
     res = RecipeRunner(recipe, run_dir, progress=None if not args.no_progress else False).run(resume=resume)
     from .distributed import is_main
 
@@ -226,10 +237,10 @@ def _model_from_path(path: Path, model_name: str | None):
             if ref is None:
                 raise SparseforgeError(f"{path} holds no model.safetensors and no checkpoints; pass a run directory or weights file")
             weights = ref.weights_path
+    from .models import spec_from_metadata
+
     _, meta = read_state_dict(weights)
-    spec = None
-    if meta.get("model"):
-        spec = json.loads(meta["model"])
+    spec = spec_from_metadata(meta, weights)
     if model_name:
         spec = {"name": model_name, "num_classes": (spec or {}).get("num_classes", 10), "kwargs": (spec or {}).get("kwargs", {}),
                 "arch": (spec or {}).get("arch")}
@@ -248,7 +259,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     path = Path(args.source)
     model, weights = _model_from_path(path, args.model)
-    shape = tuple(int(v) for v in args.input_shape.split(","))
+    shape = args.input_shape
     x = torch.randn(1, *shape)
     engine, st = sf_compile(model, x, threads=args.threads or None, portable=args.portable, return_stages=True)
     xb = torch.randn(4, *shape)
@@ -276,7 +287,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     model, weights = _model_from_path(Path(args.source), args.model)
-    shape = tuple(int(v) for v in args.input_shape.split(","))
+    shape = args.input_shape
     engine = sf_compile(model, torch.randn(1, *shape), threads=args.threads)
     import copy
 
@@ -365,11 +376,47 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors as the CLI's one-line error (exit 2) instead of usage + message."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _int_at_least(lo: int, what: str = "an integer"):
+    def parse(v: str) -> int:
+        try:
+            n = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} >= {lo}, got {v!r}") from None
+        if n < lo:
+            raise argparse.ArgumentTypeError(f"expected {what} >= {lo}, got {n}")
+        return n
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def _input_shape(v: str) -> tuple[int, ...]:
+    """C,H,W of one image, each a positive integer."""
+    parts = v.split(",")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected C,H,W with three positive integers (e.g. 3,32,32), got {v!r}")
+    return shape
+
+
+_input_shape.__name__ = "C,H,W"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .train import TrainConfig
 
-    p = argparse.ArgumentParser(prog="sparseforge", description="Make CNNs small and measurably fast on CPUs.")
+    p = _Parser(prog="sparseforge", description="Make CNNs small and measurably fast on CPUs.")
     p.add_argument("--version", action="version", version=f"sparseforge {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -388,17 +435,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", help="CIFAR python-batch directory")
     e.add_argument("--normalize", default="auto", choices=["auto", "imagenet", "cifar10", "cifar100", "half"],
                    help="input normalisation (auto = imagenet for CIFAR, as the shared weights expect)")
-    e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--limit", type=int, default=0, help="only the first N test images")
-    e.add_argument("--threads", type=int, default=0)
+    e.add_argument("--batch-size", type=_int_at_least(1), default=256)
+    e.add_argument("--limit", type=_int_at_least(0), default=0, help="only the first N test images (0 = all)")
+    e.add_argument("--threads", type=_int_at_least(0), default=0)
     e.add_argument("--json", action="store_true", help="also print a JSON line")
     e.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("stats", help="per-layer params, sparsity and FLOPs of a model")
     s.add_argument("--model", required=True)
     s.add_argument("--weights")
-    s.add_argument("--num-classes", type=int, default=10)
-    s.add_argument("--size", type=int, default=32, help="input height/width")
+    s.add_argument("--num-classes", type=_int_at_least(1), default=10)
+    s.add_argument("--size", type=_int_at_least(1), default=32, help="input height/width")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_stats)
 
@@ -420,25 +467,25 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("source", help="run directory or weights file")
     ex.add_argument("--model", help="model name, if the weights do not record it")
     ex.add_argument("--out", required=True, help="output .onnx path")
-    ex.add_argument("--size", type=int, default=32, help="input height/width")
+    ex.add_argument("--size", type=_int_at_least(1), default=32, help="input height/width")
     ex.set_defaults(fn=cmd_export)
 
     cc = sub.add_parser("compile", help="compile a pruned model into a fast CPU engine artefact")
     cc.add_argument("source", help="run directory (compress/train) or weights file")
     cc.add_argument("--model", help="model name, if the weights do not record it")
     cc.add_argument("--out", help="artefact directory (default: <run dir>/engine)")
-    cc.add_argument("--threads", type=int, default=0, help="threads the engine runs with (default: torch's)")
-    cc.add_argument("--input-shape", default="3,32,32", help="per-image input shape C,H,W")
+    cc.add_argument("--threads", type=_int_at_least(0), default=0, help="threads the engine runs with (default: torch's)")
+    cc.add_argument("--input-shape", type=_input_shape, default=(3, 32, 32), help="per-image input shape C,H,W")
     cc.add_argument("--portable", action="store_true", help="build without -march=native (runs on any x86-64)")
     cc.set_defaults(fn=cmd_compile)
 
     b = sub.add_parser("bench", help="measure engine latency against PyTorch dense")
     b.add_argument("source", help="run directory or weights file")
     b.add_argument("--model", help="model name, if the weights do not record it")
-    b.add_argument("--batch", type=int, default=1)
-    b.add_argument("--threads", type=int, default=2)
-    b.add_argument("--runs", type=int, default=30)
-    b.add_argument("--input-shape", default="3,32,32")
+    b.add_argument("--batch", type=_int_at_least(1), default=1)
+    b.add_argument("--threads", type=_int_at_least(1), default=2)
+    b.add_argument("--runs", type=_int_at_least(1), default=30)
+    b.add_argument("--input-shape", type=_input_shape, default=(3, 32, 32))
     b.add_argument("--json", help="write the measurements to this JSON file")
     b.set_defaults(fn=cmd_bench)
 
@@ -446,8 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "droppable residual blocks")
     gp.add_argument("--model", default="resnet20")
     gp.add_argument("--weights", help="weights to load first (optional: the groups depend on the architecture)")
-    gp.add_argument("--num-classes", type=int, default=10)
-    gp.add_argument("--size", type=int, default=32, help="input height and width")
+    gp.add_argument("--num-classes", type=_int_at_least(1), default=10)
+    gp.add_argument("--size", type=_int_at_least(1), default=32, help="input height and width")
     gp.add_argument("--ignore", action="append", help="layer name or glob never pruned (repeatable)")
     gp.add_argument("--json", action="store_true")
     gp.set_defaults(fn=cmd_groups)
@@ -459,8 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="offline end-to-end demo on synthetic data (CIFAR with --data-dir)")
     d.add_argument("--data-dir", help="run on CIFAR-10 from this directory instead of synthetic data")
     d.add_argument("--out", default="runs/demo", help="run directory root (default runs/demo)")
-    d.add_argument("--epochs", type=int, default=0, help="training epochs (default: 4 synthetic, 1 CIFAR)")
-    d.add_argument("--threads", type=int, default=0)
+    d.add_argument("--epochs", type=_int_at_least(0), default=0, help="training epochs (default: 4 synthetic, 1 CIFAR)")
+    d.add_argument("--threads", type=_int_at_least(0), default=0)
     d.set_defaults(fn=cmd_demo)
     return p
 

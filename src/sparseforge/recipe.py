@@ -124,6 +124,9 @@ class Stage:
 PRUNING_STAGES = {"admm", "pattern", "magnitude", "structured", "depth", "ssl", "earlybird"}
 
 
+RECIPE_OWNED = ("model", "dataset", "data_dir", "weights")   # TrainConfig fields only the recipe's top level sets
+
+
 def parse_stage(d: dict[str, Any], where: str) -> Stage:
     if not isinstance(d, dict) or "method" not in d:
         raise ConfigError(f"{where}: every [[stage]] needs method = one of {', '.join(sorted(stage_configs()))}")
@@ -133,6 +136,12 @@ def parse_stage(d: dict[str, Any], where: str) -> Stage:
     if cls is None:
         raise ConfigError(f"{where}: unknown method {method!r}; use one of {', '.join(sorted(stage_configs()))}")
     train = d.pop("train", {}) or {}
+    if not isinstance(train, dict):
+        raise ConfigError(f"{where}.train: expected a table of TrainConfig fields, e.g. [stage.train] lr = 0.01")
+    owned = sorted(set(train) & set(RECIPE_OWNED + ("epochs",)))
+    if owned:
+        raise ConfigError(f"{where}.train sets {', '.join(owned)}, which a stage's train table cannot change (the "
+                          "recipe's top level sets model, dataset, data_dir and weights; a stage sets its own epochs)")
     TrainConfig.from_dict({**train}, where=f"{where}.train") if train else None
     return Stage(method, cls.from_dict(d, where=f"{where} ({method})"), dict(train))
 
@@ -152,6 +161,10 @@ class Recipe(Config):
     def validate(self) -> None:
         if not self.stage:
             raise ConfigError("Recipe.stage: a recipe needs at least one [[stage]]")
+        owned = sorted(set(self.train) & {"model", "weights"})
+        if owned:
+            raise ConfigError(f"Recipe.train sets {', '.join(owned)}, which the run never reads there: set them at "
+                              "the recipe's top level (model = ..., weights = ...)")
         for i, s in enumerate(self.stage):
             st = parse_stage(s, f"stage[{i}]")
             t = str(getattr(st.config, "teacher", ""))
@@ -180,7 +193,11 @@ class Recipe(Config):
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"recipe {p} not found; check the path (shipped recipes are in recipes/)")
-        d = loads_toml(p.read_text(), str(p))
+        try:
+            text = p.read_text()
+        except UnicodeDecodeError:
+            raise ConfigError(f"recipe {p} is not a text (TOML) file; pass the .toml recipe") from None
+        d = loads_toml(text, str(p))
         d.update(overrides or {})
         return cls.from_dict(d, where=str(p))
 
@@ -517,7 +534,9 @@ class RecipeRunner:
         if not meta.get("model"):
             raise ConfigError(f"teacher {spec}: the file does not say which model it holds; use 'start' or a "
                               "sparseforge checkpoint")
-        return load_weights(model_from_spec(json.loads(meta["model"])), path)
+        from .models import spec_from_metadata
+
+        return load_weights(model_from_spec(spec_from_metadata(meta, path)), path)
 
     def _stage_teacher(self, spec: str) -> nn.Module:
         """The model an earlier stage of this run produced (e.g. the dense model right before pruning), so a
@@ -611,7 +630,9 @@ class RecipeRunner:
         from .models import load_weights, model_from_spec, read_state_dict
 
         meta = read_state_dict(path)[1]
-        spec = json.loads(meta["model"]) if meta.get("model") else None
+        from .models import spec_from_metadata
+
+        spec = spec_from_metadata(meta, path)
         if spec and spec.get("arch") is not None:
             model = model_from_spec(spec)
         return load_weights(model, path)
@@ -637,6 +658,8 @@ class RecipeRunner:
     def _run(self, resume: bool) -> dict[str, Any]:
         t0 = time.perf_counter()
         self.prepare(resume)
+        if is_main():
+            self.log(f"run directory: {self.run_dir}")
         set_threads(self.recipe.train_config().threads)
         self.data()
         model = self.build_model()

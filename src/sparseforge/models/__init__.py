@@ -60,6 +60,29 @@ def create_model(name: str, num_classes: int | None = None, arch: dict | None = 
     return model
 
 
+def spec_from_metadata(meta: dict[str, str], path: str | Path = "") -> dict[str, Any] | None:
+    """The model description in a weights file's metadata, validated (None when the file does not say): a file
+    from elsewhere may hold anything there, and a bad value must be one clear error, not a traceback."""
+    from ..errors import CheckpointError
+
+    raw = meta.get("model")
+    if not raw:
+        return None
+    fix = "re-save the weights with sparseforge, or pass --model NAME"
+    try:
+        spec = json.loads(raw)
+    except ValueError:
+        raise CheckpointError(f"{path}: its 'model' metadata is not JSON ({raw[:40]!r}); {fix}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise CheckpointError(f"{path}: its 'model' metadata is not an object with a model name; {fix}")
+    nc = spec.get("num_classes", 10)
+    if isinstance(nc, bool) or not isinstance(nc, int) or nc < 1:
+        raise CheckpointError(f"{path}: its 'model' metadata has num_classes={nc!r} (a positive integer is needed); {fix}")
+    if not isinstance(spec.get("kwargs", {}), dict):
+        raise CheckpointError(f"{path}: its 'model' metadata has kwargs that are not an object; {fix}")
+    return spec
+
+
 def model_from_spec(spec: dict[str, Any]) -> nn.Module:
     """Rebuild the model a checkpoint's metadata describes (name, kwargs and, if pruned, its layer sizes)."""
     return create_model(spec["name"], num_classes=spec.get("num_classes", 10), arch=spec.get("arch"),
@@ -216,7 +239,7 @@ def save_weights(model: nn.Module, path: str | Path, extra_metadata: dict[str, s
 
 
 __all__ = [
-    "MODELS", "create_model", "model_from_spec", "load_weights", "save_weights", "read_state_dict", "list_models", "model_spec",
+    "MODELS", "create_model", "model_from_spec", "spec_from_metadata", "load_weights", "save_weights", "read_state_dict", "list_models", "model_spec",
     "CifarResNet", "BasicBlock", "PadShortcut", "VGG", "MobileNetV2", "SmallCNN", "ResNet", "VGGImageNet",
     "MobileNetV2ImageNet",
 ]

@@ -89,6 +89,11 @@ def evaluate(model: nn.Module, loader: BatchLoader, max_batches: int = 0) -> dic
     return {"acc": 100.0 * correct / max(1, total), "loss": loss_sum / max(1, total), "n": total}
 
 
+# config fields a resumed run may change (where it runs, how often it evaluates and checkpoints, where the data is)
+RESUME_MAY_CHANGE = frozenset({"device", "threads", "eval_every", "checkpoint_every", "keep_checkpoints", "data_dir",
+                               "compile"})
+
+
 class Trainer:
     """Train ``model`` with ``config``; checkpoints and metrics go to ``run_dir`` when given."""
 
@@ -196,6 +201,14 @@ class Trainer:
         if ref is None:
             return False
         model_state, extra, meta = load_checkpoint(ref)
+        saved = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+        now = self.config.to_dict()
+        changed = sorted(k for k in saved.keys() & now.keys() if k not in RESUME_MAY_CHANGE and saved[k] != now[k])
+        if changed:
+            # the optimizer state and schedule come from the checkpoint: an edited lr etc. would be ignored
+            raise RunDirError(f"{self.run_dir}: the run's config differs from the one its checkpoint was trained with "
+                              f"({', '.join(f'{k}: {saved[k]!r} -> {now[k]!r}' for k in changed[:4])}); a resume "
+                              "continues the run as it started: undo the edit, or start a new run directory")
         from ..sparsity import ensure_sparsity_buffers
 
         ensure_sparsity_buffers(self.model, model_state)
@@ -268,10 +281,18 @@ class Trainer:
         from tqdm import tqdm
 
         c = self.config
+        if len(self.train_loader) == 0:
+            from ..errors import ConfigError
+
+            n = len(getattr(self.train_loader, "dataset", ()) or ())
+            raise ConfigError(f"TrainConfig.batch_size: {c.batch_size} is larger than the training set ({n} images, "
+                              "full batches only), so an epoch would run no step; lower batch_size")
         if self.run_dir and not resume and latest_checkpoint(self.run_dir / "checkpoints") is not None:
             raise RunDirError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
         if resume:
             self.resume()
+        if getattr(self, "announce", False) and self.run_dir and self.is_main:
+            self.log(f"run directory: {self.run_dir}")
         for cb in self.callbacks:
             cb.on_train_begin(self)
         self.model.train()
