@@ -126,3 +126,48 @@ def test_imagenet_zoo_through_the_engine(name, sparsity):
         assert rel_err(e(x), m(x)) < 1e-4
     fallbacks = [op["describe"] for op in e.spec["ops"] if not op["native"]]
     assert all(d.startswith("torch conv7x7") for d in fallbacks), fallbacks
+
+
+@pytest.mark.parametrize("mode", ["max", "avg", "avg-exclude-pad"])
+def test_pools_every_window_stride_and_padding(mode):
+    """Pools run as vectors over a row buffer padded with identity lanes (stride 1 shifted loads, stride 2 even
+    lanes): every window/stride/padding, odd and even sizes, NaN and Inf inputs, against PyTorch."""
+    torch.manual_seed(0)
+    for k, s, p, (h, w) in [(2, 2, 0, (16, 17)), (3, 2, 1, (23, 17)), (3, 1, 1, (9, 32)), (3, 2, 0, (16, 16)),
+                            (5, 2, 2, (21, 11)), (2, 1, 0, (7, 5)), (3, 3, 1, (17, 23)), (5, 1, 2, (8, 40))]:
+        pool = (nn.MaxPool2d(k, s, p) if mode == "max"
+                else nn.AvgPool2d(k, s, p, count_include_pad=mode == "avg"))
+        m = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), pool, nn.Conv2d(5, 4, 1)).eval()
+        x = torch.randn(2, 3, h, w)
+        x[0, 1, 2, 3], x[1, 0, h - 1, w - 2] = float("nan"), float("inf")
+        e = compile(m, x[:1], threads=2)
+        assert e.spec["ops"][1]["native"], (k, s, p)
+        with torch.inference_mode():
+            assert torch.allclose(e(x), m(x), rtol=1e-5, atol=1e-5, equal_nan=True), (k, s, p, h, w)
+
+
+def test_split_build_equals_single_unit(tmp_path, monkeypatch):
+    """The build may compile conv bodies in separate processes and link them: the library computes the same."""
+    from sparseforge.engine.build import build, split_units
+
+    monkeypatch.setenv("SPARSEFORGE_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    m = nn.Sequential(BasicBlock(8, 16, 2, "relu", project=True), BasicBlock(16, 16, 1, "relu", project=False),
+                      nn.Conv2d(16, 16, 3, 2, 1), nn.ReLU()).eval()
+    randomize_bn(m, seed=0)
+    x = torch.randn(2, 8, 16, 16)
+    e, st = compile(m, x[:1], threads=2, return_stages=True)
+    header, units, main = split_units(st.source)
+    from sparseforge.engine.codegen import MAIN_MARK, UNIT_MARK
+
+    assert len(units) >= 2 and "BODY void conv" in header
+    assert header + "".join(units) + main == st.source.replace(UNIT_MARK, "").replace(MAIN_MARK, "")
+    outs = []
+    for jobs in (1, 3):
+        lib, info = build(st.source + f"\n/* jobs {jobs} */\n", jobs=jobs)   # distinct cache entries
+        assert not info["cached"]
+        from sparseforge.engine.runtime import CompiledModel
+        outs.append(CompiledModel(e.spec, lib, st.plan.blob.floats(), st.plan.blob.ints(), {}, st.source)(x))
+    assert torch.equal(outs[0], outs[1])
+    with torch.inference_mode():
+        assert rel_err(outs[0], m(x)) < 1e-5

@@ -33,6 +33,18 @@ static inline float gelus(float v) { return 0.5f * v * (1.0f + erff(v * 0.707106
 /* weights and indices are passed to every call (never stored in globals): one cached library can serve
    several engines whose sparsity structure, and so whose source, happens to be identical */
 #define OPARGS float* const* B, int N, int tid, int nth, const float* g_w, const int* g_i
+/* conv bodies: extern for the build's separate units, hidden so the library exports only its entry points */
+#define BODY __attribute__((visibility("hidden")))
+/* a strided window copied into a dense row (gather and packed modes). Out of line with run-time bounds: inlined
+   with constant bounds, gcc 12's loop vectorizer spent 54 s on one ResNet-50 layer's nine 7x7 stride-2 copies */
+static __attribute__((noinline)) void add_strided(float* restrict dst, const float* restrict src, int ho, int wo,
+                                                  int s, long rs) {
+  for (int y = 0; y < ho; y++) for (int x = 0; x < wo; x++) dst[y * wo + x] += src[(long)y * s * rs + (long)x * s];
+}
+static __attribute__((noinline)) void pack_strided(float* restrict dst, const float* restrict src, int ho, int wo,
+                                                   int s, long rs) {
+  for (int y = 0; y < ho; y++) for (int x = 0; x < wo; x++) dst[y * wo + x] = src[(long)y * s * rs + (long)x * s];
+}
 /* gather mode: packed, aligned rows of output pixels, 8 or 16 lanes whatever the main vector width */
 typedef float g16 __attribute__((vector_size(64)));
 typedef float g8 __attribute__((vector_size(32)));
@@ -57,7 +69,10 @@ static inline g8 andmg8(g8 a, g8 m) { return (g8)((gi8)a & (gi8)m); }
 static inline g8 relu6g8(g8 v) { v = relug8(v); gi8 m = v > bcg8(6.0f); return (g8)(((gi8)v & ~m) | ((gi8)bcg8(6.0f) & m)); }
 
 
-static void conv0(OPARGS, const int* d) {
+BODY void conv0(OPARGS, const int* d);
+
+/* sparseforge:unit */
+BODY void conv0(OPARGS, const int* d) {
   const float* in = B[d[0]]; float* out = B[d[1]];
   const float* bias = g_w + d[3];
   const int* tstart = g_i + d[4]; const int* flist = g_i + d[5];
@@ -143,6 +158,8 @@ static void conv0(OPARGS, const int* d) {
     }
   }
 }
+
+/* sparseforge:main */
 
 static void op0(OPARGS) { conv0(B, N, tid, nth, g_w, g_i, g_i + 24); }
 
