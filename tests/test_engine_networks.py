@@ -171,3 +171,24 @@ def test_split_build_equals_single_unit(tmp_path, monkeypatch):
     assert torch.equal(outs[0], outs[1])
     with torch.inference_mode():
         assert rel_err(outs[0], m(x)) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["blocked", "auto"])
+def test_blocked_mode_dense_layers(mode):
+    """Blocked mode (dense layers: F filters x rows x vectors per register block, last blocks shifted back):
+    kernel 1/3, stride 1/2, padding 0/1, odd sizes, residual, against PyTorch; auto picks it for dense convs."""
+    torch.manual_seed(0)
+    for cin, cout, k, s, p, (h, w) in [(3, 5, 3, 2, 1, (23, 17)), (8, 16, 1, 1, 0, (7, 5)), (17, 16, 3, 1, 1, (16, 32)),
+                                       (8, 7, 3, 2, 0, (16, 9)), (16, 13, 1, 2, 0, (15, 30)), (4, 16, 3, 1, 0, (9, 40))]:
+        m = randomize_bn(nn.Sequential(nn.Conv2d(cin, cout, k, s, p), nn.BatchNorm2d(cout), nn.ReLU()), seed=k + s)
+        x = torch.randn(3, cin, h, w)
+        e, st = compile(m, x[:1], threads=2, conv_mode=mode, return_stages=True)
+        assert any(c.blocked for c in st.plan.convs.values()), (cin, cout, k, s, p)
+        with torch.inference_mode():
+            assert rel_err(e(x), m(x)) < 1e-5, (cin, cout, k, s, p, h, w)
+    m = randomize_bn(nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1), BasicBlock(16, 32, 2, "relu", project=True),
+                                   BasicBlock(32, 32, 1, "relu", project=False)), seed=3)
+    x = torch.randn(2, 3, 20, 24)
+    e = compile(m, x[:1], threads=3, conv_mode=mode)
+    with torch.inference_mode():
+        assert rel_err(e(x), m(x)) < 1e-5

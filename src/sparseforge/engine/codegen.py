@@ -176,6 +176,8 @@ def conv_source(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
     elif op.residual is not None:
         lines.append(f"      const float* rb = res + (long)n * {lo.image} + (long)f * {lo.plane};")
     head_lines = lines[lines.index("  const int Nf = N - N % nth;") + 4:]   # thread list, filter, its pointers
+    if p.blocked:
+        return _blocked_conv(k, p, plan, bodies)
     if p.gather:
         return _gather_conv(k, p, plan, bodies, lines)
     if p.packed1:
@@ -241,6 +243,86 @@ def conv_source(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
     else:
         lines += block + inner + ["      }", "    }", "  }"]
     return _register(k, p, plan, bodies, "\n".join(lines), [])
+
+
+def _blocked_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
+    """Blocked mode (see ``plan._plan_blocked``): per tap, R x V input vectors loaded once, F broadcast weights,
+    F x R x V FMAs."""
+    op: ConvOp = p.op
+    li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
+    o, cin, kh, kw = op.weight.shape
+    s, pad, VEC = op.stride, op.padding, p.vec
+    F, R, V, nb = p.blk_f, p.rows, p.vecs, p.blk_nb
+    ho, wo, xv = p.ho, p.wo, p.xv
+    kk = kh * kw
+    load = "ld" if s == 1 else "ld2"
+    ylast, xlast = ho - R, (xv - V) * VEC          # shifted-back last blocks
+    nby = -(-ho // R)
+    b = ["  const float* in = B[d[0]]; float* out = B[d[1]];",
+         "  const float* bias = g_w + d[3]; const float* W = g_w + d[4];"]
+    if op.residual is not None:
+        b.append("  const float* res = B[d[2]];")
+    b += ["  const int Nf = N - N % nth;",
+          "  for (int n = 0; n < N; n++) {",
+          "    const int own = n < Nf;",
+          "    if (own && n % nth != tid) continue;",
+          f"    const float* ib = in + (long)n * {li.image};",
+          f"    float* ob = out + (long)n * {lo.image};",
+          f"    int ylo = 0, yhi = {nby}, flo = 0, fhi = {nb};"]
+    if p.spatial:
+        b.append(f"    if (!own) {{ ylo = {nby} * tid / nth; yhi = {nby} * (tid + 1) / nth; }}")
+    else:
+        b.append(f"    if (!own) {{ flo = {nb} * tid / nth; fhi = {nb} * (tid + 1) / nth; }}")
+    loops = [f"    for (int yb = ylo; yb < yhi; yb++)",
+             f"    for (int xb = 0; xb < {-(-xv // V)}; xb++)"]
+    floop = ["    for (int fb = flo; fb < fhi; fb++)"]
+    b += (loops + floop) if p.block_outer else (floop + loops)
+    b += ["    {",
+          f"      const int y0 = yb * {R} < {ylast} ? yb * {R} : {ylast};",
+          f"      const int x0 = xb * {V * VEC} < {xlast} ? xb * {V * VEC} : {xlast};",
+          f"      const long ioff = (long)(y0 * {s} + 1 - {pad}) * {li.rs} + (x0 * {s} + 1 - {pad});",
+          f"      const float* wp = W + (long)fb * {cin * kk * F};"]
+    accs = [(f, r, v) for f in range(F) for r in range(R) for v in range(V)]
+    for f in range(F):
+        b.append(f"      const vf b{f} = BC(bias[fb * {F} + {f}]);")
+    b.append("      vf " + ", ".join(f"a{f}_{r}_{v} = b{f}" for f, r, v in accs) + ";")
+    b += [f"      for (int c = 0; c < {cin}; c++, wp += {kk * F}) {{",
+          f"        const float* ip = ib + (long)c * {li.plane} + ioff;"]
+    for t in range(kk):
+        off = (t // kw) * li.rs + (t % kw)
+        b.append("        {")
+        for r in range(R):
+            for v in range(V):
+                b.append(f"          const vf i{r}_{v} = {load}(ip + {r * s * li.rs + v * VEC * s + off});")
+        for f in range(F):
+            b.append(f"          {{ const vf w = BC(wp[{t * F + f}]); "
+                     + " ".join(f"a{f}_{r}_{v} += w * i{r}_{v};" for r in range(R) for v in range(V)) + " }")
+        b.append("        }")
+    b.append("      }")
+    for f in range(F):
+        b.append(f"      if (fb * {F} + {f} < {o}) {{")
+        b.append(f"        float* obf = ob + (long)(fb * {F} + {f}) * {lo.plane};")
+        if op.residual is not None:
+            b.append(f"        const float* rbf = res + (long)n * {lo.image} + (long)(fb * {F} + {f}) * {lo.plane};")
+        for r in range(R):
+            for v in range(V):
+                b.append("        {")
+                b.append(f"          const int y = y0 + {r}, x = x0 + {v * VEC};")
+                b.append(f"          vf a = a{f}_{r}_{v};")
+                if op.residual is not None:
+                    b.append(f"          a += ld(rbf + (long)(y + 1) * {lo.rs} + (x + 1));")
+                b.append(f"          a = {_act(op.act, 'a')};")
+                b.append(f"          float* op_ = obf + (long)(y + 1) * {lo.rs} + (x + 1);")
+                b.append(f"          if (x + {VEC} <= {wo}) st(op_, a); else if (x < {wo}) stn(op_, a, {wo} - x);")
+                b.append("        }")
+        b.append("      }")
+    b += ["    }", "  }"]
+    body = "\n".join(b)
+    if body not in bodies:
+        bodies[body] = f"conv{len(bodies)}"
+    desc = [op.inputs[0], op.output, op.residual if op.residual is not None else -1, p.blk_b_off, p.blk_w_off]
+    d_off = plan.blob.add_i(desc)
+    return f"static void op{k}(OPARGS) {{ {bodies[body]}(B, N, tid, nth, g_w, g_i, g_i + {d_off}); }}"
 
 
 def _register(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], body: str, extra: list[int]) -> str:

@@ -206,9 +206,10 @@ def compile(model: nn.Module, example_input: torch.Tensor, threads: int | None =
     """Compile ``model`` (eval mode: BN folded with its running stats) for inputs shaped like ``example_input``.
 
     ``threads`` defaults to torch's thread count; ``vector_width`` (8 or 16 floats) to what the CPU supports.
-    ``conv_mode``: "auto" (measured heuristic: gather mode for 3x3 convs with >= 128 input channels on maps of
-    <= 64 pixels, direct otherwise), "direct" or "gather" (every eligible conv; for tests and tuning). Layers
-    without a native kernel run in PyTorch and are listed by ``engine.summary()``.
+    ``conv_mode``: "auto" (measured heuristic: blocked mode for convs with >= 75% non-zero weights; for sparse
+    ones gather mode for 3x3 convs with >= 128 input channels on maps of <= 64 pixels, packed for 1x1 convs
+    on such maps, flat or direct otherwise), "direct", "gather" or "blocked" (every eligible conv; for tests
+    and tuning). Layers without a native kernel run in PyTorch and are listed by ``engine.summary()``.
     """
     if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4:
         raise SparseforgeError("example_input must be a 4-D NCHW float tensor, e.g. torch.randn(1, 3, 32, 32)")
@@ -230,8 +231,8 @@ def compile(model: nn.Module, example_input: torch.Tensor, threads: int | None =
     vec = vector_width or default_vector_width(portable)
     if vec not in (8, 16):
         raise SparseforgeError(f"vector_width must be 8 or 16, got {vec}")
-    if conv_mode not in ("auto", "direct", "gather"):
-        raise SparseforgeError(f"conv_mode must be 'auto', 'direct' or 'gather', got {conv_mode!r}")
+    if conv_mode not in ("auto", "direct", "gather", "blocked"):
+        raise SparseforgeError(f"conv_mode must be 'auto', 'direct', 'gather' or 'blocked', got {conv_mode!r}")
     wide = not portable and vec == 8 and _has_avx512()
     options = {"input_shape": list(example_input.shape[1:]), "threads": threads, "vec": vec, "conv_mode": conv_mode,
                "wide": wide, "portable": portable}
