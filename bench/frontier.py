@@ -72,6 +72,8 @@ def arm_stages(E: int, admm_epochs: int, weights: str) -> dict[str, list[dict]]:
         "structured-2x": [{"method": "structured", "mac_ratio": 0.5, "round_to": 8}, {**kd, "epochs": E}],
         "pattern-8x-gradual": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100, "teacher": "start",
                                 "target": p8}],
+        "pattern-2.25x-gradual": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100,
+                                   "teacher": "start", "target": {"num_patterns": 8, "connectivity": 1.0}}],
         "magnitude-8x-gradual": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100, "teacher": "start",
                                   "magnitude": matched_magnitude_sparsity(weights, PatternConfig(**p8))}],
     }
