@@ -35,6 +35,17 @@ static inline float gelus(float v) { return 0.5f * v * (1.0f + erff(v * 0.707106
 #define OPARGS float* const* B, int N, int tid, int nth, const float* g_w, const int* g_i
 /* conv bodies: extern for the build's separate units, hidden so the library exports only its entry points */
 #define BODY __attribute__((visibility("hidden")))
+/* one phase of a space-to-depth split with zero padding (PhaseOp): dst(i, j) = src(s*i + oy, s*j + ox) or 0 */
+static __attribute__((noinline)) void phase_copy(float* restrict dst, long drs, const float* restrict src, long srs,
+                                                 int hp, int wp, int h, int w, int s, int oy, int ox) {
+  for (int i = 0; i < hp; i++) {
+    const int y = s * i + oy;
+    for (int j = 0; j < wp; j++) {
+      const int x = s * j + ox;
+      dst[i * drs + j] = (y >= 0 && y < h && x >= 0 && x < w) ? src[(long)y * srs + x] : 0.0f;
+    }
+  }
+}
 /* a strided window copied into a dense row (gather and packed modes). Out of line with run-time bounds: inlined
    with constant bounds, gcc 12's loop vectorizer spent 54 s on one ResNet-50 layer's nine 7x7 stride-2 copies */
 static __attribute__((noinline)) void add_strided(float* restrict dst, const float* restrict src, int ho, int wo,

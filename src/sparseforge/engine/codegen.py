@@ -9,7 +9,7 @@ in the source come only from integer indices, never from user strings.
 
 from __future__ import annotations
 
-from .ir import ConcatOp, ConvOp, EltwiseOp, FlattenOp, GapOp, LinearOp, PoolOp
+from .ir import ConcatOp, ConvOp, EltwiseOp, FlattenOp, GapOp, LinearOp, PhaseOp, PoolOp
 from . import plan as _plan
 from .plan import PACKED1_CHAINS, BlockPlan, ConvPlan, Plan
 
@@ -57,6 +57,17 @@ static inline float gelus(float v) { return 0.5f * v * (1.0f + erff(v * 0.707106
 #define OPARGS float* const* B, int N, int tid, int nth, const float* g_w, const int* g_i
 /* conv bodies: extern for the build's separate units, hidden so the library exports only its entry points */
 #define BODY __attribute__((visibility("hidden")))
+/* one phase of a space-to-depth split with zero padding (PhaseOp): dst(i, j) = src(s*i + oy, s*j + ox) or 0 */
+static __attribute__((noinline)) void phase_copy(float* restrict dst, long drs, const float* restrict src, long srs,
+                                                 int hp, int wp, int h, int w, int s, int oy, int ox) {
+  for (int i = 0; i < hp; i++) {
+    const int y = s * i + oy;
+    for (int j = 0; j < wp; j++) {
+      const int x = s * j + ox;
+      dst[i * drs + j] = (y >= 0 && y < h && x >= 0 && x < w) ? src[(long)y * srs + x] : 0.0f;
+    }
+  }
+}
 /* a strided window copied into a dense row (gather and packed modes). Out of line with run-time bounds: inlined
    with constant bounds, gcc 12's loop vectorizer spent 54 s on one ResNet-50 layer's nine 7x7 stride-2 copies */
 static __attribute__((noinline)) void add_strided(float* restrict dst, const float* restrict src, int ho, int wo,
@@ -286,18 +297,20 @@ def _blocked_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> st
     for f in range(F):
         b.append(f"      const vf b{f} = BC(bias[fb * {F} + {f}]);")
     b.append("      vf " + ", ".join(f"a{f}_{r}_{v} = b{f}" for f, r, v in accs) + ";")
-    b += [f"      for (int c = 0; c < {cin}; c++, wp += {kk * F}) {{",
+    g = len(p.blk_taps)          # channel phases (1 unless phase-lowered), each with its own taps
+    b += [f"      for (int c = 0; c < {cin}; c += {g}, wp += {g * kk * F}) {{",
           f"        const float* ip = ib + (long)c * {li.plane} + ioff;"]
-    for t in range(kk):
-        off = (t // kw) * li.rs + (t % kw)
-        b.append("        {")
-        for r in range(R):
-            for v in range(V):
-                b.append(f"          const vf i{r}_{v} = {load}(ip + {r * s * li.rs + v * VEC * s + off});")
-        for f in range(F):
-            b.append(f"          {{ const vf w = BC(wp[{t * F + f}]); "
-                     + " ".join(f"a{f}_{r}_{v} += w * i{r}_{v};" for r in range(R) for v in range(V)) + " }")
-        b.append("        }")
+    for ph, taps in enumerate(p.blk_taps):
+        for t in taps:
+            off = ph * li.plane + (t // kw) * li.rs + (t % kw)
+            b.append("        {")
+            for r in range(R):
+                for v in range(V):
+                    b.append(f"          const vf i{r}_{v} = {load}(ip + {r * s * li.rs + v * VEC * s + off});")
+            for f in range(F):
+                b.append(f"          {{ const vf w = BC(wp[{(ph * kk + t) * F + f}]); "
+                         + " ".join(f"a{f}_{r}_{v} += w * i{r}_{v};" for r in range(R) for v in range(V)) + " }")
+            b.append("        }")
     b.append("      }")
     for f in range(F):
         b.append(f"      if (fb * {F} + {f} < {o}) {{")
@@ -760,6 +773,22 @@ def block_source(k: int, bp: BlockPlan, plan: Plan) -> str:
     return "\n".join(b)
 
 
+def phase_source(k: int, op: PhaseOp, plan: Plan) -> str:
+    li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
+    c, h, w = li.shape
+    co, hp, wp = lo.shape
+    s, pd = op.stride, op.padding
+    return f"""static void op{k}(OPARGS) {{
+  const float* in = B[{op.inputs[0]}]; float* out = B[{op.output}];
+  for (int q = tid; q < N * {co}; q += nth) {{
+    const int n = q / {co}, r = q % {co}, ch = r / {s * s}, py = r % {s * s} / {s}, px = r % {s};
+    phase_copy(out + (long)n * {lo.image} + (long)r * {lo.plane} + {lo.rs + 1}, {lo.rs},
+               in + (long)n * {li.image} + (long)ch * {li.plane} + {li.rs + 1}, {li.rs},
+               {hp}, {wp}, {h}, {w}, {s}, py - {pd}, px - {pd});
+  }}
+}}"""
+
+
 def pool_source(k: int, op: PoolOp, plan: Plan) -> str:
     """Any square window, stride and padding: the window is clipped to the map, so padded positions never win a
     max (PyTorch pads max pooling with -inf) and count in an average only with ``include_pad``.
@@ -1011,7 +1040,7 @@ def linear_source(k: int, op: LinearOp, plan: Plan) -> str:
     return "\n".join(body)
 
 
-TEMPLATES = {ConvOp: None, PoolOp: pool_source, GapOp: gap_source, LinearOp: linear_source,
+TEMPLATES = {ConvOp: None, PhaseOp: phase_source, PoolOp: pool_source, GapOp: gap_source, LinearOp: linear_source,
              FlattenOp: flatten_source, EltwiseOp: eltwise_source, ConcatOp: concat_source}
 
 

@@ -51,6 +51,9 @@ class ConvOp(Op):
     res_stride: int = 1
     res_pad_before: int = 0
     folded: list[str] = dataclasses.field(default_factory=list)
+    # > 1 after phase lowering: input channels c, c + tap_period, ... are one phase and share the taps that
+    # exist (the rest are zeros PyTorch never multiplies: a kernel may not run them, or a NaN would spread)
+    tap_period: int = 1
 
     kind = "conv"
 
@@ -66,6 +69,20 @@ class ConvOp(Op):
         if fused:
             parts.append("fused: " + ",".join(fused))
         return " ".join(parts)
+
+
+@dataclasses.dataclass
+class PhaseOp(Op):
+    """Space-to-depth with zero padding: output channel (c * s + py) * s + px holds input pixels
+    (s * i + py - padding, s * j + px - padding) of channel c, 0 outside the map. A k x k stride-s conv with any
+    padding equals a ceil(k / s)-sized stride-1 unpadded conv over it: the compiler's lowering of 7x7 stride-2
+    stems and of padding wider than the layout's one-pixel border (see plan.lower)."""
+    stride: int = 2
+    padding: int = 0
+    kind = "phase"
+
+    def describe(self) -> str:
+        return f"phase split s{self.stride} p{self.padding}" if self.stride > 1 else f"zero pad {self.padding}"
 
 
 @dataclasses.dataclass
@@ -203,7 +220,7 @@ class ConcatOp(Op):
 
 
 # ---- graphs as data (engine artefacts store their graph, never a binary) ------------------------------------
-NATIVE_OPS = {cls.__name__: cls for cls in (ConvOp, PoolOp, FlattenOp, GapOp, LinearOp, EltwiseOp, ConcatOp)}
+NATIVE_OPS = {cls.__name__: cls for cls in (ConvOp, PhaseOp, PoolOp, FlattenOp, GapOp, LinearOp, EltwiseOp, ConcatOp)}
 
 
 def graph_to_data(graph: Graph) -> tuple[dict, dict[str, torch.Tensor]]:
