@@ -2,6 +2,7 @@ import re
 import pytest
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -213,9 +214,45 @@ def test_bad_input_table(tmp_path):
         w = _weights_with_meta(tmp_path / f"{name}.safetensors", meta)
         cases += [(["compile", w, "--out", tmp_path / f"e_{name}"], needle),
                   (["export", w, "--out", tmp_path / f"{name}.onnx"], needle)]
+    bad_batches = tmp_path / "bad_batches.toml"
+    bad_batches.write_text(rec.read_text() + '[[stage]]\nmethod = "compile"\nbatches = [-1]\n')
+    cases.append((["run", bad_batches, "--run-dir", tmp_path / "r_bb"], "batches"))
+    # resume from damaged or foreign checkpoints (hashes recomputed, so only the content is wrong)
+    small = train + ["--batch-size", "16"]
+    assert run_cli(*small, "--run-dir", tmp_path / "r0").returncode == 0
+    ck = tmp_path / "r0" / "checkpoints"
+    tag = json.loads((ck / "latest.json").read_text())["tag"]
+    for name, damage, needle in [
+            ("list", lambda d: (d / "latest.json").write_text("[1, 2]"), "latest.json is corrupt"),
+            ("path", lambda d: (d / "latest.json").write_text('{"tag": "../../x"}'), "not a checkpoint name"),
+            ("nosha", lambda d: _drop_sha(d / f"{tag}.json"), "no sha256"),
+            ("arch", lambda d: _foreign_weights(d, tag), "does not fit this run's model")]:
+        d = tmp_path / f"r_{name}"
+        shutil.copytree(tmp_path / "r0", d)
+        (d / ".lock").unlink(missing_ok=True)
+        damage(d / "checkpoints")
+        cases.append((small + ["--resume", "--run-dir", d], needle))
     for args, needle in cases:
         assert_one_line_error(run_cli(*args), needle)
     assert not (tmp_path / "r_big" / "config.toml").exists()     # a failed start leaves nothing that blocks a rerun
+
+
+def _drop_sha(meta: Path) -> None:
+    d = json.loads(meta.read_text())
+    del d["sha256"]
+    meta.write_text(json.dumps(d))
+
+
+def _foreign_weights(ck: Path, tag: str) -> None:
+    """Another architecture's weights under the checkpoint's name, with the record's hash recomputed."""
+    import hashlib
+
+    w = ck / f"{tag}.safetensors"
+    save_file({k: v.contiguous() for k, v in create_model("resnet20").state_dict().items()}, str(w))
+    meta = ck / f"{tag}.json"
+    d = json.loads(meta.read_text())
+    d["sha256"]["weights"] = hashlib.sha256(w.read_bytes()).hexdigest()
+    meta.write_text(json.dumps(d))
 
 
 def test_edited_config_is_refused_on_resume(tmp_path):

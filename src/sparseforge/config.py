@@ -131,13 +131,15 @@ class Config:
             md = f.metadata
             if md.get("choices") and value not in md["choices"]:
                 raise ConfigError(f"{where}: got {value!r}; accepted values: {', '.join(map(repr, md['choices']))}")
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                if isinstance(value, float) and not math.isfinite(value):
-                    raise ConfigError(f"{where}: got {value!r}; expected a finite number")
-                if md.get("min") is not None and value < md["min"]:
-                    raise ConfigError(f"{where}: got {value!r}; must be >= {md['min']}")
-                if md.get("max") is not None and value > md["max"]:
-                    raise ConfigError(f"{where}: got {value!r}; must be <= {md['max']}")
+            # bounds hold for a number and for every number of a tuple/list (batch sizes: batches=[-1])
+            for item in (value if isinstance(value, (tuple, list)) else (value,)):
+                if isinstance(item, (int, float)) and not isinstance(item, bool):
+                    if isinstance(item, float) and not math.isfinite(item):
+                        raise ConfigError(f"{where}: got {value!r}; expected finite numbers")
+                    if md.get("min") is not None and item < md["min"]:
+                        raise ConfigError(f"{where}: got {value!r}; every value must be >= {md['min']}")
+                    if md.get("max") is not None and item > md["max"]:
+                        raise ConfigError(f"{where}: got {value!r}; every value must be <= {md['max']}")
             object.__setattr__(self, f.name, value)
         self.validate()
 

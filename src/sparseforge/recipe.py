@@ -84,9 +84,13 @@ class CompileConfig(Config):
     """Compile the current model with sparseforge.compile and measure it against the dense start model."""
 
     threads: int = opt(0, "engine and baseline threads (0 = the training threads / PyTorch default)", min=0)
-    batches: tuple[int, ...] = opt((1,), "batch sizes measured")
+    batches: tuple[int, ...] = opt((1,), "batch sizes measured", min=1)
     runs: int = opt(30, "timed runs per arm and batch size (median, p10, p90 reported)", min=5)
     onnxruntime: bool = opt(True, "also time onnxruntime on the dense ONNX, when installed")
+
+    def validate(self) -> None:
+        if not self.batches:
+            raise ConfigError("CompileConfig.batches is empty: list the batch sizes to measure, e.g. batches = [1]")
 
 
 @dataclasses.dataclass(frozen=True)

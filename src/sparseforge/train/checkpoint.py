@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import re
 import platform
 from pathlib import Path
 from typing import Any
@@ -126,8 +127,12 @@ def latest_checkpoint(path: Path) -> CheckpointRef | None:
         if pointer.exists():
             try:
                 tag = json.loads(pointer.read_text())["tag"]
-            except (ValueError, KeyError) as e:
-                raise CheckpointError(f"{pointer} is corrupt ({e}); delete it to start over") from None
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{pointer} is corrupt ({type(e).__name__}: {e}); delete it to start over") from None
+            # a tag names files in this folder: nothing else (no paths, no other types)
+            if not isinstance(tag, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", tag):
+                raise CheckpointError(f"{pointer} is corrupt (tag {tag!r} is not a checkpoint name); delete it to "
+                                      "start over")
             return CheckpointRef(d, tag)
     return None
 
@@ -142,12 +147,19 @@ def load_checkpoint(ref: CheckpointRef) -> tuple[dict[str, torch.Tensor], dict[s
         meta = json.loads(ref.meta_path.read_text())
     except ValueError as e:
         raise CheckpointError(f"{ref.meta_path} is not valid JSON ({e}); the checkpoint is corrupt") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{ref.meta_path} is not a checkpoint record (a JSON {type(meta).__name__}); the "
+                              "checkpoint is corrupt")
+    hashes = meta.get("sha256")
+    if not isinstance(hashes, dict) or not all(isinstance(hashes.get(k), str) for k in ("weights", "state")):
+        raise CheckpointError(f"{ref.meta_path} has no sha256 of its files, so they cannot be verified; the "
+                              "checkpoint is corrupt or not sparseforge's: restore it or start a new run")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{ref.meta_path} is not a sparseforge checkpoint (format {meta.get('format')!r})")
     for key, p in (("weights", ref.weights_path), ("state", ref.state_path)):
         if not p.exists():
             raise CheckpointError(f"checkpoint file {p} is missing")
-        if sha256_file(p) != meta["sha256"][key]:
+        if sha256_file(p) != hashes[key]:
             raise CheckpointError(f"checkpoint file {p} is truncated or modified (sha256 mismatch); restore it or start a new run")
     try:
         model_state = load_file(str(ref.weights_path))

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import BatchLoader
-from ..errors import RunDirError, TrainingDivergedError
+from ..errors import CheckpointError, RunDirError, TrainingDivergedError
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .schedule import lr_factor
@@ -211,14 +211,21 @@ class Trainer:
                               "continues the run as it started: undo the edit, or start a new run directory")
         from ..sparsity import ensure_sparsity_buffers
 
-        ensure_sparsity_buffers(self.model, model_state)
-        self.model.load_state_dict(model_state)
-        self.optimizer.load_state_dict(extra["optimizer"])
-        for i, cb in enumerate(self.callbacks):
-            cb.load_state_dict(extra["callbacks"].get(f"{i}:{cb.name}", {}))
-        self.epoch, self.batch_in_epoch, self.step = meta["epoch"], meta["batch_in_epoch"], meta["step"]
-        self.history = meta.get("history", [])
-        set_rng_state(meta["rng"])
+        try:
+            ensure_sparsity_buffers(self.model, model_state)
+            self.model.load_state_dict(model_state)
+            self.optimizer.load_state_dict(extra["optimizer"])
+            for i, cb in enumerate(self.callbacks):
+                cb.load_state_dict(extra["callbacks"].get(f"{i}:{cb.name}", {}))
+            self.epoch, self.batch_in_epoch, self.step = int(meta["epoch"]), int(meta["batch_in_epoch"]), int(meta["step"])
+            self.history = meta.get("history", [])
+            set_rng_state(meta["rng"])
+        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            # another architecture's weights (or a hand-made record) under valid hashes
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"checkpoint {ref.tag} in {self.checkpoint_dir} does not fit this run's model "
+                                  f"{self.config.model!r} ({first}); it is another run's: start a new run "
+                                  "directory") from None
         self._truncate_metrics()
         self.log(f"resumed from {ref.tag} (epoch {self.epoch + 1}, batch {self.batch_in_epoch}, step {self.step})")
         return True
