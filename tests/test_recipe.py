@@ -486,3 +486,33 @@ def test_online_kd_stage_trains_the_dense_control_alongside_the_student(tmp_path
     student = tmp_path / "online" / "model.safetensors"
     spec = json.loads(read_state_dict(student)[1]["model"])
     assert len(spec["arch"]["removed_branches"]) == 3
+
+
+def test_kill_between_engine_save_and_stage_completion_reruns_to_the_same_results(tmp_path):
+    """A compile stage killed after its engine was saved but before it was marked done: the rerun replaces the
+    leftover engine (results.json names it, never null) and removes temp files killed writers left behind."""
+    rec = Recipe.from_toml(RECIPE.split("[[stage]]")[0] + '[[stage]]\nmethod = "finetune"\nepochs = 1\n'
+                           '[[stage]]\nmethod = "compile"\nruns = 5\nonnxruntime = false\n')
+    run = tmp_path / "r"
+    first = RecipeRunner(rec, run, progress=False).run()
+    sdir = run / "stages" / "01-compile"
+    assert first["stages"][1]["engine_dir"] == str(sdir / "engine")
+    # the kill: done.json and everything after it never written; a torn temp file and a half-written artefact
+    (sdir / "done.json").unlink()
+    (run / "model.safetensors").unlink()
+    (sdir / ".done.json.abcd1234.tmp").write_text("{")
+    (sdir / "engine2.tmp-write").mkdir()
+    again = RecipeRunner(rec, run, progress=False).run(resume=True)
+    assert again["stages"][1]["engine_dir"] == first["stages"][1]["engine_dir"]
+    assert "engine_save_error" not in again["stages"][1]
+    assert not (sdir / ".done.json.abcd1234.tmp").exists() and not (sdir / "engine2.tmp-write").exists()
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["stages"][1]["engine_dir"] == first["stages"][1]["engine_dir"]
+    assert saved["final"] == first["final"]
+    import sparseforge as sf
+
+    model = sf.create_model("smallcnn")
+    sf.load_weights(model, run / "model.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(sf.load_engine(sdir / "engine")(x), model.eval()(x), atol=1e-5)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -502,6 +503,10 @@ class RecipeRunner:
             out["engine_ops"] = [{"name": op["name"], "path": "generated" if op["native"] else "PyTorch",
                                   "describe": op["describe"], "us": 1e6 * prof.get(k, 0.0)}
                                  for k, op in enumerate(engine.spec["ops"])]
+            if (sdir / "engine").exists():
+                # left by an earlier attempt at this stage that was killed before the stage was marked done (a
+                # done stage is never rerun): this attempt's engine replaces it, so results.json names it
+                shutil.rmtree(sdir / "engine")
             try:
                 engine.save(sdir / "engine")
                 out["engine_dir"] = str(sdir / "engine")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,36 @@ def resolve_device(spec: str = "auto", local_rank: int | None = None):
                       "\"cuda\" or \"cuda:N\"")
 
 
+def clean_temp_files(run_dir: Path) -> list[str]:
+    """Remove what killed writers left in a run directory: atomic-write temps (``.<name>.<random>.tmp``) and
+    half-written engine artefacts (``*.tmp-write``). Called with the run's lock held, so no writer is active;
+    nothing else is touched (finished files are only ever replaced by rename)."""
+    import re
+
+    run_dir = Path(run_dir)
+    temp = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")      # atomic_write_bytes's mkstemp names
+    # only where sparseforge writes: the run directory's top level and its own subfolders (a --run-dir that
+    # holds other files keeps them all)
+    paths = list(run_dir.glob("*"))
+    for sub in ("checkpoints", "stages"):
+        if (run_dir / sub).is_dir():
+            paths += list((run_dir / sub).rglob("*"))
+    removed = []
+    for p in sorted(set(paths)):
+        name = p.name
+        try:
+            if p.is_file() and temp.fullmatch(name):
+                p.unlink()
+            elif p.is_dir() and name.endswith(".tmp-write"):
+                shutil.rmtree(p)
+            else:
+                continue
+        except OSError:
+            continue
+        removed.append(str(p.relative_to(run_dir)))
+    return removed
+
+
 class RunLock:
     """An advisory lock on a run directory (``<run_dir>/.lock``), held while one process works in it.
 
@@ -158,6 +189,7 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
+        self.removed_temps = clean_temp_files(self.run_dir)
         return self
 
     def release(self) -> None:
