@@ -61,6 +61,16 @@ def test_help_everywhere():
         assert r.returncode == 0 and "usage:" in r.stdout
 
 
+def test_python_dash_m_sparseforge_is_the_cli():
+    env = {**os.environ, "PYTHONPATH": SRC}
+    r = subprocess.run([sys.executable, "-m", "sparseforge", "stats", "--model", "smallcnn", "--size", "0"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert_one_line_error(r, "--size")
+    r = subprocess.run([sys.executable, "-m", "sparseforge", "--help"], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("usage: sparseforge")
+
+
 def test_train_flags_come_from_config(tmp_path, capsys):
     rc = main(["train", "--model", "smallcnn", "--train-size", "64", "--test-size", "20", "--batch-size", "32",
                "--epochs", "1", "--threads", "1", "--run-dir", str(tmp_path / "r"), "--no-progress", "--no-augment"])
