@@ -118,6 +118,7 @@ def test_eval_shared_resnet20(models_dir, cifar_dir, capsys):
     assert abs(res["acc"] - 81.03) <= 0.1
 
 
+@pytest.mark.slow
 def test_demo_runs(tmp_path, capsys):
     rc = main(["demo", "--out", str(tmp_path), "--epochs", "1"])
     assert rc == 0
@@ -189,6 +190,7 @@ def _weights_with_meta(path, meta):
     return path
 
 
+@pytest.mark.slow
 def test_bad_input_table(tmp_path):
     """Every clumsy input of issue 25 sections 2-3 we cover: exit 2, one line naming the problem, no traceback."""
     good = _weights_with_meta(tmp_path / "good.safetensors", json.dumps({"name": "smallcnn", "num_classes": 10}))

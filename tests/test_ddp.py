@@ -9,6 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow      # the fast tier (pytest -m "not slow") skips it; CI runs all
+
 HERE = Path(__file__).parent
 
 

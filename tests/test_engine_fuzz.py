@@ -14,6 +14,8 @@ from sparseforge.engine import compile
 from sparseforge.engine.testing import Case, build_case, valid
 from sparseforge.report.env import cpu_flags
 
+pytestmark = pytest.mark.slow      # the fast tier (pytest -m "not slow") skips it; CI runs all
+
 # 8-float vectors run everywhere; 16-float (AVX-512) code is checked where the CPU has it
 WIDTHS = [8, 16] if "avx512f" in cpu_flags() else [8]
 

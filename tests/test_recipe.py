@@ -44,6 +44,7 @@ def _child(recipe, run_dir, marker="", step=0):
                           env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_recipe_killed_mid_stage_resumes_without_redoing_stages(tmp_path):
     rp = tmp_path / "r.toml"
     rp.write_text(RECIPE)
@@ -68,6 +69,7 @@ def test_recipe_killed_mid_stage_resumes_without_redoing_stages(tmp_path):
     assert len(res["sparsity"]["library"]) == 4
 
 
+@pytest.mark.slow
 def test_recipe_killed_inside_admm_stage_resumes(tmp_path):
     """The ADMM stage stores the pattern library on the model mid-stage; resuming must recreate that buffer."""
     rp = tmp_path / "r.toml"
@@ -408,6 +410,7 @@ def test_depth_stage_with_growing_regularisation_fades_then_drops_and_resumes(tm
     assert sum("already done" in s for s in logs) == 3 and res2["final"] == res["final"]
 
 
+@pytest.mark.slow
 def test_depth_stage_trained_in_place_drops_the_planned_blocks_and_resumes(tmp_path):
     """inplace_epochs: the plan is written before training, every epoch records the shallow sub-network's and the
     full net's test accuracy, the saved net is the shallow one, it learned (far above chance on the synthetic

@@ -72,6 +72,7 @@ def test_report_numbers_match_results_json(run_dir):
         assert f"| {e} | {rob['dense start'][e]:.4f} | {v:.4f} |" in md
 
 
+@pytest.mark.slow
 def test_html_renders_in_headless_chromium_and_every_image_loads(run_dir):
     browser = _browser()
     html = (run_dir / "report.html").read_text()

@@ -30,6 +30,7 @@ def _final_weights(run_dir):
     return load_file(str(ref.weights_path)), json.loads(ref.meta_path.read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_sigkill_mid_epoch_resumes_to_identical_weights(tmp_path, precision):
     cfg = TrainConfig(**TINY, precision=precision)
@@ -95,6 +96,7 @@ def test_learns_synthetic(tmp_path, opt):
     assert res["test_acc"] > 90.0, res
 
 
+@pytest.mark.slow
 def test_bf16_training_learns_like_fp32_and_keeps_fp32_state(tmp_path):
     """bf16 autocasts the forward only: parameters, checkpoints and evaluation stay fp32, and on the synthetic task
     it learns as fp32 does (same seed; they differ by rounding only)."""
