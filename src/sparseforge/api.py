@@ -10,10 +10,11 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn as nn
 
-from .data import BatchLoader, ImageDataset, load_dataset, resolve_normalization
+from .data import BatchLoader, ImageDataset, load_dataset, resolve_normalization  # noqa: F401
 from .errors import RunDirError
 from .models import create_model, load_weights
 from .train import Callback, TrainConfig, Trainer, evaluate
+from .train.data import datasets_for, loaders_for  # noqa: F401  (public here too)
 from .utils import RunLock, set_threads
 
 
@@ -29,30 +30,6 @@ def config_hash(cfg: TrainConfig) -> str:
 
 def default_run_dir(cfg: TrainConfig, root: str | Path = "runs") -> Path:
     return Path(root) / f"train-{cfg.model}-{cfg.dataset}-{config_hash(cfg)}"
-
-
-def datasets_for(cfg: TrainConfig) -> tuple[ImageDataset, ImageDataset]:
-    return load_dataset(cfg.dataset, cfg.data_dir or None, synthetic_size=(cfg.train_size, cfg.test_size))
-
-
-def loaders_for(cfg: TrainConfig, train: ImageDataset, test: ImageDataset, rank: int | None = None,
-                world_size: int | None = None) -> tuple[BatchLoader, BatchLoader]:
-    """Training loader sharded over DDP ranks (global batch = cfg.batch_size), full test loader on every rank."""
-    if rank is None or world_size is None:
-        from .distributed import rank_world
-
-        rank, world_size = rank_world()
-    if cfg.batch_size % world_size:
-        from .errors import ConfigError
-
-        raise ConfigError(f"batch_size {cfg.batch_size} is the global batch and must divide by the {world_size} "
-                          "processes; pick a multiple")
-    norm = resolve_normalization(cfg.dataset, cfg.normalize)
-    per_rank = max(1, cfg.batch_size // world_size)
-    tl = BatchLoader(train, per_rank, shuffle=True, augment=cfg.augment, normalize=norm, seed=cfg.seed,
-                     drop_last=True, channels_last=cfg.channels_last, rank=rank, world_size=world_size)
-    el = BatchLoader(test, 256, normalize=norm, channels_last=cfg.channels_last)
-    return tl, el
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:

@@ -248,7 +248,7 @@ class RecipeRunner:
             atomic_write_text(cfg_path, self.recipe.to_toml())
 
     def data(self):
-        from .api import datasets_for
+        from .train.data import datasets_for
 
         cfg = self.recipe.train_config()
         train, test = datasets_for(cfg)
@@ -258,7 +258,7 @@ class RecipeRunner:
         return train, test
 
     def loaders(self, cfg: TrainConfig):
-        from .api import loaders_for
+        from .train.data import loaders_for
 
         return loaders_for(cfg, self._train_ds, self._test_ds)
 

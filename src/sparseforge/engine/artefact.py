@@ -20,7 +20,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from ..errors import SparseforgeError
-from ..report.env import cpu_flags
+from ..hardware import cpu_flags
 from ..utils import atomic_write_text, sha256_file
 from .ir import graph_from_data, graph_to_data
 from .runtime import CompiledModel

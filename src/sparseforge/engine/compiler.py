@@ -190,7 +190,7 @@ def store_plan(key: str, spec: dict, source: str, floats: np.ndarray, ints: np.n
 
 
 def _has_avx512() -> bool:
-    from ..report.env import cpu_flags
+    from ..hardware import cpu_flags
 
     return "avx512f" in cpu_flags()
 

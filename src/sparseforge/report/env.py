@@ -6,26 +6,7 @@ import os
 import platform
 from typing import Any
 
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_flags() -> list[str]:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return sorted(f for f in flags if f.startswith(("avx", "fma", "sse4", "f16c", "amx")))
-    except OSError:
-        pass
-    return []
+from ..hardware import cpu_flags, cpu_model  # noqa: F401  (re-exported: report.env.cpu_flags)
 
 
 def environment() -> dict[str, Any]:

@@ -138,7 +138,7 @@ class Trainer:
             convert_sync_bn(model)                   # in place: the same parameters, the optimizer is unaffected
         self._forward = wrap(model, self.device)     # DDP under torchrun: gradients averaged over ranks
         if config.precision == "bf16" and self.is_main and self.device.type == "cpu":
-            from ..report.env import cpu_flags
+            from ..hardware import cpu_flags
 
             if not {"amx_bf16", "avx512_bf16"} & set(cpu_flags()):
                 self.log("warning: TrainConfig.precision='bf16' on a CPU without AMX or AVX512-BF16: bfloat16 "

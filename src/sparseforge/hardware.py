@@ -1,0 +1,26 @@
+"""The CPU this process runs on (base layer: the compiler, the trainer and reports all ask)."""
+
+from __future__ import annotations
+
+import platform
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> list[str]:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return sorted(f for f in flags if f.startswith(("avx", "fma", "sse4", "f16c", "amx")))
+    except OSError:
+        pass
+    return []
