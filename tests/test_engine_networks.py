@@ -72,6 +72,10 @@ NAN_NETS = {
     "narrow-map (flat mode)": lambda: nn.Sequential(nn.Conv2d(4, 8, 3, 1, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, 1, 1)),
     "inverted block (fused)": lambda: nn.Sequential(nn.Conv2d(4, 8, 3, 1, 1),
                                                     InvertedResidual(8, 24, 8, 1, "relu6", None)),
+    # a conv passes an Inf input on as +-Inf; PyTorch's GELU maps both to NaN (fuzz seed 41243)
+    "7x7 stem + gelu": lambda: nn.Sequential(nn.Conv2d(4, 8, 7, 2, 3), nn.GELU()),
+    "conv + silu": lambda: nn.Sequential(nn.Conv2d(4, 8, 3, 1, 1), nn.SiLU()),
+    "conv + hardswish": lambda: nn.Sequential(nn.Conv2d(4, 8, 3, 1, 1), nn.Hardswish()),
 }
 
 
