@@ -331,23 +331,24 @@ def _blocked_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> st
                 b.append("        }")
         b.append("      }")
     b += ["    }", "  }"]
-    body = "\n".join(b)
-    if body not in bodies:
-        bodies[body] = f"conv{len(bodies)}"
-    desc = [op.inputs[0], op.output, op.residual if op.residual is not None else -1, p.blk_b_off, p.blk_w_off]
-    d_off = plan.blob.add_i(desc)
-    return f"static void op{k}(OPARGS) {{ {bodies[body]}(B, N, tid, nth, g_w, g_i, g_i + {d_off}); }}"
+    return _register(k, p, plan, bodies, "\n".join(b), [],
+                     desc=[op.inputs[0], op.output, op.residual if op.residual is not None else -1, p.blk_b_off,
+                           p.blk_w_off])
 
 
-def _register(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], body: str, extra: list[int]) -> str:
+def _register(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], body: str, extra: list[int],
+              desc: list[int] | None = None) -> str:
+    """The op's wrapper: a shared body (deduplicated by text) called with this op's descriptor (``desc``, or the
+    standard one: buffers, bias, thread lists and per-shape runs, then ``extra``)."""
     if body not in bodies:
         bodies[body] = f"conv{len(bodies)}"
     op = p.op
-    desc = [op.inputs[0], op.output, op.residual if op.residual is not None else -1, p.bias_off, p.tstart_off,
-            p.flist_off]
-    for j in range(len(p.shapes)):
-        desc += [p.start_off[j], p.chan_off[j], p.w_off[j]]
-    desc += extra
+    if desc is None:
+        desc = [op.inputs[0], op.output, op.residual if op.residual is not None else -1, p.bias_off, p.tstart_off,
+                p.flist_off]
+        for j in range(len(p.shapes)):
+            desc += [p.start_off[j], p.chan_off[j], p.w_off[j]]
+        desc += extra
     d_off = plan.blob.add_i(desc)
     return f"static void op{k}(OPARGS) {{ {bodies[body]}(B, N, tid, nth, g_w, g_i, g_i + {d_off}); }}"
 

@@ -243,25 +243,26 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     sidx = {s: j for j, s in enumerate(shapes)}
     code_shape = {c: sidx[mapping[ts]] for c, ts in tapset.items()}
     kshape = np.array([code_shape[c] for c in kc.tolist()], dtype=np.int64)
+    # taps each filter runs (its kernels' shapes)
+    shape_len = np.array([len(s) for s in shapes], dtype=np.int64)
+    work = np.bincount(kf, weights=shape_len[kshape], minlength=o).astype(np.int64) if len(kc) else np.zeros(o, np.int64)
+    density = float(np.count_nonzero(w9)) / max(1, w9.size)
+    blocked = (op.groups == 1 and (op.residual is None or op.res_kind == "identity") and lin is not None
+               and (conv_mode == "blocked" or (conv_mode == "auto" and density >= BLOCKED_MIN_DENSITY)))
+    if blocked:     # dense weights of their own: the per-shape kernel lists below are not built
+        return _plan_blocked(op, in_shape, out_shape, blob, threads, lin, vec, wide, w9, work, len(kc), shapes)
     # per shape: its kernels as arrays, filter-major (input channel ascending within a filter)
     per: list[KernelRuns] = []
-    work = np.zeros(o, dtype=np.int64)
     for j, s in enumerate(shapes):
         sel = np.nonzero(kshape == j)[0]
         fj = kf[sel]
         chans = fj if op.groups > 1 else ki[sel]      # depthwise: filter f reads input channel f
         per.append(KernelRuns(fj, chans, np.ascontiguousarray(w9[fj, ki[sel]][:, list(s)], dtype=np.float32), o))
-        work += per[-1].count * len(s)
     packed1 = (op.groups == 1 and kh == 1 and kw == 1 and op.padding == 0 and ho * wo <= PACKED1_MAX
                and conv_mode != "direct")
     gather_ok = op.groups == 1 and op.padding <= 1 and kh <= 3 and kw <= 3
     gather_auto = ho * wo <= GATHER_MAX and kh == 3 and kw == 3 and in_shape[0] >= GATHER_MIN_CIN
     gather = gather_ok and (conv_mode == "gather" or (conv_mode == "auto" and gather_auto))
-    density = float(np.count_nonzero(w9)) / max(1, w9.size)
-    blocked = (op.groups == 1 and (op.residual is None or op.res_kind == "identity") and lin is not None
-               and (conv_mode == "blocked" or (conv_mode == "auto" and density >= BLOCKED_MIN_DENSITY)))
-    if blocked:
-        return _plan_blocked(op, in_shape, out_shape, blob, threads, lin, vec, wide, w9, work, len(kc), shapes)
     max_acc = MAX_ACC
     base_vec = vec
     if wide and vec == 8 and wo % 16 == 0 and not packed1 and not gather:
