@@ -26,6 +26,10 @@ def _umask() -> int:
     return mask
 
 
+TEMP_SUFFIX = ".tmp"                 # atomic writes: ".<name>.<random>.tmp" beside the file, renamed over it
+PARTIAL_DIR_SUFFIX = ".tmp-write"    # a folder written whole, then renamed into place (engine artefacts)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temp file in the same directory + fsync + rename, so a crash never leaves a torn file.
 
@@ -38,7 +42,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         mode = path.stat().st_mode & 0o7777
     except FileNotFoundError:
         mode = 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
@@ -121,12 +125,12 @@ def resolve_device(spec: str = "auto", local_rank: int | None = None):
 
 def clean_temp_files(run_dir: Path) -> list[str]:
     """Remove what killed writers left in a run directory: atomic-write temps (``.<name>.<random>.tmp``) and
-    half-written engine artefacts (``*.tmp-write``). Called with the run's lock held, so no writer is active;
+    half-written folders (``*`` + PARTIAL_DIR_SUFFIX). Called with the run's lock held, so no writer is active;
     nothing else is touched (finished files are only ever replaced by rename)."""
     import re
 
     run_dir = Path(run_dir)
-    temp = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")      # atomic_write_bytes's mkstemp names
+    temp = re.compile(r"\..+\.[A-Za-z0-9_]{8}" + re.escape(TEMP_SUFFIX))      # atomic_write_bytes's mkstemp names
     # only where sparseforge writes: the run directory's top level and its own subfolders (a --run-dir that
     # holds other files keeps them all)
     paths = list(run_dir.glob("*"))
@@ -139,7 +143,7 @@ def clean_temp_files(run_dir: Path) -> list[str]:
         try:
             if p.is_file() and temp.fullmatch(name):
                 p.unlink()
-            elif p.is_dir() and name.endswith(".tmp-write"):
+            elif p.is_dir() and name.endswith(PARTIAL_DIR_SUFFIX):
                 shutil.rmtree(p)
             else:
                 continue

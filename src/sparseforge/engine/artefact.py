@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import SparseforgeError
 from ..hardware import cpu_flags
-from ..utils import atomic_write_text, sha256_file
+from ..utils import PARTIAL_DIR_SUFFIX, atomic_write_text, sha256_file
 from .ir import graph_from_data, graph_to_data
 from .runtime import CompiledModel
 
@@ -46,7 +46,7 @@ def save_engine(engine: CompiledModel, path: Path) -> Path:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise SparseforgeError(f"{path} exists and is not empty; choose a new path (artefacts are never overwritten)")
     data, tensors = graph_to_data(stages.graph)
-    tmp = path.with_name(path.name + ".tmp-write")
+    tmp = path.with_name(path.name + PARTIAL_DIR_SUFFIX)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     atomic_write_text(tmp / "kernel.c", engine.source)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-import re
 import platform
+import re
 from pathlib import Path
 from typing import Any
 
