@@ -13,6 +13,8 @@ them over stages and use any of the toolkit's methods (KD from the dense start i
   structured-2x    dependency-group channel pruning to 0.5 of the MACs -> KD, E epochs
   pattern-8x-gradual    one stage of E epochs with KD from the start: patterns at step 0, then the kernels kept
                         fall on the cubic schedule to 1/3.6 (global scope) over the first half, then train on
+  pattern-4x-gradual    the same with connectivity 1.78x
+  pattern-8x-cb2-gradual  pattern-8x-gradual with channel_block=2
   magnitude-8x-gradual  the same stage with global unstructured magnitude at pattern-8x's weight count: the two
                         structures compared with one pipeline
 
@@ -74,6 +76,10 @@ def arm_stages(E: int, admm_epochs: int, weights: str) -> dict[str, list[dict]]:
                                 "target": p8}],
         "pattern-2.25x-gradual": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100,
                                    "teacher": "start", "target": {"num_patterns": 8, "connectivity": 1.0}}],
+        "pattern-4x-gradual": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100, "teacher": "start",
+                                "target": {"num_patterns": 8, "connectivity": "1.78x", "connectivity_scope": "global"}}],
+        "pattern-8x-cb2-gradual": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100,
+                                    "teacher": "start", "target": {**p8, "channel_block": 2}}],
         "magnitude-8x-gradual": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100, "teacher": "start",
                                   "magnitude": matched_magnitude_sparsity(weights, PatternConfig(**p8))}],
     }
