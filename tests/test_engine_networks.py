@@ -216,3 +216,37 @@ def test_kxk_convs_run_natively(mode):
         with torch.inference_mode():
             out, ref = e(x), m(x)
         assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5, equal_nan=True), (k, s, p, dw)
+
+
+@pytest.mark.parametrize("cb", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_channel_block_filters_run_as_groups(cb):
+    """channel_block pruning (adjacent filters share pattern and kept kernels): the engine runs such filters as
+    groups (each input vector loaded once for the group) in direct, flat and tiled-flat modes, with residuals,
+    stride 2, batch > 1 and NaN/Inf inputs; unstructured layers are not grouped."""
+    import sparseforge as sf
+    from sparseforge.engine.testing import random_bn_statistics
+    from sparseforge.sparsity.mask import fold_masks
+
+    modes = set()
+    for name, shape in [("resnet18", (2, 3, 224, 200)), ("resnet20", (3, 3, 16, 16))]:
+        torch.manual_seed(cb)
+        m = random_bn_statistics(sf.create_model(name, num_classes=10).eval(), torch.Generator().manual_seed(cb))
+        sf.prune(m, sf.PatternConfig(num_patterns=8, connectivity=3.6, channel_block=cb))
+        m = fold_masks(m)
+        x = torch.randn(shape)
+        x[1, 0, 13, 9] = float("nan")
+        x[0, 2, 10, 11] = float("inf")
+        e, st = compile(m, x[:1], threads=2, return_stages=True)
+        grouped = [c for c in st.plan.convs.values() if c.fgroup > 1]
+        modes |= {("flat-tiled" if c.flat_tv else "flat") if c.flat else "direct" for c in grouped}
+        assert any(c.op.residual is not None for c in grouped), name
+        with torch.inference_mode():
+            out, ref = e(x), m(x)
+        assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5, equal_nan=True), name
+        assert torch.equal(out.isnan(), ref.isnan()), name
+        _prune_kernels(m, seed=cb)          # unstructured kernels: no groups
+        e2, st2 = compile(m, x[:1], threads=2, return_stages=True)
+        assert all(c.fgroup == 1 for c in st2.plan.convs.values()), name
+        with torch.inference_mode():
+            assert torch.allclose(e2(x), m(x), rtol=1e-4, atol=1e-5, equal_nan=True), name
+    assert modes == {"flat-tiled", "flat", "direct"}, modes

@@ -129,6 +129,28 @@ def _accumulate(accs: list[str], taps: int, load_expr) -> list[str]:
     return [f"{a} += {_tree([f'k{t} * {load_expr(i, t)}' for t in range(taps)])};" for i, a in enumerate(accs)]
 
 
+def _weights(T_: str, BC_: str, nt: int, G: int, ind: str) -> list[str]:
+    """Broadcast weights of one kernel: ``k{t}`` (one filter) or ``k{t}g{g}`` (a filter group, [tap][filter])."""
+    if G == 1:
+        return [f"{ind}const {T_} k{t} = {BC_}(wp[{t}]);" for t in range(nt)]
+    return [f"{ind}const {T_} k{t}g{g} = {BC_}(wp[{t * G + g}]);" for t in range(nt) for g in range(G)]
+
+
+def _accumulate_g(accs: list[str], taps: int, load_expr, G: int, T_: str) -> list[str]:
+    """``_accumulate`` for a filter group: each input vector is loaded once and feeds the G filters'
+    accumulators ``{acc}g{g}``."""
+    if G == 1:
+        return _accumulate(accs, taps, load_expr)
+    return ["{ const " + T_ + f" x = {load_expr(i, t)}; " + " ".join(f"{a}g{g} += k{t}g{g} * x;" for g in range(G)) + " }"
+            for t in range(taps) for i, a in enumerate(accs)]
+
+
+def _init_accs(T_: str, names: list[str], G: int) -> str:
+    if G == 1:
+        return f"{T_} " + ", ".join(f"{a} = b" for a in names) + ";"
+    return f"{T_} " + ", ".join(f"{a}g{g} = b{g}" for g in range(G) for a in names) + ";"
+
+
 def _act(act: str, x: str, suffix: str = "") -> str:
     return {"none": x, "relu": f"relu{suffix}({x})", "relu6": f"relu6{suffix}({x})"}[act]
 
@@ -176,9 +198,13 @@ def conv_source(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
               # split by rows instead: a thread reads the rows it wrote in the layer before (no transfers
               # between cores' caches for 1x1 layers, a halo row for 3x3)
               f"    for (int t = 0; t < {plan.threads}; t++)",
-              "    for (int q = tstart[t]; q < tstart[t + 1]; q++) {",
-              "      const int f = flist[q];",
-              f"      const {T_} b = {BC_}(bias[f]);"]
+              "    for (int q = tstart[t]; q < tstart[t + 1]; q++) {"]
+    G = p.fgroup
+    if G == 1:
+        lines += ["      const int f = flist[q];", f"      const {T_} b = {BC_}(bias[f]);"]
+    else:    # a filter group: f is its first filter, b{g} the biases, filter g's planes at + g * plane
+        lines += [f"      const int f = flist[q] * {G};",
+                  f"      const {T_} " + ", ".join(f"b{g} = {BC_}(bias[f + {g}])" for g in range(G)) + ";"]
     lines += [f"      const float* ib = in + (long)n * {li.image};",
               f"      float* ob = out + (long)n * {lo.image} + (long)f * {lo.plane};"]
     if op.residual is not None and op.res_kind == "pad_shortcut":
@@ -218,37 +244,39 @@ def conv_source(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
               f"      for (int x0 = 0; x0 < {p.xv * VEC}; x0 += {VEC * V}) {{",
               # input base of the block: row y0*s + 1 - pad (+tap row), col x0*s + 1 - pad (+tap col)
               f"        const long ioff = (long)(y0 * {s} + 1 - {pad}) * {li.rs} + (x0 * {s} + 1 - {pad});"]
-    inner = [f"        {T_} " + ", ".join(f"a{r}_{v} = b" for r, v in accs) + ";"]
+    names = [f"a{r}_{v}" for r, v in accs]
+    inner = ["        " + _init_accs(T_, names, G)]
     kw = op.weight.shape[3]
     for j, shape in enumerate(p.shapes):
         nt = len(shape)
         offs = [(t // kw) * li.rs + (t % kw) for t in shape]
         inner.append(f"        for (int e = st{j}[{_ri()}]; e < st{j}[{_ri()} + 1]; e++) {{")
         inner.append(f"          const float* ip = ib + (long)ch{j}[e] * {li.plane} + ioff;")
-        inner.append(f"          const float* wp = w{j} + (long)e * {nt};")
-        for t in range(nt):
-            inner.append(f"          const {T_} k{t} = {BC_}(wp[{t}]);")
-        names = [f"a{r}_{v}" for r, v in accs]
-        inner += ["          " + st_ for st_ in _accumulate(
-            names, nt, lambda i, t, o=offs: f"{load}(ip + {accs[i][0] * s * li.rs + accs[i][1] * VEC * s + o[t]})")]
+        inner.append(f"          const float* wp = w{j} + (long)e * {nt * G};")
+        inner += _weights(T_, BC_, nt, G, "          ")
+        inner += ["          " + st_ for st_ in _accumulate_g(
+            names, nt, lambda i, t, o=offs: f"{load}(ip + {accs[i][0] * s * li.rs + accs[i][1] * VEC * s + o[t]})",
+            G, T_)]
         inner.append("        }")
     # epilogue: residual, activation, store (the last vector of a row may be partial)
-    for r, v in accs:
-        inner.append("        {")
-        inner.append(f"          const int y = y0 + {r}, x = x0 + {v * VEC};")
-        inner.append(f"          {T_} a = a{r}_{v};")
-        if op.residual is not None:
-            if op.res_kind == "pad_shortcut":
-                lr = plan.layouts[op.residual]
-                rs_ = op.res_stride
-                rload = LD if rs_ == 1 else LD2
-                inner.append(f"          if (rb) a += {rload}(rb + (long)(y * {rs_} + 1) * {lr.rs} + (x * {rs_} + 1));")
-            else:
-                inner.append(f"          a += {LD}(rb + (long)(y + 1) * {lo.rs} + (x + 1));")
-        inner.append(f"          a = {_act(op.act, 'a', 'g16' if wide else '')};")
-        inner.append(f"          float* op_ = ob + (long)(y + 1) * {lo.rs} + (x + 1);")
-        inner.append(f"          if (x + {VEC} <= {p.wo}) {ST}(op_, a); else if (x < {p.wo}) {STN}(op_, a, {p.wo} - x);")
-        inner.append("        }")
+    for g in range(G):
+        gp = f" + {g * lo.plane}" if G > 1 else ""
+        for r, v in accs:
+            inner.append("        {")
+            inner.append(f"          const int y = y0 + {r}, x = x0 + {v * VEC};")
+            inner.append(f"          {T_} a = a{r}_{v}{f'g{g}' if G > 1 else ''};")
+            if op.residual is not None:
+                if op.res_kind == "pad_shortcut":
+                    lr = plan.layouts[op.residual]
+                    rs_ = op.res_stride
+                    rload = LD if rs_ == 1 else LD2
+                    inner.append(f"          if (rb) a += {rload}(rb + (long)(y * {rs_} + 1) * {lr.rs} + (x * {rs_} + 1));")
+                else:
+                    inner.append(f"          a += {LD}(rb{gp} + (long)(y + 1) * {lo.rs} + (x + 1));")
+            inner.append(f"          a = {_act(op.act, 'a', 'g16' if wide else '')};")
+            inner.append(f"          float* op_ = ob{gp} + (long)(y + 1) * {lo.rs} + (x + 1);")
+            inner.append(f"          if (x + {VEC} <= {p.wo}) {ST}(op_, a); else if (x < {p.wo}) {STN}(op_, a, {p.wo} - x);")
+            inner.append("        }")
     if p.block_outer:
         filt = [head for head in head_lines if "const float* ib" not in head]
         lines += block + ["  " + h for h in filt] + ["  " + x for x in inner] + ["      }", "      }", "  }"]
@@ -387,29 +415,33 @@ def _flat_tiled_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], li
     if p.spatial:     # tiles are split, filters are not
         heads[0] = f"    for (int t = 0; t < {plan.threads}; t++)"
     b += ["  " + h for h in heads if "const float* ib" not in h]
-    b.append("        vf " + ", ".join(f"a{v} = b" for v in range(TV)) + ";")
+    G = p.fgroup
+    names = [f"a{v}" for v in range(TV)]
+    b.append("        " + _init_accs("vf", names, G))
     for j, shape in enumerate(p.shapes):
         nt = len(shape)
         offs = [(t // kw - pad) * li.rs + (t % kw - pad) for t in shape]
         b.append(f"        for (int e = st{j}[{_ri()}]; e < st{j}[{_ri()} + 1]; e++) {{")
         b.append(f"          const float* ip = ib + (long)ch{j}[e] * {li.plane} + pb;")
-        b.append(f"          const float* wp = w{j} + (long)e * {nt};")
-        for t in range(nt):
-            b.append(f"          const vf k{t} = BC(wp[{t}]);")
-        b += ["          " + st_ for st_ in _accumulate(
-            [f"a{v}" for v in range(TV)], nt, lambda i, t, o=offs: f"ld(ip + {i * VEC + o[t]})")]
+        b.append(f"          const float* wp = w{j} + (long)e * {nt * G};")
+        b += _weights("vf", "BC", nt, G, "          ")
+        b += ["          " + st_ for st_ in _accumulate_g(
+            names, nt, lambda i, t, o=offs: f"ld(ip + {i * VEC + o[t]})", G, "vf")]
         b.append("        }")
-    for v in range(TV):
-        b.append("        {")
-        b.append(f"          vf a = a{v};")
-        if op.residual is not None:
-            b.append(f"          a += ld(rb + pb + {v * VEC});")
-        b.append(f"          a = andm({_act(op.act, 'a')}, ld(mk + (long)(v0 + {v}) * {VEC}));")
-        if v == TV - 1 and nlast < VEC:   # only the last vector of the last tile can reach past the interior
-            b.append(f"          if (v0 + {v} == {nv - 1}) stn(ob + pb + {v * VEC}, a, {nlast}); else st(ob + pb + {v * VEC}, a);")
-        else:
-            b.append(f"          st(ob + pb + {v * VEC}, a);")
-        b.append("        }")
+    for g in range(G):
+        gp = f" + {g * lo.plane}" if G > 1 else ""
+        for v in range(TV):
+            b.append("        {")
+            b.append(f"          vf a = a{v}{f'g{g}' if G > 1 else ''};")
+            if op.residual is not None:
+                b.append(f"          a += ld(rb{gp} + pb + {v * VEC});")
+            b.append(f"          a = andm({_act(op.act, 'a')}, ld(mk + (long)(v0 + {v}) * {VEC}));")
+            if v == TV - 1 and nlast < VEC:   # only the last vector of the last tile can reach past the interior
+                b.append(f"          if (v0 + {v} == {nv - 1}) stn(ob{gp} + pb + {v * VEC}, a, {nlast}); "
+                         f"else st(ob{gp} + pb + {v * VEC}, a);")
+            else:
+                b.append(f"          st(ob{gp} + pb + {v * VEC}, a);")
+            b.append("        }")
     b += ["      }", "    }", "  }"]
     return _register(k, p, plan, bodies, "\n".join(b), [p.flat_mask_off])
 
@@ -430,31 +462,35 @@ def _flat_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines: l
     ns = len(p.shapes)
     lines = list(lines)
     lines.append(f"      const float* mk = g_w + d[{6 + 3 * ns}];")
-    lines.append("      vf " + ", ".join(f"a{v} = b" for v in range(nv)) + ";")
+    G = p.fgroup
+    names = [f"a{v}" for v in range(nv)]
+    lines.append("      " + _init_accs("vf", names, G))
     for j, shape in enumerate(p.shapes):
         nt = len(shape)
         offs = [(t // kw - pad) * li.rs + (t % kw - pad) for t in shape]
         lines.append(f"      for (int e = st{j}[{_ri()}]; e < st{j}[{_ri()} + 1]; e++) {{")
         lines.append(f"        const float* ip = ib + (long)ch{j}[e] * {li.plane} + {p.flat_p0};")
-        lines.append(f"        const float* wp = w{j} + (long)e * {nt};")
-        for t in range(nt):
-            lines.append(f"        const vf k{t} = BC(wp[{t}]);")
-        lines += ["        " + st_ for st_ in _accumulate(
-            [f"a{v}" for v in range(nv)], nt, lambda i, t, o=offs: f"ld(ip + {i * VEC + o[t]})")]
+        lines.append(f"        const float* wp = w{j} + (long)e * {nt * G};")
+        lines += _weights("vf", "BC", nt, G, "        ")
+        lines += ["        " + st_ for st_ in _accumulate_g(
+            names, nt, lambda i, t, o=offs: f"ld(ip + {i * VEC + o[t]})", G, "vf")]
         lines.append("      }")
-    for v in range(nv):
-        lines.append("      {")
-        lines.append(f"        vf a = a{v};")
-        if op.residual is not None:
-            lines.append(f"        a += ld(rb + {p.flat_p0 + v * VEC});")
-        lines.append(f"        a = andm({_act(op.act, 'a')}, ld(mk + {v * VEC}));")
-        last = p.ho * plan.layouts[op.output].rs + p.wo     # last interior position: never write past it
-        n = min(VEC, last - (p.flat_p0 + v * VEC) + 1)
-        if n == VEC:
-            lines.append(f"        st(ob + {p.flat_p0 + v * VEC}, a);")
-        else:
-            lines.append(f"        stn(ob + {p.flat_p0 + v * VEC}, a, {n});")
-        lines.append("      }")
+    lo = plan.layouts[op.output]
+    for g in range(G):
+        gp = f" + {g * lo.plane}" if G > 1 else ""
+        for v in range(nv):
+            lines.append("      {")
+            lines.append(f"        vf a = a{v}{f'g{g}' if G > 1 else ''};")
+            if op.residual is not None:
+                lines.append(f"        a += ld(rb{gp} + {p.flat_p0 + v * VEC});")
+            lines.append(f"        a = andm({_act(op.act, 'a')}, ld(mk + {v * VEC}));")
+            last = p.ho * lo.rs + p.wo     # last interior position: never write past it
+            n = min(VEC, last - (p.flat_p0 + v * VEC) + 1)
+            if n == VEC:
+                lines.append(f"        st(ob{gp} + {p.flat_p0 + v * VEC}, a);")
+            else:
+                lines.append(f"        stn(ob{gp} + {p.flat_p0 + v * VEC}, a, {n});")
+            lines.append("      }")
     lines += ["    }", "  }"]
     return _register(k, p, plan, bodies, "\n".join(lines), [p.flat_mask_off])
 

@@ -196,6 +196,10 @@ class ConvPlan:
     blk_w_off: int = 0
     blk_b_off: int = 0
     blk_taps: list = dataclasses.field(default_factory=list)   # per channel phase (tap_period): taps it runs
+    # filter groups (direct and flat modes): fgroup adjacent filters share their kernels (channel_block
+    # pruning) and run together, fgroup x the accumulators, each input vector loaded once for all of them;
+    # thread lists, runs and ``thread_of`` are per group, weights [kernel][tap][filter of the group]
+    fgroup: int = 1
 
 
 def _canonical_shapes(tapsets: list[tuple[int, ...]], full: tuple[int, ...]) -> dict[tuple[int, ...], tuple[int, ...]]:
@@ -219,11 +223,12 @@ def _canonical_shapes(tapsets: list[tuple[int, ...]], full: tuple[int, ...]) -> 
 def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...], blob: Blob, threads: int,
               lin: Layout | None = None, lout: Layout | None = None, vec: int = VEC,
               conv_mode: str = "auto", wide: bool = False, affinity: list[int] | None = None,
-              rows_in: bool = False) -> ConvPlan:
+              rows_in: bool = False, max_group: int = 2) -> ConvPlan:
     """``affinity``: for a depthwise conv, the thread that wrote each input channel (filter-split producer);
     filter f then runs on that thread and reads its input from its own cache. ``rows_in``: the input was
     written split by rows (spatial producer); a depthwise conv then splits by rows too, so each thread reads
-    the rows it wrote (and one halo row) instead of half of every channel from the other core's cache."""
+    the rows it wrote (and one halo row) instead of half of every channel from the other core's cache.
+    ``max_group``: most filters run as one group (see ConvPlan.fgroup; 1 turns groups off)."""
     w = op.weight.detach().float()
     o, ig, kh, kw = w.shape
     _, ho, wo = out_shape
@@ -251,18 +256,40 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
                and (conv_mode == "blocked" or (conv_mode == "auto" and density >= BLOCKED_MIN_DENSITY)))
     if blocked:     # dense weights of their own: the per-shape kernel lists below are not built
         return _plan_blocked(op, in_shape, out_shape, blob, threads, lin, vec, wide, w9, work, len(kc), shapes)
+    packed1 = (op.groups == 1 and kh == 1 and kw == 1 and op.padding == 0 and ho * wo <= PACKED1_MAX
+               and conv_mode != "direct")
+    gather_ok = op.groups == 1 and op.padding <= 1 and kh <= 3 and kw <= 3
+    gather_auto = ho * wo <= GATHER_MAX and kh == 3 and kw == 3 and in_shape[0] >= GATHER_MIN_CIN
+    gather = gather_ok and (conv_mode == "gather" or (conv_mode == "auto" and gather_auto))
+    G = 1
+    if op.groups == 1 and not packed1 and not gather and (op.residual is None or op.res_kind == "identity"):
+        G = filter_group(codes, int(work.sum()), taps_all, max_group)
+    if G > 1:
+        # filter groups: G adjacent filters share every kept kernel (channel_block pruning), so each input
+        # vector loaded serves G filters; kernels are the group's (union of its filters' taps), weights
+        # stored [kernel][tap][filter of the group]
+        o_all, o = o, o // G
+        codes = np.bitwise_or.reduce(codes.reshape(o, G, ig), axis=1)
+        kf, ki = np.nonzero(codes)
+        kc = codes[kf, ki]
+        tapset = {int(c): tuple(t for t in range(kh * kw) if (int(c) >> t) & 1) for c in np.unique(kc)}
+        mapping = _canonical_shapes([tapset[c] for c in kc.tolist()], taps_all)
+        shapes = sorted(set(mapping.values()), key=lambda s: (len(s), s)) if len(kc) else []
+        sidx = {s: j for j, s in enumerate(shapes)}
+        code_shape = {c: sidx[mapping[ts]] for c, ts in tapset.items()}
+        kshape = np.array([code_shape[c] for c in kc.tolist()], dtype=np.int64)
+        shape_len = np.array([len(s) for s in shapes], dtype=np.int64)
+        work = (np.bincount(kf, weights=shape_len[kshape], minlength=o).astype(np.int64) * G if len(kc)
+                else np.zeros(o, np.int64))
+        w9 = np.ascontiguousarray(w9.reshape(o, G, ig, kh * kw).transpose(0, 2, 3, 1))    # (groups, cin, taps, G)
     # per shape: its kernels as arrays, filter-major (input channel ascending within a filter)
     per: list[KernelRuns] = []
     for j, s in enumerate(shapes):
         sel = np.nonzero(kshape == j)[0]
         fj = kf[sel]
         chans = fj if op.groups > 1 else ki[sel]      # depthwise: filter f reads input channel f
-        per.append(KernelRuns(fj, chans, np.ascontiguousarray(w9[fj, ki[sel]][:, list(s)], dtype=np.float32), o))
-    packed1 = (op.groups == 1 and kh == 1 and kw == 1 and op.padding == 0 and ho * wo <= PACKED1_MAX
-               and conv_mode != "direct")
-    gather_ok = op.groups == 1 and op.padding <= 1 and kh <= 3 and kw <= 3
-    gather_auto = ho * wo <= GATHER_MAX and kh == 3 and kw == 3 and in_shape[0] >= GATHER_MIN_CIN
-    gather = gather_ok and (conv_mode == "gather" or (conv_mode == "auto" and gather_auto))
+        wsel = w9[fj, ki[sel]][:, list(s)]
+        per.append(KernelRuns(fj, chans, np.ascontiguousarray(wsel.reshape(len(sel), -1), dtype=np.float32), o))
     max_acc = MAX_ACC
     base_vec = vec
     if wide and vec == 8 and wo % 16 == 0 and not packed1 and not gather:
@@ -271,11 +298,13 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     # Measured on CIFAR VGG-16/ResNet-56/MobileNetV2 (2-core AVX-512 Xeon): gather mode wins for 3x3 convs with
     # >= 128 input channels; with fewer channels packing and tile overheads dominate, and 1x1 convs lose to
     # in-register accumulation (one FMA per accumulator load/store).
+    max_acc = max(1, max_acc // G)
     xv = math.ceil(wo / vec)
-    vecs = max(d for d in range(1, min(xv, 4) + 1) if xv % d == 0)
+    vecs = max(d for d in range(1, min(xv, 4, max_acc) + 1) if xv % d == 0)
     rmax = max(1, max_acc // vecs)
     rows = max(d for d in range(1, min(ho, rmax) + 1) if ho % d == 0)
     p = ConvPlan(op, shapes, kh, ho, wo, rows, vecs, xv, vec=vec)
+    p.fgroup = G
     in_bytes = 4 * (lin.image if lin is not None else int(np.prod(in_shape)))
     w_bytes = 4 * int(work.sum() + len(kc))
     # (not depthwise: a filter is too little work, and the rows two threads write meet in shared cache lines)
@@ -300,15 +329,15 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
         if kh == 1 and rs % vec == 0:
             p0 = rs          # aligned loads: the row's left border lane is masked like any other border lane
         nv = math.ceil((p1 - p0 + 1) / vec)
-        tiled = nv > MAX_ACC and FLAT_TILED and not depthwise and in_bytes >= FLAT_TILED_MIN_BYTES
-        if nv <= MAX_ACC or tiled:
+        tiled = nv > MAX_ACC // G and FLAT_TILED and not depthwise and in_bytes >= FLAT_TILED_MIN_BYTES
+        if nv <= MAX_ACC // G or tiled:
             pos = p0 + np.arange(nv * vec).reshape(nv, vec)
             masks = (pos // rs >= 1) & (pos // rs <= ho) & (pos % rs >= 1) & (pos % rs <= wo)
             p.flat, p.flat_p0, p.flat_nv = True, p0, nv
             p.flat_mask_off = blob.add_mask(masks)
             if tiled:
                 # AVX-512 hosts have 32 vector registers (8-lane ones included): twice the accumulators
-                most = FLAT_TILE_WIDE if wide else FLAT_TILE
+                most = max(1, (FLAT_TILE_WIDE if wide else FLAT_TILE) // G)
                 p.flat_tv = -(-nv // -(-nv // most))      # balanced tiles: the shifted last one overlaps little
                 p.spatial = spatial        # threads take runs of tiles (all filters) rather than filter lists
     if not p.gather and not p.flat and not p.packed1 and op.groups == 1 and in_bytes >= BLOCK_OUTER_RATIO * w_bytes:
@@ -318,7 +347,7 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
         p.rows = max(d for d in range(1, min(ho // threads, rmax) + 1) if ho % d == 0)
         p.spatial = p.ho // p.rows >= threads
     p.bias_off = blob.add_f(op.bias.numpy())
-    # filter-kernel reorder + FLOP-balanced thread lists (LPT), each list in (work, signature) order
+    # filter(-group)-kernel reorder + FLOP-balanced thread lists (LPT), each list in (work, signature) order
     counts = np.stack([r.count for r in per], 1).tolist() if per else [[] for _ in range(o)]
     sig = {f: tuple(counts[f]) for f in range(o)}
     order = sorted(range(o), key=lambda f: (-int(work[f]), sig[f], f))
@@ -336,10 +365,11 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     for t in range(threads):
         flist += lists[t]
         tstart.append(len(flist))
-    p.thread_of = [0] * o
+    p.thread_of = [0] * (o * G)
     for t, lst in enumerate(lists):
         for f in lst:
-            p.thread_of[f] = t
+            for g in range(G):
+                p.thread_of[f * G + g] = t
     # runs stored in the order the threads walk them (position q in flist, not filter index): each thread then
     # streams its weights and channel indices sequentially, which the hardware prefetchers follow
     walk = np.array(flist if RUNS_IN_WALK_ORDER else range(o), dtype=np.int64)
@@ -352,10 +382,49 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     p.flist_off = blob.add_i(flist if flist else [0])
     if p.gather:
         _plan_gather(p, per, lists, in_shape[0], blob)
-    p.kernels = len(kc)
+    p.kernels = len(kc) * G
     p.taps = int(work.sum())
     p.flops = 2 * p.taps * ho * wo
     return p
+
+
+FGROUP_WASTE = 1.05     # filter groups run when the union of a group's taps costs at most this much extra work
+
+
+def filter_group(codes: np.ndarray, own_taps: int, taps_all: tuple[int, ...], max_group: int) -> int:
+    """The largest G in (4, 2), at most ``max_group``, such that running G adjacent filters as one group on the
+    union of their kernels costs at most FGROUP_WASTE x the taps the filters run alone; 1 if none.
+    channel_block pruning makes groups exact; unstructured or pattern-per-filter layers stay at 1."""
+    o, ig = codes.shape
+    if own_taps == 0:
+        return 1
+    for G in (4, 2):
+        if G > max_group or o % G:
+            continue
+        union = np.bitwise_or.reduce(codes.reshape(o // G, G, ig), axis=1)
+        nz = union[union != 0]
+        if len(nz) == 0:
+            continue
+        sets = [tuple(t for t in taps_all if (c >> t) & 1) for c in nz.tolist()]
+        canon = _canonical_shapes(sets, taps_all)
+        cost = G * sum(len(canon[ts]) for ts in sets)
+        if cost <= FGROUP_WASTE * own_taps:
+            return G
+    return 1
+    for G in (4, 2):
+        if G > max_group or o % G:
+            continue
+        union = np.bitwise_or.reduce(codes.reshape(o // G, G, ig), axis=1)
+        nz = union[union != 0]
+        if len(nz) == 0:
+            continue
+        lens = {int(c): len(mapping.get(tapset.get(int(c), ()), None) or _canonical_shapes(
+            [tuple(t for t in range(len(taps_all)) if (int(c) >> t) & 1)], taps_all)[
+            tuple(t for t in range(len(taps_all)) if (int(c) >> t) & 1)]) for c in np.unique(nz)}
+        cost = G * sum(lens[int(c)] for c in nz.tolist())
+        if cost <= FGROUP_WASTE * own:
+            return G
+    return 1
 
 
 def _plan_blocked(op: ConvOp, in_shape, out_shape, blob: Blob, threads: int, lin: Layout, vec: int, wide: bool,

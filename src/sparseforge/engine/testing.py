@@ -124,7 +124,7 @@ def _sparsify(w: torch.Tensor, c: Case, g: torch.Generator) -> None:
 # as a map - cannot hide from the fuzz.
 
 ACTS = ("relu", "relu6", "silu", "hardswish", "sigmoid", "gelu", "none")
-SPARSITIES = ("dense", "pattern", "pattern+connectivity", "kernels", "empty_filters")
+SPARSITIES = ("dense", "pattern", "pattern+connectivity", "kernels", "empty_filters", "channel_block")
 
 
 def make_act(name: str) -> nn.Module:
@@ -406,6 +406,16 @@ def _randomize(net: nn.Module, sparsity: str, g: torch.Generator, use_mask_buffe
                 mask = mask * (torch.rand(o, i, 1, 1, generator=g) < 0.3).float()
             if sparsity == "empty_filters":
                 mask = mask * (torch.rand(o, 1, 1, 1, generator=g) < 0.6).float()
+            if sparsity == "channel_block" and m.groups == 1:
+                # channel_block pruning: blocks of b adjacent filters share pattern and kept kernels (the engine
+                # runs them as filter groups); a few kernels then dropped alone, so groups are not all exact
+                b = int(torch.randint(2, 5, (1,), generator=g)) // 2 * 2 if o > 1 else 1
+                nb = -(-o // b)
+                blk = torch.ones(nb, i, kh, kw)
+                if (kh, kw) == (3, 3):
+                    blk = cands[torch.randint(0, len(cands), (nb, i), generator=g)].reshape(nb, i, 3, 3).float()
+                blk = blk * (torch.rand(nb, i, 1, 1, generator=g) < 0.3).float()
+                mask = blk.repeat_interleave(b, 0)[:o] * (torch.rand(o, i, 1, 1, generator=g) > 0.02).float()
             m.weight.mul_(mask)          # as pruning leaves a layer: weights zero where the mask is
             if use_mask_buffers:
                 m.register_buffer("weight_mask", mask)
