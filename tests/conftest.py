@@ -29,3 +29,20 @@ def cifar_dir() -> Path:
 @pytest.fixture
 def models_dir() -> Path:
     return shared_or_skip(MODELS_DIR)
+
+
+TINY_TRAIN = {"batch_size": 16, "lr": 0.05, "schedule": "onecycle", "train_size": 64, "test_size": 32,
+              "threads": 1, "max_steps_per_epoch": 2}
+
+
+@pytest.fixture
+def tiny_recipe():
+    """``tiny_recipe(*stages, model="smallcnn", **train)``: a Recipe on synthetic data that trains in seconds
+    (the preamble every recipe test shares); stages are dicts as in a [[stage]] table."""
+    from sparseforge.recipe import Recipe
+
+    def make(*stages: dict, model: str = "smallcnn", **train):
+        return Recipe.from_dict({"model": model, "dataset": "synthetic", "train": {**TINY_TRAIN, **train},
+                                 "stage": list(stages)})
+
+    return make

@@ -32,7 +32,7 @@ def test_second_compile_reuses_the_plan_and_agrees():
         assert torch.equal(a(x), b(x))
 
 
-@pytest.mark.parametrize("change", ["weight", "input_shape", "threads", "bn"])
+@pytest.mark.parametrize("change", ["weight", "input_shape", "threads", "bn", "plan_options"])
 def test_anything_planning_reads_misses_the_cache(change):
     m, x = _net(), torch.randn(1, 3, 12, 12)
     compile(m, x, threads=2)
@@ -43,7 +43,10 @@ def test_anything_planning_reads_misses_the_cache(change):
         m[1].running_var[3] += 0.5
     if change == "input_shape":
         x = torch.randn(1, 3, 14, 12)
-    e = compile(m, x, threads=3 if change == "threads" else 2)
+    from sparseforge.engine import PlanOptions
+
+    opts = PlanOptions(max_acc=8) if change == "plan_options" else None
+    e = compile(m, x, threads=3 if change == "threads" else 2, plan_options=opts)
     assert not e.spec["build"]["plan_cached"]
     with torch.inference_mode():
         assert torch.allclose(e(x), m(x), rtol=1e-4, atol=1e-5)
@@ -62,3 +65,22 @@ def test_damaged_entry_is_rebuilt(tmp_path):
     with torch.inference_mode():
         assert torch.allclose(e(x), m(x), rtol=1e-4, atol=1e-5)
     assert compile(m, x, threads=2).spec["build"]["plan_cached"]     # and the rebuilt entry is good again
+
+
+def test_plan_options_travel_with_the_artefact(tmp_path):
+    """Tuning knobs are a value passed in: recorded in the spec, saved with the artefact, replanned the same on load."""
+    from sparseforge.engine import PlanOptions, load_engine
+    from sparseforge.errors import SparseforgeError
+
+    m, x = _net(), torch.randn(1, 3, 12, 12)
+    opts = PlanOptions(max_acc=4, blocked_min_density=1.01)    # sparse modes, 4 accumulators
+    e = compile(m, x, threads=2, plan_options=opts)
+    assert e.spec["options"]["plan"]["max_acc"] == 4
+    assert e.source != compile(m, x, threads=2).source
+    e.save(tmp_path / "eng")
+    back = load_engine(tmp_path / "eng")
+    assert back.source == e.source
+    with torch.inference_mode():
+        assert torch.equal(back(x), e(x)) and torch.allclose(e(x), m(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(SparseforgeError, match="PlanOptions"):
+        compile(m, x, plan_options={"max_acc": 4})

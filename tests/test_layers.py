@@ -1,7 +1,7 @@
 """The package's layers import downward only (issue 24): a new upward import fails here, naming file and line.
 
-Layers, bottom to top: base (config, errors, registry, utils, hardware, distributed) -> data, models -> train ->
-methods -> engine, report, export -> recipe -> api, cli. KNOWN_UPWARD lists the edges still to be removed; each is
+Layers, bottom to top: base (config, errors, registry, utils, hardware, distributed, masks, checkpoint) -> data, models -> train ->
+methods -> engine, report, export -> stages -> recipe -> api, cli. KNOWN_UPWARD lists the edges still to be removed; each is
 a function-local import (never at module level, so no import-time cycle), and the list may only shrink.
 """
 
@@ -9,12 +9,13 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "src" / "sparseforge"
-LAYER = {"config": 0, "errors": 0, "registry": 0, "utils": 0, "hardware": 0, "distributed": 0,
+LAYER = {"config": 0, "errors": 0, "registry": 0, "utils": 0, "hardware": 0, "distributed": 0, "masks": 0,
+         "checkpoint": 0,
          "data": 1, "models": 1, "train": 2,
          "sparsity": 3, "structured": 3, "distill": 3, "regularize": 3, "lowbit": 3, "tickets": 3,
-         "engine": 4, "report": 4, "export": 4, "recipe": 5, "api": 6, "cli": 6, "demo": 6, "__main__": 6}
-KNOWN_UPWARD = {("models/__init__.py", "structured"), ("models/__init__.py", "train"),
-                ("models/__init__.py", "sparsity"), ("train/loop.py", "sparsity")}
+         "engine": 4, "report": 4, "export": 4, "stages": 5, "recipe": 6, "api": 7, "cli": 7, "demo": 7,
+         "__main__": 7}
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
 def _imports():
@@ -58,3 +59,65 @@ def test_imports_go_downward_only():
             up.append(f"{f}:{line} imports {target} (layer {LAYER[src]} -> {LAYER[target]})")
     assert not up, "upward imports:\n" + "\n".join(up)
     assert not stale, f"KNOWN_UPWARD entries no longer needed (remove them): {sorted(stale)}"
+
+
+def _file_graph() -> dict[str, set[str]]:
+    """File -> files it imports (module level or inside functions; not under ``if TYPE_CHECKING``)."""
+    graph: dict[str, set[str]] = {}
+    for f in sorted(ROOT.rglob("*.py")):
+        rel = f.relative_to(ROOT)
+        tree = ast.parse(f.read_text())
+        typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                       and getattr(node.test, "id", getattr(node.test, "attr", "")) == "TYPE_CHECKING"
+                       for n in ast.walk(node)}
+        out = graph.setdefault(str(rel), set())
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom) or id(node) in typing_only:
+                continue
+            if node.level:
+                base = list(rel.parts[:-1])
+                base = base[:len(base) - (node.level - 1)] if node.level > 1 else base
+                targets = ([base + node.module.split(".")] if node.module else [base + [a.name] for a in node.names])
+            elif node.module and node.module.split(".")[0] == "sparseforge":
+                targets = [node.module.split(".")[1:]]
+            else:
+                continue
+            for parts in targets:
+                for cand in ([ROOT.joinpath(*parts).with_suffix(".py")] if parts else []) + [ROOT.joinpath(*parts, "__init__.py")]:
+                    if cand.exists():
+                        out.add(str(cand.relative_to(ROOT)))
+                        break
+    return graph
+
+
+def test_no_import_cycles():
+    """No two modules import each other, directly or through others (function-local imports included)."""
+    graph = _file_graph()
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(v: str) -> None:            # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in list(graph):
+        if v not in index:
+            visit(v)
+    assert not cycles, f"import cycles: {cycles}"

@@ -323,14 +323,14 @@ def test_kd_teacher_from_an_earlier_stage(tmp_path):
     runner = RecipeRunner(Recipe.load_file(rp), tmp_path / "run", progress=False)
     res = runner.run()
     assert len(res["stages"]) == 3
-    t = runner._stage_teacher("stage:0")
+    t = runner.context(len(res["stages"]) - 1).teacher("stage:0")
     from sparseforge.models import load_weights, model_from_spec, read_state_dict
 
     p = next((tmp_path / "run" / "stages").glob("00-*/model.safetensors"))
     ref = load_weights(model_from_spec(json.loads(read_state_dict(p)[1]["model"])), p)
     for (k, a), (_, b) in zip(t.state_dict().items(), ref.state_dict().items()):
         assert torch.equal(a, b), k
-    start = runner._start_model.state_dict()
+    start = runner.state.start_model.state_dict()
     assert any(not torch.equal(v, start[k]) for k, v in t.state_dict().items() if k in start)  # trained, not start
     bad = KD_FROM_STAGE_RECIPE.replace('teacher = "stage:0"', 'teacher = "stage:2"')
     rp.write_text(bad)
@@ -478,13 +478,13 @@ def test_online_kd_stage_trains_the_dense_control_alongside_the_student(tmp_path
     control_runner.run()
     q = tmp_path / "control" / "model.safetensors"
     control = load_weights(model_from_spec(json.loads(read_state_dict(q)[1]["model"])), q).eval()
-    start = runner._start_model.state_dict()
+    start = runner.state.start_model.state_dict()
     moved = 0
     for k, v in control.state_dict().items():
         assert torch.allclose(teacher.state_dict()[k].float(), v.float(), rtol=1e-4, atol=1e-5), k
         moved += not torch.equal(v, start[k])
     assert moved > 10
-    _, el = runner.loaders(runner.recipe.train_config())
+    _, el = runner.state.loaders()
     assert st["teacher_acc"] == pytest.approx(evaluate(teacher, el)["acc"])
     student = tmp_path / "online" / "model.safetensors"
     spec = json.loads(read_state_dict(student)[1]["model"])

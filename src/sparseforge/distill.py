@@ -260,7 +260,7 @@ class KDCallback(Callback):
         taps = tuple(c.taps) if (c.graph or c.hint) else ()
         if (c.graph or c.hint) and not taps:
             raise SparseforgeError("KDConfig: graph / hint weights need taps, e.g. taps = [\"layer1\", \"layer2\"]")
-        from .train.loop import model_device
+        from .utils import model_device
 
         # the teacher runs where the student trains, and goes back where it was when training ends
         self._t_home = model_device(self.teacher_model)

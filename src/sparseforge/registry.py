@@ -31,6 +31,10 @@ class Registry(Generic[T]):
 
         return _add(obj) if obj is not None else _add
 
+    def unregister(self, name: str) -> T:
+        """Remove and return ``name`` (a test that registers a toy entry takes it out again)."""
+        return self._items.pop(str(name).lower())
+
     def get(self, name: str) -> T:
         key = str(name).lower()
         if key not in self._items:

@@ -206,3 +206,14 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def model_device(model: "torch.nn.Module") -> "torch.device":
+    """Where the model's weights are (the CPU for a model without any)."""
+    import torch
+
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")

@@ -1,7 +1,8 @@
 """The sparse compiler: trace -> fold -> plan -> codegen -> build -> run."""
 
-from .artefact import load_engine, save_engine
-from .compiler import Stages, compile
+from .artefact import save_engine
+from .compiler import Stages, compile, load_engine
+from .plan import PlanOptions
 from .runtime import CompiledModel
 
-__all__ = ["compile", "CompiledModel", "Stages", "load_engine", "save_engine"]
+__all__ = ["compile", "CompiledModel", "Stages", "PlanOptions", "load_engine", "save_engine"]

@@ -23,7 +23,6 @@ from ..errors import SparseforgeError
 from ..hardware import cpu_flags
 from ..utils import PARTIAL_DIR_SUFFIX, atomic_write_text, sha256_file
 from .ir import graph_from_data, graph_to_data
-from .runtime import CompiledModel
 
 FORMAT = "sparseforge-engine-artefact-2"
 FILES = ("kernel.c", "graph.json", "graph.safetensors", "spec.json")
@@ -34,7 +33,8 @@ def _manifest_hash(m: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def save_engine(engine: CompiledModel, path: Path) -> Path:
+def save_engine(engine, path: Path) -> Path:
+    """Write ``engine`` (a CompiledModel with its folded graph) as an artefact directory at ``path`` (new)."""
     if engine._torch_ops:
         names = ", ".join(op.name for op in engine._torch_ops.values())
         raise SparseforgeError(f"this engine runs PyTorch fallbacks ({names}); saving supports fully generated "
@@ -69,9 +69,9 @@ def save_engine(engine: CompiledModel, path: Path) -> Path:
     return path
 
 
-def load_engine(path: str | Path) -> CompiledModel:
-    from .compiler import engine_from_graph
-
+def read_artefact(path: str | Path) -> tuple[Path, object, dict, str]:
+    """Check an artefact directory (manifest, hashes, CPU features) and read it back as data: (path, graph,
+    compile options, stored C source). Rebuilding the engine from it is ``load_engine`` (the compiler's)."""
     path = Path(path)
     mf = path / "manifest.json"
     if not mf.is_file():
@@ -110,12 +110,7 @@ def load_engine(path: str | Path) -> CompiledModel:
     except Exception as e:  # malformed data of any kind: one message, never a half-loaded engine
         raise SparseforgeError(f"{path} holds a malformed graph or spec ({type(e).__name__}: {e}); "
                                "recompile the model") from None
-    source = (path / "kernel.c").read_text()
-    engine = engine_from_graph(graph, options, artefact_dir=path)
-    if engine.source != source:
-        raise SparseforgeError(f"{path}: the C source regenerated from the stored graph differs from the stored "
-                               "kernel.c (made by another sparseforge engine version, or edited); recompile the model")
-    return engine
+    return path, graph, options, (path / "kernel.c").read_text()
 
 
-__all__ = ["save_engine", "load_engine"]
+__all__ = ["save_engine", "read_artefact", "FORMAT"]

@@ -10,8 +10,7 @@ in the source come only from integer indices, never from user strings.
 from __future__ import annotations
 
 from .ir import ConcatOp, ConvOp, EltwiseOp, FlattenOp, GapOp, LinearOp, PhaseOp, PoolOp
-from . import plan as _plan
-from .plan import PACKED1_CHAINS, BlockPlan, ConvPlan, Plan
+from .plan import BlockPlan, ConvPlan, Plan
 
 def prelude(vec: int) -> str:
     lanes = ", ".join(["(x)"] * vec)
@@ -104,9 +103,9 @@ static inline g8 relu6g8(g8 v) { v = relug8(v); gi8 m = v > bcg8(6.0f); return (
 """
 
 
-def _ri() -> str:
+def _ri(plan: Plan) -> str:
     """Index of a filter's run of (channel, weights): its position in the walk order, or (old order) its index."""
-    return "q" if _plan.RUNS_IN_WALK_ORDER else "f"
+    return "q" if plan.options.runs_in_walk_order else "f"
 
 
 CHAIN_MIN = 8   # with fewer accumulators than this, one FMA chain per accumulator is latency-bound
@@ -250,7 +249,7 @@ def conv_source(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
     for j, shape in enumerate(p.shapes):
         nt = len(shape)
         offs = [(t // kw) * li.rs + (t % kw) for t in shape]
-        inner.append(f"        for (int e = st{j}[{_ri()}]; e < st{j}[{_ri()} + 1]; e++) {{")
+        inner.append(f"        for (int e = st{j}[{_ri(plan)}]; e < st{j}[{_ri(plan)} + 1]; e++) {{")
         inner.append(f"          const float* ip = ib + (long)ch{j}[e] * {li.plane} + ioff;")
         inner.append(f"          const float* wp = w{j} + (long)e * {nt * G};")
         inner += _weights(T_, BC_, nt, G, "          ")
@@ -313,7 +312,7 @@ def _blocked_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> st
         b.append(f"    if (!own) {{ ylo = {nby} * tid / nth; yhi = {nby} * (tid + 1) / nth; }}")
     else:
         b.append(f"    if (!own) {{ flo = {nb} * tid / nth; fhi = {nb} * (tid + 1) / nth; }}")
-    loops = [f"    for (int yb = ylo; yb < yhi; yb++)",
+    loops = ["    for (int yb = ylo; yb < yhi; yb++)",
              f"    for (int xb = 0; xb < {-(-xv // V)}; xb++)"]
     floop = ["    for (int fb = flo; fb < fhi; fb++)"]
     b += (loops + floop) if p.block_outer else (floop + loops)
@@ -421,7 +420,7 @@ def _flat_tiled_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], li
     for j, shape in enumerate(p.shapes):
         nt = len(shape)
         offs = [(t // kw - pad) * li.rs + (t % kw - pad) for t in shape]
-        b.append(f"        for (int e = st{j}[{_ri()}]; e < st{j}[{_ri()} + 1]; e++) {{")
+        b.append(f"        for (int e = st{j}[{_ri(plan)}]; e < st{j}[{_ri(plan)} + 1]; e++) {{")
         b.append(f"          const float* ip = ib + (long)ch{j}[e] * {li.plane} + pb;")
         b.append(f"          const float* wp = w{j} + (long)e * {nt * G};")
         b += _weights("vf", "BC", nt, G, "          ")
@@ -468,7 +467,7 @@ def _flat_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines: l
     for j, shape in enumerate(p.shapes):
         nt = len(shape)
         offs = [(t // kw - pad) * li.rs + (t % kw - pad) for t in shape]
-        lines.append(f"      for (int e = st{j}[{_ri()}]; e < st{j}[{_ri()} + 1]; e++) {{")
+        lines.append(f"      for (int e = st{j}[{_ri(plan)}]; e < st{j}[{_ri(plan)} + 1]; e++) {{")
         lines.append(f"        const float* ip = ib + (long)ch{j}[e] * {li.plane} + {p.flat_p0};")
         lines.append(f"        const float* wp = w{j} + (long)e * {nt * G};")
         lines += _weights("vf", "BC", nt, G, "        ")
@@ -614,7 +613,7 @@ def _packed1_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> st
     ho, wo = p.ho, p.wo
     G, PV = p.gather_vec, p.gather_pv
     PS = PV * G
-    C = PACKED1_CHAINS
+    C = plan.options.packed1_chains
     ty, ld_, bc = f"g{G}", f"ldg{G}", f"bcg{G}"
     b = ["  const float* in = B[d[0]]; float* out = B[d[1]];",
          "  const float* bias = g_w + d[3];",
@@ -643,8 +642,8 @@ def _packed1_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> st
           "      const int f = flist[q];",
           f"      {ty} " + ", ".join(f"a{v}_{c} = {bc}(0.0f)" for v in range(PV) for c in range(C)) + ";"]
     if p.shapes:
-        b += [f"      int e = st[{_ri()}];",
-              f"      const int e1 = st[{_ri()} + 1];",
+        b += [f"      int e = st[{_ri(plan)}];",
+              f"      const int e1 = st[{_ri(plan)} + 1];",
               f"      for (; e + {C} <= e1; e += {C}) {{"]
         for c in range(C):
             b.append(f"        {{ const float* r = S + (long)ch[e + {c}] * {PS}; const {ty} k = {bc}(w[e + {c}]);")
@@ -713,7 +712,7 @@ def block_source(k: int, bp: BlockPlan, plan: Plan) -> str:
     li, lo = plan.layouts[A.inputs[0]], plan.layouts[C.output]
     G, PV, PS, M, T = bp.G, bp.PV, bp.PS, bp.M, plan.threads
     ho, wo, cin, cout = bp.ho, bp.wo, bp.cin, bp.cout
-    CH = PACKED1_CHAINS
+    CH = plan.options.packed1_chains
     ty, ld_, bc = f"g{G}", f"ldg{G}", f"bcg{G}"
     o = bp.offs
 
@@ -1024,7 +1023,7 @@ def gap_source(k: int, op: GapOp, plan: Plan) -> str:
 def linear_source(k: int, op: LinearOp, plan: Plan) -> str:
     """Rows split in contiguous chunks over threads; every row's weights are read once and used for all images
     of the batch (the layer is memory-bound: re-reading a 100 KB row per image would multiply the traffic).
-    A pruned layer (see plan.SPARSE_LINEAR_DENSITY) streams CSR: kept weights and their column indices only."""
+    A pruned layer (see PlanOptions.sparse_linear_density) streams CSR: kept weights and their column indices only."""
     li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
     o, i = op.weight.shape
     offs = plan.other[k]

@@ -15,11 +15,11 @@ import torch.nn as nn
 
 from ..errors import SparseforgeError
 from ..utils import atomic_write_bytes
+from .artefact import read_artefact
 from .build import build, cache_root
 from .codegen import generate
 from .ir import ConvOp, Graph, TorchOp, graph_fingerprint
-from . import plan as _plan
-from .plan import SLACK, Plan, lower, make_plan
+from .plan import SLACK, Plan, PlanOptions, lower, make_plan
 from .runtime import CompiledModel
 from .trace import build_ir, trace
 
@@ -144,10 +144,8 @@ def _engine_code_hash() -> str:
 
 def plan_key(graph: Graph, options: dict) -> str:
     h = hashlib.sha256()
-    # the planner's tuning constants as they are now (a benchmark may set them between compiles)
-    knobs = {n: repr(getattr(_plan, n)) for n in dir(_plan) if n.isupper()}
-    for part in (graph_fingerprint(graph), json.dumps(options, sort_keys=True), _engine_code_hash(),
-                 json.dumps(knobs, sort_keys=True)):
+    # the planner's knobs are in ``options`` (PlanOptions, when not the defaults) and its defaults in the code
+    for part in (graph_fingerprint(graph), json.dumps(options, sort_keys=True), _engine_code_hash()):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
@@ -202,14 +200,17 @@ def default_vector_width(portable: bool) -> int:
 
 
 def compile(model: nn.Module, example_input: torch.Tensor, threads: int | None = None, portable: bool = False,
-            return_stages: bool = False, vector_width: int | None = None, conv_mode: str = "auto"):
+            return_stages: bool = False, vector_width: int | None = None, conv_mode: str = "auto",
+            plan_options: PlanOptions | None = None):
     """Compile ``model`` (eval mode: BN folded with its running stats) for inputs shaped like ``example_input``.
 
     ``threads`` defaults to torch's thread count; ``vector_width`` (8 or 16 floats) to what the CPU supports.
     ``conv_mode``: "auto" (measured heuristic: blocked mode for convs with >= 75% non-zero weights; for sparse
     ones gather mode for 3x3 convs with >= 128 input channels on maps of <= 64 pixels, packed for 1x1 convs
     on such maps, flat or direct otherwise), "direct", "gather" or "blocked" (every eligible conv; for tests
-    and tuning). Layers without a native kernel run in PyTorch and are listed by ``engine.summary()``.
+    and tuning). ``plan_options``: the planner's tuning knobs (``PlanOptions``; measured defaults), recorded in
+    the engine's spec and its artefact. Layers without a native kernel run in PyTorch and are listed by
+    ``engine.summary()``.
     """
     if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4:
         raise SparseforgeError("example_input must be a 4-D NCHW float tensor, e.g. torch.randn(1, 3, 32, 32)")
@@ -236,6 +237,10 @@ def compile(model: nn.Module, example_input: torch.Tensor, threads: int | None =
     wide = not portable and vec == 8 and _has_avx512()
     options = {"input_shape": list(example_input.shape[1:]), "threads": threads, "vec": vec, "conv_mode": conv_mode,
                "wide": wide, "portable": portable}
+    if plan_options is not None and plan_options != PlanOptions():
+        if not isinstance(plan_options, PlanOptions):
+            raise SparseforgeError("plan_options must be a sparseforge.engine.PlanOptions, e.g. PlanOptions(max_group=1)")
+        options["plan"] = dataclasses.asdict(plan_options)     # defaults stay out: cache keys and artefacts unchanged
     st.seconds["fingerprint"] = time.perf_counter() - t0
     engine = engine_from_graph(st.graph, options, st, use_cache=not return_stages)
     return (engine, st) if return_stages else engine
@@ -263,7 +268,8 @@ def engine_from_graph(graph: Graph, options: dict, st: Stages | None = None, use
         spec, st.source, floats, ints = cached
     else:
         t0 = time.perf_counter()
-        st.plan = make_plan(graph, options["threads"], options["vec"], options["conv_mode"], wide=options["wide"])
+        st.plan = make_plan(graph, options["threads"], options["vec"], options["conv_mode"], wide=options["wide"],
+                            opts=PlanOptions(**options.get("plan", {})))
         st.seconds["plan"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         st.source = generate(st.plan)
@@ -281,4 +287,15 @@ def engine_from_graph(graph: Graph, options: dict, st: Stages | None = None, use
     torch_ops = {k: op for k, op in enumerate(graph.ops) if isinstance(op, TorchOp)}
     engine = CompiledModel(spec, lib, floats, ints, torch_ops, st.source, artefact_dir=artefact_dir)
     engine.stages = st
+    return engine
+
+
+def load_engine(path: str | Path) -> CompiledModel:
+    """An engine from an artefact directory: its graph is re-planned and its C source regenerated and rebuilt by
+    *this* sparseforge (never a binary from the directory); refused if the source differs from the stored one."""
+    path, graph, options, source = read_artefact(path)
+    engine = engine_from_graph(graph, options, artefact_dir=path)
+    if engine.source != source:
+        raise SparseforgeError(f"{path}: the C source regenerated from the stored graph differs from the stored "
+                               "kernel.c (made by another sparseforge engine version, or edited); recompile the model")
     return engine

@@ -21,30 +21,44 @@ import torch
 from .ir import ConvOp, EltwiseOp, GapOp, Graph, LinearOp, PhaseOp, PoolOp, Value
 
 VEC = 8                  # default floats per vector (AVX2); 16 on AVX-512 machines (see compile(vector_width=))
-MAX_ACC = 12             # accumulators per block (registers)
-MAX_ACC_WIDE = 16        # the same for 16-lane layers in an 8-lane plan (AVX-512 has 32 vector registers)
-MAX_SHAPES = 16          # beyond this many distinct tap sets per layer, kernels use the full 3x3 shape
 SLACK = 512              # floats after every buffer: over-reads by discarded vector lanes stay in bounds
-GATHER_ACC_BYTES = 24576 # gather mode: accumulator bytes per filter tile (about half of L1)
-GATHER_MIN_CIN = 128
-GATHER_MAX = 64          # output maps with at most this many pixels run in gather mode (see ConvPlan.gather)
-SPATIAL_RATIO = 1.0      # batch 1: split rows, not filters, when input bytes >= this x weight bytes
-RUNS_IN_WALK_ORDER = True
-ALIGN_ROWS = True        # row stride of wide maps a multiple of the vector width
-FLAT_TILED = True        # stride-1 convs on wider maps: flat mode in tiles of FLAT_TILE vectors, tiles outside filters
-FLAT_TILED_MIN_BYTES = 1 << 19   # ... when the input image is at least this large (measured: CIFAR ResNet-56's
-                                 # 32x32x16 maps run faster in direct mode; ResNet-50 at 224 25% faster tiled)
-FLAT_TILE = 12           # most vectors (accumulators) per tile
-FLAT_TILE_WIDE = 24      # the same on AVX-512 hosts
-BLOCK_OUTER_RATIO = 1.0  # direct convs loop blocks outside filters when input bytes >= this x weight bytes
-SPATIAL_DEPTHWISE = False  # measured slower on MobileNetV2 (b1, 2 threads): see plan_conv
-PACKED1_MAX = 64         # 1x1 convs with output maps of at most this many pixels run in packed mode
-SPARSE_LINEAR_DENSITY = 0.4   # linear layers at most this dense run as CSR sparse GEMV
-PACKED1_CHAINS = 4       # independent partial sums per output vector in packed mode (hides FMA latency)
-BLOCKED_MIN_DENSITY = 0.75     # convs at least this dense run in blocked mode (see ConvPlan.blocked)
-BLOCKED_F = 3            # filters per register block in blocked mode
-BLOCKED_ACC = 12         # accumulators per block (+ R*V input vectors + 1 weight: AVX2's 16 registers)
-BLOCKED_ACC_WIDE = 24    # the same with AVX-512's 32 registers
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanOptions:
+    """The planner's tuning knobs: values passed in (``compile(plan_options=...)``), part of the plan's cache key
+    and of a saved artefact; the defaults are what was measured best (comments say where)."""
+
+    max_acc: int = 12                 # accumulators per block (registers)
+    max_acc_wide: int = 16            # the same for 16-lane layers in an 8-lane plan (AVX-512: 32 vector registers)
+    max_shapes: int = 16              # beyond this many distinct tap sets per layer, kernels use the full shape
+    gather_acc_bytes: int = 24576     # gather mode: accumulator bytes per filter tile (about half of L1)
+    gather_min_cin: int = 128
+    gather_max: int = 64              # output maps with at most this many pixels run in gather mode
+    spatial_ratio: float = 1.0        # batch 1: split rows, not filters, when input bytes >= this x weight bytes
+    runs_in_walk_order: bool = True   # kernel runs stored in the order the threads walk them
+    align_rows: bool = True           # row stride of wide maps a multiple of the vector width
+    flat_tiled: bool = True           # stride-1 convs on wider maps: flat mode in tiles, tiles outside filters
+    flat_tiled_min_bytes: int = 1 << 19   # ... when the input image is at least this large (measured: CIFAR
+                                      # ResNet-56's 32x32x16 maps are faster untiled)
+    flat_tile: int = 12               # most vectors (accumulators) per tile
+    flat_tile_wide: int = 24          # the same on AVX-512 hosts
+    block_outer_ratio: float = 1.0    # direct convs loop blocks outside filters when input >= this x weight bytes
+    spatial_depthwise: bool = False   # measured slower on MobileNetV2 (b1, 2 threads): see plan_conv
+    packed1_max: int = 64             # 1x1 convs with output maps of at most this many pixels run in packed mode
+    packed1_chains: int = 4           # independent partial sums per output vector in packed mode
+    sparse_linear_density: float = 0.4   # linear layers at most this dense run as CSR sparse GEMV
+    blocked_min_density: float = 0.75    # convs at least this dense run in blocked mode (see ConvPlan.blocked)
+    blocked_f: int = 3                # filters per register block in blocked mode
+    blocked_acc: int = 12             # accumulators per block (+ R*V input vectors + 1 weight: AVX2's 16 registers)
+    blocked_acc_wide: int = 24        # the same with AVX-512's 32 registers
+    max_group: int = 2                # most adjacent filters run as one group (ConvPlan.fgroup; 1 = off); measured
+                                      # no faster at 4 on ResNet-18/50, MobileNetV2 at 224
+    fgroup_waste: float = 1.05        # groups run when the union of their taps costs at most this much extra
+    fuse_blocks: bool = True          # fuse 1x1 expand -> 3x3 depthwise -> 1x1 project on small maps (BlockPlan)
+
+
+DEFAULT_OPTIONS = PlanOptions()
 
 
 @dataclasses.dataclass
@@ -61,13 +75,13 @@ def small_w(vec: int) -> int:
     return 6 if vec == 8 else 12
 
 
-def layout_for(shape: tuple[int, ...], flat: bool = False, vec: int = VEC) -> Layout:
+def layout_for(shape: tuple[int, ...], flat: bool = False, vec: int = VEC, align_rows: bool = True) -> Layout:
     if len(shape) == 3 and not flat:
         c, h, w = shape
         # Narrow maps: tight rows, so a vector spans several rows (flat mode) instead of one mostly empty row.
         # wider maps: rows a whole number of vectors (planes start vector-aligned, so flat-mode 1x1 convs load
         # aligned vectors)
-        rs = w + 2 if w <= small_w(vec) else (vec * math.ceil((w + 2) / vec) if ALIGN_ROWS else vec * math.ceil(w / vec) + 2)
+        rs = w + 2 if w <= small_w(vec) else (vec * math.ceil((w + 2) / vec) if align_rows else vec * math.ceil(w / vec) + 2)
         plane = (h + 2) * rs
         return Layout(shape, True, rs, plane, c * plane)
     n = int(np.prod(shape)) if shape else 1
@@ -187,8 +201,8 @@ class ConvPlan:
     gather_te_off: int = 0               # per (tile, shape): first kernel entry
     gather_ef_off: list[int] = dataclasses.field(default_factory=list)   # per shape: filter of every entry
     gather_ew_off: list[int] = dataclasses.field(default_factory=list)   # per shape: weights of every entry
-    # blocked mode (dense layers: stems, unpruned networks): BLOCKED_F filters x (rows x vecs) output vectors in
-    # registers; every input vector loaded once serves BLOCKED_F filters (the sparse modes load it per filter),
+    # blocked mode (dense layers: stems, unpruned networks): blocked_f filters x (rows x vecs) output vectors in
+    # registers; every input vector loaded once serves blocked_f filters (the sparse modes load it per filter),
     # weights stored densely per block of filters as [channel][tap][filter]; zero weights are multiplied
     blocked: bool = False
     blk_f: int = 0
@@ -202,7 +216,8 @@ class ConvPlan:
     fgroup: int = 1
 
 
-def _canonical_shapes(tapsets: list[tuple[int, ...]], full: tuple[int, ...]) -> dict[tuple[int, ...], tuple[int, ...]]:
+def _canonical_shapes(tapsets: list[tuple[int, ...]], full: tuple[int, ...],
+                      max_shapes: int = DEFAULT_OPTIONS.max_shapes) -> dict[tuple[int, ...], tuple[int, ...]]:
     """Map each distinct tap set to the shape its kernel will run with (merging rare subsets into supersets)."""
     freq = Counter(tapsets)
     order = sorted(freq, key=lambda s: (-freq[s], s))
@@ -215,20 +230,42 @@ def _canonical_shapes(tapsets: list[tuple[int, ...]], full: tuple[int, ...]) -> 
         else:
             kept.append(s)
             mapping[s] = s
-    if len(kept) > MAX_SHAPES:
+    if len(kept) > max_shapes:
         return {s: full for s in freq}
     return mapping
+
+
+def _kernel_shapes(codes: np.ndarray, taps_all: tuple[int, ...], exact: bool, max_shapes: int):
+    """Kernels of a (filters x channels) array of tap-set bit codes: filter and channel of each kernel
+    (filter-major), its code, the tap shapes the layer runs (rare subsets merged into supersets unless
+    ``exact``), each kernel's shape index, and the taps each filter runs."""
+    kf, ki = np.nonzero(codes)
+    kc = codes[kf, ki]
+    tapset = {int(c): tuple(t for t in taps_all if (int(c) >> t) & 1) for c in np.unique(kc)}
+    if exact:
+        mapping = {ts: ts for ts in tapset.values()}
+    else:
+        mapping = _canonical_shapes([tapset[c] for c in kc.tolist()], taps_all, max_shapes)
+    shapes = sorted(set(mapping.values()), key=lambda s: (len(s), s)) if len(kc) else []
+    sidx = {s: j for j, s in enumerate(shapes)}
+    code_shape = {c: sidx[mapping[ts]] for c, ts in tapset.items()}
+    kshape = np.array([code_shape[c] for c in kc.tolist()], dtype=np.int64)
+    shape_len = np.array([len(s) for s in shapes], dtype=np.int64)
+    o = codes.shape[0]
+    work = (np.bincount(kf, weights=shape_len[kshape], minlength=o).astype(np.int64) if len(kc)
+            else np.zeros(o, np.int64))
+    return kf, ki, kc, shapes, kshape, work
 
 
 def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...], blob: Blob, threads: int,
               lin: Layout | None = None, lout: Layout | None = None, vec: int = VEC,
               conv_mode: str = "auto", wide: bool = False, affinity: list[int] | None = None,
-              rows_in: bool = False, max_group: int = 2) -> ConvPlan:
+              rows_in: bool = False, opts: PlanOptions = DEFAULT_OPTIONS) -> ConvPlan:
     """``affinity``: for a depthwise conv, the thread that wrote each input channel (filter-split producer);
     filter f then runs on that thread and reads its input from its own cache. ``rows_in``: the input was
     written split by rows (spatial producer); a depthwise conv then splits by rows too, so each thread reads
     the rows it wrote (and one halo row) instead of half of every channel from the other core's cache.
-    ``max_group``: most filters run as one group (see ConvPlan.fgroup; 1 turns groups off)."""
+    ``opts``: the planner's knobs (PlanOptions)."""
     w = op.weight.detach().float()
     o, ig, kh, kw = w.shape
     _, ho, wo = out_shape
@@ -237,50 +274,29 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     # kernel list: (filter, input channel, tap set), filter-major; tap sets as bit codes (numpy: a 512x512
     # layer has 262k kernels, too many for per-kernel tensor ops)
     codes = ((w9 != 0) * (np.int64(1) << np.arange(kh * kw, dtype=np.int64))).sum(-1)
-    kf, ki = np.nonzero(codes)
-    kc = codes[kf, ki]
-    tapset = {int(c): tuple(t for t in range(kh * kw) if (int(c) >> t) & 1) for c in np.unique(kc)}
-    if op.tap_period > 1:       # phase-lowered: never run a tap the original kernel does not have
-        mapping = {ts: ts for ts in tapset.values()}
-    else:
-        mapping = _canonical_shapes([tapset[c] for c in kc.tolist()], taps_all)
-    shapes = sorted(set(mapping.values()), key=lambda s: (len(s), s)) if len(kc) else []
-    sidx = {s: j for j, s in enumerate(shapes)}
-    code_shape = {c: sidx[mapping[ts]] for c, ts in tapset.items()}
-    kshape = np.array([code_shape[c] for c in kc.tolist()], dtype=np.int64)
-    # taps each filter runs (its kernels' shapes)
-    shape_len = np.array([len(s) for s in shapes], dtype=np.int64)
-    work = np.bincount(kf, weights=shape_len[kshape], minlength=o).astype(np.int64) if len(kc) else np.zeros(o, np.int64)
+    # phase-lowered convs never run a tap the original kernel does not have (exact tap sets)
+    kf, ki, kc, shapes, kshape, work = _kernel_shapes(codes, taps_all, op.tap_period > 1, opts.max_shapes)
     density = float(np.count_nonzero(w9)) / max(1, w9.size)
     blocked = (op.groups == 1 and (op.residual is None or op.res_kind == "identity") and lin is not None
-               and (conv_mode == "blocked" or (conv_mode == "auto" and density >= BLOCKED_MIN_DENSITY)))
+               and (conv_mode == "blocked" or (conv_mode == "auto" and density >= opts.blocked_min_density)))
     if blocked:     # dense weights of their own: the per-shape kernel lists below are not built
-        return _plan_blocked(op, in_shape, out_shape, blob, threads, lin, vec, wide, w9, work, len(kc), shapes)
-    packed1 = (op.groups == 1 and kh == 1 and kw == 1 and op.padding == 0 and ho * wo <= PACKED1_MAX
+        return _plan_blocked(op, in_shape, out_shape, blob, threads, lin, vec, wide, w9, work, len(kc), shapes, opts)
+    packed1 = (op.groups == 1 and kh == 1 and kw == 1 and op.padding == 0 and ho * wo <= opts.packed1_max
                and conv_mode != "direct")
     gather_ok = op.groups == 1 and op.padding <= 1 and kh <= 3 and kw <= 3
-    gather_auto = ho * wo <= GATHER_MAX and kh == 3 and kw == 3 and in_shape[0] >= GATHER_MIN_CIN
+    gather_auto = ho * wo <= opts.gather_max and kh == 3 and kw == 3 and in_shape[0] >= opts.gather_min_cin
     gather = gather_ok and (conv_mode == "gather" or (conv_mode == "auto" and gather_auto))
     G = 1
     if op.groups == 1 and not packed1 and not gather and (op.residual is None or op.res_kind == "identity"):
-        G = filter_group(codes, int(work.sum()), taps_all, max_group)
+        G = filter_group(codes, int(work.sum()), taps_all, opts.max_group, opts.fgroup_waste, opts.max_shapes)
     if G > 1:
         # filter groups: G adjacent filters share every kept kernel (channel_block pruning), so each input
         # vector loaded serves G filters; kernels are the group's (union of its filters' taps), weights
         # stored [kernel][tap][filter of the group]
-        o_all, o = o, o // G
+        o = o // G
         codes = np.bitwise_or.reduce(codes.reshape(o, G, ig), axis=1)
-        kf, ki = np.nonzero(codes)
-        kc = codes[kf, ki]
-        tapset = {int(c): tuple(t for t in range(kh * kw) if (int(c) >> t) & 1) for c in np.unique(kc)}
-        mapping = _canonical_shapes([tapset[c] for c in kc.tolist()], taps_all)
-        shapes = sorted(set(mapping.values()), key=lambda s: (len(s), s)) if len(kc) else []
-        sidx = {s: j for j, s in enumerate(shapes)}
-        code_shape = {c: sidx[mapping[ts]] for c, ts in tapset.items()}
-        kshape = np.array([code_shape[c] for c in kc.tolist()], dtype=np.int64)
-        shape_len = np.array([len(s) for s in shapes], dtype=np.int64)
-        work = (np.bincount(kf, weights=shape_len[kshape], minlength=o).astype(np.int64) * G if len(kc)
-                else np.zeros(o, np.int64))
+        kf, ki, kc, shapes, kshape, work = _kernel_shapes(codes, taps_all, False, opts.max_shapes)
+        work = work * G
         w9 = np.ascontiguousarray(w9.reshape(o, G, ig, kh * kw).transpose(0, 2, 3, 1))    # (groups, cin, taps, G)
     # per shape: its kernels as arrays, filter-major (input channel ascending within a filter)
     per: list[KernelRuns] = []
@@ -290,11 +306,11 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
         chans = fj if op.groups > 1 else ki[sel]      # depthwise: filter f reads input channel f
         wsel = w9[fj, ki[sel]][:, list(s)]
         per.append(KernelRuns(fj, chans, np.ascontiguousarray(wsel.reshape(len(sel), -1), dtype=np.float32), o))
-    max_acc = MAX_ACC
+    max_acc = opts.max_acc
     base_vec = vec
     if wide and vec == 8 and wo % 16 == 0 and not packed1 and not gather:
         # maps 16k pixels wide: 16-lane vectors (AVX-512) fill exactly, in the same padded layout; 32 registers
-        vec, max_acc = 16, MAX_ACC_WIDE
+        vec, max_acc = 16, opts.max_acc_wide
     # Measured on CIFAR VGG-16/ResNet-56/MobileNetV2 (2-core AVX-512 Xeon): gather mode wins for 3x3 convs with
     # >= 128 input channels; with fewer channels packing and tile overheads dominate, and 1x1 convs lose to
     # in-register accumulation (one FMA per accumulator load/store).
@@ -310,7 +326,7 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     # (not depthwise: a filter is too little work, and the rows two threads write meet in shared cache lines)
     depthwise = op.groups > 1 and op.groups == o
     spatial = threads > 1 and ho >= 2 * threads and (
-        (op.groups == 1 and in_bytes >= SPATIAL_RATIO * w_bytes) or (depthwise and rows_in and SPATIAL_DEPTHWISE))
+        (op.groups == 1 and in_bytes >= opts.spatial_ratio * w_bytes) or (depthwise and rows_in and opts.spatial_depthwise))
     if packed1:
         p.packed1 = True
         p.gather_vec = 8 if ho * wo <= 8 else 16
@@ -320,27 +336,27 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
         p.gather_taps = tuple(sorted(set().union(*shapes))) if shapes else ()
         p.gather_vec = 8 if ho * wo <= 8 else 16
         p.gather_pv = math.ceil(ho * wo / p.gather_vec)
-        p.gather_ft = max(1, GATHER_ACC_BYTES // (4 * -(-p.gather_pv * p.gather_vec // 16) * 16))
+        p.gather_ft = max(1, opts.gather_acc_bytes // (4 * -(-p.gather_pv * p.gather_vec // 16) * 16))
     elif (not (depthwise and spatial) and vec == base_vec and lin is not None and lout is not None and op.stride == 1 and lin.rs == lout.rs
             and tuple(in_shape[1:]) == (ho, wo) and (op.residual is None or op.res_kind == "identity")
-            and (lout.rs == wo + 2 or (FLAT_TILED and not depthwise and in_bytes >= FLAT_TILED_MIN_BYTES))):
+            and (lout.rs == wo + 2 or (opts.flat_tiled and not depthwise and in_bytes >= opts.flat_tiled_min_bytes))):
         rs = lout.rs
         p0, p1 = rs + 1, ho * rs + wo
         if kh == 1 and rs % vec == 0:
             p0 = rs          # aligned loads: the row's left border lane is masked like any other border lane
         nv = math.ceil((p1 - p0 + 1) / vec)
-        tiled = nv > MAX_ACC // G and FLAT_TILED and not depthwise and in_bytes >= FLAT_TILED_MIN_BYTES
-        if nv <= MAX_ACC // G or tiled:
+        tiled = nv > opts.max_acc // G and opts.flat_tiled and not depthwise and in_bytes >= opts.flat_tiled_min_bytes
+        if nv <= opts.max_acc // G or tiled:
             pos = p0 + np.arange(nv * vec).reshape(nv, vec)
             masks = (pos // rs >= 1) & (pos // rs <= ho) & (pos % rs >= 1) & (pos % rs <= wo)
             p.flat, p.flat_p0, p.flat_nv = True, p0, nv
             p.flat_mask_off = blob.add_mask(masks)
             if tiled:
                 # AVX-512 hosts have 32 vector registers (8-lane ones included): twice the accumulators
-                most = max(1, (FLAT_TILE_WIDE if wide else FLAT_TILE) // G)
+                most = max(1, (opts.flat_tile_wide if wide else opts.flat_tile) // G)
                 p.flat_tv = -(-nv // -(-nv // most))      # balanced tiles: the shifted last one overlaps little
                 p.spatial = spatial        # threads take runs of tiles (all filters) rather than filter lists
-    if not p.gather and not p.flat and not p.packed1 and op.groups == 1 and in_bytes >= BLOCK_OUTER_RATIO * w_bytes:
+    if not p.gather and not p.flat and not p.packed1 and op.groups == 1 and in_bytes >= opts.block_outer_ratio * w_bytes:
         p.block_outer = True
     if not p.gather and not p.flat and not p.packed1 and spatial:
         # at least one block of rows per thread
@@ -372,7 +388,7 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
                 p.thread_of[f * G + g] = t
     # runs stored in the order the threads walk them (position q in flist, not filter index): each thread then
     # streams its weights and channel indices sequentially, which the hardware prefetchers follow
-    walk = np.array(flist if RUNS_IN_WALK_ORDER else range(o), dtype=np.int64)
+    walk = np.array(flist if opts.runs_in_walk_order else range(o), dtype=np.int64)
     for r in per:
         idx = r.gather(walk)
         p.start_off.append(blob.add_i(np.concatenate([[0], np.cumsum(r.count[walk])])))
@@ -388,12 +404,12 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     return p
 
 
-FGROUP_WASTE = 1.05     # filter groups run when the union of a group's taps costs at most this much extra work
 
 
-def filter_group(codes: np.ndarray, own_taps: int, taps_all: tuple[int, ...], max_group: int) -> int:
+def filter_group(codes: np.ndarray, own_taps: int, taps_all: tuple[int, ...], max_group: int, waste: float,
+                 max_shapes: int) -> int:
     """The largest G in (4, 2), at most ``max_group``, such that running G adjacent filters as one group on the
-    union of their kernels costs at most FGROUP_WASTE x the taps the filters run alone; 1 if none.
+    union of their kernels costs at most ``waste`` x the taps the filters run alone; 1 if none.
     channel_block pruning makes groups exact; unstructured or pattern-per-filter layers stay at 1."""
     o, ig = codes.shape
     if own_taps == 0:
@@ -406,38 +422,24 @@ def filter_group(codes: np.ndarray, own_taps: int, taps_all: tuple[int, ...], ma
         if len(nz) == 0:
             continue
         sets = [tuple(t for t in taps_all if (c >> t) & 1) for c in nz.tolist()]
-        canon = _canonical_shapes(sets, taps_all)
+        canon = _canonical_shapes(sets, taps_all, max_shapes)
         cost = G * sum(len(canon[ts]) for ts in sets)
-        if cost <= FGROUP_WASTE * own_taps:
-            return G
-    return 1
-    for G in (4, 2):
-        if G > max_group or o % G:
-            continue
-        union = np.bitwise_or.reduce(codes.reshape(o // G, G, ig), axis=1)
-        nz = union[union != 0]
-        if len(nz) == 0:
-            continue
-        lens = {int(c): len(mapping.get(tapset.get(int(c), ()), None) or _canonical_shapes(
-            [tuple(t for t in range(len(taps_all)) if (int(c) >> t) & 1)], taps_all)[
-            tuple(t for t in range(len(taps_all)) if (int(c) >> t) & 1)]) for c in np.unique(nz)}
-        cost = G * sum(lens[int(c)] for c in nz.tolist())
-        if cost <= FGROUP_WASTE * own:
+        if cost <= waste * own_taps:
             return G
     return 1
 
 
 def _plan_blocked(op: ConvOp, in_shape, out_shape, blob: Blob, threads: int, lin: Layout, vec: int, wide: bool,
-                  w9: np.ndarray, work: np.ndarray, kernels: int, shapes: list) -> ConvPlan:
-    """Register blocks of BLOCKED_F filters x rows x vectors (12 accumulators, 24 with AVX-512's 32 registers);
+                  w9: np.ndarray, work: np.ndarray, kernels: int, shapes: list, opts: PlanOptions) -> ConvPlan:
+    """Register blocks of blocked_f filters x rows x vectors (12 accumulators, 24 with AVX-512's 32 registers);
     the last row and vector blocks are shifted back to end at the map's edge (their overlap is recomputed to
     the same values). Loop order as direct mode's ``block_outer``: spatial blocks outside filter blocks when the
     input outweighs the weights (the block's input window stays in L1 for every filter block), else filter
     blocks outside (each block's weights read once). Batch 1 splits rows (block outer) or filter blocks."""
     o, cin, kk = w9.shape
     _, ho, wo = out_shape
-    budget = BLOCKED_ACC_WIDE if wide else BLOCKED_ACC
-    F = min(BLOCKED_F, o)
+    budget = opts.blocked_acc_wide if wide else opts.blocked_acc
+    F = min(opts.blocked_f, o)
     xv = math.ceil(wo / vec)
     rv = max(1, budget // F)
     # vectors and rows per block: least recomputed work (shifted-back last blocks) plus a per-block cost
@@ -461,7 +463,7 @@ def _plan_blocked(op: ConvOp, in_shape, out_shape, blob: Blob, threads: int, lin
     p.blk_w_off = blob.add_f(packed)
     p.blk_b_off = p.bias_off = blob.add_f(bias)
     in_bytes = 4 * lin.image
-    p.block_outer = in_bytes >= BLOCK_OUTER_RATIO * 4 * wpad.size
+    p.block_outer = in_bytes >= opts.block_outer_ratio * 4 * wpad.size
     p.spatial = threads > 1 and p.block_outer and ho >= 2 * threads * R
     p.kernels = kernels
     p.taps = int(work.sum())
@@ -519,6 +521,7 @@ class Plan:
     scratch_id: int = 0                   # its index in the buffer table (after every value id)
     blocks: dict = dataclasses.field(default_factory=dict)     # fused blocks by their first op (BlockPlan)
     absorbed: dict = dataclasses.field(default_factory=dict)   # op index -> the fused block op that runs it
+    options: PlanOptions = DEFAULT_OPTIONS                      # the knobs it was planned with (codegen reads them)
 
     def gather_size(self, k: int) -> int:
         """Floats of scratch memory conv ``k`` needs, whatever the batch: per thread, one image's packed rows
@@ -533,12 +536,11 @@ class Plan:
         return self.threads * (packed + c.op.weight.shape[0] * acc_stride)
 
 
-FUSE_BLOCKS = True     # fuse 1x1 expand -> 3x3 depthwise -> 1x1 project on small maps (see BlockPlan)
 
 
 @dataclasses.dataclass
 class BlockPlan:
-    """An inverted-residual block (1x1 expand -> 3x3 depthwise s1 -> 1x1 project, maps of <= PACKED1_MAX
+    """An inverted-residual block (1x1 expand -> 3x3 depthwise s1 -> 1x1 project, maps of <= packed1_max
     pixels) run as one op. At batch 1, layer by layer, every 1x1 layer reads all channels, half of them written
     by the other core, and every output line was last read by the other core: measured on MobileNetV2 (2-core
     Xeon, network-order profile), those transfers doubled the time of the small-map layers. Fused, each thread
@@ -575,7 +577,7 @@ class BlockPlan:
         return threads * self.private(threads) + threads * self.cout * self.PS
 
 
-def fusable_blocks(graph: Graph) -> list[tuple[int, int, int]]:
+def fusable_blocks(graph: Graph, packed1_max: int = DEFAULT_OPTIONS.packed1_max) -> list[tuple[int, int, int]]:
     """Consecutive (expand, depthwise, project) triples the fused block kernel supports."""
     out = []
     used = {v for v in graph.outputs}
@@ -594,7 +596,7 @@ def fusable_blocks(graph: Graph) -> list[tuple[int, int, int]]:
               and len(graph.users(a.output)) == 1 and len(graph.users(b.output)) == 1)
         if ok:
             _, ho, wo = graph.values[c.output].shape
-            ok = ho * wo <= PACKED1_MAX and tuple(graph.values[a.inputs[0]].shape[1:]) == (ho, wo)
+            ok = ho * wo <= packed1_max and tuple(graph.values[a.inputs[0]].shape[1:]) == (ho, wo)
         if ok:
             out.append((k, k + 1, k + 2))
             k += 3
@@ -716,21 +718,23 @@ def lower(graph: Graph) -> Graph:
     return Graph(values, ops, list(graph.inputs), list(graph.outputs))
 
 
-def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto", wide: bool = False) -> Plan:
+def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto", wide: bool = False,
+              opts: PlanOptions = DEFAULT_OPTIONS) -> Plan:
     """``wide``: direct-mode layers on maps a multiple of 16 wide may use 16-lane vectors (AVX-512 hosts)."""
     blob = Blob()
     # a pooled (C,1,1) vector stays plain unless a conv reads it as a map (squeeze-excite's 1x1 convs)
     conv_in = {v for op in graph.ops if isinstance(op, ConvOp) for v in op.inputs}
     gap_out = {op.output for op in graph.ops if isinstance(op, GapOp) and op.output not in conv_in}
-    layouts = {vid: layout_for(v.shape, flat=vid in gap_out, vec=vec) for vid, v in graph.values.items()}
+    layouts = {vid: layout_for(v.shape, flat=vid in gap_out, vec=vec, align_rows=opts.align_rows)
+               for vid, v in graph.values.items()}
     convs: dict[int, ConvPlan] = {}
     other: dict[int, dict] = {}
     writer: dict[int, list[int]] = {}       # value id -> thread that writes each channel (batch 1)
     by_rows: set[int] = set()               # values written split by rows (batch 1)
     blocks: dict[int, BlockPlan] = {}
     absorbed: dict[int, int] = {}
-    if FUSE_BLOCKS:
-        for trip in fusable_blocks(graph):
+    if opts.fuse_blocks:
+        for trip in fusable_blocks(graph, opts.packed1_max):
             blocks[trip[0]] = plan_block(graph, trip, blob, threads)
             absorbed[trip[1]] = absorbed[trip[2]] = trip[0]
     for k, op in enumerate(graph.ops):
@@ -739,7 +743,8 @@ def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto
         if isinstance(op, ConvOp):
             c = convs[k] = plan_conv(op, graph.values[op.inputs[0]].shape, graph.values[op.output].shape, blob,
                                      threads, layouts[op.inputs[0]], layouts[op.output], vec, conv_mode, wide,
-                                     affinity=writer.get(op.inputs[0]), rows_in=op.inputs[0] in by_rows)
+                                     affinity=writer.get(op.inputs[0]), rows_in=op.inputs[0] in by_rows,
+                                     opts=opts)
             if not c.spatial and not c.gather:
                 writer[op.output] = c.thread_of
             if c.spatial:
@@ -747,7 +752,7 @@ def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto
         elif isinstance(op, LinearOp):
             w = op.weight.numpy()
             nz = w != 0
-            if nz.mean() <= SPARSE_LINEAR_DENSITY:
+            if nz.mean() <= opts.sparse_linear_density:
                 # pruned linears are memory-bound: CSR streams only the kept weights (+ a 2- or 4-byte index each)
                 rows, cols = np.nonzero(nz)
                 # up to 65536 inputs (VGG's 25088): 2-byte column indices, packed two per int of the blob
@@ -773,7 +778,8 @@ def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto
             segments[-1][1].append(k)
         else:
             segments.append((kind, [k]))
-    plan = Plan(graph, layouts, convs, other, blob, threads, segments, vec, blocks=blocks, absorbed=absorbed)
+    plan = Plan(graph, layouts, convs, other, blob, threads, segments, vec, blocks=blocks, absorbed=absorbed,
+                options=opts)
     plan.scratch_id = max(graph.values) + 1
     plan.scratch = max([plan.gather_size(k) for k, c in convs.items() if c.gather or c.packed1]
                        + [bp.scratch(threads) for bp in blocks.values()], default=0)

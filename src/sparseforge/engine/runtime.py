@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import SparseforgeError
+from .artefact import save_engine
 from .ir import TorchOp
 
 
@@ -262,6 +263,4 @@ class CompiledModel:
         return "\n".join(rows)
 
     def save(self, path: str | Path) -> Path:
-        from .artefact import save_engine
-
         return save_engine(self, Path(path))

@@ -53,7 +53,7 @@ def create_model(name: str, num_classes: int | None = None, arch: dict | None = 
     kw_plain = {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}
     model.sf_spec = {"name": name.lower(), "num_classes": num_classes, "kwargs": kw_plain}
     if arch is not None:
-        from ..structured.surgery import apply_arch
+        from .arch import apply_arch
 
         apply_arch(model, arch)
         model.sf_spec["arch"] = arch
@@ -116,7 +116,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     """
     p = Path(path)
     if p.is_dir():
-        from ..train.checkpoint import latest_checkpoint
+        from ..checkpoint import latest_checkpoint
 
         ck = latest_checkpoint(p)
         if ck is None:
@@ -166,8 +166,7 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.
     state dicts (``module.`` prefix stripped). With ``strict`` every key and shape must
     match; BatchNorm's ``num_batches_tracked`` may be absent (old checkpoints lack it).
     """
-    from ..sparsity.mask import MASK_BUFFER, apply_masks, attach_mask
-    from ..sparsity.pattern import COUNTS_BUFFER, LIBRARY_BUFFER, set_library
+    from ..masks import COUNTS_BUFFER, LIBRARY_BUFFER, MASK_BUFFER, apply_masks, attach_mask, set_library
 
     sd, meta = read_state_dict(path)
     sd = _strip_prefix(sd)

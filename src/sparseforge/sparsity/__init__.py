@@ -13,6 +13,7 @@ import torch.nn as nn
 from ..config import Config
 from ..errors import SparseforgeError
 from .admm import ADMMCallback, ADMMConfig
+from ..masks import ensure_sparsity_buffers
 from .callbacks import MaskCallback
 from .magnitude import MagnitudeConfig, prune_magnitude
 from .mask import Mask, apply_masks, attach_mask, fold_masks, get_mask, mask_optimizer_state, mask_state, masked_modules
@@ -29,27 +30,6 @@ def register_method(name: str, config_cls: type, fn: Callable[..., nn.Module]) -
 
 register_method("pattern", PatternConfig, prune_pattern)
 register_method("magnitude", MagnitudeConfig, prune_magnitude)
-
-
-def ensure_sparsity_buffers(model: nn.Module, state: dict) -> None:
-    """Create the mask / pattern-library buffers a saved state has and the model lacks (so a strict load works).
-
-    A checkpoint taken after pruning (or after ADMM extracted its library) holds buffers that a freshly built
-    model does not have yet; resuming must recreate them before ``load_state_dict``.
-    """
-    from .mask import MASK_BUFFER
-    from .pattern import COUNTS_BUFFER, LIBRARY_BUFFER, set_library
-
-    own = model.state_dict()
-    if LIBRARY_BUFFER in state and LIBRARY_BUFFER not in own:
-        set_library(model, state[LIBRARY_BUFFER], state.get(COUNTS_BUFFER))
-    modules = dict(model.named_modules())
-    suffix = "." + MASK_BUFFER
-    for k, t in state.items():
-        if k.endswith(suffix) and k not in own:
-            mod = modules.get(k[: -len(suffix)])
-            if mod is not None and getattr(mod, "weight", None) is not None and mod.weight.shape == t.shape:
-                attach_mask(mod, t)
 
 
 def prune(model: nn.Module, config: Config, **kwargs: Any) -> nn.Module:

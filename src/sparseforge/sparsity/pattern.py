@@ -17,8 +17,7 @@ from .patterns import (all_candidates, block_sum, connectivity_mask, connectivit
                        pattern_mask, pattern_to_str, pconv_library)
 from .scope import CONNECTIVITY, PATTERN, PATTERN_ONLY, LayerChoice, choose_layers
 
-LIBRARY_BUFFER = "sf_pattern_library"
-COUNTS_BUFFER = "sf_pattern_counts"
+from ..masks import COUNTS_BUFFER, LIBRARY_BUFFER, get_library, set_library  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -67,25 +66,6 @@ class PatternConfig(Config):
             if fnmatch.fnmatchcase(layer_name, glob):
                 return parse_ratio(v)
         return parse_ratio(self.connectivity)
-
-
-def get_library(model: nn.Module) -> torch.Tensor | None:
-    lib = getattr(model, LIBRARY_BUFFER, None)
-    return lib if isinstance(lib, torch.Tensor) else None
-
-
-def set_library(model: nn.Module, library: torch.Tensor, counts: torch.Tensor | None = None) -> None:
-    """Store the library on the model (a buffer: saved with the weights, kept by deepcopy)."""
-    from ..train.loop import model_device
-
-    lib = library.detach().float().to(model_device(model), copy=True)    # a buffer lives where the model does
-    if get_library(model) is not None:
-        del model._buffers[LIBRARY_BUFFER]
-    model.register_buffer(LIBRARY_BUFFER, lib)
-    if counts is not None:
-        if COUNTS_BUFFER in model._buffers:
-            del model._buffers[COUNTS_BUFFER]
-        model.register_buffer(COUNTS_BUFFER, counts.detach().to(lib.device, torch.int64, copy=True))
 
 
 def library_strings(model: nn.Module) -> list[str]:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..config import Config, ConfigError, opt
 from ..errors import SparseforgeError
+from .prune import layer_macs
 
 
 @dataclass(frozen=True)
@@ -100,23 +101,9 @@ def block_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
                 if isinstance(sub, nn.Conv2d | nn.Linear):
                     owner[sub] = name
     out = {n: 0 for n in set(owner.values())}
-
-    def hook(m, inp, o):
-        if isinstance(m, nn.Conv2d):
-            out[owner[m]] += o[0].numel() * (m.in_channels // m.groups) * int(torch.tensor(m.kernel_size).prod())
-        else:
-            out[owner[m]] += m.in_features * m.out_features
-
-    hs = [m.register_forward_hook(hook) for m in owner]
-    was = model.training
-    model.eval()         # no BatchNorm statistics change while counting
-    try:
-        with torch.no_grad():
-            model(example_input[:1])
-    finally:
-        model.train(was)
-        for h in hs:
-            h.remove()
+    for m, macs in layer_macs(model, example_input).items():
+        if m in owner:
+            out[owner[m]] += macs
     return out
 
 

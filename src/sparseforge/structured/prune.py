@@ -223,19 +223,20 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
-    """Multiply-accumulates of one image through the conv and linear layers (measured by hooks)."""
-    total = [0]
+def layer_macs(model: nn.Module, example_input: torch.Tensor) -> dict[nn.Module, int]:
+    """Multiply-accumulates of one image through each conv and linear layer (measured by forward hooks, so any
+    input size and any architecture counts right); the one MAC counter the structured methods share."""
+    macs: dict[nn.Module, int] = {}
 
     def hook(m, inp, out):
         if isinstance(m, nn.Conv2d):
-            total[0] += out[0].numel() * (m.in_channels // m.groups) * int(np.prod(m.kernel_size))
-        elif isinstance(m, nn.Linear):
-            total[0] += m.in_features * m.out_features
+            macs[m] = macs.get(m, 0) + out[0].numel() * (m.in_channels // m.groups) * int(np.prod(m.kernel_size))
+        else:
+            macs[m] = macs.get(m, 0) + m.in_features * m.out_features
 
     hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
     was = model.training
-    model.eval()
+    model.eval()         # no BatchNorm statistics change while counting
     try:
         with torch.no_grad():
             model(example_input[:1])
@@ -243,7 +244,12 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
         model.train(was)
         for h in hs:
             h.remove()
-    return total[0]
+    return macs
 
 
-__all__ = ["StructuredConfig", "prune_structured", "count_macs", "count_params", "CostModel", "PadShortcut"]
+def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
+    """Multiply-accumulates of one image through the conv and linear layers."""
+    return sum(layer_macs(model, example_input).values())
+
+
+__all__ = ["StructuredConfig", "prune_structured", "count_macs", "layer_macs", "count_params", "CostModel", "PadShortcut"]

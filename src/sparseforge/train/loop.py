@@ -21,30 +21,12 @@ import torch.nn.functional as F
 
 from ..data import BatchLoader
 from ..errors import CheckpointError, RunDirError, TrainingDivergedError
+from ..masks import ensure_sparsity_buffers
+from ..utils import model_device
+from .callbacks import Callback, MaskCallback
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .schedule import lr_factor
-
-
-class Callback:
-    """Hooks into :class:`Trainer`; override what you need. State must be tensors/JSON (no pickle)."""
-
-    name: str = "callback"
-
-    def on_train_begin(self, trainer: "Trainer") -> None: ...
-    def on_epoch_begin(self, trainer: "Trainer", epoch: int) -> None: ...
-    def on_loss(self, trainer: "Trainer", loss: torch.Tensor, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return loss
-    def on_batch(self, trainer: "Trainer", x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Transform a training batch before the forward (mixing regularisers); y may become soft targets."""
-        return x, y
-    def on_after_backward(self, trainer: "Trainer") -> None: ...
-    def on_step_end(self, trainer: "Trainer") -> None: ...
-    def on_epoch_end(self, trainer: "Trainer", epoch: int, metrics: dict[str, float]) -> None: ...
-    def on_train_end(self, trainer: "Trainer") -> None: ...
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -59,15 +41,6 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     if cfg.optimizer == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr)
     return torch.optim.AdamW(groups, lr=cfg.lr)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Where the model's weights are (the CPU for a model without any)."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 @torch.inference_mode()
@@ -112,8 +85,6 @@ class Trainer:
         self.model = model.to(self.device)
         self.train_loader = train_loader
         self.test_loader = test_loader
-        from ..sparsity.callbacks import MaskCallback
-
         # Masked training is always on: pruned weights stay exactly zero whatever the other callbacks do.
         self.callbacks = [cb for cb in callbacks if not isinstance(cb, MaskCallback)] + [MaskCallback()]
         self.run_dir = Path(run_dir) if run_dir else None
@@ -209,8 +180,6 @@ class Trainer:
             raise RunDirError(f"{self.run_dir}: the run's config differs from the one its checkpoint was trained with "
                               f"({', '.join(f'{k}: {saved[k]!r} -> {now[k]!r}' for k in changed[:4])}); a resume "
                               "continues the run as it started: undo the edit, or start a new run directory")
-        from ..sparsity import ensure_sparsity_buffers
-
         try:
             ensure_sparsity_buffers(self.model, model_state)
             self.model.load_state_dict(model_state)
