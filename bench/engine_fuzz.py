@@ -27,6 +27,7 @@ from hypothesis import strategies as st  # noqa: E402
 from sparseforge.engine import compile  # noqa: E402
 from sparseforge.engine.testing import Case, build_case, valid  # noqa: E402
 from sparseforge.report.env import cpu_flags, environment  # noqa: E402
+from sparseforge.utils import atomic_write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +36,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", type=int, default=3000)
     ap.add_argument("--networks", type=int, default=0, help="generated whole networks instead of layers")
+    ap.add_argument("--resume", action="store_true", help="--networks: continue a killed run from its --out file")
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--out", default="")
     a = ap.parse_args()
@@ -100,8 +102,27 @@ def fuzz_networks(a: argparse.Namespace) -> None:
     out_path = Path(a.out or ROOT / "bench" / "results" / "engine_fuzz_networks.json")
     stats = {"networks": 0, "max_rel_err": 0.0, "max_rel_err_seed": None, "nonfinite_inputs": 0, "sparse": 0, "native_ops": 0, "fallback_ops": 0,
              "fallback_kinds": {}, "failures": []}
-    t0 = time.perf_counter()
-    for seed in range(a.first_seed, a.first_seed + a.networks):
+    start, spent = a.first_seed, 0.0
+    if a.resume and out_path.exists():
+        # a long run is written every 100 networks: a killed one continues where it stopped
+        prev = json.loads(out_path.read_text())
+        if prev.get("first_seed") == a.first_seed and not prev.get("complete", True):
+            stats = {k: prev[k] for k in stats}
+            start, spent = prev["next_seed"], prev["seconds"]
+            print(f"resuming at seed {start} ({stats['networks']} networks done)", flush=True)
+    t0 = time.perf_counter() - spent
+
+    def write(complete: bool, next_seed: int) -> None:
+        doc = {"benchmark": "engine_fuzz_networks", "ok": not stats["failures"], "first_seed": a.first_seed,
+               "requested": a.networks, "complete": complete, "next_seed": next_seed,
+               "tolerance": "max|e-t| <= 1e-4*max|t| + 1e-5 over finite values; NaN/Inf positions as PyTorch's",
+               **stats, "seconds": round(time.perf_counter() - t0, 1), "env": environment()}
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out_path, doc)
+        if complete:
+            print(json.dumps({k: v for k, v in doc.items() if k not in ("env", "fallback_kinds")}, default=str))
+
+    for seed in range(start, a.first_seed + a.networks):
         m, x, desc = random_network(seed)
         sparse = "sparsity dense" not in desc
         if seed % 2:
@@ -131,12 +152,8 @@ def fuzz_networks(a: argparse.Namespace) -> None:
         if stats["networks"] % 100 == 0:
             print(f"{stats['networks']} networks, {len(stats['failures'])} mismatches, "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
-    doc = {"benchmark": "engine_fuzz_networks", "ok": not stats["failures"], "first_seed": a.first_seed,
-           "tolerance": "max|e-t| <= 1e-4*max|t| + 1e-5 over finite values; NaN/Inf positions as PyTorch's",
-           **stats, "seconds": round(time.perf_counter() - t0, 1), "env": environment()}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(doc, indent=2, default=str))
-    print(json.dumps({k: v for k, v in doc.items() if k not in ("env", "fallback_kinds")}, default=str))
+            write(False, seed + 1)
+    write(True, a.first_seed + a.networks)
 
 
 if __name__ == "__main__":

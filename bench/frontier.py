@@ -45,7 +45,7 @@ from pathlib import Path
 
 from pattern_accuracy import matched_magnitude_sparsity  # bench/ is on sys.path when this script runs
 from sparseforge import PatternConfig, create_model, load_weights
-from sparseforge.recipe import Recipe, RecipeRunner
+from sparseforge.recipe import Recipe, RecipeRunner, run_record
 from sparseforge.report.env import environment
 from sparseforge.utils import atomic_write_json
 
@@ -87,17 +87,7 @@ def arm_stages(E: int, admm_epochs: int, weights: str) -> dict[str, list[dict]]:
 
 def record_arm(run_dir: Path, arm: str, budget: dict) -> dict:
     """The arm's recipe, per-stage results and per-epoch metrics: small, committed beside its model."""
-    rec: dict = {"arm": arm, "budget": budget, "recipe_toml": (run_dir / "recipe.toml").read_text(), "stages": []}
-    if (run_dir / "start.json").exists():
-        rec["start"] = json.loads((run_dir / "start.json").read_text())
-    for sdir in sorted((run_dir / "stages").glob("*")):
-        st: dict = {"dir": sdir.name, "done": (sdir / "done.json").exists()}
-        if st["done"]:
-            st["result"] = json.loads((sdir / "done.json").read_text())
-        st["metrics"] = [json.loads(line) for m in sorted(sdir.rglob("metrics.jsonl"))
-                         for line in m.read_text().splitlines() if line.strip()]
-        rec["stages"].append(st)
-    rec["finished"] = (run_dir / "model.safetensors").exists()
+    rec: dict = {"arm": arm, "budget": budget, **run_record(run_dir)}
     if rec["finished"]:
         res = json.loads((run_dir / "results.json").read_text())
         rec["final_acc"] = res["final"]["acc"]

@@ -48,8 +48,9 @@ import torch.fx.experimental.optimization as fx_opt
 
 import sparseforge as sf
 from sparseforge.models import load_weights, model_from_spec, read_state_dict
-from sparseforge.recipe import Recipe, RecipeRunner
+from sparseforge.recipe import Recipe, RecipeRunner, run_record
 from sparseforge.report.env import environment
+from sparseforge.report.latency import measure
 from sparseforge.report.plots import plt
 from sparseforge.structured import count_macs, count_params
 from sparseforge.utils import atomic_write_json
@@ -138,17 +139,7 @@ def record_arm(d: Path) -> dict | None:
     widths, enough to rebuild the network for latency), also for an arm still training (``--record``)."""
     if not (d / "recipe.toml").exists():
         return None
-    rec: dict = {"arm": d.name, "recipe_toml": (d / "recipe.toml").read_text(), "stages": []}
-    if (d / "start.json").exists():
-        rec["start"] = json.loads((d / "start.json").read_text())
-    for sdir in sorted((d / "stages").glob("*")):
-        st: dict = {"dir": sdir.name, "done": (sdir / "done.json").exists()}
-        if st["done"]:
-            st["result"] = json.loads((sdir / "done.json").read_text())
-        st["metrics"] = [json.loads(line) for m in sorted(sdir.rglob("metrics.jsonl"))
-                         for line in m.read_text().splitlines() if line.strip()]
-        rec["stages"].append(st)
-    rec["finished"] = (d / "model.safetensors").exists()
+    rec: dict = {"arm": d.name, **run_record(d)}
     if rec["finished"]:
         rec["final_acc"] = rec["stages"][-1]["result"]["eval"]["acc"] if rec["stages"] else rec["start"]["acc"]
         rec["model_spec"] = json.loads(read_state_dict(d / "model.safetensors")[1]["model"])
@@ -174,23 +165,9 @@ def latency(models: dict[str, torch.nn.Module], batch: int, runs: int, block: in
         fns[f"torch:{k}"] = fused
         fns[f"torch-cl:{k}"] = _channels_last(fx_opt.fuse(copy.deepcopy(m).eval()))
         fns[f"sparseforge:{k}"] = sf.compile(m, x[:1], threads=2)
-    times = {k: [] for k in fns}
-    with torch.inference_mode():
-        for k in fns:
-            for _ in range(3):
-                fns[k](x)
-        names = list(fns)
-        for r in range(-(-runs // block)):
-            for k in names[r % len(names):] + names[: r % len(names)]:
-                time.sleep(0.05)      # other runtimes' spinning threads settle (see bench/engine_speed.py)
-                fns[k](x)
-                fns[k](x)
-                for _ in range(block):
-                    t0 = time.perf_counter()
-                    fns[k](x)
-                    times[k].append(time.perf_counter() - t0)
-    out = {k: {"median_ms": 1e3 * statistics.median(v), "p10_ms": 1e3 * float(np.percentile(v, 10)),
-               "p90_ms": 1e3 * float(np.percentile(v, 90)), "runs": len(v)} for k, v in times.items()}
+    res = measure({k: (lambda f=f: f(x)) for k, f in fns.items()}, runs=runs, block=block, keep_times=True)
+    times = {k: v.pop("times_ms") for k, v in res.items()}
+    out = res
     # paired speedups: the machine's speed drifts between rounds (other tenants, cache state), so compare the
     # arms round by round (median of each round's block) and report the median and spread of those ratios
     base = next(iter(models))

@@ -275,3 +275,33 @@ def test_edited_config_is_refused_on_resume(tmp_path):
     cfg = rd / "config.toml"
     cfg.write_text("\n".join("lr = 0.5" if l.startswith("lr =") else l for l in cfg.read_text().splitlines()) + "\n")
     assert_one_line_error(run_cli("train", "--run-dir", rd, "--resume"), "lr: 0.1 -> 0.5")
+
+
+@pytest.mark.parametrize("err", ["ENOSPC", "EACCES", "EROFS"])
+def test_full_disk_and_read_only_directory_are_one_line_errors(tmp_path, capsys, monkeypatch, err):
+    """The OS refusing a write (full disk, no permission, read-only file system: simulated, the test may run as
+    root) ends in one line naming the file and the fix, exit 2; a file written before stays intact."""
+    import errno
+    import tempfile
+
+    import sparseforge.utils as u
+
+    run = tmp_path / "run"
+    assert main(["train", "--model", "smallcnn", "--train-size", "64", "--test-size", "20", "--epochs", "1",
+                 "--threads", "1", "--no-progress", "--batch-size", "16", "--run-dir", str(run)]) == 0
+    before = (run / "config.toml").read_bytes()
+    capsys.readouterr()
+    code = getattr(errno, err)
+
+    def refuse(*a, dir=None, **k):
+        raise OSError(code, os.strerror(code), str(dir))
+
+    monkeypatch.setattr(u.tempfile, "mkstemp", refuse)
+    rc = main(["train", "--model", "smallcnn", "--train-size", "64", "--test-size", "20", "--epochs", "2",
+               "--threads", "1", "--no-progress", "--batch-size", "16", "--run-dir", str(tmp_path / "run2")])
+    err_out = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err_out) == 1 and "Traceback" not in err_out[0], err_out
+    assert os.strerror(code) in err_out[0] and str(tmp_path / "run2") in err_out[0]
+    assert ("df -h" in err_out[0]) == (err == "ENOSPC")
+    assert (run / "config.toml").read_bytes() == before
+    monkeypatch.setattr(u.tempfile, "mkstemp", tempfile.mkstemp)

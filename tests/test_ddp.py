@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from recipe_util import recipe_toml
 
 pytestmark = pytest.mark.slow      # the fast tier (pytest -m "not slow") skips it; CI runs all
 
@@ -86,22 +87,14 @@ def test_sync_bn_makes_two_processes_equal_one(tmp_path):
 
 def test_recipe_runs_under_torchrun(tmp_path):
     """sparseforge run under 2 processes: finishes, rank 0 alone writes and talks, masks identical."""
-    (tmp_path / "r.toml").write_text("""
-model = "smallcnn"
-dataset = "synthetic"
-[train]
-batch_size = 32
-lr = 0.05
-train_size = 128
-test_size = 64
-threads = 1
+    (tmp_path / "r.toml").write_text(recipe_toml("""
 [[stage]]
 method = "pattern"
 connectivity = "2x"
 [[stage]]
 method = "finetune"
 epochs = 1
-""")
+"""))
     env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src"), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
                         "sparseforge.cli", "run", str(tmp_path / "r.toml"), "--run-dir", str(tmp_path / "run"),

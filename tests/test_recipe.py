@@ -12,19 +12,10 @@ from safetensors.torch import load_file
 from sparseforge.cli import main
 from sparseforge.errors import ConfigError, RunDirError
 from sparseforge.recipe import Recipe, RecipeRunner
+from recipe_util import recipe_toml
 
 HERE = Path(__file__).parent
-RECIPE = """
-model = "smallcnn"
-dataset = "synthetic"
-[train]
-batch_size = 32
-lr = 0.05
-schedule = "onecycle"
-train_size = 320
-test_size = 100
-threads = 1
-checkpoint_every = 3
+RECIPE = recipe_toml("""
 [[stage]]
 method = "admm"
 epochs = 1
@@ -35,7 +26,7 @@ connectivity = "2x"
 [[stage]]
 method = "finetune"
 epochs = 2
-"""
+""", schedule='onecycle', train_size=320, test_size=100, checkpoint_every=3)
 
 
 def _child(recipe, run_dir, marker="", step=0):
@@ -144,15 +135,7 @@ def test_shipped_recipes_parse():
     assert {"resnet20", "resnet56", "vgg16", "mobilenetv2"} <= models
 
 
-STRUCTURED_RECIPE = """
-model = "resnet20"
-dataset = "synthetic"
-[train]
-batch_size = 32
-lr = 0.05
-train_size = 256
-test_size = 64
-threads = 1
+STRUCTURED_RECIPE = recipe_toml("""
 [[stage]]
 method = "earlybird"
 epochs = 2
@@ -173,7 +156,7 @@ round_to = 4
 [[stage]]
 method = "finetune"
 epochs = 1
-"""
+""", model="resnet20", train_size=256)
 
 
 def test_structured_stages_run_resume_and_report_widths(tmp_path):
@@ -203,15 +186,7 @@ def test_structured_stages_run_resume_and_report_widths(tmp_path):
     assert count_macs(m, x) <= 0.5 * 0.75 * count_macs(full, x) + 1e-9
 
 
-TRAINING_RECIPE = """
-model = "smallcnn"
-dataset = "synthetic"
-[train]
-batch_size = 31
-lr = 0.05
-train_size = 124
-test_size = 64
-threads = 1
+TRAINING_RECIPE = recipe_toml("""
 [[stage]]
 method = "mix"
 epochs = 1
@@ -236,7 +211,7 @@ rkd_distance = 25.0
 rkd_angle = 50.0
 graph = 25.0
 taps = ["features.0", "features.3"]
-"""
+""", batch_size=31, train_size=124)
 
 
 def test_regulariser_and_distillation_stages_run_masked(tmp_path):
@@ -255,15 +230,7 @@ def test_regulariser_and_distillation_stages_run_masked(tmp_path):
     assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in m.modules())
 
 
-LOWBIT_RECIPE = """
-model = "smallcnn"
-dataset = "synthetic"
-[train]
-batch_size = 32
-lr = 0.05
-train_size = 192
-test_size = 64
-threads = 1
+LOWBIT_RECIPE = recipe_toml("""
 [[stage]]
 method = "pattern"
 connectivity = "2x"
@@ -276,7 +243,7 @@ epochs = 2
 period = 1
 window = 2
 epsilon = 10.0
-"""
+""", train_size=192)
 
 
 def test_lowbit_stages_fold_to_plain_convs_and_report_savings(tmp_path):
@@ -294,15 +261,7 @@ def test_lowbit_stages_fold_to_plain_convs_and_report_savings(tmp_path):
     assert sum("already done" in s for s in logs) == 3
 
 
-KD_FROM_STAGE_RECIPE = """
-model = "smallcnn"
-dataset = "synthetic"
-[train]
-batch_size = 32
-lr = 0.05
-train_size = 128
-test_size = 64
-threads = 1
+KD_FROM_STAGE_RECIPE = recipe_toml("""
 [[stage]]
 method = "finetune"
 epochs = 1
@@ -313,7 +272,7 @@ mac_ratio = 0.6
 method = "kd"
 epochs = 1
 teacher = "stage:0"
-"""
+""")
 
 
 def test_kd_teacher_from_an_earlier_stage(tmp_path):
@@ -338,15 +297,7 @@ def test_kd_teacher_from_an_earlier_stage(tmp_path):
         Recipe.load_file(rp)
 
 
-DEPTH_RECIPE = """
-model = "resnet20"
-dataset = "synthetic"
-[train]
-batch_size = 32
-lr = 0.05
-train_size = 128
-test_size = 64
-threads = 1
+DEPTH_RECIPE = recipe_toml("""
 [[stage]]
 method = "finetune"
 epochs = 1
@@ -359,7 +310,7 @@ calibration_batches = 2
 method = "kd"
 epochs = 1
 teacher = "stage:0"
-"""
+""", model="resnet20")
 
 
 def test_depth_stage_drops_branches_saves_the_shallow_net_and_resumes(tmp_path):
@@ -439,15 +390,7 @@ def test_depth_stage_trained_in_place_drops_the_planned_blocks_and_resumes(tmp_p
     assert sum("already done" in s for s in logs) == 3 and res2["final"] == res["final"]
 
 
-ONLINE_KD_RECIPE = """
-model = "resnet20"
-dataset = "synthetic"
-[train]
-batch_size = 32
-lr = 0.05
-train_size = 256
-test_size = 64
-threads = 1
+ONLINE_KD_RECIPE = recipe_toml("""
 [[stage]]
 method = "depth"
 blocks = 3
@@ -457,7 +400,7 @@ method = "kd"
 epochs = 2
 teacher = "start"
 online = true
-"""
+""", model="resnet20", train_size=256)
 
 
 def test_online_kd_stage_trains_the_dense_control_alongside_the_student(tmp_path):

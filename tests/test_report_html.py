@@ -10,16 +10,9 @@ import pytest
 
 from sparseforge.cli import main
 from sparseforge.recipe import Recipe, RecipeRunner
+from recipe_util import recipe_toml
 
-RECIPE = """
-model = "smallcnn"
-dataset = "synthetic"
-[train]
-batch_size = 32
-lr = 0.05
-train_size = 128
-test_size = 64
-threads = 2
+RECIPE = recipe_toml("""
 [[stage]]
 method = "finetune"
 epochs = 1
@@ -35,7 +28,7 @@ method = "robustness"
 eps = [0.1, 1.0]
 samples = 16
 perturbations = 2
-"""
+""", threads=2)
 
 
 def _browser():

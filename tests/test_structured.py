@@ -12,6 +12,7 @@ from sparseforge.models import model_from_spec, save_weights, load_weights
 from sparseforge.models.cifar_resnet import PadShortcut
 from sparseforge.structured import (IMPORTANCE, CostModel, StructuredConfig, count_macs, count_params, groups,
                                     remove_channels, score_groups, select_step, zero_channels)
+from recipe_util import recipe_toml
 
 
 def _model(name):
@@ -387,15 +388,7 @@ def test_bench_record_keeps_results_and_rebuilds_architecture(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_structured", Path(__file__).parents[1] / "bench" / "structured.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    rc = Recipe.from_toml("""
-model = "resnet20"
-dataset = "synthetic"
-[train]
-batch_size = 16
-lr = 0.02
-train_size = 64
-test_size = 32
-threads = 1
+    rc = Recipe.from_toml(recipe_toml("""
 [[stage]]
 method = "depth"
 blocks = 2
@@ -403,7 +396,7 @@ importance = "bn"
 [[stage]]
 method = "finetune"
 epochs = 2
-""")
+""", model="resnet20", batch_size=16, lr=0.02, train_size=64, test_size=32))
     d = tmp_path / "exp" / "arm"
     res = RecipeRunner(rc, d, progress=False).run()
     assert bench.record_arm(tmp_path / "exp" / "missing") is None

@@ -11,6 +11,7 @@ from sparseforge.errors import ConfigError
 from sparseforge.recipe import Recipe, RecipeRunner
 from sparseforge.sparsity import masked_modules
 from sparseforge.tickets import IMPConfig, imp_prune, prunable, rewind_step, rewind_weights
+from recipe_util import recipe_toml
 
 
 def _alive(m, cfg):
@@ -69,15 +70,7 @@ def test_rewind_units():
         IMPConfig(rewind="2 epochs")
 
 
-IMP_RECIPE = """
-model = "smallcnn"
-dataset = "synthetic"
-[train]
-batch_size = 32
-lr = 0.05
-train_size = 192
-test_size = 64
-threads = 1
+IMP_RECIPE = recipe_toml("""
 [[stage]]
 method = "imp"
 rounds = 2
@@ -85,7 +78,7 @@ fraction = 0.3
 epochs = 1
 rewind = "2it"
 kd = true
-"""
+""", train_size=192)
 
 
 def test_imp_recipe_rounds_resume_to_the_same_masks(tmp_path):

@@ -276,47 +276,31 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import statistics
+    import copy
 
     import torch
-    import torch.fx.experimental.optimization as fx_opt
 
     from .engine import compile as sf_compile
     from .report.env import environment
+    from .report.latency import measure, torch_fused
     from .sparsity import fold_masks
+    from .utils import atomic_write_json
 
     torch.set_num_threads(args.threads)
     model, weights = _model_from_path(Path(args.source), args.model)
     shape = args.input_shape
     engine = sf_compile(model, torch.randn(1, *shape), threads=args.threads)
-    import copy
-
-    dense = fx_opt.fuse(fold_masks(copy.deepcopy(model)).eval())
+    dense = torch_fused(fold_masks(copy.deepcopy(model)))
     x = torch.randn(args.batch, *shape)
-    arms = {"sparseforge": lambda: engine(x), "torch (BN folded)": lambda: dense(x)}
-    times: dict[str, list[float]] = {k: [] for k in arms}
-    import time as _t
-
-    with torch.inference_mode():
-        for k in arms:
-            for _ in range(5):
-                arms[k]()
-        for r in range(-(-args.runs // 5)):
-            for k in arms:
-                arms[k]()
-                for _ in range(5):
-                    t0 = _t.perf_counter()
-                    arms[k]()
-                    times[k].append(_t.perf_counter() - t0)
-    res = {k: {"median_ms": 1e3 * statistics.median(v), "min_ms": 1e3 * min(v), "max_ms": 1e3 * max(v), "runs": len(v)}
-           for k, v in times.items()}
+    res = measure({"sparseforge": lambda: engine(x), "torch (BN folded)": lambda: dense(x)}, runs=args.runs)
     for k, v in res.items():
-        print(f"{k:20s} median {v['median_ms']:.3f} ms  (min {v['min_ms']:.3f}, max {v['max_ms']:.3f}, {v['runs']} runs)")
+        print(f"{k:20s} median {v['median_ms']:.3f} ms  (p10 {v['p10_ms']:.3f}, p90 {v['p90_ms']:.3f}, "
+              f"{v['runs']} runs)")
     sp = res["torch (BN folded)"]["median_ms"] / res["sparseforge"]["median_ms"]
     print(f"speedup {sp:.2f}x at batch {args.batch}, {args.threads} threads")
     if args.json:
-        Path(args.json).write_text(json.dumps({"weights": str(weights), "batch": args.batch, "threads": args.threads,
-                                               "arms": res, "speedup": sp, "env": environment()}, indent=2))
+        atomic_write_json(Path(args.json), {"weights": str(weights), "batch": args.batch, "threads": args.threads,
+                                            "arms": res, "speedup": sp, "env": environment()})
     return 0
 
 
@@ -512,6 +496,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def os_error_line(e: OSError) -> str | None:
+    """One line for what the user's machine refused (permissions, read-only or full disk), naming the path and the
+    fix; None for any other OS error. Every write is atomic, so what was there before is intact."""
+    import errno
+
+    full = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+    if e.errno not in full | {errno.EACCES, errno.EPERM, errno.EROFS}:
+        return None
+    where = f" {e.filename}" if e.filename else ""
+    fix = ("free disk space (df -h) or write elsewhere (--run-dir / --out)" if e.errno in full else
+           "check the directory's permissions or write elsewhere (--run-dir / --out)")
+    return f"cannot write{where}: {e.strerror}; {fix} (files already there are unchanged)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -522,6 +520,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except SparseforgeError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        line = os_error_line(e)
+        if line is None:
+            raise                     # not the user's disk or permissions: a bug, keep its traceback
+        print(f"error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; runs with a --run-dir can be continued with --resume", file=sys.stderr)

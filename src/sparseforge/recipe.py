@@ -43,7 +43,7 @@ from .train import TrainConfig
 from .utils import atomic_write_text as _atomic_write_text
 from .utils import set_threads
 
-__all__ = ["Recipe", "RecipeRunner", "Stage", "parse_stage", "stage_configs", "FinetuneConfig", "CompileConfig",
+__all__ = ["Recipe", "RecipeRunner", "run_record", "Stage", "parse_stage", "stage_configs", "FinetuneConfig", "CompileConfig",
            "RobustnessConfig"]
 
 
@@ -130,6 +130,25 @@ class Recipe(Config):
         d = loads_toml(text, str(p))
         d.update(overrides or {})
         return cls.from_dict(d, where=str(p))
+
+
+def run_record(run_dir: str | Path) -> dict[str, Any]:
+    """What a run directory says about itself, small enough to commit beside a model: the recipe, the start
+    evaluation, and per stage whether it finished, its result (``done.json``) and its per-epoch metrics; readable
+    while the run is still going."""
+    d = Path(run_dir)
+    rec: dict[str, Any] = {"recipe_toml": (d / "recipe.toml").read_text(), "stages": []}
+    if (d / "start.json").exists():
+        rec["start"] = json.loads((d / "start.json").read_text())
+    for sdir in sorted((d / "stages").glob("*")):
+        st: dict[str, Any] = {"dir": sdir.name, "done": (sdir / "done.json").exists()}
+        if st["done"]:
+            st["result"] = json.loads((sdir / "done.json").read_text())
+        st["metrics"] = [json.loads(line) for m in sorted(sdir.rglob("metrics.jsonl"))
+                         for line in m.read_text().splitlines() if line.strip()]
+        rec["stages"].append(st)
+    rec["finished"] = (d / "model.safetensors").exists()
+    return rec
 
 
 class RecipeRunner:

@@ -18,8 +18,10 @@ import torch.nn as nn
 
 
 def measure(fns: dict[str, Callable[[], object]], runs: int = 30, block: int = 5, pause: float = 0.05,
-            warmup: int = 3) -> dict[str, dict[str, float]]:
-    """Median / p10 / p90 milliseconds per arm, >= ``runs`` timed calls each, arms rotated block by block."""
+            warmup: int = 3, keep_times: bool = False) -> dict[str, dict[str, float]]:
+    """Median / p10 / p90 milliseconds per arm, >= ``runs`` timed calls each, arms rotated block by block (the
+    one timing loop: CLI, recipe compile stage and bench scripts). ``keep_times`` adds every call's time
+    (``times_ms``, in rounds of ``block``) for paired comparisons round by round."""
     names = list(fns)
     times: dict[str, list[float]] = {k: [] for k in names}
     with torch.inference_mode():
@@ -35,8 +37,12 @@ def measure(fns: dict[str, Callable[[], object]], runs: int = 30, block: int = 5
                     t0 = time.perf_counter()
                     fns[k]()
                     times[k].append(time.perf_counter() - t0)
-    return {k: {"median_ms": 1e3 * statistics.median(v), "p10_ms": 1e3 * float(np.percentile(v, 10)),
-                "p90_ms": 1e3 * float(np.percentile(v, 90)), "runs": len(v)} for k, v in times.items()}
+    out = {k: {"median_ms": 1e3 * statistics.median(v), "p10_ms": 1e3 * float(np.percentile(v, 10)),
+               "p90_ms": 1e3 * float(np.percentile(v, 90)), "runs": len(v)} for k, v in times.items()}
+    if keep_times:
+        for k, v in times.items():
+            out[k]["times_ms"] = [1e3 * t for t in v]
+    return out
 
 
 def torch_fused(model: nn.Module) -> nn.Module:
