@@ -1,6 +1,6 @@
 """The package's layers import downward only (issue 24): a new upward import fails here, naming file and line.
 
-Layers, bottom to top: base (config, errors, registry, utils, hardware, distributed, masks, checkpoint) -> data, models -> train ->
+Layers, bottom to top: base (config, errors, registry, utils, hardware, distributed, masks, checkpoint, rundir) -> data, models -> train ->
 methods -> engine, report, export -> stages -> recipe -> api, cli. KNOWN_UPWARD lists the edges still to be removed; each is
 a function-local import (never at module level, so no import-time cycle), and the list may only shrink.
 """
@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "src" / "sparseforge"
 LAYER = {"config": 0, "errors": 0, "registry": 0, "utils": 0, "hardware": 0, "distributed": 0, "masks": 0,
-         "checkpoint": 0,
+         "checkpoint": 0, "rundir": 0,
          "data": 1, "models": 1, "train": 2,
          "sparsity": 3, "structured": 3, "distill": 3, "regularize": 3, "lowbit": 3, "tickets": 3,
          "engine": 4, "report": 4, "export": 4, "stages": 5, "recipe": 6, "api": 7, "cli": 7, "demo": 7,

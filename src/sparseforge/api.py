@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -16,16 +15,17 @@ from .models import create_model, load_weights
 from .train import Callback, TrainConfig, Trainer, evaluate
 from .train.data import datasets_for, loaders_for  # noqa: F401  (public here too)
 from .utils import RunLock, set_threads
+from . import rundir
 
 
 def config_hash(cfg: TrainConfig) -> str:
     """What the run is, not where it runs: ``device`` is left out, so a run started on a GPU resumes in the same
     default directory on the CPU (and directories named before the field existed keep their names)."""
-    from .config import dumps_toml
+    from .config import content_hash
 
     d = cfg.to_dict()
     d.pop("device", None)
-    return hashlib.sha256(dumps_toml(d).encode()).hexdigest()[:8]
+    return content_hash(d)
 
 
 def default_run_dir(cfg: TrainConfig, root: str | Path = "runs") -> Path:
@@ -44,7 +44,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
 
 def prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> TrainConfig:
     """Create or reopen a run directory; never overwrite a different run without being asked."""
-    cfg_path = run_dir / "config.toml"
+    cfg_path = run_dir / rundir.CONFIG
     if cfg_path.exists():
         saved = TrainConfig.load(cfg_path)
         if resume:
@@ -72,7 +72,7 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = Fa
     lock = RunLock(run_dir) if run_dir is not None and is_main() else None
     if lock is not None:
         lock.acquire()              # a second process on the same run directory fails here, at once
-    fresh = run_dir is not None and not (Path(run_dir) / "config.toml").exists()
+    fresh = run_dir is not None and not (Path(run_dir) / rundir.CONFIG).exists()
     try:
         if run_dir is not None:
             cfg = dataclasses.replace(prepare_run_dir(Path(run_dir), cfg, resume), device=cfg.device)
@@ -87,8 +87,8 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = Fa
     except BaseException:
         # a run that failed before its first checkpoint (bad weights, a batch larger than the data, ...) leaves no
         # config behind: fixing the input and running the same command again must just work
-        if fresh and lock is not None and not any((Path(run_dir) / "checkpoints").glob("*")):
-            (Path(run_dir) / "config.toml").unlink(missing_ok=True)
+        if fresh and lock is not None and not any((Path(run_dir) / rundir.CHECKPOINTS).glob("*")):
+            (Path(run_dir) / rundir.CONFIG).unlink(missing_ok=True)
         raise
     finally:
         if lock is not None:

@@ -23,6 +23,7 @@ from safetensors.torch import save as st_save
 
 from .errors import CheckpointError
 from .utils import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
+from . import rundir
 
 FORMAT = "sparseforge-checkpoint-1"
 
@@ -105,7 +106,7 @@ def save_checkpoint(directory: Path, tag: str, model_state: dict[str, torch.Tens
         **meta,
     }
     atomic_write_json(ref.meta_path, full_meta)
-    atomic_write_json(directory / "latest.json", {"tag": tag})
+    atomic_write_json(directory / rundir.LATEST, {"tag": tag})
     _prune_old(directory, keep, tag)
     return ref
 
@@ -122,8 +123,8 @@ def _prune_old(directory: Path, keep: int, current: str) -> None:
 def latest_checkpoint(path: Path) -> CheckpointRef | None:
     """The last committed checkpoint in a run directory or its ``checkpoints/`` folder."""
     path = Path(path)
-    for d in (path / "checkpoints", path):
-        pointer = d / "latest.json"
+    for d in (path / rundir.CHECKPOINTS, path):
+        pointer = d / rundir.LATEST
         if pointer.exists():
             try:
                 tag = json.loads(pointer.read_text())["tag"]

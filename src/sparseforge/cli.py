@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from .errors import SparseforgeError
+from . import rundir
 
 
 # ---- config -> argparse ---------------------------------------------------
@@ -58,10 +59,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     base = TrainConfig.load(args.config).to_dict() if args.config else {}
     cfg = config_from_args(TrainConfig, args, base)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
-    if args.resume and (run_dir / "config.toml").exists():
+    if args.resume and (run_dir / rundir.CONFIG).exists():
         from .train import TrainConfig as TC
 
-        saved = TC.load(run_dir / "config.toml")
+        saved = TC.load(run_dir / rundir.CONFIG)
         changed = [k for k in TrainConfig.field_names() if hasattr(args, k) and getattr(saved, k) != getattr(cfg, k)]
         if changed:
             raise SparseforgeError(f"--resume uses the run's saved config; these flags differ from it: {', '.join(changed)}. "
@@ -138,15 +139,6 @@ def cmd_groups(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_text(p: Path, what: str) -> str:
-    try:
-        return p.read_text()
-    except UnicodeDecodeError:
-        raise SparseforgeError(f"{what} {p} is not a text (TOML) file; pass the .toml recipe") from None
-    except OSError as e:
-        raise SparseforgeError(f"cannot read {what} {p} ({e.strerror}); check the path and its permissions") from None
-
-
 def parse_sets(items: list[str]) -> dict:
     """--set a.b=value pairs -> nested dict; values parsed as TOML scalars (strings may be bare)."""
     from .config import loads_toml
@@ -168,48 +160,16 @@ def parse_sets(items: list[str]) -> dict:
     return out
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def cmd_compress(args: argparse.Namespace) -> int:
-    import hashlib
-
-    from .config import loads_toml
     from .recipe import Recipe, RecipeRunner
 
     p = Path(args.recipe)
-    if not p.is_file():
-        raise SparseforgeError(f"recipe {p} not found; shipped recipes are in recipes/")
-    d = loads_toml(_read_text(p, "recipe"), str(p))
     sets = parse_sets(args.set)
-    if "stage" in sets:
-        # --set stage.0.epochs=1 style: apply per-stage overrides
-        st = [dict(s) for s in d.get("stage", [])]
-        over_all = sets.pop("stage")
-        if not isinstance(over_all, dict) or not all(isinstance(o, dict) for o in over_all.values()):
-            raise SparseforgeError("--set stage...: set one field of one stage, e.g. --set stage.0.epochs=1")
-        for idx, over in over_all.items():
-            if not str(idx).isdigit() or int(idx) >= len(st):
-                raise SparseforgeError(f"--set stage.{idx}...: the recipe has stages 0..{len(st) - 1}")
-            st[int(idx)] = _merge(st[int(idx)], over)
-        d["stage"] = st
-    d = _merge(d, sets)
     if args.data_dir:
-        d["data_dir"] = args.data_dir
-    if d.get("weights") and not Path(d["weights"]).exists():
-        # relative to the working directory, else to the recipe's folder or the project root above recipes/
-        for base in (p.parent, p.parent.parent):
-            if (base / d["weights"]).exists():
-                d["weights"] = str((base / d["weights"]).resolve())
-                break
-    recipe = Recipe.from_dict(d, where=str(p))
-    h = hashlib.sha256(recipe.identity().to_toml().encode()).hexdigest()[:8]
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"{p.stem}-{h}"
-    resume = args.resume or (run_dir / "recipe.toml").exists()  # same recipe required; checked by the runner
+        sets["data_dir"] = args.data_dir
+    recipe = Recipe.load_file(p, sets)
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / recipe.run_name(p.stem)
+    resume = args.resume or (run_dir / rundir.RECIPE).exists()  # same recipe required; checked by the runner
     res = RecipeRunner(recipe, run_dir, progress=None if not args.no_progress else False).run(resume=resume)
     from .distributed import is_main
 
@@ -221,35 +181,25 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def _model_from_path(path: Path, model_name: str | None):
-    """Rebuild a model (masks and pattern library included) from a run directory or a weights file."""
-    from .models import create_model, load_weights, read_state_dict
+    """Rebuild a model (masks and pattern library included) from a run directory or a weights file; ``model_name``
+    overrides the name the file records (a foreign state dict records none)."""
+    from .checkpoint import latest_checkpoint
+    from .models import load_weights, model_from_spec, read_state_dict, spec_from_metadata
 
     weights = path
     if path.is_dir():
-        for cand in (path / "model.safetensors",):
-            if cand.exists():
-                weights = cand
-                break
-        else:
-            from .train.checkpoint import latest_checkpoint
-
+        weights = path / rundir.MODEL
+        if not weights.exists():
             ref = latest_checkpoint(path)
             if ref is None:
                 raise SparseforgeError(f"{path} holds no model.safetensors and no checkpoints; pass a run directory or weights file")
             weights = ref.weights_path
-    from .models import spec_from_metadata
-
-    _, meta = read_state_dict(weights)
-    spec = spec_from_metadata(meta, weights)
+    spec = spec_from_metadata(read_state_dict(weights)[1], weights)
     if model_name:
-        spec = {"name": model_name, "num_classes": (spec or {}).get("num_classes", 10), "kwargs": (spec or {}).get("kwargs", {}),
-                "arch": (spec or {}).get("arch")}
+        spec = {**(spec or {}), "name": model_name}
     if spec is None:
         raise SparseforgeError(f"{weights} does not say which model it holds; pass --model NAME")
-    model = create_model(spec["name"], num_classes=spec.get("num_classes", 10), arch=spec.get("arch"),
-                         **spec.get("kwargs", {}))
-    load_weights(model, weights)
-    return model.eval(), weights
+    return load_weights(model_from_spec(spec), weights).eval(), weights
 
 
 def cmd_compile(args: argparse.Namespace) -> int:

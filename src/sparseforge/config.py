@@ -266,3 +266,10 @@ def dumps_toml(data: dict[str, Any], _prefix: str = "") -> str:
             body = dumps_toml(item, name + ".")
             out += f"\n\n[[{name}]]\n{body}" if out else f"[[{name}]]\n{body}"
     return out.strip("\n") + "\n" if _prefix == "" else out.strip("\n")
+
+
+def content_hash(d: dict) -> str:
+    """8 hex digits of sha256 over ``d`` as TOML: how run directories are named after what they compute."""
+    import hashlib
+
+    return hashlib.sha256(dumps_toml(d).encode()).hexdigest()[:8]

@@ -15,6 +15,7 @@ import torch
 
 from .recipe import Recipe, RecipeRunner
 from .utils import set_threads
+from . import rundir
 
 
 def run_demo(data_dir: str | None = None, out: str = "runs/demo", epochs: int = 0, threads: int = 0) -> Path:
@@ -56,4 +57,4 @@ def run_demo(data_dir: str | None = None, out: str = "runs/demo", epochs: int = 
           f"{t_dense:.3f} ms{extra}, sparseforge {t_engine:.3f} ms -> speedup {t_dense / t_engine:.2f}x vs PyTorch "
           f"({elapsed:.0f} s total)")
     print(f"report: {run_dir / 'report.html'}")
-    return run_dir / "report.html"
+    return run_dir / rundir.REPORT_HTML

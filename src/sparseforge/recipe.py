@@ -34,7 +34,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from .config import Config, loads_toml, opt
+from .config import Config, content_hash, loads_toml, opt
 from .distributed import barrier, broadcast_model, is_main
 from .errors import ConfigError, RunDirError
 from .stages import (STAGES, CompileConfig, FinetuneConfig, RobustnessConfig, RunState, Stage, StageContext,
@@ -42,6 +42,7 @@ from .stages import (STAGES, CompileConfig, FinetuneConfig, RobustnessConfig, Ru
 from .train import TrainConfig
 from .utils import atomic_write_text as _atomic_write_text
 from .utils import set_threads
+from . import rundir
 
 __all__ = ["Recipe", "RecipeRunner", "run_record", "Stage", "parse_stage", "stage_configs", "FinetuneConfig", "CompileConfig",
            "RobustnessConfig"]
@@ -120,6 +121,9 @@ class Recipe(Config):
 
     @classmethod
     def load_file(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "Recipe":
+        """Read a TOML recipe; ``overrides`` (nested, as ``--set`` gives them; ``{"stage": {"0": {"epochs": 1}}}``
+        sets a field of one stage) are merged in. A relative ``weights`` path that does not exist from the working
+        directory is looked up beside the recipe and in the folder above it (the project root for recipes/)."""
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"recipe {p} not found; check the path (shipped recipes are in recipes/)")
@@ -127,9 +131,42 @@ class Recipe(Config):
             text = p.read_text()
         except UnicodeDecodeError:
             raise ConfigError(f"recipe {p} is not a text (TOML) file; pass the .toml recipe") from None
-        d = loads_toml(text, str(p))
-        d.update(overrides or {})
+        except OSError as e:
+            raise ConfigError(f"cannot read recipe {p} ({e.strerror}); check the path and its permissions") from None
+        d = apply_overrides(loads_toml(text, str(p)), overrides or {})
+        if d.get("weights") and not Path(d["weights"]).exists():
+            for base in (p.parent, p.parent.parent):
+                if (base / d["weights"]).exists():
+                    d["weights"] = str((base / d["weights"]).resolve())
+                    break
         return cls.from_dict(d, where=str(p))
+
+    def run_name(self, stem: str) -> str:
+        """``stem-<hash>``: the default run directory name, from what the run computes (not where it trains)."""
+        return f"{stem}-{content_hash(self.identity().to_dict())}"
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def apply_overrides(d: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``overrides`` into a recipe dict; ``stage`` overrides are keyed by stage index."""
+    over = dict(overrides)
+    if "stage" in over:
+        st = [dict(s) for s in d.get("stage", [])]
+        per = over.pop("stage")
+        if not isinstance(per, dict) or not all(isinstance(o, dict) for o in per.values()):
+            raise ConfigError("--set stage...: set one field of one stage, e.g. --set stage.0.epochs=1")
+        for idx, o in per.items():
+            if not str(idx).isdigit() or int(idx) >= len(st):
+                raise ConfigError(f"--set stage.{idx}...: the recipe has stages 0..{len(st) - 1}")
+            st[int(idx)] = _merge(st[int(idx)], o)
+        d = {**d, "stage": st}
+    return _merge(d, over)
 
 
 def run_record(run_dir: str | Path) -> dict[str, Any]:
@@ -137,17 +174,17 @@ def run_record(run_dir: str | Path) -> dict[str, Any]:
     evaluation, and per stage whether it finished, its result (``done.json``) and its per-epoch metrics; readable
     while the run is still going."""
     d = Path(run_dir)
-    rec: dict[str, Any] = {"recipe_toml": (d / "recipe.toml").read_text(), "stages": []}
-    if (d / "start.json").exists():
-        rec["start"] = json.loads((d / "start.json").read_text())
-    for sdir in sorted((d / "stages").glob("*")):
-        st: dict[str, Any] = {"dir": sdir.name, "done": (sdir / "done.json").exists()}
+    rec: dict[str, Any] = {"recipe_toml": (d / rundir.RECIPE).read_text(), rundir.STAGES: []}
+    if (d / rundir.START).exists():
+        rec["start"] = json.loads((d / rundir.START).read_text())
+    for sdir in sorted((d / rundir.STAGES).glob("*")):
+        st: dict[str, Any] = {"dir": sdir.name, "done": (sdir / rundir.DONE).exists()}
         if st["done"]:
-            st["result"] = json.loads((sdir / "done.json").read_text())
-        st["metrics"] = [json.loads(line) for m in sorted(sdir.rglob("metrics.jsonl"))
+            st["result"] = json.loads((sdir / rundir.DONE).read_text())
+        st["metrics"] = [json.loads(line) for m in sorted(sdir.rglob(rundir.METRICS))
                          for line in m.read_text().splitlines() if line.strip()]
         rec["stages"].append(st)
-    rec["finished"] = (d / "model.safetensors").exists()
+    rec["finished"] = (d / rundir.MODEL).exists()
     return rec
 
 
@@ -174,7 +211,7 @@ class RecipeRunner:
         self.model: nn.Module | None = None     # the final model, after run()
 
     def prepare(self, resume: bool) -> None:
-        cfg_path = self.run_dir / "recipe.toml"
+        cfg_path = self.run_dir / rundir.RECIPE
         barrier()
         existed = cfg_path.exists()
         barrier()          # every rank has looked at the run directory before rank 0 writes into it
@@ -207,7 +244,7 @@ class RecipeRunner:
     def context(self, index: int) -> StageContext:
         """The context stage ``index`` runs with (after run(): e.g. to load a stage's teacher the way it did)."""
         stage = self.recipe.stages()[index]
-        return StageContext(self.state, index, stage, self.run_dir / "stages" / f"{index:02d}-{stage.method}")
+        return StageContext(self.state, index, stage, rundir.stage_dir(self.run_dir, index, stage.method))
 
     def recalibrate_bn(self, model: nn.Module, batches: int) -> int:
         """Cumulative BN statistics over ``batches`` training batches (no weight changes)."""
@@ -279,7 +316,7 @@ class RecipeRunner:
         self.state = self._state()
         model = copy.deepcopy(self.state.start_model)
         self.results["arch_start"] = arch_of(model)
-        start_file = self.run_dir / "start.json"
+        start_file = self.run_dir / rundir.START
         if start_file.exists():
             start = json.loads(start_file.read_text())
         else:
@@ -289,10 +326,10 @@ class RecipeRunner:
         self.log(f"start: {self.recipe.model} test acc {start['acc']:.2f}%")
         stages = self.recipe.stages()
         for i, stage in enumerate(stages):
-            sdir = self.run_dir / "stages" / f"{i:02d}-{stage.method}"
-            done = sdir / "done.json"
+            sdir = rundir.stage_dir(self.run_dir, i, stage.method)
+            done = sdir / rundir.DONE
             if done.exists():
-                model = load_stage_model(model, sdir / "model.safetensors")
+                model = load_stage_model(model, sdir / rundir.MODEL)
                 info = json.loads(done.read_text())
                 self.log(f"stage {i} ({stage.method}): already done, loaded (test acc {info['eval']['acc']:.2f}%)")
             else:
@@ -305,11 +342,11 @@ class RecipeRunner:
                 info["seconds"] = round(time.perf_counter() - ts, 1)
                 info["method"] = stage.method
                 info["config"] = stage.to_dict()
-                save_model(model, sdir / "model.safetensors")
+                save_model(model, sdir / rundir.MODEL)
                 write_json(done, info)
                 self.log(f"stage {i} ({stage.method}): test acc {info['eval']['acc']:.2f}% ({info['seconds']:.0f} s)")
             self.results["stages"].append(info)
-        save_model(model, self.run_dir / "model.safetensors")
+        save_model(model, self.run_dir / rundir.MODEL)
         self.model = model
         self.results["final"] = self.results["stages"][-1]["eval"] if stages else start
         self.results["seconds_this_invocation"] = round(time.perf_counter() - t0, 1)

@@ -8,7 +8,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from . import rundir
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _umask() -> int:
@@ -134,7 +139,7 @@ def clean_temp_files(run_dir: Path) -> list[str]:
     # only where sparseforge writes: the run directory's top level and its own subfolders (a --run-dir that
     # holds other files keeps them all)
     paths = list(run_dir.glob("*"))
-    for sub in ("checkpoints", "stages"):
+    for sub in (rundir.CHECKPOINTS, rundir.STAGES):
         if (run_dir / sub).is_dir():
             paths += list((run_dir / sub).rglob("*"))
     removed = []
@@ -208,7 +213,7 @@ class RunLock:
         self.release()
 
 
-def model_device(model: "torch.nn.Module") -> "torch.device":
+def model_device(model: torch.nn.Module) -> torch.device:
     """Where the model's weights are (the CPU for a model without any)."""
     import torch
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..errors import SparseforgeError
 from ..utils import atomic_write_text
 from .html import markdown_to_html
+from .. import rundir
 
 
 def _latency(res: dict) -> tuple[str, str]:
@@ -22,7 +23,7 @@ def compare_runs(runs: list[Path], out: Path) -> tuple[str, Path]:
     rows = ["| run | model | start top-1 | final top-1 | weights | MACs | engine ms (b1) | PyTorch dense ms (b1) |",
             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
-        f = r / "results.json"
+        f = r / rundir.RESULTS
         if not f.is_file():
             raise SparseforgeError(f"{r} holds no results.json; pass run directories written by `sparseforge run`")
         res = json.loads(f.read_text())

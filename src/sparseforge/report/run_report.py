@@ -12,6 +12,7 @@ from ..utils import atomic_write_json, atomic_write_text
 from .env import environment
 from .plots import plot_layer_sparsity, plot_pattern_library
 from .stats import model_stats
+from .. import rundir
 
 
 def sparsity_summary(model: nn.Module, input_shape=(1, 3, 32, 32)) -> dict[str, Any]:
@@ -95,7 +96,7 @@ def write_run_report(run_dir: Path, model: nn.Module, recipe, results: dict[str,
     summ = sparsity_summary(model)
     st = summ.pop("_st")
     results = {**results, "sparsity": summ, "env": environment(), "recipe": recipe.to_dict()}
-    atomic_write_json(run_dir / "results.json", results)
+    atomic_write_json(run_dir / rundir.RESULTS, results)
     plots = []
     if summ["library"]:
         from ..sparsity import get_library
@@ -142,10 +143,10 @@ def write_run_report(run_dir: Path, model: nn.Module, recipe, results: dict[str,
     env = results["env"]
     lines += ["## Environment", "", f"{env['cpu']}, {env['torch_threads']} threads, torch {env['torch']}, "
               f"sparseforge {env['sparseforge']}", ""]
-    atomic_write_text(run_dir / "report.md", "\n".join(lines))
+    atomic_write_text(run_dir / rundir.REPORT_MD, "\n".join(lines))
     from .html import markdown_to_html
 
-    atomic_write_text(run_dir / "report.html", markdown_to_html("\n".join(lines), run_dir,
+    atomic_write_text(run_dir / rundir.REPORT_HTML, markdown_to_html("\n".join(lines), run_dir,
                                                                 title=f"sparseforge: {recipe.model}"))
     return results
 

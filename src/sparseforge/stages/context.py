@@ -17,6 +17,7 @@ from ..errors import ConfigError, RunDirError
 from ..train import TrainConfig, Trainer, evaluate
 from ..utils import atomic_write_json as _atomic_write_json
 from .base import Stage
+from .. import rundir
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -151,11 +152,11 @@ class StageContext:
             model.to(memory_format=torch.channels_last)
         trainer = Trainer(model, cfg, tl, el, callbacks=[*callbacks, *self.state.callbacks], run_dir=sdir,
                           progress=self.state.progress, log=self.log)
-        if (sdir / "config.toml").exists():
-            if TrainConfig.load(sdir / "config.toml") != cfg:
+        if (sdir / rundir.CONFIG).exists():
+            if TrainConfig.load(sdir / rundir.CONFIG) != cfg:
                 raise RunDirError(f"{sdir} was trained with different settings; choose another --run-dir")
         else:
-            cfg.save(sdir / "config.toml")
+            cfg.save(sdir / rundir.CONFIG)
         return trainer.fit(resume=True)
 
     # ---- teachers -------------------------------------------------------------
@@ -169,7 +170,7 @@ class StageContext:
             return self._stage_teacher(spec)
         path = Path(spec)
         if path.is_dir():
-            path = path / "model.safetensors"
+            path = path / rundir.MODEL
         meta = read_state_dict(path)[1]
         if not meta.get("model"):
             raise ConfigError(f"teacher {spec}: the file does not say which model it holds; use 'start' or a "
@@ -184,7 +185,7 @@ class StageContext:
         if n >= self.index:
             raise ConfigError(f"teacher {spec!r} in stage {self.index}: the teacher must be an earlier stage "
                               f"(0..{self.index - 1}); stages run in order")
-        found = sorted((self.state.run_dir / "stages").glob(f"{n:02d}-*/model.safetensors"))
+        found = sorted((self.state.run_dir / rundir.STAGES).glob(f"{n:02d}-*/model.safetensors"))
         if not found:
             raise ConfigError(f"teacher {spec!r}: stage {n} left no model in {self.state.run_dir / 'stages'}")
         return load_stage_model(copy.deepcopy(self.start_model), found[0]).eval()

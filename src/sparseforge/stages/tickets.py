@@ -11,6 +11,7 @@ from ..tickets import (IMPConfig, SnapshotCallback, imp_prune, load_state, rewin
                        save_state)
 from ..distributed import barrier, is_main
 from .base import StageMethod, register_stage
+from .. import rundir
 
 
 @register_stage("imp", IMPConfig)
@@ -37,9 +38,9 @@ class IMP(StageMethod):
         for r in range(c.rounds + 1):             # the last "round" is the final retraining, without pruning
             rdir = ctx.dir / (f"round-{r}" if r < c.rounds else "final")
             rdir.mkdir(parents=True, exist_ok=True)
-            if (rdir / "done.json").exists():
-                model = ctx.load_stage_model(model, rdir / "model.safetensors")
-                rounds.append(ctx.read_json(rdir / "done.json"))
+            if (rdir / rundir.DONE).exists():
+                model = ctx.load_stage_model(model, rdir / rundir.MODEL)
+                rounds.append(ctx.read_json(rdir / rundir.DONE))
                 continue
             cbs = []
             if r == 0 and rs is not None and rs >= 0 and not snap_f.exists():
@@ -59,7 +60,7 @@ class IMP(StageMethod):
                     rewind_weights(model, load_state(snap_f))
                 rec["kept"] = sum(counts.values())
                 rec["eval_after_rewind"] = ctx.evaluate(model)
-            ctx.save_model(model, rdir / "model.safetensors")
-            ctx.write_json(rdir / "done.json", rec)
+            ctx.save_model(model, rdir / rundir.MODEL)
+            ctx.write_json(rdir / rundir.DONE, rec)
             rounds.append(rec)
         return model, {"imp_rounds": rounds}

@@ -27,6 +27,7 @@ from .callbacks import Callback, MaskCallback
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .schedule import lr_factor
+from .. import rundir
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -148,7 +149,7 @@ class Trainer:
     # ---- checkpoints --------------------------------------------------
     @property
     def checkpoint_dir(self) -> Path | None:
-        return self.run_dir / "checkpoints" if self.run_dir else None
+        return self.run_dir / rundir.CHECKPOINTS if self.run_dir else None
 
     def save(self) -> None:
         from ..distributed import barrier
@@ -203,7 +204,7 @@ class Trainer:
         """Drop metric lines logged after the checkpoint we resumed from, so nothing is counted twice."""
         if not self.run_dir or not self.is_main:
             return
-        p = self.run_dir / "metrics.jsonl"
+        p = self.run_dir / rundir.METRICS
         if not p.exists():
             return
         keep = []
@@ -221,7 +222,7 @@ class Trainer:
         self.history.append(record)
         if self.run_dir and self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
+            with open(self.run_dir / rundir.METRICS, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     # ---- loop ---------------------------------------------------------
@@ -263,7 +264,7 @@ class Trainer:
             n = len(getattr(self.train_loader, "dataset", ()) or ())
             raise ConfigError(f"TrainConfig.batch_size: {c.batch_size} is larger than the training set ({n} images, "
                               "full batches only), so an epoch would run no step; lower batch_size")
-        if self.run_dir and not resume and latest_checkpoint(self.run_dir / "checkpoints") is not None:
+        if self.run_dir and not resume and latest_checkpoint(self.run_dir / rundir.CHECKPOINTS) is not None:
             raise RunDirError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
         if resume:
             self.resume()
