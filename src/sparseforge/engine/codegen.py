@@ -380,6 +380,24 @@ def _register(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], body: str
     return f"static void op{k}(OPARGS) {{ {bodies[body]}(B, N, tid, nth, g_w, g_i, g_i + {d_off}); }}"
 
 
+def _flat_kernels(p: ConvPlan, plan: Plan, li, names: list[str], base: str, ind: str) -> list[str]:
+    """Flat modes' kernel loops: per tap shape, every kernel of the filter (group) adds its taps to the vectors
+    ``names`` along the flattened plane, starting at plane position ``base``."""
+    kw, pad, VEC, G = p.op.weight.shape[3], p.op.padding, p.vec, p.fgroup
+    out = []
+    for j, shape in enumerate(p.shapes):
+        nt = len(shape)
+        offs = [(t // kw - pad) * li.rs + (t % kw - pad) for t in shape]
+        out.append(f"{ind}for (int e = st{j}[{_ri(plan)}]; e < st{j}[{_ri(plan)} + 1]; e++) {{")
+        out.append(f"{ind}  const float* ip = ib + (long)ch{j}[e] * {li.plane} + {base};")
+        out.append(f"{ind}  const float* wp = w{j} + (long)e * {nt * G};")
+        out += _weights("vf", "BC", nt, G, ind + "  ")
+        out += [ind + "  " + st_ for st_ in _accumulate_g(
+            names, nt, lambda i, t, o=offs: f"ld(ip + {i * VEC + o[t]})", G, "vf")]
+        out.append(f"{ind}}}")
+    return out
+
+
 def _flat_tiled_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines: list[str],
                      head_lines: list[str]) -> str:
     """Flat mode over a wide map, in tiles of ``flat_tv`` vectors: image, tile, (thread list,) filter, kernel.
@@ -392,8 +410,6 @@ def _flat_tiled_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], li
     li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
     nv, TV, VEC = p.flat_nv, p.flat_tv, p.vec
     nt_ = -(-nv // TV)
-    kw = op.weight.shape[3]
-    pad = op.padding
     ns = len(p.shapes)
     pre = lines[:lines.index("  const int Nf = N - N % nth;")]
     last = p.ho * lo.rs + p.wo          # last interior position: never write past it
@@ -417,16 +433,7 @@ def _flat_tiled_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], li
     G = p.fgroup
     names = [f"a{v}" for v in range(TV)]
     b.append("        " + _init_accs("vf", names, G))
-    for j, shape in enumerate(p.shapes):
-        nt = len(shape)
-        offs = [(t // kw - pad) * li.rs + (t % kw - pad) for t in shape]
-        b.append(f"        for (int e = st{j}[{_ri(plan)}]; e < st{j}[{_ri(plan)} + 1]; e++) {{")
-        b.append(f"          const float* ip = ib + (long)ch{j}[e] * {li.plane} + pb;")
-        b.append(f"          const float* wp = w{j} + (long)e * {nt * G};")
-        b += _weights("vf", "BC", nt, G, "          ")
-        b += ["          " + st_ for st_ in _accumulate_g(
-            names, nt, lambda i, t, o=offs: f"ld(ip + {i * VEC + o[t]})", G, "vf")]
-        b.append("        }")
+    b += _flat_kernels(p, plan, li, names, "pb", "        ")
     for g in range(G):
         gp = f" + {g * lo.plane}" if G > 1 else ""
         for v in range(TV):
@@ -456,24 +463,13 @@ def _flat_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines: l
     li = plan.layouts[op.inputs[0]]
     nv = p.flat_nv
     VEC = p.vec
-    kw = op.weight.shape[3]
-    pad = op.padding
     ns = len(p.shapes)
     lines = list(lines)
     lines.append(f"      const float* mk = g_w + d[{6 + 3 * ns}];")
     G = p.fgroup
     names = [f"a{v}" for v in range(nv)]
     lines.append("      " + _init_accs("vf", names, G))
-    for j, shape in enumerate(p.shapes):
-        nt = len(shape)
-        offs = [(t // kw - pad) * li.rs + (t % kw - pad) for t in shape]
-        lines.append(f"      for (int e = st{j}[{_ri(plan)}]; e < st{j}[{_ri(plan)} + 1]; e++) {{")
-        lines.append(f"        const float* ip = ib + (long)ch{j}[e] * {li.plane} + {p.flat_p0};")
-        lines.append(f"        const float* wp = w{j} + (long)e * {nt * G};")
-        lines += _weights("vf", "BC", nt, G, "        ")
-        lines += ["        " + st_ for st_ in _accumulate_g(
-            names, nt, lambda i, t, o=offs: f"ld(ip + {i * VEC + o[t]})", G, "vf")]
-        lines.append("      }")
+    lines += _flat_kernels(p, plan, li, names, str(p.flat_p0), "      ")
     lo = plan.layouts[op.output]
     for g in range(G):
         gp = f" + {g * lo.plane}" if G > 1 else ""
