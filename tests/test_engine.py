@@ -92,7 +92,7 @@ def test_fallback_is_correct_and_visible():
     for k, op in enumerate(e.spec["ops"]):
         w = e.profile_detail[k]["work_s_per_thread"]
         assert (w is not None and len(w) == 2 and all(v >= 0 for v in w)) if op["native"] else w is None
-    assert torch.equal(e._run(x, trace={}), e(x))
+    assert torch.equal(e.traced(x)[0], e(x))
     with pytest.raises(SparseforgeError, match="'isolated' or 'network'"):
         e.profile(mode="hot")
 

@@ -184,15 +184,15 @@ def test_compiled_kd_teacher_gives_eager_loss():
         tr = Trainer(student, cfg, train_loader=None, callbacks=[kd], log=lambda s: None)
         student.eval()
         kd.on_train_begin(tr)
-        assert (kd._t_fwd is teacher) != comp
+        assert (kd.teacher_forward is teacher) != comp
         losses[comp] = tr.compute_loss(x, y)[0].item()
         kd.on_train_end(tr)
-        assert kd._t_fwd is teacher
+        assert kd.teacher_forward is teacher
     assert abs(losses[True] - losses[False]) / losses[False] < 1e-4, losses
     kd = KDCallback(teacher, KDConfig(hint=1.0, taps=("features.0",)))
     kd.on_train_begin(Trainer(student, TrainConfig(model="smallcnn", compile=True), train_loader=None,
                               callbacks=[kd], log=lambda s: None))
-    assert kd._t_fwd is teacher
+    assert kd.teacher_forward is teacher
     kd.on_train_end(None)
 
 
@@ -377,7 +377,7 @@ def test_trainer_gives_the_model_back_where_it_was(monkeypatch):
 
     moves.clear()
     t2 = Trainer(model, cfg, BatchLoader(tr, 32, shuffle=True), None, progress=False)
-    t2._home = torch.device("meta")      # stands in for "a device other than the training one"
+    t2.home_device = torch.device("meta")      # stands in for "a device other than the training one"
     monkeypatch.setattr(t2, "compute_loss", fail)
     with pytest.raises(Boom):
         t2.fit()

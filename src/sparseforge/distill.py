@@ -222,6 +222,12 @@ class KDCallback(Callback):
         self.history: list[dict] = []
 
     @property
+    def teacher_forward(self) -> nn.Module:
+        """The module the loss runs the teacher through: the teacher itself, or its compiled / DDP-wrapped form
+        while training (``TrainConfig.compile``, torchrun)."""
+        return self._t_fwd
+
+    @property
     def name(self) -> str:     # offline and online KD checkpoint different state: a resume must not mix them
         return "kd-online" if self.cfg.online else "kd"
 

@@ -82,7 +82,7 @@ class Trainer:
         # the loop runs on config.device; the model goes back to where it came from when fit ends (pruning, surgery
         # and the compiler that follow work on CPU tensors)
         self.device = resolve_device(config.device)
-        self._home = model_device(model)
+        self.home_device = model_device(model)
         self.model = model.to(self.device)
         self.train_loader = train_loader
         self.test_loader = test_loader
@@ -252,7 +252,7 @@ class Trainer:
         try:
             return self._fit(resume)
         finally:
-            self.model.to(self._home)
+            self.model.to(self.home_device)
 
     def _fit(self, resume: bool) -> dict[str, Any]:
         from tqdm import tqdm
