@@ -9,8 +9,28 @@ in the source come only from integer indices, never from user strings.
 
 from __future__ import annotations
 
+import dataclasses
+
 from .ir import ConcatOp, ConvOp, EltwiseOp, FlattenOp, GapOp, LinearOp, PhaseOp, PoolOp
 from .plan import BlockPlan, ConvPlan, Plan
+
+@dataclasses.dataclass(frozen=True)
+class VecISA:
+    """The names the generated C uses for one vector width (the prelude defines them): vector type, broadcast,
+    load, stride-2 load (even lanes), store, partial store, and the suffix of the activation helpers."""
+
+    type: str
+    bcast: str
+    load: str
+    load2: str
+    store: str
+    storen: str
+    suffix: str
+
+
+MAIN = VecISA("vf", "BC", "ld", "ld2", "st", "stn", "")               # the plan's width (8 or 16 lanes)
+WIDE16 = VecISA("g16", "bcg16", "ldg16", "ld2g16", "stg16", "stng16", "g16")   # 16-lane layers in an 8-lane plan
+
 
 def prelude(vec: int) -> str:
     lanes = ", ".join(["(x)"] * vec)
@@ -174,9 +194,9 @@ def conv_source(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
     VEC = p.vec
     # the main width (plan.vec) uses vf/BC/ld...; wider layers (16 lanes in an 8-lane plan) the g16 helpers
     wide = VEC != plan.vec
-    T_, BC_, LD, LD2, ST, STN = (("g16", "bcg16", "ldg16", "ld2g16", "stg16", "stng16") if wide else
-                                 ("vf", "BC", "ld", "ld2", "st", "stn"))
-    load = LD if s == 1 else LD2
+    isa = WIDE16 if wide else MAIN
+    T_, BC_, LD, ST, STN = isa.type, isa.bcast, isa.load, isa.store, isa.storen
+    load = LD if s == 1 else isa.load2
     ns = len(p.shapes)
     lines = ["  const float* in = B[d[0]]; float* out = B[d[1]];",
              "  const float* bias = g_w + d[3];",
@@ -213,16 +233,8 @@ def conv_source(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
     elif op.residual is not None:
         lines.append(f"      const float* rb = res + (long)n * {lo.image} + (long)f * {lo.plane};")
     head_lines = lines[lines.index("  const int Nf = N - N % nth;") + 4:]   # thread list, filter, its pointers
-    if p.blocked:
-        return _blocked_conv(k, p, plan, bodies)
-    if p.gather:
-        return _gather_conv(k, p, plan, bodies, lines)
-    if p.packed1:
-        return _packed1_conv(k, p, plan, bodies)
-    if p.flat and p.flat_tv:
-        return _flat_tiled_conv(k, p, plan, bodies, lines, head_lines)
-    if p.flat:
-        return _flat_conv(k, p, plan, bodies, lines)
+    if p.mode != "direct":
+        return CONV_MODES[p.mode](k, p, plan, bodies, lines, head_lines)
     # Accumulators are named scalars and the (row, vector) block is unrolled here, not by the C compiler:
     # gcc otherwise may interchange the loops and stream one accumulator over all kernels from memory.
     accs = [(r, v) for r in range(R) for v in range(V)]
@@ -268,11 +280,11 @@ def conv_source(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
                 if op.res_kind == "pad_shortcut":
                     lr = plan.layouts[op.residual]
                     rs_ = op.res_stride
-                    rload = LD if rs_ == 1 else LD2
+                    rload = LD if rs_ == 1 else isa.load2
                     inner.append(f"          if (rb) a += {rload}(rb + (long)(y * {rs_} + 1) * {lr.rs} + (x * {rs_} + 1));")
                 else:
                     inner.append(f"          a += {LD}(rb{gp} + (long)(y + 1) * {lo.rs} + (x + 1));")
-            inner.append(f"          a = {_act(op.act, 'a', 'g16' if wide else '')};")
+            inner.append(f"          a = {_act(op.act, 'a', isa.suffix)};")
             inner.append(f"          float* op_ = ob{gp} + (long)(y + 1) * {lo.rs} + (x + 1);")
             inner.append(f"          if (x + {VEC} <= {p.wo}) {ST}(op_, a); else if (x < {p.wo}) {STN}(op_, a, {p.wo} - x);")
             inner.append("        }")
@@ -680,6 +692,17 @@ def _packed1_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> st
               f"ob[(long)(y + 1) * {lo.rs} + x + 1] = {_act_s(op.act, f'tmp[y * {wo} + x]')};"]
     b += ["    }", "  }"]
     return _register(k, p, plan, bodies, "\n".join(b), [])
+
+
+# conv modes other than direct (written inline in conv_source): (op index, plan, conv plan, bodies, the wrapper's
+# standard lines, its per-filter head lines) -> the op's C wrapper
+CONV_MODES = {
+    "blocked": lambda k, p, plan, bodies, lines, heads: _blocked_conv(k, p, plan, bodies),
+    "gather": lambda k, p, plan, bodies, lines, heads: _gather_conv(k, p, plan, bodies, lines),
+    "packed1": lambda k, p, plan, bodies, lines, heads: _packed1_conv(k, p, plan, bodies),
+    "flat-tiled": lambda k, p, plan, bodies, lines, heads: _flat_tiled_conv(k, p, plan, bodies, lines, heads),
+    "flat": lambda k, p, plan, bodies, lines, heads: _flat_conv(k, p, plan, bodies, lines),
+}
 
 
 def _chains(b: list[str], ind: str, acc: str, st: str, idx: str, wts: str, base: str, PV: int, G: int,

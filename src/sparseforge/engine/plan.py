@@ -215,6 +215,19 @@ class ConvPlan:
     # thread lists, runs and ``thread_of`` are per group, weights [kernel][tap][filter of the group]
     fgroup: int = 1
 
+    @property
+    def mode(self) -> str:
+        """The kernel family codegen uses: blocked, gather, packed1, flat-tiled, flat or direct (exclusive)."""
+        if self.blocked:
+            return "blocked"
+        if self.gather:
+            return "gather"
+        if self.packed1:
+            return "packed1"
+        if self.flat:
+            return "flat-tiled" if self.flat_tv else "flat"
+        return "direct"
+
 
 def _canonical_shapes(tapsets: list[tuple[int, ...]], full: tuple[int, ...],
                       max_shapes: int = DEFAULT_OPTIONS.max_shapes) -> dict[tuple[int, ...], tuple[int, ...]]:
