@@ -20,7 +20,8 @@ from pathlib import Path
 
 from sparseforge.api import datasets_for, loaders_for
 from sparseforge.models import load_weights, model_from_spec, read_state_dict
-from sparseforge.recipe import Recipe, RecipeRunner
+from _arms import TRAIN, run_resnet20_arm  # bench/ is on sys.path when this script runs
+from sparseforge import TrainConfig
 from sparseforge.report import lipschitz, plot_lipschitz
 from sparseforge.report.env import environment
 
@@ -55,14 +56,9 @@ def main() -> None:
     out = {"benchmark": "lowbit", "epochs": a.epochs, "period": a.period, "arms": {}}
     finals = {}
     for name in names:
-        rc = Recipe.from_dict({
-            "model": "resnet20", "weights": str(SHARED / "models" / "resnet20-cifar10jpeg.safetensors"),
-            "dataset": "cifar10", "data_dir": a.data_dir,
-            "train": {"batch_size": 128, "lr": 0.01, "schedule": "cosine", "weight_decay": 1e-4, "threads": 2},
-            "stage": table[name]})
         d = OUT / name
         t0 = time.perf_counter()
-        res = RecipeRunner(rc, d, progress=False).run(resume=(d / "recipe.toml").exists())
+        res = run_resnet20_arm(table[name], d, a.data_dir)
         last = res["stages"][-1]
         out["arms"][name] = {"final_acc": res["final"]["acc"], "start_acc": res["start"]["acc"],
                              "storage_bits": last.get("storage_bits"), "precision": last.get("precision"),
@@ -71,7 +67,7 @@ def main() -> None:
         finals[name] = load_weights(model_from_spec(json.loads(read_state_dict(p)[1]["model"])), p).eval()
         print(f"{name}: {res['final']['acc']:.2f}%", flush=True)
     # robustness: the same 256 test images for every model
-    cfg = rc.train_config()
+    cfg = TrainConfig(model="resnet20", dataset="cifar10", data_dir=a.data_dir, **TRAIN)
     _, test = datasets_for(cfg)
     _, el = loaders_for(cfg, test, test)
     curves = {n: lipschitz(m, el.iterate(0, 0), eps_values=(0.01, 0.03, 0.1, 0.3, 1.0), max_samples=256) for n, m in finals.items()}

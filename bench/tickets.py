@@ -21,7 +21,7 @@ import json
 import time
 from pathlib import Path
 
-from sparseforge.recipe import Recipe, RecipeRunner
+from _arms import run_resnet20_arm  # bench/ is on sys.path when this script runs
 from sparseforge.report.env import environment
 from sparseforge.report.plots import plt
 
@@ -56,14 +56,9 @@ def main() -> None:
     names = a.arms.split(",") if a.arms else list(table)
     results = {"benchmark": "tickets", "epochs": a.epochs, "arms": {}}
     for name in names:
-        rc = Recipe.from_dict({
-            "model": "resnet20", "weights": str(SHARED / "models" / "resnet20-cifar10jpeg.safetensors"),
-            "dataset": "cifar10", "data_dir": a.data_dir,
-            "train": {"batch_size": 128, "lr": 0.01, "schedule": "cosine", "weight_decay": 1e-4, "threads": 2},
-            "stage": table[name]})
         d = OUT / name
         t0 = time.perf_counter()
-        res = RecipeRunner(rc, d, progress=False).run(resume=(d / "recipe.toml").exists())
+        res = run_resnet20_arm(table[name], d, a.data_dir)
         results["arms"][name] = {"start_acc": res["start"]["acc"], "final_acc": res["final"]["acc"],
                                  "stages": [{"method": s["method"], "acc": s["eval"]["acc"]} for s in res["stages"]],
                                  "sparsity": res["sparsity"].get("compression_conv_linear"),

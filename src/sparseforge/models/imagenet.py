@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .vgg import VGG16_CFG, vgg_features
+
 
 class BasicBlock(nn.Module):
     expansion = 1
@@ -93,7 +95,6 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
 
 class VGGImageNet(nn.Module):
@@ -101,15 +102,7 @@ class VGGImageNet(nn.Module):
 
     def __init__(self, num_classes: int = 1000, cfg: tuple = VGG16_CFG, dropout: float = 0.5):
         super().__init__()
-        layers: list[nn.Module] = []
-        c_in = 3
-        for v in cfg:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                layers += [nn.Conv2d(c_in, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
-                c_in = v
-        self.features = nn.Sequential(*layers)
+        self.features = vgg_features(cfg, bias=True)[0]
         self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
         self.classifier = nn.Sequential(nn.Linear(512 * 7 * 7, 4096), nn.ReLU(True), nn.Dropout(dropout),
                                         nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(dropout),
