@@ -21,7 +21,7 @@ from pathlib import Path
 from sparseforge.api import datasets_for, loaders_for
 from sparseforge.models import load_weights, model_from_spec, read_state_dict
 from _arms import TRAIN, run_resnet20_arm  # bench/ is on sys.path when this script runs
-from sparseforge import TrainConfig
+from sparseforge.train import TrainConfig
 from sparseforge.report import lipschitz, plot_lipschitz
 from sparseforge.report.env import environment
 
