@@ -229,10 +229,11 @@ class ConvPlan:
         return "direct"
 
 
-def _canonical_shapes(tapsets: list[tuple[int, ...]], full: tuple[int, ...],
+def _canonical_shapes(tapsets, full: tuple[int, ...],
                       max_shapes: int = DEFAULT_OPTIONS.max_shapes) -> dict[tuple[int, ...], tuple[int, ...]]:
-    """Map each distinct tap set to the shape its kernel will run with (merging rare subsets into supersets)."""
-    freq = Counter(tapsets)
+    """Map each distinct tap set to the shape its kernel will run with (merging rare subsets into supersets).
+    ``tapsets``: one tap set per kernel, or a mapping tap set -> number of kernels."""
+    freq = Counter(tapsets) if not isinstance(tapsets, dict) else tapsets
     order = sorted(freq, key=lambda s: (-freq[s], s))
     mapping: dict[tuple[int, ...], tuple[int, ...]] = {}
     kept: list[tuple[int, ...]] = []
@@ -254,11 +255,12 @@ def _kernel_shapes(codes: np.ndarray, taps_all: tuple[int, ...], exact: bool, ma
     ``exact``), each kernel's shape index, and the taps each filter runs."""
     kf, ki = np.nonzero(codes)
     kc = codes[kf, ki]
-    tapset = {int(c): tuple(t for t in taps_all if (int(c) >> t) & 1) for c in np.unique(kc)}
+    uniq, counts = np.unique(kc, return_counts=True)
+    tapset = {int(c): tuple(t for t in taps_all if (int(c) >> t) & 1) for c in uniq.tolist()}
     if exact:
         mapping = {ts: ts for ts in tapset.values()}
     else:
-        mapping = _canonical_shapes([tapset[c] for c in kc.tolist()], taps_all, max_shapes)
+        mapping = _canonical_shapes({tapset[int(c)]: int(n) for c, n in zip(uniq, counts)}, taps_all, max_shapes)
     shapes = sorted(set(mapping.values()), key=lambda s: (len(s), s)) if len(kc) else []
     sidx = {s: j for j, s in enumerate(shapes)}
     code_shape = {c: sidx[mapping[ts]] for c, ts in tapset.items()}
@@ -432,11 +434,12 @@ def filter_group(codes: np.ndarray, own_taps: int, taps_all: tuple[int, ...], ma
             continue
         union = np.bitwise_or.reduce(codes.reshape(o // G, G, ig), axis=1)
         nz = union[union != 0]
-        if len(nz) == 0:
-            continue
-        sets = [tuple(t for t in taps_all if (c >> t) & 1) for c in nz.tolist()]
-        canon = _canonical_shapes(sets, taps_all, max_shapes)
-        cost = G * sum(len(canon[ts]) for ts in sets)
+        if len(nz) == 0 or G * len(nz) > waste * np.count_nonzero(codes):
+            continue        # the group runs more kernels than its filters would: not shared (cheap test first)
+        uniq, counts = np.unique(nz, return_counts=True)
+        freq = {tuple(t for t in taps_all if (int(c) >> t) & 1): int(n) for c, n in zip(uniq, counts)}
+        canon = _canonical_shapes(freq, taps_all, max_shapes)
+        cost = G * sum(len(canon[ts]) * n for ts, n in freq.items())
         if cost <= waste * own_taps:
             return G
     return 1
