@@ -116,3 +116,12 @@ def test_the_runner_branches_on_no_method_name():
     assert not hits, hits
     runner = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "RecipeRunner")
     assert runner.end_lineno - runner.lineno < 200          # a loop over stages, not a hub that knows methods
+
+
+def test_run_help_lists_every_registered_stage(capsys):
+    from sparseforge.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = capsys.readouterr().out
+    assert all(f"  {name} " in text for name in STAGES.names()), text

@@ -160,6 +160,17 @@ def parse_sets(items: list[str]) -> dict:
     return out
 
 
+def _stage_methods_help() -> str:
+    """Every registered recipe method with the first line of its config's docstring (the registry, not a list)."""
+    from .stages import STAGES
+
+    rows = ["methods a [[stage]] can name (method = ...; fields: the config's, see docs/GUIDE.md):"]
+    for name, cls in STAGES.items():
+        doc = (cls.config.__doc__ or cls.__doc__ or "").strip().splitlines()
+        rows.append(f"  {name:12s} {cls.config.__name__}{' (prunes)' if cls.prunes else ''}: {doc[0] if doc else ''}")
+    return "\n".join(rows)
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from .recipe import Recipe, RecipeRunner
 
@@ -385,11 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, helptext in (("run", "run a recipe: train -> compress -> fine-tune -> compile -> bench -> report"),
                            ("compress", "alias of run")):
-        c = sub.add_parser(name, help=helptext,
+        c = sub.add_parser(name, help=helptext, formatter_class=argparse.RawDescriptionHelpFormatter,
                            description="Run a recipe's stages; re-running the same command resumes an interrupted "
                                        "run (finished stages are loaded, an interrupted stage continues from its "
                                        "last checkpoint). The resolved recipe is saved and hashed into the run "
-                                       "directory name.")
+                                       "directory name.", epilog=_stage_methods_help())
         _recipe_args(c)
 
     rp = sub.add_parser("report", help="compare run directories side by side (markdown + self-contained HTML)")

@@ -15,8 +15,14 @@ class OneShotPrune(StageMethod):
         return prune(model, ctx.config, example_input=ctx.example()), {}
 
 
-register_stage("pattern", PatternConfig, prunes=True)(type("PatternPrune", (OneShotPrune,), {}))
-register_stage("magnitude", MagnitudeConfig, prunes=True)(type("MagnitudePrune", (OneShotPrune,), {}))
+@register_stage("pattern", PatternConfig, prunes=True)
+class PatternPrune(OneShotPrune):
+    """PatDNN patterns (4 of 9 taps from the library) and connectivity pruning, one shot."""
+
+
+@register_stage("magnitude", MagnitudeConfig, prunes=True)
+class MagnitudePrune(OneShotPrune):
+    """Unstructured magnitude pruning (global or per layer), one shot."""
 
 
 @register_stage("admm", ADMMConfig, prunes=True)
