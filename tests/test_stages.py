@@ -125,3 +125,18 @@ def test_run_help_lists_every_registered_stage(capsys):
         main(["run", "--help"])
     text = capsys.readouterr().out
     assert all(f"  {name} " in text for name in STAGES.names()), text
+
+
+def test_run_record_reads_a_run_directory(tiny_recipe, tmp_path):
+    """The one reader of a run's own record (benches commit it beside their models): recipe, start, per stage
+    done/result/metrics, readable mid-run."""
+    from sparseforge.recipe import run_record
+
+    recipe = tiny_recipe({"method": "finetune", "epochs": 2}, {"method": "magnitude", "sparsity": 0.5})
+    RecipeRunner(recipe, tmp_path / "run", log=lambda s: None, progress=False).run()
+    rec = run_record(tmp_path / "run")
+    assert rec["finished"] and "acc" in rec["start"] and rec["recipe_toml"] == recipe.to_toml()
+    assert [s["dir"] for s in rec["stages"]] == ["00-finetune", "01-magnitude"] and all(s["done"] for s in rec["stages"])
+    assert [m["epoch"] for m in rec["stages"][0]["metrics"]] == [1, 2]
+    assert rec["stages"][1]["result"]["method"] == "magnitude"
+    json.dumps(rec)
