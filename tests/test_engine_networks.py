@@ -227,10 +227,16 @@ def test_channel_block_filters_run_as_groups(cb):
     from sparseforge.engine.testing import random_bn_statistics
     from sparseforge.sparsity.mask import fold_masks
 
+    def wide_net():      # 64-channel 48x44 maps: large enough for the tiled flat mode, quick to compile
+        return nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1), nn.BatchNorm2d(32), nn.ReLU(),
+                             BasicBlock(32, 64, 2, "relu", project=True), BasicBlock(64, 64, 1, "relu", project=False),
+                             nn.Conv2d(64, 64, 1), nn.BatchNorm2d(64), nn.ReLU())
+
     modes = set()
-    for name, shape in [("resnet18", (2, 3, 224, 200)), ("resnet20", (3, 3, 16, 16))]:
+    for name, shape in [("wide", (2, 3, 96, 88)), ("resnet20", (3, 3, 16, 16))]:
         torch.manual_seed(cb)
-        m = random_bn_statistics(sf.create_model(name, num_classes=10).eval(), torch.Generator().manual_seed(cb))
+        m = wide_net() if name == "wide" else sf.create_model(name, num_classes=10)
+        m = random_bn_statistics(m.eval(), torch.Generator().manual_seed(cb))
         sf.prune(m, sf.PatternConfig(num_patterns=8, connectivity=3.6, channel_block=cb))
         m = fold_masks(m)
         x = torch.randn(shape)
@@ -242,11 +248,12 @@ def test_channel_block_filters_run_as_groups(cb):
         assert any(c.op.residual is not None for c in grouped), name
         with torch.inference_mode():
             out, ref = e(x), m(x)
-        assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5, equal_nan=True), name
-        assert torch.equal(out.isnan(), ref.isnan()), name
+        ok, why = compare_outputs(out, ref, sparse=True)     # a pruned weight is absent: 0 * NaN is not taken
+        assert ok and out.isfinite().any() and (~out.isfinite()).any(), (name, why)
         _prune_kernels(m, seed=cb)          # unstructured kernels: no groups
         e2, st2 = compile(m, x[:1], threads=2, return_stages=True)
         assert all(c.fgroup == 1 for c in st2.plan.convs.values()), name
         with torch.inference_mode():
-            assert torch.allclose(e2(x), m(x), rtol=1e-4, atol=1e-5, equal_nan=True), name
+            ok, why = compare_outputs(e2(x), m(x), sparse=True)
+        assert ok, (name, why)
     assert modes == {"flat-tiled", "flat", "direct"}, modes
