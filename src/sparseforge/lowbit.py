@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .config import Config, ConfigError, opt
 from .errors import SparseforgeError
-from .sparsity.mask import MASK_BUFFER
+from .masks import MASK_BUFFER
 from .sparsity.scope import first_conv_name
 from .train.loop import Callback
 

@@ -38,20 +38,14 @@ from .config import Config, content_hash, loads_toml, opt
 from .distributed import barrier, broadcast_model, is_main
 from .errors import ConfigError, RunDirError
 from .stages import (STAGES, CompileConfig, FinetuneConfig, RobustnessConfig, RunState, Stage, StageContext,
-                     load_stage_model, save_model, stage_configs, write_json)
+                     load_stage_model, save_model, stage_configs, write_json, write_text)
 from .train import TrainConfig
-from .utils import atomic_write_text as _atomic_write_text
 from .utils import set_threads
 from . import rundir
 
 __all__ = ["Recipe", "RecipeRunner", "run_record", "Stage", "parse_stage", "stage_configs", "FinetuneConfig", "CompileConfig",
            "RobustnessConfig"]
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    if is_main():
-        _atomic_write_text(path, text)
-    barrier()
 
 
 RECIPE_OWNED = ("model", "dataset", "data_dir", "weights")   # TrainConfig fields only the recipe's top level sets
@@ -224,7 +218,7 @@ class RecipeRunner:
                                   "or choose another --run-dir")
         else:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(cfg_path, self.recipe.to_toml())
+            write_text(cfg_path, self.recipe.to_toml())
 
     def _state(self) -> RunState:
         """Data (test set cut to eval_limit), the start model (recipe weights) and its copy kept as the teacher."""

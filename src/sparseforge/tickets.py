@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .config import Config, ConfigError, opt
-from .sparsity.mask import apply_masks, attach_mask, get_mask
+from .masks import apply_masks, attach_mask, get_mask
 from .sparsity.scope import first_conv_name
 from .train.loop import Callback
 

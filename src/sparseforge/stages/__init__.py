@@ -6,9 +6,9 @@ the same way (one decorator), and the recipe finds it by name.
 
 from . import lowbit, measure, sparsity, structured, training, tickets  # noqa: F401  (registers the stages)
 from .base import STAGES, Stage, StageMethod, register_stage, stage_configs
-from .context import RunState, StageContext, load_stage_model, save_model, write_json
+from .context import RunState, StageContext, load_stage_model, save_model, write_json, write_text
 from .measure import CompileConfig, RobustnessConfig
 from .training import FinetuneConfig
 
 __all__ = ["STAGES", "Stage", "StageMethod", "StageContext", "RunState", "register_stage", "stage_configs",
-           "CompileConfig", "RobustnessConfig", "FinetuneConfig", "load_stage_model", "save_model", "write_json"]
+           "CompileConfig", "RobustnessConfig", "FinetuneConfig", "load_stage_model", "save_model", "write_json", "write_text"]

@@ -16,6 +16,7 @@ from ..distributed import barrier, is_main
 from ..errors import ConfigError, RunDirError
 from ..train import TrainConfig, Trainer, evaluate
 from ..utils import atomic_write_json as _atomic_write_json
+from ..utils import atomic_write_text as _atomic_write_text
 from .base import Stage
 from .. import rundir
 
@@ -24,6 +25,13 @@ def write_json(path: Path, obj: Any) -> None:
     """Rank 0 writes (under torchrun every rank runs the recipe); the others wait until the file is there."""
     if is_main():
         _atomic_write_json(path, obj)
+    barrier()
+
+
+def write_text(path: Path, text: str) -> None:
+    """``write_json`` for text: rank 0 writes, every rank waits for the file."""
+    if is_main():
+        _atomic_write_text(path, text)
     barrier()
 
 

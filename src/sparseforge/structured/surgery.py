@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from ..errors import SparseforgeError
 from ..models.cifar_resnet import PadShortcut
-from ..sparsity.mask import MASK_BUFFER
+from ..masks import MASK_BUFFER
 from ..models.arch import apply_arch, arch_of  # noqa: F401  (re-exported)
 from .graph import DependencyGraph
 
