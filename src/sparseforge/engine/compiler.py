@@ -212,6 +212,10 @@ def compile(model: nn.Module, example_input: torch.Tensor, threads: int | None =
     the engine's spec and its artefact. Layers without a native kernel run in PyTorch and are listed by
     ``engine.summary()``.
     """
+    if type(model).__name__ == "QuantizedModel":
+        raise SparseforgeError("the engine has no int8 kernels yet: compile the float model, or run the int8 model "
+                               "in onnxruntime (sparseforge.export_qdq); QuantizedModel itself runs the integer "
+                               "reference in PyTorch")
     if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4:
         raise SparseforgeError("example_input must be a 4-D NCHW float tensor, e.g. torch.randn(1, 3, 32, 32)")
     threads = int(threads or torch.get_num_threads())

@@ -1,0 +1,206 @@
+"""int8 post-training quantization: the IR interpreter, the integer reference, calibration, QDQ export."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import sparseforge as sf
+from sparseforge.engine.interpret import run_graph
+from sparseforge.engine.plan import lower
+from sparseforge.engine.quant import QParam, run_int
+from sparseforge.engine.testing import random_network
+from sparseforge.engine.trace import build_ir, trace
+
+
+def _calibration(x: torch.Tensor, n: int = 2, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [x + 0.1 * torch.randn(x.shape, generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("lowered", [False, True])
+def test_interpreter_equals_the_model_on_generated_networks(lowered):
+    for seed in range(25):
+        model, x, desc = random_network(seed)
+        with torch.no_grad():
+            ref = model(x)
+        g = build_ir(trace(model, x))
+        out = run_graph(lower(g) if lowered else g, x)[0]
+        assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()) + 1e-5), (seed, desc)
+
+
+def test_int8_networks_stay_close_to_float_with_integers_in_range_and_pruned_weights_zero():
+    errs = []
+    for seed in range(20):
+        model, x, desc = random_network(seed)
+        qm = sf.quantize(model, sf.Int8Config(calibration="minmax"), _calibration(x))
+        with torch.no_grad():
+            ref = model(x)
+        out = qm(x)
+        errs.append(float((out - ref).norm() / (ref.norm() + 1e-9)))
+        env = run_int(qm.qgraph, x, keep=True)
+        for vid, t in env.items():
+            if t.dtype == torch.int32:
+                p = qm.qgraph.params[vid]
+                assert int(t.min()) >= p.lo and int(t.max()) <= p.hi, (seed, vid)
+        for op, q in zip(qm.qgraph.graph.ops, qm.qgraph.qops):
+            w = getattr(op, "weight", None)
+            if q.weight is not None and w is not None and w.shape == q.weight.shape:
+                assert bool(((w == 0) <= (q.weight == 0)).all()), (seed, op.name)
+    assert max(errs) < 0.15 and float(np.median(errs)) < 0.04, errs
+
+
+def test_relu_outputs_are_uint8_and_relu_is_the_clamp():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1), nn.Flatten(),
+                      nn.Linear(4 * 8 * 8, 5)).eval()
+    x = torch.randn(4, 3, 8, 8)
+    qm = sf.quantize(m, sf.Int8Config(calibration="minmax"), [x])
+    g = qm.qgraph
+    convs = [op for op in g.graph.ops if op.kind == "conv"]
+    assert g.params[convs[0].output] == QParam(g.params[convs[0].output].scale, signed=False)
+    assert g.params[convs[1].output].signed          # no ReLU: int8
+    env = run_int(g, x, keep=True)
+    assert int(env[convs[0].output].min()) == 0      # the clamp at 0 is the ReLU
+
+
+def test_pruned_model_keeps_exact_zeros():
+    torch.manual_seed(0)
+    m = sf.create_model("resnet20")
+    sf.prune(m, sf.PatternConfig(connectivity=2.0))
+    m.eval()
+    x = torch.randn(8, 3, 32, 32)
+    qm = sf.quantize(m, sf.Int8Config(calibration="minmax"), [x])
+    checked = 0
+    for op, q in zip(qm.qgraph.graph.ops, qm.qgraph.qops):
+        if op.kind == "conv" and "mask" in op.folded:
+            assert bool(((op.weight == 0) <= (q.weight == 0)).all()), op.name      # pruned -> exactly 0
+            kept = op.weight != 0
+            assert float((q.weight[kept] == 0).float().mean()) < 0.05, op.name    # kept weights mostly survive
+            checked += 1
+    assert checked >= 18
+
+
+def test_float32_accumulation_equals_float64():
+    """The fast path (float32 sums where no partial sum reaches 2^24) gives the same integers as float64."""
+    model, x, _ = random_network(3)
+    qm = sf.quantize(model, sf.Int8Config(calibration="minmax"), _calibration(x))
+    assert any(q.exact32 for q in qm.qgraph.qops)
+    fast = run_int(qm.qgraph, x, keep=True)
+    for q in qm.qgraph.qops:
+        q.exact32 = False
+    slow = run_int(qm.qgraph, x, keep=True)
+    assert all(torch.equal(fast[k], slow[k]) for k in fast)
+
+
+def test_calibration_methods_and_auto_choice():
+    torch.manual_seed(0)
+    m = sf.create_model("resnet20").eval()
+    x = torch.randn(16, 3, 32, 32)
+    qs = {c: sf.quantize(m, sf.Int8Config(calibration=c, percentile=99.0), [x]) for c in ("minmax", "percentile", "mse")}
+    s = {c: {v: p.scale for v, p in q.qgraph.params.items()} for c, q in qs.items()}
+    assert all(s["percentile"][v] <= s["minmax"][v] + 1e-12 for v in s["minmax"])
+    assert all(s["mse"][v] <= s["minmax"][v] + 1e-12 for v in s["minmax"])
+    assert any(s["percentile"][v] < s["minmax"][v] for v in s["minmax"])
+    auto = sf.quantize(m, sf.Int8Config(), [x])                       # no labels: closest outputs to float
+    assert set(auto.qgraph.scores) == {"minmax", "percentile", "mse"}
+    assert auto.qgraph.method == max(auto.qgraph.scores, key=auto.qgraph.scores.get)
+    assert all(v <= 0 for v in auto.qgraph.scores.values())
+    labelled = sf.quantize(m, sf.Int8Config(), [(x, torch.arange(16) % 10)])     # labels: accuracy
+    assert all(0.0 <= v <= 1.0 for v in labelled.qgraph.scores.values())
+    assert "calibration" in labelled.summary() and labelled.fallbacks == []
+
+
+def test_post_training_int8_keeps_accuracy_of_a_trained_network():
+    """Learning check: a small CNN trained on synthetic shapes loses at most 1 pt after int8."""
+    from sparseforge.data import BatchLoader, synthetic_splits
+
+    train, test = synthetic_splits(900, 400, seed=5)
+    torch.manual_seed(0)
+    m = sf.create_model("smallcnn")
+    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    for epoch in range(3):
+        for xb, yb in BatchLoader(train, 64, shuffle=True, seed=epoch).iterate(epoch):
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(xb), yb).backward()
+            opt.step()
+    m.eval()
+    xs, ys = next(iter(BatchLoader(test, 400).iterate(0)))
+    with torch.no_grad():
+        fp32 = float((m(xs).argmax(1) == ys).float().mean())
+    assert fp32 > 0.6
+    qm = sf.quantize(m, sf.Int8Config(), list(BatchLoader(train.subset(256), 64).iterate(0)))
+    int8 = float((qm(xs).argmax(1) == ys).float().mean())
+    assert int8 >= fp32 - 0.01, (fp32, int8)
+
+
+def test_qdq_export_matches_the_integer_reference_op_by_op():
+    ort = pytest.importorskip("onnxruntime")
+    checked = 0
+    for seed in range(15):
+        model, x, _ = random_network(seed)
+        qm = sf.quantize(model, sf.Int8Config(calibration="minmax"), _calibration(x))
+        if qm.fallbacks:
+            with pytest.raises(sf.SparseforgeError, match="no ONNX QDQ form"):
+                sf.export_qdq(qm)
+            continue
+        env = run_int(qm.qgraph, x, keep=True)
+        s = ort.InferenceSession(sf.export_qdq(qm, debug_outputs=True, feed_values=True),
+                                 providers=["CPUExecutionProvider"])
+        feeds = {"input": x.numpy()}
+        for i in s.get_inputs()[1:]:
+            vid = int(i.name[2:])
+            feeds[i.name] = (env[vid].float() * qm.qgraph.params[vid].scale).numpy()
+        for o, val in zip(s.get_outputs(), s.run(None, feeds)):
+            vid = int(o.name[1:])
+            ref = env[vid]
+            if ref.dtype == torch.float32:            # logits from the accumulator
+                assert np.abs(val - ref.numpy()).max() <= 1e-5 * (np.abs(ref.numpy()).max() + 1), seed
+            else:                                     # within one step (a tie rounded the other way)
+                assert np.abs(val / qm.qgraph.params[vid].scale - ref.numpy()).max() <= 1.0 + 1e-3, (seed, vid)
+        checked += 1
+    assert checked >= 8
+
+
+def test_qdq_export_of_resnet20_runs_end_to_end_like_the_reference(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    m = sf.create_model("resnet20").eval()
+    x = torch.randn(4, 3, 32, 32)
+    qm = sf.quantize(m, sf.Int8Config(calibration="minmax"), [torch.randn(16, 3, 32, 32)])
+    path = tmp_path / "r20-int8.onnx"
+    sf.export_qdq(qm, path)
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    ref = qm(x).numpy()
+    assert np.abs(out - ref).max() <= 1e-3 * np.abs(ref).max()
+
+
+def test_bad_inputs_are_one_line_errors():
+    m = sf.create_model("smallcnn").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(sf.SparseforgeError, match="calibration"):
+        sf.quantize(m, sf.Int8Config())
+    with pytest.raises(sf.SparseforgeError, match="calibration yielded no batches"):
+        sf.quantize(m, sf.Int8Config(), [])
+    with pytest.raises(sf.SparseforgeError, match="NCHW"):
+        sf.quantize(m, sf.Int8Config(), [torch.randn(3, 32, 32)])
+    with pytest.raises(sf.SparseforgeError, match="Int8Config"):
+        sf.quantize(m, sf.PatternConfig(), [x])
+    with pytest.raises(sf.SparseforgeError):
+        sf.Int8Config(calibration="entropy")
+    qm = sf.quantize(m, sf.Int8Config(calibration="minmax"), [x])
+    with pytest.raises(sf.SparseforgeError, match="quantized for inputs of shape"):
+        qm(torch.randn(1, 3, 16, 16))
+    with pytest.raises(sf.SparseforgeError, match="no int8 kernels"):
+        sf.compile(qm, x)
+
+
+def test_nan_input_counts_as_zero():
+    m = sf.create_model("smallcnn").eval()
+    x = torch.randn(2, 3, 32, 32)
+    qm = sf.quantize(m, sf.Int8Config(calibration="minmax"), [x])
+    xn = x.clone()
+    xn[0, 0, 3, 3] = float("nan")
+    x0 = x.clone()
+    x0[0, 0, 3, 3] = 0.0
+    assert torch.equal(qm(xn), qm(x0))
