@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -259,6 +260,41 @@ def test_lowbit_stages_fold_to_plain_convs_and_report_savings(tmp_path):
     logs = []
     RecipeRunner(Recipe.load_file(rp), tmp_path / "run", log=logs.append, progress=False).run(resume=True)
     assert sum("already done" in s for s in logs) == 3
+
+
+INT8_RECIPE = recipe_toml("""
+[[stage]]
+method = "pattern"
+connectivity = "2x"
+[[stage]]
+method = "finetune"
+epochs = 1
+[[stage]]
+method = "int8"
+max_images = 64
+runs = 5
+""", train_size=192)
+
+
+def test_int8_stage_reports_accuracy_before_and_after_and_exports_qdq(tmp_path):
+    """Pruning, fine-tuning, then post-training int8: accuracy before/after (integer reference) in results and the
+    report, a QDQ ONNX whose outputs are the reference's, onnxruntime latency; the recipe's model stays float."""
+    ort = pytest.importorskip("onnxruntime")
+    rp = tmp_path / "q.toml"
+    rp.write_text(INT8_RECIPE)
+    runner = RecipeRunner(Recipe.load_file(rp), tmp_path / "run", log=lambda s: None, progress=False)
+    res = runner.run()
+    q = res["stages"][2]["int8"]
+    assert q["calibration_images"] == 64 and q["calibration"] in ("minmax", "percentile", "mse")
+    assert abs(q["delta_pt"] - (q["acc_int8"] - q["acc_fp32"])) < 1e-9 and q["acc_fp32"] == res["stages"][1]["eval"]["acc"]
+    assert set(q["latency"]["arms"]) == {"onnxruntime-fp32", "onnxruntime-int8 (sparseforge QDQ)"}
+    onnx_path = next((tmp_path / "run" / "stages").glob("02-*/model-int8.onnx"))
+    x = runner.state.example()
+    out = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    assert out.shape == (1, 10) and np.isfinite(out).all()
+    assert all(type(m) is torch.nn.Conv2d for m in runner.model.modules() if isinstance(m, torch.nn.Conv2d))
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## int8 (stage 2)" in report and "onnxruntime-int8 (sparseforge QDQ)" in report
 
 
 KD_FROM_STAGE_RECIPE = recipe_toml("""

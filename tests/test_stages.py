@@ -26,6 +26,7 @@ CONTRACT = {
     "imp": {"rounds": 1},
     "compile": {"runs": 5, "onnxruntime": False},
     "robustness": {"eps": [0.1], "samples": 4, "perturbations": 2},
+    "int8": {"max_images": 64, "runs": 5, "calibration": "minmax"},
 }
 NEEDS_RESIDUALS = {"depth"}      # removes residual branches: smallcnn has none
 

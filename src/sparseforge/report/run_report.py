@@ -139,6 +139,8 @@ def write_run_report(run_dir: Path, model: nn.Module, recipe, results: dict[str,
             lines += _latency(i, s_, run_dir, plots)
         if s_.get("lipschitz"):
             lines += _robustness(i, s_["lipschitz"], run_dir)
+        if s_.get("int8"):
+            lines += _int8(i, s_["int8"])
     lines += ["## Layers", "", st.to_markdown(), ""]
     env = results["env"]
     lines += ["## Environment", "", f"{env['cpu']}, {env['torch_threads']} threads, torch {env['torch']}, "
@@ -164,6 +166,24 @@ def _robustness(i: int, curves: dict[str, dict[str, float]], run_dir: Path) -> l
     for e in eps:
         lines.append(f"| {e} | " + " | ".join(f"{curves[n][e]:.4f}" for n in names) + " |")
     return lines + ["", f"![Robustness]({fname})", ""]
+
+
+def _int8(i: int, q: dict[str, Any]) -> list[str]:
+    """Accuracy before/after post-training int8 and the measured latency of its QDQ export."""
+    lines = [f"## int8 (stage {i})", "",
+             f"- calibration: {q['calibration']} on {q['calibration_images']} training images"
+             + (f" (scores: {', '.join(f'{k} {v:.4g}' for k, v in q['scores'].items())})" if q.get("scores") else ""),
+             f"- test top-1: fp32 {q['acc_fp32']:.2f}% -> int8 {q['acc_int8']:.2f}% ({q['delta_pt']:+.2f} pt; "
+             "the integer reference, bit for bit what the QDQ export holds)"]
+    if q.get("fallbacks"):
+        lines.append(f"- ops kept in float (dequantize, PyTorch, requantize): {', '.join(q['fallbacks'])}")
+    lat = q.get("latency")
+    if lat:
+        lines += ["", f"Measured latency, batch {lat['batch']}, {lat['threads']} threads (median, p10-p90 ms):", "",
+                  "| runtime | median | p10 | p90 |", "|---|---:|---:|---:|"]
+        for arm, r in lat["arms"].items():
+            lines.append(f"| {arm} | {r['median_ms']:.3f} | {r['p10_ms']:.3f} | {r['p90_ms']:.3f} |")
+    return lines + [""]
 
 
 def _latency(i: int, s: dict[str, Any], run_dir: Path, plots: list) -> list[str]:
