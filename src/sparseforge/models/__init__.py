@@ -18,6 +18,8 @@ from ..registry import Registry
 from .cifar_resnet import BasicBlock, CifarResNet, PadShortcut
 from .imagenet import MobileNetV2ImageNet, ResNet, VGGImageNet, resnet18, resnet34, resnet50
 from .mobilenetv2 import MobileNetV2
+from .reparam import REPARAMETERIZABLE, RepVGGBlock, reparameterizable, reparameterize
+from .repghost import RepGhostBottleneck, RepGhostModule, RepGhostNet
 from .small import SmallCNN
 from .vgg import VGG
 
@@ -27,6 +29,8 @@ for _d in (20, 32, 44, 56, 110):
     MODELS.register(f"resnet{_d}", (lambda d: lambda num_classes=10, **kw: CifarResNet(d, num_classes, **kw))(_d))
 MODELS.register("vgg16", lambda num_classes=10, **kw: VGG(num_classes=num_classes, **kw))
 MODELS.register("mobilenetv2", lambda num_classes=10, **kw: MobileNetV2(num_classes=num_classes, **kw))
+MODELS.register("repghostnet", lambda num_classes=10, width=1.0, input_size=32, **kw:
+                RepGhostNet(num_classes=num_classes, width=width, input_size=input_size, **kw))
 MODELS.register("smallcnn", lambda num_classes=10, **kw: SmallCNN(num_classes=num_classes, **kw))
 # ImageNet-size (224x224), torchvision's layouts and module names; 1000 classes unless told
 MODELS.register("resnet18", lambda num_classes=1000: resnet18(num_classes))
@@ -240,5 +244,6 @@ def save_weights(model: nn.Module, path: str | Path, extra_metadata: dict[str, s
 __all__ = [
     "MODELS", "create_model", "model_from_spec", "spec_from_metadata", "load_weights", "save_weights", "read_state_dict", "list_models", "model_spec",
     "CifarResNet", "BasicBlock", "PadShortcut", "VGG", "MobileNetV2", "SmallCNN", "ResNet", "VGGImageNet",
-    "MobileNetV2ImageNet",
+    "MobileNetV2ImageNet", "RepGhostNet", "RepGhostModule", "RepGhostBottleneck", "RepVGGBlock", "reparameterize",
+    "reparameterizable", "REPARAMETERIZABLE",
 ]
