@@ -118,3 +118,27 @@ def test_a_new_block_registers_with_one_decorator():
         assert type(m[0]) is nn.Conv2d and torch.allclose(m(x), ref, atol=1e-6)
     finally:
         REPARAMETERIZABLE.unregister("ScaledConv")
+
+
+def test_recipe_folds_then_prunes_and_the_saved_model_rebuilds_folded(tiny_recipe, tmp_path):
+    from sparseforge.models import load_weights, model_from_spec, read_state_dict, spec_from_metadata
+    from sparseforge.recipe import RecipeRunner
+
+    recipe = tiny_recipe({"method": "reparameterize", "runs": 5}, {"method": "pattern", "connectivity": "2x"},
+                         model="repghostnet")
+    runner = RecipeRunner(recipe, tmp_path / "run", log=lambda s: None, progress=False)
+    res = runner.run()
+    r = res["stages"][0]["reparameterize"]
+    assert r["folded_blocks"] == 32 and r["after"]["params"] < r["before"]["params"]
+    assert "## Re-parameterization (stage 0)" in (tmp_path / "run" / "report.md").read_text()
+    assert count_foldable(runner.model) == 0
+    # the folded depthwise kernels carry the pruning masks
+    dw = runner.model.blocks[0][0].ghost1.cheap_operation
+    assert hasattr(dw, "weight_mask") or isinstance(dw, nn.Conv2d)
+    p = tmp_path / "run" / "model.safetensors"
+    spec = spec_from_metadata(read_state_dict(p)[1], p)
+    assert spec["reparameterized"]
+    again = load_weights(model_from_spec(spec), p).eval()
+    x = runner.state.example()
+    with torch.no_grad():
+        assert torch.allclose(again(x), runner.model.eval()(x), atol=1e-5)

@@ -29,6 +29,7 @@ CONTRACT = {
     "int8": {"max_images": 64, "runs": 5, "calibration": "minmax"},
 }
 NEEDS_RESIDUALS = {"depth"}      # removes residual branches: smallcnn has none
+MODEL_FOR = {"reparameterize": "repghostnet"}   # needs re-parameterizable blocks
 
 
 def _stage(name: str) -> dict:
@@ -55,7 +56,7 @@ def test_contract_entries_name_registered_stages():
 def test_stage_contract(name, tiny_recipe, tmp_path):
     """Every registered stage: runs in a recipe, returns a model that still classifies, writes a JSON-able
     record; a stage that prunes gets BatchNorm re-estimated; a rerun loads the finished stage instead of redoing it."""
-    model = "resnet20" if name in NEEDS_RESIDUALS else "smallcnn"
+    model = "resnet20" if name in NEEDS_RESIDUALS else MODEL_FOR.get(name, "smallcnn")
     recipe = tiny_recipe(_stage(name), model=model)
     runner = RecipeRunner(recipe, tmp_path / "run", log=lambda s: None, progress=False)
     res = runner.run()

@@ -88,9 +88,26 @@ def spec_from_metadata(meta: dict[str, str], path: str | Path = "") -> dict[str,
 
 
 def model_from_spec(spec: dict[str, Any]) -> nn.Module:
-    """Rebuild the model a checkpoint's metadata describes (name, kwargs and, if pruned, its layer sizes)."""
+    """Rebuild the model a checkpoint's metadata describes (name, kwargs, its re-parameterized (folded) form and,
+    if pruned, its layer sizes)."""
+    if spec.get("reparameterized"):
+        model = create_model(spec["name"], num_classes=spec.get("num_classes", 10), **spec.get("kwargs", {}))
+        model = mark_reparameterized(reparameterize(model))
+        if spec.get("arch") is not None:
+            from .arch import apply_arch
+
+            apply_arch(model, spec["arch"])
+            model.sf_spec["arch"] = spec["arch"]
+        return model
     return create_model(spec["name"], num_classes=spec.get("num_classes", 10), arch=spec.get("arch"),
                         **spec.get("kwargs", {}))
+
+
+def mark_reparameterized(model: nn.Module) -> nn.Module:
+    """Record in the model's spec that it is in its folded form, so saved weights rebuild into that form."""
+    if getattr(model, "sf_spec", None) is not None:
+        model.sf_spec = {**model.sf_spec, "reparameterized": True}
+    return model
 
 
 def model_spec(model: nn.Module) -> dict[str, Any] | None:

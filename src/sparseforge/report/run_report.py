@@ -62,7 +62,9 @@ def _widths(arch_start: dict[str, Any], model: nn.Module) -> list[str]:
     from ..models import model_from_spec
 
     now = arch_of(model)
-    changed = [n for n, s in now["layers"].items() if s.get("type") == "conv" and arch_start["layers"].get(n) != s]
+    # layers present before and after (re-parameterization renames the folded ones: it has its own section)
+    changed = [n for n, s in now["layers"].items() if s.get("type") == "conv" and n in arch_start["layers"]
+               and arch_start["layers"][n] != s]
     if not changed and not now["removed_branches"]:
         return []
     import torch
@@ -141,6 +143,18 @@ def write_run_report(run_dir: Path, model: nn.Module, recipe, results: dict[str,
             lines += _robustness(i, s_["lipschitz"], run_dir)
         if s_.get("int8"):
             lines += _int8(i, s_["int8"])
+        if s_.get("reparameterize"):
+            r = s_["reparameterize"]
+            lines += [f"## Re-parameterization (stage {i})", "",
+                      f"{r['folded_blocks']} blocks folded into their inference form.", "",
+                      "| | train form | folded |", "|---|---:|---:|",
+                      f"| parameters | {r['before']['params']:,} | {r['after']['params']:,} |",
+                      f"| MACs per image | {r['before']['macs']:,} | {r['after']['macs']:,} |"]
+            if r.get("latency"):
+                lat = r["latency"]
+                lines.append(f"| PyTorch latency, batch 1, {lat['threads']} threads (median ms) | "
+                             f"{lat['train form']['median_ms']:.3f} | {lat['folded']['median_ms']:.3f} |")
+            lines.append("")
     lines += ["## Layers", "", st.to_markdown(), ""]
     env = results["env"]
     lines += ["## Environment", "", f"{env['cpu']}, {env['torch_threads']} threads, torch {env['torch']}, "

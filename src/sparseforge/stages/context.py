@@ -48,7 +48,7 @@ def load_stage_model(model: nn.Module, path: Path) -> nn.Module:
     from ..models import load_weights, model_from_spec, read_state_dict, spec_from_metadata
 
     spec = spec_from_metadata(read_state_dict(path)[1], path)
-    if spec and spec.get("arch") is not None:
+    if spec and (spec.get("arch") is not None or spec.get("reparameterized")):
         model = model_from_spec(spec)
     return load_weights(model, path)
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
+
+from ..config import Config, opt
 
 from ..sparsity import prune
 from ..structured import (DepthConfig, EarlyBirdCallback, EarlyBirdConfig, GroupLassoCallback, GroupLassoConfig,
@@ -90,3 +93,39 @@ class EarlyBird(StageMethod):
         model = prune(model, StructuredConfig(importance="bn", ratio=c.ratio, normalize=False),
                       example_input=ctx.example())
         return model, info
+
+
+@dataclasses.dataclass(frozen=True)
+class ReparameterizeConfig(Config):
+    """Fold every re-parameterizable block (RepGhost, RepVGG, registered blocks) into its inference form: before
+    pattern pruning (the folded kernels get the patterns) or before compile."""
+
+    runs: int = opt(20, "timed PyTorch runs of the train form vs the folded form, batch 1", min=5)
+
+
+@register_stage("reparameterize", ReparameterizeConfig)
+class Reparameterize(StageMethod):
+    def run(self, ctx, model):
+        from ..models import mark_reparameterized, reparameterize
+        from ..models.reparam import count_foldable
+        from ..structured import count_macs
+
+        import copy
+
+        import torch
+
+        from ..report.latency import measure
+
+        x = ctx.example()
+        model.eval()
+        train_form = copy.deepcopy(model)
+        before = {"blocks": count_foldable(model), "params": sum(p.numel() for p in model.parameters()),
+                  "macs": count_macs(model, x)}
+        model = mark_reparameterized(reparameterize(model))
+        after = {"params": sum(p.numel() for p in model.parameters()), "macs": count_macs(model, x)}
+        with torch.inference_mode():
+            lat = measure({"train form": lambda: train_form(x), "folded": lambda: model(x)}, runs=ctx.config.runs)
+        lat["threads"] = torch.get_num_threads()
+        ctx.log(f"reparameterize: folded {before['blocks']} blocks, params {before['params']:,} -> {after['params']:,}")
+        return model, {"reparameterize": {"folded_blocks": before["blocks"], "before": before, "after": after,
+                                          "latency": lat}}
