@@ -115,11 +115,11 @@ def test_post_training_int8_keeps_accuracy_of_a_trained_network():
     """Learning check: a small CNN trained on synthetic shapes loses at most 1 pt after int8."""
     from sparseforge.data import BatchLoader, synthetic_splits
 
-    train, test = synthetic_splits(900, 400, seed=5)
+    train, test = synthetic_splits(1200, 400, seed=5)
     torch.manual_seed(0)
     m = sf.create_model("smallcnn")
     opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
-    for epoch in range(3):
+    for epoch in range(4):
         for xb, yb in BatchLoader(train, 64, shuffle=True, seed=epoch).iterate(epoch):
             opt.zero_grad()
             nn.functional.cross_entropy(m(xb), yb).backward()
