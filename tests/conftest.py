@@ -11,8 +11,10 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CIFAR_DIR = SHARED / "data" / "cifar-10-batches-py"
 MODELS_DIR = SHARED / "models"
 
-# Two cores on CI: keep torch from oversubscribing when pytest runs subprocesses.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two cores on CI: keep torch from oversubscribing when pytest runs subprocesses. Under pytest-xdist each worker
+# gets its share of the cores (two workers on two cores: one thread each).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
 
 
 def shared_or_skip(path: Path) -> Path:

@@ -109,6 +109,7 @@ def test_groups_preflight(capsys):
     assert "BLOCKED (ignored layer layer1.0.conv1)" in out and "7 residual blocks DepthConfig may drop" in out
 
 
+@pytest.mark.slow      # 10,000 shared test images
 def test_eval_shared_resnet20(models_dir, cifar_dir, capsys):
     rc = main(["eval", "--model", "resnet20", "--weights", str(next(models_dir.glob("akamaster_resnet20-*.th"))),
                "--data-dir", str(cifar_dir), "--normalize", "imagenet", "--json"])

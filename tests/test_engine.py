@@ -41,7 +41,7 @@ SPARSITIES = {
 @pytest.mark.parametrize("name,sparsity", [
     ("resnet20", "dense"), ("resnet20", "pattern"), ("resnet20", "pattern8x"), ("resnet20", "pattern8x-cb2"),
     ("resnet20", "magnitude90"), ("resnet56", "pattern8x"), ("vgg16", "pattern"), ("vgg16", "pattern8x"),
-    ("mobilenetv2", "dense"), ("mobilenetv2", "pattern8x"),
+    pytest.param("mobilenetv2", "dense", marks=pytest.mark.slow), ("mobilenetv2", "pattern8x"),
 ])
 def test_engine_matches_pytorch(name, sparsity):
     m = _model(name)

@@ -91,7 +91,7 @@ def test_keeps_only_recent_checkpoints(tmp_path):
 def test_learns_synthetic(tmp_path, opt):
     lr = 0.05 if opt == "sgd" else 3e-3
     cfg = TrainConfig(model="smallcnn", dataset="synthetic", train_size=4000, test_size=500, epochs=4, lr=lr,
-                      optimizer=opt, schedule="onecycle", threads=2)
+                      optimizer=opt, schedule="onecycle", threads=torch.get_num_threads())
     _, res = train(cfg, tmp_path / "r", progress=False)
     assert res["test_acc"] > 90.0, res
 
@@ -115,7 +115,7 @@ def test_bf16_training_learns_like_fp32_and_keeps_fp32_state(tmp_path):
     assert 0 < rel < 0.5, rel
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])   # bf16: 30 s compile
 def test_compiled_step_computes_what_eager_computes(precision):
     """TrainConfig.compile changes the speed, not what is computed: one training step's loss and gradients equal
     eager's up to float reassociation (fp32) or to bf16 rounding at other points of the graph (bf16)."""
@@ -165,6 +165,7 @@ def test_compiled_training_run_checkpoints_like_eager(tmp_path):
     assert abs(rc["test_acc"] - re_["test_acc"]) <= 2.0, (rc, re_)
 
 
+@pytest.mark.slow      # a second torch.compile of a network (~17 s cold); test_compiled_step covers the fast tier
 def test_compiled_kd_teacher_gives_eager_loss():
     """With TrainConfig.compile the KD teacher (no feature terms) runs as a frozen compiled graph (BN folded into its
     convs); the distillation loss is eager's up to float reassociation. With feature terms it stays eager (a compiled
