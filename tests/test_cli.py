@@ -22,6 +22,24 @@ def run_cli(*args, cwd=None):
                           env=env, cwd=cwd, timeout=300)
 
 
+class _Result:
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def main_in_process(capsys, *args) -> _Result:
+    """The CLI's ``main`` in this process (a subprocess costs ~2.5 s of imports): an exception that escapes it fails
+    the test as a traceback would; argparse's exit is its return code. test_python_dash_m_sparseforge_is_the_cli
+    keeps one real subprocess."""
+    capsys.readouterr()
+    try:
+        rc = main([str(a) for a in args])
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    out = capsys.readouterr()
+    return _Result(rc, out.out, out.err)
+
+
 def assert_one_line_error(r, needle):
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert "Traceback" not in r.stderr, r.stderr
@@ -30,34 +48,34 @@ def assert_one_line_error(r, needle):
     assert needle in lines[0], lines[0]
 
 
-def test_bad_inputs_give_one_line_errors(tmp_path):
+def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     # missing data dir
-    assert_one_line_error(run_cli("eval", "--model", "resnet20", "--data-dir", tmp_path / "nope"), "does not exist")
+    assert_one_line_error(main_in_process(capsys, "eval", "--model", "resnet20", "--data-dir", tmp_path / "nope"), "does not exist")
     # unknown model name
-    assert_one_line_error(run_cli("eval", "--model", "resnet21", "--dataset", "synthetic"), "unknown model 'resnet21'")
+    assert_one_line_error(main_in_process(capsys, "eval", "--model", "resnet21", "--dataset", "synthetic"), "unknown model 'resnet21'")
     # wrong file format
     bad = tmp_path / "weights.pt"
     bad.write_text("this is not a checkpoint")
-    assert_one_line_error(run_cli("stats", "--model", "resnet20", "--weights", bad), "cannot read")
+    assert_one_line_error(main_in_process(capsys, "stats", "--model", "resnet20", "--weights", bad), "cannot read")
     # checkpoint for another architecture
     save_file(create_model("resnet32").state_dict(), str(tmp_path / "r32.safetensors"))
-    assert_one_line_error(run_cli("stats", "--model", "resnet20", "--weights", tmp_path / "r32.safetensors"),
+    assert_one_line_error(main_in_process(capsys, "stats", "--model", "resnet20", "--weights", tmp_path / "r32.safetensors"),
                           "does not fit model resnet20")
     # truncated checkpoint
     blob = (tmp_path / "r32.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(blob[: len(blob) // 3])
-    assert_one_line_error(run_cli("stats", "--model", "resnet32", "--weights", tmp_path / "cut.safetensors"),
+    assert_one_line_error(main_in_process(capsys, "stats", "--model", "resnet32", "--weights", tmp_path / "cut.safetensors"),
                           "truncated or corrupt")
     # bad TOML field
     (tmp_path / "c.toml").write_text('model = "smallcnn"\nepoch = 3\n')
-    assert_one_line_error(run_cli("train", "--config", tmp_path / "c.toml"), "unknown field 'epoch'")
+    assert_one_line_error(main_in_process(capsys, "train", "--config", tmp_path / "c.toml"), "unknown field 'epoch'")
     (tmp_path / "d.toml").write_text('optimizer = "rmsprop"\n')
-    assert_one_line_error(run_cli("train", "--config", tmp_path / "d.toml"), "'sgd' | 'adam' | 'adamw'")
+    assert_one_line_error(main_in_process(capsys, "train", "--config", tmp_path / "d.toml"), "'sgd' | 'adam' | 'adamw'")
 
 
-def test_help_everywhere():
+def test_help_everywhere(capsys):
     for cmd in ([], ["train"], ["eval"], ["demo"], ["info"], ["stats"], ["groups"]):
-        r = run_cli(*cmd, "--help")
+        r = main_in_process(capsys, *cmd, "--help")
         assert r.returncode == 0 and "usage:" in r.stdout
 
 
