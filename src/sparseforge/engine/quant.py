@@ -106,10 +106,9 @@ def _nonnegative(graph: Graph, in_min: float) -> dict[int, bool]:
     nn_: dict[int, bool] = {graph.inputs[0]: in_min >= 0}
     for op in graph.ops:
         ins = [nn_.get(i, False) for i in op.inputs]
-        if isinstance(op, (ConvOp, LinearOp)):
-            v = op.act in ("relu", "relu6")
-        elif isinstance(op, TorchOp) and isinstance(op.target, FallbackConv):
-            v = op.target.act in ("relu", "relu6")
+        conv = _conv_parts(op)
+        if conv is not None:
+            v = conv[2] in ("relu", "relu6")
         elif isinstance(op, EltwiseOp):
             v = op.fn in _NONNEG_FNS or (op.fn == "mul" and all(ins)) or (op.fn == "add" and all(ins))
         elif isinstance(op, (PoolOp, GapOp, FlattenOp, ConcatOp)):
@@ -199,6 +198,17 @@ def _act_bounds(act: str, p: QParam) -> tuple[int, int]:
     return lo, hi
 
 
+def _conv_parts(op: Op) -> tuple[torch.Tensor, torch.Tensor, str] | None:
+    """(weight, bias, activation) of an op that is an integer conv or linear layer, else None. A conv the fp32
+    kernels leave to oneDNN (dilated, grouped: a FallbackConv) is still an ordinary integer conv here."""
+    if isinstance(op, (ConvOp, LinearOp)):
+        return op.weight, op.bias, op.act
+    if isinstance(op, TorchOp) and isinstance(op.target, FallbackConv):
+        c = op.target.conv
+        return c.weight.detach().float(), c.bias.detach().float(), op.target.act
+    return None
+
+
 def _check_acc(op: Op, w: torch.Tensor, b: torch.Tensor, xmax: int) -> None:
     """Accumulators are int32: refuse a layer whose worst case could wrap (a huge bias for tiny weights)."""
     worst = w.abs().reshape(w.shape[0], -1).sum(1).double() * xmax + b.abs().double()
@@ -247,11 +257,13 @@ def _build_qgraph(graph: Graph, stats: _Stats, method: str, cfg: Int8Config) -> 
         q = QOp()
         po = params[op.output]
         q.lo, q.hi = po.lo, po.hi
-        if isinstance(op, (ConvOp, LinearOp)):
+        conv = _conv_parts(op)
+        if conv is not None:
+            weight, bias, act = conv
             px = params[op.inputs[0]]
-            q.weight, q.wscale = _qweight(op.weight)
+            q.weight, q.wscale = _qweight(weight)
             acc_scale = (torch.tensor(px.scale, dtype=torch.float32) * q.wscale).float()
-            q.bias = torch.clamp(_rint(op.bias / acc_scale.double()), -ACC_LIMIT, ACC_LIMIT).to(torch.int32)
+            q.bias = torch.clamp(_rint(bias.double() / acc_scale.double()), -ACC_LIMIT, ACC_LIMIT).to(torch.int32)
             if getattr(op, "residual", None) is not None:
                 pr = params[op.residual]
                 q.rmult = torch.tensor([pr.scale if op.output in outputs else pr.scale / po.scale],
@@ -263,7 +275,7 @@ def _build_qgraph(graph: Graph, stats: _Stats, method: str, cfg: Int8Config) -> 
                 q.float_out, q.mult = True, acc_scale
             else:
                 q.mult = (acc_scale.double() / po.scale).float()
-                q.lo, q.hi = _act_bounds(op.act, po)
+                q.lo, q.hi = _act_bounds(act, po)
         elif isinstance(op, EltwiseOp):
             pa = params[op.inputs[0]]
             if op.fn == "affine":
@@ -280,22 +292,6 @@ def _build_qgraph(graph: Graph, stats: _Stats, method: str, cfg: Int8Config) -> 
                 q.rmult = torch.tensor([pb.scale / po.scale], dtype=torch.float32)
             else:
                 q.lut = _lut(op.fn, pa, po)
-        elif isinstance(op, TorchOp) and isinstance(op.target, FallbackConv):
-            # a conv the fp32 kernels leave to oneDNN (dilated, grouped) is still an ordinary integer conv
-            c = op.target.conv
-            px = params[op.inputs[0]]
-            q.weight, q.wscale = _qweight(c.weight.detach().float())
-            acc_scale = (torch.tensor(px.scale, dtype=torch.float32) * q.wscale).float()
-            q.bias = torch.clamp(_rint(c.bias.detach().double() / acc_scale.double()), -ACC_LIMIT, ACC_LIMIT
-                                 ).to(torch.int32)
-            xmax = 255 if not px.signed else 128
-            _check_acc(op, q.weight, q.bias, xmax)
-            q.exact32 = float(q.weight.abs().reshape(q.weight.shape[0], -1).sum(1).max()) * xmax < 2 ** 24
-            if op.output in outputs:
-                q.float_out, q.mult = True, acc_scale
-            else:
-                q.mult = (acc_scale.double() / po.scale).float()
-                q.lo, q.hi = _act_bounds(op.target.act, po)
         elif isinstance(op, TorchOp):
             q.fallback = True
         qops.append(q)
@@ -331,8 +327,8 @@ def run_op_int(qg: QGraph, k: int, env: dict[int, torch.Tensor]) -> torch.Tensor
     op, q = qg.graph.ops[k], qg.qops[k]
     x = env[op.inputs[0]] if op.inputs else None
     po = qg.params[op.output]
-    if isinstance(op, (ConvOp, LinearOp)) or (isinstance(op, TorchOp) and not q.fallback):
-        act = op.target.act if isinstance(op, TorchOp) else op.act
+    if q.weight is not None and not isinstance(op, EltwiseOp):      # a conv or linear layer (_conv_parts)
+        act = _conv_parts(op)[2]
         acc = _int_conv(op, q, x)
         cshape = (1, -1) + (1,) * (acc.dim() - 2)
         acc = acc + q.bias.to(torch.int64).view(cshape)

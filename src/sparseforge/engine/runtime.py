@@ -10,24 +10,14 @@ from __future__ import annotations
 import ctypes
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import SparseforgeError
 from .artefact import save_engine
+from .interpret import run_torch_op
 from .ir import TorchOp
-
-
-def _sub(a: Any, env: dict[int, torch.Tensor]) -> Any:
-    if isinstance(a, tuple) and len(a) == 2 and a[0] == "__value__":
-        return env[a[1]]
-    if isinstance(a, (list, tuple)):
-        return type(a)(_sub(x, env) for x in a)
-    if isinstance(a, dict):
-        return {k: _sub(v, env) for k, v in a.items()}
-    return a
 
 
 class CompiledModel:
@@ -152,12 +142,7 @@ class CompiledModel:
                 for k in seg["ops"]:
                     t0 = time.perf_counter()
                     op = self._torch_ops[k]
-                    args = _sub(op.args, env)
-                    kwargs = _sub(op.kwargs, env)
-                    if op.call == "method":
-                        y = getattr(args[0], op.target)(*args[1:], **kwargs)
-                    else:
-                        y = op.target(*args, **kwargs)
+                    y = run_torch_op(op, env)
                     if op.output in packed:
                         views[op.output].copy_(y)
                         env[op.output] = views[op.output]
@@ -197,11 +182,10 @@ class CompiledModel:
         for k, op in enumerate(self.spec["ops"]):
             if not op["native"]:
                 top = self._torch_ops[k]
-                args, kwargs = _sub(top.args, env), _sub(top.kwargs, env)
                 ts = []
                 for _ in range(reps):
                     t0 = time.perf_counter()
-                    y = getattr(args[0], top.target)(*args[1:], **kwargs) if top.call == "method" else top.target(*args, **kwargs)
+                    y = run_torch_op(top, env)
                     ts.append(time.perf_counter() - t0)
                 env[top.output] = y
                 times[k] = float(np.median(ts))
