@@ -68,3 +68,84 @@ def test_gradual_stage_learns_and_reaches_the_target(tmp_path):
     assert hist[0]["fraction"] == 0.0 and hist[-1]["fraction"] == 1.0 and len(hist) > 3
     assert dense_acc > 40 and final_acc > max(40, dense_acc - 10), (dense_acc, final_acc)   # chance: 10%
     assert res["sparsity"]["compression_conv_linear"] > 2.5
+
+
+def test_regrow_trains_the_pruned_weights_and_shows_the_masked_ones():
+    """Straight-through (SR-STE): between steps the model holds dense * mask (what evaluation sees), the shadow's
+    pruned weights keep moving, masks change during the ramp, and at the end the masks are frozen at the target."""
+    from sparseforge.data.dataset import BatchLoader
+    from sparseforge.data.synthetic import synthetic_splits
+    from sparseforge.sparsity.gradual import GradualCallback
+    from sparseforge.train import Callback, Trainer, TrainConfig
+
+    torch.manual_seed(0)
+    m = sf.create_model("smallcnn", num_classes=10)
+    cfg = GradualConfig(epochs=2, update_every=3, ramp=0.8, teacher="", regrow=True,
+                        target=sf.PatternConfig(num_patterns=4, connectivity="2x"))
+    gcb = GradualCallback(cfg)
+    seen = {"checked": 0, "moved": 0}
+
+    class Probe(Callback):
+        def on_step_end(self, trainer):
+            if not gcb.shadow:
+                return
+            mods = dict(trainer.model.named_modules())
+            for n, dense in gcb.shadow.items():
+                w, mk = mods[n].weight, gcb.masks[n]
+                assert torch.equal(w, dense * mk)
+                assert getattr(mods[n], "weight_mask", None) is None      # no buffer until the masks freeze
+                seen["moved"] += int(((dense != 0) & (mk == 0)).sum())
+            seen["checked"] += 1
+
+    tr_ds, te_ds = synthetic_splits(320, 64)
+    train, test = BatchLoader(tr_ds, 32, shuffle=True, drop_last=True), BatchLoader(te_ds, 64)
+    tr = Trainer(m, TrainConfig(model="smallcnn", epochs=2, lr=0.05, threads=1), train, test,
+                 callbacks=[gcb, Probe()], log=lambda s: None, progress=False)
+    tr.fit()
+    assert seen["checked"] > 5 and seen["moved"] > 0
+    assert sum(h.get("regrow_changed", 0) for h in gcb.history) > 0         # kernels changed pattern or came back
+    assert gcb.history[-1]["fraction"] == 1.0 and not gcb.shadow
+    ref = sf.create_model("smallcnn", num_classes=10)
+    sf.prune(ref, cfg.target)
+    assert _kept(m) == _kept(ref)
+    for _, mod in masked_modules(m):
+        assert bool((mod.weight[mod.weight_mask == 0] == 0).all())
+        if mod.weight.shape[-1] == 3:
+            assert bool(((mod.weight_mask.sum((2, 3)) == 0) | (mod.weight_mask.sum((2, 3)) == 4)).all())
+
+
+@pytest.mark.slow
+def test_regrow_killed_mid_ramp_resumes_to_identical_weights(tmp_path):
+    """The shadow weights and the masks in force live in the callback's checkpoint state: a SIGKILL inside the
+    ramp resumes to exactly the weights of an uninterrupted run."""
+    import signal
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    import test_recipe
+    from recipe_util import recipe_toml
+
+    rp = tmp_path / "r.toml"
+    rp.write_text(recipe_toml("""
+[[stage]]
+method = "gradual"
+epochs = 2
+update_every = 2
+ramp = 0.9
+teacher = ""
+regrow = true
+[stage.target]
+num_patterns = 4
+connectivity = "2x"
+""", schedule="onecycle", train_size=320, test_size=64, checkpoint_every=3))
+    r = test_recipe._child(rp, tmp_path / "a")
+    assert r.returncode == 0, r.stderr
+    r = test_recipe._child(rp, tmp_path / "b", "00-gradual", 8)      # after the step-6 checkpoint, mid-ramp
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    r = test_recipe._child(rp, tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    assert "resumed from step-000000006" in r.stderr
+    wa, wb = load_file(str(Path(tmp_path / "a/model.safetensors"))), load_file(str(tmp_path / "b/model.safetensors"))
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k

@@ -8,6 +8,13 @@ still has most of its capacity. For the pattern target the 4-of-9 patterns are a
 2.25x cut that costs little) and the *connectivity* (kernels kept per layer, or across layers with the global
 scope) follows the schedule; for the magnitude target the global unstructured sparsity follows it, so the two
 structures can be compared with the same pipeline and budget. Masks only ever shrink.
+
+``regrow=True`` trains dense shadow weights through the ramp instead (the straight-through estimator with the
+sparse-refined decay of SR-STE, Zhou et al. 2021): the forward sees the masked weights, the gradient updates every
+weight, and the masks are recomputed from the shadow at each update, so a pruned weight can come back and a
+kernel can change its pattern while the cut deepens. Why: a mask chosen from the pretrained weights is frozen in
+by hard pruning, and the fixed-shape structures (4-of-9 patterns, whole kernels) lose more to that early choice
+than unstructured pruning does. At the end of the ramp the masks are frozen and masked training goes on.
 """
 
 from __future__ import annotations
@@ -16,11 +23,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from ..config import Config, opt
 from ..train.loop import Callback
 from .magnitude import MagnitudeConfig, prune_magnitude
+from ..masks import MASK_BUFFER, masked_modules
 from .mask import mask_optimizer_state
 from .pattern import PatternConfig, prune_pattern
 from .patterns import parse_ratio
@@ -38,6 +47,9 @@ class GradualConfig(Config):
     teacher: str = opt("start", "KD teacher during the stage (as KDConfig.teacher); '' = the labels only")
     T: float = opt(5.0, "KD temperature", min=1e-3)
     alpha: float = opt(0.9, "KD weight (1 - alpha on cross-entropy)", min=0.0, max=1.0)
+    regrow: bool = opt(False, "dense shadow weights through the ramp (straight-through): masks are recomputed, "
+                              "pruned weights can return; frozen at the ramp's end")
+    regrow_decay: float = opt(2e-4, "regrow: SR-STE decay pulling the currently pruned shadow weights to 0", min=0.0)
 
 
 def schedule_fraction(step: int, ramp_steps: int) -> float:
@@ -66,6 +78,9 @@ class GradualCallback(Callback):
     def __init__(self, cfg: GradualConfig):
         self.cfg = cfg
         self.history: list[dict[str, Any]] = []
+        # regrow: dense weights and the masks in force, per module name, while the ramp runs (empty after it)
+        self.shadow: dict[str, torch.Tensor] = {}
+        self.masks: dict[str, torch.Tensor] = {}
 
     def _ramp_steps(self, trainer) -> int:
         return max(1, int(self.cfg.ramp * trainer.total_steps))
@@ -74,10 +89,30 @@ class GradualCallback(Callback):
         if trainer.step == 0:          # the first cut (patterns; connectivity and magnitude start at 0)
             self._update(trainer, 0)
 
+    def on_after_backward(self, trainer) -> None:
+        # straight-through: the gradient taken at the masked weights updates the dense ones (the mask callback,
+        # which runs after this, only zeroes gradients under masks that existed before the stage)
+        if not self.shadow:
+            return
+        mods = dict(trainer.model.named_modules())
+        with torch.no_grad():
+            for name, dense in self.shadow.items():
+                w = mods[name].weight
+                w.copy_(dense)
+                if w.grad is not None and self.cfg.regrow_decay > 0:
+                    w.grad.add_(dense * (1 - self.masks[name]), alpha=self.cfg.regrow_decay)
+
     def on_step_end(self, trainer) -> None:
+        if self.shadow:
+            mods = dict(trainer.model.named_modules())
+            with torch.no_grad():
+                for name, dense in self.shadow.items():
+                    dense.copy_(mods[name].weight)
         ramp = self._ramp_steps(trainer)
         if trainer.step <= ramp and (trainer.step % self.cfg.update_every == 0 or trainer.step == ramp):
             self._update(trainer, trainer.step)
+        elif self.shadow:
+            self._show_masked(trainer.model)
 
     def on_train_end(self, trainer) -> None:
         if not self.history or self.history[-1]["fraction"] < 1.0:
@@ -85,12 +120,56 @@ class GradualCallback(Callback):
 
     def _update(self, trainer, step: int) -> None:
         frac = schedule_fraction(step, self._ramp_steps(trainer))
-        info = apply_fraction(trainer.model, self.cfg, frac)
-        mask_optimizer_state(trainer.model, trainer.optimizer)
+        if self.cfg.regrow and frac < 1.0:
+            info = self._regrow_update(trainer.model, frac)
+        else:
+            if self.shadow:            # the ramp's end: the last masks are computed from the dense weights, frozen
+                self._restore_dense(trainer.model)
+                self.shadow, self.masks = {}, {}
+            info = apply_fraction(trainer.model, self.cfg, frac)
+            mask_optimizer_state(trainer.model, trainer.optimizer)
         self.history.append({"step": step, "fraction": round(frac, 6), **info})
 
+    # ---- regrow (straight-through) -------------------------------------
+    def _regrow_update(self, model: nn.Module, frac: float) -> dict[str, float]:
+        """New masks from the dense weights; the model keeps the masks it had before the stage (if any) as its
+        buffers, and holds the dense weights times the new masks between steps (what evaluation and checkpoints
+        see)."""
+        before = {n: getattr(m, MASK_BUFFER).clone() for n, m in masked_modules(model)}
+        if self.shadow:
+            self._restore_dense(model)
+        info = apply_fraction(model, self.cfg, frac)
+        new = {n: getattr(m, MASK_BUFFER).clone() for n, m in masked_modules(model)}
+        mods = dict(model.named_modules())
+        changed = sum(int((self.masks[n] != new[n].to(self.masks[n].dtype)).sum()) for n in new if n in self.masks)
+        with torch.no_grad():
+            for n, mask in new.items():
+                if n not in self.shadow:
+                    self.shadow[n] = mods[n].weight.detach().clone()
+                self.masks[n] = mask.to(self.shadow[n].dtype)
+                if n in before:
+                    getattr(mods[n], MASK_BUFFER).copy_(before[n])
+                else:
+                    del mods[n]._buffers[MASK_BUFFER]
+        self._show_masked(model)
+        return {**info, "regrow_changed": changed}
+
+    def _restore_dense(self, model: nn.Module) -> None:
+        mods = dict(model.named_modules())
+        with torch.no_grad():
+            for n, dense in self.shadow.items():
+                mods[n].weight.copy_(dense)
+
+    def _show_masked(self, model: nn.Module) -> None:
+        mods = dict(model.named_modules())
+        with torch.no_grad():
+            for n, dense in self.shadow.items():
+                mods[n].weight.copy_(dense * self.masks[n])
+
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history}
+        return {"history": self.history, "shadow": dict(self.shadow), "masks": dict(self.masks)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = list(state.get("history", []))
+        self.shadow = {k: v.clone() for k, v in dict(state.get("shadow", {})).items()}
+        self.masks = {k: v.clone() for k, v in dict(state.get("masks", {})).items()}
