@@ -245,6 +245,9 @@ def test_bad_input_table(tmp_path):
         w = _weights_with_meta(tmp_path / f"{name}.safetensors", meta)
         cases += [(["compile", w, "--out", tmp_path / f"e_{name}"], needle),
                   (["export", w, "--out", tmp_path / f"{name}.onnx"], needle)]
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"garbage")
+    cases.append((train + ["--weights", garbage, "--run-dir", tmp_path / "r_w"], "cannot read"))
     bad_batches = tmp_path / "bad_batches.toml"
     bad_batches.write_text(rec.read_text() + '[[stage]]\nmethod = "compile"\nbatches = [-1]\n')
     cases.append((["run", bad_batches, "--run-dir", tmp_path / "r_bb"], "batches"))
@@ -265,7 +268,8 @@ def test_bad_input_table(tmp_path):
         cases.append((small + ["--resume", "--run-dir", d], needle))
     for args, needle in cases:
         assert_one_line_error(run_cli(*args), needle)
-    assert not (tmp_path / "r_big" / "config.toml").exists()     # a failed start leaves nothing that blocks a rerun
+    for failed in ("r_big", "r_w"):          # a failed start leaves nothing that blocks a rerun
+        assert not (tmp_path / failed / "config.toml").exists()
 
 
 def _drop_sha(meta: Path) -> None:

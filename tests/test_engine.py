@@ -207,6 +207,31 @@ def test_damaged_build_cache_entry_is_rebuilt(tmp_path, monkeypatch):
         assert torch.equal(e2(x), ref)
 
 
+def test_damaged_manifest_is_one_line_error(tmp_path):
+    """A manifest that is not JSON, not an object, or lacks its format or file hashes (re-hashed, so only the
+    content is wrong): one SparseforgeError line naming the file, nothing built or loaded."""
+    import shutil
+
+    from sparseforge.engine.artefact import _manifest_hash
+
+    e = compile(_model("resnet20"), torch.randn(1, 3, 32, 32), threads=1)
+    e.save(tmp_path / "eng")
+    man = json.loads((tmp_path / "eng" / "manifest.json").read_text())
+    cases = {"nonjson": "{not json", "list": "[1, 2]", "string": '"engine"', "empty": "{}"}
+    for key in ("format", "files"):
+        m = {k: v for k, v in man.items() if k != key}
+        m["manifest_sha256"] = _manifest_hash(m)
+        cases[f"no-{key}"] = json.dumps(m)
+    for name, text in cases.items():
+        d = tmp_path / name
+        shutil.copytree(tmp_path / "eng", d)
+        (d / "manifest.json").write_text(text)
+        with pytest.raises(SparseforgeError) as ei:
+            load_engine(d)
+        msg = str(ei.value)
+        assert "\n" not in msg and str(d) in msg, (name, msg)
+
+
 def test_load_refuses_missing_cpu_features(tmp_path):
     from sparseforge.engine.artefact import _manifest_hash
 
