@@ -16,12 +16,6 @@ from sparseforge.models import create_model
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-def run_cli(*args, cwd=None):
-    env = {**os.environ, "PYTHONPATH": SRC}
-    return subprocess.run([sys.executable, "-m", "sparseforge.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=300)
-
-
 class _Result:
     def __init__(self, returncode: int, stdout: str, stderr: str):
         self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
@@ -153,7 +147,7 @@ def test_demo_runs(tmp_path, capsys):
                                                     abs=0.006)
 
 
-def test_second_run_on_a_directory_fails_at_once(tmp_path):
+def test_second_run_on_a_directory_fails_at_once(tmp_path, capsys):
     """One run per directory: while a process holds the run's lock, a second `train` or `run` on it exits 2 at
     once with one line; the lock dies with its holder (kill -9 included); a file as run dir is one line too."""
     import signal
@@ -171,7 +165,7 @@ def test_second_run_on_a_directory_fails_at_once(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         t0 = time.perf_counter()
-        r = run_cli(*args)
+        r = main_in_process(capsys, *args)
         assert_one_line_error(r, "in use by another sparseforge run")
         assert f"pid {holder.pid}" in r.stderr
         assert time.perf_counter() - t0 < 60
@@ -181,21 +175,21 @@ def test_second_run_on_a_directory_fails_at_once(tmp_path):
         holder.wait()
     with RunLock(rd):                                       # released by the kill: the next run proceeds
         pass
-    assert run_cli(*args).returncode == 0
+    assert main_in_process(capsys, *args).returncode == 0
     f = tmp_path / "afile"
     f.write_text("x")
-    assert_one_line_error(run_cli(*args[:-1], f), "is a file, not a run directory")
+    assert_one_line_error(main_in_process(capsys, *args[:-1], f), "is a file, not a run directory")
 
 
-def test_nonfinite_weights_and_divergence_are_one_line_errors(tmp_path):
+def test_nonfinite_weights_and_divergence_are_one_line_errors(tmp_path, capsys):
     m = create_model("smallcnn", num_classes=10)
     sd = {k: v.clone().contiguous() for k, v in m.state_dict().items()}
     first = next(k for k in sd if k.endswith("weight"))
     sd[first].view(-1)[0] = float("nan")
     save_file(sd, str(tmp_path / "nan.safetensors"), metadata={"model": json.dumps({"name": "smallcnn", "num_classes": 10})})
-    assert_one_line_error(run_cli("eval", "--model", "smallcnn", "--dataset", "synthetic", "--weights",
+    assert_one_line_error(main_in_process(capsys, "eval", "--model", "smallcnn", "--dataset", "synthetic", "--weights",
                                   tmp_path / "nan.safetensors"), "NaN or Inf")
-    r = run_cli("train", "--model", "smallcnn", "--train-size", "64", "--test-size", "20", "--batch-size", "32",
+    r = main_in_process(capsys, "train", "--model", "smallcnn", "--train-size", "64", "--test-size", "20", "--batch-size", "32",
                 "--epochs", "2", "--threads", "1", "--no-progress", "--lr", "1e12", "--run-dir", tmp_path / "r")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     errs = [l for l in r.stderr.splitlines() if l.startswith("error:")]
@@ -209,8 +203,7 @@ def _weights_with_meta(path, meta):
     return path
 
 
-@pytest.mark.slow
-def test_bad_input_table(tmp_path):
+def test_bad_input_table(tmp_path, capsys):
     """Every clumsy input of issue 25 sections 2-3 we cover: exit 2, one line naming the problem, no traceback."""
     good = _weights_with_meta(tmp_path / "good.safetensors", json.dumps({"name": "smallcnn", "num_classes": 10}))
     rec = tmp_path / "ok.toml"
@@ -253,7 +246,7 @@ def test_bad_input_table(tmp_path):
     cases.append((["run", bad_batches, "--run-dir", tmp_path / "r_bb"], "batches"))
     # resume from damaged or foreign checkpoints (hashes recomputed, so only the content is wrong)
     small = train + ["--batch-size", "16"]
-    assert run_cli(*small, "--run-dir", tmp_path / "r0").returncode == 0
+    assert main_in_process(capsys, *small, "--run-dir", tmp_path / "r0").returncode == 0
     ck = tmp_path / "r0" / "checkpoints"
     tag = json.loads((ck / "latest.json").read_text())["tag"]
     for name, damage, needle in [
@@ -267,7 +260,7 @@ def test_bad_input_table(tmp_path):
         damage(d / "checkpoints")
         cases.append((small + ["--resume", "--run-dir", d], needle))
     for args, needle in cases:
-        assert_one_line_error(run_cli(*args), needle)
+        assert_one_line_error(main_in_process(capsys, *args), needle)
     for failed in ("r_big", "r_w"):          # a failed start leaves nothing that blocks a rerun
         assert not (tmp_path / failed / "config.toml").exists()
 
@@ -290,14 +283,14 @@ def _foreign_weights(ck: Path, tag: str) -> None:
     meta.write_text(json.dumps(d))
 
 
-def test_edited_config_is_refused_on_resume(tmp_path):
+def test_edited_config_is_refused_on_resume(tmp_path, capsys):
     rd = tmp_path / "r"
-    r = run_cli("train", "--model", "smallcnn", "--train-size", "64", "--test-size", "20", "--batch-size", "32",
+    r = main_in_process(capsys, "train", "--model", "smallcnn", "--train-size", "64", "--test-size", "20", "--batch-size", "32",
                 "--epochs", "1", "--threads", "1", "--no-progress", "--run-dir", rd)
     assert r.returncode == 0, r.stderr
     cfg = rd / "config.toml"
     cfg.write_text("\n".join("lr = 0.5" if l.startswith("lr =") else l for l in cfg.read_text().splitlines()) + "\n")
-    assert_one_line_error(run_cli("train", "--run-dir", rd, "--resume"), "lr: 0.1 -> 0.5")
+    assert_one_line_error(main_in_process(capsys, "train", "--run-dir", rd, "--resume"), "lr: 0.1 -> 0.5")
 
 
 @pytest.mark.parametrize("err", ["ENOSPC", "EACCES", "EROFS"])

@@ -185,7 +185,7 @@ def test_artefact_binary_is_never_loaded(tmp_path):
 def test_damaged_build_cache_entry_is_rebuilt(tmp_path, monkeypatch):
     """A truncated or replaced kernel.so in the build cache is rebuilt, never loaded (it used to SIGBUS)."""
     monkeypatch.setenv("SPARSEFORGE_CACHE", str(tmp_path / "cache"))
-    m = _model("resnet20")
+    m = _model("smallcnn")          # the cache logic does not depend on the network: the smallest that is pruned
     sf.prune(m, SPARSITIES["pattern8x"])
     x = torch.randn(2, 3, 32, 32)
     e = compile(m, x[:1], threads=2)
@@ -252,7 +252,7 @@ def test_load_refuses_missing_cpu_features(tmp_path):
 
 def test_concurrent_compiles_share_one_cache_entry(tmp_path):
     env = {**os.environ, "SPARSEFORGE_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(HERE.parent / "src")}
-    code = ("import torch, sparseforge as sf; torch.manual_seed(0); m = sf.create_model('resnet20').eval();"
+    code = ("import torch, sparseforge as sf; torch.manual_seed(0); m = sf.create_model('smallcnn').eval();"
             "sf.prune(m, sf.PatternConfig(connectivity=3.6)); e = sf.compile(m, torch.randn(1, 3, 32, 32), threads=2);"
             "print(e(torch.ones(1, 3, 32, 32)).sum().item())")
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

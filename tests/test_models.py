@@ -119,7 +119,8 @@ def test_imagenet_zoo_has_torchvision_layout(name):
     assert m.sf_spec["num_classes"] == 1000
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "vgg16_bn"])
+# vgg16_bn (138 M parameters, 0.5 GB written twice) runs in the slow tier
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", pytest.param("vgg16_bn", marks=pytest.mark.slow)])
 def test_torchvision_state_dict_loads_strictly(name, tmp_path):
     """A plain torch.save(state_dict) under torchvision's key names (what a torchvision user has) loads strictly;
     a state_dict missing one key or with a renamed one is refused with the key named."""
