@@ -22,7 +22,8 @@ from sparseforge.report.env import environment
 from sparseforge.utils import atomic_write_json
 
 HERE = Path(__file__).resolve().parent
-CONFIGS = [(32, 64, 12), (32, 128, 12), (16, 256, 8), (16, 256, 4), (8, 512, 4)]   # (H=W, C=F, tile vectors)
+CONFIGS = [(32, 64, 12), (32, 128, 12), (16, 256, 8), (16, 256, 4), (8, 512, 4), (8, 512, 5)]   # (H=W, C=F, tile vectors;
+# 8x8 maps are 5 vectors: T=4 computes two overlapping tiles, T=5 the whole map once)
 
 
 def engine_fp32(h: int, c: int) -> dict:
