@@ -34,7 +34,7 @@ onnxruntime int8 (calibrated on 512 training images), and its batch-1 latency on
 (PyTorch with BN folded, onnxruntime fp32 and int8, sparseforge.compile), all arms x runtimes alternating in one
 process; writes frontier.json, frontier.png (accuracy vs latency) and the table of the fastest model within
 0.5 / 1 / 2 pt of the dense control per runtime:
-  python bench/frontier.py measure [--threads 2] [--runs 30]
+  python bench/frontier.py measure [--threads 2] [--runs 30] [--deepsparse-python VENV/bin/python]
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         print(f"== {arm}: {rec['final_acc']:.2f}%", file=sys.stderr, flush=True)
 
 
-RUNTIMES = ("pytorch", "onnxruntime-fp32", "onnxruntime-int8", "sparseforge")
+RUNTIMES = ("pytorch", "onnxruntime-fp32", "onnxruntime-int8", "sparseforge", "deepsparse")
 
 
 def write_arm_model(src: Path, dst: Path) -> None:
@@ -213,6 +213,19 @@ def cmd_measure(a: argparse.Namespace) -> None:
         acc = rows[n]["acc_onnxruntime-int8"] if rt == "onnxruntime-int8" else \
             rows[n]["acc_sparseforge"] if rt == "sparseforge" else rows[n]["acc_pytorch"]
         rows[n]["runtimes"][rt] = {**lat[f"{n}|{rt}"], "acc": acc}
+    if a.deepsparse_python:
+        # DeepSparse 1.8 pins old numpy/onnx: it runs the unstructured arms' fp32 ONNX in its own venv, in a
+        # separate process (so not alternating with the others); accuracy is the fp32 model's
+        from engine_speed import deepsparse_time
+
+        for n in [n for n in rows if n.startswith("magnitude")]:
+            res = deepsparse_time(a.deepsparse_python, arms[n], 1, a.threads, a.runs)
+            if "error" in res:
+                print(f"{n}: deepsparse failed: {res['error']}", flush=True)
+                continue
+            rows[n]["runtimes"]["deepsparse"] = {**{k: res[k] for k in ("median_ms", "p10_ms", "p90_ms") if k in res},
+                                                 "acc": rows[n]["acc_pytorch"], "separate_process": True,
+                                                 "version": res.get("version")}
     ref_name = "control" if "control" in rows else "pretrained-start"
     ref_acc = rows[ref_name]["acc_pytorch"]
     dense_ms = {rt: rows[ref_name]["runtimes"][rt]["median_ms"] for rt in rows[ref_name]["runtimes"]}
@@ -237,7 +250,7 @@ def cmd_measure(a: argparse.Namespace) -> None:
                        for n, r in records.items()},
            "table": table, "env": environment()}
     atomic_write_json(out / "frontier.json", doc)
-    markers = {"pytorch": "o", "onnxruntime-fp32": "s", "onnxruntime-int8": "D", "sparseforge": "*"}
+    markers = {"pytorch": "o", "onnxruntime-fp32": "s", "onnxruntime-int8": "D", "sparseforge": "*", "deepsparse": "^"}
     fig, ax = plt.subplots(figsize=(8, 5))
     colors = plt.cm.tab10(np.linspace(0, 1, 10))
     for i, (n, r) in enumerate(rows.items()):
@@ -276,6 +289,8 @@ def main() -> None:
     m = sub.add_parser("measure", help="accuracy and latency of every finished arm, side by side")
     m.add_argument("--threads", type=int, default=2)
     m.add_argument("--runs", type=int, default=30)
+    m.add_argument("--deepsparse-python", default="", help="DeepSparse 1.8 venv's python: also time the magnitude "
+                                                           "arms there (e.g. /work/dsvenv/bin/python)")
     m.add_argument("--data-dir", default=str(SHARED / "data" / "cifar-10-batches-py"))
     m.add_argument("--weights", default=str(SHARED / "models" / "resnet20-cifar10jpeg.safetensors"))
     m.add_argument("--out", default=str(OUT))
