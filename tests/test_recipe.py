@@ -130,7 +130,7 @@ def test_compress_cli_with_overrides(tmp_path, capsys):
 def test_shipped_recipes_parse():
     r = Recipe.load_file(HERE.parent / "recipes" / "resnet20-pattern8x.toml")
     st = r.stages()
-    assert [s.method for s in st] == ["admm", "finetune", "compile", "robustness"]
+    assert [s.method for s in st] == ["gradual", "compile", "robustness"]
     assert st[0].config.target.num_patterns == 8
     models = {Recipe.load_file(p).model for p in (HERE.parent / "recipes").glob("*.toml")}
     assert {"resnet20", "resnet56", "vgg16", "mobilenetv2"} <= models
