@@ -97,19 +97,13 @@ def main() -> None:
 def fuzz_networks(a: argparse.Namespace) -> None:
     import torch.nn as nn
 
+    from _fuzz import resume_point  # bench/ is on sys.path when this script runs
     from sparseforge.engine.testing import compare_outputs, random_network, with_nonfinite
 
     out_path = Path(a.out or ROOT / "bench" / "results" / "engine_fuzz_networks.json")
     stats = {"networks": 0, "max_rel_err": 0.0, "max_rel_err_seed": None, "nonfinite_inputs": 0, "sparse": 0, "native_ops": 0, "fallback_ops": 0,
              "fallback_kinds": {}, "failures": []}
-    start, spent = a.first_seed, 0.0
-    if a.resume and out_path.exists():
-        # a long run is written every 100 networks: a killed one continues where it stopped
-        prev = json.loads(out_path.read_text())
-        if prev.get("first_seed") == a.first_seed and not prev.get("complete", True):
-            stats = {k: prev[k] for k in stats}
-            start, spent = prev["next_seed"], prev["seconds"]
-            print(f"resuming at seed {start} ({stats['networks']} networks done)", flush=True)
+    stats, start, spent = resume_point(out_path, a.first_seed, stats, a.resume)
     t0 = time.perf_counter() - spent
 
     def write(complete: bool, next_seed: int) -> None:

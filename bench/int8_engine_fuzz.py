@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import sparseforge as sf
+from _fuzz import resume_point  # bench/ is on sys.path when this script runs
 from sparseforge.engine.int8 import Int8Engine
 from sparseforge.engine.quant import run_int
 from sparseforge.engine.testing import random_network
@@ -40,12 +41,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     st = {"networks": 0, "refused": 0, "native_convs": 0, "reference_ops": 0, "mismatches": []}
-    start, spent = a.first_seed, 0.0
-    if a.resume and out.exists():
-        prev = json.loads(out.read_text())
-        if prev.get("first_seed") == a.first_seed and not prev.get("complete", True):
-            st = {k: prev[k] for k in st}
-            start, spent = prev["next_seed"], prev["seconds"]
+    st, start, spent = resume_point(out, a.first_seed, st, a.resume)
     t0 = time.perf_counter() - spent
     kernel = ""
 
