@@ -28,11 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import SparseforgeError
 from .build import build
-from .interpret import residual_term
 from .ir import ConvOp
 from .plan import _canonical_shapes
 from .quant import QuantizedModel, quantize_input, run_op_int
@@ -45,27 +43,33 @@ SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define SF_VNNI 1
 #endif
 #define TP @TILE@
 
-/* Positions: stride 1 runs over "flat" positions, i.e. input-plane coordinates y * rs + x with the junk columns
-   x >= wo included (then 16 consecutive positions are 16 consecutive bytes of every tap, and packing is four
-   vector loads and eight byte/word interleaves per 16 positions); stride 2 over dense output positions.
-   Quad q of tile positions [p0, p0 + np): 4 bytes per position, read at the quad's 4 offsets. */
-static void pack(const uint8_t* in, int nq, const int32_t* qoff, int p0, int np, int wo, int stride, int rs,
-                 int flat, uint8_t* Q) {
-  for (int q = 0; q < nq; q++) {
+/* Values live in byte planes: C planes of (H + 2) rows x rs = W + 2 bytes, a zero border, int8 values as two's
+   complement, uint8 as is, TP + 64 bytes of slack after the last plane (a tile's tail reads past it).
+   Positions: stride 1 runs over "flat" positions, input-plane coordinates y * rs + x with the junk columns
+   x >= wo included (16 consecutive positions are 16 consecutive bytes of every tap: packing is four vector loads
+   and eight byte/word interleaves per 16 positions); stride 2 over dense output positions.
+   Quad q of tile positions [p0, p0 + np): 4 bytes per position read at the quad's 4 offsets, XOR xr (0x80 turns
+   an int8 input into uint8 + 128, its zero border into 128; the bias carries -128 * sum(w)). */
+static void pack(const uint8_t* in, int q, const int32_t* qoff, int p0, int np, int wo, int stride, int rs,
+                 int flat, uint8_t xr, uint8_t* Q) {
+  {
     const int32_t* o = qoff + 4 * q;
     uint8_t* dst = Q + (size_t)q * TP * 4;
     if (flat) {
-#ifdef SF_VNNI
       const uint8_t* b = in + p0;
+#ifdef SF_VNNI
+      __m128i x8 = _mm_set1_epi8((char)xr);
       for (int i = 0; i < np; i += 16) {
-        __m128i x0 = _mm_loadu_si128((const __m128i*)(b + i + o[0])), x1 = _mm_loadu_si128((const __m128i*)(b + i + o[1]));
-        __m128i x2 = _mm_loadu_si128((const __m128i*)(b + i + o[2])), x3 = _mm_loadu_si128((const __m128i*)(b + i + o[3]));
+        __m128i x0 = _mm_xor_si128(_mm_loadu_si128((const __m128i*)(b + i + o[0])), x8);
+        __m128i x1 = _mm_xor_si128(_mm_loadu_si128((const __m128i*)(b + i + o[1])), x8);
+        __m128i x2 = _mm_xor_si128(_mm_loadu_si128((const __m128i*)(b + i + o[2])), x8);
+        __m128i x3 = _mm_xor_si128(_mm_loadu_si128((const __m128i*)(b + i + o[3])), x8);
         __m128i a = _mm_unpacklo_epi8(x0, x1), c = _mm_unpackhi_epi8(x0, x1);
         __m128i d = _mm_unpacklo_epi8(x2, x3), e = _mm_unpackhi_epi8(x2, x3);
         _mm_storeu_si128((__m128i*)(dst + 4 * i), _mm_unpacklo_epi16(a, d));
@@ -74,49 +78,114 @@ static void pack(const uint8_t* in, int nq, const int32_t* qoff, int p0, int np,
         _mm_storeu_si128((__m128i*)(dst + 4 * i + 48), _mm_unpackhi_epi16(c, e));
       }
 #else
-      const uint8_t* b = in + p0;
       for (int i = 0; i < np; i++) {
-        dst[4 * i] = b[i + o[0]]; dst[4 * i + 1] = b[i + o[1]]; dst[4 * i + 2] = b[i + o[2]]; dst[4 * i + 3] = b[i + o[3]];
+        dst[4 * i] = b[i + o[0]] ^ xr; dst[4 * i + 1] = b[i + o[1]] ^ xr;
+        dst[4 * i + 2] = b[i + o[2]] ^ xr; dst[4 * i + 3] = b[i + o[3]] ^ xr;
       }
 #endif
     } else {
       int y = p0 / wo, x = p0 % wo;
       for (int i = 0; i < np; i++) {
         const uint8_t* b = in + (size_t)stride * y * rs + (size_t)stride * x;
-        dst[4 * i] = b[o[0]]; dst[4 * i + 1] = b[o[1]]; dst[4 * i + 2] = b[o[2]]; dst[4 * i + 3] = b[o[3]];
+        dst[4 * i] = b[o[0]] ^ xr; dst[4 * i + 1] = b[o[1]] ^ xr; dst[4 * i + 2] = b[o[2]] ^ xr; dst[4 * i + 3] = b[o[3]] ^ xr;
         if (++x == wo) { x = 0; y++; }
       }
     }
   }
 }
 
-/* one image: out[f][y * wo + x] = clamp(rint(float(acc + bias[f]) * mult[f] (+ float(res) * rmult)), lo, hi);
-   in: padded byte planes with TP + 64 bytes of slack after the last (a tile's tail reads past it) */
-void sf_conv_q8(const uint8_t* in, int nq, const int32_t* qoff, int ho, int wo, int stride, int rs,
+#ifdef SF_VNNI
+/* one filter's kept quads over NV vectors of 16 positions: one vpdpbusd (64 multiply-adds) per quad and vector */
+static inline __attribute__((always_inline)) void accumulate(__m512i* a, const int NV, int e0, int e1,
+                                                            const int32_t* eq, const int32_t* ew, const uint8_t* Q) {
+  for (int v = 0; v < NV; v++) a[v] = _mm512_setzero_si512();
+  for (int e = e0; e < e1; e++) {
+    __m512i w4 = _mm512_set1_epi32(ew[e]);
+    const uint8_t* q = Q + (size_t)eq[e] * TP * 4;
+    for (int v = 0; v < NV; v++) a[v] = _mm512_dpbusd_epi32(a[v], _mm512_loadu_si512((const void*)(q + 64 * v)), w4);
+  }
+}
+#endif
+
+/* the residual's value for output channel f at output (y, x): the value itself, or an option-A shortcut
+   (subsampled by rstride, rc0 zero channels before it, zeros past its rcn channels) */
+static inline int32_t res_at(const uint8_t* res, int rsigned, int rrs, int rplane, int rstride, int rc0, int rcn,
+                             int f, int y, int x) {
+  int c = f - rc0;
+  if (c < 0 || c >= rcn) return 0;
+  uint8_t v = res[(size_t)c * rplane + (size_t)(rstride * y + 1) * rrs + rstride * x + 1];
+  return rsigned ? (int32_t)(int8_t)v : (int32_t)v;
+}
+
+/* one image: out(f, y, x) = clamp(rint(float(acc + bias[f]) * mult[f] (+ float(r) * rmult)), lo, hi), written
+   into the output's byte plane (border untouched) */
+void sf_conv_q8(const uint8_t* in, int nq, const int32_t* qoff, int ho, int wo, int stride, int rs, int xr,
                 int nf, const int32_t* fbeg, const int32_t* eq, const int32_t* ew, const int32_t* bias,
-                const float* mult, const int32_t* res, float rmult, int lo, int hi, int32_t* out, uint8_t* Q,
-                int nth) {
+                const float* mult, const uint8_t* res, int rsigned, int rrs, int rplane, int rstride, int rc0,
+                int rcn, float rmult, int lo, int hi, uint8_t* out, int ors, int oplane, uint8_t* Q, int nth) {
   int flat = stride == 1;
   int P = flat ? (ho - 1) * rs + wo : ho * wo;     /* positions to run */
-  int PD = ho * wo;                                /* dense outputs per filter */
+  /* vector epilogue: flat positions land at the same offsets in the output plane (and an identity residual's) */
+  int vec_out = flat && ors == rs && (!res || (rstride == 1 && rrs == rs));
+  #pragma omp parallel num_threads(nth)
   for (int p0 = 0; p0 < P; p0 += TP) {
     int np = P - p0 < TP ? P - p0 : TP;
     int npv = (np + 15) & ~15;
-    pack(in, nq, qoff, p0, npv, wo, stride, rs, flat, Q);
-    #pragma omp parallel for num_threads(nth) schedule(static)
+    #pragma omp for schedule(static)
+    for (int q = 0; q < nq; q++) pack(in, q, qoff, p0, npv, wo, stride, rs, flat, (uint8_t)xr, Q);
+#ifdef SF_VNNI
+    /* per 16 positions: the lanes that are real outputs (not junk columns x >= wo, not past the tile) */
+    __mmask16 km[TP / 16];
+    if (vec_out) {
+      int x0 = p0 % rs;
+      for (int v = 0; v < npv / 16; v++) {
+        __mmask16 k = 0;
+        for (int j = 0; j < 16; j++) {
+          int i = 16 * v + j, x = (x0 + i) % rs;
+          if (i < np && x < wo) k |= (__mmask16)(1u << j);
+        }
+        km[v] = k;
+      }
+    }
+#endif
+    #pragma omp for schedule(static)
     for (int f = 0; f < nf; f++) {
       int32_t acc[TP] __attribute__((aligned(64)));
 #ifdef SF_VNNI
-      /* all TP / 16 accumulators always (a constant trip count keeps them in registers): lanes past the tile's
-         positions read stale quads and are never stored */
+      /* the tile's vectors (1..TP/16) as a compile-time count: the accumulators stay in registers and a small
+         map does not pay for a whole tile */
       __m512i a[TP / 16];
-      for (int v = 0; v < TP / 16; v++) a[v] = _mm512_setzero_si512();
-      for (int e = fbeg[f]; e < fbeg[f + 1]; e++) {
-        __m512i w4 = _mm512_set1_epi32(ew[e]);
-        const uint8_t* q = Q + (size_t)eq[e] * TP * 4;
-        for (int v = 0; v < TP / 16; v++) a[v] = _mm512_dpbusd_epi32(a[v], _mm512_loadu_si512((const void*)(q + 64 * v)), w4);
+      switch (npv / 16) {
+        case 1: accumulate(a, 1, fbeg[f], fbeg[f + 1], eq, ew, Q); break;
+        case 2: accumulate(a, 2, fbeg[f], fbeg[f + 1], eq, ew, Q); break;
+        case 3: accumulate(a, 3, fbeg[f], fbeg[f + 1], eq, ew, Q); break;
+        case 4: accumulate(a, 4, fbeg[f], fbeg[f + 1], eq, ew, Q); break;
+        case 5: accumulate(a, 5, fbeg[f], fbeg[f + 1], eq, ew, Q); break;
+        case 6: accumulate(a, 6, fbeg[f], fbeg[f + 1], eq, ew, Q); break;
+        case 7: accumulate(a, 7, fbeg[f], fbeg[f + 1], eq, ew, Q); break;
+        default: accumulate(a, 8, fbeg[f], fbeg[f + 1], eq, ew, Q); break;
       }
-      for (int v = 0; v < TP / 16; v++) _mm512_store_si512((void*)(acc + 16 * v), a[v]);
+      if (vec_out) {
+        __m512 m = _mm512_set1_ps(mult[f]), rm = _mm512_set1_ps(rmult);
+        __m512i bf = _mm512_set1_epi32(bias[f]), vlo = _mm512_set1_epi32(lo), vhi = _mm512_set1_epi32(hi);
+        int c = f - rc0, has_r = res && c >= 0 && c < rcn;
+        uint8_t* o = out + (size_t)f * oplane + rs + 1 + p0;
+        const uint8_t* r = has_r ? res + (size_t)c * rplane + rs + 1 + p0 : 0;
+        for (int v = 0; v < npv / 16; v++) {
+          __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a[v], bf)), m);
+          if (has_r) {
+            __m128i rb = _mm_loadu_si128((const __m128i*)(r + 16 * v));
+            __m512i ri = rsigned ? _mm512_cvtepi8_epi32(rb) : _mm512_cvtepu8_epi32(rb);
+            y = _mm512_add_ps(y, _mm512_mul_ps(_mm512_cvtepi32_ps(ri), rm));
+          }
+          __m512i yi = _mm512_cvtps_epi32(y);               /* MXCSR default: round half to even */
+          yi = _mm512_min_epi32(_mm512_max_epi32(yi, vlo), vhi);
+          /* lanes on junk columns and past the tile: the output's zero border stays */
+          _mm_mask_storeu_epi8(o + 16 * v, km[v], _mm512_cvtepi32_epi8(yi));
+        }
+        continue;
+      }
+      for (int v = 0; v < npv / 16; v++) _mm512_store_si512((void*)(acc + 16 * v), a[v]);
 #else
       uint32_t u[TP];
       memset(u, 0, sizeof u);
@@ -132,13 +201,14 @@ void sf_conv_q8(const uint8_t* in, int nq, const int32_t* qoff, int ho, int wo, 
       float m = mult[f];
       uint32_t bf = (uint32_t)bias[f];
       int y = flat ? p0 / rs : p0 / wo, x = flat ? p0 % rs : p0 % wo, row = flat ? rs : wo;
+      uint8_t* ob = out + (size_t)f * oplane;
       for (int i = 0; i < np; i++) {
         if (x < wo) {
-          int d = y * wo + x;
           float v = (float)(int32_t)((uint32_t)acc[i] + bf) * m;
-          if (res) { float z = (float)res[(size_t)f * PD + d] * rmult; v = v + z; }
+          if (res) { float z = (float)res_at(res, rsigned, rrs, rplane, rstride, rc0, rcn, f, y, x) * rmult; v = v + z; }
           v = rintf(v);
-          out[(size_t)f * PD + d] = v < (float)lo ? lo : (v > (float)hi ? hi : (int32_t)v);
+          int32_t qv = v < (float)lo ? lo : (v > (float)hi ? hi : (int32_t)v);
+          ob[(size_t)(y + 1) * ors + x + 1] = (uint8_t)qv;
         }
         if (++x == row) { x = 0; y++; }
       }
@@ -173,6 +243,10 @@ class _ConvPlan:
     xr: int
     quads: int
     entries: int
+
+    def __post_init__(self):
+        # ctypes pointers made once (a numpy array's .ctypes costs microseconds per call)
+        self.ptrs = tuple(_ptr(a) for a in (self.qoff, self.fbeg, self.eq, self.ew, self.bias, self.mult))
 
 
 def plan_conv(op: ConvOp, q, h: int, w: int, signed_in: bool) -> _ConvPlan:
@@ -236,8 +310,44 @@ def _ptr(a: np.ndarray, t=ctypes.c_void_p):
     return a.ctypes.data_as(t)
 
 
+@dataclass(frozen=True)
+class _Geom:
+    c: int
+    h: int
+    w: int
+
+    @property
+    def rs(self) -> int:
+        return self.w + 2
+
+    @property
+    def plane(self) -> int:
+        return (self.h + 2) * (self.w + 2)
+
+    @property
+    def nbytes(self) -> int:
+        return self.c * self.plane + TILE + 64          # slack: a tile's tail reads past the last plane
+
+
+def to_planes(t: torch.Tensor, g: _Geom) -> np.ndarray:
+    """int32 (N, C, H, W) -> byte planes (N, nbytes): zero border, int8 as two's complement, uint8 as is."""
+    n = t.shape[0]
+    out = np.zeros((n, g.nbytes), np.uint8)
+    body = out[:, :g.c * g.plane].reshape(n, g.c, g.h + 2, g.w + 2)
+    body[:, :, 1:-1, 1:-1] = (t.numpy() & 0xFF).astype(np.uint8)
+    return out
+
+
+def from_planes(b: np.ndarray, g: _Geom, signed: bool) -> torch.Tensor:
+    body = b[:, :g.c * g.plane].reshape(b.shape[0], g.c, g.h + 2, g.w + 2)[:, :, 1:-1, 1:-1]
+    return torch.from_numpy(body.view(np.int8 if signed else np.uint8).astype(np.int32))
+
+
 class Int8Engine:
-    """A QuantizedModel with its convolutions in the int8 kernel; equal to ``qm(x)`` bit for bit."""
+    """A QuantizedModel with its convolutions in the int8 kernel; equal to ``qm(x)`` bit for bit.
+
+    Between native convs values stay in byte planes (no conversion); a value is turned into the reference's int32
+    tensor only where an op that runs through the reference (or a graph output) reads it."""
 
     def __init__(self, qm: QuantizedModel, threads: int = 1, portable: bool = False):
         if not isinstance(qm, QuantizedModel):
@@ -245,57 +355,88 @@ class Int8Engine:
                                    "calibration=batches)")
         self.qm, self.threads = qm, max(1, int(threads))
         qg = qm.qgraph
+        g = qg.graph
         self.plans: dict[int, _ConvPlan] = {}
         self.why: dict[int, str] = {}
-        for k, (op, q) in enumerate(zip(qg.graph.ops, qg.qops)):
+        for k, (op, q) in enumerate(zip(g.ops, qg.qops)):
             why = native_conv(op, q)
+            if why is None and op.residual is not None and len(g.values[op.residual].shape) != 3:
+                why = "residual is not a map"
             if why is None:
-                _, h, w = qg.graph.values[op.inputs[0]].shape
+                _, h, w = g.values[op.inputs[0]].shape
                 self.plans[k] = plan_conv(op, q, h, w, qg.params[op.inputs[0]].signed)
             else:
                 self.why[k] = why
+        self.geom = {vid: _Geom(*v.shape) for vid, v in g.values.items() if len(v.shape) == 3}
         # portable: no -march=native, so the plain C path (what a CPU without AVX512-VNNI runs)
         self.lib_path, self.build_info = build(SOURCE.replace("@TILE@", str(TILE)), portable=portable)
         self.lib = ctypes.CDLL(str(self.lib_path))
         self.lib.sf_conv_q8.restype = None
+        P, I = ctypes.c_void_p, ctypes.c_int
+        self.lib.sf_conv_q8.argtypes = [P, I, P, I, I, I, I, I, I, P, P, P, P, P, P, I, I, I, I, I, I,
+                                        ctypes.c_float, I, I, P, I, I, P, I]
         scratch = max((p.quads for p in self.plans.values()), default=1)
         self._Q = np.zeros(max(1, scratch) * TILE * 4 + 64, np.uint8)
+        self._Qp = _ptr(self._Q)
+        # output planes per (value, batch), reused across calls (an output read later in the same call is never
+        # written twice: values are single-assignment); a returned integer tensor is always a copy
+        self._buffers: dict[tuple[int, int], np.ndarray] = {}
 
-    def _conv(self, k: int, env: dict[int, torch.Tensor]) -> torch.Tensor:
+    def _conv(self, k: int, planes: dict[int, np.ndarray], ints: dict[int, torch.Tensor]) -> np.ndarray:
         qg = self.qm.qgraph
         op, q, p = qg.graph.ops[k], qg.qops[k], self.plans[k]
-        x = env[op.inputs[0]]
-        n, c, h, w = x.shape
-        _, o, ho, wo = (n, *qg.graph.values[op.output].shape)
-        # padded byte planes; an int8 input is stored + 128 (its zero border too)
-        xp = (F.pad(x, (1, 1, 1, 1)) + (128 if p.xr else 0)).to(torch.uint8).reshape(n, -1)
-        xb = np.zeros((n, xp.shape[1] + TILE + 64), np.uint8)        # slack: a tile's tail reads past the end
-        xb[:, :xp.shape[1]] = xp.numpy()
-        res = None
+        gi, go = self.geom[op.inputs[0]], self.geom[op.output]
+        xb = self._planes(op.inputs[0], planes, ints)
+        n = xb.shape[0]
+        out = self._buffers.get((op.output, n))
+        if out is None:            # zeroed once: kernels write interiors only, the border stays 0
+            out = self._buffers[(op.output, n)] = np.zeros((n, go.nbytes), np.uint8)
+        rb, rargs = None, (0, 0, 0, 1, 0, 0)
         if op.residual is not None:
-            res = residual_term(op, env[op.residual], o).to(torch.int32).contiguous().numpy()
-        out = np.empty((n, o, ho, wo), np.int32)
-        lo, hi = q.lo, q.hi
+            gr = self.geom[op.residual]
+            rb = self._planes(op.residual, planes, ints)
+            pad = op.res_kind == "pad_shortcut"
+            rargs = (int(qg.params[op.residual].signed), gr.rs, gr.plane, op.res_stride if pad else 1,
+                     op.res_pad_before if pad else 0, gr.c)
         rmult = float(q.rmult.reshape(-1)[0]) if q.rmult is not None else 0.0
+        qoff, fbeg, eq, ew, bias, mult = p.ptrs
         for b in range(n):
             self.lib.sf_conv_q8(
-                _ptr(xb[b]), p.quads, _ptr(p.qoff), ho, wo, op.stride, w + 2, o, _ptr(p.fbeg), _ptr(p.eq),
-                _ptr(p.ew), _ptr(p.bias), _ptr(p.mult), _ptr(res[b]) if res is not None else None,
-                ctypes.c_float(rmult), lo, hi, _ptr(out[b]), _ptr(self._Q), self.threads)
-        return torch.from_numpy(out)
+                xb[b].ctypes.data, p.quads, qoff, go.h, go.w, op.stride, gi.rs, p.xr, go.c, fbeg, eq, ew, bias,
+                mult, rb[b].ctypes.data if rb is not None else None, *rargs, ctypes.c_float(rmult), q.lo, q.hi,
+                out[b].ctypes.data, go.rs, go.plane, self._Qp, self.threads)
+        return out
+
+    def _planes(self, vid: int, planes: dict[int, np.ndarray], ints: dict[int, torch.Tensor]) -> np.ndarray:
+        if vid not in planes:
+            planes[vid] = to_planes(ints[vid], self.geom[vid])
+        return planes[vid]
+
+    def _int(self, vid: int, planes: dict[int, np.ndarray], ints: dict[int, torch.Tensor]) -> torch.Tensor:
+        if vid not in ints:
+            ints[vid] = from_planes(planes[vid], self.geom[vid], self.qm.qgraph.params[vid].signed)
+        return ints[vid]
 
     def run(self, x: torch.Tensor, keep: bool = False):
         qg = self.qm.qgraph
         g = qg.graph
-        env = {g.inputs[0]: quantize_input(x, qg.params[g.inputs[0]])}
+        ints = {g.inputs[0]: quantize_input(x, qg.params[g.inputs[0]])}
+        planes: dict[int, np.ndarray] = {}
         with torch.no_grad():
             for k, op in enumerate(g.ops):
-                y = self._conv(k, env) if k in self.plans else run_op_int(qg, k, env)
-                env[op.output] = y.reshape(y.shape[0], *g.values[op.output].shape)
+                if k in self.plans:
+                    planes[op.output] = self._conv(k, planes, ints)
+                    continue
+                for vid in set(op.inputs) | ({op.residual} if getattr(op, "residual", None) is not None else set()):
+                    self._int(vid, planes, ints)
+                y = run_op_int(qg, k, ints)
+                ints[op.output] = y.reshape(y.shape[0], *g.values[op.output].shape)
         if keep:
-            return env
-        outs = [env[o] if env[o].dtype == torch.float32 else env[o].to(torch.float32) * qg.params[o].scale
-                for o in g.outputs]
+            return {vid: self._int(vid, planes, ints) for vid in g.values if vid in ints or vid in planes}
+        outs = []
+        for o in g.outputs:
+            t = self._int(o, planes, ints)
+            outs.append(t if t.dtype == torch.float32 else t.to(torch.float32) * qg.params[o].scale)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def __call__(self, x: torch.Tensor):
