@@ -40,8 +40,9 @@ SPARSITIES = {
 
 @pytest.mark.parametrize("name,sparsity", [
     ("resnet20", "dense"), ("resnet20", "pattern"), ("resnet20", "pattern8x"), ("resnet20", "pattern8x-cb2"),
-    ("resnet20", "magnitude90"), ("resnet56", "pattern8x"), ("vgg16", "pattern"), ("vgg16", "pattern8x"),
-    pytest.param("mobilenetv2", "dense", marks=pytest.mark.slow), ("mobilenetv2", "pattern8x"),
+    ("resnet20", "magnitude90"), ("resnet56", "pattern8x"), pytest.param("vgg16", "pattern", marks=pytest.mark.slow),
+    ("vgg16", "pattern8x"), pytest.param("mobilenetv2", "dense", marks=pytest.mark.slow),
+    pytest.param("mobilenetv2", "pattern8x", marks=pytest.mark.slow),      # 15-25 s of gcc; the fuzz covers its blocks
 ])
 def test_engine_matches_pytorch(name, sparsity):
     m = _model(name)

@@ -198,7 +198,7 @@ def test_blocked_mode_dense_layers(mode):
         assert rel_err(e(x), m(x)) < 1e-5
 
 
-@pytest.mark.parametrize("mode", ["auto", "direct", "blocked"])
+@pytest.mark.parametrize("mode", ["auto", pytest.param("direct", marks=pytest.mark.slow), "blocked"])
 def test_kxk_convs_run_natively(mode):
     """5x5/7x7 convs, stride 1/2, padding up to k // 2 (ResNet's 7x7 s2 p3 stem): lowered to a phase split and an
     unpadded stride-1 conv that never multiplies the split's structural zeros (NaN/Inf stay where PyTorch has
@@ -218,7 +218,7 @@ def test_kxk_convs_run_natively(mode):
         assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5, equal_nan=True), (k, s, p, dw)
 
 
-@pytest.mark.parametrize("cb", [2, pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("cb", [pytest.param(2, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)])
 def test_channel_block_filters_run_as_groups(cb):
     """channel_block pruning (adjacent filters share pattern and kept kernels): the engine runs such filters as
     groups (each input vector loaded once for the group) in direct, flat and tiled-flat modes, with residuals,

@@ -87,7 +87,7 @@ def test_keeps_only_recent_checkpoints(tmp_path):
     assert not list((tmp_path / "r" / "checkpoints").glob("*.tmp"))
 
 
-@pytest.mark.parametrize("opt", ["sgd", "adam"])
+@pytest.mark.parametrize("opt", ["sgd", pytest.param("adam", marks=pytest.mark.slow)])
 def test_learns_synthetic(tmp_path, opt):
     lr = 0.05 if opt == "sgd" else 3e-3
     cfg = TrainConfig(model="smallcnn", dataset="synthetic", train_size=4000, test_size=500, epochs=4, lr=lr,
