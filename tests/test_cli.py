@@ -321,3 +321,22 @@ def test_full_disk_and_read_only_directory_are_one_line_errors(tmp_path, capsys,
     assert ("df -h" in err_out[0]) == (err == "ENOSPC")
     assert (run / "config.toml").read_bytes() == before
     monkeypatch.setattr(u.tempfile, "mkstemp", tempfile.mkstemp)
+
+
+def test_eval_rebuilds_the_model_a_weights_file_records(tmp_path, capsys):
+    """A structurally pruned model (other widths than create_model's) evaluates from its file alone: eval rebuilds
+    it from the spec the file records; a file that records nothing needs --model (one line)."""
+    import torch
+
+    from sparseforge import StructuredConfig, prune
+    from sparseforge.models import save_weights
+
+    m = create_model("smallcnn", num_classes=10)
+    prune(m, StructuredConfig(mac_ratio=0.5), example_input=torch.randn(1, 3, 32, 32))
+    save_weights(m, tmp_path / "small.safetensors")
+    r = main_in_process(capsys, "eval", "--weights", tmp_path / "small.safetensors", "--dataset", "synthetic",
+                        "--limit", "50")
+    assert r.returncode == 0 and "smallcnn on synthetic test (50 images)" in r.stdout, r.stderr
+    bare = tmp_path / "bare.safetensors"
+    save_file({k: v.contiguous() for k, v in create_model("smallcnn").state_dict().items()}, str(bare))
+    assert_one_line_error(main_in_process(capsys, "eval", "--weights", bare, "--dataset", "synthetic"), "pass --model")

@@ -96,15 +96,17 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = Fa
 
 
 def evaluate_model(model_name: str, weights: str | Path | None, dataset: str = "cifar10", data_dir: str | None = None,
-                   normalize: str = "auto", batch_size: int = 256, limit: int = 0, threads: int = 0) -> dict[str, float]:
-    """Test accuracy of a model + weights on a dataset's test split."""
+                   normalize: str = "auto", batch_size: int = 256, limit: int = 0, threads: int = 0,
+                   model: nn.Module | None = None) -> dict[str, float]:
+    """Test accuracy of a model + weights on a dataset's test split (``model``: already built and loaded)."""
     set_threads(threads)
     _, test = load_dataset(dataset, data_dir)
     if limit:
         test = test.subset(limit)
-    model = create_model(model_name, num_classes=test.num_classes)
-    if weights:
-        load_weights(model, weights)
+    if model is None:
+        model = create_model(model_name, num_classes=test.num_classes)
+        if weights:
+            load_weights(model, weights)
     norm = resolve_normalization(dataset, normalize)
     return evaluate(model, BatchLoader(test, batch_size, normalize=norm))
 

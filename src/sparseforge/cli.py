@@ -77,8 +77,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .api import evaluate_model
 
     t0 = time.perf_counter()
+    model = None
+    if args.weights:
+        from .models import read_state_dict, spec_from_metadata
+
+        p = Path(args.weights)
+        # a file or run that records its model (pruned widths, folded blocks, masks) is rebuilt from that record
+        if p.is_dir() or (p.suffix == ".safetensors" and spec_from_metadata(read_state_dict(p)[1], p)):
+            model, _ = _model_from_path(p, args.model)
+            args.model = args.model or model.sf_spec["name"]
+    if model is None and not args.model:
+        raise SparseforgeError(f"{args.weights or 'no --weights'}: nothing says which model to build; pass --model "
+                               "NAME (e.g. resnet20)")
     res = evaluate_model(args.model, args.weights, args.dataset, args.data_dir, args.normalize,
-                         args.batch_size, args.limit, args.threads)
+                         args.batch_size, args.limit, args.threads, model=model)
     res["seconds"] = round(time.perf_counter() - t0, 2)
     print(f"{args.model} on {args.dataset} test ({res['n']} images): top-1 {res['acc']:.2f}%  loss {res['loss']:.4f}")
     if args.json:
@@ -374,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", help="test accuracy of a model and weights")
-    e.add_argument("--model", required=True, help="model name, e.g. resnet20")
+    e.add_argument("--model", help="model name, e.g. resnet20 (default: the one the weights file records)")
     e.add_argument("--weights", help=".safetensors / .pt / .th file or run directory")
     e.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "synthetic"])
     e.add_argument("--data-dir", help="CIFAR python-batch directory")
