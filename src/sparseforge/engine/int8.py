@@ -105,6 +105,23 @@ static inline __attribute__((always_inline)) void accumulate(__m512i* a, const i
     for (int v = 0; v < NV; v++) a[v] = _mm512_dpbusd_epi32(a[v], _mm512_loadu_si512((const void*)(q + 64 * v)), w4);
   }
 }
+
+/* two filters with the same quads (dense layers, channel_block pruning): each quad vector is loaded once for
+   both; the second filter's weights are at the same entry offsets from its own first entry (d) */
+static inline __attribute__((always_inline)) void accumulate2(__m512i* a, __m512i* b, const int NV, int e0, int e1,
+                                                             int d, const int32_t* eq, const int32_t* ew,
+                                                             const uint8_t* Q) {
+  for (int v = 0; v < NV; v++) { a[v] = _mm512_setzero_si512(); b[v] = _mm512_setzero_si512(); }
+  for (int e = e0; e < e1; e++) {
+    __m512i w4 = _mm512_set1_epi32(ew[e]), u4 = _mm512_set1_epi32(ew[e + d]);
+    const uint8_t* q = Q + (size_t)eq[e] * TP * 4;
+    for (int v = 0; v < NV; v++) {
+      __m512i x = _mm512_loadu_si512((const void*)(q + 64 * v));
+      a[v] = _mm512_dpbusd_epi32(a[v], x, w4);
+      b[v] = _mm512_dpbusd_epi32(b[v], x, u4);
+    }
+  }
+}
 #endif
 
 /* the residual's value for output channel f at output (y, x): the value itself, or an option-A shortcut
@@ -117,10 +134,30 @@ static inline int32_t res_at(const uint8_t* res, int rsigned, int rrs, int rplan
   return rsigned ? (int32_t)(int8_t)v : (int32_t)v;
 }
 
+/* the scalar epilogue of one filter over a tile (strided convs, option-A residuals, the portable build) */
+static void epilogue(const int32_t* acc, int f, int p0, int np, int flat, int rs, int wo, const int32_t* bias,
+                     const float* mult, const uint8_t* res, int rsigned, int rrs, int rplane, int rstride, int rc0,
+                     int rcn, float rmult, int lo, int hi, uint8_t* out, int ors, int oplane) {
+  float m = mult[f];
+  uint32_t bf = (uint32_t)bias[f];
+  int y = flat ? p0 / rs : p0 / wo, x = flat ? p0 % rs : p0 % wo, row = flat ? rs : wo;
+  uint8_t* ob = out + (size_t)f * oplane;
+  for (int i = 0; i < np; i++) {
+    if (x < wo) {
+      float v = (float)(int32_t)((uint32_t)acc[i] + bf) * m;
+      if (res) { float z = (float)res_at(res, rsigned, rrs, rplane, rstride, rc0, rcn, f, y, x) * rmult; v = v + z; }
+      v = rintf(v);
+      int32_t qv = v < (float)lo ? lo : (v > (float)hi ? hi : (int32_t)v);
+      ob[(size_t)(y + 1) * ors + x + 1] = (uint8_t)qv;
+    }
+    if (++x == row) { x = 0; y++; }
+  }
+}
+
 /* one image: out(f, y, x) = clamp(rint(float(acc + bias[f]) * mult[f] (+ float(r) * rmult)), lo, hi), written
    into the output's byte plane (border untouched) */
 void sf_conv_q8(const uint8_t* in, int nq, const int32_t* qoff, int ho, int wo, int stride, int rs, int xr,
-                int nf, const int32_t* fbeg, const int32_t* eq, const int32_t* ew, const int32_t* bias,
+                int nu, const int32_t* uf, const int32_t* fbeg, const int32_t* eq, const int32_t* ew, const int32_t* bias,
                 const float* mult, const uint8_t* res, int rsigned, int rrs, int rplane, int rstride, int rc0,
                 int rcn, float rmult, int lo, int hi, uint8_t* out, int ors, int oplane, uint8_t* Q, int nth) {
   int flat = stride == 1;
@@ -149,69 +186,69 @@ void sf_conv_q8(const uint8_t* in, int nq, const int32_t* qoff, int ho, int wo, 
     }
 #endif
     #pragma omp for schedule(static)
-    for (int f = 0; f < nf; f++) {
-      int32_t acc[TP] __attribute__((aligned(64)));
+    for (int u = 0; u < nu; u++) {
 #ifdef SF_VNNI
       /* the tile's vectors (1..TP/16) as a compile-time count: the accumulators stay in registers and a small
          map does not pay for a whole tile */
-      __m512i a[TP / 16];
+      __m512i acc2[2][TP / 16];
+      int f = uf[u], two = uf[u + 1] - f == 2, d = two ? fbeg[f + 1] - fbeg[f] : 0;
+#define SF_ACC(NV) (two ? accumulate2(acc2[0], acc2[1], NV, fbeg[f], fbeg[f + 1], d, eq, ew, Q) \
+                        : accumulate(acc2[0], NV, fbeg[f], fbeg[f + 1], eq, ew, Q))
       switch (npv / 16) {
-        case 1: accumulate(a, 1, fbeg[f], fbeg[f + 1], eq, ew, Q); break;
-        case 2: accumulate(a, 2, fbeg[f], fbeg[f + 1], eq, ew, Q); break;
-        case 3: accumulate(a, 3, fbeg[f], fbeg[f + 1], eq, ew, Q); break;
-        case 4: accumulate(a, 4, fbeg[f], fbeg[f + 1], eq, ew, Q); break;
-        case 5: accumulate(a, 5, fbeg[f], fbeg[f + 1], eq, ew, Q); break;
-        case 6: accumulate(a, 6, fbeg[f], fbeg[f + 1], eq, ew, Q); break;
-        case 7: accumulate(a, 7, fbeg[f], fbeg[f + 1], eq, ew, Q); break;
-        default: accumulate(a, 8, fbeg[f], fbeg[f + 1], eq, ew, Q); break;
+        case 1: SF_ACC(1); break;
+        case 2: SF_ACC(2); break;
+        case 3: SF_ACC(3); break;
+        case 4: SF_ACC(4); break;
+        case 5: SF_ACC(5); break;
+        case 6: SF_ACC(6); break;
+        case 7: SF_ACC(7); break;
+        default: SF_ACC(8); break;
       }
-      if (vec_out) {
-        __m512 m = _mm512_set1_ps(mult[f]), rm = _mm512_set1_ps(rmult);
-        __m512i bf = _mm512_set1_epi32(bias[f]), vlo = _mm512_set1_epi32(lo), vhi = _mm512_set1_epi32(hi);
-        int c = f - rc0, has_r = res && c >= 0 && c < rcn;
-        uint8_t* o = out + (size_t)f * oplane + rs + 1 + p0;
-        const uint8_t* r = has_r ? res + (size_t)c * rplane + rs + 1 + p0 : 0;
-        for (int v = 0; v < npv / 16; v++) {
-          __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a[v], bf)), m);
-          if (has_r) {
-            __m128i rb = _mm_loadu_si128((const __m128i*)(r + 16 * v));
-            __m512i ri = rsigned ? _mm512_cvtepi8_epi32(rb) : _mm512_cvtepu8_epi32(rb);
-            y = _mm512_add_ps(y, _mm512_mul_ps(_mm512_cvtepi32_ps(ri), rm));
+#undef SF_ACC
+      for (int g = 0; g <= two; g++, f++) {
+        __m512i* a = acc2[g];
+        if (vec_out) {
+          __m512 m = _mm512_set1_ps(mult[f]), rm = _mm512_set1_ps(rmult);
+          __m512i bf = _mm512_set1_epi32(bias[f]), vlo = _mm512_set1_epi32(lo), vhi = _mm512_set1_epi32(hi);
+          int c = f - rc0, has_r = res && c >= 0 && c < rcn;
+          uint8_t* o = out + (size_t)f * oplane + rs + 1 + p0;
+          const uint8_t* r = has_r ? res + (size_t)c * rplane + rs + 1 + p0 : 0;
+          for (int v = 0; v < npv / 16; v++) {
+            __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a[v], bf)), m);
+            if (has_r) {
+              __m128i rb = _mm_loadu_si128((const __m128i*)(r + 16 * v));
+              __m512i ri = rsigned ? _mm512_cvtepi8_epi32(rb) : _mm512_cvtepu8_epi32(rb);
+              y = _mm512_add_ps(y, _mm512_mul_ps(_mm512_cvtepi32_ps(ri), rm));
+            }
+            __m512i yi = _mm512_cvtps_epi32(y);               /* MXCSR default: round half to even */
+            yi = _mm512_min_epi32(_mm512_max_epi32(yi, vlo), vhi);
+            /* lanes on junk columns and past the tile: the output's zero border stays */
+            _mm_mask_storeu_epi8(o + 16 * v, km[v], _mm512_cvtepi32_epi8(yi));
           }
-          __m512i yi = _mm512_cvtps_epi32(y);               /* MXCSR default: round half to even */
-          yi = _mm512_min_epi32(_mm512_max_epi32(yi, vlo), vhi);
-          /* lanes on junk columns and past the tile: the output's zero border stays */
-          _mm_mask_storeu_epi8(o + 16 * v, km[v], _mm512_cvtepi32_epi8(yi));
+        } else {
+          int32_t acc[TP] __attribute__((aligned(64)));
+          for (int v = 0; v < npv / 16; v++) _mm512_store_si512((void*)(acc + 16 * v), a[v]);
+          epilogue(acc, f, p0, np, flat, rs, wo, bias, mult, res, rsigned, rrs, rplane, rstride, rc0, rcn, rmult,
+                   lo, hi, out, ors, oplane);
         }
-        continue;
       }
-      for (int v = 0; v < npv / 16; v++) _mm512_store_si512((void*)(acc + 16 * v), a[v]);
 #else
-      uint32_t u[TP];
-      memset(u, 0, sizeof u);
-      for (int e = fbeg[f]; e < fbeg[f + 1]; e++) {
-        const int8_t* w = (const int8_t*)&ew[e];
-        uint32_t w0 = (uint32_t)(int32_t)w[0], w1 = (uint32_t)(int32_t)w[1], w2 = (uint32_t)(int32_t)w[2], w3 = (uint32_t)(int32_t)w[3];
-        const uint8_t* q = Q + (size_t)eq[e] * TP * 4;
-        for (int i = 0; i < npv; i++)
-          u[i] += w0 * q[4 * i] + w1 * q[4 * i + 1] + w2 * q[4 * i + 2] + w3 * q[4 * i + 3];
-      }
-      for (int i = 0; i < TP; i++) acc[i] = (int32_t)u[i];
-#endif
-      float m = mult[f];
-      uint32_t bf = (uint32_t)bias[f];
-      int y = flat ? p0 / rs : p0 / wo, x = flat ? p0 % rs : p0 % wo, row = flat ? rs : wo;
-      uint8_t* ob = out + (size_t)f * oplane;
-      for (int i = 0; i < np; i++) {
-        if (x < wo) {
-          float v = (float)(int32_t)((uint32_t)acc[i] + bf) * m;
-          if (res) { float z = (float)res_at(res, rsigned, rrs, rplane, rstride, rc0, rcn, f, y, x) * rmult; v = v + z; }
-          v = rintf(v);
-          int32_t qv = v < (float)lo ? lo : (v > (float)hi ? hi : (int32_t)v);
-          ob[(size_t)(y + 1) * ors + x + 1] = (uint8_t)qv;
+      for (int f = uf[u]; f < uf[u + 1]; f++) {
+        uint32_t s32[TP];
+        int32_t acc[TP];
+        memset(s32, 0, sizeof s32);
+        for (int e = fbeg[f]; e < fbeg[f + 1]; e++) {
+          const int8_t* w = (const int8_t*)&ew[e];
+          uint32_t w0 = (uint32_t)(int32_t)w[0], w1 = (uint32_t)(int32_t)w[1], w2 = (uint32_t)(int32_t)w[2], w3 = (uint32_t)(int32_t)w[3];
+          const uint8_t* q = Q + (size_t)eq[e] * TP * 4;
+          for (int i = 0; i < npv; i++)
+            s32[i] += w0 * q[4 * i] + w1 * q[4 * i + 1] + w2 * q[4 * i + 2] + w3 * q[4 * i + 3];
         }
-        if (++x == row) { x = 0; y++; }
+        for (int i = 0; i < TP; i++) acc[i] = (int32_t)s32[i];
+        epilogue(acc, f, p0, np, flat, rs, wo, bias, mult, res, rsigned, rrs, rplane, rstride, rc0, rcn, rmult,
+                 lo, hi, out, ors, oplane);
       }
+#endif
     }
   }
 }
@@ -236,6 +273,7 @@ def native_conv(op, q) -> str | None:
 class _ConvPlan:
     qoff: np.ndarray          # (nq, 4) int32: offsets of each quad's 4 bytes (channel plane + row + column)
     fbeg: np.ndarray          # (nf + 1,) int32
+    uf: np.ndarray            # units: first filter of each (a unit is 1 filter, or 2 with the same quads), + nf
     eq: np.ndarray            # quad of every entry
     ew: np.ndarray            # 4 int8 weights of every entry, as one int32
     bias: np.ndarray          # int32, with the -128 * sum(w) correction for signed inputs
@@ -246,7 +284,7 @@ class _ConvPlan:
 
     def __post_init__(self):
         # ctypes pointers made once (a numpy array's .ctypes costs microseconds per call)
-        self.ptrs = tuple(_ptr(a) for a in (self.qoff, self.fbeg, self.eq, self.ew, self.bias, self.mult))
+        self.ptrs = tuple(_ptr(a) for a in (self.qoff, self.uf, self.fbeg, self.eq, self.ew, self.bias, self.mult))
 
 
 def plan_conv(op: ConvOp, q, h: int, w: int, signed_in: bool) -> _ConvPlan:
@@ -301,7 +339,15 @@ def plan_conv(op: ConvOp, q, h: int, w: int, signed_in: bool) -> _ConvPlan:
         bias -= 128 * wq.reshape(o, -1).sum(1)
     bias = ((bias + 2 ** 31) % 2 ** 32 - 2 ** 31).astype(np.int32)     # wrapping int32, as the kernel adds
     qoff = np.array(list(keys), dtype=np.int32).reshape(-1, 4) if keys else np.zeros((0, 4), np.int32)
-    return _ConvPlan(qoff, np.array(fbeg, np.int32), np.array(eq, np.int32), np.array(ew, np.int32), bias,
+    # adjacent filters with the same quads run as one unit: each quad load serves both
+    uf, f = [], 0
+    while f < o:
+        uf.append(f)
+        same = f + 1 < o and fbeg[f + 1] > fbeg[f] and eq[fbeg[f]:fbeg[f + 1]] == eq[fbeg[f + 1]:fbeg[f + 2]]
+        f += 2 if same else 1
+    uf.append(o)
+    return _ConvPlan(qoff, np.array(fbeg, np.int32), np.array(uf, np.int32), np.array(eq, np.int32),
+                     np.array(ew, np.int32), bias,
                      q.mult.float().reshape(-1).expand(o).contiguous().numpy().astype(np.float32),
                      0x80 if signed_in else 0, len(keys), len(eq))
 
@@ -373,7 +419,7 @@ class Int8Engine:
         self.lib = ctypes.CDLL(str(self.lib_path))
         self.lib.sf_conv_q8.restype = None
         P, I = ctypes.c_void_p, ctypes.c_int
-        self.lib.sf_conv_q8.argtypes = [P, I, P, I, I, I, I, I, I, P, P, P, P, P, P, I, I, I, I, I, I,
+        self.lib.sf_conv_q8.argtypes = [P, I, P, I, I, I, I, I, I, P, P, P, P, P, P, P, I, I, I, I, I, I,
                                         ctypes.c_float, I, I, P, I, I, P, I]
         scratch = max((p.quads for p in self.plans.values()), default=1)
         self._Q = np.zeros(max(1, scratch) * TILE * 4 + 64, np.uint8)
@@ -399,10 +445,11 @@ class Int8Engine:
             rargs = (int(qg.params[op.residual].signed), gr.rs, gr.plane, op.res_stride if pad else 1,
                      op.res_pad_before if pad else 0, gr.c)
         rmult = float(q.rmult.reshape(-1)[0]) if q.rmult is not None else 0.0
-        qoff, fbeg, eq, ew, bias, mult = p.ptrs
+        qoff, uf, fbeg, eq, ew, bias, mult = p.ptrs
         for b in range(n):
             self.lib.sf_conv_q8(
-                xb[b].ctypes.data, p.quads, qoff, go.h, go.w, op.stride, gi.rs, p.xr, go.c, fbeg, eq, ew, bias,
+                xb[b].ctypes.data, p.quads, qoff, go.h, go.w, op.stride, gi.rs, p.xr, len(p.uf) - 1, uf, fbeg, eq,
+                ew, bias,
                 mult, rb[b].ctypes.data if rb is not None else None, *rargs, ctypes.c_float(rmult), q.lo, q.hi,
                 out[b].ctypes.data, go.rs, go.plane, self._Qp, self.threads)
         return out
