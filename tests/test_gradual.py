@@ -80,12 +80,19 @@ def test_regrow_trains_the_pruned_weights_and_shows_the_masked_ones():
 
     torch.manual_seed(0)
     m = sf.create_model("smallcnn", num_classes=10)
+    start = {n: p.detach().clone() for n, p in m.named_parameters()}
     cfg = GradualConfig(epochs=2, update_every=3, ramp=0.8, teacher="", regrow=True,
                         target=sf.PatternConfig(num_patterns=4, connectivity="2x"))
     gcb = GradualCallback(cfg)
-    seen = {"checked": 0, "moved": 0}
+    seen = {"checked": 0, "moved": 0, "first": 0}
 
     class Probe(Callback):
+        def on_train_begin(self, trainer):
+            # after the first cut the shadow still holds the cut weights' values (a pruned weight is not zeroed)
+            for n, dense in gcb.shadow.items():
+                assert torch.equal(dense, start[f"{n}.weight"]), n
+            seen["first"] = len(gcb.shadow)
+
         def on_step_end(self, trainer):
             if not gcb.shadow:
                 return
@@ -102,7 +109,7 @@ def test_regrow_trains_the_pruned_weights_and_shows_the_masked_ones():
     tr = Trainer(m, TrainConfig(model="smallcnn", epochs=2, lr=0.05, threads=1), train, test,
                  callbacks=[gcb, Probe()], log=lambda s: None, progress=False)
     tr.fit()
-    assert seen["checked"] > 5 and seen["moved"] > 0
+    assert seen["first"] > 0 and seen["checked"] > 5 and seen["moved"] > 0
     assert sum(h.get("regrow_changed", 0) for h in gcb.history) > 0         # kernels changed pattern or came back
     assert gcb.history[-1]["fraction"] == 1.0 and not gcb.shadow
     ref = sf.create_model("smallcnn", num_classes=10)

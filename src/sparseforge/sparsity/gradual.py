@@ -136,16 +136,20 @@ class GradualCallback(Callback):
         buffers, and holds the dense weights times the new masks between steps (what evaluation and checkpoints
         see)."""
         before = {n: getattr(m, MASK_BUFFER).clone() for n, m in masked_modules(model)}
+        mods = dict(model.named_modules())
         if self.shadow:
             self._restore_dense(model)
+            first = {}
+        else:                       # the first update: the shadow starts from the weights before any cut
+            first = {n: m.weight.detach().clone() for n, m in mods.items()
+                     if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2}
         info = apply_fraction(model, self.cfg, frac)
         new = {n: getattr(m, MASK_BUFFER).clone() for n, m in masked_modules(model)}
-        mods = dict(model.named_modules())
         changed = sum(int((self.masks[n] != new[n].to(self.masks[n].dtype)).sum()) for n in new if n in self.masks)
         with torch.no_grad():
             for n, mask in new.items():
                 if n not in self.shadow:
-                    self.shadow[n] = mods[n].weight.detach().clone()
+                    self.shadow[n] = first[n] if n in first else mods[n].weight.detach().clone()
                 self.masks[n] = mask.to(self.shadow[n].dtype)
                 if n in before:
                     getattr(mods[n], MASK_BUFFER).copy_(before[n])
