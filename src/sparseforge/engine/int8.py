@@ -393,7 +393,8 @@ class Int8Engine:
     """A QuantizedModel with its convolutions in the int8 kernel; equal to ``qm(x)`` bit for bit.
 
     Between native convs values stay in byte planes (no conversion); a value is turned into the reference's int32
-    tensor only where an op that runs through the reference (or a graph output) reads it."""
+    tensor only where an op that runs through the reference (or a graph output) reads it. The planes and the
+    packing scratch belong to the engine: one call at a time per engine (make one engine per thread)."""
 
     def __init__(self, qm: QuantizedModel, threads: int = 1, portable: bool = False):
         if not isinstance(qm, QuantizedModel):
