@@ -126,7 +126,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         print(f"== {arm}: {rec['final_acc']:.2f}%", file=sys.stderr, flush=True)
 
 
-RUNTIMES = ("pytorch", "onnxruntime-fp32", "onnxruntime-int8", "sparseforge", "deepsparse")
+RUNTIMES = ("pytorch", "onnxruntime-fp32", "onnxruntime-int8", "sparseforge", "sparseforge-int8", "deepsparse")
 
 
 def write_arm_model(src: Path, dst: Path) -> None:
@@ -159,12 +159,17 @@ def cmd_measure(a: argparse.Namespace) -> None:
     from sparseforge.report.plots import plt
     from sparseforge.train import evaluate
 
+    from sparseforge.engine.int8 import Int8Engine
+
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     train_ds, test = load_dataset("cifar10", a.data_dir)
+    if a.eval_limit:
+        test = test.subset(a.eval_limit)
     norm = resolve_normalization("cifar10", "auto")
     test_batches = list(BatchLoader(test, 500, normalize=norm).iterate(0))
     calib = [x for x, _ in BatchLoader(train_ds.subset(512), 1, normalize=norm).iterate(0)]
+    calib_pairs = list(BatchLoader(train_ds.subset(512), 128, normalize=norm).iterate(0))
     arms: dict[str, torch.nn.Module] = {}
     records: dict[str, dict] = {}
     start = create_model("resnet20")
@@ -174,7 +179,7 @@ def cmd_measure(a: argparse.Namespace) -> None:
     for rec_path in sorted(out.glob("*.record.json")):
         rec = json.loads(rec_path.read_text())
         model_path = out / f"{rec['arm']}.safetensors"
-        if rec.get("finished") and model_path.exists():
+        if rec.get("finished") and model_path.exists() and (not a.arms or rec["arm"] in a.arms.split(",")):
             arms[rec["arm"]] = load_arm(model_path)
             records[rec["arm"]] = rec
     x1 = test_batches[0][0][:1].contiguous()
@@ -188,30 +193,39 @@ def cmd_measure(a: argparse.Namespace) -> None:
         sess = onnxruntime_session(model, x1, a.threads)
         sess8 = onnxruntime_int8_session(model, x1, a.threads, calibration=calib)
         fused = torch_fused(model)
-        correct_e = correct_8 = total = 0
+        # the int8 engine: post-training int8 of this arm (sparseforge.quantize, auto calibration on the same 512
+        # training images, labelled), its convs in the int8 kernel, the rest through the integer reference
+        qm = sf.quantize(model, sf.Int8Config(), calibration=calib_pairs)
+        eng8 = Int8Engine(qm, threads=a.threads)
+        r["int8_calibration"] = qm.qgraph.method
+        correct_e = correct_8 = correct_e8 = total = 0
         with torch.inference_mode():
             for x, y in test_batches:
                 correct_e += int((engine(x).argmax(1) == y).sum())
+                correct_e8 += int((eng8(x).argmax(1) == y).sum())
                 if sess8 is not None:
                     correct_8 += int((torch.from_numpy(sess8.run(None, {"input": x.numpy()})[0]).argmax(1) == y).sum())
                 total += len(y)
         r["acc_sparseforge"] = 100.0 * correct_e / total
+        r["acc_sparseforge-int8"] = 100.0 * correct_e8 / total
         r["engine_fallbacks"] = [op["describe"] for op in engine.spec["ops"] if not op["native"]]
         xn = x1.numpy()
         fns[(name, "pytorch")] = lambda m=fused: m(x1)
         fns[(name, "sparseforge")] = lambda e=engine: e(x1)
+        fns[(name, "sparseforge-int8")] = lambda e=eng8: e(x1)
         if sess is not None:
             fns[(name, "onnxruntime-fp32")] = lambda s_=sess: s_.run(None, {"input": xn})
         if sess8 is not None:
             r["acc_onnxruntime-int8"] = 100.0 * correct_8 / total
             fns[(name, "onnxruntime-int8")] = lambda s_=sess8: s_.run(None, {"input": xn})
-        print(f"{name}: acc pytorch {r['acc_pytorch']:.2f} engine {r['acc_sparseforge']:.2f} "
+        print(f"{name}: acc pytorch {r['acc_pytorch']:.2f} engine {r['acc_sparseforge']:.2f} int8 engine "
+              f"{r['acc_sparseforge-int8']:.2f} "
               f"ort-int8 {r.get('acc_onnxruntime-int8', float('nan')):.2f}", flush=True)
     keys = list(fns)
     lat = measure({f"{n}|{rt}": fns[(n, rt)] for n, rt in keys}, runs=a.runs)
     for n, rt in keys:
-        acc = rows[n]["acc_onnxruntime-int8"] if rt == "onnxruntime-int8" else \
-            rows[n]["acc_sparseforge"] if rt == "sparseforge" else rows[n]["acc_pytorch"]
+        acc = rows[n][f"acc_{rt}"] if rt in ("onnxruntime-int8", "sparseforge", "sparseforge-int8") else \
+            rows[n]["acc_pytorch"]
         rows[n]["runtimes"][rt] = {**lat[f"{n}|{rt}"], "acc": acc}
     if a.deepsparse_python:
         # DeepSparse 1.8 pins old numpy/onnx: it runs the unstructured arms' fp32 ONNX in its own venv, in a
@@ -250,7 +264,8 @@ def cmd_measure(a: argparse.Namespace) -> None:
                        for n, r in records.items()},
            "table": table, "env": environment()}
     atomic_write_json(out / "frontier.json", doc)
-    markers = {"pytorch": "o", "onnxruntime-fp32": "s", "onnxruntime-int8": "D", "sparseforge": "*", "deepsparse": "^"}
+    markers = {"pytorch": "o", "onnxruntime-fp32": "s", "onnxruntime-int8": "D", "sparseforge": "*",
+               "sparseforge-int8": "P", "deepsparse": "^"}
     fig, ax = plt.subplots(figsize=(8, 5))
     colors = plt.cm.tab10(np.linspace(0, 1, 10))
     for i, (n, r) in enumerate(rows.items()):
@@ -294,6 +309,8 @@ def main() -> None:
     m.add_argument("--data-dir", default=str(SHARED / "data" / "cifar-10-batches-py"))
     m.add_argument("--weights", default=str(SHARED / "models" / "resnet20-cifar10jpeg.safetensors"))
     m.add_argument("--out", default=str(OUT))
+    m.add_argument("--arms", default="", help="only these finished arms (comma-separated; default all)")
+    m.add_argument("--eval-limit", type=int, default=0, help="first N test images only (smoke tests)")
     a = ap.parse_args()
     Path(a.out).mkdir(parents=True, exist_ok=True)
     {"train": cmd_train, "measure": cmd_measure}[a.cmd](a)
