@@ -17,6 +17,7 @@ them over stages and use any of the toolkit's methods (KD from the dense start i
   pattern-8x-cb2-gradual  pattern-8x-gradual with channel_block=2
   pattern-8x-regrow     pattern-8x-gradual with dense shadow weights through the ramp (straight-through, SR-STE):
                         masks recomputed at every update, so patterns and kept kernels can change; frozen after
+                        (measured: diverges at 8x, stopped after 6 epochs; log committed, no model)
   magnitude-8x-gradual  the same stage with global unstructured magnitude at pattern-8x's weight count: the two
                         structures compared with one pipeline
 
