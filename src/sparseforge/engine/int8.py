@@ -32,7 +32,7 @@ import torch
 from ..errors import SparseforgeError
 from .build import build
 from .ir import ConvOp
-from .plan import _canonical_shapes
+from .plan import DEFAULT_OPTIONS, _kernel_shapes
 from .quant import QuantizedModel, quantize_input, run_op_int
 
 TILE = 128            # output positions per tile (8 vectors of 16 int32 lanes)
@@ -281,6 +281,7 @@ class _ConvPlan:
     xr: int
     quads: int
     entries: int
+    rmult: float              # the residual's multiplier (0 without one)
 
     def __post_init__(self):
         # ctypes pointers made once (a numpy array's .ctypes costs microseconds per call)
@@ -304,16 +305,12 @@ def plan_conv(op: ConvOp, q, h: int, w: int, signed_in: bool) -> _ConvPlan:
         b = np.array(ws + [0] * (4 - len(ws)), dtype=np.int8)
         return int(b.view(np.int32)[0])
 
-    # kernels run with their layer's canonical tap shapes (rare subsets merged into supersets, as the fp32
-    # planner does): a weight that rounds to 0 in int8 must not split a shared (channel, taps) quad
-    nz = wq != 0
-    sets: dict[tuple[int, ...], int] = {}
-    for f in range(o):
-        for c in range(cin):
-            ts = tuple(int(t) for t in np.flatnonzero(nz[f, c].reshape(-1)))
-            if ts:
-                sets[ts] = sets.get(ts, 0) + 1
-    canon = _canonical_shapes(sets, tuple(range(k * k))) if k > 1 else {}
+    # kernels run with their layer's canonical tap shapes, as the fp32 planner lists them (rare subsets merged
+    # into supersets): a weight that rounds to 0 in int8 must not split a shared (channel, taps) quad
+    if k > 1:
+        codes = ((wq != 0).reshape(o, cin, k * k) * (np.int64(1) << np.arange(k * k, dtype=np.int64))).sum(-1)
+        kf, ki, _, shapes, kshape, _ = _kernel_shapes(codes, tuple(range(k * k)), False, DEFAULT_OPTIONS.max_shapes)
+        per_filter = np.searchsorted(kf, np.arange(o + 1))          # kernels are filter-major
     for f in range(o):
         if k == 1:
             for c0 in range(0, cin, 4):
@@ -323,9 +320,9 @@ def plan_conv(op: ConvOp, q, h: int, w: int, signed_in: bool) -> _ConvPlan:
                     eq.append(quad(offs))
                     ew.append(pack4(ws))
         else:
-            for c in range(cin):
-                ts = tuple(int(t) for t in np.flatnonzero(nz[f, c].reshape(-1)))
-                taps = [divmod(t, k) for t in canon[ts]] if ts else []
+            for i in range(per_filter[f], per_filter[f + 1]):
+                c = int(ki[i])
+                taps = [divmod(t, k) for t in shapes[kshape[i]]]
                 for j in range(0, len(taps), 4):
                     chunk = taps[j:j + 4]
                     chunk += [chunk[0]] * (4 - len(chunk))          # padding taps carry weight 0
@@ -349,7 +346,8 @@ def plan_conv(op: ConvOp, q, h: int, w: int, signed_in: bool) -> _ConvPlan:
     return _ConvPlan(qoff, np.array(fbeg, np.int32), np.array(uf, np.int32), np.array(eq, np.int32),
                      np.array(ew, np.int32), bias,
                      q.mult.float().reshape(-1).expand(o).contiguous().numpy().astype(np.float32),
-                     0x80 if signed_in else 0, len(keys), len(eq))
+                     0x80 if signed_in else 0, len(keys), len(eq),
+                     float(q.rmult.reshape(-1)[0]) if q.rmult is not None else 0.0)
 
 
 def _ptr(a: np.ndarray, t=ctypes.c_void_p):
@@ -445,13 +443,12 @@ class Int8Engine:
             pad = op.res_kind == "pad_shortcut"
             rargs = (int(qg.params[op.residual].signed), gr.rs, gr.plane, op.res_stride if pad else 1,
                      op.res_pad_before if pad else 0, gr.c)
-        rmult = float(q.rmult.reshape(-1)[0]) if q.rmult is not None else 0.0
         qoff, uf, fbeg, eq, ew, bias, mult = p.ptrs
         for b in range(n):
             self.lib.sf_conv_q8(
                 xb[b].ctypes.data, p.quads, qoff, go.h, go.w, op.stride, gi.rs, p.xr, len(p.uf) - 1, uf, fbeg, eq,
                 ew, bias,
-                mult, rb[b].ctypes.data if rb is not None else None, *rargs, ctypes.c_float(rmult), q.lo, q.hi,
+                mult, rb[b].ctypes.data if rb is not None else None, *rargs, ctypes.c_float(p.rmult), q.lo, q.hi,
                 out[b].ctypes.data, go.rs, go.plane, self._Qp, self.threads)
         return out
 

@@ -82,6 +82,7 @@ class GradualCallback(Callback):
         # regrow: dense weights and the masks in force, per module name, while the ramp runs (empty after it)
         self.shadow: dict[str, torch.Tensor] = {}
         self.masks: dict[str, torch.Tensor] = {}
+        self._mods: tuple[int, dict[str, nn.Module]] = (0, {})
 
     def _ramp_steps(self, trainer) -> int:
         return max(1, int(self.cfg.ramp * trainer.total_steps))
@@ -95,7 +96,7 @@ class GradualCallback(Callback):
         # which runs after this, only zeroes gradients under masks that existed before the stage)
         if not self.shadow:
             return
-        mods = dict(trainer.model.named_modules())
+        mods = self._modules(trainer.model)
         with torch.no_grad():
             for name, dense in self.shadow.items():
                 w = mods[name].weight
@@ -105,7 +106,7 @@ class GradualCallback(Callback):
 
     def on_step_end(self, trainer) -> None:
         if self.shadow:
-            mods = dict(trainer.model.named_modules())
+            mods = self._modules(trainer.model)
             with torch.no_grad():
                 for name, dense in self.shadow.items():
                     dense.copy_(mods[name].weight)
@@ -137,7 +138,7 @@ class GradualCallback(Callback):
         buffers, and holds the dense weights times the new masks between steps (what evaluation and checkpoints
         see)."""
         before = {n: getattr(m, MASK_BUFFER).clone() for n, m in masked_modules(model)}
-        mods = dict(model.named_modules())
+        mods = self._modules(model)
         if self.shadow:
             self._restore_dense(model)
             first = {}
@@ -159,14 +160,20 @@ class GradualCallback(Callback):
         self._show_masked(model)
         return {**info, "regrow_changed": changed}
 
+    def _modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Modules by name, looked up once per model (every training step reads them)."""
+        if self._mods[0] != id(model):
+            self._mods = (id(model), dict(model.named_modules()))
+        return self._mods[1]
+
     def _restore_dense(self, model: nn.Module) -> None:
-        mods = dict(model.named_modules())
+        mods = self._modules(model)
         with torch.no_grad():
             for n, dense in self.shadow.items():
                 mods[n].weight.copy_(dense)
 
     def _show_masked(self, model: nn.Module) -> None:
-        mods = dict(model.named_modules())
+        mods = self._modules(model)
         with torch.no_grad():
             for n, dense in self.shadow.items():
                 mods[n].weight.copy_(dense * self.masks[n])
