@@ -73,7 +73,7 @@ def test_plan_options_travel_with_the_artefact(tmp_path):
     from sparseforge.errors import SparseforgeError
 
     m, x = _net(), torch.randn(1, 3, 12, 12)
-    opts = PlanOptions(max_acc=4, blocked_min_density=1.01)    # sparse modes, 4 accumulators
+    opts = PlanOptions(max_acc=4, blocked_min_density=1.01, ochan_min_density=1.01)    # sparse modes, 4 accumulators
     e = compile(m, x, threads=2, plan_options=opts)
     assert e.spec["options"]["plan"]["max_acc"] == 4
     assert e.source != compile(m, x, threads=2).source

@@ -177,23 +177,36 @@ def test_split_build_equals_single_unit(tmp_path, monkeypatch):
         assert rel_err(outs[0], m(x)) < 1e-5
 
 
-@pytest.mark.parametrize("mode", ["blocked", "auto"])
-def test_blocked_mode_dense_layers(mode):
-    """Blocked mode (dense layers: F filters x rows x vectors per register block, last blocks shifted back):
-    kernel 1/3, stride 1/2, padding 0/1, odd sizes, residual, against PyTorch; auto picks it for dense convs."""
+@pytest.mark.parametrize("mode,kernel", [("blocked", "host"), ("auto", "host"), ("blocked", "pixel"),
+                                         ("blocked", "ochan")])
+def test_blocked_mode_dense_layers(mode, kernel):
+    """Blocked mode (dense layers: register blocks, last blocks shifted back), in both kernels whatever the host:
+    pixel vectors (F filters x rows x vectors) and output-channel vectors (16 filters x rows x pixels; forced by
+    16-lane plans): kernel 1/3 and 7x7 stride 2 (a phase split and a 4x4 conv), stride 1/2, padding 0/1, odd sizes and filter counts (a partial last block of
+    filters), maps narrower than a block, residual, NaN/Inf, against PyTorch; auto picks it for dense convs."""
+    from sparseforge.engine import PlanOptions
+
+    kw = {"host": {}, "pixel": {"plan_options": PlanOptions(blocked_ochan=False)}, "ochan": {"vector_width": 16}}[kernel]
     torch.manual_seed(0)
     for cin, cout, k, s, p, (h, w) in [(3, 5, 3, 2, 1, (23, 17)), (8, 16, 1, 1, 0, (7, 5)), (17, 16, 3, 1, 1, (16, 32)),
-                                       (8, 7, 3, 2, 0, (16, 9)), (16, 13, 1, 2, 0, (15, 30)), (4, 16, 3, 1, 0, (9, 40))]:
+                                       (8, 7, 3, 2, 0, (16, 9)), (16, 13, 1, 2, 0, (15, 30)), (4, 16, 3, 1, 0, (9, 40)),
+                                       (3, 33, 7, 2, 3, (29, 26)), (5, 18, 3, 1, 1, (3, 2)), (24, 40, 1, 1, 0, (5, 19)),
+                                       (33, 70, 1, 2, 0, (9, 14))]:
         m = randomize_bn(nn.Sequential(nn.Conv2d(cin, cout, k, s, p), nn.BatchNorm2d(cout), nn.ReLU()), seed=k + s)
         x = torch.randn(3, cin, h, w)
-        e, st = compile(m, x[:1], threads=2, conv_mode=mode, return_stages=True)
+        x[1, 0, h // 2, w // 2], x[2, cin - 1, 0, w - 1] = float("nan"), float("inf")
+        e, st = compile(m, x[:1], threads=2, conv_mode=mode, return_stages=True, **kw)
         assert any(c.blocked for c in st.plan.convs.values()), (cin, cout, k, s, p)
+        if kernel != "host":
+            assert all(c.blk_ochan == (kernel == "ochan") for c in st.plan.convs.values() if c.blocked)
         with torch.inference_mode():
-            assert rel_err(e(x), m(x)) < 1e-5, (cin, cout, k, s, p, h, w)
+            out, ref = e(x), m(x)
+        assert torch.equal(out.isnan(), ref.isnan()), (cin, cout, k, s, p, h, w)
+        assert rel_err(out.nan_to_num(), ref.nan_to_num()) < 1e-5, (cin, cout, k, s, p, h, w)
     m = randomize_bn(nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1), BasicBlock(16, 32, 2, "relu", project=True),
                                    BasicBlock(32, 32, 1, "relu", project=False)), seed=3)
     x = torch.randn(2, 3, 20, 24)
-    e = compile(m, x[:1], threads=3, conv_mode=mode)
+    e = compile(m, x[:1], threads=3, conv_mode=mode, **kw)
     with torch.inference_mode():
         assert rel_err(e(x), m(x)) < 1e-5
 

@@ -299,6 +299,8 @@ def conv_source(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
 def _blocked_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
     """Blocked mode (see ``plan._plan_blocked``): per tap, R x V input vectors loaded once, F broadcast weights,
     F x R x V FMAs."""
+    if p.blk_ochan:
+        return _blocked_ochan_conv(k, p, plan, bodies)
     op: ConvOp = p.op
     li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
     o, cin, kh, kw = op.weight.shape
@@ -370,6 +372,100 @@ def _blocked_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> st
                 b.append("        }")
         b.append("      }")
     b += ["    }", "  }"]
+    return _register(k, p, plan, bodies, "\n".join(b), [],
+                     desc=[op.inputs[0], op.output, op.residual if op.residual is not None else -1, p.blk_b_off,
+                           p.blk_w_off])
+
+
+def _ochan_taps(taps, kw: int, nv: int, tap_off, w_at, accs) -> list[str]:
+    """One channel's FMAs in output-channel mode, a kernel row at a time: that row's weight vectors loaded once,
+    then every input value the row's taps read broadcast once and multiplied into each accumulator that needs
+    it (with stride 1, three 3x3 taps share each value: ~0.4 loads per FMA instead of ~1.1; one load per term,
+    as gcc would otherwise common them up across taps and spill the accumulators). ``nv``: vectors of 16
+    filters; ``tap_off(t)``, ``w_at(t, j)``: tap t's input offset and weight vector j; ``accs``: (name, offset),
+    vector j of accumulator name being name_j."""
+    lines = []
+    rows: dict[int, list[int]] = {}
+    for t in taps:
+        rows.setdefault(t // kw, []).append(t)
+    for ts in rows.values():
+        uses: dict[int, list[str]] = {}
+        for name, base in accs:
+            for t in ts:
+                uses.setdefault(base + tap_off(t), []).extend(f"{name}_{j} += w{t}_{j} * x;" for j in range(nv))
+        lines.append("        { " + " ".join(f"const g16 w{t}_{j} = {w_at(t, j)};" for t in ts for j in range(nv)))
+        for addr in sorted(uses):
+            lines.append(f"          {{ const g16 x = bcg16(ip[{addr}]); " + " ".join(uses[addr]) + " }")
+        lines.append("        }")
+    return lines
+
+
+def _blocked_ochan_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
+    """Blocked mode with vectors along output channels (``ConvPlan.blk_ochan``): a block is F = 16 x nv filters x
+    R rows x V pixels, nv accumulators per pixel; per (channel, tap) nv aligned weight vectors (the packing is
+    blocked mode's [block][channel][tap][filter]) and one broadcast input value per pixel, so no load is
+    shifted across cache lines. The epilogue transposes the block into the planar output through a buffer,
+    adding residual and activation per element (the bias is the accumulators' start)."""
+    op: ConvOp = p.op
+    li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
+    o, cin, kh, kw = op.weight.shape
+    s, pad, F = op.stride, op.padding, p.blk_f
+    R, V, nb, nv = p.rows, p.vecs, p.blk_nb, p.blk_f // 16
+    ho, wo = p.ho, p.wo
+    kk = kh * kw
+    nby = -(-ho // R)
+    accs = [f"a{r}_{v}" for r in range(R) for v in range(V)]
+    b = ["  const float* in = B[d[0]]; float* out = B[d[1]];",
+         "  const float* bias = g_w + d[3]; const float* W = g_w + d[4];"]
+    if op.residual is not None:
+        b.append("  const float* res = B[d[2]];")
+    b += ["  const int Nf = N - N % nth;",
+          f"  float buf[{R * V * F}] __attribute__((aligned(64)));",
+          "  for (int n = 0; n < N; n++) {",
+          "    const int own = n < Nf;",
+          "    if (own && n % nth != tid) continue;",
+          f"    const float* ib = in + (long)n * {li.image};",
+          f"    float* ob = out + (long)n * {lo.image};",
+          f"    int ylo = 0, yhi = {nby}, flo = 0, fhi = {nb};"]
+    if p.spatial:
+        b.append(f"    if (!own) {{ ylo = {nby} * tid / nth; yhi = {nby} * (tid + 1) / nth; }}")
+    else:
+        b.append(f"    if (!own) {{ flo = {nb} * tid / nth; fhi = {nb} * (tid + 1) / nth; }}")
+    loops = ["    for (int yb = ylo; yb < yhi; yb++)",
+             f"    for (int xb = 0; xb < {-(-wo // V)}; xb++)"]
+    floop = ["    for (int fb = flo; fb < fhi; fb++)"]
+    b += (loops + floop) if p.block_outer else (floop + loops)
+    b += ["    {",
+          f"      const int y0 = yb * {R} < {ho - R} ? yb * {R} : {ho - R};",
+          f"      const int x0 = xb * {V} < {wo - V} ? xb * {V} : {wo - V};",
+          f"      const long ioff = (long)(y0 * {s} + 1 - {pad}) * {li.rs} + (x0 * {s} + 1 - {pad});",
+          f"      const float* wp = W + (long)fb * {cin * kk * F};"]
+    b += [f"      const g16 bv{j} = ldg16(bias + fb * {F} + {16 * j});" for j in range(nv)]
+    b += ["      g16 " + ", ".join(f"{a}_{j} = bv{j}" for a in accs for j in range(nv)) + ";"]
+    g = len(p.blk_taps)          # channel phases (1 unless phase-lowered), each with its own taps
+    b += [f"      for (int c = 0; c < {cin}; c += {g}, wp += {g * kk * F}) {{",
+          f"        const float* ip = ib + (long)c * {li.plane} + ioff;"]
+    for ph, taps in enumerate(p.blk_taps):
+        b += _ochan_taps(taps, kw, nv, lambda t, ph=ph: ph * li.plane + (t // kw) * li.rs + (t % kw),
+                         lambda t, j, ph=ph: f"ldg16(wp + {(ph * kk + t) * F + 16 * j})",
+                         [(f"a{r}_{v}", r * s * li.rs + v * s) for r in range(R) for v in range(V)])
+    b.append("      }")
+    b += ["      " + " ".join(f"stg16(buf + {i * F + 16 * j}, {a}_{j});" for i, a in enumerate(accs) for j in range(nv)),
+          f"      const int nf = {o} - fb * {F} < {F} ? {o} - fb * {F} : {F};",
+          "      for (int f = 0; f < nf; f++) {",
+          f"        float* obf = ob + (long)(fb * {F} + f) * {lo.plane} + (long)(y0 + 1) * {lo.rs} + (x0 + 1);"]
+    if op.residual is not None:
+        b.append(f"        const float* rbf = res + (long)n * {lo.image} + (long)(fb * {F} + f) * {lo.plane}"
+                 f" + (long)(y0 + 1) * {lo.rs} + (x0 + 1);")
+    b += [f"        for (int r = 0; r < {R}; r++) for (int v = 0; v < {V}; v++) {{",
+          f"          float a = buf[(r * {V} + v) * {F} + f];"]
+    if op.residual is not None:
+        b.append(f"          a += rbf[r * {lo.rs} + v];")
+    b += [f"          obf[r * {lo.rs} + v] = {_act_s(op.act, 'a')};",
+          "        }",
+          "      }",
+          "    }",
+          "  }"]
     return _register(k, p, plan, bodies, "\n".join(b), [],
                      desc=[op.inputs[0], op.output, op.residual if op.residual is not None else -1, p.blk_b_off,
                            p.blk_w_off])

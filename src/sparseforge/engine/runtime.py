@@ -29,7 +29,10 @@ class CompiledModel:
         self.lib_path = Path(lib_path)
         self.source = source
         self._torch_ops = torch_ops or {}
-        self._floats = torch.from_numpy(np.ascontiguousarray(floats, dtype=np.float32))
+        # torch's allocator aligns to 64 bytes (numpy's may not): blob arrays added with align=16 then start
+        # on cache lines
+        f = np.ascontiguousarray(floats, dtype=np.float32)
+        self._floats = torch.empty(f.size, dtype=torch.float32).copy_(torch.from_numpy(f))
         self._ints = torch.from_numpy(np.ascontiguousarray(ints, dtype=np.int32))
         self._lib = ctypes.CDLL(str(self.lib_path))
         self._wp, self._ip = self._floats.data_ptr(), self._ints.data_ptr()
