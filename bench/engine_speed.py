@@ -55,9 +55,12 @@ def model_for(name: str) -> torch.nn.Module:
 CONFIGS = {
     "pattern8x": sf.PatternConfig(num_patterns=8, connectivity=3.6),
     "pattern8x-cb2": sf.PatternConfig(num_patterns=8, connectivity=3.6, channel_block=2),
+    # blocks of 16 filters share kept kernels and patterns: the engine runs them as 16-filter vectors (AVX-512)
+    "pattern8x-cb16": sf.PatternConfig(num_patterns=8, connectivity=3.6, channel_block=16),
     "pattern2.25x": sf.PatternConfig(num_patterns=8, connectivity=1.0),
     # + the hidden linears of a VGG-style classifier magnitude-pruned 8x (the output layer stays dense)
     "pattern8x+fc": sf.PatternConfig(num_patterns=8, connectivity=3.6),
+    "pattern8x-cb16+fc": sf.PatternConfig(num_patterns=8, connectivity=3.6, channel_block=16),
 }
 FC_8X = sf.MagnitudeConfig(sparsity=0.875, scope="layer", include=("classifier.0", "classifier.3"), prune_linear=True)
 

@@ -231,6 +231,45 @@ def test_kxk_convs_run_natively(mode):
         assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5, equal_nan=True), (k, s, p, dw)
 
 
+@pytest.mark.parametrize("vw", [None, 16])
+def test_channel_block_16_runs_as_output_channel_vectors(vw):
+    """channel_block=16 pruning: each block of 16 filters shares its kept kernels and patterns, so the engine runs
+    the block's kept kernels only, 16 filters per vector (AVX-512 hosts; forced by 16-lane plans on any host):
+    3x3 and 1x1, stride 1/2, residuals, a partial last block (40 filters), both epilogues (rows of 16 pixels
+    transposed in registers, and shorter blocks through a buffer), batch > 1, NaN/Inf; a layer whose blocks
+    do not share kernels runs in the per-filter modes."""
+    import sparseforge as sf
+    from sparseforge.engine.plan import _ochan
+    from sparseforge.engine.testing import random_bn_statistics
+    from sparseforge.sparsity.mask import fold_masks
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 40, 3, 1, 1), nn.BatchNorm2d(40), nn.ReLU(),
+                      BasicBlock(40, 48, 2, "relu", project=True), BasicBlock(48, 48, 2, "relu", project=True),
+                      nn.Conv2d(48, 40, 1), nn.BatchNorm2d(40), nn.ReLU(), nn.Conv2d(40, 40, 3, 1, 1))
+    m = random_bn_statistics(m.eval(), torch.Generator().manual_seed(1))
+    sf.prune(m, sf.PatternConfig(num_patterns=8, connectivity=3.6, channel_block=16, connectivity_scope="layer"))
+    with torch.no_grad():        # the last conv: per-filter kernels (blocks share nothing)
+        m[8].weight.mul_((torch.rand(40, 40, 1, 1) < 0.2).float())
+    m = fold_masks(m)
+    x = torch.randn(3, 3, 40, 36)
+    x[1, 0, 13, 9], x[2, 2, 30, 11] = float("nan"), float("inf")
+    e, st = compile(m, x[:1], threads=2, return_stages=True, vector_width=vw)
+    ochan = _ochan(st.plan.options, st.plan.vec, e.spec["options"]["wide"])
+    sparse = [c for c in st.plan.convs.values() if c.blk_sparse]
+    if ochan:
+        assert len(sparse) >= 5 and any(c.op.residual is not None for c in sparse)
+        assert {(c.rows, c.vecs) == (1, 16) for c in sparse} == {True, False}      # both epilogues
+        assert any(c.op.stride == 2 for c in sparse) and any(c.op.weight.shape[2] == 1 for c in sparse)
+        assert not any(c.blk_sparse for k, c in st.plan.convs.items() if c.op.name.endswith("8"))
+    else:
+        assert not sparse
+    with torch.inference_mode():
+        out, ref = e(x), m(x)
+    ok, why = compare_outputs(out, ref, sparse=True)
+    assert ok and (~out.isfinite()).any(), why
+
+
 @pytest.mark.parametrize("cb", [pytest.param(2, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)])
 def test_channel_block_filters_run_as_groups(cb):
     """channel_block pruning (adjacent filters share pattern and kept kernels): the engine runs such filters as

@@ -155,7 +155,7 @@ def test_excluded_layers_untouched():
     assert get_mask(m.layer3[0].conv1) is None and get_mask(m.layer2[0].conv1) is not None
 
 
-@pytest.mark.parametrize("b", [2, 4])
+@pytest.mark.parametrize("b", [2, 4, 16])
 def test_channel_block_shares_pattern_and_kernels(b):
     m = small_model()
     sf.prune(m, PatternConfig(num_patterns=8, connectivity=3.6, channel_block=b))

@@ -76,6 +76,22 @@ static inline void stng16(float* p, g16 v, int n) { float t[16]; memcpy(t, &v, s
 static inline g16 relug16(g16 v) { gi16 m = v < bcg16(0.0f); return (g16)((gi16)v & ~m); }
 static inline g16 andmg16(g16 a, g16 m) { return (g16)((gi16)a & (gi16)m); }
 static inline g16 relu6g16(g16 v) { v = relug16(v); gi16 m = v > bcg16(6.0f); return (g16)(((gi16)v & ~m) | ((gi16)bcg16(6.0f) & m)); }
+/* 16 x 16 transpose in registers: four perfect shuffles (a[p] lane f -> a[f] lane p) */
+static inline void tr16(g16* a) {
+  for (int s = 0; s < 4; s++) {
+    g16 b[16];
+    for (int j = 0; j < 8; j++) {
+#ifdef __clang__
+      b[2 * j] = __builtin_shufflevector(a[j], a[j + 8], 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+      b[2 * j + 1] = __builtin_shufflevector(a[j], a[j + 8], 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+#else
+      b[2 * j] = __builtin_shuffle(a[j], a[j + 8], (gi16){0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23});
+      b[2 * j + 1] = __builtin_shuffle(a[j], a[j + 8], (gi16){8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31});
+#endif
+    }
+    for (int j = 0; j < 16; j++) a[j] = b[j];
+  }
+}
 static inline g8 relug8(g8 v) { gi8 m = v < bcg8(0.0f); return (g8)((gi8)v & ~m); }
 static inline g8 andmg8(g8 a, g8 m) { return (g8)((gi8)a & (gi8)m); }
 static inline g8 relu6g8(g8 v) { v = relug8(v); gi8 m = v > bcg8(6.0f); return (g8)(((gi8)v & ~m) | ((gi8)bcg8(6.0f) & m)); }

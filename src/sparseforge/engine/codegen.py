@@ -117,6 +117,22 @@ static inline void stng16(float* p, g16 v, int n) { float t[16]; memcpy(t, &v, s
 static inline g16 relug16(g16 v) { gi16 m = v < bcg16(0.0f); return (g16)((gi16)v & ~m); }
 static inline g16 andmg16(g16 a, g16 m) { return (g16)((gi16)a & (gi16)m); }
 static inline g16 relu6g16(g16 v) { v = relug16(v); gi16 m = v > bcg16(6.0f); return (g16)(((gi16)v & ~m) | ((gi16)bcg16(6.0f) & m)); }
+/* 16 x 16 transpose in registers: four perfect shuffles (a[p] lane f -> a[f] lane p) */
+static inline void tr16(g16* a) {
+  for (int s = 0; s < 4; s++) {
+    g16 b[16];
+    for (int j = 0; j < 8; j++) {
+#ifdef __clang__
+      b[2 * j] = __builtin_shufflevector(a[j], a[j + 8], 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+      b[2 * j + 1] = __builtin_shufflevector(a[j], a[j + 8], 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+#else
+      b[2 * j] = __builtin_shuffle(a[j], a[j + 8], (gi16){0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23});
+      b[2 * j + 1] = __builtin_shuffle(a[j], a[j + 8], (gi16){8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31});
+#endif
+    }
+    for (int j = 0; j < 16; j++) a[j] = b[j];
+  }
+}
 static inline g8 relug8(g8 v) { gi8 m = v < bcg8(0.0f); return (g8)((gi8)v & ~m); }
 static inline g8 andmg8(g8 a, g8 m) { return (g8)((gi8)a & (gi8)m); }
 static inline g8 relu6g8(g8 v) { v = relug8(v); gi8 m = v > bcg8(6.0f); return (g8)(((gi8)v & ~m) | ((gi8)bcg8(6.0f) & m)); }
@@ -377,7 +393,7 @@ def _blocked_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> st
                            p.blk_w_off])
 
 
-def _ochan_taps(taps, kw: int, nv: int, tap_off, w_at, accs) -> list[str]:
+def _ochan_taps(taps, kw: int, nv: int, tap_off, w_at, accs, max_w: int = 9) -> list[str]:
     """One channel's FMAs in output-channel mode, a kernel row at a time: that row's weight vectors loaded once,
     then every input value the row's taps read broadcast once and multiplied into each accumulator that needs
     it (with stride 1, three 3x3 taps share each value: ~0.4 loads per FMA instead of ~1.1; one load per term,
@@ -387,7 +403,9 @@ def _ochan_taps(taps, kw: int, nv: int, tap_off, w_at, accs) -> list[str]:
     lines = []
     rows: dict[int, list[int]] = {}
     for t in taps:
-        rows.setdefault(t // kw, []).append(t)
+        # up to 9 taps: all weight vectors in registers at once, so a value also serves the taps of other
+        # kernel rows that read it for another output row (R > 1); more taps: a kernel row at a time
+        rows.setdefault(0 if len(taps) * nv <= max_w else t // kw, []).append(t)
     for ts in rows.values():
         uses: dict[int, list[str]] = {}
         for name, base in accs:
@@ -415,6 +433,9 @@ def _blocked_ochan_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str])
     kk = kh * kw
     nby = -(-ho // R)
     accs = [f"a{r}_{v}" for r in range(R) for v in range(V)]
+    desc = [op.inputs[0], op.output, op.residual if op.residual is not None else -1, p.blk_b_off, p.blk_w_off]
+    if p.blk_sparse:
+        desc += [p.blk_cnt_off, p.blk_ch_off, p.blk_kst_off, p.blk_wst_off]
     b = ["  const float* in = B[d[0]]; float* out = B[d[1]];",
          "  const float* bias = g_w + d[3]; const float* W = g_w + d[4];"]
     if op.residual is not None:
@@ -438,18 +459,50 @@ def _blocked_ochan_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str])
     b += ["    {",
           f"      const int y0 = yb * {R} < {ho - R} ? yb * {R} : {ho - R};",
           f"      const int x0 = xb * {V} < {wo - V} ? xb * {V} : {wo - V};",
-          f"      const long ioff = (long)(y0 * {s} + 1 - {pad}) * {li.rs} + (x0 * {s} + 1 - {pad});",
-          f"      const float* wp = W + (long)fb * {cin * kk * F};"]
+          f"      const long ioff = (long)(y0 * {s} + 1 - {pad}) * {li.rs} + (x0 * {s} + 1 - {pad});"]
     b += [f"      const g16 bv{j} = ldg16(bias + fb * {F} + {16 * j});" for j in range(nv)]
     b += ["      g16 " + ", ".join(f"{a}_{j} = bv{j}" for a in accs for j in range(nv)) + ";"]
-    g = len(p.blk_taps)          # channel phases (1 unless phase-lowered), each with its own taps
-    b += [f"      for (int c = 0; c < {cin}; c += {g}, wp += {g * kk * F}) {{",
-          f"        const float* ip = ib + (long)c * {li.plane} + ioff;"]
-    for ph, taps in enumerate(p.blk_taps):
-        b += _ochan_taps(taps, kw, nv, lambda t, ph=ph: ph * li.plane + (t // kw) * li.rs + (t % kw),
-                         lambda t, j, ph=ph: f"ldg16(wp + {(ph * kk + t) * F + 16 * j})",
-                         [(f"a{r}_{v}", r * s * li.rs + v * s) for r in range(R) for v in range(V)])
-    b.append("      }")
+    pix = [(f"a{r}_{v}", r * s * li.rs + v * s) for r in range(R) for v in range(V)]
+    if p.blk_sparse:
+        # the block's kept kernels, shape by shape: (count, channels, weights [tap][16 filters])
+        b += [f"      const int* cn = g_i + d[5] + fb * {len(p.shapes)};",
+              "      const int* ch = g_i + d[6] + g_i[d[7] + fb];",
+              "      const float* wp = W + g_i[d[8] + fb];"]
+        for j, sh in enumerate(p.shapes):
+            b += [f"      for (int i = 0; i < cn[{j}]; i++, ch++, wp += {len(sh) * 16}) {{",
+                  f"        const float* ip = ib + (long)(*ch) * {li.plane} + ioff;"]
+            b += _ochan_taps(sh, kw, 1, lambda t: (t // kw) * li.rs + (t % kw),
+                             lambda t, _j, sh=sh: f"ldg16(wp + {sh.index(t) * 16})", pix, plan.options.ochan_max_w)
+            b.append("      }")
+    else:
+        g = len(p.blk_taps)          # channel phases (1 unless phase-lowered), each with its own taps
+        b += [f"      const float* wp = W + (long)fb * {cin * kk * F};",
+              f"      for (int c = 0; c < {cin}; c += {g}, wp += {g * kk * F}) {{",
+              f"        const float* ip = ib + (long)c * {li.plane} + ioff;"]
+        for ph, taps in enumerate(p.blk_taps):
+            b += _ochan_taps(taps, kw, nv, lambda t, ph=ph: ph * li.plane + (t // kw) * li.rs + (t % kw),
+                             lambda t, j, ph=ph: f"ldg16(wp + {(ph * kk + t) * F + 16 * j})", pix,
+                             plan.options.ochan_max_w)
+        b.append("      }")
+    if R == 1 and V == 16:
+        # a row of 16 pixels: each vector of 16 filters transposed in registers, then one vector per filter
+        # (per-element epilogues cost more than the FMAs when a block has few kept weights per pixel)
+        for j in range(nv):
+            b += ["      {",
+                  "        g16 t[16] = {" + ", ".join(f"{a}_{j}" for a in accs) + "};",
+                  "        tr16(t);",
+                  f"        const int nf = {o} - fb * {F} - {16 * j} < 16 ? {o} - fb * {F} - {16 * j} : 16;",
+                  "        for (int f = 0; f < nf; f++) {",
+                  f"          const long fo = (long)(fb * {F} + {16 * j} + f) * {lo.plane} + (long)(y0 + 1) * {lo.rs}"
+                  " + (x0 + 1);",
+                  "          g16 v = t[f];"]
+            if op.residual is not None:
+                b.append(f"          v += ldg16(res + (long)n * {lo.image} + fo);")
+            b += [f"          stg16(ob + fo, {_act(op.act, 'v', 'g16')});",
+                  "        }",
+                  "      }"]
+        b += ["    }", "  }"]
+        return _register(k, p, plan, bodies, "\n".join(b), [], desc=desc)
     b += ["      " + " ".join(f"stg16(buf + {i * F + 16 * j}, {a}_{j});" for i, a in enumerate(accs) for j in range(nv)),
           f"      const int nf = {o} - fb * {F} < {F} ? {o} - fb * {F} : {F};",
           "      for (int f = 0; f < nf; f++) {",
@@ -466,9 +519,7 @@ def _blocked_ochan_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str])
           "      }",
           "    }",
           "  }"]
-    return _register(k, p, plan, bodies, "\n".join(b), [],
-                     desc=[op.inputs[0], op.output, op.residual if op.residual is not None else -1, p.blk_b_off,
-                           p.blk_w_off])
+    return _register(k, p, plan, bodies, "\n".join(b), [], desc=desc)
 
 
 def _register(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], body: str, extra: list[int],

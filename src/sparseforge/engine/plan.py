@@ -62,6 +62,16 @@ class PlanOptions:
     # ... which takes convs this dense (the sparse modes' time per kept weight is 2.1-2.4x ochan's per weight
     # for 3x3 convs, 2.1-4.4x for 1x1 convs at 224-size shapes: at 0.5 ochan ties or wins)
     ochan_min_density: float = 0.5
+    # sparser convs whose 16-filter blocks share their kept kernels and taps (channel_block 16 pruning) run
+    # in the same mode over each block's kept kernels only, when the blocks' weight vectors are at least this
+    # full (the kept weights over 16 x the block's taps)
+    ochan_sparse_min_fill: float = 0.75
+    ochan_sparse_vmax: int = 8         # ... with at most this many pixels of a row per block (more rows: measured
+                                       # 50-57 vs 48-52 GMAC/s per core at 16, 3x3 cb16 layers 28x28x128, 56x56x64)
+    ochan_max_w: int = 9               # kernels of at most this many weight vectors keep them all in registers
+    # maps >= 16 wide whose blocks have at most this many weight vectors per pixel (few input channels, or few
+    # kept kernels): blocks of one row of 16 pixels, transposed in registers for a vector epilogue
+    ochan_row_max_work: int = 64
     max_group: int = 2                # most adjacent filters run as one group (ConvPlan.fgroup; 1 = off); measured
                                       # no faster at 4 on ResNet-18/50, MobileNetV2 at 224
     fgroup_waste: float = 1.05        # groups run when the union of their taps costs at most this much extra
@@ -230,6 +240,13 @@ class ConvPlan:
     # value per pixel, each value broadcast once for every tap that reads it. No shifted (cache-line-splitting)
     # vector loads; the block goes to the planar output through a small buffer in the epilogue.
     blk_ochan: bool = False
+    # ... over each 16-filter block's kept kernels only (channel_block 16 pruning): per block and tap shape a
+    # kernel count, the kernels' channels, each block's first kernel and first weight
+    blk_sparse: bool = False
+    blk_cnt_off: int = 0
+    blk_ch_off: int = 0
+    blk_kst_off: int = 0
+    blk_wst_off: int = 0
     # filter groups (direct and flat modes): fgroup adjacent filters share their kernels (channel_block
     # pruning) and run together, fgroup x the accumulators, each input vector loaded once for all of them;
     # thread lists, runs and ``thread_of`` are per group, weights [kernel][tap][filter of the group]
@@ -317,6 +334,16 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
                    opts.ochan_min_density if _ochan(opts, vec, wide) else opts.blocked_min_density))))
     if blocked:     # dense weights of their own: the per-shape kernel lists below are not built
         return _plan_blocked(op, in_shape, out_shape, blob, threads, lin, vec, wide, w9, work, len(kc), shapes, opts)
+    if (conv_mode == "auto" and op.groups == 1 and op.tap_period == 1 and lin is not None and len(kc)
+            and (op.residual is None or op.res_kind == "identity") and _ochan(opts, vec, wide)):
+        nb = -(-o // 16)
+        ucodes = np.zeros((nb * 16, ig), dtype=np.int64)
+        ucodes[:o] = codes
+        ucodes = np.bitwise_or.reduce(ucodes.reshape(nb, 16, ig), axis=1)
+        bf, bi, bc, bshapes, bkshape, bwork = _kernel_shapes(ucodes, taps_all, False, opts.max_shapes)
+        if np.count_nonzero(w9) >= opts.ochan_sparse_min_fill * 16 * int(bwork.sum()):
+            return _plan_ochan_sparse(op, out_shape, blob, threads, lin, w9, bf, bi, bshapes, bkshape, len(kc),
+                                      int(work.sum()), opts)
     packed1 = (op.groups == 1 and kh == 1 and kw == 1 and op.padding == 0 and ho * wo <= opts.packed1_max
                and conv_mode != "direct")
     gather_ok = op.groups == 1 and op.padding <= 1 and kh <= 3 and kw <= 3
@@ -466,6 +493,55 @@ def filter_group(codes: np.ndarray, own_taps: int, taps_all: tuple[int, ...], ma
     return 1
 
 
+def _ochan_rows(ho: int, wo: int, pix: int, vmax: int = 16) -> tuple[int, int]:
+    """Pixels (V, at most ``vmax``) and rows (R) of an output-channel block of at most ``pix`` accumulators: the
+    fewest recomputed (shifted-back) pixels, then the most per block."""
+    V = min(range(1, min(wo, pix, vmax) + 1), key=lambda v: (-(-wo // v) * (v + 1.0), -v))
+    R = min(range(1, min(ho, pix // V) + 1), key=lambda r: (-(-ho // r) * (r + 0.5), -r))
+    return V, R
+
+
+def _plan_ochan_sparse(op: ConvOp, out_shape, blob: Blob, threads: int, lin: Layout, w9: np.ndarray,
+                       bf: np.ndarray, bi: np.ndarray, shapes: list, bkshape: np.ndarray, kernels: int, taps: int,
+                       opts: PlanOptions) -> ConvPlan:
+    """Output-channel vectors over the kept kernels of each block of 16 filters (``ConvPlan.blk_sparse``):
+    per block, its kernels grouped by tap shape, channels ascending; weights [block][kernel][tap][16 filters],
+    zero for a filter of the block that lacks the tap (multiplied, as PyTorch multiplies every zero)."""
+    o, cin, kk = w9.shape
+    _, ho, wo = out_shape
+    nb = -(-o // 16)
+    per_block = np.bincount(bf, weights=np.array([len(shapes[j]) for j in bkshape]), minlength=nb)
+    V, R = _ochan_rows(ho, wo, opts.ochan_acc, opts.ochan_sparse_vmax)
+    if wo >= 16 and per_block.mean() <= opts.ochan_row_max_work:
+        V, R = 16, 1
+    p = ConvPlan(op, shapes, int(op.weight.shape[2]), ho, wo, R, V, wo)
+    wpad = np.zeros((nb * 16, cin, kk), dtype=np.float32)
+    wpad[:o] = w9
+    ns = len(shapes)
+    order = np.lexsort((bi, bkshape, bf))                  # block, then shape, then channel
+    cnt = np.zeros((nb, ns), dtype=np.int64)
+    np.add.at(cnt, (bf, bkshape), 1)
+    wst, chans, ws = [0], [], []
+    for k in order.tolist():
+        blk, c, sh = int(bf[k]), int(bi[k]), shapes[int(bkshape[k])]
+        chans.append(c)
+        ws.append(wpad[blk * 16:(blk + 1) * 16, c][:, list(sh)].T.ravel())     # [tap][16 filters]
+    wst = np.concatenate([[0], np.cumsum(16 * per_block)[:-1]]).astype(np.int64)
+    kst = np.concatenate([[0], np.cumsum(cnt.sum(1))[:-1]]).astype(np.int64)
+    bias = np.zeros(nb * 16, dtype=np.float32)
+    bias[:o] = op.bias.numpy()
+    p.blocked, p.blk_ochan, p.blk_sparse, p.blk_f, p.blk_nb = True, True, True, 16, nb
+    p.blk_w_off = blob.add_f(np.concatenate(ws), align=16)
+    p.blk_b_off = p.bias_off = blob.add_f(bias, align=16)
+    p.blk_cnt_off, p.blk_ch_off = blob.add_i(cnt.ravel()), blob.add_i(chans)
+    p.blk_kst_off, p.blk_wst_off = blob.add_i(kst), blob.add_i(wst)
+    p.block_outer = 4 * lin.image >= opts.block_outer_ratio * 4 * (sum(len(w) for w in ws) + len(chans))
+    p.spatial = threads > 1 and p.block_outer and ho >= 2 * threads * R
+    p.kernels, p.taps = kernels, taps
+    p.flops = 2 * 16 * int(per_block.sum()) * ho * wo     # every lane of every block's vectors is multiplied
+    return p
+
+
 def _ochan(opts: PlanOptions, vec: int, wide: bool) -> bool:
     """Blocked convs use output-channel vectors: 16 filters wide, so only with AVX-512's registers."""
     return opts.blocked_ochan and (wide or vec == 16)
@@ -484,11 +560,10 @@ def _plan_blocked(op: ConvOp, in_shape, out_shape, blob: Blob, threads: int, lin
     if ochan:
         # 16 filters per vector (AVX-512 registers, also in an 8-lane plan); pixels per row block: the fewest
         # recomputed (shifted-back) pixels, then the most per block
-        nv = max(1, min(opts.ochan_vecs_1x1, -(-o // 16))) if kk == 1 else 1
-        pix = opts.ochan_acc_1x1 // nv if kk == 1 else opts.ochan_acc
+        vrow = wo >= 16 and cin * kk <= opts.ochan_row_max_work
+        nv = max(1, min(opts.ochan_vecs_1x1, -(-o // 16))) if kk == 1 and not vrow else 1
         F, xv = 16 * nv, wo
-        V = min(range(1, min(wo, pix) + 1), key=lambda v: (-(-wo // v) * (v + 1.0), -v))
-        R = min(range(1, min(ho, pix // V) + 1), key=lambda r: (-(-ho // r) * (r + 0.5), -r))
+        V, R = (16, 1) if vrow else _ochan_rows(ho, wo, opts.ochan_acc_1x1 // nv if kk == 1 else opts.ochan_acc)
     else:
         budget = opts.blocked_acc_wide if wide else opts.blocked_acc
         F = min(opts.blocked_f, o)

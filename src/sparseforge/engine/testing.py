@@ -409,7 +409,8 @@ def _randomize(net: nn.Module, sparsity: str, g: torch.Generator, use_mask_buffe
             if sparsity == "channel_block" and m.groups == 1:
                 # channel_block pruning: blocks of b adjacent filters share pattern and kept kernels (the engine
                 # runs them as filter groups); a few kernels then dropped alone, so groups are not all exact
-                b = int(torch.randint(2, 5, (1,), generator=g)) // 2 * 2 if o > 1 else 1
+                # 2 and 4 (filter groups), 16 (output-channel vectors over each block's kept kernels)
+                b = (2, 4, 16)[int(torch.randint(0, 3, (1,), generator=g))] if o > 1 else 1
                 nb = -(-o // b)
                 blk = torch.ones(nb, i, kh, kw)
                 if (kh, kw) == (3, 3):

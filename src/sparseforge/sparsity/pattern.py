@@ -33,7 +33,7 @@ class PatternConfig(Config):
     library: Literal["extract", "pconv", "given"] = opt(
         "extract", "extract the top-k from the weights, the LoG-derived PCONV set, or the given `patterns`")
     patterns: tuple[str, ...] = opt((), "library='given': 9-char 0/1 strings, row-major, e.g. '010111000'")
-    channel_block: int = opt(1, "adjacent output channels sharing pattern and kept kernels", choices=(1, 2, 4))
+    channel_block: int = opt(1, "adjacent output channels sharing pattern and kept kernels", choices=(1, 2, 4, 8, 16))
     include: tuple[str, ...] = opt((), "only layers whose module name matches one of these globs (empty = all)")
     exclude: tuple[str, ...] = opt((), "layers (globs) left dense")
     prune_first_conv: bool = opt(False, "also prune the first conv (dense by default)")
