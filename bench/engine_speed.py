@@ -12,6 +12,8 @@ ImageNet size (random weights, non-trivial BN statistics; VGG-16-BN's two 4096-w
 the same 8x in the "pattern8x+fc" config, the output layer dense):
   python bench/engine_speed.py --size 224 --models resnet18:pattern8x,resnet50:pattern8x,vgg16_bn:pattern8x+fc,\
       mobilenet_v2:pattern8x --batches 1,8 --threads 2 --out bench/results/engine_speed_224
+channel_block=16 configs ("pattern8x-cb16", "pattern8x-cb16+fc"): blocks of 16 filters share patterns and kept
+kernels, which the engine runs as 16-filter vectors on AVX-512 hosts (ConvPlan.blk_sparse).
 onnxruntime int8: static quantization of the *dense* model (QDQ, per-channel weights, int8 activations,
 calibrated on 8 random inputs: for latency only), next to onnxruntime fp32.
 """

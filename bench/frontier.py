@@ -15,6 +15,9 @@ them over stages and use any of the toolkit's methods (KD from the dense start i
                         fall on the cubic schedule to 1/3.6 (global scope) over the first half, then train on
   pattern-4x-gradual    the same with connectivity 1.78x
   pattern-8x-cb2-gradual  pattern-8x-gradual with channel_block=2
+  pattern-8x-cb16-gradual pattern-8x-gradual with channel_block=16 (blocks of 16 filters share patterns and kept
+                        kernels: the engine runs them as 16-filter vectors on AVX-512 hosts; ResNet-20's 16-channel
+                        layers then share one connectivity and pattern set per layer)
   pattern-8x-regrow     pattern-8x-gradual with dense shadow weights through the ramp (straight-through, SR-STE):
                         masks recomputed at every update, so patterns and kept kernels can change; frozen after
                         (measured: diverges at 8x, stopped after 6 epochs; log committed, no model)
@@ -83,6 +86,8 @@ def arm_stages(E: int, admm_epochs: int, weights: str) -> dict[str, list[dict]]:
                                 "target": {"num_patterns": 8, "connectivity": "1.78x", "connectivity_scope": "global"}}],
         "pattern-8x-cb2-gradual": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100,
                                     "teacher": "start", "target": {**p8, "channel_block": 2}}],
+        "pattern-8x-cb16-gradual": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100,
+                                     "teacher": "start", "target": {**p8, "channel_block": 16}}],
         "pattern-8x-regrow": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100, "teacher": "start",
                                "regrow": True, "target": p8}],
         "magnitude-8x-gradual": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100, "teacher": "start",

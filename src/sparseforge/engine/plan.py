@@ -521,7 +521,7 @@ def _plan_ochan_sparse(op: ConvOp, out_shape, blob: Blob, threads: int, lin: Lay
     order = np.lexsort((bi, bkshape, bf))                  # block, then shape, then channel
     cnt = np.zeros((nb, ns), dtype=np.int64)
     np.add.at(cnt, (bf, bkshape), 1)
-    wst, chans, ws = [0], [], []
+    chans, ws = [], []
     for k in order.tolist():
         blk, c, sh = int(bf[k]), int(bi[k]), shapes[int(bkshape[k])]
         chans.append(c)
