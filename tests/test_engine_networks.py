@@ -177,8 +177,8 @@ def test_split_build_equals_single_unit(tmp_path, monkeypatch):
         assert rel_err(outs[0], m(x)) < 1e-5
 
 
-@pytest.mark.parametrize("mode,kernel", [("blocked", "host"), ("auto", "host"), ("blocked", "pixel"),
-                                         ("blocked", "ochan")])
+@pytest.mark.parametrize("mode,kernel", [pytest.param("blocked", "host", marks=pytest.mark.slow), ("auto", "host"),
+                                         ("blocked", "pixel"), ("blocked", "ochan")])
 def test_blocked_mode_dense_layers(mode, kernel):
     """Blocked mode (dense layers: register blocks, last blocks shifted back), in both kernels whatever the host:
     pixel vectors (F filters x rows x vectors) and output-channel vectors (16 filters x rows x pixels; forced by
