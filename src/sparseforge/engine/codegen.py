@@ -312,26 +312,16 @@ def conv_source(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
     return _register(k, p, plan, bodies, "\n".join(lines), [])
 
 
-def _blocked_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
-    """Blocked mode (see ``plan._plan_blocked``): per tap, R x V input vectors loaded once, F broadcast weights,
-    F x R x V FMAs."""
-    if p.blk_ochan:
-        return _blocked_ochan_conv(k, p, plan, bodies)
-    op: ConvOp = p.op
-    li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
-    o, cin, kh, kw = op.weight.shape
-    s, pad, VEC = op.stride, op.padding, p.vec
-    F, R, V, nb = p.blk_f, p.rows, p.vecs, p.blk_nb
-    ho, wo, xv = p.ho, p.wo, p.xv
-    kk = kh * kw
-    load = "ld" if s == 1 else "ld2"
-    ylast, xlast = ho - R, (xv - V) * VEC          # shifted-back last blocks
-    nby = -(-ho // R)
+def _blocked_head(p: ConvPlan, li, lo, nxb: int, decls: list[str]) -> list[str]:
+    """Blocked modes' shared head: buffers, the image loop (whole images per thread; a batch's remainder split
+    by rows or filter blocks), and the three block loops in ``p.block_outer`` order; ``decls`` go before it."""
+    op = p.op
+    nby, nb = -(-p.ho // p.rows), p.blk_nb
     b = ["  const float* in = B[d[0]]; float* out = B[d[1]];",
          "  const float* bias = g_w + d[3]; const float* W = g_w + d[4];"]
     if op.residual is not None:
         b.append("  const float* res = B[d[2]];")
-    b += ["  const int Nf = N - N % nth;",
+    b += ["  const int Nf = N - N % nth;", *decls,
           "  for (int n = 0; n < N; n++) {",
           "    const int own = n < Nf;",
           "    if (own && n % nth != tid) continue;",
@@ -343,9 +333,26 @@ def _blocked_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> st
     else:
         b.append(f"    if (!own) {{ flo = {nb} * tid / nth; fhi = {nb} * (tid + 1) / nth; }}")
     loops = ["    for (int yb = ylo; yb < yhi; yb++)",
-             f"    for (int xb = 0; xb < {-(-xv // V)}; xb++)"]
+             f"    for (int xb = 0; xb < {nxb}; xb++)"]
     floop = ["    for (int fb = flo; fb < fhi; fb++)"]
-    b += (loops + floop) if p.block_outer else (floop + loops)
+    return b + ((loops + floop) if p.block_outer else (floop + loops))
+
+
+def _blocked_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
+    """Blocked mode (see ``plan._plan_blocked``): per tap, R x V input vectors loaded once, F broadcast weights,
+    F x R x V FMAs."""
+    if p.blk_ochan:
+        return _blocked_ochan_conv(k, p, plan, bodies)
+    op: ConvOp = p.op
+    li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
+    o, cin, kh, kw = op.weight.shape
+    s, pad, VEC = op.stride, op.padding, p.vec
+    F, R, V = p.blk_f, p.rows, p.vecs
+    ho, wo, xv = p.ho, p.wo, p.xv
+    kk = kh * kw
+    load = "ld" if s == 1 else "ld2"
+    ylast, xlast = ho - R, (xv - V) * VEC          # shifted-back last blocks
+    b = _blocked_head(p, li, lo, -(-xv // V), [])
     b += ["    {",
           f"      const int y0 = yb * {R} < {ylast} ? yb * {R} : {ylast};",
           f"      const int x0 = xb * {V * VEC} < {xlast} ? xb * {V * VEC} : {xlast};",
@@ -428,34 +435,14 @@ def _blocked_ochan_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str])
     li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
     o, cin, kh, kw = op.weight.shape
     s, pad, F = op.stride, op.padding, p.blk_f
-    R, V, nb, nv = p.rows, p.vecs, p.blk_nb, p.blk_f // 16
+    R, V, nv = p.rows, p.vecs, p.blk_f // 16
     ho, wo = p.ho, p.wo
     kk = kh * kw
-    nby = -(-ho // R)
     accs = [f"a{r}_{v}" for r in range(R) for v in range(V)]
     desc = [op.inputs[0], op.output, op.residual if op.residual is not None else -1, p.blk_b_off, p.blk_w_off]
     if p.blk_sparse:
         desc += [p.blk_cnt_off, p.blk_ch_off, p.blk_kst_off, p.blk_wst_off]
-    b = ["  const float* in = B[d[0]]; float* out = B[d[1]];",
-         "  const float* bias = g_w + d[3]; const float* W = g_w + d[4];"]
-    if op.residual is not None:
-        b.append("  const float* res = B[d[2]];")
-    b += ["  const int Nf = N - N % nth;",
-          f"  float buf[{R * V * F}] __attribute__((aligned(64)));",
-          "  for (int n = 0; n < N; n++) {",
-          "    const int own = n < Nf;",
-          "    if (own && n % nth != tid) continue;",
-          f"    const float* ib = in + (long)n * {li.image};",
-          f"    float* ob = out + (long)n * {lo.image};",
-          f"    int ylo = 0, yhi = {nby}, flo = 0, fhi = {nb};"]
-    if p.spatial:
-        b.append(f"    if (!own) {{ ylo = {nby} * tid / nth; yhi = {nby} * (tid + 1) / nth; }}")
-    else:
-        b.append(f"    if (!own) {{ flo = {nb} * tid / nth; fhi = {nb} * (tid + 1) / nth; }}")
-    loops = ["    for (int yb = ylo; yb < yhi; yb++)",
-             f"    for (int xb = 0; xb < {-(-wo // V)}; xb++)"]
-    floop = ["    for (int fb = flo; fb < fhi; fb++)"]
-    b += (loops + floop) if p.block_outer else (floop + loops)
+    b = _blocked_head(p, li, lo, -(-wo // V), [f"  float buf[{R * V * F}] __attribute__((aligned(64)));"])
     b += ["    {",
           f"      const int y0 = yb * {R} < {ho - R} ? yb * {R} : {ho - R};",
           f"      const int x0 = xb * {V} < {wo - V} ? xb * {V} : {wo - V};",
