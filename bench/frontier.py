@@ -39,6 +39,7 @@ onnxruntime int8 (calibrated on 512 training images), and its batch-1 latency on
 process; writes frontier.json, frontier.png (accuracy vs latency) and the table of the fastest model within
 0.5 / 1 / 2 pt of the dense control per runtime:
   python bench/frontier.py measure [--threads 2] [--runs 30] [--deepsparse-python VENV/bin/python]
+  python bench/frontier.py table        # frontier.json as the README's markdown table
 """
 
 from __future__ import annotations
@@ -293,6 +294,35 @@ def cmd_measure(a: argparse.Namespace) -> None:
         print(k, json.dumps(v))
 
 
+def cmd_table(a: argparse.Namespace) -> None:
+    """frontier.json as markdown (the README's frontier table): per arm, accuracy and median batch-1 latency on
+    each runtime, then the fastest model within 0.5 / 1 / 2 pt of the reference."""
+    doc = json.loads((Path(a.out) / "frontier.json").read_text())
+    rts = [rt for rt in RUNTIMES if any(rt in r["runtimes"] for r in doc["arms"].values())]
+    env = doc["env"]
+    lines = [f"ResNet-20, CIFAR-10 (shared JPEG copy, 10,000 test images); batch 1, {doc['threads']} threads, "
+             f"{doc['runs']} alternating runs, median; {env.get('cpu', '?')}, torch {env.get('torch', '?')}, "
+             f"onnxruntime {env.get('onnxruntime', '?')}. Accuracy (%) / latency (ms) per runtime "
+             "(int8 runtimes: their own accuracy).", "",
+             "| arm | " + " | ".join(rts) + " |", "|---|" + "---|" * len(rts)]
+    for n, r in sorted(doc["arms"].items(), key=lambda kv: -kv[1]["acc_pytorch"]):
+        cells = [f"{r['runtimes'][rt]['acc']:.2f} / {r['runtimes'][rt]['median_ms']:.2f}" if rt in r["runtimes"]
+                 else "-" for rt in rts]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines += ["", f"Fastest within a tolerance of `{doc['reference']}` ({doc['reference_acc']:.2f}%):", "",
+              "| tolerance | fastest (arm on runtime, ms) | vs the reference on onnxruntime fp32 / int8 |",
+              "|---|---|---|"]
+    for k, v in doc["table"].items():
+        if not v["fastest"]:
+            continue
+        best = v["per_runtime"][v["fastest"]]
+        vs = v["vs_dense_runtimes"]
+        lines.append(f"| {k.split('_')[1]} pt | {best['arm']} on {v['fastest']}, {best['median_ms']:.3f} "
+                     f"({best['acc']:.2f}%) | {vs.get('onnxruntime-fp32', float('nan')):.2f}x / "
+                     f"{vs.get('onnxruntime-int8', float('nan')):.2f}x |")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -317,9 +347,11 @@ def main() -> None:
     m.add_argument("--out", default=str(OUT))
     m.add_argument("--arms", default="", help="only these finished arms (comma-separated; default all)")
     m.add_argument("--eval-limit", type=int, default=0, help="first N test images only (smoke tests)")
+    tb = sub.add_parser("table", help="frontier.json as the README's markdown table")
+    tb.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    {"train": cmd_train, "measure": cmd_measure}[a.cmd](a)
+    {"train": cmd_train, "measure": cmd_measure, "table": cmd_table}[a.cmd](a)
 
 
 if __name__ == "__main__":
