@@ -143,6 +143,7 @@ def test_compiled_step_computes_what_eager_computes(precision):
     assert rel < tol_grad, rel
 
 
+@pytest.mark.slow      # a second torch.compile of a training step (~20 s cold); test_compiled_step covers the fast tier
 def test_compiled_training_run_checkpoints_like_eager(tmp_path):
     """A compiled run learns and checkpoints under the eager model's keys (no torch.compile wrapper prefix), so its
     checkpoint loads into an eager model; after 16 steps its weights are still close to the eager run's (small
