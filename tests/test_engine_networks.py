@@ -182,8 +182,9 @@ def test_split_build_equals_single_unit(tmp_path, monkeypatch):
 def test_blocked_mode_dense_layers(mode, kernel):
     """Blocked mode (dense layers: register blocks, last blocks shifted back), in both kernels whatever the host:
     pixel vectors (F filters x rows x vectors) and output-channel vectors (16 filters x rows x pixels; forced by
-    16-lane plans): kernel 1/3 and 7x7 stride 2 (a phase split and a 4x4 conv), stride 1/2, padding 0/1, odd sizes and filter counts (a partial last block of
-    filters), maps narrower than a block, residual, NaN/Inf, against PyTorch; auto picks it for dense convs."""
+    16-lane plans): kernel 1/3 and 7x7 stride 2 (a phase split and a 4x4 conv), stride 1/2, padding 0/1, odd
+    sizes and filter counts (a partial last block of filters), maps narrower than a block, residual, NaN/Inf,
+    against PyTorch; auto picks it for dense convs."""
     from sparseforge.engine import PlanOptions
 
     kw = {"host": {}, "pixel": {"plan_options": PlanOptions(blocked_ochan=False)}, "ochan": {"vector_width": 16}}[kernel]

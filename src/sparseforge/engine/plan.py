@@ -340,10 +340,13 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
         ucodes = np.zeros((nb * 16, ig), dtype=np.int64)
         ucodes[:o] = codes
         ucodes = np.bitwise_or.reduce(ucodes.reshape(nb, 16, ig), axis=1)
-        bf, bi, bc, bshapes, bkshape, bwork = _kernel_shapes(ucodes, taps_all, False, opts.max_shapes)
-        if np.count_nonzero(w9) >= opts.ochan_sparse_min_fill * 16 * int(bwork.sum()):
-            return _plan_ochan_sparse(op, out_shape, blob, threads, lin, w9, bf, bi, bshapes, bkshape, len(kc),
-                                      int(work.sum()), opts)
+        nnz, need = np.count_nonzero(w9), opts.ochan_sparse_min_fill * 16
+        # cheap test first (the blocks' exact taps; merged shapes only add taps), then the shapes the blocks run
+        if nnz >= need * sum(int(np.count_nonzero(ucodes & (1 << t))) for t in range(kh * kw)):
+            bf, bi, _, bshapes, bkshape, bwork = _kernel_shapes(ucodes, taps_all, False, opts.max_shapes)
+            if nnz >= need * int(bwork.sum()):
+                return _plan_ochan_sparse(op, out_shape, blob, threads, lin, w9, bf, bi, bshapes, bkshape, len(kc),
+                                          int(work.sum()), opts)
     packed1 = (op.groups == 1 and kh == 1 and kw == 1 and op.padding == 0 and ho * wo <= opts.packed1_max
                and conv_mode != "direct")
     gather_ok = op.groups == 1 and op.padding <= 1 and kh <= 3 and kw <= 3
@@ -521,21 +524,23 @@ def _plan_ochan_sparse(op: ConvOp, out_shape, blob: Blob, threads: int, lin: Lay
     order = np.lexsort((bi, bkshape, bf))                  # block, then shape, then channel
     cnt = np.zeros((nb, ns), dtype=np.int64)
     np.add.at(cnt, (bf, bkshape), 1)
-    chans, ws = [], []
-    for k in order.tolist():
-        blk, c, sh = int(bf[k]), int(bi[k]), shapes[int(bkshape[k])]
-        chans.append(c)
-        ws.append(wpad[blk * 16:(blk + 1) * 16, c][:, list(sh)].T.ravel())     # [tap][16 filters]
+    chans = bi[order]
+    # each kept kernel's weights as [tap of its shape][16 filters], in walk order
+    wk = wpad.reshape(nb, 16, cin, kk).transpose(0, 2, 3, 1)[bf[order], chans]       # (kernels, kk, 16)
+    in_shape = np.zeros((ns, kk), dtype=bool)
+    for j, sh in enumerate(shapes):
+        in_shape[j, list(sh)] = True
+    ws = wk[in_shape[bkshape[order]]]                                               # taps ascending per kernel
     wst = np.concatenate([[0], np.cumsum(16 * per_block)[:-1]]).astype(np.int64)
     kst = np.concatenate([[0], np.cumsum(cnt.sum(1))[:-1]]).astype(np.int64)
     bias = np.zeros(nb * 16, dtype=np.float32)
     bias[:o] = op.bias.numpy()
     p.blocked, p.blk_ochan, p.blk_sparse, p.blk_f, p.blk_nb = True, True, True, 16, nb
-    p.blk_w_off = blob.add_f(np.concatenate(ws), align=16)
+    p.blk_w_off = blob.add_f(ws, align=16)
     p.blk_b_off = p.bias_off = blob.add_f(bias, align=16)
     p.blk_cnt_off, p.blk_ch_off = blob.add_i(cnt.ravel()), blob.add_i(chans)
     p.blk_kst_off, p.blk_wst_off = blob.add_i(kst), blob.add_i(wst)
-    p.block_outer = 4 * lin.image >= opts.block_outer_ratio * 4 * (sum(len(w) for w in ws) + len(chans))
+    p.block_outer = 4 * lin.image >= opts.block_outer_ratio * 4 * (ws.size + len(chans))
     p.spatial = threads > 1 and p.block_outer and ho >= 2 * threads * R
     p.kernels, p.taps = kernels, taps
     p.flops = 2 * 16 * int(per_block.sum()) * ho * wo     # every lane of every block's vectors is multiplied
