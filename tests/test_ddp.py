@@ -15,6 +15,16 @@ pytestmark = pytest.mark.slow      # the fast tier (pytest -m "not slow") skips 
 HERE = Path(__file__).parent
 
 
+def _run(cmd, **kw):
+    """subprocess.run that, when a run hangs, fails with what the ranks printed (a bare TimeoutExpired hides it)."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=240, **kw)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"") + (e.stderr or b"")
+        out = out.decode(errors="replace") if isinstance(out, bytes) else out
+        pytest.fail(f"timed out after {e.timeout} s: {' '.join(map(str, cmd))}\n{out[-4000:]}")
+
+
 def _ddp_child_module():
     import importlib.util
 
@@ -29,12 +39,10 @@ def test_two_process_ddp_matches_one_process(tmp_path, mode):
     """kd-online: the student distils from a teacher that trains beside it; both nets must stay identical across
     ranks and equal the one-process run (the teacher's gradients are averaged as the student's are)."""
     env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src"), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        str(HERE / "_ddp_child.py"), str(tmp_path), mode], env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+             str(HERE / "_ddp_child.py"), str(tmp_path), mode], env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    r1 = subprocess.run([sys.executable, str(HERE / "_ddp_child.py"), str(tmp_path), mode], env=env,
-                        capture_output=True, text=True, timeout=300)
+    r1 = _run([sys.executable, str(HERE / "_ddp_child.py"), str(tmp_path), mode], env=env)
     assert r1.returncode == 0, r1.stderr[-3000:]
     tag = "kd-" if mode == "kd-online" else ""
     a, b = (load_file(str(tmp_path / f"{tag}rank0-of-2.safetensors")),
@@ -65,12 +73,10 @@ def test_sync_bn_makes_two_processes_equal_one(tmp_path):
     TrainConfig.sync_bn (global-batch statistics, all-reduced with autograd; CPU/gloo) makes them equal."""
     env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src"), "OMP_NUM_THREADS": "1"}
     for mode in ("bn-sync", "bn-local"):
-        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                            str(HERE / "_ddp_child.py"), str(tmp_path), mode], env=env, capture_output=True,
-                           text=True, timeout=300)
+        r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                 str(HERE / "_ddp_child.py"), str(tmp_path), mode], env=env)
         assert r.returncode == 0, r.stderr[-3000:]
-        r1 = subprocess.run([sys.executable, str(HERE / "_ddp_child.py"), str(tmp_path), mode], env=env,
-                            capture_output=True, text=True, timeout=300)
+        r1 = _run([sys.executable, str(HERE / "_ddp_child.py"), str(tmp_path), mode], env=env)
         assert r1.returncode == 0, r1.stderr[-3000:]
     one = {m: load_file(str(tmp_path / f"{m}rank0-of-1.safetensors")) for m in ("bnsync-", "bnlocal-")}
     for m in ("bnsync-", "bnlocal-"):      # the 1-process references are the same run (sync_bn is a no-op there)
@@ -96,9 +102,9 @@ method = "finetune"
 epochs = 1
 """))
     env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src"), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-                        "sparseforge.cli", "run", str(tmp_path / "r.toml"), "--run-dir", str(tmp_path / "run"),
-                        "--no-progress"], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+             "sparseforge.cli", "run", str(tmp_path / "r.toml"), "--run-dir", str(tmp_path / "run"),
+             "--no-progress"], env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("final test accuracy") == 1 and r.stderr.count("stage 1 (finetune): test acc") == 1
     w = load_file(str(tmp_path / "run" / "model.safetensors"))

@@ -486,7 +486,7 @@ def os_error_line(e: OSError) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .distributed import init_from_env
+    from .distributed import init_from_env, shutdown
 
     init_from_env()          # under torchrun: DDP process group from the environment
     try:
@@ -503,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; runs with a --run-dir can be continued with --resume", file=sys.stderr)
         return 130
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ writes checkpoints, run directories and reports. BatchNorm statistics are per ra
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -28,7 +29,17 @@ def init_from_env() -> tuple[int, int]:
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         dist.init_process_group(os.environ.get("SPARSEFORGE_DIST_BACKEND", "cpu:gloo,cuda:nccl" if cuda else "gloo"))
+        # torch does not tear the group down at exit: gloo's worker threads then die with the interpreter and a
+        # rank aborts ("terminate called without an active exception", SIGABRT) after its work is done, failing
+        # the whole torchrun job. Destroying the group while Python is still alive joins them.
+        atexit.register(shutdown)
     return rank_world()
+
+
+def shutdown() -> None:
+    """Destroy the process group (idempotent; registered at exit by ``init_from_env``)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank_world() -> tuple[int, int]:
@@ -66,9 +77,15 @@ def wrap(model: nn.Module, device: torch.device | None = None) -> nn.Module:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    # buffers (BatchNorm statistics) follow rank 0 at every forward: DDP's default, spelled per torch version
+    # (2.13 renamed broadcast_buffers to forward_sync_buffers and warns on the old name)
+    import inspect
+
+    sync = ({"forward_sync_buffers": True} if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+            else {"broadcast_buffers": True})
     if device is not None and device.type == "cuda":
-        return DDP(model, device_ids=[device.index], output_device=device.index, broadcast_buffers=True)
-    return DDP(model, broadcast_buffers=True)
+        return DDP(model, device_ids=[device.index], output_device=device.index, **sync)
+    return DDP(model, **sync)
 
 
 class SyncBatchNorm(nn.BatchNorm2d):
