@@ -310,3 +310,31 @@ def test_channel_block_filters_run_as_groups(cb):
             ok, why = compare_outputs(e2(x), m(x), sparse=True)
         assert ok, (name, why)
     assert modes == {"flat-tiled", "flat", "direct"}, modes
+
+
+def test_1x1_convs_run_flat_tiled_on_any_map():
+    """Stride-1 1x1 convs run in tiled flat mode whatever the map size (every kept weight of a filter feeds a
+    tile of vectors along the flattened plane), on AVX-512 hosts with 16-lane tiles inside the 8-lane plan, rows
+    a multiple of 8 or 16; residual adds, ReLU6, odd sizes, batch > 1 and NaN/Inf stay as in PyTorch."""
+    import sparseforge as sf
+    from sparseforge.engine.testing import random_bn_statistics
+    from sparseforge.sparsity.mask import fold_masks
+
+    torch.manual_seed(3)
+    m = nn.Sequential(nn.Conv2d(3, 24, 3, 1, 1), nn.BatchNorm2d(24), nn.ReLU6(),
+                      Bottleneck(24, 40, 72, 1, "relu6", 1), Bottleneck(72, 24, 72, 1, "relu", 1),
+                      nn.Conv2d(72, 33, 1), nn.BatchNorm2d(33), nn.ReLU())
+    m = random_bn_statistics(m.eval(), torch.Generator().manual_seed(3))
+    sf.prune(m, sf.PatternConfig(num_patterns=8, connectivity=3.6, connectivity_scope="layer"))
+    m = fold_masks(m)
+    x = torch.randn(3, 3, 19, 26)
+    x[1, 0, 13, 9], x[2, 2, 3, 11] = float("nan"), float("inf")
+    e, st = compile(m, x[:1], threads=2, return_stages=True)
+    ones = [c for c in st.plan.convs.values() if c.op.weight.shape[2:] == (1, 1)]
+    assert len(ones) == 6 and all(c.mode == "flat-tiled" for c in ones), [c.mode for c in ones]
+    assert any(c.op.residual is not None for c in ones)
+    assert {c.vec for c in ones} == ({16} if e.spec["options"]["wide"] else {st.plan.vec})
+    with torch.inference_mode():
+        out, ref = e(x), m(x)
+    ok, why = compare_outputs(out, ref, sparse=True)
+    assert ok and (~out.isfinite()).any(), why

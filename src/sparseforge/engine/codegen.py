@@ -530,6 +530,7 @@ def _flat_kernels(p: ConvPlan, plan: Plan, li, names: list[str], base: str, ind:
     """Flat modes' kernel loops: per tap shape, every kernel of the filter (group) adds its taps to the vectors
     ``names`` along the flattened plane, starting at plane position ``base``."""
     kw, pad, VEC, G = p.op.weight.shape[3], p.op.padding, p.vec, p.fgroup
+    isa = WIDE16 if VEC != plan.vec else MAIN
     out = []
     for j, shape in enumerate(p.shapes):
         nt = len(shape)
@@ -537,9 +538,9 @@ def _flat_kernels(p: ConvPlan, plan: Plan, li, names: list[str], base: str, ind:
         out.append(f"{ind}for (int e = st{j}[{_ri(plan)}]; e < st{j}[{_ri(plan)} + 1]; e++) {{")
         out.append(f"{ind}  const float* ip = ib + (long)ch{j}[e] * {li.plane} + {base};")
         out.append(f"{ind}  const float* wp = w{j} + (long)e * {nt * G};")
-        out += _weights("vf", "BC", nt, G, ind + "  ")
+        out += _weights(isa.type, isa.bcast, nt, G, ind + "  ")
         out += [ind + "  " + st_ for st_ in _accumulate_g(
-            names, nt, lambda i, t, o=offs: f"ld(ip + {i * VEC + o[t]})", G, "vf")]
+            names, nt, lambda i, t, o=offs: f"{isa.load}(ip + {i * VEC + o[t]})", G, isa.type)]
         out.append(f"{ind}}}")
     return out
 
@@ -555,6 +556,8 @@ def _flat_tiled_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], li
     op: ConvOp = p.op
     li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
     nv, TV, VEC = p.flat_nv, p.flat_tv, p.vec
+    isa = WIDE16 if VEC != plan.vec else MAIN      # 16-lane tiles in an 8-lane plan (AVX-512 hosts)
+    T_, LD, ST, STN = isa.type, isa.load, isa.store, isa.storen
     nt_ = -(-nv // TV)
     ns = len(p.shapes)
     pre = lines[:lines.index("  const int Nf = N - N % nth;")]
@@ -578,21 +581,21 @@ def _flat_tiled_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], li
     b += ["  " + h for h in heads if "const float* ib" not in h]
     G = p.fgroup
     names = [f"a{v}" for v in range(TV)]
-    b.append("        " + _init_accs("vf", names, G))
+    b.append("        " + _init_accs(T_, names, G))
     b += _flat_kernels(p, plan, li, names, "pb", "        ")
     for g in range(G):
         gp = f" + {g * lo.plane}" if G > 1 else ""
         for v in range(TV):
             b.append("        {")
-            b.append(f"          vf a = a{v}{f'g{g}' if G > 1 else ''};")
+            b.append(f"          {T_} a = a{v}{f'g{g}' if G > 1 else ''};")
             if op.residual is not None:
-                b.append(f"          a += ld(rb{gp} + pb + {v * VEC});")
-            b.append(f"          a = andm({_act(op.act, 'a')}, ld(mk + (long)(v0 + {v}) * {VEC}));")
+                b.append(f"          a += {LD}(rb{gp} + pb + {v * VEC});")
+            b.append(f"          a = andm{isa.suffix}({_act(op.act, 'a', isa.suffix)}, {LD}(mk + (long)(v0 + {v}) * {VEC}));")
             if v == TV - 1 and nlast < VEC:   # only the last vector of the last tile can reach past the interior
-                b.append(f"          if (v0 + {v} == {nv - 1}) stn(ob{gp} + pb + {v * VEC}, a, {nlast}); "
-                         f"else st(ob{gp} + pb + {v * VEC}, a);")
+                b.append(f"          if (v0 + {v} == {nv - 1}) {STN}(ob{gp} + pb + {v * VEC}, a, {nlast}); "
+                         f"else {ST}(ob{gp} + pb + {v * VEC}, a);")
             else:
-                b.append(f"          st(ob{gp} + pb + {v * VEC}, a);")
+                b.append(f"          {ST}(ob{gp} + pb + {v * VEC}, a);")
             b.append("        }")
     b += ["      }", "    }", "  }"]
     return _register(k, p, plan, bodies, "\n".join(b), [p.flat_mask_off])
