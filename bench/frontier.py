@@ -157,13 +157,11 @@ def load_arm(path: Path):
 
 
 def cmd_measure(a: argparse.Namespace) -> None:
-    import numpy as np
     import torch
 
     import sparseforge as sf
     from sparseforge.data import BatchLoader, load_dataset, resolve_normalization
     from sparseforge.report.latency import measure, onnxruntime_int8_session, onnxruntime_session, torch_fused
-    from sparseforge.report.plots import plt
     from sparseforge.train import evaluate
 
     from sparseforge.engine.int8 import Int8Engine
@@ -271,33 +269,52 @@ def cmd_measure(a: argparse.Namespace) -> None:
                        for n, r in records.items()},
            "table": table, "env": environment()}
     atomic_write_json(out / "frontier.json", doc)
-    markers = {"pytorch": "o", "onnxruntime-fp32": "s", "onnxruntime-int8": "D", "sparseforge": "*",
-               "sparseforge-int8": "P", "deepsparse": "^"}
-    fig, ax = plt.subplots(figsize=(8, 5))
-    colors = plt.cm.tab10(np.linspace(0, 1, 10))
-    for i, (n, r) in enumerate(rows.items()):
-        for rt, v in r["runtimes"].items():
-            ax.scatter(v["median_ms"], v["acc"], marker=markers[rt], color=colors[i % 10], s=70 if rt == "sparseforge" else 40,
-                       label=n if rt == "pytorch" else None)
-    for rt, mk in markers.items():
-        ax.scatter([], [], marker=mk, color="gray", label=rt)
-    ax.axhline(ref_acc - 1.0, color="#999", lw=0.8, ls="--")
-    ax.set_xscale("log")
-    ax.set_xlabel(f"latency, batch 1, {a.threads} threads (ms, median; log scale)")
-    ax.set_ylabel("CIFAR-10 test top-1 (%)")
-    ax.set_title(f"ResNet-20 frontier: same budget per arm; dashed: {ref_name} - 1 pt", fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "frontier.png", dpi=110)
-    plt.close(fig)
+    plot_frontier(doc, out / "frontier.png")
     for k, v in table.items():
         print(k, json.dumps(v))
+
+
+def plot_frontier(doc: dict, path: Path) -> None:
+    """Accuracy vs batch-1 latency: one colour per arm, one marker per runtime (legends outside the axes, so no
+    point is hidden), the reference - 1 pt dashed."""
+    from sparseforge.report.plots import plt
+
+    markers = {"pytorch": "o", "onnxruntime-fp32": "s", "onnxruntime-int8": "D", "sparseforge": "*",
+               "sparseforge-int8": "P", "deepsparse": "^"}
+    rows = doc["arms"]
+    fig, ax = plt.subplots(figsize=(11, 5.2))
+    colors = list(plt.cm.tab10.colors) + list(plt.cm.Dark2.colors)      # 18 distinct, saturated colours
+    arm_handles = []
+    for i, (n, r) in enumerate(sorted(rows.items(), key=lambda kv: -kv[1]["acc_pytorch"])):
+        c = colors[i % len(colors)]
+        for rt, v in r["runtimes"].items():
+            ax.scatter(v["median_ms"], v["acc"], marker=markers[rt], color=c, s=90 if rt == "sparseforge" else 40,
+                       edgecolors="black" if rt == "sparseforge" else "none", linewidths=0.5)
+        arm_handles.append(ax.scatter([], [], marker="o", color=c, label=n))
+    rt_handles = [ax.scatter([], [], marker=mk, color="black", label=rt) for rt, mk in markers.items()
+                  if any(rt in r["runtimes"] for r in rows.values())]
+    ax.axhline(doc["reference_acc"] - 1.0, color="#999", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"latency, batch 1, {doc['threads']} threads (ms, median of {doc['runs']}; log scale)")
+    ax.set_ylabel("CIFAR-10 test top-1 (%)")
+    ax.set_title(f"ResNet-20 frontier: same training budget per arm; dashed: {doc['reference']} - 1 pt; "
+                 f"{doc['env'].get('cpu', '?')}", fontsize=9)
+    first = ax.legend(handles=arm_handles, fontsize=7, title="arm", title_fontsize=7, loc="upper left",
+                      bbox_to_anchor=(1.01, 1.0))
+    ax.add_artist(first)
+    ax.legend(handles=rt_handles, fontsize=7, title="runtime", title_fontsize=7, loc="lower left",
+              bbox_to_anchor=(1.01, 0.0))
+    fig.subplots_adjust(left=0.07, right=0.78, bottom=0.11, top=0.93)    # room for the legends outside the axes
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def cmd_table(a: argparse.Namespace) -> None:
     """frontier.json as markdown (the README's frontier table): per arm, accuracy and median batch-1 latency on
     each runtime, then the fastest model within 0.5 / 1 / 2 pt of the reference."""
     doc = json.loads((Path(a.out) / "frontier.json").read_text())
+    if a.plot:
+        plot_frontier(doc, Path(a.out) / "frontier.png")
     rts = [rt for rt in RUNTIMES if any(rt in r["runtimes"] for r in doc["arms"].values())]
     env = doc["env"]
     lines = [f"ResNet-20, CIFAR-10 (shared JPEG copy, 10,000 test images); batch 1, {doc['threads']} threads, "
@@ -349,6 +366,7 @@ def main() -> None:
     m.add_argument("--eval-limit", type=int, default=0, help="first N test images only (smoke tests)")
     tb = sub.add_parser("table", help="frontier.json as the README's markdown table")
     tb.add_argument("--out", default=str(OUT))
+    tb.add_argument("--plot", action="store_true", help="also redraw frontier.png from frontier.json")
     a = ap.parse_args()
     Path(a.out).mkdir(parents=True, exist_ok=True)
     {"train": cmd_train, "measure": cmd_measure, "table": cmd_table}[a.cmd](a)

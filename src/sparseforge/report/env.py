@@ -9,6 +9,16 @@ from typing import Any
 from ..hardware import cpu_flags, cpu_model  # noqa: F401  (re-exported: report.env.cpu_flags)
 
 
+def _installed(dist: str) -> str | None:
+    """A peer runtime's version without importing it (onnxruntime stays optional)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
 def environment() -> dict[str, Any]:
     import numpy
     import torch
@@ -20,6 +30,8 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": numpy.__version__,
+        # the dense peers a speed ratio is taken against (absent: not installed)
+        **{k: v for k in ("onnxruntime",) if (v := _installed(k)) is not None},
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpu_flags": cpu_flags(),
