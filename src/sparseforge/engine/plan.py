@@ -376,7 +376,8 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     for j, s in enumerate(shapes):
         sel = np.nonzero(kshape == j)[0]
         fj = kf[sel]
-        chans = fj if op.groups > 1 else ki[sel]      # depthwise: filter f reads input channel f
+        # depthwise: filter f reads input channel f (its ig phase channels f*ig.. when phase-lowered)
+        chans = fj * ig + ki[sel] if op.groups > 1 else ki[sel]
         wsel = w9[fj, ki[sel]][:, list(s)]
         per.append(KernelRuns(fj, chans, np.ascontiguousarray(wsel.reshape(len(sel), -1), dtype=np.float32), o))
     max_acc = opts.max_acc
@@ -852,17 +853,18 @@ def lower(graph: Graph) -> Graph:
             kp = -(-k // s)
             _, ho, wo = values[op.output].shape
             c = values[op.inputs[0]].shape[0]
-            if op.groups == 1:
-                # W'[o, (c*s + py)*s + px, a, b] = W[o, c, s*a + py, s*b + px] (0 past the kernel)
+            if op.groups == 1 or s > 1:
+                # W'[o, (c*s + py)*s + px, a, b] = W[o, c, s*a + py, s*b + px] (0 past the kernel); depthwise
+                # (ig = 1): filter o reads the s*s phase channels of its own channel, a grouped conv
                 wpad = torch.zeros(o, ig, kp * s, kp * s, dtype=w.dtype)
                 wpad[:, :, :k, :k] = w
                 w2 = wpad.reshape(o, ig, kp, s, kp, s).permute(0, 1, 3, 5, 2, 4).reshape(o, ig * s * s, kp, kp)
-            else:                       # depthwise, stride 1 (trace): a zero-padded copy, same channels
+            else:                       # depthwise, stride 1: a zero-padded copy, same channels
                 w2 = w
             values[nid] = Value(nid, (c * s * s, ho + kp - 1, wo + kp - 1), f"{op.name}.phase")
             ops.append(PhaseOp(f"{op.name}.phase", [op.inputs[0]], nid, stride=s, padding=pd))
             ops.append(dataclasses.replace(op, inputs=[nid], weight=w2.contiguous(), stride=1, padding=0,
-                                           tap_period=s * s if op.groups == 1 else 1))
+                                           tap_period=s * s))
             nid += 1
             continue
         ops.append(op)

@@ -200,10 +200,10 @@ class SqueezeExcite(nn.Module):
 
 
 class InvertedResidual(nn.Module):
-    def __init__(self, cin, exp, cout, stride, act, se):
+    def __init__(self, cin, exp, cout, stride, act, se, k=3):
         super().__init__()
         layers = [ConvBNAct(cin, exp, 1, act=act)] if exp != cin else []
-        layers.append(ConvBNAct(exp, exp, 3, stride, groups=exp, act=act))
+        layers.append(ConvBNAct(exp, exp, k, stride, groups=exp, act=act))   # k = 5: phase-lowered when s = 2
         if se:
             layers.append(SqueezeExcite(exp, max(1, exp // 4), se))
         layers += [nn.Conv2d(exp, cout, 1, bias=False), nn.BatchNorm2d(cout)]
@@ -305,7 +305,8 @@ def random_network(seed: int, sparsity: str | None = None, max_blocks: int = 4
             exp = r.choice([c, c * r.choice([2, 3, 4])])
             cout = r.choice([c, r.randint(3, 40)])
             se = r.choice(["sigmoid", "hardsigmoid"]) if kind == "inverted_se" else None
-            blocks.append(InvertedResidual(c, exp, cout, stride, act, se))
+            dk = r.choice([3, 3, 5]) if min(h, w) >= 5 else 3      # 5x5 depthwise (MnasNet, RepGhost)
+            blocks.append(InvertedResidual(c, exp, cout, stride, act, se, dk))
         elif kind == "se":
             cout, stride = c, 1
             blocks.append(SqueezeExcite(c, max(1, c // r.choice([2, 4, 8])), r.choice(["sigmoid", "hardsigmoid"])))
