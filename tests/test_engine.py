@@ -325,7 +325,7 @@ def test_fused_block_engine_saves_and_reloads(tmp_path):
     from sparseforge.engine.testing import Case, build_case
 
     c = Case(cin=8, cout=24, h=6, w=5, k=1, stride=1, pad=0, bias=True, bn=True, act="relu6", residual=True,
-             depthwise=False, second=False, sparsity="pattern", batch=3, seed=7, inverted=True)
+             depthwise=False, second=False, sparsity="kernels", batch=3, seed=7, inverted=True)
     m, x = build_case(c)
     e = compile(m, x[:1], threads=2)
     assert sum("fused_block" in op for op in e.spec["ops"]) == 1
