@@ -79,8 +79,8 @@ class PlanOptions:
     # not a 2-row block): one layer, one core, Xeon AVX-512, 8x connectivity: 256->1024 on 14x14 1111 -> 658 us,
     # 128->512 on 28x28 812 -> 745 us
     flat_tiled_1x1: bool = True
-    # flat tiles of 16-lane vectors in 8-lane plans on AVX-512 hosts (when rows are a multiple of 16): the same
-    # layers 658 -> 556 and 745 -> 546 us
+    # flat tiles of 16-lane vectors in 8-lane plans on AVX-512 hosts: the same layers 658 -> 556 and 745 -> 546 us
+    # (rows a multiple of 8: on 112-wide maps, rows of 120, the loads are not all aligned; measured no slower)
     flat_wide: bool = True
     fuse_blocks: bool = True          # fuse 1x1 expand -> 3x3 depthwise -> 1x1 project on small maps (BlockPlan)
 
@@ -419,7 +419,7 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
         rs = lout.rs
         tiling = opts.flat_tiled and not depthwise and (
             in_bytes >= opts.flat_tiled_min_bytes or (kh == 1 and kw == 1 and opts.flat_tiled_1x1))
-        # tiles of 16-lane vectors on AVX-512 hosts (rows a multiple of 16, so a 1x1 conv's loads stay aligned)
+        # tiles of 16-lane vectors on AVX-512 hosts (aligned loads for a 1x1 conv when rows are a multiple of 16)
         fvec = 16 if (tiling and opts.flat_wide and wide and base_vec == 8 and rs % 8 == 0) else base_vec
         p0, p1 = rs + 1, ho * rs + wo
         if kh == 1 and rs % fvec == 0:
