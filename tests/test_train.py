@@ -409,3 +409,30 @@ def test_unusable_device_fails_before_a_run_directory_exists(tmp_path, monkeypat
     prepare_run_dir(tmp_path / "s", cfg, resume=False)        # started elsewhere, on a GPU
     _, last = train(dataclasses.replace(cfg, device="cpu"), run_dir=tmp_path / "s", resume=True, progress=False)
     assert last["epoch"] == 1 and "test_acc" in last
+
+
+def test_process_group_is_destroyed_at_exit(tmp_path, monkeypatch):
+    """Under torchrun, init_from_env registers the group's teardown at exit: without it gloo's threads died with
+    the interpreter and a rank aborted after finishing (SIGABRT), failing the job. One real one-process gloo
+    group here: the registered handler destroys it."""
+    import torch.distributed as dist
+
+    import sparseforge.distributed as sd
+
+    registered = []
+    monkeypatch.setattr(sd.atexit, "register", registered.append)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert sd.init_from_env() == (0, 1) and not registered        # one process: no group, nothing to tear down
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    real = dist.init_process_group
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: real(
+        backend, init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1))
+    try:
+        sd.init_from_env()
+        assert dist.is_initialized() and registered == [sd.shutdown]
+        registered[0]()
+        assert not dist.is_initialized()
+        sd.shutdown()                                              # idempotent
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
