@@ -401,6 +401,9 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     depthwise = op.groups > 1 and op.groups == o
     spatial = threads > 1 and ho >= 2 * threads and (
         (op.groups == 1 and in_bytes >= opts.spatial_ratio * w_bytes) or (depthwise and rows_in and opts.spatial_depthwise))
+    # flat mode in tiles: 1x1 convs on any map, others on large inputs (see PlanOptions)
+    tiling = opts.flat_tiled and not depthwise and (
+        in_bytes >= opts.flat_tiled_min_bytes or (kh == 1 and kw == 1 and opts.flat_tiled_1x1))
     if packed1:
         p.packed1 = True
         p.gather_vec = 8 if ho * wo <= 8 else 16
@@ -414,23 +417,20 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     elif (not (depthwise and spatial) and lin is not None and lout is not None and op.stride == 1 and lin.rs == lout.rs
             and tuple(in_shape[1:]) == (ho, wo) and (op.residual is None or op.res_kind == "identity")
             and (vec == base_vec or (opts.flat_wide and kh == 1 and kw == 1))
-            and (lout.rs == wo + 2 or (opts.flat_tiled and not depthwise and (
-                in_bytes >= opts.flat_tiled_min_bytes or (kh == 1 and kw == 1 and opts.flat_tiled_1x1))))):
+            and (lout.rs == wo + 2 or tiling)):
         rs = lout.rs
-        tiling = opts.flat_tiled and not depthwise and (
-            in_bytes >= opts.flat_tiled_min_bytes or (kh == 1 and kw == 1 and opts.flat_tiled_1x1))
-        # tiles of 16-lane vectors on AVX-512 hosts (aligned loads for a 1x1 conv when rows are a multiple of 16)
-        fvec = 16 if (tiling and opts.flat_wide and wide and base_vec == 8 and rs % 8 == 0) else base_vec
-        p0, p1 = rs + 1, ho * rs + wo
-        if kh == 1 and rs % fvec == 0:
-            p0 = rs          # aligned loads: the row's left border lane is masked like any other border lane
-        nv = math.ceil((p1 - p0 + 1) / fvec)
-        tiled = nv > opts.max_acc // G and tiling
-        if fvec != base_vec and not tiled:   # a map that fits one block of registers: the plan's own width
-            fvec, p0 = base_vec, (rs if kh == 1 and rs % base_vec == 0 else rs + 1)
+        # tiles of 16-lane vectors on AVX-512 hosts (aligned loads for a 1x1 conv when rows are a multiple of 16);
+        # a map that fits one block of registers (not tiled) keeps the plan's own width
+        wide16 = tiling and opts.flat_wide and wide and base_vec == 8 and rs % 8 == 0
+        for fvec in ((16, base_vec) if wide16 else (base_vec,)):
+            p0, p1 = rs + 1, ho * rs + wo
+            if kh == 1 and rs % fvec == 0:
+                p0 = rs      # aligned loads: the row's left border lane is masked like any other border lane
             nv = math.ceil((p1 - p0 + 1) / fvec)
             tiled = nv > opts.max_acc // G and tiling
-        if (nv <= opts.max_acc // G or tiled) and (fvec == base_vec or tiled) and (vec == base_vec or tiled):
+            if tiled:
+                break
+        if tiled or (nv <= opts.max_acc // G and vec == base_vec):
             vec = p.vec = fvec
             pos = p0 + np.arange(nv * vec).reshape(nv, vec)
             masks = (pos // rs >= 1) & (pos // rs <= ho) & (pos % rs >= 1) & (pos % rs <= wo)
