@@ -76,6 +76,7 @@ def main() -> None:
         state.update({"teacher." + k: v.contiguous() for k, v in callbacks[0].teacher_model.state_dict().items()})
     tag = {"bn-sync": "bnsync-", "bn-local": "bnlocal-"}.get(mode, tag)
     save_file(state, str(out / f"{tag}rank{rank}-of-{world}.safetensors"))
+    print(f"rank {rank}: done", file=sys.stderr, flush=True)      # the test tells a teardown abort from a failure
 
 
 if __name__ == "__main__":

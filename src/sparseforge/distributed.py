@@ -29,6 +29,12 @@ def init_from_env() -> tuple[int, int]:
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         dist.init_process_group(os.environ.get("SPARSEFORGE_DIST_BACKEND", "cpu:gloo,cuda:nccl" if cuda else "gloo"))
+        # a rank killed by a signal inside torch's C++ (SIGABRT, SIGSEGV) leaves torchrun's error file empty: dump
+        # every thread's Python stack to stderr so the log says where it was
+        import faulthandler
+
+        if not faulthandler.is_enabled():
+            faulthandler.enable()
         # torch does not tear the group down at exit: gloo's worker threads then die with the interpreter and a
         # rank aborts ("terminate called without an active exception", SIGABRT) after its work is done, failing
         # the whole torchrun job. Destroying the group while Python is still alive joins them.
@@ -37,8 +43,13 @@ def init_from_env() -> tuple[int, int]:
 
 
 def shutdown() -> None:
-    """Destroy the process group (idempotent; registered at exit by ``init_from_env``)."""
+    """Destroy the process group (idempotent; registered at exit by ``init_from_env``). DDP wrappers caught in
+    reference cycles hold the group's backend; collecting them first lets its threads be joined now, while the
+    interpreter is whole, rather than during its teardown."""
     if dist.is_available() and dist.is_initialized():
+        import gc
+
+        gc.collect()
         dist.destroy_process_group()
 
 

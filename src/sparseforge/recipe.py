@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from .config import Config, content_hash, loads_toml, opt
 from .distributed import barrier, broadcast_model, is_main
-from .errors import ConfigError, RunDirError
+from .errors import ConfigError, RunDirError, SparseforgeError
 from .stages import (STAGES, CompileConfig, FinetuneConfig, RobustnessConfig, RunState, Stage, StageContext,
                      load_stage_model, save_model, stage_configs, write_json, write_text)
 from .train import TrainConfig
@@ -74,6 +74,8 @@ def parse_stage(d: dict[str, Any], where: str) -> Stage:
 @dataclasses.dataclass(frozen=True)
 class Recipe(Config):
     model: str = opt("resnet20", "model name")
+    model_args: dict[str, Any] = opt(help="the model's options, e.g. {width = 1.5} for repghostnet; saved in every "
+                                          "checkpoint's metadata like the name", factory=dict)
     weights: str = opt("", "start weights (empty = random init)")
     dataset: str = opt("synthetic", "synthetic | cifar10 | cifar100")
     data_dir: str = opt("", "dataset directory")
@@ -90,6 +92,13 @@ class Recipe(Config):
         if owned:
             raise ConfigError(f"Recipe.train sets {', '.join(owned)}, which the run never reads there: set them at "
                               "the recipe's top level (model = ..., weights = ...)")
+        if self.model_args:
+            from .models import create_model
+
+            try:
+                create_model(self.model, **self.model_args)
+            except SparseforgeError as e:
+                raise ConfigError(f"Recipe.model_args: {e}; see the model's options in `sparseforge info`") from None
         for i, s in enumerate(self.stage):
             st = parse_stage(s, f"stage[{i}]")
             t = str(getattr(st.config, "teacher", ""))
@@ -230,7 +239,7 @@ class RecipeRunner:
         if self.eval_limit:
             test = test.subset(self.eval_limit)
         torch.manual_seed(cfg.seed)
-        model = create_model(self.recipe.model, num_classes=train.num_classes)
+        model = create_model(self.recipe.model, num_classes=train.num_classes, **self.recipe.model_args)
         if self.recipe.weights:
             load_weights(model, self.recipe.weights)
         return RunState(self.recipe, self.run_dir, self.log, train, test, model, self.progress, self.extra_callbacks)
