@@ -101,8 +101,13 @@ def fuzz_networks(a: argparse.Namespace) -> None:
     from sparseforge.engine.testing import compare_outputs, random_network, with_nonfinite
 
     out_path = Path(a.out or ROOT / "bench" / "results" / "engine_fuzz_networks.json")
+    from sparseforge.engine.plan import PlanOptions
+
     stats = {"networks": 0, "max_rel_err": 0.0, "max_rel_err_seed": None, "nonfinite_inputs": 0, "sparse": 0, "native_ops": 0, "fallback_ops": 0,
-             "fallback_kinds": {}, "failures": []}
+             "fallback_kinds": {}, "stress_options": 0, "conv_modes": {}, "channel_blocked_convs": 0, "failures": []}
+    # every fourth network is planned with knobs that push CIFAR-size maps into the large-map paths (tiled flat
+    # mode from 4 KB inputs, input-channel blocks from 8 KB windows), so those are fuzzed on every kind of block
+    stress = PlanOptions(flat_tiled_min_bytes=1 << 12, flat_cblock_bytes=1 << 13)
     stats, start, spent = resume_point(out_path, a.first_seed, stats, a.resume)
     t0 = time.perf_counter() - spent
 
@@ -125,7 +130,8 @@ def fuzz_networks(a: argparse.Namespace) -> None:
             stats["nonfinite_inputs"] += 1
         with torch.inference_mode():
             ref = m(x)
-        e = compile(m, x[:1], threads=1 + seed % 3)
+        e = compile(m, x[:1], threads=1 + seed % 3, plan_options=stress if seed % 4 == 3 else None)
+        stats["stress_options"] += seed % 4 == 3
         out = e(x)
         ok, why = compare_outputs(out, ref, sparse=sparse)
         fin = ref.isfinite() & out.isfinite()
@@ -137,6 +143,9 @@ def fuzz_networks(a: argparse.Namespace) -> None:
         stats["sparse"] += sparse
         for op in e.spec["ops"]:
             stats["native_ops" if op["native"] else "fallback_ops"] += 1
+            if "mode" in op:
+                stats["conv_modes"][op["mode"]] = stats["conv_modes"].get(op["mode"], 0) + 1
+                stats["channel_blocked_convs"] += op["channel_blocks"] > 1
             if not op["native"]:
                 kind = op["describe"].split("(")[0].strip()
                 stats["fallback_kinds"][kind] = stats["fallback_kinds"].get(kind, 0) + 1

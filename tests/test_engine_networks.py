@@ -338,3 +338,41 @@ def test_1x1_convs_run_flat_tiled_on_any_map():
         out, ref = e(x), m(x)
     ok, why = compare_outputs(out, ref, sparse=True)
     assert ok and (~out.isfinite()).any(), why
+
+
+@pytest.mark.parametrize("channel_block", [1, 2])
+def test_flat_tiles_in_channel_blocks_match_pytorch(channel_block):
+    """Flat-tiled convs whose tile input outgrows PlanOptions.flat_cblock_bytes run their kernels in blocks of
+    input channels, partial sums in scratch between blocks. Forced here with a tiny budget (many blocks, an
+    uneven last one, blocks a filter keeps no kernel in), on 3x3 and 1x1 convs, residual adds, filter groups
+    (channel_block 2), batch 1 (threads split tiles) and 3 (an image per thread), NaN/Inf: as in PyTorch."""
+    import sparseforge as sf
+    from sparseforge.engine.plan import PlanOptions
+    from sparseforge.engine.testing import random_bn_statistics
+    from sparseforge.sparsity.mask import fold_masks
+
+    torch.manual_seed(5)
+    m = nn.Sequential(nn.Conv2d(3, 40, 3, 1, 1), nn.BatchNorm2d(40), nn.ReLU(),
+                      BasicBlock(40, 40, 1, "relu", False), Bottleneck(40, 36, 72, 1, "relu6", 1),
+                      nn.Conv2d(72, 34, 3, 1, 1), nn.BatchNorm2d(34), nn.ReLU())
+    m = random_bn_statistics(m.eval(), torch.Generator().manual_seed(5))
+    sf.prune(m, sf.PatternConfig(num_patterns=8, connectivity=3.6, connectivity_scope="layer",
+                                 channel_block=channel_block))
+    m = fold_masks(m)
+    x = torch.randn(3, 3, 47, 45)
+    x[1, 0, 13, 9], x[2, 2, 3, 11] = float("nan"), float("inf")
+    opts = PlanOptions(flat_tiled_min_bytes=1 << 12, flat_cblock_bytes=1 << 13)
+    e, st = compile(m, x[:1], threads=2, return_stages=True, plan_options=opts)
+    blocked = [c for c in st.plan.convs.values() if c.flat_ncb > 1]
+    assert len(blocked) >= 5 and all(c.mode == "flat-tiled" for c in blocked)
+    assert any(c.op.residual is not None for c in blocked) and any(c.kh == 3 for c in blocked)
+    if channel_block == 1:
+        assert any(c.op.weight.shape[1] % c.flat_cb for c in blocked)    # an uneven last block (7 x 6 for 40)
+    else:
+        assert any(c.fgroup == 2 for c in blocked)
+    with torch.inference_mode():
+        for xb in (x[:1], x):
+            out, ref = e(xb), m(xb)
+            ok, why = compare_outputs(out, ref, sparse=True)
+            assert ok, why
+    assert (~e(x).isfinite()).any()

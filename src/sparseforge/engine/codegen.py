@@ -526,16 +526,18 @@ def _register(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], body: str
     return f"static void op{k}(OPARGS) {{ {bodies[body]}(B, N, tid, nth, g_w, g_i, g_i + {d_off}); }}"
 
 
-def _flat_kernels(p: ConvPlan, plan: Plan, li, names: list[str], base: str, ind: str) -> list[str]:
+def _flat_kernels(p: ConvPlan, plan: Plan, li, names: list[str], base: str, ind: str, ri: str = "") -> list[str]:
     """Flat modes' kernel loops: per tap shape, every kernel of the filter (group) adds its taps to the vectors
-    ``names`` along the flattened plane, starting at plane position ``base``."""
+    ``names`` along the flattened plane, starting at plane position ``base``; ``ri``: the run's index (default:
+    the filter's)."""
     kw, pad, VEC, G = p.op.weight.shape[3], p.op.padding, p.vec, p.fgroup
     isa = WIDE16 if VEC != plan.vec else MAIN
+    ri = ri or _ri(plan)
     out = []
     for j, shape in enumerate(p.shapes):
         nt = len(shape)
         offs = [(t // kw - pad) * li.rs + (t % kw - pad) for t in shape]
-        out.append(f"{ind}for (int e = st{j}[{_ri(plan)}]; e < st{j}[{_ri(plan)} + 1]; e++) {{")
+        out.append(f"{ind}for (int e = st{j}[{ri}]; e < st{j}[{ri} + 1]; e++) {{")
         out.append(f"{ind}  const float* ip = ib + (long)ch{j}[e] * {li.plane} + {base};")
         out.append(f"{ind}  const float* wp = w{j} + (long)e * {nt * G};")
         out += _weights(isa.type, isa.bcast, nt, G, ind + "  ")
@@ -578,11 +580,28 @@ def _flat_tiled_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], li
     heads = list(head_lines)
     if p.spatial:     # tiles are split, filters are not
         heads[0] = f"    for (int t = 0; t < {plan.threads}; t++)"
-    b += ["  " + h for h in heads if "const float* ib" not in h]
     G = p.fgroup
     names = [f"a{v}" for v in range(TV)]
-    b.append("        " + _init_accs(T_, names, G))
-    b += _flat_kernels(p, plan, li, names, "pb", "        ")
+    NCB = p.flat_ncb
+    if p.flat_cb:
+        # channel blocks outside the filters: each block's window (flat_cb channels) is read from L1 by every
+        # filter; a filter's partial sums wait in this thread's scratch between blocks
+        PS = TV * VEC * G
+        b.insert(b.index("  const int Nf = N - N % nth;"),
+                 f"  float* S = B[{plan.scratch_id}] + (long)tid * {op.weight.shape[0] * TV * VEC};")
+        b.append(f"    for (int c = 0; c < {NCB}; c++) {{")
+        b += ["  " + h for h in heads if "const float* ib" not in h]
+        b.append(f"        float* sp = S + (long)q * {PS};")
+        b.append("        " + _init_accs(T_, names, G))
+        accn = [f"{a}g{g}" if G > 1 else a for g in range(G) for a in names]
+        b.append("        if (c > 0) { " + " ".join(f"{a} = {LD}(sp + {i * VEC});" for i, a in enumerate(accn)) + " }")
+        b += _flat_kernels(p, plan, li, names, "pb", "        ", ri=f"{_ri(plan)} * {NCB} + c")
+        b.append(f"        if (c < {NCB - 1}) {{ " + " ".join(f"{ST}(sp + {i * VEC}, {a});" for i, a in enumerate(accn))
+                 + " continue; }")
+    else:
+        b += ["  " + h for h in heads if "const float* ib" not in h]
+        b.append("        " + _init_accs(T_, names, G))
+        b += _flat_kernels(p, plan, li, names, "pb", "        ")
     for g in range(G):
         gp = f" + {g * lo.plane}" if G > 1 else ""
         for v in range(TV):
@@ -597,7 +616,7 @@ def _flat_tiled_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], li
             else:
                 b.append(f"          {ST}(ob{gp} + pb + {v * VEC}, a);")
             b.append("        }")
-    b += ["      }", "    }", "  }"]
+    b += ["      }", "    }", "  }"] + (["    }"] if p.flat_cb else [])
     return _register(k, p, plan, bodies, "\n".join(b), [p.flat_mask_off])
 
 

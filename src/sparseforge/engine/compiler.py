@@ -110,7 +110,7 @@ def runtime_spec(plan: Plan, input_shape: tuple[int, ...]) -> dict:
         if k in plan.convs:
             c = plan.convs[k]
             d.update(kernels=c.kernels, taps=c.taps, flops_per_image=c.flops, shapes=len(c.shapes),
-                     block=[c.rows, c.vecs])
+                     block=[c.rows, c.vecs], mode=c.mode, channel_blocks=c.flat_ncb)
         if k in plan.blocks:
             bp = plan.blocks[k]
             d["fused_block"] = [bp.a, bp.b, bp.c]

@@ -83,6 +83,13 @@ class PlanOptions:
     # (rows a multiple of 8: on 112-wide maps, rows of 120, the loads are not all aligned; measured no slower)
     flat_wide: bool = True
     fuse_blocks: bool = True          # fuse 1x1 expand -> 3x3 depthwise -> 1x1 project on small maps (BlockPlan)
+    # flat-tiled sparse convs whose tile input (every channel's window: tile + the taps' reach) is larger than
+    # this many bytes run their kernels in blocks of input channels whose windows fit it: every filter of the
+    # thread passes over one block (read from L1) before the next, partial sums per filter in scratch memory.
+    # Without it each filter streams the whole window from L2 (ResNet-50's 3x3 layers at 56x56x64: 310 floats
+    # x 64 channels = 79 KB per tile). 0 = off. Measured (Xeon AVX-512, 48 KB L1, pattern 8x at 224, b1): ResNet-50
+    # 39.0 -> 35.4 ms on one thread, 23.2 -> 21.9 on two; MobileNetV2 2.77 -> 2.62 ms on two; 32 KB and 96 KB: less
+    flat_cblock_bytes: int = 49152
 
 
 DEFAULT_OPTIONS = PlanOptions()
@@ -204,6 +211,10 @@ class ConvPlan:
     # every filter reads the tile's input (Cin x flat_tv vectors, contiguous per channel) from L1/L2 and the
     # loads run along memory (no row jumps, few pages); the last tile is shifted back to end at the last vector
     flat_tv: int = 0
+    # ... and in blocks of flat_cb input channels (PlanOptions.flat_cblock_bytes): flat_ncb blocks, runs indexed
+    # by (filter position, block), partial sums kept per filter in scratch memory between blocks
+    flat_cb: int = 0
+    flat_ncb: int = 1
     vec: int = VEC
     # images not split by image (batch 1): threads take row ranges of every filter rather than filter lists,
     # for activation-heavy layers in direct mode (see plan_conv)
@@ -441,6 +452,13 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
                 most = max(1, (opts.flat_tile_wide if wide and vec == base_vec else opts.flat_tile) // G)
                 p.flat_tv = -(-nv // -(-nv // most))      # balanced tiles: the shifted last one overlaps little
                 p.spatial = spatial        # threads take runs of tiles (all filters) rather than filter lists
+                reach = ((kh - 1) // 2) * rs + (kw - 1) // 2      # taps' reach either side along the plane
+                window = 4 * (p.flat_tv * vec + 2 * reach)        # bytes of one channel's tile input
+                cin = in_shape[0]
+                if opts.flat_cblock_bytes and op.groups == 1 and cin * window > opts.flat_cblock_bytes:
+                    cb = max(1, opts.flat_cblock_bytes // window)
+                    p.flat_ncb = -(-cin // cb)
+                    p.flat_cb = -(-cin // p.flat_ncb)             # balanced blocks
     if not p.gather and not p.flat and not p.packed1 and op.groups == 1 and in_bytes >= opts.block_outer_ratio * w_bytes:
         p.block_outer = True
     if not p.gather and not p.flat and not p.packed1 and spatial:
@@ -476,7 +494,17 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     walk = np.array(flist if opts.runs_in_walk_order else range(o), dtype=np.int64)
     for r in per:
         idx = r.gather(walk)
-        p.start_off.append(blob.add_i(np.concatenate([[0], np.cumsum(r.count[walk])])))
+        if p.flat_cb:
+            # runs per (walk position, channel block): kernels are channel-ascending within a filter, so each
+            # (position, block) run is contiguous
+            posk = np.repeat(np.arange(len(walk)), r.count[walk])
+            key = posk * p.flat_ncb + r.ch[idx] // p.flat_cb
+            assert (np.diff(key) >= 0).all(), "kernels must be channel-ascending within a filter"
+            cnt = np.bincount(key, minlength=len(walk) * p.flat_ncb) if len(idx) else np.zeros(
+                len(walk) * p.flat_ncb, dtype=np.int64)
+            p.start_off.append(blob.add_i(np.concatenate([[0], np.cumsum(cnt)])))
+        else:
+            p.start_off.append(blob.add_i(np.concatenate([[0], np.cumsum(r.count[walk])])))
         p.chan_off.append(blob.add_i(r.ch[idx] if len(idx) else [0]))
         p.w_off.append(blob.add_f(r.w[idx].ravel() if len(idx) else [0.0]))
     p.tstart_off = blob.add_i(tstart)
@@ -686,6 +714,12 @@ class Plan:
         acc_stride = -(-ps // 16) * 16
         packed = cin * len(c.gather_taps) * ps
         return self.threads * (packed + c.op.weight.shape[0] * acc_stride)
+
+    def partials_size(self, k: int) -> int:
+        """Floats of scratch a channel-blocked flat-tiled conv needs: per thread, one tile of partial sums for
+        every filter."""
+        c = self.convs[k]
+        return self.threads * c.op.weight.shape[0] * c.flat_tv * c.vec
 
 
 
@@ -943,5 +977,6 @@ def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto
                 options=opts)
     plan.scratch_id = max(graph.values) + 1
     plan.scratch = max([plan.gather_size(k) for k, c in convs.items() if c.gather or c.packed1]
+                       + [plan.partials_size(k) for k, c in convs.items() if c.flat_cb]
                        + [bp.scratch(threads) for bp in blocks.values()], default=0)
     return plan
