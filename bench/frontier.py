@@ -148,12 +148,9 @@ def write_arm_model(src: Path, dst: Path) -> None:
 
 def load_arm(path: Path):
     """The model an arm saved (architecture from its metadata: a structurally pruned arm rebuilds its widths)."""
-    from sparseforge.models import model_from_spec, read_state_dict
+    from sparseforge.models import load_model
 
-    meta = read_state_dict(path)[1]
-    model = model_from_spec(json.loads(meta["model"]))
-    load_weights(model, path)
-    return model.eval()
+    return load_model(path)
 
 
 def cmd_measure(a: argparse.Namespace) -> None:

@@ -34,7 +34,7 @@ ARMS = {"mobilenetv2": ("mobilenetv2", {}), "repghostnet": ("repghostnet", {"wid
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from sparseforge.models import save_weights
+    from sparseforge.models import load_model, save_weights
 
     train = {"batch_size": 128, "lr": a.lr, "schedule": "onecycle", "optimizer": "sgd", "momentum": 0.9,
              "nesterov": True, "weight_decay": 5e-5, "threads": a.threads, "channels_last": True,
@@ -60,13 +60,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         rec["wall_s_this_invocation"] = round(time.perf_counter() - t0, 1)
         rec["env"] = environment()
         rec["eval_images"] = a.eval_limit or 10000
-        from sparseforge import load_weights
-        from sparseforge.models import model_from_spec, read_state_dict
-
-        meta = read_state_dict(run_dir / "model.safetensors")[1]
-        model = model_from_spec(json.loads(meta["model"]))
-        load_weights(model, run_dir / "model.safetensors")
-        save_weights(model, out / f"{arm}.safetensors")
+        save_weights(load_model(run_dir / "model.safetensors"), out / f"{arm}.safetensors")
         atomic_write_json(out / f"{arm}.record.json", rec)
         print(f"== {arm}: {rec['final_acc']:.2f}%", file=sys.stderr, flush=True)
 
@@ -77,8 +71,7 @@ def cmd_measure(a: argparse.Namespace) -> None:
     import torch
 
     import sparseforge as sf
-    from sparseforge import load_weights
-    from sparseforge.models import model_from_spec, read_state_dict
+    from sparseforge.models import load_model, model_spec
     from sparseforge.report.latency import measure, onnxruntime_session, torch_fused
     from sparseforge.report.plots import plt
     from sparseforge.data import BatchLoader, load_dataset, resolve_normalization
@@ -97,16 +90,14 @@ def cmd_measure(a: argparse.Namespace) -> None:
         if not path.exists():
             print(f"-- {arm}: not trained yet ({path} missing)", file=sys.stderr)
             continue
-        model = model_from_spec(json.loads(read_state_dict(path)[1]["model"]))
-        load_weights(model, path)
-        model.eval()
+        model = load_model(path)
         folded = sf.reparameterize(copy.deepcopy(model)).eval()
         engine = sf.compile(folded, x, threads=a.threads)
         sess = onnxruntime_session(folded, x, a.threads)
         fused = torch_fused(folded)
         acc = {"pytorch": _accuracy(model, test_batches), "engine": _accuracy(engine, test_batches)}
         params = lambda m: sum(p.numel() for p in m.parameters())      # noqa: E731
-        arms[arm] = {"model": read_state_dict(path)[1]["model"], "acc": acc,
+        arms[arm] = {"model": model_spec(model), "acc": acc,
                      "params_train_form": params(model), "params_folded": params(folded),
                      "macs": count_macs(folded, x), "engine_fallbacks": [op["describe"] for op in engine.spec["ops"]
                                                                        if not op["native"]],

@@ -136,3 +136,28 @@ def test_torchvision_state_dict_loads_strictly(name, tmp_path):
     torch.save(sd, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match="running_avg"):
         sf.load_weights(sf.create_model(name), tmp_path / "bad.pth")
+
+
+def test_load_model_rebuilds_a_saved_network_from_its_metadata(tmp_path):
+    """load_model: a folded, pattern-pruned RepGhostNet 0.5x comes back as the same network (options, folded form,
+    masks) with equal outputs; a state dict that does not say what it holds is refused in one line."""
+    import sparseforge as sf
+    from safetensors.torch import save_file
+
+    from sparseforge.errors import CheckpointError
+    from sparseforge.engine.testing import random_bn_statistics
+
+    torch.manual_seed(0)
+    m = random_bn_statistics(sf.create_model("repghostnet", width=0.5).eval(), torch.Generator().manual_seed(0))
+    sf.reparameterize(m)
+    sf.prune(m, sf.PatternConfig(num_patterns=4, connectivity=2.0))
+    sf.models.save_weights(m, tmp_path / "m.safetensors")
+    back = sf.load_model(tmp_path / "m.safetensors")
+    assert not back.training and back.sf_spec["kwargs"] == {"width": 0.5}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(back(x), m.eval()(x))
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "bare.safetensors"))
+    with pytest.raises(CheckpointError, match="does not say which model") as e:
+        sf.load_model(tmp_path / "bare.safetensors")
+    assert "\n" not in str(e.value)

@@ -258,8 +258,20 @@ def save_weights(model: nn.Module, path: str | Path, extra_metadata: dict[str, s
     return Path(path)
 
 
+def load_model(path: str | Path) -> nn.Module:
+    """The network a sparseforge weights file holds, rebuilt from the file's own metadata (name, options, folded
+    form, pruned widths) with its weights, masks and pattern library, in eval mode: what a later script needs to
+    evaluate or compile a saved model without knowing how it was made."""
+    path = Path(path)
+    spec = spec_from_metadata(read_state_dict(path)[1], path)
+    if spec is None:
+        raise CheckpointError(f"{path} does not say which model it holds (a state dict from elsewhere): build the "
+                              "model with create_model(NAME) and load it with load_weights")
+    return load_weights(model_from_spec(spec), path).eval()
+
+
 __all__ = [
-    "MODELS", "create_model", "model_from_spec", "spec_from_metadata", "load_weights", "save_weights", "read_state_dict", "list_models", "model_spec",
+    "MODELS", "create_model", "model_from_spec", "spec_from_metadata", "load_weights", "load_model", "save_weights", "read_state_dict", "list_models", "model_spec",
     "CifarResNet", "BasicBlock", "PadShortcut", "VGG", "MobileNetV2", "SmallCNN", "ResNet", "VGGImageNet",
     "MobileNetV2ImageNet", "RepGhostNet", "RepGhostModule", "RepGhostBottleneck", "RepVGGBlock", "reparameterize",
     "reparameterizable", "REPARAMETERIZABLE",

@@ -67,7 +67,11 @@ def reparameterize(model: nn.Module, inplace: bool = True) -> nn.Module:
     with torch.no_grad():
         if isinstance(m, kinds):
             return m.fold().eval()
+        folded = count_foldable(m)
         _fold_children(m, kinds)
+    if folded and getattr(m, "sf_spec", None) is not None:
+        # saved weights then say they are the folded form, and load_model rebuilds that form
+        m.sf_spec = {**m.sf_spec, "reparameterized": True}
     return m.eval()
 
 
