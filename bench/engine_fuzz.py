@@ -106,8 +106,10 @@ def fuzz_networks(a: argparse.Namespace) -> None:
     stats = {"networks": 0, "max_rel_err": 0.0, "max_rel_err_seed": None, "nonfinite_inputs": 0, "sparse": 0, "native_ops": 0, "fallback_ops": 0,
              "fallback_kinds": {}, "stress_options": 0, "conv_modes": {}, "channel_blocked_convs": 0, "failures": []}
     # every fourth network is planned with knobs that push CIFAR-size maps into the large-map paths (tiled flat
-    # mode from 4 KB inputs, input-channel blocks from 8 KB windows), so those are fuzzed on every kind of block
-    stress = PlanOptions(flat_tiled_min_bytes=1 << 12, flat_cblock_bytes=1 << 13)
+    # mode from 4 KB inputs, input-channel blocks from 8 KB windows, dense 1x1 GEMM mode on any map with 16-float
+    # rows, in odd 5 x 3 register blocks), so those are fuzzed on every kind of block
+    stress = PlanOptions(flat_tiled_min_bytes=1 << 12, flat_cblock_bytes=1 << 13, flat_gemm_min_pixels=0, gemm_mr=5,
+                         gemm_nr=3)
     stats, start, spent = resume_point(out_path, a.first_seed, stats, a.resume)
     t0 = time.perf_counter() - spent
 

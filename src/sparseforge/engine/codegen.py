@@ -852,7 +852,76 @@ def _packed1_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> st
 
 # conv modes other than direct (written inline in conv_source): (op index, plan, conv plan, bodies, the wrapper's
 # standard lines, its per-filter head lines) -> the op's C wrapper
+def _flat_gemm_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
+    """Dense 1x1 conv as a GEMM along the flattened padded plane (``ConvPlan.flat_gemm``): items are (tile of TV
+    16-lane vectors, block of MR filters); per input channel the tile's TV vectors are loaded once (aligned when
+    rows are a multiple of 16 floats) and each feeds MR broadcast weights. Accumulators start at the bias and go
+    to the planar output with border lanes masked to exactly 0; the last tile is shifted back to end at the last
+    vector (the overlap is recomputed to the same values) and its last vector stored only up to the interior."""
+    op: ConvOp = p.op
+    li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
+    o, cin = op.weight.shape[:2]
+    nv, TV, VEC, MR = p.flat_nv, p.flat_tv, p.vec, p.gemm_mr
+    isa = WIDE16 if VEC != plan.vec else MAIN
+    T_, BC_, LD, ST, STN = isa.type, isa.bcast, isa.load, isa.store, isa.storen
+    nt_, nb = -(-nv // TV), -(-o // MR)
+    last = p.ho * lo.rs + p.wo                      # last interior position: never write past it
+    nlast = last - (p.flat_p0 + (nv - 1) * VEC) + 1
+    accs = [(m, j) for m in range(MR) for j in range(TV)]
+    b = ["  const float* in = B[d[0]]; float* out = B[d[1]];",
+         "  const float* bias = g_w + d[3]; const float* W = g_w + d[4]; const float* mk = g_w + d[5];"]
+    if op.residual is not None:
+        b.append("  const float* res = B[d[2]];")
+    b += ["  const int Nf = N - N % nth;",
+          "  for (int n = 0; n < N; n++) {",
+          "    const int own = n < Nf;",
+          "    if (own && n % nth != tid) continue;",
+          f"    const float* ib = in + (long)n * {li.image};",
+          f"    float* ob = out + (long)n * {lo.image};"]
+    if op.residual is not None:
+        b.append(f"    const float* rb = res + (long)n * {lo.image};")
+    # items (tile, filter block), tile-major: a thread's contiguous run shares tiles (input in L1) and, at batch
+    # 1, splits small maps' single tile by filter blocks
+    b += [f"    int ilo = 0, ihi = {nt_ * nb};",
+          f"    if (!own) {{ ilo = {nt_ * nb} * tid / nth; ihi = {nt_ * nb} * (tid + 1) / nth; }}",
+          "    for (int it = ilo; it < ihi; it++) {",
+          f"      const int tt = it / {nb}, fb = it % {nb};",
+          f"      const int v0 = tt < {nt_ - 1} ? tt * {TV} : {nv - TV};",
+          f"      const long pb = {p.flat_p0} + (long)v0 * {VEC};",
+          f"      const float* w = W + (long)fb * {cin * MR};",
+          "      const float* ip = ib + pb;",
+          f"      {T_} " + ", ".join(f"a{m}_{j} = {BC_}(bias[fb * {MR} + {m} < {o} ? fb * {MR} + {m} : 0])"
+                                  for m, j in accs) + ";",
+          f"      for (int c = 0; c < {cin}; c++, ip += {li.plane}, w += {MR}) {{",
+          "        " + " ".join(f"const {T_} x{j} = {LD}(ip + {j * VEC});" for j in range(TV))]
+    for m in range(MR):
+        b.append(f"        {{ const {T_} k = {BC_}(w[{m}]); " + " ".join(f"a{m}_{j} += k * x{j};" for j in range(TV)) + " }")
+    b.append("      }")
+    for m in range(MR):
+        b.append(f"      if (fb * {MR} + {m} < {o}) {{")
+        b.append(f"        float* op_ = ob + (long)(fb * {MR} + {m}) * {lo.plane} + pb;")
+        if op.residual is not None:
+            b.append(f"        const float* rp = rb + (long)(fb * {MR} + {m}) * {lo.plane} + pb;")
+        for j in range(TV):
+            b.append("        {")
+            b.append(f"          {T_} a = a{m}_{j};")
+            if op.residual is not None:
+                b.append(f"          a += {LD}(rp + {j * VEC});")
+            b.append(f"          a = andm{isa.suffix}({_act(op.act, 'a', isa.suffix)}, {LD}(mk + (long)(v0 + {j}) * {VEC}));")
+            if j == TV - 1 and nlast < VEC:
+                b.append(f"          if (v0 + {j} == {nv - 1}) {STN}(op_ + {j * VEC}, a, {nlast}); else {ST}(op_ + {j * VEC}, a);")
+            else:
+                b.append(f"          {ST}(op_ + {j * VEC}, a);")
+            b.append("        }")
+        b.append("      }")
+    b += ["    }", "  }"]
+    desc = [op.inputs[0], op.output, op.residual if op.residual is not None else -1, p.bias_off, p.gemm_w_off,
+            p.flat_mask_off]
+    return _register(k, p, plan, bodies, "\n".join(b), [], desc=desc)
+
+
 CONV_MODES = {
+    "flat-gemm": lambda k, p, plan, bodies, lines, heads: _flat_gemm_conv(k, p, plan, bodies),
     "blocked": lambda k, p, plan, bodies, lines, heads: _blocked_conv(k, p, plan, bodies),
     "gather": lambda k, p, plan, bodies, lines, heads: _gather_conv(k, p, plan, bodies, lines),
     "packed1": lambda k, p, plan, bodies, lines, heads: _packed1_conv(k, p, plan, bodies),
