@@ -547,6 +547,22 @@ def _flat_kernels(p: ConvPlan, plan: Plan, li, names: list[str], base: str, ind:
     return out
 
 
+def _flat_store(isa, act: str, acc: str, res: str | None, dst: str, v: int, p: ConvPlan, nlast: int) -> list[str]:
+    """Flat modes' epilogue for tile vector ``v`` (at plane vector v0 + v): residual, activation, border lanes
+    masked to exactly 0, then the store; only the last vector of the last tile can reach past the interior and
+    is stored up to it (``nlast`` lanes)."""
+    VEC = p.vec
+    out = ["        {", f"          {isa.type} a = {acc};"]
+    if res is not None:
+        out.append(f"          a += {isa.load}({res});")
+    out.append(f"          a = andm{isa.suffix}({_act(act, 'a', isa.suffix)}, {isa.load}(mk + (long)(v0 + {v}) * {VEC}));")
+    if v == p.flat_tv - 1 and nlast < VEC:
+        out.append(f"          if (v0 + {v} == {p.flat_nv - 1}) {isa.storen}({dst}, a, {nlast}); else {isa.store}({dst}, a);")
+    else:
+        out.append(f"          {isa.store}({dst}, a);")
+    return out + ["        }"]
+
+
 def _flat_tiled_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines: list[str],
                      head_lines: list[str]) -> str:
     """Flat mode over a wide map, in tiles of ``flat_tv`` vectors: image, tile, (thread list,) filter, kernel.
@@ -559,7 +575,7 @@ def _flat_tiled_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], li
     li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
     nv, TV, VEC = p.flat_nv, p.flat_tv, p.vec
     isa = WIDE16 if VEC != plan.vec else MAIN      # 16-lane tiles in an 8-lane plan (AVX-512 hosts)
-    T_, LD, ST, STN = isa.type, isa.load, isa.store, isa.storen
+    T_, LD, ST = isa.type, isa.load, isa.store
     nt_ = -(-nv // TV)
     ns = len(p.shapes)
     pre = lines[:lines.index("  const int Nf = N - N % nth;")]
@@ -605,17 +621,9 @@ def _flat_tiled_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], li
     for g in range(G):
         gp = f" + {g * lo.plane}" if G > 1 else ""
         for v in range(TV):
-            b.append("        {")
-            b.append(f"          {T_} a = a{v}{f'g{g}' if G > 1 else ''};")
-            if op.residual is not None:
-                b.append(f"          a += {LD}(rb{gp} + pb + {v * VEC});")
-            b.append(f"          a = andm{isa.suffix}({_act(op.act, 'a', isa.suffix)}, {LD}(mk + (long)(v0 + {v}) * {VEC}));")
-            if v == TV - 1 and nlast < VEC:   # only the last vector of the last tile can reach past the interior
-                b.append(f"          if (v0 + {v} == {nv - 1}) {STN}(ob{gp} + pb + {v * VEC}, a, {nlast}); "
-                         f"else {ST}(ob{gp} + pb + {v * VEC}, a);")
-            else:
-                b.append(f"          {ST}(ob{gp} + pb + {v * VEC}, a);")
-            b.append("        }")
+            b += _flat_store(isa, op.act, f"a{v}{f'g{g}' if G > 1 else ''}",
+                             f"rb{gp} + pb + {v * VEC}" if op.residual is not None else None,
+                             f"ob{gp} + pb + {v * VEC}", v, p, nlast)
     b += ["      }", "    }", "  }"] + (["    }"] if p.flat_cb else [])
     return _register(k, p, plan, bodies, "\n".join(b), [p.flat_mask_off])
 
@@ -863,7 +871,7 @@ def _flat_gemm_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> 
     o, cin = op.weight.shape[:2]
     nv, TV, VEC, MR = p.flat_nv, p.flat_tv, p.vec, p.gemm_mr
     isa = WIDE16 if VEC != plan.vec else MAIN
-    T_, BC_, LD, ST, STN = isa.type, isa.bcast, isa.load, isa.store, isa.storen
+    T_, BC_, LD = isa.type, isa.bcast, isa.load
     nt_, nb = -(-nv // TV), -(-o // MR)
     last = p.ho * lo.rs + p.wo                      # last interior position: never write past it
     nlast = last - (p.flat_p0 + (nv - 1) * VEC) + 1
@@ -903,16 +911,8 @@ def _flat_gemm_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> 
         if op.residual is not None:
             b.append(f"        const float* rp = rb + (long)(fb * {MR} + {m}) * {lo.plane} + pb;")
         for j in range(TV):
-            b.append("        {")
-            b.append(f"          {T_} a = a{m}_{j};")
-            if op.residual is not None:
-                b.append(f"          a += {LD}(rp + {j * VEC});")
-            b.append(f"          a = andm{isa.suffix}({_act(op.act, 'a', isa.suffix)}, {LD}(mk + (long)(v0 + {j}) * {VEC}));")
-            if j == TV - 1 and nlast < VEC:
-                b.append(f"          if (v0 + {j} == {nv - 1}) {STN}(op_ + {j * VEC}, a, {nlast}); else {ST}(op_ + {j * VEC}, a);")
-            else:
-                b.append(f"          {ST}(op_ + {j * VEC}, a);")
-            b.append("        }")
+            b += _flat_store(isa, op.act, f"a{m}_{j}", f"rp + {j * VEC}" if op.residual is not None else None,
+                             f"op_ + {j * VEC}", j, p, nlast)
         b.append("      }")
     b += ["    }", "  }"]
     desc = [op.inputs[0], op.output, op.residual if op.residual is not None else -1, p.bias_off, p.gemm_w_off,
