@@ -288,7 +288,7 @@ class ConvPlan:
 
     @property
     def mode(self) -> str:
-        """The kernel family codegen uses: blocked, gather, packed1, flat-tiled, flat or direct (exclusive)."""
+        """The kernel family codegen uses: flat-gemm, blocked, gather, packed1, flat-tiled, flat or direct (exclusive)."""
         if self.flat_gemm:
             return "flat-gemm"
         if self.blocked:
@@ -368,10 +368,12 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     blocked = (op.groups == 1 and (op.residual is None or op.res_kind == "identity") and lin is not None
                and (conv_mode == "blocked" or (conv_mode == "auto" and density >= (
                    opts.ochan_min_density if _ochan(opts, vec, wide) else opts.blocked_min_density))))
-    if (blocked and conv_mode == "auto" and kh == 1 and kw == 1 and op.groups == 1 and op.stride == 1
-            and op.padding == 0 and op.tap_period == 1 and lout is not None and lin.rs == lout.rs
-            and tuple(in_shape[1:]) == (ho, wo) and (op.residual is None or op.res_kind == "identity")
-            and _ochan(opts, vec, wide) and ho * wo >= opts.flat_gemm_min_pixels and lin.rs % 16 == 0):
+    # output position p reads input p + tap offset: stride 1, one layout, an identity residual at most
+    flat_ok = (lin is not None and lout is not None and op.stride == 1 and lin.rs == lout.rs
+               and tuple(in_shape[1:]) == (ho, wo) and (op.residual is None or op.res_kind == "identity"))
+    if (blocked and flat_ok and conv_mode == "auto" and kh == 1 and kw == 1 and op.groups == 1 and op.padding == 0
+            and op.tap_period == 1 and _ochan(opts, vec, wide) and ho * wo >= opts.flat_gemm_min_pixels
+            and lin.rs % 16 == 0):
         return _plan_flat_gemm(op, in_shape, out_shape, blob, lin, w9, work, len(kc), shapes, opts)
     if blocked:     # dense weights of their own: the per-shape kernel lists below are not built
         return _plan_blocked(op, in_shape, out_shape, blob, threads, lin, vec, wide, w9, work, len(kc), shapes, opts)
@@ -448,28 +450,20 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
         p.gather_vec = 8 if ho * wo <= 8 else 16
         p.gather_pv = math.ceil(ho * wo / p.gather_vec)
         p.gather_ft = max(1, opts.gather_acc_bytes // (4 * -(-p.gather_pv * p.gather_vec // 16) * 16))
-    elif (not (depthwise and spatial) and lin is not None and lout is not None and op.stride == 1 and lin.rs == lout.rs
-            and tuple(in_shape[1:]) == (ho, wo) and (op.residual is None or op.res_kind == "identity")
-            and (vec == base_vec or (opts.flat_wide and kh == 1 and kw == 1))
+    elif (not (depthwise and spatial) and flat_ok and (vec == base_vec or (opts.flat_wide and kh == 1 and kw == 1))
             and (lout.rs == wo + 2 or tiling)):
         rs = lout.rs
         # tiles of 16-lane vectors on AVX-512 hosts (aligned loads for a 1x1 conv when rows are a multiple of 16);
         # a map that fits one block of registers (not tiled) keeps the plan's own width
         wide16 = tiling and opts.flat_wide and wide and base_vec == 8 and rs % 8 == 0
         for fvec in ((16, base_vec) if wide16 else (base_vec,)):
-            p0, p1 = rs + 1, ho * rs + wo
-            if kh == 1 and rs % fvec == 0:
-                p0 = rs      # aligned loads: the row's left border lane is masked like any other border lane
-            nv = math.ceil((p1 - p0 + 1) / fvec)
+            p0, nv = _flat_span(rs, ho, wo, fvec, kh == 1)
             tiled = nv > opts.max_acc // G and tiling
             if tiled:
                 break
         if tiled or (nv <= opts.max_acc // G and vec == base_vec):
             vec = p.vec = fvec
-            pos = p0 + np.arange(nv * vec).reshape(nv, vec)
-            masks = (pos // rs >= 1) & (pos // rs <= ho) & (pos % rs >= 1) & (pos % rs <= wo)
-            p.flat, p.flat_p0, p.flat_nv = True, p0, nv
-            p.flat_mask_off = blob.add_mask(masks)
+            _set_flat(p, rs, p0, nv, blob)
             if tiled:
                 # AVX-512 hosts have 32 vector registers (8-lane ones included): twice the accumulators
                 most = max(1, (opts.flat_tile_wide if wide and vec == base_vec else opts.flat_tile) // G)
@@ -674,6 +668,21 @@ def _plan_blocked(op: ConvOp, in_shape, out_shape, blob: Blob, threads: int, lin
     return p
 
 
+def _flat_span(rs: int, ho: int, wo: int, vec: int, one_by_one: bool) -> tuple[int, int]:
+    """Flat modes' range along the padded plane: first position and vectors up to the last interior position.
+    1x1 convs start at the row's left border when rows are whole vectors (aligned loads; the border lane is
+    masked like any other)."""
+    p0 = rs if one_by_one and rs % vec == 0 else rs + 1
+    return p0, math.ceil((ho * rs + wo - p0 + 1) / vec)
+
+
+def _set_flat(p: ConvPlan, rs: int, p0: int, nv: int, blob: Blob) -> None:
+    """Mark ``p`` flat over ``nv`` vectors of ``p.vec`` lanes from ``p0``, with the border lanes' masks."""
+    pos = p0 + np.arange(nv * p.vec).reshape(nv, p.vec)
+    masks = (pos // rs >= 1) & (pos // rs <= p.ho) & (pos % rs >= 1) & (pos % rs <= p.wo)
+    p.flat, p.flat_p0, p.flat_nv, p.flat_mask_off = True, p0, nv, blob.add_mask(masks)
+
+
 def _plan_flat_gemm(op: ConvOp, in_shape, out_shape, blob: Blob, lin: Layout, w9: np.ndarray, work: np.ndarray,
                     kernels: int, shapes: list, opts: PlanOptions) -> ConvPlan:
     """Dense 1x1 conv as a GEMM along the flattened padded plane (16-lane vectors, 32-register hosts): per item
@@ -685,11 +694,8 @@ def _plan_flat_gemm(op: ConvOp, in_shape, out_shape, blob: Blob, lin: Layout, w9
     _, ho, wo = out_shape
     rs, VEC = lin.rs, 16
     p = ConvPlan(op, shapes, 1, ho, wo, 1, 1, math.ceil(wo / VEC), vec=VEC)
-    p0, p1 = (rs if rs % VEC == 0 else rs + 1), ho * rs + wo
-    nv = math.ceil((p1 - p0 + 1) / VEC)
-    pos = p0 + np.arange(nv * VEC).reshape(nv, VEC)
-    masks = (pos // rs >= 1) & (pos // rs <= ho) & (pos % rs >= 1) & (pos % rs <= wo)
-    p.flat, p.flat_p0, p.flat_nv, p.flat_mask_off = True, p0, nv, blob.add_mask(masks)
+    _set_flat(p, rs, *_flat_span(rs, ho, wo, VEC, True), blob)
+    nv = p.flat_nv
     p.flat_tv = min(nv, opts.gemm_nr)
     mr = p.gemm_mr = opts.gemm_mr
     nb = -(-o // mr)

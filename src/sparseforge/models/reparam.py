@@ -67,20 +67,23 @@ def reparameterize(model: nn.Module, inplace: bool = True) -> nn.Module:
     with torch.no_grad():
         if isinstance(m, kinds):
             return m.fold().eval()
-        folded = count_foldable(m)
-        _fold_children(m, kinds)
+        folded = _fold_children(m, kinds)
     if folded and getattr(m, "sf_spec", None) is not None:
         # saved weights then say they are the folded form, and load_model rebuilds that form
         m.sf_spec = {**m.sf_spec, "reparameterized": True}
     return m.eval()
 
 
-def _fold_children(parent: nn.Module, kinds: tuple) -> None:
+def _fold_children(parent: nn.Module, kinds: tuple) -> int:
+    """Fold every block of ``kinds`` below ``parent`` in place; returns how many."""
+    n = 0
     for name, child in list(parent.named_children()):
         if isinstance(child, kinds):
             setattr(parent, name, child.fold())
+            n += 1
         else:
-            _fold_children(child, kinds)
+            n += _fold_children(child, kinds)
+    return n
 
 
 def count_foldable(model: nn.Module) -> int:
