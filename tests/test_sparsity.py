@@ -315,3 +315,22 @@ def test_admm_projections_and_duals():
     cb2 = ADMMCallback(cb.cfg)
     cb2.load_state_dict(join_state(skel, tensors))
     assert torch.equal(cb2.Z[n], cb.Z[n]) and cb2.rho == cb.rho and cb2.keep == cb.keep
+
+
+def test_energy_connectivity_gives_small_layers_more_kernels_at_the_same_count():
+    """'energy' ranks raw kernel energies across layers: a layer with larger weights keeps more, the total is exact."""
+    m = small_model()
+    with torch.no_grad():
+        m.layer1[1].conv1.weight.mul_(10.0)     # one layer's kernels all outrank the rest
+    sf.prune(m, PatternConfig(connectivity=4.0, connectivity_scope="energy"))
+    kept = {n: int((get_mask(mod).tensor.reshape(*mod.weight.shape[:2], 9).sum(-1) > 0).sum())
+            for n, mod in masked_modules(m)}
+    total = sum(mod.weight.shape[0] * mod.weight.shape[1] for _, mod in masked_modules(m))
+    assert abs(sum(kept.values()) - total / 4) <= len(kept)
+    assert kept["layer1.1.conv1"] == 16 * 16          # the scaled layer keeps every kernel
+    m2 = small_model()
+    with torch.no_grad():
+        m2.layer1[1].conv1.weight.mul_(10.0)
+    sf.prune(m2, PatternConfig(connectivity=4.0, connectivity_scope="global"))   # normalised: scale-free
+    d = get_mask(m2.layer1[1].conv1).tensor.reshape(16, 16, 9).sum(-1).gt(0).float().mean().item()
+    assert d < 0.6
