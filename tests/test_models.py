@@ -161,3 +161,26 @@ def test_load_model_rebuilds_a_saved_network_from_its_metadata(tmp_path):
     with pytest.raises(CheckpointError, match="does not say which model") as e:
         sf.load_model(tmp_path / "bare.safetensors")
     assert "\n" not in str(e.value)
+
+
+def test_ghostnet_size_matches_the_paper_and_the_engine_runs_it_natively():
+    """GhostNet 1.0x at 224: the paper's 141 M multiply-adds and 5.2 M parameters, the official module names; the
+    concat-based Ghost module compiles without fallbacks and matches PyTorch (the RepGhost comparison's baseline)."""
+    from sparseforge.engine.testing import random_bn_statistics
+    from sparseforge.structured import count_macs
+    m = sf.create_model("ghostnet", num_classes=1000, input_size=224).eval()
+    assert 139e6 <= count_macs(m, torch.randn(1, 3, 224, 224)) <= 143e6
+    assert 5.1e6 <= sum(p.numel() for p in m.parameters()) <= 5.3e6
+    names = {n for n, _ in m.named_modules()}
+    for official in ("conv_stem", "blocks.0.0.ghost1.primary_conv.0", "blocks.0.0.ghost1.cheap_operation.0",
+                     "blocks.3.0.se.conv_reduce", "blocks.3.0.conv_dw", "blocks.3.0.shortcut.0", "conv_head",
+                     "classifier"):
+        assert official in names, official
+    small = random_bn_statistics(sf.create_model("ghostnet", width=0.5).eval(), torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, 32, 32)
+    engine = sf.compile(small, x[:1], threads=1)
+    with torch.no_grad():
+        ref = small(x)
+    assert float((engine(x) - ref).abs().max() / ref.abs().max()) <= 1e-4
+    assert all(op["native"] for op in engine.spec["ops"])
+    assert any(op["describe"].startswith("concat") for op in engine.spec["ops"])

@@ -16,6 +16,7 @@ import torch.nn as nn
 from ..errors import CheckpointError, SparseforgeError
 from ..registry import Registry
 from .cifar_resnet import BasicBlock, CifarResNet, PadShortcut
+from .ghostnet import GhostBottleneck, GhostModule, GhostNet
 from .imagenet import MobileNetV2ImageNet, ResNet, VGGImageNet, resnet18, resnet34, resnet50
 from .mobilenetv2 import MobileNetV2
 from .reparam import REPARAMETERIZABLE, RepVGGBlock, reparameterizable, reparameterize
@@ -31,6 +32,8 @@ MODELS.register("vgg16", lambda num_classes=10, **kw: VGG(num_classes=num_classe
 MODELS.register("mobilenetv2", lambda num_classes=10, **kw: MobileNetV2(num_classes=num_classes, **kw))
 MODELS.register("repghostnet", lambda num_classes=10, width=1.0, input_size=32, **kw:
                 RepGhostNet(num_classes=num_classes, width=width, input_size=input_size, **kw))
+MODELS.register("ghostnet", lambda num_classes=10, width=1.0, input_size=32, **kw:
+                GhostNet(num_classes=num_classes, width=width, input_size=input_size, **kw))
 MODELS.register("smallcnn", lambda num_classes=10, **kw: SmallCNN(num_classes=num_classes, **kw))
 # ImageNet-size (224x224), torchvision's layouts and module names; 1000 classes unless told
 MODELS.register("resnet18", lambda num_classes=1000: resnet18(num_classes))
@@ -273,6 +276,7 @@ def load_model(path: str | Path) -> nn.Module:
 __all__ = [
     "MODELS", "create_model", "model_from_spec", "spec_from_metadata", "load_weights", "load_model", "save_weights", "read_state_dict", "list_models", "model_spec",
     "CifarResNet", "BasicBlock", "PadShortcut", "VGG", "MobileNetV2", "SmallCNN", "ResNet", "VGGImageNet",
-    "MobileNetV2ImageNet", "RepGhostNet", "RepGhostModule", "RepGhostBottleneck", "RepVGGBlock", "reparameterize",
+    "MobileNetV2ImageNet", "RepGhostNet", "RepGhostModule", "RepGhostBottleneck", "GhostNet", "GhostModule",
+    "GhostBottleneck", "RepVGGBlock", "reparameterize",
     "reparameterizable", "REPARAMETERIZABLE",
 ]
