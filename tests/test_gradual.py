@@ -52,22 +52,26 @@ def test_masks_shrink_monotonically_and_end_at_the_target(target):
         assert abs(1 - kept[-1] / total - 0.8) < 1e-3
 
 
-def test_gradual_stage_learns_and_reaches_the_target(tmp_path):
+@pytest.mark.parametrize("pattern_ramp", [False, True])
+def test_gradual_stage_learns_and_reaches_the_target(tmp_path, pattern_ramp):
     """Learning check: from a trained smallcnn, a gradual stage to 4x (patterns + 1.78x connectivity) with KD
-    from the start keeps the synthetic task far above chance, and ends with exactly the target's masks."""
+    from the start keeps the synthetic task far above chance, and ends with exactly the target's masks (with the
+    patterns' taps ramped too or cut at step 0)."""
     rec = Recipe.from_dict({
         "model": "smallcnn", "dataset": "synthetic",
         "train": {"batch_size": 32, "lr": 0.05, "schedule": "onecycle", "train_size": 640, "test_size": 200,
                   "threads": 1},
         "stage": [{"method": "finetune", "epochs": 3},
                   {"method": "gradual", "epochs": 3, "update_every": 5, "ramp": 0.6, "teacher": "stage:0",
-                   "target": {"num_patterns": 4, "connectivity": "1.78x"}}]})
+                   "pattern_ramp": pattern_ramp, "target": {"num_patterns": 4, "connectivity": "1.78x"}}]})
     res = RecipeRunner(rec, tmp_path / "run", progress=False).run()
     dense_acc, final_acc = res["stages"][0]["eval"]["acc"], res["stages"][1]["eval"]["acc"]
     hist = res["stages"][1]["gradual"]
     assert hist[0]["fraction"] == 0.0 and hist[-1]["fraction"] == 1.0 and len(hist) > 3
     assert dense_acc > 40 and final_acc > max(40, dense_acc - 10), (dense_acc, final_acc)   # chance: 10%
     assert res["sparsity"]["compression_conv_linear"] > 2.5
+    if pattern_ramp:
+        assert hist[0]["extra_taps"] == 5 and hist[-1]["extra_taps"] == 0
 
 
 def test_regrow_trains_the_pruned_weights_and_shows_the_masked_ones():
@@ -156,3 +160,33 @@ connectivity = "2x"
     wa, wb = load_file(str(Path(tmp_path / "a/model.safetensors"))), load_file(str(tmp_path / "b/model.safetensors"))
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+def test_pattern_ramp_starts_dense_and_ends_at_exact_patterns():
+    """pattern_ramp: at fraction 0 every tap is kept, the taps per kernel fall on the schedule (masks never grow),
+    and at 1 every kept kernel is one library pattern, with the same weight count as the one-shot target."""
+    torch.manual_seed(0)
+    m = sf.create_model("resnet20")
+    ref = sf.create_model("resnet20")
+    ref.load_state_dict(m.state_dict())
+    pc = sf.PatternConfig(num_patterns=8, connectivity="3.6x", connectivity_scope="energy")
+    cfg = GradualConfig(target=pc, pattern_ramp=True)
+    prev, taps = None, []
+    for frac in (0.0, 0.2, 0.5, 0.8, 1.0):
+        info = apply_fraction(m, cfg, frac)
+        masks = {n: mod.weight_mask.clone() for n, mod in masked_modules(m) if mod.weight.shape[-1] == 3}
+        if prev is not None:
+            assert all(bool((masks[n] <= prev[n]).all()) for n in masks)
+        prev = masks
+        per_kernel = torch.cat([t.sum((2, 3)).flatten() for t in masks.values()])
+        taps.append(int(per_kernel.max()))
+        if frac == 0.0:
+            assert info["extra_taps"] == 5 and bool((per_kernel == 9).all())
+    assert taps[0] == 9 and taps[-1] == 4 and taps == sorted(taps, reverse=True)
+    lib = {tuple(p.flatten().tolist()) for p in m.sf_pattern_library}
+    for t in prev.values():
+        k = t.reshape(-1, 9)
+        kept = k[k.sum(1) > 0]
+        assert all(tuple(r.tolist()) in lib for r in kept)
+    sf.prune(ref, pc)
+    assert _kept(m) == _kept(ref)

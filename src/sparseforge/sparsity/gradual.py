@@ -9,6 +9,10 @@ still has most of its capacity. For the pattern target the 4-of-9 patterns are a
 scope) follows the schedule; for the magnitude target the global unstructured sparsity follows it, so the two
 structures can be compared with the same pipeline and budget. Masks only ever shrink.
 
+``pattern_ramp=True`` ramps the taps as well: each kernel starts with all 9 and keeps its best-fit library
+pattern plus its largest other taps, 5 extra at the start falling to 0 on the same schedule, so the pattern cut
+is as gradual as the magnitude target's (which starts dense) instead of a 2.25x cut at step 0.
+
 ``regrow=True`` trains dense shadow weights through the ramp instead (the straight-through estimator with the
 sparse-refined decay of SR-STE, Zhou et al. 2021): the forward sees the masked weights, the gradient updates every
 weight, and the masks are recomputed from the shadow at each update, so a pruned weight can come back and a
@@ -48,6 +52,8 @@ class GradualConfig(Config):
     teacher: str = opt("start", "KD teacher during the stage (as KDConfig.teacher); '' = the labels only")
     T: float = opt(5.0, "KD temperature", min=1e-3)
     alpha: float = opt(0.9, "KD weight (1 - alpha on cross-entropy)", min=0.0, max=1.0)
+    pattern_ramp: bool = opt(False, "pattern target: taps fall 9 -> 4 on the schedule too (best-fit pattern + the "
+                                    "largest other taps), instead of the patterns' 2.25x cut at step 0")
     regrow: bool = opt(False, "dense shadow weights through the ramp (straight-through): masks are recomputed, "
                               "pruned weights can return; frozen at the ramp's end")
     regrow_decay: float = opt(2e-4, "regrow: SR-STE decay pulling the currently pruned shadow weights to 0", min=0.0)
@@ -69,8 +75,10 @@ def apply_fraction(model: nn.Module, cfg: GradualConfig, frac: float) -> dict[st
     keep_final = parse_ratio(cfg.target.connectivity)
     keep = 1.0 - (1.0 - keep_final) * frac
     per_layer = {k: 1.0 - (1.0 - parse_ratio(v)) * frac for k, v in cfg.target.connectivity_per_layer.items()}
-    prune_pattern(model, dataclasses.replace(cfg.target, connectivity=keep, connectivity_per_layer=per_layer))
-    return {"kernel_keep": keep}
+    extra = round(5 * (1.0 - frac)) if cfg.pattern_ramp else 0
+    prune_pattern(model, dataclasses.replace(cfg.target, connectivity=keep, connectivity_per_layer=per_layer),
+                  extra_taps=extra)
+    return {"kernel_keep": keep, **({"extra_taps": extra} if cfg.pattern_ramp else {})}
 
 
 class GradualCallback(Callback):

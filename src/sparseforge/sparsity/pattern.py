@@ -149,8 +149,29 @@ def ensure_library(model: nn.Module, cfg: PatternConfig, choices: list[LayerChoi
     return library
 
 
-def prune_pattern(model: nn.Module, cfg: PatternConfig, **_) -> nn.Module:
-    """Attach pattern and connectivity masks; the library is extracted once and stored on the model."""
+def with_extra_taps(weight: torch.Tensor, pmask: torch.Tensor, extra: int, block: int = 1,
+                    within: torch.Tensor | None = None) -> torch.Tensor:
+    """``pmask`` (a library pattern per kernel) plus each kernel's ``extra`` largest other taps (by squared weight,
+    summed over a channel block; only taps ``within`` the mask in force). A gradual ramp's intermediate masks:
+    the kernel goes 9 -> 4 taps a few at a time instead of in one cut."""
+    o, i = weight.shape[:2]
+    k = weight.shape[2] * weight.shape[3]
+    e = weight.detach().float().pow(2).reshape(o // block, block, i, k).sum(1)
+    pm = pmask.reshape(o // block, block, i, k)[:, 0] > 0
+    score = e.masked_fill(pm, -1.0)
+    if within is not None:
+        inside = within.reshape(o // block, block, i, k)[:, 0] > 0
+        score = score.masked_fill(~inside, -2.0)
+    add = torch.zeros_like(score).scatter_(-1, score.topk(min(extra, k), dim=-1).indices, 1.0) > 0
+    if within is not None:
+        add &= inside
+    full = (pm | add).unsqueeze(1).expand(o // block, block, i, k).reshape(weight.shape)
+    return full.to(pmask.dtype)
+
+
+def prune_pattern(model: nn.Module, cfg: PatternConfig, extra_taps: int = 0, **_) -> nn.Module:
+    """Attach pattern and connectivity masks; the library is extracted once and stored on the model.
+    ``extra_taps`` (a gradual ramp's intermediate step): each kernel keeps that many taps beyond its pattern."""
     choices = layer_choices(model, cfg)
     pat_layers = [c for c in choices if c.role in (PATTERN, PATTERN_ONLY)]
     conn_layers = [c for c in choices if c.role in (PATTERN, CONNECTIVITY)]
@@ -160,7 +181,10 @@ def prune_pattern(model: nn.Module, cfg: PatternConfig, **_) -> nn.Module:
     pmasks: dict[str, torch.Tensor] = {}
     for c in pat_layers:
         old = get_mask(c.module)
-        pmasks[c.name] = pattern_mask(c.module.weight, library, b, within=old.tensor if old is not None else None)
+        within = old.tensor if old is not None else None
+        pmasks[c.name] = pattern_mask(c.module.weight, library, b, within=within)
+        if extra_taps > 0:
+            pmasks[c.name] = with_extra_taps(c.module.weight, pmasks[c.name], extra_taps, b, within)
     keep = _connectivity_counts(cfg, conn_layers, pmasks)
     for c in choices:
         if c.role not in (PATTERN, PATTERN_ONLY, CONNECTIVITY):
