@@ -27,7 +27,7 @@ them over stages and use any of the toolkit's methods (KD from the dense start i
                         pretrained model: 68.3% vs 60.4% with 8 patterns)
   pattern-8x-energy-ramp-gradual  pattern-8x-energy-gradual with pattern_ramp (taps fall 9 -> 4 on the schedule:
                         best-fit pattern + the largest other taps, instead of the 2.25x cut at step 0)
-  pattern-2.25x-p12-ramp-gradual  pattern-2.25x-p12-gradual with pattern_ramp
+  pattern-2.25x-ramp-gradual  pattern-2.25x-gradual with pattern_ramp
   magnitude-8x-gradual  the same stage with global unstructured magnitude at pattern-8x's weight count: the two
                         structures compared with one pipeline
 
@@ -105,9 +105,9 @@ def arm_stages(E: int, admm_epochs: int, weights: str) -> dict[str, list[dict]]:
         "pattern-8x-energy-ramp-gradual": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100,
                                             "teacher": "start", "pattern_ramp": True,
                                             "target": {**p8, "connectivity_scope": "energy"}}],
-        "pattern-2.25x-p12-ramp-gradual": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100,
-                                            "teacher": "start", "pattern_ramp": True,
-                                            "target": {"num_patterns": 12, "connectivity": 1.0}}],
+        "pattern-2.25x-ramp-gradual": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100,
+                                        "teacher": "start", "pattern_ramp": True,
+                                        "target": {"num_patterns": 8, "connectivity": 1.0}}],
         "magnitude-8x-gradual": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100, "teacher": "start",
                                   "magnitude": matched_magnitude_sparsity(weights, PatternConfig(**p8))}],
     }
