@@ -25,8 +25,8 @@ them over stages and use any of the toolkit's methods (KD from the dense start i
                         layers keep the shares global magnitude pruning gives them (early 16-channel layers ~25%)
   pattern-2.25x-p12-gradual  pattern-2.25x-gradual with a 12-pattern library (one-shot + BN re-estimation on the
                         pretrained model: 68.3% vs 60.4% with 8 patterns)
-  pattern-8x-energy-ramp-gradual  pattern-8x-energy-gradual with pattern_ramp (taps fall 9 -> 4 on the schedule:
-                        best-fit pattern + the largest other taps, instead of the 2.25x cut at step 0)
+  pattern-8x-ramp-gradual  pattern-8x-gradual with pattern_ramp (taps fall 9 -> 4 on the schedule: best-fit
+                        pattern + the largest other taps, instead of the 2.25x cut at step 0)
   pattern-2.25x-ramp-gradual  pattern-2.25x-gradual with pattern_ramp
   magnitude-8x-gradual  the same stage with global unstructured magnitude at pattern-8x's weight count: the two
                         structures compared with one pipeline
@@ -102,9 +102,8 @@ def arm_stages(E: int, admm_epochs: int, weights: str) -> dict[str, list[dict]]:
                                        "teacher": "start", "target": {**p8, "connectivity_scope": "energy"}}],
         "pattern-2.25x-p12-gradual": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100,
                                        "teacher": "start", "target": {"num_patterns": 12, "connectivity": 1.0}}],
-        "pattern-8x-energy-ramp-gradual": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100,
-                                            "teacher": "start", "pattern_ramp": True,
-                                            "target": {**p8, "connectivity_scope": "energy"}}],
+        "pattern-8x-ramp-gradual": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100,
+                                     "teacher": "start", "pattern_ramp": True, "target": p8}],
         "pattern-2.25x-ramp-gradual": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100,
                                         "teacher": "start", "pattern_ramp": True,
                                         "target": {"num_patterns": 8, "connectivity": 1.0}}],
