@@ -82,6 +82,7 @@ def _connectivity_counts(cfg: PatternConfig, layers: list[LayerChoice],
     'energy' ranks raw (pattern-projected) energies, so layers get the shares global magnitude pruning would give
     them: on the pretrained ResNet-20 at 8x the 16-channel layers keep 21-28% of their kernels and the last conv 1%,
     and the one-shot accuracy after BN re-estimation is 27.3% vs 18.4% for 'global' (magnitude at the same count: 54.9%).
+    After 20 epochs of gradual pruning with KD (bench/frontier.py) the two end level: 85.42% vs 85.69%.
     """
     b = cfg.channel_block
     counts: dict[str, int] = {}
