@@ -190,3 +190,9 @@ def test_pattern_ramp_starts_dense_and_ends_at_exact_patterns():
         assert all(tuple(r.tolist()) in lib for r in kept)
     sf.prune(ref, pc)
     assert _kept(m) == _kept(ref)
+
+
+def test_pattern_ramp_with_a_magnitude_target_is_refused_in_one_line():
+    from sparseforge.errors import ConfigError
+    with pytest.raises(ConfigError, match="pattern_ramp"):
+        GradualConfig(magnitude=0.8, pattern_ramp=True)

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from ..config import Config, opt
+from ..errors import ConfigError
 from ..train.loop import Callback
 from .magnitude import MagnitudeConfig, prune_magnitude
 from ..masks import MASK_BUFFER, masked_modules
@@ -57,6 +58,11 @@ class GradualConfig(Config):
     regrow: bool = opt(False, "dense shadow weights through the ramp (straight-through): masks are recomputed, "
                               "pruned weights can return; frozen at the ramp's end")
     regrow_decay: float = opt(2e-4, "regrow: SR-STE decay pulling the currently pruned shadow weights to 0", min=0.0)
+
+    def validate(self) -> None:
+        if self.pattern_ramp and self.magnitude > 0:
+            raise ConfigError("GradualConfig.pattern_ramp ramps the pattern target's taps; with magnitude > 0 there "
+                              "are no patterns: set magnitude = 0 or drop pattern_ramp")
 
 
 def schedule_fraction(step: int, ramp_steps: int) -> float:
