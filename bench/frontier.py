@@ -74,41 +74,35 @@ def arm_stages(E: int, admm_epochs: int, weights: str) -> dict[str, list[dict]]:
     kd = {"method": "kd", "teacher": "start", "T": 5.0, "alpha": 0.9}
     p8 = {"num_patterns": 8, "connectivity": "3.6x", "connectivity_scope": "global"}
 
+    p225 = {"num_patterns": 8, "connectivity": 1.0}
+
     def pattern(target: dict) -> list[dict]:
         return [{"method": "admm", "epochs": A, **admm, "target": target}, {**kd, "epochs": E - A}]
+
+    def gradual(**options) -> list[dict]:
+        """One gradual stage of E epochs, KD from the start, the cut over the first half, masks every 100 steps."""
+        return [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100, "teacher": "start", **options}]
 
     return {
         "control": [{"method": "finetune", "epochs": E}],
         "magnitude-8x": [{"method": "magnitude", "sparsity": matched_magnitude_sparsity(weights, PatternConfig(**p8))},
                          {**kd, "epochs": E}],
-        "pattern-2.25x": pattern({"num_patterns": 8, "connectivity": 1.0}),
+        "pattern-2.25x": pattern(p225),
         "pattern-4x": pattern({"num_patterns": 8, "connectivity": "1.78x", "connectivity_scope": "global"}),
         "pattern-8x": pattern(p8),
         "pattern-8x-cb2": pattern({**p8, "channel_block": 2}),
         "structured-2x": [{"method": "structured", "mac_ratio": 0.5, "round_to": 8}, {**kd, "epochs": E}],
-        "pattern-8x-gradual": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100, "teacher": "start",
-                                "target": p8}],
-        "pattern-2.25x-gradual": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100,
-                                   "teacher": "start", "target": {"num_patterns": 8, "connectivity": 1.0}}],
-        "pattern-4x-gradual": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100, "teacher": "start",
-                                "target": {"num_patterns": 8, "connectivity": "1.78x", "connectivity_scope": "global"}}],
-        "pattern-8x-cb2-gradual": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100,
-                                    "teacher": "start", "target": {**p8, "channel_block": 2}}],
-        "pattern-8x-cb16-gradual": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100,
-                                     "teacher": "start", "target": {**p8, "channel_block": 16}}],
-        "pattern-8x-regrow": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100, "teacher": "start",
-                               "regrow": True, "target": p8}],
-        "pattern-8x-energy-gradual": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100,
-                                       "teacher": "start", "target": {**p8, "connectivity_scope": "energy"}}],
-        "pattern-2.25x-p12-gradual": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100,
-                                       "teacher": "start", "target": {"num_patterns": 12, "connectivity": 1.0}}],
-        "pattern-8x-ramp-gradual": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100,
-                                     "teacher": "start", "pattern_ramp": True, "target": p8}],
-        "pattern-2.25x-ramp-gradual": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100,
-                                        "teacher": "start", "pattern_ramp": True,
-                                        "target": {"num_patterns": 8, "connectivity": 1.0}}],
-        "magnitude-8x-gradual": [{"method": "gradual", "epochs": E, "ramp": 0.5, "update_every": 100, "teacher": "start",
-                                  "magnitude": matched_magnitude_sparsity(weights, PatternConfig(**p8))}],
+        "pattern-8x-gradual": gradual(target=p8),
+        "pattern-2.25x-gradual": gradual(target=p225),
+        "pattern-4x-gradual": gradual(target={**p8, "connectivity": "1.78x"}),
+        "pattern-8x-cb2-gradual": gradual(target={**p8, "channel_block": 2}),
+        "pattern-8x-cb16-gradual": gradual(target={**p8, "channel_block": 16}),
+        "pattern-8x-regrow": gradual(regrow=True, target=p8),
+        "pattern-8x-energy-gradual": gradual(target={**p8, "connectivity_scope": "energy"}),
+        "pattern-2.25x-p12-gradual": gradual(target={**p225, "num_patterns": 12}),
+        "pattern-8x-ramp-gradual": gradual(pattern_ramp=True, target=p8),
+        "pattern-2.25x-ramp-gradual": gradual(pattern_ramp=True, target=p225),
+        "magnitude-8x-gradual": gradual(magnitude=matched_magnitude_sparsity(weights, PatternConfig(**p8))),
     }
 
 

@@ -4,8 +4,9 @@ network in PyTorch vs the folded one in PyTorch (BN folded) and onnxruntime fp32
 The structural re-parameterization's claim is that the folded network is what ships: this measures whether the
 engine runs it at least as fast as onnxruntime (issue 27, acceptance 3), and whether it is faster than the
 concat-based GhostNet of about the same multiply-adds (the paper's claim, issue 27 acceptance 2) on each runtime:
-GhostNet 1.0x (141 M MACs, 5.2 M parameters) beside RepGhostNet 1.0x (142 M, 4.1 M folded) in the same loop. Random weights with non-trivial BN
-statistics (folding measured as on trained weights); outputs of every arm checked against the unfolded network.
+GhostNet 1.0x (141 M MACs, 5.2 M parameters) beside RepGhostNet 1.0x (142 M, 4.1 M folded) in the same loop.
+Random weights with non-trivial BN statistics (folding measured as on trained weights); outputs of every arm
+checked against the unfolded network.
 
 Run (quiet machine): python bench/repghost_speed.py [--width 1.0] [--threads 2] [--runs 30]
 Writes bench/results/repghost_speed_224.json and .png.
@@ -25,6 +26,7 @@ from sparseforge.engine.testing import random_bn_statistics
 from sparseforge.models.reparam import reparameterize
 from sparseforge.report.env import environment
 from sparseforge.report.latency import measure, onnxruntime_session, torch_fused
+from sparseforge.structured import count_macs
 from sparseforge.report.plots import plt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,12 +75,11 @@ def main() -> None:
         fns["ghostnet-onnxruntime-fp32"] = lambda: g_sess.run(None, {"input": xn})
     lat = measure(fns, runs=a.runs)
     params = lambda m: sum(p.numel() for p in m.parameters())      # noqa: E731
-    from sparseforge.structured import count_macs
     g_params = params(ghost)
-    vs_ghost = {rt: lat[f"ghostnet-{g}"]["median_ms"] / lat[r]["median_ms"]
-                for rt, r, g in (("pytorch", "pytorch-folded", "pytorch"), ("onnxruntime-fp32", "onnxruntime-fp32",
-                                 "onnxruntime-fp32"), ("sparseforge", "sparseforge", "sparseforge"))
-                if r in lat and f"ghostnet-{g}" in lat}
+    # runtime -> (folded RepGhostNet's arm, GhostNet's arm)
+    pairs = {"pytorch": ("pytorch-folded", "ghostnet-pytorch"), "sparseforge": ("sparseforge", "ghostnet-sparseforge"),
+             "onnxruntime-fp32": ("onnxruntime-fp32", "ghostnet-onnxruntime-fp32")}
+    vs_ghost = {rt: lat[g]["median_ms"] / lat[r]["median_ms"] for rt, (r, g) in pairs.items() if r in lat and g in lat}
     doc = {"benchmark": "repghost_speed", "model": f"repghostnet-{a.width}", "size": 224, "batch": 1,
            "ghostnet": {"width": a.width, "params": g_params, "macs": count_macs(ghost, x),
                         "engine_fallbacks": [op["describe"] for op in g_engine.spec["ops"] if not op["native"]]},
