@@ -13,8 +13,10 @@ import torch.nn as nn
 
 from engine_util import randomize_bn, rel_err
 from sparseforge.engine import compile
-from sparseforge.engine.testing import (BasicBlock, Bottleneck, InvertedResidual, SqueezeExcite, compare_outputs,
-                                        random_network, with_nonfinite)
+from sparseforge.errors import SparseforgeError
+from sparseforge.engine.plan import PlanOptions
+from sparseforge.engine.testing import (BasicBlock, Bottleneck, InvertedResidual, ReuseBlock, SqueezeExcite,
+                                        compare_outputs, random_network, with_nonfinite)
 
 CI_NETWORKS = 200
 
@@ -64,6 +66,58 @@ def test_squeeze_excite(gate):
     e = compile(m, x[:1], threads=2)
     with torch.inference_mode():
         assert rel_err(e(x), m(x)) < 1e-5
+
+
+@pytest.mark.parametrize("primary_act", ["none", "relu"])
+def test_batchnorm_behind_an_identity_is_not_folded_into_a_shared_producer(primary_act):
+    """RepGhost's training form: bn(identity(x1)) beside dwconv(x1). The identity's node has one user, the value
+    x1 two: folding that BatchNorm into x1's conv changed x1 for the depthwise branch (rel. error 0.2-0.3, no
+    error raised) until only_user looked through aliases."""
+    import sparseforge as sf
+
+    torch.manual_seed(0)
+    m = randomize_bn(nn.Sequential(nn.Conv2d(3, 12, 3, 1, 1), ReuseBlock(12, 16, "relu", primary_act)))
+    x = torch.randn(2, 3, 10, 9)
+    e = compile(m, x[:1], threads=2)
+    with torch.inference_mode():
+        assert rel_err(e(x), m(x)) < 1e-5
+    net = randomize_bn(sf.create_model("repghostnet", num_classes=10, width=0.5))     # unfolded
+    x = torch.randn(2, 3, 32, 32)
+    e = compile(net, x[:1], threads=2)
+    with torch.inference_mode():
+        assert rel_err(e(x), net(x)) < 1e-5
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_claimed_parts_equal_barriers(threads):
+    """Ops run as claimed parts (PlanOptions.claim_parts) must give what the barrier schedule gives, fused
+    inverted-residual blocks with images left over after whole rounds included (their shared partial sums)."""
+    torch.manual_seed(1)
+    m = randomize_bn(nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU6(), InvertedResidual(16, 48, 16, 1, "relu6", None),
+                                   InvertedResidual(16, 64, 24, 1, "relu6", None), nn.Conv2d(24, 8, 1)))
+    _prune_kernels(m, 1)
+    x = torch.randn(threads + 1, 3, 16, 16)
+    outs = []
+    for claim in (True, False):
+        e = compile(m, x[:1], threads=threads, plan_options=PlanOptions(claim_parts=claim))
+        assert any("block" in op["describe"] for op in e.spec["ops"]), "the fused block path is not exercised"
+        with torch.inference_mode():
+            outs.append([e(x[:n]) for n in range(1, threads + 2)])
+            for n, y in enumerate(outs[-1], 1):
+                assert rel_err(y, m(x[:n])) < 1e-5
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    e = compile(m, x[:1], threads=threads)
+    e.run_threads = 1            # one thread takes every part: the same partitions, so the same bits
+    with torch.inference_mode():
+        for n, y in enumerate(outs[0], 1):
+            assert torch.equal(e(x[:n]), y)
+    for bad in (0, threads + 1, 1.0):
+        with pytest.raises(SparseforgeError, match="run_threads must be"):
+            e.run_threads = bad
+    e = compile(m, x[:1], threads=threads, plan_options=PlanOptions(claim_parts=False))
+    with pytest.raises(SparseforgeError, match="without claimed parts"):
+        e.run_threads = 1
 
 
 NAN_NETS = {
@@ -384,8 +438,6 @@ def test_dense_1x1_gemm_mode_matches_pytorch(mr, nr):
     (ConvPlan.flat_gemm): filter blocks padded with zero filters (cout not a multiple of gemm_mr), identity
     residuals, ReLU6, a map with one tile (items split by filter block across threads), the shifted last tile,
     batch 1 and 3, NaN/Inf: as in PyTorch. Elsewhere (AVX2 hosts) the mode is never chosen."""
-    import sparseforge as sf
-    from sparseforge.engine.plan import PlanOptions
     from sparseforge.engine.testing import random_bn_statistics
 
     torch.manual_seed(7)

@@ -66,6 +66,21 @@ static inline float relu6s(float v) { v = v < 0.0f ? 0.0f : v; return v > 6.0f ?
 static inline vf andm(vf a, vf m) { return (vf)((vi)a & (vi)m); }
 /* scalar activations of the element-wise op, written as PyTorch defines them (NaN propagates through each) */
 #include <math.h>
+/* claimed parts (PlanOptions.claim_parts): a part of an op is taken by exchanging its flag; the op's done count
+   is released after the part's writes, and acquired before anyone reads them. Waiters spin (sleeping on a
+   futex after 100-2000 spins measured 2.5-4x slower on MobileNetV2 at 224, and no better beside a busy process) */
+#include <sched.h>
+static inline int claim(int* f) { return __atomic_exchange_n(f, 1, __ATOMIC_ACQ_REL) == 0; }
+static inline void done_add(int* d) { __atomic_fetch_add(d, 1, __ATOMIC_RELEASE); }
+static inline void wait_done(int* d, int n) {
+  int spins = 0;
+  while (__atomic_load_n(d, __ATOMIC_ACQUIRE) < n) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+    if (++spins == 4096) { spins = 0; sched_yield(); }   /* the holder may share this core */
+  }
+}
 static inline float silus(float v) { return v / (1.0f + expf(-v)); }
 static inline float sigmoids(float v) { return 1.0f / (1.0f + expf(-v)); }
 static inline float hardsigmoids(float v) { float t = v / 6.0f + 0.5f; return t < 0.0f ? 0.0f : (t > 1.0f ? 1.0f : t); }
@@ -963,7 +978,7 @@ def block_source(k: int, bp: BlockPlan, plan: Plan) -> str:
     def act(a: str, x: str) -> str:
         return {"none": x, "relu": f"relu{ty}({x})", "relu6": f"relu6{ty}({x})"}[a]
 
-    b = [f"static void op{k}(OPARGS) {{",
+    b = [f"static void op{k}_run(OPARGS, int phase) {{",
          f"  const float* in = B[{A.inputs[0]}]; float* out = B[{C.output}];"]
     if C.residual is not None:
         b.append(f"  const float* res = B[{C.residual}];")
@@ -981,12 +996,14 @@ def block_source(k: int, bp: BlockPlan, plan: Plan) -> str:
           f"  float* Z = S + {cin * PS};           /* expanded row, zero margins of {M} floats */",
           f"  float* D = Z + {PS + 2 * M};          /* filtered rows of this thread's expanded channels */",
           f"  float* Po = D + {bp.max_e * PS};      /* partial sums, whole-image rounds */",
-          f"  float* Ps = B[{plan.scratch_id}] + (long){T} * {bp.private(T)};   /* partial sums, shared (batch 1) */",
+          f"  float* Ps0 = B[{plan.scratch_id}] + (long){T} * {bp.private(T)};   /* shared partial sums per leftover image */",
           f"  memset(Z, 0, {4 * M}); memset(Z + {M + PS}, 0, {4 * M});",
           "  const int Nf = N - N % nth;",
           "  for (int n = 0; n < N; n++) {",
           "    const int own = n < Nf;",
-          "    if (own && n % nth != tid) continue;",
+          "    if (own && (phase || n % nth != tid)) continue;",
+          f"    float* P = own ? Po : Ps0 + (long)(n - Nf) * {T * cout * PS};",
+          "    if (own || !phase) {",
           f"    for (int c = 0; c < {cin}; c++) {{",
           f"      const float* ip = in + (long)n * {li.image} + (long)c * {li.plane};",
           f"      float* sp = S + (long)c * {PS};",
@@ -994,7 +1011,6 @@ def block_source(k: int, bp: BlockPlan, plan: Plan) -> str:
     if PS > ho * wo:
         b.append(f"      memset(sp + {ho * wo}, 0, {4 * (PS - ho * wo)});")
     b += ["    }",
-          "    float* P = own ? Po : Ps;",
           f"    for (int t = own ? 0 : tid; t < {T}; t += own ? 1 : nth) {{",
           "      for (int q = estart[t]; q < estart[t + 1]; q++) {",
           f"        {ty} " + ", ".join(f"x{v}_{c} = {bc}(0.0f)" for v in range(PV) for c in range(CH)) + ";",
@@ -1021,12 +1037,8 @@ def block_source(k: int, bp: BlockPlan, plan: Plan) -> str:
     b.append(f"        float* pp = P + ((long)t * {cout} + oc) * {PS};")
     for v in range(PV):
         b.append(f"        {{ {ty} a = {_tree([f'z{v}_{c}' for c in range(CH)])}; memcpy(pp + {v * G}, &a, sizeof a); }}")
-    b += ["      }", "    }"]
-    b += ["#ifdef _OPENMP",
-          "    if (!own) {",
-          "#pragma omp barrier",
-          "    }",
-          "#endif",
+    b += ["      }", "    }", "    }",
+          "    if (!own && !phase) continue;",
           f"    const int olo = own ? 0 : {cout} * tid / nth, ohi = own ? {cout} : {cout} * (tid + 1) / nth;",
           "    for (int oc = olo; oc < ohi; oc++) {",
           f"      float tmp[{PS}];",
@@ -1044,12 +1056,18 @@ def block_source(k: int, bp: BlockPlan, plan: Plan) -> str:
         b.append(f"      {{ {ty} a = {act(C.act, _tree(terms))}; memcpy(tmp + {v * G}, &a, sizeof a); }}")
     b += [f"      for (int y = 0; y < {ho}; y++) memcpy(ob + (long)(y + 1) * {lo.rs} + 1, tmp + y * {wo}, {4 * wo});",
           "    }",
-          "#ifdef _OPENMP",
-          "    if (!own) {",
-          "#pragma omp barrier",
-          "    }",
-          "#endif",
           "  }",
+          "}",
+          # with barriers (per-op profiling, segments without claimed parts): the leftover images' partial sums
+          # are all written before any thread adds them up
+          f"static void op{k}(OPARGS) {{",
+          f"  op{k}_run(B, N, tid, nth, g_w, g_i, 0);",
+          "#ifdef _OPENMP",
+          "  if (N % nth) {",
+          "#pragma omp barrier",
+          "  }",
+          "#endif",
+          f"  op{k}_run(B, N, tid, nth, g_w, g_i, 1);",
           "}"]
     return "\n".join(b)
 
@@ -1329,6 +1347,8 @@ def _segment(si: int, idxs: list[int], plan: Plan, traced: bool) -> str:
     """One parallel region for a run of native ops, a barrier between them. The traced twin (``tseg``) also
     stamps, per thread, when each op's work ended and when its barrier let the thread go: the network-order
     profile (cache misses and waiting included), which per-op timing in isolation cannot show."""
+    if plan.options.claim_parts and plan.threads > 1:
+        return _claimed_segment(si, idxs, plan, traced)
     body = []
     stamp = "    if (T) T[(({j}) * nth + tid) * 2 + {e}] = omp_get_wtime();" if traced else ""
     for j, k in enumerate(idxs):
@@ -1344,11 +1364,68 @@ def _segment(si: int, idxs: list[int], plan: Plan, traced: bool) -> str:
             body.append("#ifdef _OPENMP\n" + stamp.format(j=j, e=0) + "\n#endif")
     if traced:
         body.append("#ifdef _OPENMP\n#pragma omp barrier\n" + stamp.format(j=len(idxs) - 1, e=1) + "\n#endif")
-    name, extra = (f"tseg{si}", ", double* T") if traced else (f"seg{si}", "")
+    name, extra = (f"tseg{si}", ", double* T") if traced else (f"seg{si}", ", int nt")
     head = "#ifdef _OPENMP\n    if (T) T[(long)" + str(len(idxs)) + " * 2 * nth + tid] = omp_get_wtime();\n#endif\n" if traced else ""
+    nt = str(plan.threads) if traced else "nt"
     return f"""void {name}(float* const* B, int N, const float* g_w, const int* g_i{extra}) {{
 #ifdef _OPENMP
-#pragma omp parallel num_threads({plan.threads})
+#pragma omp parallel num_threads({nt})
+#endif
+  {{
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+#else
+    const int tid = 0, nth = 1;
+#endif
+{head}{chr(10).join(body)}
+  }}
+}}"""
+
+
+def _claimed_segment(si: int, idxs: list[int], plan: Plan, traced: bool) -> str:
+    """The segment with claimed parts (``PlanOptions.claim_parts``): op k's P = plan.threads parts are its static
+    per-thread partitions (``op{k}(.., part, P, ..)``); thread t tries part t first, then the others in turn; an
+    op starts once every part of the previous one is done. A fused block runs as two such steps (its leftover
+    images' output channels wait for all their partial sums). Only the traced twin waits after the last op (for its stamps): the
+    region's end joins the threads anyway."""
+    P = plan.threads
+    stamp = "    if (T) T[(({j}) * nth + tid) * 2 + {e}] = omp_get_wtime();" if traced else ""
+    body = []
+    wait = ""                       # how to wait for the last op that ran parts
+    for j, k in enumerate(idxs):
+        if j and k in plan.absorbed:     # ran inside its fused block
+            if traced:
+                body.append("#ifdef _OPENMP\n" + stamp.format(j=j - 1, e=1) + "\n" + stamp.format(j=j, e=0)
+                            + "\n#endif")
+            continue
+        if j:
+            body.append(wait)
+            if traced:
+                body.append("#ifdef _OPENMP\n" + stamp.format(j=j - 1, e=1) + "\n#endif")
+        def parts(call: str, slot: int) -> str:
+            return (f"    for (int i = 0; i < {P}; i++) {{ const int p = (tid + i) % {P}; "
+                    f"if (claim(F + {slot * P} + p)) {{ {call}; done_add(D + {slot}); }} }}")
+
+        if k in plan.blocks:        # a fused block: its partitions, then (leftover images) its output channels
+            body.append(parts(f"op{k}_run(B, N, p, {P}, g_w, g_i, 0)", 2 * j))
+            body.append(f"    wait_done(D + {2 * j}, {P});")
+            body.append(parts(f"op{k}_run(B, N, p, {P}, g_w, g_i, 1)", 2 * j + 1))
+            wait = f"    wait_done(D + {2 * j + 1}, {P});"
+        else:
+            body.append(parts(f"op{k}(B, N, p, {P}, g_w, g_i)", 2 * j))
+            wait = f"    wait_done(D + {2 * j}, {P});"
+        if traced:
+            body.append("#ifdef _OPENMP\n" + stamp.format(j=j, e=0) + "\n#endif")
+    if traced:
+        body.append(wait + "\n#ifdef _OPENMP\n" + stamp.format(j=len(idxs) - 1, e=1) + "\n#endif")
+    name, extra = (f"tseg{si}", ", double* T") if traced else (f"seg{si}", ", int nt")
+    head = "#ifdef _OPENMP\n    if (T) T[(long)" + str(len(idxs)) + " * 2 * nth + tid] = omp_get_wtime();\n#endif\n" if traced else ""
+    m = len(idxs)
+    nt = str(plan.threads) if traced else "nt"     # fewer threads at run time: they claim every part between them
+    return f"""void {name}(float* const* B, int N, const float* g_w, const int* g_i{extra}) {{
+  int F[{2 * m * P}] = {{0}}, D[{2 * m}] = {{0}};     /* per op and step: a flag per part, the parts done */
+#ifdef _OPENMP
+#pragma omp parallel num_threads({nt})
 #endif
   {{
 #ifdef _OPENMP

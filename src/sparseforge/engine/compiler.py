@@ -124,7 +124,7 @@ def runtime_spec(plan: Plan, input_shape: tuple[int, ...]) -> dict:
             "outputs": g.outputs, "values": values, "ops": ops, "packed": packed, "threads": plan.threads,
             "segments": [{"kind": k, "ops": idx} for k, idx in plan.segments], "slack": SLACK,
             "scratch_total": plan.scratch, "scratch_id": plan.scratch_id,
-            "slots": slots}
+            "slots": slots, "claim_parts": bool(plan.options.claim_parts)}
 
 
 _CODE_HASH: str | None = None

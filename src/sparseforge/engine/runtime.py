@@ -41,7 +41,7 @@ class CompiledModel:
         for si, seg in enumerate(spec["segments"]):
             if seg["kind"] == "native":
                 fn = getattr(self._lib, f"seg{si}")
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
                 fn.restype = None
                 self._segs[si] = fn
                 tfn = getattr(self._lib, f"tseg{si}", None)    # absent in artefacts built before tracing
@@ -58,10 +58,29 @@ class CompiledModel:
                 self._ops[k] = fn
         self._buffers: dict[int, tuple] = {}
         self._profile: dict[int, float] | None = None
+        self._run_threads = spec["threads"]
         self.input_shape = tuple(spec["input_shape"])
         missing = [op["name"] for k, op in enumerate(spec["ops"]) if not op["native"] and k not in self._torch_ops]
         if missing:
             raise SparseforgeError(f"engine artefact lacks the PyTorch fallback ops {missing}; recompile the model")
+
+    @property
+    def run_threads(self) -> int:
+        """Threads each call runs on: the compiled count unless lowered. Ops run as claimed parts (the plan's
+        per-thread partitions), so fewer threads take every part between them and compute the same result:
+        e.g. one thread per engine when several processes share the cores."""
+        return self._run_threads
+
+    @run_threads.setter
+    def run_threads(self, n: int) -> None:
+        t = self.spec["threads"]
+        if not isinstance(n, int) or not 1 <= n <= t:
+            raise SparseforgeError(f"run_threads must be an int from 1 to the {t} threads the engine was compiled "
+                                   f"for, got {n!r}; compile with threads={n} for more")
+        if n != t and not self.spec.get("claim_parts", False):
+            raise SparseforgeError("this engine was compiled without claimed parts (PlanOptions(claim_parts=False)): "
+                                   "it runs on its compiled thread count only; recompile to change it at run time")
+        self._run_threads = n
 
     # ---- buffers ------------------------------------------------------------
     def _alloc(self, n: int):
@@ -132,6 +151,7 @@ class CompiledModel:
             views[inp].copy_(x)
         env[inp] = views.get(inp, x)
         packed = set(self.spec["packed"])
+        nt = self._run_threads if trace is None else self.spec["threads"]
         for si, seg in enumerate(self.spec["segments"]):
             if seg["kind"] == "native":
                 if trace is not None:
@@ -140,7 +160,7 @@ class CompiledModel:
                     self._tsegs[si](ptrs, n, self._wp, self._ip, buf.ctypes.data)
                     trace[("wall", si)] = time.perf_counter() - t0
                 else:
-                    self._segs[si](ptrs, n, self._wp, self._ip)
+                    self._segs[si](ptrs, n, self._wp, self._ip, nt)
             else:
                 for k in seg["ops"]:
                     t0 = time.perf_counter()

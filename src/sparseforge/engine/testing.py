@@ -228,6 +228,24 @@ class ConcatBlock(nn.Module):
         return torch.cat(parts, 1)
 
 
+class ReuseBlock(nn.Module):
+    """RepGhost's feature reuse in training form: act(bn(dwconv(x1)) + bn(identity(x1))), x1 = primary(x). The
+    identity hides x1's second reader behind an alias: the folder once took the branch's BatchNorm into the
+    primary conv, changing x1 for the depthwise branch too (wrong outputs, no error)."""
+
+    def __init__(self, cin, cout, act, primary_act):
+        super().__init__()
+        self.primary = ConvBNAct(cin, cout, 1, act=primary_act)
+        self.cheap = ConvBNAct(cout, cout, 3, groups=cout, act="none")
+        self.fusion = nn.Sequential(nn.Identity())
+        self.fusion_bn = nn.BatchNorm2d(cout)
+        self.act = make_act(act)
+
+    def forward(self, x):
+        x1 = self.primary(x)
+        return self.act(self.cheap(x1) + self.fusion_bn(self.fusion(x1)))
+
+
 class RandomNet(nn.Module):
     def __init__(self, stem, blocks, head):
         super().__init__()
@@ -290,7 +308,7 @@ def random_network(seed: int, sparsity: str | None = None, max_blocks: int = 4
     for _ in range(r.randint(1, max_blocks)):
         n_before = len(blocks)
         kind = r.choice(["basic", "basic_proj", "bottleneck", "inverted", "inverted_se", "se", "concat", "grouped",
-                         "dilated", "pool", "plain"])
+                         "dilated", "pool", "plain", "reuse"])
         stride = 2 if r.random() < 0.3 and min(h, w) >= 4 else 1
         act = r.choice(ACTS)
         if kind in ("basic", "basic_proj"):
@@ -332,6 +350,9 @@ def random_network(seed: int, sparsity: str | None = None, max_blocks: int = 4
             blocks.append(nn.MaxPool2d(pk, ps, pp, ceil_mode=r.random() < 0.2) if r.random() < 0.6 else
                           nn.AvgPool2d(pk, ps, pp))
             cout, stride = c, 1
+        elif kind == "reuse":
+            cout, stride = r.choice([c, r.randint(3, 40)]), 1
+            blocks.append(ReuseBlock(c, cout, act, r.choice(["none", act])))
         else:
             cout = r.randint(3, 48)
             kk = r.choice([1, 3, 5])

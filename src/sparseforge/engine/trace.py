@@ -202,8 +202,25 @@ def build_ir(gm: fx.GraphModule) -> Graph:
         env[node] = vid
         return vid
 
+    def transparent(u: fx.Node) -> bool:
+        """A node that stands for its input's value unchanged (identity, dropout, a pool to the map's own size)."""
+        if _is_identity(u, modules):
+            return True
+        ins = u.all_input_nodes
+        return bool(ins) and _is_identity_pool(u, modules, _shape(ins[0]) or ())
+
+    def consumers(node: fx.Node) -> list[fx.Node]:
+        out = []
+        for u in node.users:
+            out += consumers(u) if transparent(u) else [u]
+        return out
+
     def only_user(node: fx.Node) -> bool:
-        return len(node.users) == 1
+        """Whether the value ``node`` holds has one consumer: folding into its producer changes it for every
+        reader, and an identity module (RepGhost's fusion branch) can hide a second reader behind an alias."""
+        while transparent(node) and node.all_input_nodes:
+            node = node.all_input_nodes[0]
+        return len(consumers(node)) == 1
 
     def fallback(node: fx.Node, reason: str) -> None:
         def sub(a):

@@ -1,0 +1,140 @@
+"""Latency when the cores are shared: the engine (ops as claimed parts; the same plan with ``run_threads = 1``;
+the barrier schedule claimed parts replaced) vs onnxruntime fp32, quiet and beside 1..k busy processes (each a
+Python loop, as another job on the machine).
+
+Why: with a barrier after every op, a thread the OS deschedules holds the other thread at the next barrier for the
+rest of the busy process's time slice, once per op (MobileNetV2 at 224 has ~60). The claimed schedule
+(PlanOptions.claim_parts) lets whichever thread is running take the parts nobody has started.
+
+Run with nothing else running (each setting alternates the arms in one process, 50 ms pause + 2 discarded calls
+before each timed call so no runtime's spinning threads are charged to the next arm):
+  python bench/contention.py --models mobilenet_v2:pattern8x:224,resnet50:pattern8x:224,resnet56:pattern8x:32 \
+      --hogs 0,1,2 --threads 2 --runs 20
+Writes bench/results/contention.json and contention.png (latency relative to each arm's quiet median).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import sparseforge as sf
+from sparseforge.engine.plan import PlanOptions
+from sparseforge.export import export_onnx
+from sparseforge.report.env import environment
+from sparseforge.report.plots import plt  # Agg backend
+from sparseforge.utils import atomic_write_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_speed import CONFIGS, model_for  # noqa: E402  (bench/ is on sys.path when this script runs)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def arms_for(name: str, cfg: str, size: int, threads: int) -> dict:
+    dense = model_for(name)
+    pruned = copy.deepcopy(dense)
+    if cfg != "dense":
+        sf.prune(pruned, CONFIGS[cfg])
+    x = torch.randn(1, 3, size, size)
+    arms = {}
+    for label, claim in (("engine", True), ("engine-barriers", False)):
+        e = sf.compile(pruned, x, threads=threads, plan_options=PlanOptions(claim_parts=claim))
+        arms[label] = (lambda e_: lambda: e_(x))(e)
+        if claim:
+            one = sf.compile(pruned, x, threads=threads)
+            one.run_threads = 1          # the same plan on one thread (what a user sharing the cores may pick)
+            arms["engine-run_threads=1"] = lambda: one(x)
+    try:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        sess = ort.InferenceSession(export_onnx(dense, x), so, providers=["CPUExecutionProvider"])
+        xn = x.numpy()
+        arms["onnxruntime-fp32-dense"] = lambda: sess.run(None, {"input": xn})
+    except ImportError:
+        pass
+    return arms
+
+
+def timed_rounds(arms: dict, runs: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {k: [] for k in arms}
+    names = list(arms)
+    for r in range(runs):
+        for k in names[r % len(names):] + names[: r % len(names)]:
+            time.sleep(0.05)
+            arms[k]()
+            arms[k]()
+            t0 = time.perf_counter()
+            arms[k]()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="mobilenet_v2:pattern8x:224,resnet50:pattern8x:224,resnet56:pattern8x:32")
+    ap.add_argument("--hogs", default="0,1,2", help="busy processes beside the timed one")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "contention"))
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    results = []
+    for spec in a.models.split(","):
+        name, cfg, size = spec.split(":")
+        arms = arms_for(name, cfg, int(size), a.threads)
+        with torch.inference_mode():
+            for f in arms.values():
+                for _ in range(3):
+                    f()
+            for n in map(int, a.hogs.split(",")):
+                hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+                try:
+                    time.sleep(1.0 if n else 0.0)
+                    times = timed_rounds(arms, a.runs)
+                finally:
+                    for h in hogs:
+                        h.kill()
+                        h.wait()
+                row = {"model": name, "sparsity": cfg, "size": int(size), "threads": a.threads, "busy_processes": n,
+                       "runs": a.runs, "arms": {k: {"median_ms": 1e3 * statistics.median(v),
+                                                     "p10_ms": 1e3 * float(np.percentile(v, 10)),
+                                                     "p90_ms": 1e3 * float(np.percentile(v, 90))}
+                                                 for k, v in times.items()}}
+                results.append(row)
+                print(f"{name} {cfg} {size} busy={n}: " + "  ".join(
+                    f"{k} {v['median_ms']:.2f} (p90 {v['p90_ms']:.2f})" for k, v in row["arms"].items()), flush=True)
+    out = Path(a.out)
+    atomic_write_json(Path(str(out) + ".json"), {
+        "benchmark": "contention", "results": results, "env": environment(),
+        "method": "arms alternate (rotated order); each timed call after a 50 ms pause and 2 discarded calls; "
+                  "busy processes are `python -c 'while True: pass'`, started 1 s before timing; median/p10/p90"})
+    models = sorted({(r["model"], r["sparsity"], r["size"]) for r in results}, key=str)
+    fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.2), squeeze=False)
+    for ax, (name, cfg, size) in zip(axes[0], models):
+        rows = [r for r in results if (r["model"], r["sparsity"], r["size"]) == (name, cfg, size)]
+        for arm in rows[0]["arms"]:
+            ax.plot([r["busy_processes"] for r in rows], [r["arms"][arm]["median_ms"] for r in rows], "o-", label=arm)
+        ax.set_yscale("log")
+        ax.set_title(f"{name} {cfg} {size}px", fontsize=8)
+        ax.set_xlabel("busy processes beside it")
+        ax.set_ylabel("median latency (ms)")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(str(out) + ".png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
