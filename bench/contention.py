@@ -1,15 +1,15 @@
-"""Latency when the cores are shared: the engine (ops as claimed parts; the same plan with ``run_threads = 1``;
-the barrier schedule claimed parts replaced) vs onnxruntime fp32, quiet and beside 1..k busy processes (each a
+"""Latency when the cores are shared: the engine (a barrier after every op; the same plan with ``run_threads = 1``;
+ops as claimed parts, PlanOptions.claim_parts) vs onnxruntime fp32, quiet and beside 1..k busy processes (each a
 Python loop, as another job on the machine).
 
 Why: with a barrier after every op, a thread the OS deschedules holds the other thread at the next barrier for the
-rest of the busy process's time slice, once per op (MobileNetV2 at 224 has ~60). The claimed schedule
-(PlanOptions.claim_parts) lets whichever thread is running take the parts nobody has started.
+rest of the busy process's time slice, once per op (MobileNetV2 at 224 has ~60). Claimed parts let whichever
+thread is running take the parts nobody has started; ``run_threads = 1`` needs no second core at all.
 
 Run with nothing else running (each setting alternates the arms in one process, 50 ms pause + 2 discarded calls
 before each timed call so no runtime's spinning threads are charged to the next arm):
   python bench/contention.py --models mobilenet_v2:pattern8x:224,resnet50:pattern8x:224,resnet56:pattern8x:32 \
-      --hogs 0,1,2 --threads 2 --runs 20
+      --hogs 0,1,2 --threads 2 --runs 10 --sessions 3
 Writes bench/results/contention.json and contention.png (latency relative to each arm's quiet median).
 """
 
@@ -46,13 +46,12 @@ def arms_for(name: str, cfg: str, size: int, threads: int) -> dict:
         sf.prune(pruned, CONFIGS[cfg])
     x = torch.randn(1, 3, size, size)
     arms = {}
-    for label, claim in (("engine", True), ("engine-barriers", False)):
+    for label, claim in (("engine", False), ("engine-claim_parts", True)):
         e = sf.compile(pruned, x, threads=threads, plan_options=PlanOptions(claim_parts=claim))
         arms[label] = (lambda e_: lambda: e_(x))(e)
-        if claim:
-            one = sf.compile(pruned, x, threads=threads)
-            one.run_threads = 1          # the same plan on one thread (what a user sharing the cores may pick)
-            arms["engine-run_threads=1"] = lambda: one(x)
+    one = sf.compile(pruned, x, threads=threads)
+    one.run_threads = 1          # the same plan on one thread (what a user sharing the cores may pick)
+    arms["engine-run_threads=1"] = lambda: one(x)
     try:
         import onnxruntime as ort
 
@@ -86,7 +85,8 @@ def main() -> None:
     ap.add_argument("--models", default="mobilenet_v2:pattern8x:224,resnet50:pattern8x:224,resnet56:pattern8x:32")
     ap.add_argument("--hogs", default="0,1,2", help="busy processes beside the timed one")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--runs", type=int, default=10, help="timed calls per arm per session")
+    ap.add_argument("--sessions", type=int, default=3, help="times each setting is measured with fresh processes")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "contention"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -98,17 +98,25 @@ def main() -> None:
             for f in arms.values():
                 for _ in range(3):
                     f()
-            for n in map(int, a.hogs.split(",")):
-                hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
-                try:
-                    time.sleep(1.0 if n else 0.0)
-                    times = timed_rounds(arms, a.runs)
-                finally:
-                    for h in hogs:
-                        h.kill()
-                        h.wait()
+            # the OS places the busy processes differently each time they start: every setting is measured in
+            # several sessions (fresh processes each), interleaved with the other settings
+            times_by_n: dict[int, dict[str, list[float]]] = {}
+            for _ in range(a.sessions):
+                for n in map(int, a.hogs.split(",")):
+                    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+                    try:
+                        time.sleep(1.0 if n else 0.0)
+                        t = timed_rounds(arms, a.runs)
+                    finally:
+                        for h in hogs:
+                            h.kill()
+                            h.wait()
+                    acc = times_by_n.setdefault(n, {k: [] for k in arms})
+                    for k, v in t.items():
+                        acc[k] += v
+            for n, times in times_by_n.items():
                 row = {"model": name, "sparsity": cfg, "size": int(size), "threads": a.threads, "busy_processes": n,
-                       "runs": a.runs, "arms": {k: {"median_ms": 1e3 * statistics.median(v),
+                       "runs": a.runs * a.sessions, "sessions": a.sessions, "arms": {k: {"median_ms": 1e3 * statistics.median(v),
                                                      "p10_ms": 1e3 * float(np.percentile(v, 10)),
                                                      "p90_ms": 1e3 * float(np.percentile(v, 90))}
                                                  for k, v in times.items()}}
@@ -119,7 +127,8 @@ def main() -> None:
     atomic_write_json(Path(str(out) + ".json"), {
         "benchmark": "contention", "results": results, "env": environment(),
         "method": "arms alternate (rotated order); each timed call after a 50 ms pause and 2 discarded calls; "
-                  "busy processes are `python -c 'while True: pass'`, started 1 s before timing; median/p10/p90"})
+                  "busy processes are `python -c 'while True: pass'`, started 1 s before timing; each setting measured "
+                  "in --sessions sessions with fresh busy processes, interleaved; median/p10/p90 over all of them"})
     models = sorted({(r["model"], r["sparsity"], r["size"]) for r in results}, key=str)
     fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.2), squeeze=False)
     for ax, (name, cfg, size) in zip(axes[0], models):

@@ -216,7 +216,6 @@ void run_op0(float* const* B, int N, const float* g_w, const int* g_i) {
 }
 
 void seg0(float* const* B, int N, const float* g_w, const int* g_i, int nt) {
-  int F[4] = {0}, D[2] = {0};     /* per op and step: a flag per part, the parts done */
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt)
 #endif
@@ -226,12 +225,11 @@ void seg0(float* const* B, int N, const float* g_w, const int* g_i, int nt) {
 #else
     const int tid = 0, nth = 1;
 #endif
-    for (int i = 0; i < 2; i++) { const int p = (tid + i) % 2; if (claim(F + 0 + p)) { op0(B, N, p, 2, g_w, g_i); done_add(D + 0); } }
+    op0(B, N, tid, nth, g_w, g_i);
   }
 }
 
 void tseg0(float* const* B, int N, const float* g_w, const int* g_i, double* T) {
-  int F[4] = {0}, D[2] = {0};     /* per op and step: a flag per part, the parts done */
 #ifdef _OPENMP
 #pragma omp parallel num_threads(2)
 #endif
@@ -244,12 +242,12 @@ void tseg0(float* const* B, int N, const float* g_w, const int* g_i, double* T) 
 #ifdef _OPENMP
     if (T) T[(long)1 * 2 * nth + tid] = omp_get_wtime();
 #endif
-    for (int i = 0; i < 2; i++) { const int p = (tid + i) % 2; if (claim(F + 0 + p)) { op0(B, N, p, 2, g_w, g_i); done_add(D + 0); } }
+    op0(B, N, tid, nth, g_w, g_i);
 #ifdef _OPENMP
     if (T) T[((0) * nth + tid) * 2 + 0] = omp_get_wtime();
 #endif
-    wait_done(D + 0, 2);
 #ifdef _OPENMP
+#pragma omp barrier
     if (T) T[((0) * nth + tid) * 2 + 1] = omp_get_wtime();
 #endif
   }

@@ -100,12 +100,13 @@ class PlanOptions:
     flat_gemm_min_pixels: int = 784
     gemm_mr: int = 6
     gemm_nr: int = 4
-    # ops of a native segment run as parts (their static per-thread partitions) that threads claim: each thread
-    # takes its own part first (the plan's locality), then any part not yet taken, and an op waits for its
-    # predecessor's parts to be done instead of a barrier. A thread the OS has descheduled then holds nobody up
-    # unless it holds a part. Measured (Xeon AVX-512, 2 threads, b1, one busy process beside it): MobileNetV2 8x
-    # at 224 109 ms with barriers (40x its quiet time) vs ... ms claimed (onnxruntime 8.0 ms); quiet: no change.
-    claim_parts: bool = True
+    # ops of a native segment as parts that threads claim (each its own partition first, then any part nobody
+    # has started; an op waits for its predecessor's parts to be done instead of a barrier). Off: measured on
+    # 2 vCPUs beside one busy process (bench/contention.py, 3 sessions), it helps where ops are long and hurts
+    # where they are short: ResNet-50 8x at 224 38 vs 133 ms with barriers (onnxruntime 47), CIFAR ResNet-56 8x
+    # 4.9 vs 0.42 ms (the second thread starts each call ~1.7 ms late), MobileNetV2 8x at 224 16 vs 3-7 ms;
+    # quiet, the same (+-1%).
+    claim_parts: bool = False
 
 
 DEFAULT_OPTIONS = PlanOptions()

@@ -66,9 +66,9 @@ class CompiledModel:
 
     @property
     def run_threads(self) -> int:
-        """Threads each call runs on: the compiled count unless lowered. Ops run as claimed parts (the plan's
-        per-thread partitions), so fewer threads take every part between them and compute the same result:
-        e.g. one thread per engine when several processes share the cores."""
+        """Threads each call runs on: the compiled count unless lowered (e.g. one thread per engine when several
+        processes share the cores). Every op splits filters, rows or images over whatever threads it gets and
+        reduces in a fixed order, so the result is the same bits."""
         return self._run_threads
 
     @run_threads.setter
@@ -77,9 +77,6 @@ class CompiledModel:
         if not isinstance(n, int) or not 1 <= n <= t:
             raise SparseforgeError(f"run_threads must be an int from 1 to the {t} threads the engine was compiled "
                                    f"for, got {n!r}; compile with threads={n} for more")
-        if n != t and not self.spec.get("claim_parts", False):
-            raise SparseforgeError("this engine was compiled without claimed parts (PlanOptions(claim_parts=False)): "
-                                   "it runs on its compiled thread count only; recompile to change it at run time")
         self._run_threads = n
 
     # ---- buffers ------------------------------------------------------------
