@@ -104,12 +104,14 @@ def fuzz_networks(a: argparse.Namespace) -> None:
     from sparseforge.engine.plan import PlanOptions
 
     stats = {"networks": 0, "max_rel_err": 0.0, "max_rel_err_seed": None, "nonfinite_inputs": 0, "sparse": 0, "native_ops": 0, "fallback_ops": 0,
-             "fallback_kinds": {}, "stress_options": 0, "conv_modes": {}, "channel_blocked_convs": 0, "failures": []}
+             "fallback_kinds": {}, "stress_options": 0, "conv_modes": {}, "channel_blocked_convs": 0,
+             "run_threads_checked": 0, "failures": []}
     # every fourth network is planned with knobs that push CIFAR-size maps into the large-map paths (tiled flat
     # mode from 4 KB inputs, input-channel blocks from 8 KB windows, dense 1x1 GEMM mode on any map with 16-float
-    # rows, in odd 5 x 3 register blocks), so those are fuzzed on every kind of block
+    # rows, in odd 5 x 3 register blocks, ops as claimed parts), so those are fuzzed on every kind of block; every
+    # fifth multi-thread network also runs on one thread (run_threads) and must give the same bits
     stress = PlanOptions(flat_tiled_min_bytes=1 << 12, flat_cblock_bytes=1 << 13, flat_gemm_min_pixels=0, gemm_mr=5,
-                         gemm_nr=3)
+                         gemm_nr=3, claim_parts=True)
     stats, start, spent = resume_point(out_path, a.first_seed, stats, a.resume)
     t0 = time.perf_counter() - spent
 
@@ -136,6 +138,13 @@ def fuzz_networks(a: argparse.Namespace) -> None:
         stats["stress_options"] += seed % 4 == 3
         out = e(x)
         ok, why = compare_outputs(out, ref, sparse=sparse)
+        if ok and e.spec["threads"] > 1 and seed % 5 == 0:     # fewer threads at run time: the same bits
+            e.run_threads = 1
+            one = e(x)
+            stats["run_threads_checked"] += 1
+            if not torch.equal(torch.nan_to_num(one, nan=7.0), torch.nan_to_num(out, nan=7.0)) or \
+                    not torch.equal(one.isnan(), out.isnan()):
+                ok, why = False, "run_threads=1 differs from the compiled thread count"
         fin = ref.isfinite() & out.isfinite()
         if bool(fin.any()):
             rel = float((out[fin] - ref[fin]).abs().max() / ref[fin].abs().max().clamp_min(1e-12))
