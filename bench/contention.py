@@ -28,8 +28,8 @@ import torch
 
 import sparseforge as sf
 from sparseforge.engine.plan import PlanOptions
-from sparseforge.export import export_onnx
 from sparseforge.report.env import environment
+from sparseforge.report.latency import onnxruntime_session
 from sparseforge.report.plots import plt  # Agg backend
 from sparseforge.utils import atomic_write_json
 
@@ -52,17 +52,10 @@ def arms_for(name: str, cfg: str, size: int, threads: int) -> dict:
     one = sf.compile(pruned, x, threads=threads)
     one.run_threads = 1          # the same plan on one thread (what a user sharing the cores may pick)
     arms["engine-run_threads=1"] = lambda: one(x)
-    try:
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        sess = ort.InferenceSession(export_onnx(dense, x), so, providers=["CPUExecutionProvider"])
+    sess = onnxruntime_session(dense, x, threads)
+    if sess is not None:
         xn = x.numpy()
         arms["onnxruntime-fp32-dense"] = lambda: sess.run(None, {"input": xn})
-    except ImportError:
-        pass
     return arms
 
 
