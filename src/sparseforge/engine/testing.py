@@ -246,6 +246,25 @@ class ReuseBlock(nn.Module):
         return self.act(self.cheap(x1) + self.fusion_bn(self.fusion(x1)))
 
 
+class InPlaceBlock(nn.Module):
+    """An in-place activation whose input is read again afterwards: ``z = act_(y); proj(y) + z``. PyTorch's later
+    read of y sees act(y) (the tensor was overwritten); the compiler once read the value from before."""
+
+    def __init__(self, c, cout, act, through_identity):
+        super().__init__()
+        self.conv = ConvBNAct(c, cout, 3, act="none")
+        self.act = make_act(act)
+        if hasattr(self.act, "inplace"):
+            self.act.inplace = True
+        self.alias = nn.Identity() if through_identity else None
+        self.proj = nn.Conv2d(cout, cout, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = self.act(self.alias(y) if self.alias is not None else y)
+        return self.proj(y) + z
+
+
 class RandomNet(nn.Module):
     def __init__(self, stem, blocks, head):
         super().__init__()
@@ -308,7 +327,7 @@ def random_network(seed: int, sparsity: str | None = None, max_blocks: int = 4
     for _ in range(r.randint(1, max_blocks)):
         n_before = len(blocks)
         kind = r.choice(["basic", "basic_proj", "bottleneck", "inverted", "inverted_se", "se", "concat", "grouped",
-                         "dilated", "pool", "plain", "reuse"])
+                         "dilated", "pool", "plain", "reuse", "inplace"])
         stride = 2 if r.random() < 0.3 and min(h, w) >= 4 else 1
         act = r.choice(ACTS)
         if kind in ("basic", "basic_proj"):
@@ -350,6 +369,9 @@ def random_network(seed: int, sparsity: str | None = None, max_blocks: int = 4
             blocks.append(nn.MaxPool2d(pk, ps, pp, ceil_mode=r.random() < 0.2) if r.random() < 0.6 else
                           nn.AvgPool2d(pk, ps, pp))
             cout, stride = c, 1
+        elif kind == "inplace":
+            cout, stride = r.choice([c, r.randint(3, 40)]), 1
+            blocks.append(InPlaceBlock(c, cout, r.choice(["relu", "relu6", "silu", "hardswish"]), r.random() < 0.3))
         elif kind == "reuse":
             cout, stride = r.choice([c, r.randint(3, 40)]), 1
             blocks.append(ReuseBlock(c, cout, act, r.choice(["none", act])))

@@ -138,6 +138,27 @@ def _is_identity(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` writes its result into its first input's tensor (``nn.ReLU(inplace=True)``, ``x.relu_()``,
+    ``F.relu(x, inplace=True)``, ``x += y``): later readers of that input see the result, as in PyTorch."""
+    if node.op == "call_module":
+        return getattr(modules[node.target], "inplace", False) is True
+    if node.op == "call_method":
+        return isinstance(node.target, str) and node.target.endswith("_") and not node.target.endswith("__")
+    if node.op == "call_function":
+        if node.target in _INPLACE_OPERATORS or node.kwargs.get("inplace") is True:
+            return True
+        name = getattr(node.target, "__name__", "")
+        if name.endswith("_") and not name.endswith("__"):
+            return True
+        return node.target in (F.relu, F.relu6, F.hardswish, F.silu, F.hardsigmoid, F.elu) and \
+            len(node.args) > 1 and node.args[-1] is True
+    return False
+
+
 def _is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module" and isinstance(modules[node.target], nn.Flatten):
         return modules[node.target].start_dim == 1
@@ -244,11 +265,28 @@ def build_ir(gm: fx.GraphModule) -> Graph:
         ops.append(op)
         producer[out] = op
 
+    pending: tuple[fx.Node, int] | None = None     # an in-place node and the value it overwrote
+
+    def settle_in_place() -> None:
+        """After an in-place node: every name of the tensor it wrote (its input, and that input's aliases) now
+        stands for its result, so readers later in the graph get what PyTorch's mutated tensor holds."""
+        nonlocal pending
+        if pending is not None:
+            node_, old = pending
+            new = env.get(node_)
+            if new is not None and new != old:
+                for k in [k for k, v in env.items() if v == old]:
+                    env[k] = new
+            pending = None
+
     for node in gm.graph.nodes:
+        settle_in_place()
         if node.op == "placeholder":
             vid = new_value(node)
             inputs.append(vid)
             continue
+        if _in_place(node, modules) and node.all_input_nodes and node.all_input_nodes[0] in env:
+            pending = (node, env[node.all_input_nodes[0]])
         if node.op == "output":
             res = node.args[0]
             if isinstance(res, (list, tuple)):
