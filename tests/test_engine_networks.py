@@ -57,15 +57,43 @@ def test_projection_shortcut_block(kind, stride, pruned):
     assert all(op["native"] for op in e.spec["ops"])
 
 
+@pytest.mark.parametrize("mean", [False, True])
 @pytest.mark.parametrize("gate", ["sigmoid", "hardsigmoid"])
-def test_squeeze_excite(gate):
-    """The pooled (C,1,1) vector is read by 1x1 convs as a map: it must be laid out as one."""
+def test_squeeze_excite(gate, mean):
+    """The pooled (C,1,1) vector is read by 1x1 convs as a map: it must be laid out as one. Pooled by
+    ``x.mean((2, 3), keepdim=True)`` (timm's way) it is the same native op."""
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(3, 24, 3, 1, 1), nn.ReLU(), SqueezeExcite(24, 6, gate)).eval()
+    m = nn.Sequential(nn.Conv2d(3, 24, 3, 1, 1), nn.ReLU(), SqueezeExcite(24, 6, gate, mean=mean)).eval()
     x = torch.randn(3, 3, 10, 14)
     e = compile(m, x[:1], threads=2)
     with torch.inference_mode():
         assert rel_err(e(x), m(x)) < 1e-5
+    assert all(op["native"] for op in e.spec["ops"])
+
+
+@pytest.mark.parametrize("form", ["method", "function", "function-keepdim"])
+def test_mean_over_the_map_is_global_pooling(form):
+    """``x.mean((2, 3))``, ``torch.mean(x, [-2, -1])`` (a (C,) vector straight into a linear layer) and the
+    keepdim (C,1,1) form run as the native global average pool, not as PyTorch fallbacks."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.fc = nn.Conv2d(3, 12, 3, 1, 1), nn.Linear(12, 5)
+
+        def forward(self, x):
+            y = torch.relu(self.c(x))
+            if form == "method":
+                return self.fc(y.mean((2, 3)))
+            if form == "function":
+                return self.fc(torch.mean(y, [-2, -1]))
+            return self.fc(torch.mean(y, dim=(3, 2), keepdim=True).flatten(1))
+
+    m = Net().eval()
+    x = torch.randn(3, 3, 7, 9)
+    e = compile(m, x[:1], threads=2)
+    with torch.inference_mode():
+        assert rel_err(e(x), m(x)) < 1e-5
+    assert all(op["native"] for op in e.spec["ops"])
 
 
 @pytest.mark.parametrize("primary_act", ["none", "relu"])

@@ -188,14 +188,17 @@ class Bottleneck(nn.Module):
 
 
 class SqueezeExcite(nn.Module):
-    def __init__(self, c, squeeze, gate):
+    """``mean``: pooled as timm writes it, ``x.mean((2, 3), keepdim=True)``, else adaptive average pooling."""
+
+    def __init__(self, c, squeeze, gate, mean=False):
         super().__init__()
         self.fc1 = nn.Conv2d(c, squeeze, 1)
         self.fc2 = nn.Conv2d(squeeze, c, 1)
         self.gate = nn.Sigmoid() if gate == "sigmoid" else nn.Hardsigmoid()
+        self.mean = mean
 
     def forward(self, x):
-        s = torch.nn.functional.adaptive_avg_pool2d(x, 1)
+        s = x.mean((2, 3), keepdim=True) if self.mean else torch.nn.functional.adaptive_avg_pool2d(x, 1)
         return x * self.gate(self.fc2(torch.relu(self.fc1(s))))
 
 
@@ -205,7 +208,7 @@ class InvertedResidual(nn.Module):
         layers = [ConvBNAct(cin, exp, 1, act=act)] if exp != cin else []
         layers.append(ConvBNAct(exp, exp, k, stride, groups=exp, act=act))   # k = 5: phase-lowered when s = 2
         if se:
-            layers.append(SqueezeExcite(exp, max(1, exp // 4), se))
+            layers.append(SqueezeExcite(exp, max(1, exp // 4), se, mean=exp % 2 == 1))
         layers += [nn.Conv2d(exp, cout, 1, bias=False), nn.BatchNorm2d(cout)]
         self.conv = nn.Sequential(*layers)
         self.use_res = stride == 1 and cin == cout
@@ -277,14 +280,15 @@ class RandomNet(nn.Module):
 
 
 class _GapHead(nn.Module):
-    def __init__(self, c, classes, hidden_act):
+    def __init__(self, c, classes, hidden_act, mean=False):
         super().__init__()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(c, classes)
         self.act = make_act(hidden_act)
+        self.mean = mean
 
     def forward(self, x):
-        return self.act(self.fc(torch.flatten(self.pool(x), 1)))
+        return self.act(self.fc(x.mean((2, 3)) if self.mean else torch.flatten(self.pool(x), 1)))
 
 
 class _FlatHead(nn.Module):
@@ -346,7 +350,8 @@ def random_network(seed: int, sparsity: str | None = None, max_blocks: int = 4
             blocks.append(InvertedResidual(c, exp, cout, stride, act, se, dk))
         elif kind == "se":
             cout, stride = c, 1
-            blocks.append(SqueezeExcite(c, max(1, c // r.choice([2, 4, 8])), r.choice(["sigmoid", "hardsigmoid"])))
+            blocks.append(SqueezeExcite(c, max(1, c // r.choice([2, 4, 8])), r.choice(["sigmoid", "hardsigmoid"]),
+                                        mean=r.random() < 0.5))
         elif kind == "concat":
             c1, c2 = r.randint(1, 24), r.randint(1, 24)
             keep = r.random() < 0.5
@@ -390,7 +395,7 @@ def random_network(seed: int, sparsity: str | None = None, max_blocks: int = 4
         c, h, w = cout, h2, w2
     classes = r.randint(2, 12)
     if r.random() < 0.8 or h * w * c > 4096:
-        head = _GapHead(c, classes, r.choice(["none", "none", "relu", "sigmoid"]))
+        head = _GapHead(c, classes, r.choice(["none", "none", "relu", "sigmoid"]), mean=r.random() < 0.3)
         desc.append(f"gap -> linear {c}->{classes}")
     else:
         head = _FlatHead(c * h * w, classes)
