@@ -108,11 +108,10 @@ def main() -> None:
                     for k, v in t.items():
                         acc[k] += v
             for n, times in times_by_n.items():
+                stats = {k: {"median_ms": 1e3 * statistics.median(v), "p10_ms": 1e3 * float(np.percentile(v, 10)),
+                            "p90_ms": 1e3 * float(np.percentile(v, 90))} for k, v in times.items()}
                 row = {"model": name, "sparsity": cfg, "size": int(size), "threads": a.threads, "busy_processes": n,
-                       "runs": a.runs * a.sessions, "sessions": a.sessions, "arms": {k: {"median_ms": 1e3 * statistics.median(v),
-                                                     "p10_ms": 1e3 * float(np.percentile(v, 10)),
-                                                     "p90_ms": 1e3 * float(np.percentile(v, 90))}
-                                                 for k, v in times.items()}}
+                       "runs": a.runs * a.sessions, "sessions": a.sessions, "arms": stats}
                 results.append(row)
                 print(f"{name} {cfg} {size} busy={n}: " + "  ".join(
                     f"{k} {v['median_ms']:.2f} (p90 {v['p90_ms']:.2f})" for k, v in row["arms"].items()), flush=True)

@@ -152,7 +152,8 @@ def test_claimed_parts_equal_barriers(threads):
     inverted-residual blocks with images left over after whole rounds included (their shared partial sums), and
     so must fewer threads at run time (``run_threads``) in either schedule."""
     torch.manual_seed(1)
-    m = randomize_bn(nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU6(), InvertedResidual(16, 48, 16, 1, "relu6", None),
+    m = randomize_bn(nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU6(),
+                                   InvertedResidual(16, 48, 16, 1, "relu6", None),
                                    InvertedResidual(16, 64, 24, 1, "relu6", None), nn.Conv2d(24, 8, 1)))
     _prune_kernels(m, 1)
     x = torch.randn(threads + 1, 3, 16, 16)

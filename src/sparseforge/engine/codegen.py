@@ -996,7 +996,8 @@ def block_source(k: int, bp: BlockPlan, plan: Plan) -> str:
           f"  float* Z = S + {cin * PS};           /* expanded row, zero margins of {M} floats */",
           f"  float* D = Z + {PS + 2 * M};          /* filtered rows of this thread's expanded channels */",
           f"  float* Po = D + {bp.max_e * PS};      /* partial sums, whole-image rounds */",
-          f"  float* Ps0 = B[{plan.scratch_id}] + (long){T} * {bp.private(T)};   /* shared partial sums per leftover image */",
+          f"  float* Ps0 = B[{plan.scratch_id}] + (long){T} * {bp.private(T)};"
+          "   /* shared partial sums per leftover image */",
           f"  memset(Z, 0, {4 * M}); memset(Z + {M + PS}, 0, {4 * M});",
           "  const int Nf = N - N % nth;",
           "  for (int n = 0; n < N; n++) {",
@@ -1386,8 +1387,8 @@ def _claimed_segment(si: int, idxs: list[int], plan: Plan, traced: bool) -> str:
     """The segment with claimed parts (``PlanOptions.claim_parts``): op k's P = plan.threads parts are its static
     per-thread partitions (``op{k}(.., part, P, ..)``); thread t tries part t first, then the others in turn; an
     op starts once every part of the previous one is done. A fused block runs as two such steps (its leftover
-    images' output channels wait for all their partial sums). Only the traced twin waits after the last op (for its stamps): the
-    region's end joins the threads anyway."""
+    images' output channels wait for all their partial sums). Only the traced twin waits after the last op (for
+    its stamps): the region's end joins the threads anyway."""
     P = plan.threads
     stamp = "    if (T) T[(({j}) * nth + tid) * 2 + {e}] = omp_get_wtime();" if traced else ""
     body = []

@@ -175,7 +175,8 @@ def _is_gap(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         return isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1))
     if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
         return node.args[1] in (1, (1, 1))
-    if (node.op == "call_method" and node.target == "mean") or (node.op == "call_function" and node.target is torch.mean):
+    if ((node.op == "call_method" and node.target == "mean")
+            or (node.op == "call_function" and node.target is torch.mean)):
         # x.mean((2, 3)) / torch.mean(x, [-2, -1], keepdim=...): timm's squeeze-excite and heads; without keepdim
         # the (C,) result is the same memory as the (C,1,1) one
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
