@@ -169,6 +169,7 @@ def test_claimed_parts_equal_barriers(threads):
         assert torch.equal(a, b)
     e = compile(m, x[:1], threads=threads, plan_options=PlanOptions(claim_parts=True))
     e.run_threads = 1            # one thread takes every part: the same partitions, so the same bits
+    assert "calls run on 1: run_threads" in e.summary(profile=False)
     with torch.inference_mode():
         for n, y in enumerate(outs[0], 1):
             assert torch.equal(e(x[:n]), y)

@@ -268,7 +268,10 @@ class CompiledModel:
             rows.append(f"{k:>3}  {op['name'][:28]:28s} {path:9s} {ts:>9s} {share:>6s}  {op['describe']}")
         nat = sum(1 for o in self.spec["ops"] if o["native"])
         rows.append(f"{nat}/{len(self.spec['ops'])} ops generated; {len(self.spec['ops']) - nat} PyTorch fallbacks; "
-                    f"{self.spec['threads']} threads; batch-1 profile"
+                    f"{self.spec['threads']} threads"
+                    + (f" (calls run on {self._run_threads}: run_threads; the profile uses all)"
+                       if self._run_threads != self.spec["threads"] else "")
+                    + "; batch-1 profile"
                     + (" in network order (cache misses and waits included)" if traced else " (ops in isolation)"))
         return "\n".join(rows)
 
