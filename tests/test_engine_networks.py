@@ -10,6 +10,7 @@ bench/engine_fuzz.py --networks runs thousands.
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from engine_util import randomize_bn, rel_err
 from sparseforge.engine import compile
@@ -181,6 +182,32 @@ def test_claimed_parts_equal_barriers(threads):
     with torch.inference_mode():
         for n, y in enumerate(outs[0], 1):
             assert torch.equal(e(x[:n]), y)
+
+
+class _ClampForms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 8, 3, 1, 1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        return torch.cat([torch.clamp(y, -0.2, 0.3), y.clamp(min=0.1), y.clip(max=-0.1),
+                          F.hardtanh(self.b(y), -2.0, 0.5), F.leaky_relu(y, 0.2)], 1)
+
+
+def test_leaky_relu_and_clamps_run_natively():
+    """LeakyReLU, Hardtanh and clamp/clip with number bounds (one may be missing) are native element-wise ops;
+    NaN passes through and Inf is clamped, as in PyTorch."""
+    torch.manual_seed(3)
+    for m in (nn.Sequential(nn.Conv2d(4, 8, 3, 1, 1), nn.LeakyReLU(0.1), nn.Conv2d(8, 6, 3, 1, 1), nn.Hardtanh()),
+              _ClampForms()):
+        m = randomize_bn(m.eval())
+        x = with_nonfinite(torch.randn(2, 4, 7, 9), seed=4)
+        e = compile(m, x[:1], threads=2)
+        assert all(op["native"] for op in e.spec["ops"]), e.summary(profile=False)
+        with torch.inference_mode():
+            ok, why = compare_outputs(e(x), m(x), sparse=False)
+        assert ok, why
 
 
 NAN_NETS = {

@@ -10,6 +10,7 @@ in the source come only from integer indices, never from user strings.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from .ir import ConcatOp, ConvOp, EltwiseOp, FlattenOp, GapOp, LinearOp, PhaseOp, PoolOp
 from .plan import BlockPlan, ConvPlan, Plan
@@ -1222,6 +1223,12 @@ _ELT_FN = {"relu": "relus(a)", "relu6": "relu6s(a)", "silu": "silus(a)", "sigmoi
            "hardsigmoid": "hardsigmoids(a)", "hardswish": "hardswishs(a)", "gelu": "gelus(a)", "tanh": "tanhf(a)"}
 
 
+def _cfloat(v: float) -> str:
+    """A C float literal of ``v`` (the float PyTorch casts a Python scalar to), +-INFINITY for the infinities."""
+    v = float(v)
+    return ("INFINITY" if v > 0 else "-INFINITY") if math.isinf(v) else f"{v!r}f"
+
+
 def eltwise_source(k: int, op: EltwiseOp, plan: Plan) -> str:
     lo = plan.layouts[op.output]
     l0 = plan.layouts[op.inputs[0]]
@@ -1239,6 +1246,11 @@ def eltwise_source(k: int, op: EltwiseOp, plan: Plan) -> str:
         lines.append(f"  const float* in1 = B[{op.inputs[1]}];")
         other = "in1[" + (_addr(l1, "n", "ch", "0", "0") if bcast else _addr(l1, "n", "ch", "y", "x")) + "]"
         expr = f"a {'*' if op.fn == 'mul' else '+'} {other}"
+    elif op.fn == "leaky_relu":          # NaN fails the comparison and passes through, as in PyTorch
+        expr = f"(a < 0.0f ? a * {_cfloat(op.params[0])} : a)"
+    elif op.fn == "clamp":
+        vmin, vmax = (_cfloat(v) for v in op.params)
+        expr = f"(a < {vmin} ? {vmin} : (a > {vmax} ? {vmax} : a))"
     else:
         expr = _ELT_FN[op.fn]
     lines += [f"  for (int q = tid; q < N * {c}; q += nth) {{",

@@ -20,6 +20,15 @@ ELTWISE_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+def eltwise_fn(fn: str, params: tuple | list = ()) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The PyTorch meaning of an element-wise activation, constants included."""
+    if fn == "leaky_relu":
+        return lambda x: F.leaky_relu(x, float(params[0]))
+    if fn == "clamp":
+        return lambda x: torch.clamp(x, float(params[0]), float(params[1]))
+    return ELTWISE_FNS[fn]
+
+
 def _sub(a: Any, env: dict[int, torch.Tensor]) -> Any:
     if isinstance(a, tuple) and len(a) == 2 and a[0] == "__value__":
         return env[a[1]]
@@ -86,7 +95,7 @@ def run_op(op: Op, env: dict[int, torch.Tensor], out_shape: tuple[int, ...] = ()
         if op.fn in ("add", "mul"):
             b = env[op.inputs[1]]
             return x + b if op.fn == "add" else x * b
-        return ELTWISE_FNS[op.fn](x)
+        return eltwise_fn(op.fn, op.params)(x)
     if isinstance(op, TorchOp):
         return run_torch_op(op, env)
     raise TypeError(f"no interpretation of {type(op).__name__}")

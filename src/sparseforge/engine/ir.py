@@ -198,15 +198,18 @@ def graph_fingerprint(graph: Graph) -> str:
 class EltwiseOp(Op):
     """Element-wise over one or two values of the same channel count, interior only (a map's zero border stays
     zero): ``fn`` an activation of input 0; "affine" (a BatchNorm not after a conv: x * scale[c] + shift[c]);
-    "mul" / "add" of two values, the second broadcast over H and W when it is (C, 1, 1) (squeeze-excite)."""
+    "mul" / "add" of two values, the second broadcast over H and W when it is (C, 1, 1) (squeeze-excite);
+    activations with constants in ``params``: "leaky_relu" (slope,), "clamp" (lo, hi) (Hardtanh, torch.clamp;
+    +-inf for a missing bound)."""
 
     fn: str = "silu"
     scale: torch.Tensor = None
     shift: torch.Tensor = None
+    params: tuple = ()
     kind = "eltwise"
 
     def describe(self) -> str:
-        return self.fn
+        return f"{self.fn}({', '.join(f'{v:g}' for v in self.params)})" if self.params else self.fn
 
 
 @dataclasses.dataclass

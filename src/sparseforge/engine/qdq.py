@@ -68,9 +68,13 @@ def export_qdq(qmodel: QuantizedModel, path: str | Path | None = None, opset: in
         z = const(np.zeros(acc_scale.shape[0], np.int32))
         return node("DequantizeLinear", [const(q.bias.numpy().astype(np.int32)), const(acc_scale), z], axis=0)
 
-    def act(t: str, a: str) -> str:
+    def act(t: str, a: str, params: tuple = ()) -> str:
         if a == "none":
             return t
+        if a == "leaky_relu":
+            return node("LeakyRelu", [t], alpha=float(params[0]))
+        if a == "clamp":
+            return node("Clip", [t, const(np.array(params[0], np.float32)), const(np.array(params[1], np.float32))])
         if a == "relu":
             return node("Relu", [t])
         if a == "relu6":
@@ -159,7 +163,7 @@ def export_qdq(qmodel: QuantizedModel, path: str | Path | None = None, opset: in
             elif op.fn in ("add", "mul"):
                 t = node("Add" if op.fn == "add" else "Mul", ins[:2])
             else:
-                t = act(ins[0], op.fn)
+                t = act(ins[0], op.fn, op.params)
         else:
             raise SparseforgeError(f"no ONNX QDQ form of {type(op).__name__} ({op.name!r})")
         if op.output in outputs and q.float_out:

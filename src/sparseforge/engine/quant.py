@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..config import Config, opt
 from ..errors import SparseforgeError
-from .interpret import ELTWISE_FNS, residual_term, run_graph, run_torch_op
+from .interpret import ELTWISE_FNS, eltwise_fn, residual_term, run_graph, run_torch_op
 from .ir import ConcatOp, ConvOp, EltwiseOp, FlattenOp, GapOp, Graph, LinearOp, Op, PoolOp, TorchOp
 from .trace import FallbackConv, build_ir, trace
 
@@ -183,9 +183,9 @@ def _qweight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s
 
 
-def _lut(fn: str, pin: QParam, pout: QParam) -> torch.Tensor:
+def _lut(fn: str, pin: QParam, pout: QParam, params: tuple = ()) -> torch.Tensor:
     q = torch.arange(pin.lo, pin.hi + 1, dtype=torch.float32)
-    y = ELTWISE_FNS[fn](q * pin.scale)
+    y = eltwise_fn(fn, params)(q * pin.scale)
     return torch.clamp(_rint(y / pout.scale), pout.lo, pout.hi).to(torch.int32)
 
 
@@ -291,7 +291,7 @@ def _build_qgraph(graph: Graph, stats: _Stats, method: str, cfg: Int8Config) -> 
                 q.mult = torch.tensor([pa.scale / po.scale], dtype=torch.float32)
                 q.rmult = torch.tensor([pb.scale / po.scale], dtype=torch.float32)
             else:
-                q.lut = _lut(op.fn, pa, po)
+                q.lut = _lut(op.fn, pa, po, op.params)
         elif isinstance(op, TorchOp):
             q.fallback = True
         qops.append(q)

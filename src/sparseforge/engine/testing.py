@@ -123,13 +123,14 @@ def _sparsify(w: torch.Tensor, c: Case, g: torch.Generator) -> None:
 # bugs which only show when blocks meet - a shortcut traced after the branch it is added to, a pooled vector read
 # as a map - cannot hide from the fuzz.
 
-ACTS = ("relu", "relu6", "silu", "hardswish", "sigmoid", "gelu", "none")
+ACTS = ("relu", "relu6", "silu", "hardswish", "sigmoid", "gelu", "leaky_relu", "hardtanh", "none")
 SPARSITIES = ("dense", "pattern", "pattern+connectivity", "kernels", "empty_filters", "channel_block")
 
 
 def make_act(name: str) -> nn.Module:
     return {"relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "hardswish": nn.Hardswish, "sigmoid": nn.Sigmoid,
-            "gelu": nn.GELU, "none": nn.Identity}[name]()
+            "gelu": nn.GELU, "leaky_relu": lambda: nn.LeakyReLU(0.1), "hardtanh": lambda: nn.Hardtanh(-1.5, 2.0),
+            "none": nn.Identity}[name]()
 
 
 class ConvBNAct(nn.Module):

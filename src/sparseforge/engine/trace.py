@@ -129,6 +129,41 @@ def _eltwise_of(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
     return None
 
 
+def _number(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _eltwise_params(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, tuple[float, float]] | None:
+    """An activation with constants the generated code has: LeakyReLU (slope) or a clamp to [lo, hi] (Hardtanh,
+    torch.clamp / Tensor.clamp with number bounds; a missing bound is infinite). ReLU6 is a Hardtanh and stays
+    "relu6" (it folds into conv epilogues)."""
+    a, kw = node.args, node.kwargs
+    if node.op == "call_module":
+        m = modules[node.target]
+        if type(m) is nn.LeakyReLU:
+            return "leaky_relu", (float(m.negative_slope),)
+        if type(m) is nn.Hardtanh:
+            lo, hi = float(m.min_val), float(m.max_val)
+            return ("clamp", (lo, hi)) if lo <= hi else None
+        return None
+    if node.op == "call_function" and node.target is F.leaky_relu:
+        slope = _number(a[1] if len(a) > 1 else kw.get("negative_slope", 0.01))
+        return ("leaky_relu", (slope,)) if slope is not None else None
+    if node.op == "call_function" and node.target is F.hardtanh:
+        lo = _number(a[1] if len(a) > 1 else kw.get("min_val", -1.0))
+        hi = _number(a[2] if len(a) > 2 else kw.get("max_val", 1.0))
+        return ("clamp", (lo, hi)) if lo is not None and hi is not None and lo <= hi else None
+    if (node.op == "call_function" and node.target in (torch.clamp, torch.clip)) or \
+            (node.op == "call_method" and node.target in ("clamp", "clip")):
+        lo = a[1] if len(a) > 1 else kw.get("min")
+        hi = a[2] if len(a) > 2 else kw.get("max")
+        if set(kw) - {"min", "max"} or (lo is None and hi is None):
+            return None
+        lo_, hi_ = (-float("inf") if lo is None else _number(lo)), (float("inf") if hi is None else _number(hi))
+        return ("clamp", (lo_, hi_)) if lo_ is not None and hi_ is not None and lo_ <= hi_ else None
+    return None
+
+
 def _is_identity(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         m = modules[node.target]
@@ -398,9 +433,14 @@ def build_ir(gm: fx.GraphModule) -> Graph:
             fallback(node, "activation not after a conv")
             continue
         fn = _eltwise_of(node, modules)
+        fp = _eltwise_params(node, modules)
+        if fp is not None and len(args) == 1 and len(values[src].shape) in (1, 3):
+            fn, params = fp
+        else:
+            params = ()
         if fn is not None and len(args) == 1 and len(values[src].shape) in (1, 3) and fn != "gelu_tanh":
             out = new_value(node)
-            op = EltwiseOp(node.name, [src], out, fn=fn)
+            op = EltwiseOp(node.name, [src], out, fn=fn, params=params)
             ops.append(op)
             producer[out] = op
             continue
