@@ -1377,11 +1377,17 @@ def _segment(si: int, idxs: list[int], plan: Plan, traced: bool) -> str:
             body.append("#ifdef _OPENMP\n" + stamp.format(j=j, e=0) + "\n#endif")
     if traced:
         body.append("#ifdef _OPENMP\n#pragma omp barrier\n" + stamp.format(j=len(idxs) - 1, e=1) + "\n#endif")
+    return _region(si, len(idxs), plan, traced, body)
+
+
+def _region(si: int, m: int, plan: Plan, traced: bool, body: list[str], decls: str = "") -> str:
+    """The segment function around ``body``: one parallel region on ``nt`` threads (the traced twin: all of the
+    plan's, stamping when each thread starts), ``decls`` before it (shared by the team)."""
     name, extra = (f"tseg{si}", ", double* T") if traced else (f"seg{si}", ", int nt")
-    head = "#ifdef _OPENMP\n    if (T) T[(long)" + str(len(idxs)) + " * 2 * nth + tid] = omp_get_wtime();\n#endif\n" if traced else ""
-    nt = str(plan.threads) if traced else "nt"
+    head = "#ifdef _OPENMP\n    if (T) T[(long)" + str(m) + " * 2 * nth + tid] = omp_get_wtime();\n#endif\n" if traced else ""
+    nt = str(plan.threads) if traced else "nt"     # fewer threads at run time: run_threads
     return f"""void {name}(float* const* B, int N, const float* g_w, const int* g_i{extra}) {{
-#ifdef _OPENMP
+{decls}#ifdef _OPENMP
 #pragma omp parallel num_threads({nt})
 #endif
   {{
@@ -1431,24 +1437,9 @@ def _claimed_segment(si: int, idxs: list[int], plan: Plan, traced: bool) -> str:
             body.append("#ifdef _OPENMP\n" + stamp.format(j=j, e=0) + "\n#endif")
     if traced:
         body.append(wait + "\n#ifdef _OPENMP\n" + stamp.format(j=len(idxs) - 1, e=1) + "\n#endif")
-    name, extra = (f"tseg{si}", ", double* T") if traced else (f"seg{si}", ", int nt")
-    head = "#ifdef _OPENMP\n    if (T) T[(long)" + str(len(idxs)) + " * 2 * nth + tid] = omp_get_wtime();\n#endif\n" if traced else ""
     m = len(idxs)
-    nt = str(plan.threads) if traced else "nt"     # fewer threads at run time: they claim every part between them
-    return f"""void {name}(float* const* B, int N, const float* g_w, const int* g_i{extra}) {{
-  int F[{2 * m * P}] = {{0}}, D[{2 * m}] = {{0}};     /* per op and step: a flag per part, the parts done */
-#ifdef _OPENMP
-#pragma omp parallel num_threads({nt})
-#endif
-  {{
-#ifdef _OPENMP
-    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-#else
-    const int tid = 0, nth = 1;
-#endif
-{head}{chr(10).join(body)}
-  }}
-}}"""
+    decls = f"  int F[{2 * m * P}] = {{0}}, D[{2 * m}] = {{0}};     /* per op and step: a flag per part, the parts done */\n"
+    return _region(si, m, plan, traced, body, decls)
 
 
 UNIT_MARK = "/* sparseforge:unit */"      # a conv body: may be compiled apart from the rest (see build.split_units)

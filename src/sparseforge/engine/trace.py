@@ -432,12 +432,7 @@ def build_ir(gm: fx.GraphModule) -> Graph:
                 continue
             fallback(node, "activation not after a conv")
             continue
-        fn = _eltwise_of(node, modules)
-        fp = _eltwise_params(node, modules)
-        if fp is not None and len(args) == 1 and len(values[src].shape) in (1, 3):
-            fn, params = fp
-        else:
-            params = ()
+        fn, params = _eltwise_params(node, modules) or (_eltwise_of(node, modules), ())
         if fn is not None and len(args) == 1 and len(values[src].shape) in (1, 3) and fn != "gelu_tanh":
             out = new_value(node)
             op = EltwiseOp(node.name, [src], out, fn=fn, params=params)
