@@ -123,3 +123,27 @@ epochs = 1
     assert r.stdout.count("final test accuracy") == 1 and r.stderr.count("stage 1 (finetune): test acc") == 1
     w = load_file(str(tmp_path / "run" / "model.safetensors"))
     assert any(k.endswith("weight_mask") for k in w)
+
+
+@pytest.mark.parametrize("command", ["run", "train"])
+def test_a_late_rank_follows_rank_0s_view_of_the_run_directory(tmp_path, command):
+    """Rank 1 arrives 3 s after rank 0 has written start.json (run) / config.toml (train): it must branch as rank
+    0 did (before the fix: a hang in mismatched collectives / 'already holds a run' on rank 1 only)."""
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src"), "OMP_NUM_THREADS": "1"}
+    if command == "run":
+        (tmp_path / "r.toml").write_text(recipe_toml("""
+[[stage]]
+method = "magnitude"
+sparsity = 0.5
+"""))
+        args = ["run", str(tmp_path / "r.toml")]
+    else:
+        args = ["train", "--model", "smallcnn", "--dataset", "synthetic", "--epochs", "1", "--batch-size", "32",
+                "--train-size", "128", "--test-size", "64", "--threads", "1"]
+    r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+              str(HERE / "_ddp_race_child.py"), *args, "--run-dir", str(tmp_path / "run"), "--no-progress"],
+             env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "error" not in r.stderr.lower(), r.stderr[-3000:]
+    if command == "train":
+        assert r.stdout.count("\"test_acc\"") == 1, r.stdout      # rank 0 alone prints the result

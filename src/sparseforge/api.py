@@ -43,17 +43,24 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
 
 
 def prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> TrainConfig:
-    """Create or reopen a run directory; never overwrite a different run without being asked."""
+    """Create or reopen a run directory; never overwrite a different run without being asked. Under torchrun every
+    rank branches on what rank 0 saw before it wrote (``distributed.main_rank_says``), so all ranks refuse or
+    proceed together."""
+    from .distributed import barrier, exists_on_main, is_main, main_rank_says
+
     cfg_path = run_dir / rundir.CONFIG
-    if cfg_path.exists():
+    if exists_on_main(cfg_path):
         saved = TrainConfig.load(cfg_path)
         if resume:
             return saved
         raise RunDirError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
-    if resume and run_dir.exists() and any(p.name != RunLock.NAME for p in run_dir.iterdir()):
+    if main_rank_says(is_main() and resume and run_dir.exists()
+                      and any(p.name != RunLock.NAME for p in run_dir.iterdir())):
         raise RunDirError(f"{run_dir} has no config.toml, so it cannot be resumed; choose another --run-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(cfg_path)
+    if is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(cfg_path)
+    barrier()
     return cfg
 
 
@@ -72,7 +79,7 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = Fa
     lock = RunLock(run_dir) if run_dir is not None and is_main() else None
     if lock is not None:
         lock.acquire()              # a second process on the same run directory fails here, at once
-    fresh = run_dir is not None and not (Path(run_dir) / rundir.CONFIG).exists()
+    fresh = lock is not None and not (Path(run_dir) / rundir.CONFIG).exists()    # rank 0 only: it cleans up
     try:
         if run_dir is not None:
             cfg = dataclasses.replace(prepare_run_dir(Path(run_dir), cfg, resume), device=cfg.device)

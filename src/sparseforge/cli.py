@@ -69,7 +69,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                                    "Drop them, or start a new --run-dir")
     _, result = train(cfg, run_dir, resume=args.resume, progress=None if not args.no_progress else False,
                       announce=True)
-    print(json.dumps({k: v for k, v in result.items() if k != "split"}))
+    from .distributed import is_main
+
+    if is_main():                 # under torchrun one result line, not one per rank
+        print(json.dumps({k: v for k, v in result.items() if k != "split"}))
     return 0
 
 

@@ -68,6 +68,25 @@ def barrier() -> None:
         dist.barrier()
 
 
+def main_rank_says(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank. Any branch that decides which collectives a rank runs must be decided
+    once, here: a rank that looks at a file after rank 0 has written it (``if f.exists(): load else: compute
+    and write_json`` - whose barrier the late rank then skips) leaves the ranks waiting in different
+    collectives forever (seen as a CI hang under torchrun on 2 busy cores)."""
+    if rank_world()[1] == 1:
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.uint8)
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
+def exists_on_main(path) -> bool:
+    """``path.exists()`` as rank 0 sees it, before any rank writes it: what a rank-aware run branches on."""
+    from pathlib import Path
+
+    return main_rank_says(is_main() and Path(path).exists())
+
+
 def broadcast_model(model: nn.Module, src: int = 0) -> None:
     """Every parameter and buffer (masks, pattern library) from rank ``src`` to all ranks, in place."""
     if rank_world()[1] == 1:

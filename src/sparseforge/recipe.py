@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from .config import Config, content_hash, loads_toml, opt
-from .distributed import barrier, broadcast_model, is_main
+from .distributed import barrier, broadcast_model, exists_on_main, is_main
 from .errors import ConfigError, RunDirError, SparseforgeError
 from .stages import (STAGES, CompileConfig, FinetuneConfig, RobustnessConfig, RunState, Stage, StageContext,
                      load_stage_model, save_model, stage_configs, write_json, write_text)
@@ -215,9 +215,7 @@ class RecipeRunner:
 
     def prepare(self, resume: bool) -> None:
         cfg_path = self.run_dir / rundir.RECIPE
-        barrier()
-        existed = cfg_path.exists()
-        barrier()          # every rank has looked at the run directory before rank 0 writes into it
+        existed = exists_on_main(cfg_path)    # rank 0 looks once, before it writes (see main_rank_says)
         if existed:
             saved = Recipe.from_toml(cfg_path.read_text(), str(cfg_path))
             if not resume:
@@ -320,7 +318,7 @@ class RecipeRunner:
         model = copy.deepcopy(self.state.start_model)
         self.results["arch_start"] = arch_of(model)
         start_file = self.run_dir / rundir.START
-        if start_file.exists():
+        if exists_on_main(start_file):
             start = json.loads(start_file.read_text())
         else:
             start = self.evaluate(model)
@@ -331,7 +329,7 @@ class RecipeRunner:
         for i, stage in enumerate(stages):
             sdir = rundir.stage_dir(self.run_dir, i, stage.method)
             done = sdir / rundir.DONE
-            if done.exists():
+            if exists_on_main(done):
                 model = load_stage_model(model, sdir / rundir.MODEL)
                 info = json.loads(done.read_text())
                 self.log(f"stage {i} ({stage.method}): already done, loaded (test acc {info['eval']['acc']:.2f}%)")

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ..distributed import barrier, is_main
+from ..distributed import barrier, exists_on_main, is_main
 from ..errors import ConfigError, RunDirError
 from ..train import TrainConfig, Trainer, evaluate
 from ..utils import atomic_write_json as _atomic_write_json
@@ -160,11 +160,11 @@ class StageContext:
             model.to(memory_format=torch.channels_last)
         trainer = Trainer(model, cfg, tl, el, callbacks=[*callbacks, *self.state.callbacks], run_dir=sdir,
                           progress=self.state.progress, log=self.log)
-        if (sdir / rundir.CONFIG).exists():
+        if exists_on_main(sdir / rundir.CONFIG):
             if TrainConfig.load(sdir / rundir.CONFIG) != cfg:
                 raise RunDirError(f"{sdir} was trained with different settings; choose another --run-dir")
         else:
-            cfg.save(sdir / rundir.CONFIG)
+            write_text(sdir / rundir.CONFIG, cfg.to_toml())
         return trainer.fit(resume=True)
 
     # ---- teachers -------------------------------------------------------------
@@ -199,6 +199,7 @@ class StageContext:
         return load_stage_model(copy.deepcopy(self.start_model), found[0]).eval()
 
     # ---- files ----------------------------------------------------------------
+    exists = staticmethod(exists_on_main)     # branch on this, never on path.exists(): see main_rank_says
     write_json = staticmethod(write_json)
     save_model = staticmethod(save_model)
     load_stage_model = staticmethod(load_stage_model)

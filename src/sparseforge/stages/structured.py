@@ -49,7 +49,7 @@ class Depth(StageMethod):
 
         c = ctx.config
         plan_file = ctx.dir / "depth_plan.json"
-        if plan_file.exists():
+        if ctx.exists(plan_file):
             plan = ctx.read_json(plan_file)
         else:
             plan = plan_depth(model, c, ctx.example(), ctx.calibration(c.calibration_batches))

@@ -25,7 +25,7 @@ class IMP(StageMethod):
         spe = min(spe, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else spe
         rs = rewind_step(c.rewind, spe)
         start_f, snap_f = ctx.dir / "start.safetensors", ctx.dir / "rewind.safetensors"
-        if not start_f.exists():
+        if not ctx.exists(start_f):
             if is_main():
                 save_state({k: v.detach().clone() for k, v in model.state_dict().items()}, start_f)
             barrier()
@@ -38,7 +38,7 @@ class IMP(StageMethod):
         for r in range(c.rounds + 1):             # the last "round" is the final retraining, without pruning
             rdir = ctx.dir / (f"round-{r}" if r < c.rounds else "final")
             rdir.mkdir(parents=True, exist_ok=True)
-            if (rdir / rundir.DONE).exists():
+            if ctx.exists(rdir / rundir.DONE):
                 model = ctx.load_stage_model(model, rdir / rundir.MODEL)
                 rounds.append(ctx.read_json(rdir / rundir.DONE))
                 continue
