@@ -27,10 +27,10 @@ def _kept(model):
 @pytest.mark.parametrize("target", ["pattern", "magnitude"])
 def test_masks_shrink_monotonically_and_end_at_the_target(target):
     torch.manual_seed(0)
-    m = sf.create_model("resnet20")
-    ref = sf.create_model("resnet20")
+    m = sf.create_model("resnet18", num_classes=10)      # 3x3 and 1x1 convs (connectivity_1x1 ramps too)
+    ref = sf.create_model("resnet18", num_classes=10)
     ref.load_state_dict(m.state_dict())
-    pc = sf.PatternConfig(num_patterns=8, connectivity="3.6x")
+    pc = sf.PatternConfig(num_patterns=8, connectivity="3.6x", connectivity_1x1=8.0)
     cfg = GradualConfig(target=pc, magnitude=0.8 if target == "magnitude" else 0.0)
     prev_masks, kept = None, []
     for frac in (0.0, 0.3, 0.7, 1.0):
@@ -40,6 +40,8 @@ def test_masks_shrink_monotonically_and_end_at_the_target(target):
             assert all(bool((masks[n] <= prev_masks[n]).all()) for n in masks)
         prev_masks = masks
         kept.append(_kept(m))
+        if frac == 0.0 and target == "pattern":     # nothing of a 1x1 conv is cut before the ramp starts
+            assert all(bool(mod.weight_mask.all()) for _, mod in masked_modules(m) if mod.weight.shape[-1] == 1)
     assert kept == sorted(kept, reverse=True) and kept[0] > kept[-1]
     if target == "pattern":
         sf.prune(ref, pc)        # the same target in one shot keeps the same number of weights

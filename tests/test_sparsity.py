@@ -334,3 +334,27 @@ def test_energy_connectivity_gives_small_layers_more_kernels_at_the_same_count()
     sf.prune(m2, PatternConfig(connectivity=4.0, connectivity_scope="global"))   # normalised: scale-free
     d = get_mask(m2.layer1[1].conv1).tensor.reshape(16, 16, 9).sum(-1).gt(0).float().mean().item()
     assert d < 0.6
+
+
+def test_connectivity_1x1_prunes_1x1_convs_to_their_own_ratio():
+    """connectivity 3.6 keeps 1/8 of a 3x3 conv's weights (4 of 9 taps x 1/3.6) but 1/3.6 of a 1x1 conv's;
+    connectivity_1x1=8 brings the 1x1 convs to the same 1/8 and leaves every 3x3 conv as it was."""
+    torch.manual_seed(0)
+    a = sf.create_model("resnet18", num_classes=10)
+    b = copy.deepcopy(a)
+    sf.prune(a, PatternConfig(connectivity=3.6))
+    sf.prune(b, PatternConfig(connectivity=3.6, connectivity_1x1=8.0))
+    seen = set()
+    for (n, ma), (_, mb) in zip(masked_modules(a), masked_modules(b)):
+        da, db = ma.weight_mask.float().mean().item(), mb.weight_mask.float().mean().item()
+        if ma.weight.shape[-1] == 1:
+            assert abs(da - 1 / 3.6) < 0.01 and abs(db - 1 / 8) < 0.01, n
+            seen.add(1)
+        else:
+            assert torch.equal(ma.weight_mask, mb.weight_mask), n
+            seen.add(3)
+    assert seen == {1, 3}
+    with pytest.raises(ConfigError, match="connectivity_1x1"):
+        PatternConfig(connectivity_1x1=8.0, connectivity_scope="global")
+    with pytest.raises(ConfigError, match="connectivity"):
+        PatternConfig(connectivity_1x1="eight")

@@ -39,8 +39,9 @@ class PlanOptions:
     runs_in_walk_order: bool = True   # kernel runs stored in the order the threads walk them
     align_rows: bool = True           # row stride of wide maps a multiple of the vector width
     flat_tiled: bool = True           # stride-1 convs on wider maps: flat mode in tiles, tiles outside filters
-    flat_tiled_min_bytes: int = 1 << 19   # ... when the input image is at least this large (measured: CIFAR
-                                      # ResNet-56's 32x32x16 maps are faster untiled)
+    flat_tiled_min_bytes: int = 1 << 17   # ... when the input image is at least this large (measured: CIFAR
+                                      # ResNet-56's 32x32x16 maps are faster untiled; 8x pattern 256->256 on 14x14,
+                                      # 256 KB: 337 -> 187 us tiled; ResNet-18/50 8x at 224 1.10x/1.07x over 512 KB)
     flat_tile: int = 12               # most vectors (accumulators) per tile
     flat_tile_wide: int = 24          # the same on AVX-512 hosts
     block_outer_ratio: float = 1.0    # direct convs loop blocks outside filters when input >= this x weight bytes

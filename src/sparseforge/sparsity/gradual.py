@@ -81,8 +81,11 @@ def apply_fraction(model: nn.Module, cfg: GradualConfig, frac: float) -> dict[st
     keep_final = parse_ratio(cfg.target.connectivity)
     keep = 1.0 - (1.0 - keep_final) * frac
     per_layer = {k: 1.0 - (1.0 - parse_ratio(v)) * frac for k, v in cfg.target.connectivity_per_layer.items()}
+    one = cfg.target.connectivity_1x1
+    keep_1x1 = None if one is None else 1.0 - (1.0 - parse_ratio(one)) * frac
     extra = round(5 * (1.0 - frac)) if cfg.pattern_ramp else 0
-    prune_pattern(model, dataclasses.replace(cfg.target, connectivity=keep, connectivity_per_layer=per_layer),
+    prune_pattern(model, dataclasses.replace(cfg.target, connectivity=keep, connectivity_1x1=keep_1x1,
+                                             connectivity_per_layer=per_layer),
                   extra_taps=extra)
     return {"kernel_keep": keep, **({"extra_taps": extra} if cfg.pattern_ramp else {})}
 

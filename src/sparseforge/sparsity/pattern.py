@@ -26,6 +26,10 @@ class PatternConfig(Config):
 
     num_patterns: int = opt(8, "patterns in the library", choices=(4, 6, 8, 12))
     connectivity: float | str = opt(1.0, "kernel reduction: '3.6x' or 3.6 keeps 1/3.6 of kernels; 0.28 keeps 28%; 1 = none")
+    connectivity_1x1: float | str | None = opt(
+        None, "kernel reduction of 1x1 convs (default: connectivity). A 3x3 kernel also loses 5 of 9 taps to its "
+        "pattern, so connectivity 3.6 keeps 1/8 of a 3x3 conv's weights but 1/3.6 of a 1x1 conv's; 8 here prunes "
+        "the 1x1 convs to the same 1/8 (ResNet-50 and MobileNetV2 hold most of their weights in 1x1 convs)")
     connectivity_per_layer: dict[str, float | str] = opt(
         help="per-layer overrides of connectivity: {glob of module names = ratio}", factory=dict)
     connectivity_scope: Literal["layer", "global", "energy"] = opt(
@@ -43,10 +47,15 @@ class PatternConfig(Config):
     def validate(self) -> None:
         try:
             parse_ratio(self.connectivity)
+            if self.connectivity_1x1 is not None:
+                parse_ratio(self.connectivity_1x1)
             for v in self.connectivity_per_layer.values():
                 parse_ratio(v)
         except SparseforgeError as e:
             raise ConfigError(f"PatternConfig.connectivity: {e}") from None
+        if self.connectivity_1x1 is not None and self.connectivity_scope != "layer":
+            raise ConfigError("PatternConfig.connectivity_1x1: only with connectivity_scope='layer' (the global scopes "
+                              "rank all kernels together); drop it or use connectivity_per_layer")
         if self.library == "given":
             if len(self.patterns) != self.num_patterns:
                 raise ConfigError(f"PatternConfig.patterns: library='given' needs exactly num_patterns={self.num_patterns} "
@@ -62,10 +71,15 @@ class PatternConfig(Config):
         if self.library == "pconv" and self.num_patterns > 12:
             raise ConfigError("PatternConfig.num_patterns: the PCONV set has 12 patterns")
 
-    def keep_fraction(self, layer_name: str) -> float:
+    def keep_fraction(self, layer_name: str, module: nn.Module | None = None) -> float:
+        """Share of kernels ``layer_name`` keeps: a matching per-layer glob, else ``connectivity_1x1`` for a 1x1 conv,
+        else ``connectivity``."""
         for glob, v in self.connectivity_per_layer.items():
             if fnmatch.fnmatchcase(layer_name, glob):
                 return parse_ratio(v)
+        w = getattr(module, "weight", None)
+        if self.connectivity_1x1 is not None and w is not None and w.dim() == 4 and tuple(w.shape[2:]) == (1, 1):
+            return parse_ratio(self.connectivity_1x1)
         return parse_ratio(self.connectivity)
 
 
@@ -88,7 +102,7 @@ def _connectivity_counts(cfg: PatternConfig, layers: list[LayerChoice],
     counts: dict[str, int] = {}
     if cfg.connectivity_scope == "layer":
         for l in layers:
-            counts[l.name] = keep_count(num_block_kernels(l.module.weight, b), cfg.keep_fraction(l.name))
+            counts[l.name] = keep_count(num_block_kernels(l.module.weight, b), cfg.keep_fraction(l.name, l.module))
         return counts
     scores, owners = [], []
     total = 0
@@ -143,7 +157,7 @@ def ensure_library(model: nn.Module, cfg: PatternConfig, choices: list[LayerChoi
     else:
         # count best fits over the kernels connectivity would keep: those are the ones that use patterns
         ws = [c.module.weight.detach().cpu() for c in pat_layers]  # masked taps are already exactly 0
-        kms = [kernel_mask_of(connectivity_mask(w, cfg.keep_fraction(c.name), b)) if c.role == PATTERN
+        kms = [kernel_mask_of(connectivity_mask(w, cfg.keep_fraction(c.name, c.module), b)) if c.role == PATTERN
                else torch.ones(w.shape[:2]) for c, w in zip(pat_layers, ws)]
         library, counts = extract_library(ws, cfg.num_patterns, b, kms)
     set_library(model, library, counts)
