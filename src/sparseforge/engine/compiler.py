@@ -54,6 +54,9 @@ def assign_slots(plan: Plan, buffered: set[int]) -> tuple[dict[int, int], list[i
     for bp in plan.blocks.values():
         for v in list(g.ops[bp.a].inputs):
             last[v] = max(last.get(v, bp.c), bp.c)
+    for bd in plan.bands.values():
+        for v in list(g.ops[bd.a].inputs):
+            last[v] = max(last.get(v, bd.b), bd.b)
     pinned = set(g.inputs) | set(g.outputs)
     slot_of: dict[int, int] = {}
     sizes: list[int] = []
@@ -116,6 +119,11 @@ def runtime_spec(plan: Plan, input_shape: tuple[int, ...]) -> dict:
             d["fused_block"] = [bp.a, bp.b, bp.c]
             d["flops_per_image"] = bp.flops
             d["describe"] = f"{d['describe']} [fused block: ops {bp.a}-{bp.c}]"
+        if k in plan.bands:
+            bd = plan.bands[k]
+            d["fused_band"] = [bd.a, bd.b]
+            d["flops_per_image"] = bd.flops
+            d["describe"] = f"{d['describe']} [fused bands of {bd.rows} rows: ops {bd.a}-{bd.b}]"
         if k in plan.absorbed:
             d["fused_into"] = plan.absorbed[k]
             d["describe"] = f"{d['describe']} [runs in fused op {plan.absorbed[k]}]"
