@@ -556,24 +556,28 @@ def test_dense_1x1_gemm_mode_matches_pytorch(mr, nr):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("act", ["relu6", "relu"])
-def test_expand_and_depthwise_fuse_in_bands(stride, act):
-    """A sparse 1x1 expand and the depthwise conv that alone reads it run as one op in bands of rows
-    (``BandPlan``): odd, non-square maps (bands that end early, strips that meet the image's top and bottom),
-    stride 1 and 2, NaN/Inf inputs, images left over after whole rounds, claimed parts, fewer threads at run time
-    (the same bits), and several band heights and channel chunks."""
+@pytest.mark.parametrize("act,dense", [("relu6", False), ("relu", False), ("relu6", True)])
+def test_expand_and_depthwise_fuse_in_bands(stride, act, dense):
+    """A 1x1 expand and the depthwise conv that alone reads it run as one op in bands of rows (``BandPlan``):
+    odd, non-square maps (bands that end early, strips that meet the image's top and bottom), stride 1 and 2,
+    NaN/Inf inputs, images left over after whole rounds, claimed parts, fewer threads at run time (the same
+    bits), several band heights and channel chunks; sparse expand convs (kernel lists) and dense ones (F channels
+    a step; 40 and 36 channels leave a partial last step)."""
     torch.manual_seed(3)
     m = randomize_bn(nn.Sequential(nn.Conv2d(3, 12, 3, 1, 1), nn.ReLU(),
                                    InvertedResidual(12, 40, 12, stride, act, None),
                                    InvertedResidual(12, 36, 16, 1, act, None), nn.Conv2d(16, 8, 1)))
-    _prune_kernels(m, 3)
+    if not dense:
+        _prune_kernels(m, 3)
+    d = dict(band_dense_min_bytes=0) if dense else {}
     x = torch.randn(4, 3, 29, 23)
     x[1, 0, 5, 7] = float("nan")
     x[2, 1, 20, 3] = float("inf")
     with torch.inference_mode():
         ref = m(x)
     outs = []
-    for opts in (PlanOptions(), PlanOptions(band_rows=3), PlanOptions(band_rows=1), PlanOptions(claim_parts=True)):
+    for opts in (PlanOptions(**d), PlanOptions(band_rows=3, **d), PlanOptions(band_rows=1, band_f=4, **d),
+                 PlanOptions(claim_parts=True, **d)):
         e = compile(m, x[:1], threads=2, plan_options=opts)
         fused = [op for op in e.spec["ops"] if "fused bands" in op["describe"]]
         assert len(fused) == 2, [op["describe"] for op in e.spec["ops"]]
@@ -586,5 +590,5 @@ def test_expand_and_depthwise_fuse_in_bands(stride, act):
             torch.testing.assert_close(e(x), y, rtol=0, atol=0, equal_nan=True)     # the same bits
         outs.append(y)
     torch.testing.assert_close(outs[0], outs[3], rtol=0, atol=0, equal_nan=True)  # claimed parts: same items
-    off = compile(m, x[:1], threads=2, plan_options=PlanOptions(fuse_bands=False))
+    off = compile(m, x[:1], threads=2, plan_options=PlanOptions(fuse_bands=False, **d))
     assert not any("fused bands" in op["describe"] for op in off.spec["ops"])

@@ -1075,72 +1075,92 @@ def block_source(k: int, bp: BlockPlan, plan: Plan) -> str:
 
 
 def band_source(k: int, bp: BandPlan, plan: Plan) -> str:
-    """A fused expand + depthwise pair (see ``BandPlan``): per (image, band) item of this thread's contiguous
-    run, per expanded channel: the strip's image rows as a flat span along the padded rows (sparse kernel list,
-    bias, activation, border columns masked to 0 - the depthwise padding), the rows outside the image zeroed,
-    then the band's output rows filtered from the strip (stride 2: even-lane loads) and stored to their
-    interiors."""
+    """A fused expand + depthwise pair (see ``BandPlan``): per (image, band, chunk of expanded channels) item of
+    this thread's contiguous run, per step of F expanded channels: the strips' image rows as a flat span along
+    the padded rows (sparse: the channel's kernel list; dense: every input vector loaded once for the F
+    channels), bias, activation, border columns masked to 0 (the depthwise padding), the strip rows outside the
+    image zeroed; then each channel's output rows of the band filtered from its strip (stride 2: even-lane
+    loads) and stored to their interiors."""
     g = plan.graph
     A, Bc = g.ops[bp.a], g.ops[bp.b]
     li, lo = plan.layouts[A.inputs[0]], plan.layouts[Bc.output]
-    G, TV, V, RS, S = bp.G, bp.TV, bp.V, bp.rs, bp.s
+    G, TV, V, RS, S, F = bp.G, bp.TV, bp.V, bp.rs, bp.s, bp.F
     isa = WIDE16 if G == 16 and plan.vec != 16 else MAIN
     ty, bc, ld, st, stn = isa.type, isa.bcast, isa.load, isa.store, isa.storen
     lds = ld if S == 1 else isa.load2
     o = bp.offs
+    nblk = -(-bp.mid // F)
     b = [f"static void op{k}(OPARGS) {{",
          f"  const float* in = B[{A.inputs[0]}]; float* out = B[{Bc.output}];",
          f"  const int* a_st = g_i + {o['a_st']}; const int* a_ch = g_i + {o['a_ch']}; "
          f"const float* a_w = g_w + {o['a_w']}; const float* a_b = g_w + {o['a_b']};",
          f"  const int* b_st = g_i + {o['b_st']}; const int* b_tap = g_i + {o['b_tap']}; "
          f"const float* b_w = g_w + {o['b_w']}; const float* b_b = g_w + {o['b_b']};",
-         f"  const float* mk = g_w + {o['mask']};",
-         f"  float* E = B[{plan.scratch_id}] + (long)tid * {bp.private()};",
-         f"  const long items = (long)N * {bp.nb * bp.nf};",
-         "  const long i0 = items * tid / nth, i1 = items * (tid + 1) / nth;",
-         "  for (long it = i0; it < i1; it++) {",
-         f"    const int n = (int)(it / {bp.nb * bp.nf}), oy0 = (int)(it % {bp.nb * bp.nf} / {bp.nf}) * {bp.rows};",
-         f"    const int fc = (int)(it % {bp.nf}), f0 = {bp.mid} * fc / {bp.nf}, f1 = {bp.mid} * (fc + 1) / {bp.nf};",
-         f"    const int oy1 = oy0 + {bp.rows} < {bp.ho} ? oy0 + {bp.rows} : {bp.ho};",
-         f"    const int r0 = oy0 * {S} - 1, nr = (oy1 - 1 - oy0) * {S} + 3;   /* strip row 0 is image row r0 */",
-         "    const int v0 = r0 < 0 ? -r0 : 0;",
-         f"    const int v1 = nr < {bp.h} - r0 ? nr : {bp.h} - r0;              /* image rows: strip rows v0..v1-1 */",
-         f"    const int nv = ((v1 - v0) * {RS} + {G - 1}) / {G};",
-         f"    const float* X = in + (long)n * {li.image} + (long)(r0 + v0 + 1) * {RS};",
-         f"    float* O = out + (long)n * {lo.image};",
-         f"    float* eb = E + (long)v0 * {RS};",
-         f"    const float* mb = mk + (long)v0 * {RS};",
-         "    for (int f = f0; f < f1; f++) {",
-         f"      const {ty} ab = {bc}(a_b[f]);",
-         f"      for (int t0 = 0; t0 < nv; t0 += {TV}) {{",
-         # the last tile is shifted back to end at the last vector (its overlap is recomputed to the same values)
-         f"        const int tb = (t0 + {TV} <= nv || nv < {TV}) ? t0 : nv - {TV};",
-         f"        const long pb = (long)tb * {G};",
-         f"        {ty} " + ", ".join(f"x{t} = ab" for t in range(TV)) + ";",
-         "        for (int e = a_st[f]; e < a_st[f + 1]; e++) {",
-         f"          const float* xp = X + (long)a_ch[e] * {li.plane} + pb; const {ty} w = {bc}(a_w[e]);"]
-    b += [f"          x{t} += w * {ld}(xp + {t * G});" for t in range(TV)]
-    b += ["        }"]
-    b += [f"        {st}(eb + pb + {t * G}, andm{isa.suffix}({_act(A.act, f'x{t}', isa.suffix)}, {ld}(mb + pb + {t * G})));"
-          for t in range(TV)]
+         f"  const float* mk = g_w + {o['mask']};"]
+    if F > 1:
+        b.append(f"  const float* a_wd = g_w + {o['a_wd']}; const float* a_bd = g_w + {o['a_bd']};")
+    b += [f"  float* E = B[{plan.scratch_id}] + (long)tid * {bp.private()};",
+          f"  const long items = (long)N * {bp.nb * bp.nf};",
+          "  const long i0 = items * tid / nth, i1 = items * (tid + 1) / nth;",
+          "  for (long it = i0; it < i1; it++) {",
+          f"    const int n = (int)(it / {bp.nb * bp.nf}), oy0 = (int)(it % {bp.nb * bp.nf} / {bp.nf}) * {bp.rows};",
+          # chunks of whole F-channel steps
+          f"    const int fc = (int)(it % {bp.nf}), f0 = {F} * ({nblk} * fc / {bp.nf}), "
+          f"f1 = {F} * ({nblk} * (fc + 1) / {bp.nf});",
+          f"    const int oy1 = oy0 + {bp.rows} < {bp.ho} ? oy0 + {bp.rows} : {bp.ho};",
+          f"    const int r0 = oy0 * {S} - 1, nr = (oy1 - 1 - oy0) * {S} + 3;   /* strip row 0 is image row r0 */",
+          "    const int v0 = r0 < 0 ? -r0 : 0;",
+          f"    const int v1 = nr < {bp.h} - r0 ? nr : {bp.h} - r0;              /* image rows: strip rows v0..v1-1 */",
+          f"    const int nv = ((v1 - v0) * {RS} + {G - 1}) / {G};",
+          f"    const float* X = in + (long)n * {li.image} + (long)(r0 + v0 + 1) * {RS};",
+          f"    float* O = out + (long)n * {lo.image};",
+          f"    const float* mb = mk + (long)v0 * {RS};",
+          f"    for (int fb = f0; fb < f1; fb += {F}) {{",
+          f"      for (int t0 = 0; t0 < nv; t0 += {TV}) {{",
+          # the last tile is shifted back to end at the last vector (its overlap is recomputed to the same values)
+          f"        const int tb = (t0 + {TV} <= nv || nv < {TV}) ? t0 : nv - {TV};",
+          f"        const long pb = (long)tb * {G};"]
+    if F == 1:
+        b += [f"        const {ty} ab = {bc}(a_b[fb]);",
+              f"        {ty} " + ", ".join(f"x0_{t} = ab" for t in range(TV)) + ";",
+              "        for (int e = a_st[fb]; e < a_st[fb + 1]; e++) {",
+              f"          const float* xp = X + (long)a_ch[e] * {li.plane} + pb; const {ty} w = {bc}(a_w[e]);"]
+        b += [f"          x0_{t} += w * {ld}(xp + {t * G});" for t in range(TV)]
+        b += ["        }"]
+    else:
+        b += [f"        {ty} " + ", ".join(f"x{j}_{t} = {bc}(a_bd[fb + {j}])" for j in range(F) for t in range(TV)) + ";",
+              f"        const float* wq = a_wd + (long)fb * {bp.cin};",
+              f"        for (int c = 0; c < {bp.cin}; c++, wq += {F}) {{",
+              f"          const float* xp = X + (long)c * {li.plane} + pb;"]
+        b += [f"          const {ty} u{t} = {ld}(xp + {t * G});" for t in range(TV)]
+        for j in range(F):
+            b.append(f"          {{ const {ty} w = {bc}(wq[{j}]); " + " ".join(f"x{j}_{t} += w * u{t};" for t in range(TV)) + " }")
+        b += ["        }"]
+    for j in range(F):
+        b += [f"        {st}(E + {j * bp.strip} + (long)v0 * {RS} + pb + {t * G}, "
+              f"andm{isa.suffix}({_act(A.act, f'x{j}_{t}', isa.suffix)}, {ld}(mb + pb + {t * G})));" for t in range(TV)]
     b += ["      }",
-          f"      if (v0 > 0) memset(E, 0, sizeof(float) * {RS} * v0);",
-          f"      if (v1 < nr) memset(E + (long)v1 * {RS}, 0, sizeof(float) * {RS} * (nr - v1));",
-          f"      float* ob = O + (long)f * {lo.plane} + {lo.rs} + 1;",
-          "      for (int oy = oy0; oy < oy1; oy++) {",
-          f"        const float* er = E + (long)(oy - oy0) * {S * RS};",
-          f"        {ty} " + ", ".join(f"y{v} = {bc}(b_b[f])" for v in range(V)) + ";",
-          "        for (int j = b_st[f]; j < b_st[f + 1]; j++) {",
-          f"          const int tp = b_tap[j]; const {ty} w = {bc}(b_w[j]);",
-          f"          const float* ep = er + (tp / 3) * {RS} + tp % 3;"]
-    b += [f"          y{v} += w * {lds}(ep + {v * G * S});" for v in range(V)]
-    b += ["        }",
-          f"        float* orow = ob + (long)oy * {lo.rs};"]
+          f"      for (int j = 0; j < {F} && fb + j < {bp.mid}; j++) {{",
+          "        const int f = fb + j;",
+          f"        float* ej = E + (long)j * {bp.strip};",
+          f"        if (v0 > 0) memset(ej, 0, sizeof(float) * {RS} * v0);",
+          f"        if (v1 < nr) memset(ej + (long)v1 * {RS}, 0, sizeof(float) * {RS} * (nr - v1));",
+          f"        float* ob = O + (long)f * {lo.plane} + {lo.rs} + 1;",
+          "        for (int oy = oy0; oy < oy1; oy++) {",
+          f"          const float* er = ej + (long)(oy - oy0) * {S * RS};",
+          f"          {ty} " + ", ".join(f"y{v} = {bc}(b_b[f])" for v in range(V)) + ";",
+          "          for (int q = b_st[f]; q < b_st[f + 1]; q++) {",
+          f"            const int tp = b_tap[q]; const {ty} w = {bc}(b_w[q]);",
+          f"            const float* ep = er + (tp / 3) * {RS} + tp % 3;"]
+    b += [f"            y{v} += w * {lds}(ep + {v * G * S});" for v in range(V)]
+    b += ["          }",
+          f"          float* orow = ob + (long)oy * {lo.rs};"]
     for v in range(V):
         val = _act(Bc.act, f"y{v}", isa.suffix)
         n_last = bp.wo - v * G
-        b.append(f"        {st}(orow + {v * G}, {val});" if n_last >= G else f"        {stn}(orow + {v * G}, {val}, {n_last});")
-    b += ["      }", "    }", "  }", "}"]
+        b.append(f"          {st}(orow + {v * G}, {val});" if n_last >= G
+                 else f"          {stn}(orow + {v * G}, {val}, {n_last});")
+    b += ["        }", "      }", "    }", "  }", "}"]
     return "\n".join(b)
 
 

@@ -85,6 +85,11 @@ class PlanOptions:
     flat_wide: bool = True
     fuse_blocks: bool = True          # fuse 1x1 expand -> 3x3 depthwise -> 1x1 project on small maps (BlockPlan)
     fuse_bands: bool = True           # fuse 1x1 expand -> 3x3 depthwise on larger maps, in bands of rows (BandPlan)
+    band_dense_min_bytes: int = 1 << 22   # ... dense expand convs too (F channels per step, dense weights) when the
+                                      # expanded map is at least this large (dense MobileNetV2 at 224: the 5.5 MB
+                                      # 112x112 one 357 -> 323 us fused; 2 MB 56x56 ones 179 -> 195, 7x7 ones slower)
+    band_f: int = 6                   # expanded channels per step of a dense expand (MobileNetV2 dense: 2 0.83x,
+                                      # 4 0.94x, 6 1.0, 8 1.0, 12 0.99)
     band_rows: int = 16               # most output rows per band
     band_min_pixels: int = 0          # ... on depthwise outputs of more pixels than this (CIFAR MobileNetV2 8x: 0
                                       # 0.546 ms, 64 0.570; at 224 the same)
@@ -1011,13 +1016,19 @@ class BandPlan:
     V: int                                # vectors per output row
     G: int                                # lanes (16 on AVX-512 hosts, else the plan's width)
     TV: int                               # vectors per tile of the expand step
+    F: int = 1                            # expanded channels per expand step: 1 = kernel lists (sparse), else
+                                          # dense weights [block][cin][F], each input vector loaded once for F
     offs: dict = dataclasses.field(default_factory=dict)
     flops: int = 0
 
-    def private(self) -> int:
-        """Floats of scratch per thread: the strip of R expanded rows, two rows and a tile of slack (vector lanes
-        past the strip's last row are computed, then discarded)."""
+    @property
+    def strip(self) -> int:
+        """Floats of one strip: R expanded rows, two rows and a tile of slack (vector lanes past the strip's last
+        row are computed, then discarded)."""
         return (self.R + 2) * self.rs + (self.TV + 4) * self.G
+
+    def private(self) -> int:
+        return self.F * self.strip
 
     rs: int = 0
 
@@ -1051,7 +1062,7 @@ def fusable_bands(graph: Graph, taken: set[int], min_pixels: int, max_density: f
 
 
 def plan_band(graph: Graph, pair: tuple[int, int], blob: Blob, threads: int, lin: Layout, vec: int, wide: bool,
-              opts: PlanOptions) -> BandPlan:
+              opts: PlanOptions, dense_from: float = 1.01) -> BandPlan:
     ka, kb = pair
     A, Bc = graph.ops[ka], graph.ops[kb]
     wa = A.weight.detach().float().reshape(A.weight.shape[0], -1)          # (mid, cin)
@@ -1065,12 +1076,15 @@ def plan_band(graph: Graph, pair: tuple[int, int], blob: Blob, threads: int, lin
     nb = -(-ho // opts.band_rows)
     rows = -(-ho // nb)
     nb = -(-ho // rows)
-    nf = max(1, min(mid, -(-2 * threads // nb)))
+    # an expand conv at least dense_from dense steps F channels at a time over dense weights
+    F = max(1, opts.band_f) if float((wa != 0).float().mean()) >= dense_from else 1
+    nblk = -(-mid // F)
+    nf = max(1, min(nblk, -(-2 * threads // nb)))
     R = (rows - 1) * s + 3
     G = 16 if wide else vec
     V = -(-wo // G)
-    TV = 12 if G == 16 else 8
-    bp = BandPlan(ka, kb, cin, mid, h, w, ho, wo, s, rows, nb, nf, R, V, G, TV, rs=lin.rs)
+    TV = (12 if G == 16 else 8) if F == 1 else max(1, (24 if G == 16 or wide else 12) // F)
+    bp = BandPlan(ka, kb, cin, mid, h, w, ho, wo, s, rows, nb, nf, R, V, G, TV, F, rs=lin.rs)
     a_st, a_ch, a_w, b_st, b_tap, b_w = [0], [], [], [0], [], []
     for e in range(mid):
         nz = wa[e].nonzero().flatten().tolist()
@@ -1089,6 +1103,13 @@ def plan_band(graph: Graph, pair: tuple[int, int], blob: Blob, threads: int, lin
                "a_b": blob.add_f(A.bias.numpy()), "b_st": blob.add_i(b_st), "b_tap": blob.add_i(b_tap or [0]),
                "b_w": blob.add_f(b_w or [0.0]), "b_b": blob.add_f(Bc.bias.numpy()),
                "mask": blob.add_mask((cols >= 1) & (cols <= w))}
+    if F > 1:
+        wd = np.zeros((nblk * F, cin), np.float32)
+        wd[:mid] = wa.numpy()
+        bp.offs["a_wd"] = blob.add_f(wd.reshape(nblk, F, cin).transpose(0, 2, 1))     # [block][cin][F]
+        ab = np.zeros(nblk * F, np.float32)
+        ab[:mid] = A.bias.numpy()
+        bp.offs["a_bd"] = blob.add_f(ab)
     bp.flops = 2 * (h * w * int((wa != 0).sum()) + ho * wo * int((wb != 0).sum()))
     return bp
 
@@ -1116,12 +1137,15 @@ def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto
     bands: dict[int, BandPlan] = {}
     if opts.fuse_bands:
         dense = opts.ochan_min_density if _ochan(opts, vec, wide) else opts.blocked_min_density
-        for pair in fusable_bands(graph, set(blocks) | set(absorbed), opts.band_min_pixels, dense):
+        for pair in fusable_bands(graph, set(blocks) | set(absorbed), opts.band_min_pixels, 1.01):
             A, Bc = graph.ops[pair[0]], graph.ops[pair[1]]
             li_, lm_, lo_ = layouts[A.inputs[0]], layouts[A.output], layouts[Bc.output]
             if not (li_.is_map and lm_.is_map and lo_.is_map and li_.rs == lm_.rs):
                 continue
-            bands[pair[0]] = plan_band(graph, pair, blob, threads, li_, vec, wide, opts)
+            if (np.count_nonzero(A.weight.detach().numpy()) >= dense * A.weight.numel()
+                    and 4 * lm_.image < opts.band_dense_min_bytes):
+                continue
+            bands[pair[0]] = plan_band(graph, pair, blob, threads, li_, vec, wide, opts, dense)
             absorbed[pair[1]] = pair[0]
     for k, op in enumerate(graph.ops):
         if k in blocks or k in bands or k in absorbed:
