@@ -97,7 +97,7 @@ def deepsparse_time(python: str, pruned: torch.nn.Module, batch: int, threads: i
 
 
 def run_case(name: str, cfg_name: str, batch: int, threads: int, runs: int, warmup: int, block: int = 5,
-             deepsparse_python: str = "", size: int = 32) -> dict:
+             deepsparse_python: str = "", size: int = 32, int8_arm: bool = False) -> dict:
     torch.set_num_threads(threads)
     dense = model_for(name)
     pruned = copy.deepcopy(dense)
@@ -110,6 +110,15 @@ def run_case(name: str, cfg_name: str, batch: int, threads: int, runs: int, warm
     engine = sf.compile(pruned, x1, threads=threads)
     compile_s = time.perf_counter() - t0
     engine_dense = sf.compile(dense, x1, threads=threads)
+    int8 = None
+    if int8_arm:
+        # the int8 engine (issue 26, first stage: native int8 convs inside the integer reference, op by op):
+        # post-training int8 of the pruned model, calibrated on 8 random inputs (latency only)
+        from sparseforge.engine.int8 import Int8Engine
+
+        g = torch.Generator().manual_seed(1)
+        qm = sf.quantize(pruned, sf.Int8Config(calibration="minmax"), [torch.randn(8, 3, size, size, generator=g)])
+        int8 = Int8Engine(qm, threads=threads)
     fused = fx_opt.fuse(copy.deepcopy(dense))
     fused_cl = copy.deepcopy(fused).to(memory_format=torch.channels_last)
     masked = copy.deepcopy(pruned)
@@ -122,6 +131,8 @@ def run_case(name: str, cfg_name: str, batch: int, threads: int, runs: int, warm
         "torch-dense-cl": lambda _: fused_cl(x_cl),
         "torch-masked": lambda _: masked(x),
     }
+    if int8 is not None:
+        arms["sparseforge-int8"] = lambda _: int8(x)
     try:
         import onnxruntime as ort
 
@@ -182,6 +193,9 @@ def run_case(name: str, cfg_name: str, batch: int, threads: int, runs: int, warm
     if "onnxruntime-int8-dense" in out["arms"]:
         out["speedup_vs_onnxruntime_int8"] = (out["arms"]["onnxruntime-int8-dense"]["median_ms"]
                                               / out["arms"]["sparseforge"]["median_ms"])
+        if "sparseforge-int8" in out["arms"]:
+            out["int8_engine_vs_onnxruntime_int8"] = (out["arms"]["onnxruntime-int8-dense"]["median_ms"]
+                                                      / out["arms"]["sparseforge-int8"]["median_ms"])
     out["speedup_vs_torch_dense"] = out["arms"]["torch-dense"]["median_ms"] / out["arms"]["sparseforge"]["median_ms"]
     out["speedup_vs_best_dense"] = best_dense / out["arms"]["sparseforge"]["median_ms"]
     if threads == 2 and batch == 1:
@@ -202,18 +216,22 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "engine_speed"))
     ap.add_argument("--deepsparse-python", default="", help="python of a venv with deepsparse==1.8 (optional)")
+    ap.add_argument("--int8", action="store_true", help="also time the int8 engine on the pruned model (issue 26)")
     a = ap.parse_args()
     results = []
     for spec in a.models.split(","):
         name, cfg = spec.split(":")
         for t in map(int, a.threads.split(",")):
             for b in map(int, a.batches.split(",")):
-                r = run_case(name, cfg, b, t, a.runs, a.warmup, deepsparse_python=a.deepsparse_python, size=a.size)
+                r = run_case(name, cfg, b, t, a.runs, a.warmup, deepsparse_python=a.deepsparse_python, size=a.size,
+                             int8_arm=a.int8)
                 results.append(r)
                 arms = "  ".join(f"{k} {v['median_ms']:.2f}" for k, v in r["arms"].items())
                 print(f"{name:12s} {cfg:14s} b{b} t{t}: {arms}  -> x{r['speedup_vs_torch_dense']:.2f} vs torch, "
                       f"x{r['speedup_vs_best_dense']:.2f} vs best dense, x{r.get('speedup_vs_onnxruntime_int8', 0):.2f} vs "
-                      f"ort int8 (err {r['max_rel_error_vs_torch']:.1e}, compile {r['compile_s']} s)", flush=True)
+                      f"ort int8 (err {r['max_rel_error_vs_torch']:.1e}, compile {r['compile_s']} s)"
+                      + (f"; int8 engine x{r['int8_engine_vs_onnxruntime_int8']:.2f} vs ort int8"
+                         if "int8_engine_vs_onnxruntime_int8" in r else ""), flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": "engine_speed", "results": results, "env": environment(),
