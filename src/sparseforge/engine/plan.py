@@ -876,6 +876,23 @@ def fusable_blocks(graph: Graph, packed1_max: int = DEFAULT_OPTIONS.packed1_max,
     return out
 
 
+def _expand_depthwise_lists(wa: torch.Tensor, wb: torch.Tensor, order) -> tuple[list, ...]:
+    """Per expanded channel e in ``order``: its expand kernel list (input channels and weights of the non-zero
+    1x1 weights, run e in [a_st[i], a_st[i+1])) and its depthwise tap list (taps 0..8 and weights): what a fused
+    block or band reads, channel by channel."""
+    a_st, a_ch, a_w, b_st, b_tap, b_w = [0], [], [], [0], [], []
+    for e in order:
+        nz = wa[e].nonzero().flatten().tolist()
+        a_ch += nz
+        a_w += wa[e, nz].tolist()
+        a_st.append(len(a_ch))
+        tz = wb[e].nonzero().flatten().tolist()
+        b_tap += tz
+        b_w += wb[e, tz].tolist()
+        b_st.append(len(b_tap))
+    return a_st, a_ch, a_w, b_st, b_tap, b_w
+
+
 def plan_block(graph: Graph, trip: tuple[int, int, int], blob: Blob, threads: int) -> BlockPlan:
     ka, kb, kc = trip
     A, Bc, C = graph.ops[ka], graph.ops[kb], graph.ops[kc]
@@ -899,17 +916,7 @@ def plan_block(graph: Graph, trip: tuple[int, int, int], blob: Blob, threads: in
     estart = [0]
     for p in parts:
         estart.append(estart[-1] + len(p))
-    a_st, a_ch, a_w = [0], [], []
-    b_st, b_tap, b_w = [0], [], []
-    for e in walk:
-        nz = wa[e].nonzero().flatten().tolist()
-        a_ch += nz
-        a_w += wa[e, nz].tolist()
-        a_st.append(len(a_ch))
-        tz = wb[e].nonzero().flatten().tolist()
-        b_tap += tz
-        b_w += wb[e, tz].tolist()
-        b_st.append(len(b_tap))
+    a_st, a_ch, a_w, b_st, b_tap, b_w = _expand_depthwise_lists(wa, wb, walk)
     c_st, c_ix, c_w = [], [], []
     for t, p in enumerate(parts):
         for o in range(cout):
@@ -1085,16 +1092,7 @@ def plan_band(graph: Graph, pair: tuple[int, int], blob: Blob, threads: int, lin
     V = -(-wo // G)
     TV = (12 if G == 16 else 8) if F == 1 else max(1, (24 if G == 16 or wide else 12) // F)
     bp = BandPlan(ka, kb, cin, mid, h, w, ho, wo, s, rows, nb, nf, R, V, G, TV, F, rs=lin.rs)
-    a_st, a_ch, a_w, b_st, b_tap, b_w = [0], [], [], [0], [], []
-    for e in range(mid):
-        nz = wa[e].nonzero().flatten().tolist()
-        a_ch += nz
-        a_w += wa[e, nz].tolist()
-        a_st.append(len(a_ch))
-        tz = wb[e].nonzero().flatten().tolist()
-        b_tap += tz
-        b_w += wb[e, tz].tolist()
-        b_st.append(len(b_tap))
+    a_st, a_ch, a_w, b_st, b_tap, b_w = _expand_depthwise_lists(wa, wb, range(mid))
     # 0/1 lanes of the strip: a position is an image pixel when its column is 1..w (the strip has the input's
     # row stride and border columns, which must stay 0: they are the depthwise conv's padding)
     span = (R + 2) * lin.rs + (TV + 4) * G
