@@ -128,6 +128,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         recipe = Recipe.from_dict({"model": "resnet20", "weights": a.weights, "dataset": "cifar10",
                                    "data_dir": a.data_dir, "train": train, "stage": stages[arm]})
         run_dir = out / "runs" / arm
+        seed_from_snapshot(out, arm, run_dir)
         budget = {"epochs": a.epochs, "admm_epochs": a.admm_epochs, "lr": a.lr, "schedule": "onecycle per stage",
                   "batch_size": 128, "threads": a.threads}
         print(f"== arm {arm}: {stages[arm]}", file=sys.stderr, flush=True)
@@ -141,6 +142,52 @@ def cmd_train(a: argparse.Namespace) -> None:
         write_arm_model(run_dir / "model.safetensors", out / f"{arm}.safetensors")
         atomic_write_json(out / f"{arm}.record.json", rec)
         print(f"== {arm}: {rec['final_acc']:.2f}%", file=sys.stderr, flush=True)
+
+
+SNAPSHOTS = "resume"          # <out>/resume/<arm>: a committed, resumable copy of an unfinished arm's run directory
+
+
+def cmd_snapshot(a: argparse.Namespace) -> None:
+    """Copy each unfinished arm's run directory, its latest checkpoint only, to <out>/resume/<arm> (small enough
+    to commit: ResNet-20 ~3.3 MB), so an arm longer than one session continues in the next from a fresh checkout
+    (``train`` seeds runs/<arm> from it). Copies go to a temporary folder first and replace the old snapshot
+    whole, so a snapshot is never half written."""
+    import shutil
+
+    from sparseforge import rundir
+
+    out = Path(a.out)
+    for arm in [s for s in a.arms.split(",") if s]:
+        src = out / "runs" / arm
+        if not (src / rundir.RECIPE).exists():
+            sys.exit(f"{src} holds no run to snapshot")
+        tmp = out / SNAPSHOTS / f".{arm}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for f in src.rglob("*"):
+            if f.is_dir() or f.name == ".lock":
+                continue
+            rel = f.relative_to(src)
+            if rel.parent.name == rundir.CHECKPOINTS:
+                latest = json.loads((f.parent / rundir.LATEST).read_text())["tag"]
+                if f.name != rundir.LATEST and not f.name.startswith(latest + "."):
+                    continue
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, tmp / rel)
+        dst = out / SNAPSHOTS / arm
+        shutil.rmtree(dst, ignore_errors=True)
+        tmp.rename(dst)
+        print(f"{arm}: snapshot in {dst} ({sum(f.stat().st_size for f in dst.rglob('*') if f.is_file()) / 1e6:.1f} MB)",
+              file=sys.stderr)
+
+
+def seed_from_snapshot(out: Path, arm: str, run_dir: Path) -> None:
+    """A fresh checkout has no runs/<arm>: start it from the committed snapshot when there is one."""
+    import shutil
+
+    snap = out / SNAPSHOTS / arm
+    if not run_dir.exists() and snap.is_dir():
+        shutil.copytree(snap, run_dir)
+        print(f"== {arm}: continuing from the snapshot in {snap}", file=sys.stderr, flush=True)
 
 
 RUNTIMES = ("pytorch", "onnxruntime-fp32", "onnxruntime-int8", "sparseforge", "sparseforge-int8", "deepsparse")
@@ -371,12 +418,15 @@ def main() -> None:
     m.add_argument("--out", default=str(OUT))
     m.add_argument("--arms", default="", help="only these finished arms (comma-separated; default all)")
     m.add_argument("--eval-limit", type=int, default=0, help="first N test images only (smoke tests)")
+    sn = sub.add_parser("snapshot", help="commit-ready resumable copies of unfinished arms (latest checkpoint)")
+    sn.add_argument("--arms", required=True, help="comma-separated arm names")
+    sn.add_argument("--out", default=str(OUT))
     tb = sub.add_parser("table", help="frontier.json as the README's markdown table")
     tb.add_argument("--out", default=str(OUT))
     tb.add_argument("--plot", action="store_true", help="also redraw frontier.png from frontier.json")
     a = ap.parse_args()
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    {"train": cmd_train, "measure": cmd_measure, "table": cmd_table}[a.cmd](a)
+    {"train": cmd_train, "measure": cmd_measure, "table": cmd_table, "snapshot": cmd_snapshot}[a.cmd](a)
 
 
 if __name__ == "__main__":
