@@ -128,7 +128,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         recipe = Recipe.from_dict({"model": "resnet20", "weights": a.weights, "dataset": "cifar10",
                                    "data_dir": a.data_dir, "train": train, "stage": stages[arm]})
         run_dir = out / "runs" / arm
-        seed_from_snapshot(out, arm, run_dir)
+        seed_from_snapshot(snapshot_dir(a) / arm, arm, run_dir)
         budget = {"epochs": a.epochs, "admm_epochs": a.admm_epochs, "lr": a.lr, "schedule": "onecycle per stage",
                   "batch_size": 128, "threads": a.threads}
         print(f"== arm {arm}: {stages[arm]}", file=sys.stderr, flush=True)
@@ -144,14 +144,20 @@ def cmd_train(a: argparse.Namespace) -> None:
         print(f"== {arm}: {rec['final_acc']:.2f}%", file=sys.stderr, flush=True)
 
 
-SNAPSHOTS = "resume"          # <out>/resume/<arm>: a committed, resumable copy of an unfinished arm's run directory
+# resumable copies of unfinished arms' run directories live outside the repository (checkpoints are weights):
+# <SNAPSHOTS>/<out folder name>/<arm>; --snapshots moves them
+SNAPSHOTS = ROOT.parent / "frontier-snapshots"
+
+
+def snapshot_dir(a: argparse.Namespace) -> Path:
+    return Path(a.snapshots) / Path(a.out).resolve().name
 
 
 def cmd_snapshot(a: argparse.Namespace) -> None:
-    """Copy each unfinished arm's run directory, its latest checkpoint only, to <out>/resume/<arm> (small enough
-    to commit: ResNet-20 ~3.3 MB), so an arm longer than one session continues in the next from a fresh checkout
-    (``train`` seeds runs/<arm> from it). Copies go to a temporary folder first and replace the old snapshot
-    whole, so a snapshot is never half written."""
+    """Copy each unfinished arm's run directory, its latest checkpoint only (ResNet-20 ~3.3 MB), to the snapshot
+    folder outside the repository, so an arm longer than one session continues in the next run of ``train`` (which
+    seeds a missing runs/<arm> from it) wherever that folder survives. Copies go to a temporary folder first and
+    replace the old snapshot whole, so a snapshot is never half written."""
     import shutil
 
     from sparseforge import rundir
@@ -161,7 +167,7 @@ def cmd_snapshot(a: argparse.Namespace) -> None:
         src = out / "runs" / arm
         if not (src / rundir.RECIPE).exists():
             sys.exit(f"{src} holds no run to snapshot")
-        tmp = out / SNAPSHOTS / f".{arm}.tmp"
+        tmp = snapshot_dir(a) / f".{arm}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         for f in src.rglob("*"):
             if f.is_dir() or f.name == ".lock":
@@ -173,18 +179,17 @@ def cmd_snapshot(a: argparse.Namespace) -> None:
                     continue
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(f, tmp / rel)
-        dst = out / SNAPSHOTS / arm
+        dst = snapshot_dir(a) / arm
         shutil.rmtree(dst, ignore_errors=True)
         tmp.rename(dst)
         print(f"{arm}: snapshot in {dst} ({sum(f.stat().st_size for f in dst.rglob('*') if f.is_file()) / 1e6:.1f} MB)",
               file=sys.stderr)
 
 
-def seed_from_snapshot(out: Path, arm: str, run_dir: Path) -> None:
-    """A fresh checkout has no runs/<arm>: start it from the committed snapshot when there is one."""
+def seed_from_snapshot(snap: Path, arm: str, run_dir: Path) -> None:
+    """A missing runs/<arm> starts from the arm's snapshot when there is one."""
     import shutil
 
-    snap = out / SNAPSHOTS / arm
     if not run_dir.exists() and snap.is_dir():
         shutil.copytree(snap, run_dir)
         print(f"== {arm}: continuing from the snapshot in {snap}", file=sys.stderr, flush=True)
@@ -408,6 +413,7 @@ def main() -> None:
     t.add_argument("--out", default=str(OUT))
     t.add_argument("--max-steps", type=int, default=0, help="cap steps per epoch (smoke tests only)")
     t.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N test images (smoke only)")
+    t.add_argument("--snapshots", default=str(SNAPSHOTS), help="where snapshots of unfinished arms are")
     m = sub.add_parser("measure", help="accuracy and latency of every finished arm, side by side")
     m.add_argument("--threads", type=int, default=2)
     m.add_argument("--runs", type=int, default=30)
@@ -418,9 +424,10 @@ def main() -> None:
     m.add_argument("--out", default=str(OUT))
     m.add_argument("--arms", default="", help="only these finished arms (comma-separated; default all)")
     m.add_argument("--eval-limit", type=int, default=0, help="first N test images only (smoke tests)")
-    sn = sub.add_parser("snapshot", help="commit-ready resumable copies of unfinished arms (latest checkpoint)")
+    sn = sub.add_parser("snapshot", help="resumable copies of unfinished arms (latest checkpoint), outside the repository")
     sn.add_argument("--arms", required=True, help="comma-separated arm names")
     sn.add_argument("--out", default=str(OUT))
+    sn.add_argument("--snapshots", default=str(SNAPSHOTS), help="outside the repository (weights)")
     tb = sub.add_parser("table", help="frontier.json as the README's markdown table")
     tb.add_argument("--out", default=str(OUT))
     tb.add_argument("--plot", action="store_true", help="also redraw frontier.png from frontier.json")
