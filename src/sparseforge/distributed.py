@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -82,8 +83,6 @@ def main_rank_says(flag: bool) -> bool:
 
 def exists_on_main(path) -> bool:
     """``path.exists()`` as rank 0 sees it, before any rank writes it: what a rank-aware run branches on."""
-    from pathlib import Path
-
     return main_rank_says(is_main() and Path(path).exists())
 
 

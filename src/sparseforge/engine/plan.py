@@ -1040,12 +1040,11 @@ class BandPlan:
     rs: int = 0
 
 
-def fusable_bands(graph: Graph, taken: set[int], min_pixels: int, max_density: float = 1.01) -> list[tuple[int, int]]:
-    """(expand, depthwise) pairs for ``BandPlan``: a native 1x1 stride-1 conv without residual, sparser than
-    ``max_density``, whose output only a native depthwise 3x3 conv (stride 1 or 2, padding 1, no residual) reads,
-    on maps of more than ``min_pixels`` (smaller ones are ``BlockPlan``'s), neither value a graph output, no op
-    already fused. Dense expand convs stay in blocked mode: fused, their per-filter kernel lists ran dense
-    MobileNetV2 at 224 in 5.9 ms instead of 3.8 (2 threads)."""
+def fusable_bands(graph: Graph, taken: set[int], min_pixels: int) -> list[tuple[int, int]]:
+    """(expand, depthwise) pairs for ``BandPlan``: a native 1x1 stride-1 conv without residual whose output only a
+    native depthwise 3x3 conv (stride 1 or 2, padding 1, no residual) reads, on maps of more than ``min_pixels``,
+    neither value a graph output, no op already fused. Which dense expand convs fuse is make_plan's choice
+    (``band_dense_min_bytes``)."""
     out = []
     outs = set(graph.outputs)
     for k in range(len(graph.ops) - 1):
@@ -1062,7 +1061,7 @@ def fusable_bands(graph: Graph, taken: set[int], min_pixels: int, max_density: f
                 and a.output not in outs and len(graph.users(a.output)) == 1):
             continue
         _, ho, wo = graph.values[b.output].shape
-        if ho * wo <= min_pixels or np.count_nonzero(a.weight.detach().numpy()) >= max_density * a.weight.numel():
+        if ho * wo <= min_pixels:
             continue
         out.append((k, k + 1))       # (a 1x1 conv is never also the depthwise half of the pair before)
     return out
@@ -1135,7 +1134,7 @@ def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto
     bands: dict[int, BandPlan] = {}
     if opts.fuse_bands:
         dense = opts.ochan_min_density if _ochan(opts, vec, wide) else opts.blocked_min_density
-        for pair in fusable_bands(graph, set(blocks) | set(absorbed), opts.band_min_pixels, 1.01):
+        for pair in fusable_bands(graph, set(blocks) | set(absorbed), opts.band_min_pixels):
             A, Bc = graph.ops[pair[0]], graph.ops[pair[1]]
             li_, lm_, lo_ = layouts[A.inputs[0]], layouts[A.output], layouts[Bc.output]
             if not (li_.is_map and lm_.is_map and lo_.is_map and li_.rs == lm_.rs):
