@@ -484,12 +484,13 @@ def test_1x1_convs_run_flat_tiled_on_any_map():
     assert ok and (~out.isfinite()).any(), why
 
 
-@pytest.mark.parametrize("channel_block", [1, 2])
-def test_flat_tiles_in_channel_blocks_match_pytorch(channel_block):
+@pytest.mark.parametrize("channel_block,merged", [(1, True), (2, True), (1, False), (2, False)])
+def test_flat_tiles_in_channel_blocks_match_pytorch(channel_block, merged):
     """Flat-tiled convs whose tile input outgrows PlanOptions.flat_cblock_bytes run their kernels in blocks of
     input channels, partial sums in scratch between blocks. Forced here with a tiny budget (many blocks, an
     uneven last one, blocks a filter keeps no kernel in), on 3x3 and 1x1 convs, residual adds, filter groups
-    (channel_block 2), batch 1 (threads split tiles) and 3 (an image per thread), NaN/Inf: as in PyTorch."""
+    (channel_block 2), batch 1 (threads split tiles) and 3 (an image per thread), NaN/Inf, kernels in one
+    merged stream or per-shape arrays (PlanOptions.merged_runs): as in PyTorch."""
     import sparseforge as sf
     from sparseforge.engine.plan import PlanOptions
     from sparseforge.engine.testing import random_bn_statistics
@@ -505,9 +506,10 @@ def test_flat_tiles_in_channel_blocks_match_pytorch(channel_block):
     m = fold_masks(m)
     x = torch.randn(3, 3, 47, 45)
     x[1, 0, 13, 9], x[2, 2, 3, 11] = float("nan"), float("inf")
-    opts = PlanOptions(flat_tiled_min_bytes=1 << 12, flat_cblock_bytes=1 << 13)
+    opts = PlanOptions(flat_tiled_min_bytes=1 << 12, flat_cblock_bytes=1 << 13, merged_runs=merged)
     e, st = compile(m, x[:1], threads=2, return_stages=True, plan_options=opts)
     blocked = [c for c in st.plan.convs.values() if c.flat_ncb > 1]
+    assert all(c.merged == merged for c in blocked)
     assert len(blocked) >= 5 and all(c.mode == "flat-tiled" for c in blocked)
     assert any(c.op.residual is not None for c in blocked) and any(c.kh == 3 for c in blocked)
     if channel_block == 1:
@@ -520,6 +522,47 @@ def test_flat_tiles_in_channel_blocks_match_pytorch(channel_block):
             ok, why = compare_outputs(out, ref, sparse=True)
             assert ok, why
     assert (~e(x).isfinite()).any()
+
+
+@pytest.mark.parametrize("hw", [(28, 28), (57, 45), (64, 62)])
+def test_sparse_stride2_convs_lowered_to_a_phase_split_match_pytorch(hw):
+    """Sparse 3x3 stride-2 convs on large inputs become a phase split and an unpadded 2x2 stride-1 conv over it
+    (PlanOptions.phase_s2_max_density), flat-tiled where the split takes the conv's row stride (28 -> 14: the
+    split's 15-wide rows would get a wider stride than the output's). Even and odd map sizes (odd ones read past
+    the padded plane: the bounds-tested split), a residual block with a projection shortcut after it, batch 1
+    and 3, one and two threads, NaN/Inf: as in PyTorch, and as with the strided conv."""
+    import sparseforge as sf
+    from sparseforge.engine.ir import PhaseOp
+    from sparseforge.engine.testing import random_bn_statistics
+    from sparseforge.sparsity.mask import fold_masks
+
+    torch.manual_seed(7)
+    m = nn.Sequential(nn.Conv2d(3, 48, 3, 1, 1), nn.BatchNorm2d(48), nn.ReLU(),
+                      nn.Conv2d(48, 40, 3, 2, 1), nn.BatchNorm2d(40), nn.ReLU(),
+                      BasicBlock(40, 56, 2, "relu", project=True))
+    m = random_bn_statistics(m.eval(), torch.Generator().manual_seed(7))
+    sf.prune(m, sf.PatternConfig(num_patterns=8, connectivity=3.6, connectivity_scope="layer"))
+    m = fold_masks(m)
+    x = torch.randn(3, 3, *hw)
+    x[1, 0, 13, 9], x[2, 2, 3, 11] = float("nan"), float("inf")
+    with torch.inference_mode():
+        ref = m(x)
+    for threads in (1, 2):
+        e, st = compile(m, x[:1], threads=threads, return_stages=True)
+        phases = [op for op in st.graph.ops if isinstance(op, PhaseOp)]
+        assert phases and phases[0].inputs == [st.graph.ops[0].output]   # the first s2 conv's input: 48 x hw
+        lowered = [c for c in st.plan.convs.values() if c.op.tap_period == 4]
+        if hw == (28, 28):
+            assert any(c.mode == "flat-tiled" for c in lowered)
+        with torch.inference_mode():
+            for n in (1, 3):
+                ok, why = compare_outputs(e(x[:n]), ref[:n], sparse=True)
+                assert ok, why
+    e0, st0 = compile(m, x[:1], threads=2, return_stages=True, plan_options=PlanOptions(phase_s2_max_density=0))
+    assert not any(isinstance(op, PhaseOp) for op in st0.graph.ops)
+    with torch.inference_mode():
+        ok, why = compare_outputs(e0(x), ref, sparse=True)
+        assert ok, why
 
 
 @pytest.mark.parametrize("mr,nr", [(6, 4), (5, 3)])

@@ -104,6 +104,17 @@ static __attribute__((noinline)) void phase_copy(float* restrict dst, long drs, 
     }
   }
 }
+/* the two column phases of every other row (stride 2), where every read falls inside the padded plane (whose
+   border is zero): no bounds tests, and a loop the compiler vectorises */
+static __attribute__((noinline)) void phase_copy_s2(float* restrict d0, float* restrict d1, long drs,
+                                                    const float* restrict src, long srs, int hp, int wp) {
+  for (int i = 0; i < hp; i++) {
+    const float* s = src + 2 * i * srs;
+    float* a = d0 + i * drs;
+    float* b = d1 + i * drs;
+    for (int j = 0; j < wp; j++) { a[j] = s[2 * j]; b[j] = s[2 * j + 1]; }
+  }
+}
 /* a strided window copied into a dense row (gather and packed modes). Out of line with run-time bounds: inlined
    with constant bounds, gcc 12's loop vectorizer spent 54 s on one ResNet-50 layer's nine 7x7 stride-2 copies */
 static __attribute__((noinline)) void add_strided(float* restrict dst, const float* restrict src, int ho, int wo,
@@ -235,9 +246,13 @@ def conv_source(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
              "  const int* tstart = g_i + d[4]; const int* flist = g_i + d[5];"]
     if op.residual is not None:
         lines.append("  const float* res = B[d[2]];")
-    for j in range(ns):
-        lines.append(f"  const int* st{j} = g_i + d[{6 + 3 * j}]; const int* ch{j} = g_i + d[{7 + 3 * j}]; "
-                     f"const float* w{j} = g_w + d[{8 + 3 * j}];")
+    if p.merged:
+        lines.append("  const int* mo = g_i + d[6]; const int* mc = g_i + d[7]; const float* mw = g_w + d[8]; "
+                     "const int* mwo = g_i + d[9];")
+    else:
+        for j in range(ns):
+            lines.append(f"  const int* st{j} = g_i + d[{6 + 3 * j}]; const int* ch{j} = g_i + d[{7 + 3 * j}]; "
+                         f"const float* w{j} = g_w + d[{8 + 3 * j}];")
     # Whole rounds of images go one image per thread, all filters: a thread's activations stay in its own L2
     # from layer to layer (measured faster than filter lists over the batch on every CIFAR model at batch 8).
     # The remaining images (all of them at batch 1) are split by filter lists, or by rows (spatial layers).
@@ -525,6 +540,11 @@ def _blocked_ochan_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str])
     return _register(k, p, plan, bodies, "\n".join(b), [], desc=desc)
 
 
+def _extra_at(p: ConvPlan) -> int:
+    """Index of the first ``extra`` entry of the standard descriptor."""
+    return 10 if p.merged else 6 + 3 * len(p.shapes)
+
+
 def _register(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], body: str, extra: list[int],
               desc: list[int] | None = None) -> str:
     """The op's wrapper: a shared body (deduplicated by text) called with this op's descriptor (``desc``, or the
@@ -535,8 +555,11 @@ def _register(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], body: str
     if desc is None:
         desc = [op.inputs[0], op.output, op.residual if op.residual is not None else -1, p.bias_off, p.tstart_off,
                 p.flist_off]
-        for j in range(len(p.shapes)):
-            desc += [p.start_off[j], p.chan_off[j], p.w_off[j]]
+        if p.merged:
+            desc += [p.merged_off, p.merged_ch_off, p.merged_w_off, p.merged_woff]
+        else:
+            for j in range(len(p.shapes)):
+                desc += [p.start_off[j], p.chan_off[j], p.w_off[j]]
         desc += extra
     d_off = plan.blob.add_i(desc)
     return f"static void op{k}(OPARGS) {{ {bodies[body]}(B, N, tid, nth, g_w, g_i, g_i + {d_off}); }}"
@@ -545,21 +568,33 @@ def _register(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], body: str
 def _flat_kernels(p: ConvPlan, plan: Plan, li, names: list[str], base: str, ind: str, ri: str = "") -> list[str]:
     """Flat modes' kernel loops: per tap shape, every kernel of the filter (group) adds its taps to the vectors
     ``names`` along the flattened plane, starting at plane position ``base``; ``ri``: the run's index (default:
-    the filter's)."""
+    the filter's). Merged runs (``p.merged``): one stream, shape after shape, walked with running pointers."""
     kw, pad, VEC, G = p.op.weight.shape[3], p.op.padding, p.vec, p.fgroup
     isa = WIDE16 if VEC != plan.vec else MAIN
     ri = ri or _ri(plan)
-    out = []
+    out, ind0 = [], ind
+    if p.merged:
+        out += [f"{ind}{{",
+                f"{ind}  const int* rb_ = mo + (long)({ri}) * {len(p.shapes)};",
+                f"{ind}  int e = rb_[0];",
+                f"{ind}  const float* wp = mw + mwo[{ri}];"]
+        ind += "  "
     for j, shape in enumerate(p.shapes):
         nt = len(shape)
         offs = [(t // kw - pad) * li.rs + (t % kw - pad) for t in shape]
-        out.append(f"{ind}for (int e = st{j}[{ri}]; e < st{j}[{ri} + 1]; e++) {{")
-        out.append(f"{ind}  const float* ip = ib + (long)ch{j}[e] * {li.plane} + {base};")
-        out.append(f"{ind}  const float* wp = w{j} + (long)e * {nt * G};")
+        if p.merged:
+            out.append(f"{ind}for (const int e1 = rb_[{j + 1}]; e < e1; e++, wp += {nt * G}) {{")
+            out.append(f"{ind}  const float* ip = ib + (long)mc[e] * {li.plane} + {base};")
+        else:
+            out.append(f"{ind}for (int e = st{j}[{ri}]; e < st{j}[{ri} + 1]; e++) {{")
+            out.append(f"{ind}  const float* ip = ib + (long)ch{j}[e] * {li.plane} + {base};")
+            out.append(f"{ind}  const float* wp = w{j} + (long)e * {nt * G};")
         out += _weights(isa.type, isa.bcast, nt, G, ind + "  ")
         out += [ind + "  " + st_ for st_ in _accumulate_g(
             names, nt, lambda i, t, o=offs: f"{isa.load}(ip + {i * VEC + o[t]})", G, isa.type)]
         out.append(f"{ind}}}")
+    if p.merged:
+        out.append(f"{ind0}}}")
     return out
 
 
@@ -597,7 +632,7 @@ def _flat_tiled_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], li
     pre = lines[:lines.index("  const int Nf = N - N % nth;")]
     last = p.ho * lo.rs + p.wo          # last interior position: never write past it
     nlast = last - (p.flat_p0 + (nv - 1) * VEC) + 1
-    b = pre + [f"  const float* mk = g_w + d[{6 + 3 * ns}];",
+    b = pre + [f"  const float* mk = g_w + d[{_extra_at(p)}];",
                "  const int Nf = N - N % nth;",
                "  for (int n = 0; n < N; n++) {",
                "    const int own = n < Nf;",
@@ -627,7 +662,8 @@ def _flat_tiled_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], li
         b.append("        " + _init_accs(T_, names, G))
         accn = [f"{a}g{g}" if G > 1 else a for g in range(G) for a in names]
         b.append("        if (c > 0) { " + " ".join(f"{a} = {LD}(sp + {i * VEC});" for i, a in enumerate(accn)) + " }")
-        b += _flat_kernels(p, plan, li, names, "pb", "        ", ri=f"{_ri(plan)} * {NCB} + c")
+        run = f"c * {op.weight.shape[0] // G} + {_ri(plan)}" if p.merged else f"{_ri(plan)} * {NCB} + c"
+        b += _flat_kernels(p, plan, li, names, "pb", "        ", ri=run)
         b.append(f"        if (c < {NCB - 1}) {{ " + " ".join(f"{ST}(sp + {i * VEC}, {a});" for i, a in enumerate(accn))
                  + " continue; }")
     else:
@@ -657,7 +693,7 @@ def _flat_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines: l
     VEC = p.vec
     ns = len(p.shapes)
     lines = list(lines)
-    lines.append(f"      const float* mk = g_w + d[{6 + 3 * ns}];")
+    lines.append(f"      const float* mk = g_w + d[{_extra_at(p)}];")
     G = p.fgroup
     names = [f"a{v}" for v in range(nv)]
     lines.append("      " + _init_accs("vf", names, G))
@@ -1169,6 +1205,17 @@ def phase_source(k: int, op: PhaseOp, plan: Plan) -> str:
     c, h, w = li.shape
     co, hp, wp = lo.shape
     s, pd = op.stride, op.padding
+    if s == 2 and pd <= 1 and 2 * (hp - 1) + 2 - pd <= h + 1 and 2 * (wp - 1) + 2 - pd <= w + 1:
+        # every read inside the padded plane (rows 0..h+1, columns 0..w+1): its zero border is the padding
+        return f"""static void op{k}(OPARGS) {{
+  const float* in = B[{op.inputs[0]}]; float* out = B[{op.output}];
+  for (int q = tid; q < N * {2 * c}; q += nth) {{
+    const int n = q / {2 * c}, ch = q % {2 * c} / 2, py = q % 2;
+    float* o = out + (long)n * {lo.image} + (long)(ch * 4 + py * 2) * {lo.plane} + {lo.rs + 1};
+    phase_copy_s2(o, o + {lo.plane}, {lo.rs}, in + (long)n * {li.image} + (long)ch * {li.plane} + (long)(py + {1 - pd}) * {li.rs} + {1 - pd},
+                  {li.rs}, {hp}, {wp});
+  }}
+}}"""
     return f"""static void op{k}(OPARGS) {{
   const float* in = B[{op.inputs[0]}]; float* out = B[{op.output}];
   for (int q = tid; q < N * {co}; q += nth) {{

@@ -235,7 +235,7 @@ def compile(model: nn.Module, example_input: torch.Tensor, threads: int | None =
         st.graph_module = trace(model, example_input.float())
         st.seconds["trace"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        st.graph = lower(build_ir(st.graph_module))
+        st.graph = build_ir(st.graph_module)
         st.seconds["fold"] = time.perf_counter() - t0
         _check_finite(st.graph)
     finally:
@@ -253,6 +253,7 @@ def compile(model: nn.Module, example_input: torch.Tensor, threads: int | None =
         if not isinstance(plan_options, PlanOptions):
             raise SparseforgeError("plan_options must be a sparseforge.engine.PlanOptions, e.g. PlanOptions(max_group=1)")
         options["plan"] = dataclasses.asdict(plan_options)     # defaults stay out: cache keys and artefacts unchanged
+    st.graph = lower(st.graph, plan_options or PlanOptions(), vec, wide)
     st.seconds["fingerprint"] = time.perf_counter() - t0
     engine = engine_from_graph(st.graph, options, st, use_cache=not return_stages)
     return (engine, st) if return_stages else engine

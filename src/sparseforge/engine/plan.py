@@ -100,6 +100,16 @@ class PlanOptions:
     # x 64 channels = 79 KB per tile). 0 = off. Measured (Xeon AVX-512, 48 KB L1, pattern 8x at 224, b1): ResNet-50
     # 39.0 -> 35.4 ms on one thread, 23.2 -> 21.9 on two; MobileNetV2 2.77 -> 2.62 ms on two; 32 KB and 96 KB: less
     flat_cblock_bytes: int = 49152
+    # flat modes: the kernels of all tap shapes of a (filter, channel block) in one stream walked with running
+    # pointers, not per-shape arrays: with 8 shapes and ~3 kernels per (filter, block), the 24 per-shape
+    # pointers spilled and each shape's run set-up cost about as much as its kernels
+    merged_runs: bool = True
+    # 3x3 stride-2 convs at most this dense, on inputs of at least flat_tiled_min_bytes and outputs larger than
+    # gather_max pixels: a phase split (space-to-depth) and a 2x2 stride-1 conv over it, flat-tiled (see lower).
+    # Measured pattern 8x, b1, 2 threads, Xeon AVX-512: ResNet-50 at 224 layer2.0.conv2 780 -> 525 + 219 us (the
+    # split), layer3.0.conv2 968 -> 404 + 102 us, whole network 1.03x, ResNet-18 1.03x; on 7x7 outputs gather mode
+    # is faster (425 vs 711 us), and CIFAR ResNet-20/56's small maps lose 8% / 3%
+    phase_s2_max_density: float = 0.5
     # dense stride-1 1x1 convs on 32-register hosts with output maps of at least this many pixels and rows a
     # multiple of 16 floats: a GEMM micro-kernel along the flattened plane (ConvPlan.flat_gemm), gemm_mr filters x
     # gemm_nr 16-lane vectors in registers, every input vector loaded once for gemm_mr filters, stored straight
@@ -242,6 +252,13 @@ class ConvPlan:
     # by (filter position, block), partial sums kept per filter in scratch memory between blocks
     flat_cb: int = 0
     flat_ncb: int = 1
+    # flat modes (PlanOptions.merged_runs): the kernels of every shape in one stream (see _merge_runs), in place
+    # of the per-shape start_off / chan_off / w_off arrays
+    merged: bool = False
+    merged_off: int = 0
+    merged_woff: int = 0
+    merged_ch_off: int = 0
+    merged_w_off: int = 0
     # dense 1x1 GEMM mode (PlanOptions.flat_gemm_min_pixels): tiles of flat_tv vectors along the plane x blocks of
     # gemm_mr filters, weights packed [filter block][channel][filter in block] (zero filters pad the last block);
     # threads take contiguous runs of (tile, filter block) items
@@ -385,9 +402,11 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     blocked = (op.groups == 1 and (op.residual is None or op.res_kind == "identity") and lin is not None
                and (conv_mode == "blocked" or (conv_mode == "auto" and density >= (
                    opts.ochan_min_density if _ochan(opts, vec, wide) else opts.blocked_min_density))))
-    # output position p reads input p + tap offset: stride 1, one layout, an identity residual at most
+    # output position p reads input p + tap offset: stride 1, one row stride, an identity residual at most (an
+    # unpadded conv's input is larger by the kernel's reach: a phase split's 2x2 conv)
     flat_ok = (lin is not None and lout is not None and op.stride == 1 and lin.rs == lout.rs
-               and tuple(in_shape[1:]) == (ho, wo) and (op.residual is None or op.res_kind == "identity"))
+               and tuple(in_shape[1:]) == (ho + kh - 1 - 2 * op.padding, wo + kw - 1 - 2 * op.padding)
+               and (op.residual is None or op.res_kind == "identity"))
     if (blocked and flat_ok and conv_mode == "auto" and kh == 1 and kw == 1 and op.groups == 1 and op.padding == 0
             and op.tap_period == 1 and _ochan(opts, vec, wide) and ho * wo >= opts.flat_gemm_min_pixels
             and lin.rs % 16 == 0):
@@ -396,10 +415,7 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
         return _plan_blocked(op, in_shape, out_shape, blob, threads, lin, vec, wide, w9, work, len(kc), shapes, opts)
     if (conv_mode == "auto" and op.groups == 1 and op.tap_period == 1 and lin is not None and len(kc)
             and (op.residual is None or op.res_kind == "identity") and _ochan(opts, vec, wide)):
-        nb = -(-o // 16)
-        ucodes = np.zeros((nb * 16, ig), dtype=np.int64)
-        ucodes[:o] = codes
-        ucodes = np.bitwise_or.reduce(ucodes.reshape(nb, 16, ig), axis=1)
+        ucodes = _block_codes(codes)
         nnz, need = np.count_nonzero(w9), opts.ochan_sparse_min_fill * 16
         # cheap test first (the blocks' exact taps; merged shapes only add taps), then the shapes the blocks run
         if nnz >= need * sum(int(np.count_nonzero(ucodes & (1 << t))) for t in range(kh * kw)):
@@ -526,7 +542,9 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     # runs stored in the order the threads walk them (position q in flist, not filter index): each thread then
     # streams its weights and channel indices sequentially, which the hardware prefetchers follow
     walk = np.array(flist if opts.runs_in_walk_order else range(o), dtype=np.int64)
-    for r in per:
+    if p.flat and opts.merged_runs:
+        _merge_runs(p, per, walk, blob)
+    for r in ([] if p.merged else per):
         idx = r.gather(walk)
         if p.flat_cb:
             # runs per (walk position, channel block): kernels are channel-ascending within a filter, so each
@@ -551,6 +569,48 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     return p
 
 
+
+
+def _merge_runs(p: ConvPlan, per: list[KernelRuns], walk: np.ndarray, blob: Blob) -> None:
+    """One kernel stream for every shape (PlanOptions.merged_runs): run u = (channel block, walk position) holds
+    its kernels shape after shape, channel-ascending within a shape, runs in the order the threads walk them.
+    ``merged_off``: starts per (run, shape) plus the total, so shape j of run u ends where the next begins;
+    ``merged_woff``: each run's first weight (shapes have different tap counts)."""
+    ncb = p.flat_ncb
+    Q = len(walk)
+    pos = np.empty(int(walk.max()) + 1 if Q else 0, dtype=np.int64)
+    pos[walk] = np.arange(Q)
+    ns = len(per)
+    keys, chs, ws, lens = [], [], [], []
+    for j, r in enumerate(per):
+        if not len(r.f):
+            continue
+        blk = r.ch // p.flat_cb if p.flat_cb else np.zeros_like(r.ch)
+        keys.append(((blk * Q + pos[r.f]) * ns + j) * (1 << 20) + r.ch)
+        chs.append(r.ch)
+        ws.append(r.w)
+        lens.append(np.full(len(r.f), r.w.shape[1], dtype=np.int64))
+    if keys:
+        key = np.concatenate(keys)
+        order = np.argsort(key, kind="stable")
+        run_shape = (key // (1 << 20))[order]
+        ch = np.concatenate(chs)[order]
+        wl = np.concatenate(lens)[order]
+        w = np.concatenate([x.ravel() for x in ws])
+        wstart = np.concatenate([[0], np.cumsum(np.concatenate(lens))])[:-1]
+        dst = np.concatenate([[0], np.cumsum(wl)])[:-1]
+        w = w[np.repeat(wstart[order] - dst, wl) + np.arange(int(wl.sum()))]
+    else:
+        run_shape, ch, wl, w = np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(1)
+    n_rs = ncb * Q * ns
+    cnt = np.bincount(run_shape, minlength=n_rs)
+    starts = np.concatenate([[0], np.cumsum(cnt)])
+    wcum = np.concatenate([[0], np.cumsum(wl)])
+    p.merged = True
+    p.merged_off = blob.add_i(starts)
+    p.merged_woff = blob.add_i(wcum[starts[:-1:ns]] if n_rs else [0])
+    p.merged_ch_off = blob.add_i(ch if len(ch) else [0])
+    p.merged_w_off = blob.add_f(w if len(w) else [0.0])
 
 
 def filter_group(codes: np.ndarray, own_taps: int, taps_all: tuple[int, ...], max_group: int, waste: float,
@@ -626,6 +686,25 @@ def _plan_ochan_sparse(op: ConvOp, out_shape, blob: Blob, threads: int, lin: Lay
     p.kernels, p.taps = kernels, taps
     p.flops = 2 * 16 * int(per_block.sum()) * ho * wo     # every lane of every block's vectors is multiplied
     return p
+
+
+def _block_codes(codes: np.ndarray) -> np.ndarray:
+    """Tap-set codes (filter x channel bit masks) of blocks of 16 filters: the union of their filters'."""
+    o, ig = codes.shape
+    nb = -(-o // 16)
+    u = np.zeros((nb * 16, ig), dtype=np.int64)
+    u[:o] = codes
+    return np.bitwise_or.reduce(u.reshape(nb, 16, ig), axis=1)
+
+
+def _blocks_share_kernels(weight: torch.Tensor, opts: PlanOptions) -> bool:
+    """The cheap half of the output-channel sparse mode's test (plan_conv): blocks of 16 filters whose kernels
+    and taps are shared well enough (channel_block pruning) for that mode, which runs stride 2 itself."""
+    w = weight.detach().reshape(weight.shape[0], weight.shape[1], -1) != 0
+    codes = (w.long() << torch.arange(w.shape[2])).sum(2).numpy()
+    u = _block_codes(codes)
+    taps = sum(int(np.count_nonzero(u & (1 << t))) for t in range(w.shape[2]))
+    return int(w.sum()) >= opts.ochan_sparse_min_fill * 16 * taps
 
 
 def _ochan(opts: PlanOptions, vec: int, wide: bool) -> bool:
@@ -946,7 +1025,7 @@ def plan_block(graph: Graph, trip: tuple[int, int, int], blob: Blob, threads: in
     return bp
 
 
-def lower(graph: Graph) -> Graph:
+def lower(graph: Graph, opts: PlanOptions = DEFAULT_OPTIONS, vec: int = VEC, wide: bool = False) -> Graph:
     """Rewrites that let the planner's fast paths apply; the input graph is left as it was.
 
     A 1x1 stride-2 conv (ResNet's projection shortcuts) becomes a subsample (a 1x1 stride-2 max pool: a strided
@@ -956,7 +1035,9 @@ def lower(graph: Graph) -> Graph:
 
     A conv with padding wider than the layout's one-pixel border, or a kernel larger than 3x3 with stride 2
     (ResNet's 7x7 stem), becomes a PhaseOp (space-to-depth with the padding as real zeros) and a stride-1
-    unpadded conv of ceil(k / s) taps a side over it, whose kernels the planner runs like any other.
+    unpadded conv of ceil(k / s) taps a side over it, whose kernels the planner runs like any other. So does a
+    sparse 3x3 stride-2 conv (PlanOptions.phase_s2_max_density): the 2x2 stride-1 conv runs flat-tiled, each
+    input vector one load, where the strided conv assembles it from two loads and a shuffle.
     """
     values = dict(graph.values)
     ops: list = []
@@ -972,7 +1053,13 @@ def lower(graph: Graph) -> Graph:
             ops.append(dataclasses.replace(op, inputs=[nid], stride=1))
             nid += 1
             continue
-        if isinstance(op, ConvOp) and (op.padding > 1 or (op.stride > 1 and op.weight.shape[2] > 3)):
+        s2 = (isinstance(op, ConvOp) and op.stride == 2 and op.groups == 1 and op.weight.shape[2:] == (3, 3)
+              and op.padding == 1 and len(values[op.inputs[0]].shape) == 3
+              and values[op.output].shape[1] * values[op.output].shape[2] > opts.gather_max
+              and 4 * math.prod(values[op.inputs[0]].shape) >= opts.flat_tiled_min_bytes
+              and torch.count_nonzero(op.weight).item() <= opts.phase_s2_max_density * op.weight.numel()
+              and not (_ochan(opts, vec, wide) and _blocks_share_kernels(op.weight, opts)))
+        if isinstance(op, ConvOp) and (s2 or op.padding > 1 or (op.stride > 1 and op.weight.shape[2] > 3)):
             s, pd = op.stride, op.padding
             w = op.weight
             o, ig, k, _ = w.shape
@@ -1120,6 +1207,21 @@ def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto
     gap_out = {op.output for op in graph.ops if isinstance(op, GapOp) and op.output not in conv_in}
     layouts = {vid: layout_for(v.shape, flat=vid in gap_out, vec=vec, align_rows=opts.align_rows)
                for vid, v in graph.values.items()}
+    # a phase split read only by its unpadded conv takes that conv's row stride where its rows fit (no right
+    # border column: an unpadded conv never reads one), so the conv can run along the flattened plane (flat modes
+    # need equal row strides); only values of one plane geometry ever share a buffer, so this is safe to mix
+    readers: dict[int, list] = {}
+    for op in graph.ops:
+        for v in op.inputs:
+            readers.setdefault(v, []).append(op)
+    for op in graph.ops:
+        if isinstance(op, PhaseOp) and op.output not in graph.outputs and len(readers.get(op.output, [])) == 1:
+            cv = readers[op.output][0]
+            lo_, lp = layouts[cv.output], layouts[op.output]
+            if (isinstance(cv, ConvOp) and cv.stride == 1 and cv.padding == 0 and lo_.is_map and lp.is_map
+                    and lp.rs != lo_.rs and lp.shape[2] + 1 <= lo_.rs):
+                c_, h_, _ = lp.shape
+                layouts[op.output] = Layout(lp.shape, True, lo_.rs, (h_ + 2) * lo_.rs, c_ * (h_ + 2) * lo_.rs)
     convs: dict[int, ConvPlan] = {}
     other: dict[int, dict] = {}
     writer: dict[int, list[int]] = {}       # value id -> thread that writes each channel (batch 1)
