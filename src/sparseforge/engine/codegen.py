@@ -628,7 +628,6 @@ def _flat_tiled_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], li
     isa = WIDE16 if VEC != plan.vec else MAIN      # 16-lane tiles in an 8-lane plan (AVX-512 hosts)
     T_, LD, ST = isa.type, isa.load, isa.store
     nt_ = -(-nv // TV)
-    ns = len(p.shapes)
     pre = lines[:lines.index("  const int Nf = N - N % nth;")]
     last = p.ho * lo.rs + p.wo          # last interior position: never write past it
     nlast = last - (p.flat_p0 + (nv - 1) * VEC) + 1
@@ -691,7 +690,6 @@ def _flat_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines: l
     li = plan.layouts[op.inputs[0]]
     nv = p.flat_nv
     VEC = p.vec
-    ns = len(p.shapes)
     lines = list(lines)
     lines.append(f"      const float* mk = g_w + d[{_extra_at(p)}];")
     G = p.fgroup
