@@ -44,6 +44,10 @@ class PlanOptions:
                                       # 256 KB: 337 -> 187 us tiled; ResNet-18/50 8x at 224 1.10x/1.07x over 512 KB)
     flat_tile: int = 12               # most vectors (accumulators) per tile
     flat_tile_wide: int = 24          # the same on AVX-512 hosts
+    # ... for 3x3 (kxk) convs: more vectors per tile share each kernel's taps' row reach (pattern 8x at 224, b1,
+    # 2 threads, vs 12: ResNet-18 1.02x, ResNet-50 1.03x, VGG-16-BN 1.07x; 20 and 24: 0.92-0.96x of 14; CIFAR
+    # VGG-16 1.00x, ResNet-56 0.99x)
+    flat_tile_kxk: int = 14
     block_outer_ratio: float = 1.0    # direct convs loop blocks outside filters when input >= this x weight bytes
     spatial_depthwise: bool = False   # measured slower on MobileNetV2 (b1, 2 threads): see plan_conv
     packed1_max: int = 64             # 1x1 convs with output maps of at most this many pixels run in packed mode
@@ -499,7 +503,8 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
             _set_flat(p, rs, p0, nv, blob)
             if tiled:
                 # AVX-512 hosts have 32 vector registers (8-lane ones included): twice the accumulators
-                most = max(1, (opts.flat_tile_wide if wide and vec == base_vec else opts.flat_tile) // G)
+                most = max(1, (opts.flat_tile_wide if wide and vec == base_vec else
+                               opts.flat_tile if kh * kw == 1 else opts.flat_tile_kxk) // G)
                 p.flat_tv = -(-nv // -(-nv // most))      # balanced tiles: the shifted last one overlaps little
                 p.spatial = spatial        # threads take runs of tiles (all filters) rather than filter lists
                 reach = ((kh - 1) // 2) * rs + (kw - 1) // 2      # taps' reach either side along the plane
