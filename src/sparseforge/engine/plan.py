@@ -47,7 +47,7 @@ class PlanOptions:
     # ... for 3x3 (kxk) convs: more vectors per tile share each kernel's taps' row reach (pattern 8x at 224, b1,
     # 2 threads, vs 12: ResNet-18 1.02x, ResNet-50 1.03x, VGG-16-BN 1.07x; 20 and 24: 0.92-0.96x of 14; CIFAR
     # VGG-16 1.00x, ResNet-56 0.99x)
-    flat_tile_kxk: int = 14
+    flat_tile_kxk: int = 14           # (a 14x14 map is then one tile: threads split its filters, not its tiles)
     block_outer_ratio: float = 1.0    # direct convs loop blocks outside filters when input >= this x weight bytes
     spatial_depthwise: bool = False   # measured slower on MobileNetV2 (b1, 2 threads): see plan_conv
     packed1_max: int = 64             # 1x1 convs with output maps of at most this many pixels run in packed mode
@@ -506,7 +506,8 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
                 most = max(1, (opts.flat_tile_wide if wide and vec == base_vec else
                                opts.flat_tile if kh * kw == 1 else opts.flat_tile_kxk) // G)
                 p.flat_tv = -(-nv // -(-nv // most))      # balanced tiles: the shifted last one overlaps little
-                p.spatial = spatial        # threads take runs of tiles (all filters) rather than filter lists
+                # threads take runs of tiles (all filters) rather than filter lists, when there is a tile per thread
+                p.spatial = spatial and -(-nv // p.flat_tv) >= threads
                 reach = ((kh - 1) // 2) * rs + (kw - 1) // 2      # taps' reach either side along the plane
                 window = 4 * (p.flat_tv * vec + 2 * reach)        # bytes of one channel's tile input
                 cin = in_shape[0]
