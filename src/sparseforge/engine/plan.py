@@ -399,7 +399,7 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     w9 = w.reshape(o, ig, kh * kw).numpy()
     # kernel list: (filter, input channel, tap set), filter-major; tap sets as bit codes (numpy: a 512x512
     # layer has 262k kernels, too many for per-kernel tensor ops)
-    codes = ((w9 != 0) * (np.int64(1) << np.arange(kh * kw, dtype=np.int64))).sum(-1)
+    codes = _tap_codes(w9)
     # phase-lowered convs never run a tap the original kernel does not have (exact tap sets)
     kf, ki, kc, shapes, kshape, work = _kernel_shapes(codes, taps_all, op.tap_period > 1, opts.max_shapes)
     density = float(np.count_nonzero(w9)) / max(1, w9.size)
@@ -694,6 +694,11 @@ def _plan_ochan_sparse(op: ConvOp, out_shape, blob: Blob, threads: int, lin: Lay
     return p
 
 
+def _tap_codes(w9: np.ndarray) -> np.ndarray:
+    """Each kernel's kept taps as a bit mask: (filters, channels, taps) weights -> (filters, channels) codes."""
+    return ((w9 != 0) * (np.int64(1) << np.arange(w9.shape[-1], dtype=np.int64))).sum(-1)
+
+
 def _block_codes(codes: np.ndarray) -> np.ndarray:
     """Tap-set codes (filter x channel bit masks) of blocks of 16 filters: the union of their filters'."""
     o, ig = codes.shape
@@ -706,11 +711,10 @@ def _block_codes(codes: np.ndarray) -> np.ndarray:
 def _blocks_share_kernels(weight: torch.Tensor, opts: PlanOptions) -> bool:
     """The cheap half of the output-channel sparse mode's test (plan_conv): blocks of 16 filters whose kernels
     and taps are shared well enough (channel_block pruning) for that mode, which runs stride 2 itself."""
-    w = weight.detach().reshape(weight.shape[0], weight.shape[1], -1) != 0
-    codes = (w.long() << torch.arange(w.shape[2])).sum(2).numpy()
-    u = _block_codes(codes)
-    taps = sum(int(np.count_nonzero(u & (1 << t))) for t in range(w.shape[2]))
-    return int(w.sum()) >= opts.ochan_sparse_min_fill * 16 * taps
+    w9 = weight.detach().reshape(weight.shape[0], weight.shape[1], -1).numpy()
+    u = _block_codes(_tap_codes(w9))
+    taps = sum(int(np.count_nonzero(u & (1 << t))) for t in range(w9.shape[2]))
+    return np.count_nonzero(w9) >= opts.ochan_sparse_min_fill * 16 * taps
 
 
 def _ochan(opts: PlanOptions, vec: int, wide: bool) -> bool:
