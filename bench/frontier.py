@@ -103,6 +103,7 @@ def arm_stages(E: int, admm_epochs: int, weights: str) -> dict[str, list[dict]]:
         "pattern-8x-ramp-gradual": gradual(pattern_ramp=True, target=p8),
         "pattern-8x-ramp-p12-gradual": gradual(pattern_ramp=True, target={**p8, "num_patterns": 12}),
         "pattern-2.25x-ramp-gradual": gradual(pattern_ramp=True, target=p225),
+        "pattern-8x-ramp-mag-gradual": gradual(pattern_ramp=True, target={**p8, "connectivity_scope": "magnitude"}),
         "magnitude-8x-gradual": gradual(magnitude=matched_magnitude_sparsity(weights, PatternConfig(**p8))),
     }
 

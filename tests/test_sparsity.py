@@ -336,6 +336,31 @@ def test_energy_connectivity_gives_small_layers_more_kernels_at_the_same_count()
     assert d < 0.6
 
 
+def test_magnitude_connectivity_gives_each_layer_the_share_global_magnitude_pruning_would():
+    """'magnitude' keeps per layer the weight count global magnitude pruning leaves at the same total, in kernels of
+    4 taps: a layer with 10x larger weights keeps every kernel, the rest share the remainder by their magnitudes."""
+    m = small_model()
+    with torch.no_grad():
+        m.layer3[2].conv2.weight.mul_(0.1)     # one layer's weights all fall below the others'
+        m.layer1[1].conv1.weight.mul_(10.0)
+    ref = copy.deepcopy(m)
+    sf.prune(m, PatternConfig(connectivity=4.0, connectivity_scope="magnitude"))
+    kept = {n: int((get_mask(mod).tensor.reshape(*mod.weight.shape[:2], 9).sum(-1) > 0).sum())
+            for n, mod in masked_modules(m)}
+    kernels = {n: mod.weight.shape[0] * mod.weight.shape[1] for n, mod in masked_modules(m)}
+    assert sum(kept.values()) == sum(round(k / 4) for k in kernels.values())
+    assert kept["layer1.1.conv1"] == kernels["layer1.1.conv1"]
+    assert kept["layer3.2.conv2"] <= 2
+    # the uncapped layers: within a kernel of what magnitude pruning of them to the same weight count keeps there
+    rest = [n for n in kernels if n != "layer1.1.conv1"]
+    n_w = 4 * sum(kept[n] for n in rest)
+    total = sum(9 * kernels[n] for n in rest)
+    sf.prune(ref, MagnitudeConfig(sparsity=1 - n_w / total, scope="global", include=tuple(rest)))
+    mag = {n: int(get_mask(mod).tensor.sum()) for n, mod in masked_modules(ref)}
+    for n in rest:
+        assert abs(kept[n] - mag[n] / 4) <= 1.0, (n, kept[n], mag[n] / 4)
+
+
 def test_connectivity_1x1_prunes_1x1_convs_to_their_own_ratio():
     """connectivity 3.6 keeps 1/8 of a 3x3 conv's weights (4 of 9 taps x 1/3.6) but 1/3.6 of a 1x1 conv's;
     connectivity_1x1=8 brings the 1x1 convs to the same 1/8 and leaves every 3x3 conv as it was."""
