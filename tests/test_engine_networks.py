@@ -147,11 +147,16 @@ def test_in_place_activation_is_seen_by_later_readers(act, through_identity):
         assert rel_err(e(x), m(x)) < 1e-5
 
 
+SCHEDULES = [dict(thread_pool=True, claim_parts=True), dict(thread_pool=True, claim_parts=False),
+             dict(thread_pool=False, claim_parts=True), dict(thread_pool=False, claim_parts=False)]
+
+
 @pytest.mark.parametrize("threads", [2, 3])
 def test_claimed_parts_equal_barriers(threads):
-    """Ops run as claimed parts (PlanOptions.claim_parts) must give what the barrier schedule gives, fused
-    inverted-residual blocks with images left over after whole rounds included (their shared partial sums), and
-    so must fewer threads at run time (``run_threads``) in either schedule."""
+    """Every schedule -- claimed parts or barriers, on the library's own pool or in OpenMP regions -- must give
+    the same bits, fused inverted-residual blocks with images left over after whole rounds included (their shared
+    partial sums), call after call (claimed parts are tagged with the call's epoch: a stale tag would skip or
+    repeat a part), and so must fewer threads at run time (``run_threads``)."""
     torch.manual_seed(1)
     m = randomize_bn(nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU6(),
                                    InvertedResidual(16, 48, 16, 1, "relu6", None),
@@ -159,15 +164,19 @@ def test_claimed_parts_equal_barriers(threads):
     _prune_kernels(m, 1)
     x = torch.randn(threads + 1, 3, 16, 16)
     outs = []
-    for claim in (True, False):
-        e = compile(m, x[:1], threads=threads, plan_options=PlanOptions(claim_parts=claim))
+    for sched in SCHEDULES:
+        e = compile(m, x[:1], threads=threads, plan_options=PlanOptions(**sched))
         assert any("block" in op["describe"] for op in e.spec["ops"]), "the fused block path is not exercised"
         with torch.inference_mode():
             outs.append([e(x[:n]) for n in range(1, threads + 2)])
             for n, y in enumerate(outs[-1], 1):
                 assert rel_err(y, m(x[:n])) < 1e-5
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
+            for i in range(30):         # many calls in a row, batch sizes changing
+                n = 1 + i % (threads + 1)
+                assert torch.equal(e(x[:n]), outs[-1][n - 1]), (sched, i)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b)
     e = compile(m, x[:1], threads=threads, plan_options=PlanOptions(claim_parts=True))
     e.run_threads = 1            # one thread takes every part: the same partitions, so the same bits
     assert "calls run on 1: run_threads" in e.summary(profile=False)
@@ -182,6 +191,54 @@ def test_claimed_parts_equal_barriers(threads):
     with torch.inference_mode():
         for n, y in enumerate(outs[0], 1):
             assert torch.equal(e(x[:n]), y)
+
+
+def test_engine_pool_survives_fork_and_concurrent_callers():
+    """The engine's own thread pool: a forked child (a DataLoader worker, a server's pre-fork) has none of the
+    parent's workers and must start its own, not wait forever for them; two Python threads calling one engine
+    at once are served one call at a time, each with its own right answer."""
+    import multiprocessing as mp
+    import threading
+
+    torch.manual_seed(2)
+    m = randomize_bn(nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, 1, 1), nn.ReLU(),
+                                   nn.Conv2d(16, 8, 1)))
+    _prune_kernels(m, 1)
+    x = torch.randn(4, 3, 24, 24)
+    e = compile(m, x[:1], threads=2)
+    barriers = compile(m, x[:1], threads=2, plan_options=PlanOptions(claim_parts=False))   # waits for workers
+    with torch.inference_mode():
+        ref = [m(x[i:i + 1]) for i in range(4)]
+        for eng in (e, barriers):
+            assert rel_err(eng(x[:1]), ref[0]) < 1e-5        # the parent's workers exist from here on
+    for eng in (e, barriers):
+        q = mp.get_context("fork").Queue()
+        p = mp.get_context("fork").Process(target=_fork_child, args=(eng, x, q))
+        p.start()
+        p.join(60)
+        if p.is_alive():
+            p.kill()
+            pytest.fail("the forked child hung in the engine")
+        assert q.get(timeout=5) < 1e-5
+    errs: list[float] = []
+
+    def caller(i: int) -> None:
+        with torch.inference_mode():
+            for _ in range(20):
+                errs.append(rel_err(e(x[i:i + 1]), ref[i]))
+
+    ts = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(120)
+    assert len(errs) == 80 and max(errs) < 1e-5
+
+
+def _fork_child(e, x, q) -> None:
+    with torch.inference_mode():
+        y = e(x[:2])
+    q.put(0.0 if y.shape == (2, 8, 24, 24) and torch.isfinite(y).all() and rel_err(y[:1], e(x[:1])) < 1e-5 else 1.0)
 
 
 class _ClampForms(nn.Module):

@@ -29,6 +29,7 @@ static inline vf andm(vf a, vf m) { return (vf)((vi)a & (vi)m); }
    is released after the part's writes, and acquired before anyone reads them. Waiters spin (sleeping on a
    futex after 100-2000 spins measured 2.5-4x slower on MobileNetV2 at 224, and no better beside a busy process) */
 #include <sched.h>
+#define SF_SYNC __attribute__((aligned(128)))      /* words threads spin on get cache lines of their own */
 static inline int claim(int* f) { return __atomic_exchange_n(f, 1, __ATOMIC_ACQ_REL) == 0; }
 static inline void done_add(int* d) { __atomic_fetch_add(d, 1, __ATOMIC_RELEASE); }
 static inline void wait_done(int* d, int n) {
@@ -215,6 +216,213 @@ BODY void conv0(OPARGS, const int* d) {
 
 /* sparseforge:main */
 
+
+/* The segments' thread pool (PlanOptions.thread_pool, Linux). Why not OpenMP: libgomp spins ~300k iterations in
+   every barrier and between regions, so when another process takes one of the cores, the thread left running
+   spins through its slice at each of the ~60 barriers of a forward pass while the thread it waits for is off
+   the core (MobileNetV2 8x at 224 beside two busy processes: p90 100-160 ms against a median of 8). Here every
+   wait spins at most SF_SPIN_NS (SF_IDLE_NS for a worker between segments), then sleeps on a futex. */
+#if defined(__linux__)
+#define SF_POOL 1
+#include <pthread.h>
+#include <limits.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+#include <linux/futex.h>
+#define SF_SPIN_NS 1000000LL
+#define SF_IDLE_NS 200000LL
+static inline long long sf_now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec * 1000000000LL + t.tv_nsec; }
+static inline void sf_pause(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+/* wait until *a != v: spin for up to ns, then sleep on the futex (sleepers counts the sleeping waiters) */
+static void sf_wait_ne(int* a, int v, int* sleepers, long long ns) {
+  long long t0 = 0;
+  for (int i = 1; __atomic_load_n(a, __ATOMIC_ACQUIRE) == v; i++) {
+    sf_pause();
+    if ((i & 31) == 0) {
+      const long long t = sf_now();
+      if (!t0) t0 = t;
+      else if (t - t0 > ns) {
+        __atomic_fetch_add(sleepers, 1, __ATOMIC_SEQ_CST);
+        while (__atomic_load_n(a, __ATOMIC_SEQ_CST) == v) syscall(SYS_futex, a, FUTEX_WAIT_PRIVATE, v, NULL, NULL, 0);
+        __atomic_fetch_sub(sleepers, 1, __ATOMIC_SEQ_CST);
+        return;
+      }
+    }
+  }
+}
+/* after changing *a: wake its sleepers, if any (the seq_cst pair with sf_wait_ne: a waiter either sees the new
+   value before it sleeps or is counted before the check here) */
+static inline void sf_wake(int* a, int* sleepers) {
+  if (__atomic_load_n(sleepers, __ATOMIC_SEQ_CST)) syscall(SYS_futex, a, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+typedef struct { SF_SYNC int count, gen, sleepers; SF_SYNC char end_; } sf_bar;
+static void sf_barrier(sf_bar* b, int nth) {
+  const int g = __atomic_load_n(&b->gen, __ATOMIC_ACQUIRE);
+  if (__atomic_add_fetch(&b->count, 1, __ATOMIC_ACQ_REL) == nth) {
+    __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&b->gen, g + 1, __ATOMIC_SEQ_CST);
+    sf_wake(&b->gen, &b->sleepers);
+  } else {
+    sf_wait_ne(&b->gen, g, &b->sleepers, SF_SPIN_NS);
+  }
+}
+/* a segment call: its buffers and weights; e: the call's epoch (claimed parts) */
+typedef struct { float* const* B; int N; const float* g_w; const int* g_i; long long e; sf_bar bar; } sf_ctx;
+typedef void (*sf_fn)(sf_ctx* c, int tid, int nth);
+static struct {
+  pthread_mutex_t run;        /* one call at a time */
+  int nw;                     /* workers started (tids 1..nw) */
+  int ready;                  /* workers that have read the generation they wait on */
+  long long epoch;            /* calls so far: claimed parts are tagged with their call's */
+  /* the job, written between two stores of seq (odd while it is written) and read as a seqlock: a claimed
+     call's worker copies it (the caller may return before the worker looks); a barrier call's workers use the
+     caller's context (ctxp), which lives until every worker is done */
+  SF_SYNC long long seq;
+  sf_fn fn; sf_ctx job; sf_ctx* ctxp; int nth; int claimed;
+  SF_SYNC int gen; int gen_sleepers;      /* bumped for each job: idle workers wait for it to change */
+  SF_SYNC int left; int left_sleepers;    /* barrier jobs: workers that have not finished */
+  SF_SYNC char end_;
+} sf_pool = {.run = PTHREAD_MUTEX_INITIALIZER};
+#define SF_LD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
+#define SF_ST(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELAXED)
+static void* sf_worker(void* arg) {
+  const int tid = (int)(long)arg;
+  int seen = __atomic_load_n(&sf_pool.gen, __ATOMIC_ACQUIRE);
+  __atomic_add_fetch(&sf_pool.ready, 1, __ATOMIC_RELEASE);    /* sf_start waits for this: no job is missed */
+  for (;;) {
+    sf_wait_ne(&sf_pool.gen, seen, &sf_pool.gen_sleepers, SF_IDLE_NS);
+    seen = __atomic_load_n(&sf_pool.gen, __ATOMIC_ACQUIRE);
+    sf_fn fn; sf_ctx c; sf_ctx* cp; int nth, claimed;
+    for (;;) {
+      const long long s1 = __atomic_load_n(&sf_pool.seq, __ATOMIC_ACQUIRE);
+      if (s1 & 1) { sf_pause(); continue; }
+      fn = SF_LD(sf_pool.fn); nth = SF_LD(sf_pool.nth); claimed = SF_LD(sf_pool.claimed); cp = SF_LD(sf_pool.ctxp);
+      c.B = SF_LD(sf_pool.job.B); c.N = SF_LD(sf_pool.job.N); c.g_w = SF_LD(sf_pool.job.g_w);
+      c.g_i = SF_LD(sf_pool.job.g_i); c.e = SF_LD(sf_pool.job.e);
+      __atomic_thread_fence(__ATOMIC_ACQUIRE);
+      if (__atomic_load_n(&sf_pool.seq, __ATOMIC_RELAXED) == s1) break;
+    }
+    if (claimed) {
+      /* a late worker is harmless: it claims only parts of its own call that nobody has started, and leaves
+         as soon as a later call has begun (the caller never waits for it) */
+      if (tid < nth) fn(&c, tid, nth);
+      continue;
+    }
+    if (tid < nth) fn(cp, tid, nth);
+    if (__atomic_sub_fetch(&sf_pool.left, 1, __ATOMIC_SEQ_CST) == 0) sf_wake(&sf_pool.left, &sf_pool.left_sleepers);
+  }
+  return NULL;
+}
+/* a forked child has none of the parent's workers: it starts its own on its first call */
+static void sf_after_fork(void) { pthread_mutex_init(&sf_pool.run, NULL); sf_pool.nw = 0; sf_pool.ready = 0; }
+static int sf_start(int nw) {
+  static int atfork;
+  if (!atfork) { pthread_atfork(NULL, NULL, sf_after_fork); atfork = 1; }
+  while (sf_pool.nw < nw) {
+    pthread_t t;
+    pthread_attr_t at;
+    pthread_attr_init(&at);
+    pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+    const int ok = pthread_create(&t, &at, sf_worker, (void*)(long)(sf_pool.nw + 1)) == 0;
+    pthread_attr_destroy(&at);
+    if (!ok) break;
+    sf_pool.nw++;
+  }
+  while (__atomic_load_n(&sf_pool.ready, __ATOMIC_ACQUIRE) < sf_pool.nw) sched_yield();
+  return sf_pool.nw;
+}
+/* run fn(c, tid, nth) on tids 0..nth-1, the caller as tid 0. Barrier calls return once every worker is done;
+   claimed calls (every op's parts claimed, the body waits for the last op's parts) as soon as the caller's
+   fn returns. Fewer threads than asked (none could be created) give the same bits: every op splits its work
+   over the threads it gets, or its parts, and reduces in a fixed order (as run_threads does) */
+static void sf_run(sf_fn fn, sf_ctx* c, int nth, int claimed) {
+  pthread_mutex_lock(&sf_pool.run);
+  c->e = ++sf_pool.epoch;
+  if (nth > 1) {
+    const int have = 1 + sf_start(nth - 1);
+    if (have < nth) nth = have;
+  }
+  if (nth <= 1) { pthread_mutex_unlock(&sf_pool.run); fn(c, 0, 1); return; }
+  const long long s = sf_pool.seq;
+  __atomic_store_n(&sf_pool.seq, s + 1, __ATOMIC_RELAXED);
+  __atomic_thread_fence(__ATOMIC_RELEASE);
+  SF_ST(sf_pool.fn, fn); SF_ST(sf_pool.nth, nth); SF_ST(sf_pool.claimed, claimed); SF_ST(sf_pool.ctxp, c);
+  SF_ST(sf_pool.job.B, c->B); SF_ST(sf_pool.job.N, c->N); SF_ST(sf_pool.job.g_w, c->g_w);
+  SF_ST(sf_pool.job.g_i, c->g_i); SF_ST(sf_pool.job.e, c->e);
+  __atomic_store_n(&sf_pool.seq, s + 2, __ATOMIC_RELEASE);
+  if (!claimed) __atomic_store_n(&sf_pool.left, sf_pool.nw, __ATOMIC_RELAXED);
+  __atomic_add_fetch(&sf_pool.gen, 1, __ATOMIC_SEQ_CST);
+  sf_wake(&sf_pool.gen, &sf_pool.gen_sleepers);
+  fn(c, 0, nth);
+  if (!claimed)
+    for (int v; (v = __atomic_load_n(&sf_pool.left, __ATOMIC_ACQUIRE)) != 0;)
+      sf_wait_ne(&sf_pool.left, v, &sf_pool.left_sleepers, SF_SPIN_NS);
+  pthread_mutex_unlock(&sf_pool.run);
+}
+/* claimed parts, tagged with the call's epoch e. Each part has a line of its own holding c, the epoch of the
+   call that claimed it, and d, the epoch of the call that finished it: a thread claims and finishes its own part
+   in its own cache, and reads the other parts' lines to see them claimed or done. A part is free while c < e;
+   d > e means a later call has begun, so this thread's call is over (a late worker leaves). */
+typedef struct { SF_SYNC long long c; long long d; } sf_part;
+typedef struct { SF_SYNC int w; int sleepers; SF_SYNC char end_; } sf_sleep;
+static inline int sf_claim(sf_part* q, long long e) {
+  long long o = __atomic_load_n(&q->c, __ATOMIC_RELAXED);
+  while (o < e)
+    if (__atomic_compare_exchange_n(&q->c, &o, e, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) return 1;
+  return 0;
+}
+static inline void sf_done(sf_part* q, long long e, sf_sleep* z) {
+  __atomic_store_n(&q->d, e, __ATOMIC_SEQ_CST);
+  if (__atomic_load_n(&z->sleepers, __ATOMIC_SEQ_CST)) {
+    __atomic_add_fetch(&z->w, 1, __ATOMIC_SEQ_CST);
+    syscall(SYS_futex, &z->w, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+  }
+}
+/* 1 once the op's P parts are done in call e, 0 if a later call has begun; spins SF_SPIN_NS, then sleeps */
+static int sf_parts_done(sf_part* q, int P, long long e, sf_sleep* z) {
+  long long t0 = 0;
+  for (int i = 1;; i++) {
+    int all = 1;
+    for (int p = 0; p < P; p++) {
+      const long long d = __atomic_load_n(&q[p].d, __ATOMIC_ACQUIRE);
+      if (d > e) return 0;
+      all &= d == e;
+    }
+    if (all) return 1;
+    sf_pause();
+    if ((i & 31) == 0) {
+      const long long t = sf_now();
+      if (!t0) t0 = t;
+      else if (t - t0 > SF_SPIN_NS) {
+        const int v = __atomic_load_n(&z->w, __ATOMIC_SEQ_CST);
+        __atomic_fetch_add(&z->sleepers, 1, __ATOMIC_SEQ_CST);
+        int ready = 1;
+        for (int p = 0; p < P; p++) ready &= __atomic_load_n(&q[p].d, __ATOMIC_SEQ_CST) >= e;
+        if (!ready) syscall(SYS_futex, &z->w, FUTEX_WAIT_PRIVATE, v, NULL, NULL, 0);
+        __atomic_fetch_sub(&z->sleepers, 1, __ATOMIC_SEQ_CST);
+        t0 = 0;
+      }
+    }
+  }
+}
+#else
+/* elsewhere the segments run in OpenMP regions and this is an orphaned OpenMP barrier */
+typedef struct { int count, gen, sleepers; } sf_bar;
+static inline void sf_barrier(sf_bar* b, int nth) {
+  (void)b; (void)nth;
+#ifdef _OPENMP
+  _Pragma("omp barrier")
+#endif
+}
+typedef struct { float* const* B; int N; const float* g_w; const int* g_i; long long e; sf_bar bar; } sf_ctx;
+#endif
+
+
 static void op0(OPARGS) { conv0(B, N, tid, nth, g_w, g_i, g_i + 25); }
 
 void run_op0(float* const* B, int N, const float* g_w, const int* g_i) {
@@ -226,7 +434,25 @@ void run_op0(float* const* B, int N, const float* g_w, const int* g_i) {
 #endif
 }
 
+#ifdef SF_POOL
+static sf_part Q_s0[2];      /* op after op, P parts each */
+static sf_sleep Z_s0;
+static void seg0_body(sf_ctx* c_, int tid, int nth) {
+  float* const* B = c_->B; const int N = c_->N; const float* g_w = c_->g_w; const int* g_i = c_->g_i;
+  (void)nth;
+  const long long e = c_->e;
+  sf_part* Q = Q_s0;
+  for (int i = 0; i < 2; i++) { const int p = (tid + i) % 2; if (sf_claim(Q + 0 + p, e)) { op0(B, N, p, 2, g_w, g_i); sf_done(Q + 0 + p, e, &Z_s0); } }
+  if (!sf_parts_done(Q + 0, 2, e, &Z_s0)) return;
+}
 void seg0(float* const* B, int N, const float* g_w, const int* g_i, int nt) {
+  sf_ctx c_ = {B, N, g_w, g_i, 0, {0}};
+  sf_run(seg0_body, &c_, nt, 1);
+}
+#else
+void seg0(float* const* B, int N, const float* g_w, const int* g_i, int nt) {
+  struct { SF_SYNC int F[4]; int D[2]; SF_SYNC char end_; } sync_ = {{0}, {0}, 0};
+  int* F = sync_.F; int* D = sync_.D;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt)
 #endif
@@ -236,11 +462,14 @@ void seg0(float* const* B, int N, const float* g_w, const int* g_i, int nt) {
 #else
     const int tid = 0, nth = 1;
 #endif
-    op0(B, N, tid, nth, g_w, g_i);
+    for (int i = 0; i < 2; i++) { const int p = (tid + i) % 2; if (claim(F + 0 + p)) { op0(B, N, p, 2, g_w, g_i); done_add(D + 0); } }
   }
 }
+#endif
 
 void tseg0(float* const* B, int N, const float* g_w, const int* g_i, double* T) {
+  struct { SF_SYNC int F[4]; int D[2]; SF_SYNC char end_; } sync_ = {{0}, {0}, 0};
+  int* F = sync_.F; int* D = sync_.D;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(2)
 #endif
@@ -253,12 +482,12 @@ void tseg0(float* const* B, int N, const float* g_w, const int* g_i, double* T) 
 #ifdef _OPENMP
     if (T) T[(long)1 * 2 * nth + tid] = omp_get_wtime();
 #endif
-    op0(B, N, tid, nth, g_w, g_i);
+    for (int i = 0; i < 2; i++) { const int p = (tid + i) % 2; if (claim(F + 0 + p)) { op0(B, N, p, 2, g_w, g_i); done_add(D + 0); } }
 #ifdef _OPENMP
     if (T) T[((0) * nth + tid) * 2 + 0] = omp_get_wtime();
 #endif
+    wait_done(D + 0, 2);
 #ifdef _OPENMP
-#pragma omp barrier
     if (T) T[((0) * nth + tid) * 2 + 1] = omp_get_wtime();
 #endif
   }

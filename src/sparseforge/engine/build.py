@@ -157,7 +157,8 @@ def build(source: str, portable: bool = False, jobs: int | None = None) -> tuple
         if r.returncode != 0 and not portable:
             return build(source, portable=True, jobs=jobs)
         if r.returncode != 0:
-            raise SparseforgeError(f"C compilation failed ({cc}): {r.stderr.strip()[:500]}")
+            errors = [ln for ln in r.stderr.splitlines() if "error" in ln] or r.stderr.strip().splitlines()
+            raise SparseforgeError(f"C compilation failed ({cc}): {' | '.join(errors)[:800]}")
         data = Path(tmp).read_bytes()
         os.replace(tmp, lib)
         src_tmp = d / f"tmp-{os.getpid()}-kernel.c"

@@ -71,6 +71,7 @@ static inline vf andm(vf a, vf m) { return (vf)((vi)a & (vi)m); }
    is released after the part's writes, and acquired before anyone reads them. Waiters spin (sleeping on a
    futex after 100-2000 spins measured 2.5-4x slower on MobileNetV2 at 224, and no better beside a busy process) */
 #include <sched.h>
+#define SF_SYNC __attribute__((aligned(128)))      /* words threads spin on get cache lines of their own */
 static inline int claim(int* f) { return __atomic_exchange_n(f, 1, __ATOMIC_ACQ_REL) == 0; }
 static inline void done_add(int* d) { __atomic_fetch_add(d, 1, __ATOMIC_RELEASE); }
 static inline void wait_done(int* d, int n) {
@@ -1492,11 +1493,20 @@ TEMPLATES = {ConvOp: None, PhaseOp: phase_source, PoolOp: pool_source, GapOp: ga
 
 
 def _segment(si: int, idxs: list[int], plan: Plan, traced: bool) -> str:
-    """One parallel region for a run of native ops, a barrier between them. The traced twin (``tseg``) also
-    stamps, per thread, when each op's work ended and when its barrier let the thread go: the network-order
-    profile (cache misses and waiting included), which per-op timing in isolation cannot show."""
-    if plan.options.claim_parts and plan.threads > 1:
-        return _claimed_segment(si, idxs, plan, traced)
+    """One parallel region for a run of native ops, a barrier between them (or claimed parts: see
+    ``_claimed_segment``). The traced twin (``tseg``) also stamps, per thread, when each op's work ended and when
+    its barrier let the thread go: the network-order profile (cache misses and waiting included), which per-op
+    timing in isolation cannot show. On the library's own pool (Linux, ``PlanOptions.thread_pool``) the plain
+    segment is a body function run by ``sf_run``; the OpenMP region stays for other systems and the traced twin."""
+    claimed = plan.options.claim_parts and plan.threads > 1
+    classic = _claimed_segment(si, idxs, plan, traced) if claimed else _barrier_segment(si, idxs, plan, traced)
+    if traced or not (plan.options.thread_pool and plan.threads > 1):
+        return classic
+    pooled = _pooled_claimed_segment(si, idxs, plan) if claimed else _pooled_barrier_segment(si, idxs, plan)
+    return f"#ifdef SF_POOL\n{pooled}\n#else\n{classic}\n#endif"
+
+
+def _barrier_segment(si: int, idxs: list[int], plan: Plan, traced: bool) -> str:
     body = []
     stamp = "    if (T) T[(({j}) * nth + tid) * 2 + {e}] = omp_get_wtime();" if traced else ""
     for j, k in enumerate(idxs):
@@ -1515,9 +1525,74 @@ def _segment(si: int, idxs: list[int], plan: Plan, traced: bool) -> str:
     return _region(si, len(idxs), plan, traced, body)
 
 
+_POOL_HEAD = ("  float* const* B = c_->B; const int N = c_->N; const float* g_w = c_->g_w; const int* g_i = c_->g_i;\n"
+              "  (void)nth;\n")
+
+
+def _pooled_barrier_segment(si: int, idxs: list[int], plan: Plan) -> str:
+    """The pool's barrier segment: every thread runs every op's own partition, sf_barrier between ops (a fused
+    block's two steps too, where leftover images share partial sums: the block's OpenMP wrapper would meet at
+    an OpenMP barrier, which outside an OpenMP region waits for nobody)."""
+    body = []
+    for j, k in enumerate(idxs):
+        if j and k in plan.absorbed:
+            continue
+        if j:
+            body.append("  sf_barrier(&c_->bar, nth);")
+        if k in plan.blocks:
+            body += [f"  op{k}_run(B, N, tid, nth, g_w, g_i, 0);",
+                     "  if (N % nth) sf_barrier(&c_->bar, nth);",
+                     f"  op{k}_run(B, N, tid, nth, g_w, g_i, 1);"]
+        else:
+            body.append(f"  op{k}(B, N, tid, nth, g_w, g_i);")
+    return f"""static void seg{si}_body(sf_ctx* c_, int tid, int nth) {{
+{_POOL_HEAD}{chr(10).join(body)}
+}}
+void seg{si}(float* const* B, int N, const float* g_w, const int* g_i, int nt) {{
+  sf_ctx c_ = {{B, N, g_w, g_i, 0, {{0}}}};
+  sf_run(seg{si}_body, &c_, nt, 0);
+}}"""
+
+
+def _pooled_claimed_segment(si: int, idxs: list[int], plan: Plan) -> str:
+    """The pool's claimed segment: op k's P = plan.threads parts are claimed by whichever thread gets there first
+    (its own part first), tagged with the call's epoch, so the caller never waits for a thread that has not
+    started, and a worker that wakes after the call is over claims nothing and leaves (see sf_claim)."""
+    P = plan.threads
+    body, slot = [], 0
+
+    def parts(call: str) -> list[str]:
+        nonlocal slot
+        out = [f"  for (int i = 0; i < {P}; i++) {{ const int p = (tid + i) % {P}; "
+               f"if (sf_claim(Q + {slot * P} + p, e)) {{ {call}; sf_done(Q + {slot * P} + p, e, &Z_s{si}); }} }}",
+               f"  if (!sf_parts_done(Q + {slot * P}, {P}, e, &Z_s{si})) return;"]
+        slot += 1
+        return out
+
+    for j, k in enumerate(idxs):
+        if j and k in plan.absorbed:
+            continue
+        if k in plan.blocks:       # its partitions, then (leftover images) its output channels
+            body += parts(f"op{k}_run(B, N, p, {P}, g_w, g_i, 0)")
+            body += parts(f"op{k}_run(B, N, p, {P}, g_w, g_i, 1)")
+        else:
+            body += parts(f"op{k}(B, N, p, {P}, g_w, g_i)")
+    return f"""static sf_part Q_s{si}[{slot * P}];      /* op after op, P parts each */
+static sf_sleep Z_s{si};
+static void seg{si}_body(sf_ctx* c_, int tid, int nth) {{
+{_POOL_HEAD}  const long long e = c_->e;
+  sf_part* Q = Q_s{si};
+{chr(10).join(body)}
+}}
+void seg{si}(float* const* B, int N, const float* g_w, const int* g_i, int nt) {{
+  sf_ctx c_ = {{B, N, g_w, g_i, 0, {{0}}}};
+  sf_run(seg{si}_body, &c_, nt, 1);
+}}"""
+
+
 def _region(si: int, m: int, plan: Plan, traced: bool, body: list[str], decls: str = "") -> str:
-    """The segment function around ``body``: one parallel region on ``nt`` threads (the traced twin: all of the
-    plan's, stamping when each thread starts), ``decls`` before it (shared by the team)."""
+    """The segment function around ``body``: one OpenMP parallel region on ``nt`` threads (the traced twin: all
+    of the plan's, stamping when each thread starts), ``decls`` before it (shared by the team)."""
     name, extra = (f"tseg{si}", ", double* T") if traced else (f"seg{si}", ", int nt")
     head = "#ifdef _OPENMP\n    if (T) T[(long)" + str(m) + " * 2 * nth + tid] = omp_get_wtime();\n#endif\n" if traced else ""
     nt = str(plan.threads) if traced else "nt"     # fewer threads at run time: run_threads
@@ -1573,8 +1648,224 @@ def _claimed_segment(si: int, idxs: list[int], plan: Plan, traced: bool) -> str:
     if traced:
         body.append(wait + "\n#ifdef _OPENMP\n" + stamp.format(j=len(idxs) - 1, e=1) + "\n#endif")
     m = len(idxs)
-    decls = f"  int F[{2 * m * P}] = {{0}}, D[{2 * m}] = {{0}};     /* per op and step: a flag per part, the parts done */\n"
+    # per op and step: a flag per part, the parts done; on cache lines of their own (threads spin on D while
+    # the caller's stack frame beside them is written)
+    decls = (f"  struct {{ SF_SYNC int F[{2 * m * P}]; int D[{2 * m}]; SF_SYNC char end_; }} sync_ = {{{{0}}, {{0}}, 0}};\n"
+             "  int* F = sync_.F; int* D = sync_.D;\n")
     return _region(si, m, plan, traced, body, decls)
+
+
+POOL = r"""
+/* The segments' thread pool (PlanOptions.thread_pool, Linux). Why not OpenMP: libgomp spins ~300k iterations in
+   every barrier and between regions, so when another process takes one of the cores, the thread left running
+   spins through its slice at each of the ~60 barriers of a forward pass while the thread it waits for is off
+   the core (MobileNetV2 8x at 224 beside two busy processes: p90 100-160 ms against a median of 8). Here every
+   wait spins at most SF_SPIN_NS (SF_IDLE_NS for a worker between segments), then sleeps on a futex. */
+#if defined(__linux__)
+#define SF_POOL 1
+#include <pthread.h>
+#include <limits.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+#include <linux/futex.h>
+#define SF_SPIN_NS @SPIN@LL
+#define SF_IDLE_NS @IDLE@LL
+static inline long long sf_now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec * 1000000000LL + t.tv_nsec; }
+static inline void sf_pause(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+/* wait until *a != v: spin for up to ns, then sleep on the futex (sleepers counts the sleeping waiters) */
+static void sf_wait_ne(int* a, int v, int* sleepers, long long ns) {
+  long long t0 = 0;
+  for (int i = 1; __atomic_load_n(a, __ATOMIC_ACQUIRE) == v; i++) {
+    sf_pause();
+    if ((i & 31) == 0) {
+      const long long t = sf_now();
+      if (!t0) t0 = t;
+      else if (t - t0 > ns) {
+        __atomic_fetch_add(sleepers, 1, __ATOMIC_SEQ_CST);
+        while (__atomic_load_n(a, __ATOMIC_SEQ_CST) == v) syscall(SYS_futex, a, FUTEX_WAIT_PRIVATE, v, NULL, NULL, 0);
+        __atomic_fetch_sub(sleepers, 1, __ATOMIC_SEQ_CST);
+        return;
+      }
+    }
+  }
+}
+/* after changing *a: wake its sleepers, if any (the seq_cst pair with sf_wait_ne: a waiter either sees the new
+   value before it sleeps or is counted before the check here) */
+static inline void sf_wake(int* a, int* sleepers) {
+  if (__atomic_load_n(sleepers, __ATOMIC_SEQ_CST)) syscall(SYS_futex, a, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+typedef struct { SF_SYNC int count, gen, sleepers; SF_SYNC char end_; } sf_bar;
+static void sf_barrier(sf_bar* b, int nth) {
+  const int g = __atomic_load_n(&b->gen, __ATOMIC_ACQUIRE);
+  if (__atomic_add_fetch(&b->count, 1, __ATOMIC_ACQ_REL) == nth) {
+    __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&b->gen, g + 1, __ATOMIC_SEQ_CST);
+    sf_wake(&b->gen, &b->sleepers);
+  } else {
+    sf_wait_ne(&b->gen, g, &b->sleepers, SF_SPIN_NS);
+  }
+}
+/* a segment call: its buffers and weights; e: the call's epoch (claimed parts) */
+typedef struct { float* const* B; int N; const float* g_w; const int* g_i; long long e; sf_bar bar; } sf_ctx;
+typedef void (*sf_fn)(sf_ctx* c, int tid, int nth);
+static struct {
+  pthread_mutex_t run;        /* one call at a time */
+  int nw;                     /* workers started (tids 1..nw) */
+  int ready;                  /* workers that have read the generation they wait on */
+  long long epoch;            /* calls so far: claimed parts are tagged with their call's */
+  /* the job, written between two stores of seq (odd while it is written) and read as a seqlock: a claimed
+     call's worker copies it (the caller may return before the worker looks); a barrier call's workers use the
+     caller's context (ctxp), which lives until every worker is done */
+  SF_SYNC long long seq;
+  sf_fn fn; sf_ctx job; sf_ctx* ctxp; int nth; int claimed;
+  SF_SYNC int gen; int gen_sleepers;      /* bumped for each job: idle workers wait for it to change */
+  SF_SYNC int left; int left_sleepers;    /* barrier jobs: workers that have not finished */
+  SF_SYNC char end_;
+} sf_pool = {.run = PTHREAD_MUTEX_INITIALIZER};
+#define SF_LD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
+#define SF_ST(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELAXED)
+static void* sf_worker(void* arg) {
+  const int tid = (int)(long)arg;
+  int seen = __atomic_load_n(&sf_pool.gen, __ATOMIC_ACQUIRE);
+  __atomic_add_fetch(&sf_pool.ready, 1, __ATOMIC_RELEASE);    /* sf_start waits for this: no job is missed */
+  for (;;) {
+    sf_wait_ne(&sf_pool.gen, seen, &sf_pool.gen_sleepers, SF_IDLE_NS);
+    seen = __atomic_load_n(&sf_pool.gen, __ATOMIC_ACQUIRE);
+    sf_fn fn; sf_ctx c; sf_ctx* cp; int nth, claimed;
+    for (;;) {
+      const long long s1 = __atomic_load_n(&sf_pool.seq, __ATOMIC_ACQUIRE);
+      if (s1 & 1) { sf_pause(); continue; }
+      fn = SF_LD(sf_pool.fn); nth = SF_LD(sf_pool.nth); claimed = SF_LD(sf_pool.claimed); cp = SF_LD(sf_pool.ctxp);
+      c.B = SF_LD(sf_pool.job.B); c.N = SF_LD(sf_pool.job.N); c.g_w = SF_LD(sf_pool.job.g_w);
+      c.g_i = SF_LD(sf_pool.job.g_i); c.e = SF_LD(sf_pool.job.e);
+      __atomic_thread_fence(__ATOMIC_ACQUIRE);
+      if (__atomic_load_n(&sf_pool.seq, __ATOMIC_RELAXED) == s1) break;
+    }
+    if (claimed) {
+      /* a late worker is harmless: it claims only parts of its own call that nobody has started, and leaves
+         as soon as a later call has begun (the caller never waits for it) */
+      if (tid < nth) fn(&c, tid, nth);
+      continue;
+    }
+    if (tid < nth) fn(cp, tid, nth);
+    if (__atomic_sub_fetch(&sf_pool.left, 1, __ATOMIC_SEQ_CST) == 0) sf_wake(&sf_pool.left, &sf_pool.left_sleepers);
+  }
+  return NULL;
+}
+/* a forked child has none of the parent's workers: it starts its own on its first call */
+static void sf_after_fork(void) { pthread_mutex_init(&sf_pool.run, NULL); sf_pool.nw = 0; sf_pool.ready = 0; }
+static int sf_start(int nw) {
+  static int atfork;
+  if (!atfork) { pthread_atfork(NULL, NULL, sf_after_fork); atfork = 1; }
+  while (sf_pool.nw < nw) {
+    pthread_t t;
+    pthread_attr_t at;
+    pthread_attr_init(&at);
+    pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+    const int ok = pthread_create(&t, &at, sf_worker, (void*)(long)(sf_pool.nw + 1)) == 0;
+    pthread_attr_destroy(&at);
+    if (!ok) break;
+    sf_pool.nw++;
+  }
+  while (__atomic_load_n(&sf_pool.ready, __ATOMIC_ACQUIRE) < sf_pool.nw) sched_yield();
+  return sf_pool.nw;
+}
+/* run fn(c, tid, nth) on tids 0..nth-1, the caller as tid 0. Barrier calls return once every worker is done;
+   claimed calls (every op's parts claimed, the body waits for the last op's parts) as soon as the caller's
+   fn returns. Fewer threads than asked (none could be created) give the same bits: every op splits its work
+   over the threads it gets, or its parts, and reduces in a fixed order (as run_threads does) */
+static void sf_run(sf_fn fn, sf_ctx* c, int nth, int claimed) {
+  pthread_mutex_lock(&sf_pool.run);
+  c->e = ++sf_pool.epoch;
+  if (nth > 1) {
+    const int have = 1 + sf_start(nth - 1);
+    if (have < nth) nth = have;
+  }
+  if (nth <= 1) { pthread_mutex_unlock(&sf_pool.run); fn(c, 0, 1); return; }
+  const long long s = sf_pool.seq;
+  __atomic_store_n(&sf_pool.seq, s + 1, __ATOMIC_RELAXED);
+  __atomic_thread_fence(__ATOMIC_RELEASE);
+  SF_ST(sf_pool.fn, fn); SF_ST(sf_pool.nth, nth); SF_ST(sf_pool.claimed, claimed); SF_ST(sf_pool.ctxp, c);
+  SF_ST(sf_pool.job.B, c->B); SF_ST(sf_pool.job.N, c->N); SF_ST(sf_pool.job.g_w, c->g_w);
+  SF_ST(sf_pool.job.g_i, c->g_i); SF_ST(sf_pool.job.e, c->e);
+  __atomic_store_n(&sf_pool.seq, s + 2, __ATOMIC_RELEASE);
+  if (!claimed) __atomic_store_n(&sf_pool.left, sf_pool.nw, __ATOMIC_RELAXED);
+  __atomic_add_fetch(&sf_pool.gen, 1, __ATOMIC_SEQ_CST);
+  sf_wake(&sf_pool.gen, &sf_pool.gen_sleepers);
+  fn(c, 0, nth);
+  if (!claimed)
+    for (int v; (v = __atomic_load_n(&sf_pool.left, __ATOMIC_ACQUIRE)) != 0;)
+      sf_wait_ne(&sf_pool.left, v, &sf_pool.left_sleepers, SF_SPIN_NS);
+  pthread_mutex_unlock(&sf_pool.run);
+}
+/* claimed parts, tagged with the call's epoch e. Each part has a line of its own holding c, the epoch of the
+   call that claimed it, and d, the epoch of the call that finished it: a thread claims and finishes its own part
+   in its own cache, and reads the other parts' lines to see them claimed or done. A part is free while c < e;
+   d > e means a later call has begun, so this thread's call is over (a late worker leaves). */
+typedef struct { SF_SYNC long long c; long long d; } sf_part;
+typedef struct { SF_SYNC int w; int sleepers; SF_SYNC char end_; } sf_sleep;
+static inline int sf_claim(sf_part* q, long long e) {
+  long long o = __atomic_load_n(&q->c, __ATOMIC_RELAXED);
+  while (o < e)
+    if (__atomic_compare_exchange_n(&q->c, &o, e, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) return 1;
+  return 0;
+}
+static inline void sf_done(sf_part* q, long long e, sf_sleep* z) {
+  __atomic_store_n(&q->d, e, __ATOMIC_SEQ_CST);
+  if (__atomic_load_n(&z->sleepers, __ATOMIC_SEQ_CST)) {
+    __atomic_add_fetch(&z->w, 1, __ATOMIC_SEQ_CST);
+    syscall(SYS_futex, &z->w, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+  }
+}
+/* 1 once the op's P parts are done in call e, 0 if a later call has begun; spins SF_SPIN_NS, then sleeps */
+static int sf_parts_done(sf_part* q, int P, long long e, sf_sleep* z) {
+  long long t0 = 0;
+  for (int i = 1;; i++) {
+    int all = 1;
+    for (int p = 0; p < P; p++) {
+      const long long d = __atomic_load_n(&q[p].d, __ATOMIC_ACQUIRE);
+      if (d > e) return 0;
+      all &= d == e;
+    }
+    if (all) return 1;
+    sf_pause();
+    if ((i & 31) == 0) {
+      const long long t = sf_now();
+      if (!t0) t0 = t;
+      else if (t - t0 > SF_SPIN_NS) {
+        const int v = __atomic_load_n(&z->w, __ATOMIC_SEQ_CST);
+        __atomic_fetch_add(&z->sleepers, 1, __ATOMIC_SEQ_CST);
+        int ready = 1;
+        for (int p = 0; p < P; p++) ready &= __atomic_load_n(&q[p].d, __ATOMIC_SEQ_CST) >= e;
+        if (!ready) syscall(SYS_futex, &z->w, FUTEX_WAIT_PRIVATE, v, NULL, NULL, 0);
+        __atomic_fetch_sub(&z->sleepers, 1, __ATOMIC_SEQ_CST);
+        t0 = 0;
+      }
+    }
+  }
+}
+#else
+/* elsewhere the segments run in OpenMP regions and this is an orphaned OpenMP barrier */
+typedef struct { int count, gen, sleepers; } sf_bar;
+static inline void sf_barrier(sf_bar* b, int nth) {
+  (void)b; (void)nth;
+#ifdef _OPENMP
+  _Pragma("omp barrier")
+#endif
+}
+typedef struct { float* const* B; int N; const float* g_w; const int* g_i; long long e; sf_bar bar; } sf_ctx;
+#endif
+"""
+
+
+def pool_source(plan: Plan) -> str:
+    o = plan.options
+    return POOL.replace("@SPIN@", str(1000 * o.pool_spin_us)).replace("@IDLE@", str(1000 * o.pool_idle_us))
 
 
 UNIT_MARK = "/* sparseforge:unit */"      # a conv body: may be compiled apart from the rest (see build.split_units)
@@ -1604,6 +1895,8 @@ def generate(plan: Plan) -> str:
     for body, fname in bodies.items():
         parts.append(f"{UNIT_MARK}\nBODY void {fname}(OPARGS, const int* d) {{\n{body}\n}}")
     parts.append(MAIN_MARK)
+    if plan.options.thread_pool and plan.threads > 1:
+        parts.append(pool_source(plan))
     parts += wrappers
     for k, op in enumerate(plan.graph.ops):   # single-op entry points, for per-op profiling
         if op.native:

@@ -125,12 +125,18 @@ class PlanOptions:
     gemm_mr: int = 6
     gemm_nr: int = 4
     # ops of a native segment as parts that threads claim (each its own partition first, then any part nobody
-    # has started; an op waits for its predecessor's parts to be done instead of a barrier). Off: measured on
-    # 2 vCPUs beside one busy process (bench/contention.py, 3 sessions), it helps where ops are long and hurts
-    # where they are short: ResNet-50 8x at 224 38 vs 133 ms with barriers (onnxruntime 47), CIFAR ResNet-56 8x
-    # 4.9 vs 0.42 ms (the second thread starts each call ~1.7 ms late), MobileNetV2 8x at 224 16 vs 3-7 ms;
-    # quiet, the same (+-1%).
-    claim_parts: bool = False
+    # has started; an op waits for its predecessor's parts to be done instead of a barrier), on the library's
+    # own thread pool (thread_pool, Linux: pthreads + futex) instead of OpenMP regions: the caller never waits
+    # for a thread that has not started, and a worker that wakes after the call is over claims nothing. Every
+    # wait spins at most pool_spin_us (a worker between calls pool_idle_us), then sleeps on a futex. Measured
+    # (session 27, AMD EPYC Zen 4, 2 vCPUs, b1, 2 threads; bench/contention.py and ARCHITECTURE.md "Shared
+    # cores"): beside busy processes MobileNetV2 8x at 224 p90 9-10 ms vs 150 with OpenMP barriers (onnxruntime
+    # 24), the first call after 30 ms idle 5.5 vs 14 ms (onnxruntime 5.2), CIFAR ResNet-56 1.2 vs 11-16 ms;
+    # quiet back-to-back within noise of OpenMP. Off (claim_parts=False, thread_pool=False): OpenMP barriers.
+    claim_parts: bool = True
+    thread_pool: bool = True
+    pool_spin_us: int = 1000
+    pool_idle_us: int = 200
 
 
 DEFAULT_OPTIONS = PlanOptions()

@@ -126,6 +126,8 @@ class CompiledModel:
                                    f"got {tuple(x.shape)}; the engine was compiled for that per-image shape")
         if x.shape[0] < 1:
             raise SparseforgeError("engine input has an empty batch")
+        if x.device.type != "cpu":
+            raise SparseforgeError(f"engine input must be on the CPU, got a tensor on {x.device}; call x.cpu()")
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,7 +147,10 @@ class CompiledModel:
         env: dict[int, torch.Tensor] = dict(views)
         inp = self.spec["inputs"][0]
         if inp in bufs:
-            views[inp].copy_(x)
+            # numpy's copy runs on this thread: a torch copy of a large input wakes torch's OpenMP threads, which
+            # then spin for milliseconds on the cores the engine's threads are about to need (MobileNetV2 8x at
+            # 224 on the engine's own pool: 2.2 ms with this copy, 9 ms with torch's)
+            np.copyto(views[inp].numpy(), x.detach().numpy())
         env[inp] = views.get(inp, x)
         packed = set(self.spec["packed"])
         nt = self._run_threads if trace is None else self.spec["threads"]
@@ -170,7 +175,7 @@ class CompiledModel:
                         env[op.output] = y
                     if trace is not None:
                         trace[("torch", k)] = time.perf_counter() - t0
-        outs = [env[o].clone().contiguous() for o in self.spec["outputs"]]
+        outs = [torch.from_numpy(np.array(env[o].numpy(), order="C")) for o in self.spec["outputs"]]   # (as above)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     # ---- introspection ------------------------------------------------------------
