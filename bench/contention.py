@@ -1,16 +1,19 @@
-"""Latency when the cores are shared: the engine (a barrier after every op; the same plan with ``run_threads = 1``;
-ops as claimed parts, PlanOptions.claim_parts) vs onnxruntime fp32, quiet and beside 1..k busy processes (each a
-Python loop, as another job on the machine).
+"""Latency when the cores are shared, and on the first call after an idle pause: the engine (default schedule:
+ops as claimed parts on the library's own thread pool; OpenMP regions with a barrier after every op, what shipped
+before session 27; the default plan with ``run_threads = 1``) vs onnxruntime fp32, quiet and beside 1..k busy
+processes (each a Python loop, as another job on the machine).
 
-Why: with a barrier after every op, a thread the OS deschedules holds the other thread at the next barrier for the
-rest of the busy process's time slice, once per op (MobileNetV2 at 224 has ~60). Claimed parts let whichever
-thread is running take the parts nobody has started; ``run_threads = 1`` needs no second core at all.
+Why: with a barrier after every op, a thread the OS deschedules holds the other thread at the next barrier, once per
+op (MobileNetV2 at 224 has ~60), and libgomp's waiters spin ~300k iterations before sleeping, so the thread left
+running spins through its slice. Claimed parts let whichever thread is running take the parts nobody has started,
+the caller never waits for a worker that has not started, and waits sleep after 1 ms. After an idle pause the
+workers are asleep and a virtual CPU may take a millisecond to wake: the claimed schedule runs on without them.
 
-Run with nothing else running (each setting alternates the arms in one process, 50 ms pause + 2 discarded calls
-before each timed call so no runtime's spinning threads are charged to the next arm):
+Run with nothing else running (each setting alternates the arms in one process):
   python bench/contention.py --models mobilenet_v2:pattern8x:224,resnet50:pattern8x:224,resnet56:pattern8x:32 \
       --hogs 0,1,2 --threads 2 --runs 10 --sessions 3
-Writes bench/results/contention.json and contention.png (latency relative to each arm's quiet median).
+Timing: "warm" (default) times a call after a 50 ms pause and 2 discarded calls; --after-idle times the first call
+after the pause. Writes bench/results/contention[-after-idle].json and .png (median latency per arm).
 """
 
 from __future__ import annotations
@@ -46,8 +49,9 @@ def arms_for(name: str, cfg: str, size: int, threads: int) -> dict:
         sf.prune(pruned, CONFIGS[cfg])
     x = torch.randn(1, 3, size, size)
     arms = {}
-    for label, claim in (("engine", False), ("engine-claim_parts", True)):
-        e = sf.compile(pruned, x, threads=threads, plan_options=PlanOptions(claim_parts=claim))
+    for label, opts in (("engine", PlanOptions()),
+                        ("engine-openmp-barriers", PlanOptions(thread_pool=False, claim_parts=False))):
+        e = sf.compile(pruned, x, threads=threads, plan_options=opts)
         arms[label] = (lambda e_: lambda: e_(x))(e)
     one = sf.compile(pruned, x, threads=threads)
     one.run_threads = 1          # the same plan on one thread (what a user sharing the cores may pick)
@@ -59,14 +63,15 @@ def arms_for(name: str, cfg: str, size: int, threads: int) -> dict:
     return arms
 
 
-def timed_rounds(arms: dict, runs: int) -> dict[str, list[float]]:
+def timed_rounds(arms: dict, runs: int, after_idle: bool = False) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {k: [] for k in arms}
     names = list(arms)
     for r in range(runs):
         for k in names[r % len(names):] + names[: r % len(names)]:
             time.sleep(0.05)
-            arms[k]()
-            arms[k]()
+            if not after_idle:
+                arms[k]()
+                arms[k]()
             t0 = time.perf_counter()
             arms[k]()
             times[k].append(time.perf_counter() - t0)
@@ -80,8 +85,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=10, help="timed calls per arm per session")
     ap.add_argument("--sessions", type=int, default=3, help="times each setting is measured with fresh processes")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "contention"))
+    ap.add_argument("--after-idle", action="store_true", help="time the first call after each 50 ms pause")
+    ap.add_argument("--out", default="")
     a = ap.parse_args()
+    a.out = a.out or str(ROOT / "bench" / "results" / ("contention-after-idle" if a.after_idle else "contention"))
     torch.set_num_threads(a.threads)
     results = []
     for spec in a.models.split(","):
@@ -99,7 +106,7 @@ def main() -> None:
                     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
                     try:
                         time.sleep(1.0 if n else 0.0)
-                        t = timed_rounds(arms, a.runs)
+                        t = timed_rounds(arms, a.runs, a.after_idle)
                     finally:
                         for h in hogs:
                             h.kill()
@@ -118,7 +125,9 @@ def main() -> None:
     out = Path(a.out)
     atomic_write_json(Path(str(out) + ".json"), {
         "benchmark": "contention", "results": results, "env": environment(),
-        "method": "arms alternate (rotated order); each timed call after a 50 ms pause and 2 discarded calls; "
+        "timing": "first call after a 50 ms pause" if a.after_idle else "after a 50 ms pause and 2 discarded calls",
+        "method": "arms alternate (rotated order); each timed call after a 50 ms pause (and 2 discarded calls unless "
+                  "--after-idle); "
                   "busy processes are `python -c 'while True: pass'`, started 1 s before timing; each setting measured "
                   "in --sessions sessions with fresh busy processes, interleaved; median/p10/p90 over all of them"})
     models = sorted({(r["model"], r["sparsity"], r["size"]) for r in results}, key=str)

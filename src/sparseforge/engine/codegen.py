@@ -1664,6 +1664,7 @@ POOL = r"""
 #if defined(__linux__)
 #define SF_POOL 1
 #include <pthread.h>
+#include <errno.h>
 #include <limits.h>
 #include <time.h>
 #include <unistd.h>
@@ -1729,12 +1730,40 @@ static struct {
 } sf_pool = {.run = PTHREAD_MUTEX_INITIALIZER};
 #define SF_LD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
 #define SF_ST(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELAXED)
+/* a worker between jobs: spin SF_IDLE_NS, then sleep on the futex. After SF_EXIT_S seconds without a job the
+   highest-numbered worker leaves (every compiled engine has its own pool: a process that compiles hundreds of
+   them keeps threads only for those in use). 0: the worker left; 1: a new job */
+#define SF_EXIT_S 2
+static int sf_idle_wait(int tid, int seen) {
+  const long long t0 = sf_now();
+  for (int i = 1; __atomic_load_n(&sf_pool.gen, __ATOMIC_ACQUIRE) == seen; i++) {
+    sf_pause();
+    if ((i & 31) == 0 && sf_now() - t0 > SF_IDLE_NS) break;
+  }
+  for (;;) {
+    if (__atomic_load_n(&sf_pool.gen, __ATOMIC_ACQUIRE) != seen) return 1;
+    struct timespec ts = {SF_EXIT_S, 0};
+    long r = 0;
+    __atomic_fetch_add(&sf_pool.gen_sleepers, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&sf_pool.gen, __ATOMIC_SEQ_CST) == seen)
+      r = syscall(SYS_futex, &sf_pool.gen, FUTEX_WAIT_PRIVATE, seen, &ts, NULL, 0);
+    const int timed_out = r == -1 && errno == ETIMEDOUT;
+    __atomic_fetch_sub(&sf_pool.gen_sleepers, 1, __ATOMIC_SEQ_CST);
+    /* jobs are published under the run lock: holding it, an unchanged generation means none is coming */
+    if (timed_out && pthread_mutex_trylock(&sf_pool.run) == 0) {
+      const int leave = __atomic_load_n(&sf_pool.gen, __ATOMIC_ACQUIRE) == seen && tid == sf_pool.nw;
+      if (leave) { sf_pool.nw--; __atomic_sub_fetch(&sf_pool.ready, 1, __ATOMIC_RELEASE); }
+      pthread_mutex_unlock(&sf_pool.run);
+      if (leave) return 0;
+    }
+  }
+}
 static void* sf_worker(void* arg) {
   const int tid = (int)(long)arg;
   int seen = __atomic_load_n(&sf_pool.gen, __ATOMIC_ACQUIRE);
   __atomic_add_fetch(&sf_pool.ready, 1, __ATOMIC_RELEASE);    /* sf_start waits for this: no job is missed */
   for (;;) {
-    sf_wait_ne(&sf_pool.gen, seen, &sf_pool.gen_sleepers, SF_IDLE_NS);
+    if (!sf_idle_wait(tid, seen)) return NULL;
     seen = __atomic_load_n(&sf_pool.gen, __ATOMIC_ACQUIRE);
     sf_fn fn; sf_ctx c; sf_ctx* cp; int nth, claimed;
     for (;;) {

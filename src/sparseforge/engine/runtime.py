@@ -8,6 +8,7 @@ PyTorch fallbacks run in between on views of the same buffers.
 from __future__ import annotations
 
 import ctypes
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +27,9 @@ class CompiledModel:
     def __init__(self, spec: dict, lib_path: Path, floats: np.ndarray, ints: np.ndarray,
                  torch_ops: dict[int, TorchOp] | None = None, source: str = "", artefact_dir: Path | None = None):
         self.spec = spec
+        # one call at a time: a call's activations live in buffers shared by every call of its batch size (found by
+        # the concurrent-callers test: two threads' inputs overwrote each other, relative error 0.33)
+        self._lock = threading.Lock()
         self.lib_path = Path(lib_path)
         self.source = source
         self._torch_ops = torch_ops or {}
@@ -142,6 +146,10 @@ class CompiledModel:
     @torch.inference_mode()
     def _run(self, x: torch.Tensor, trace: dict | None = None) -> torch.Tensor:
         self._check(x)
+        with self._lock:
+            return self._run_locked(x, trace)
+
+    def _run_locked(self, x: torch.Tensor, trace: dict | None) -> torch.Tensor:
         n = x.shape[0]
         bufs, views, ptrs = self._alloc(n)
         env: dict[int, torch.Tensor] = dict(views)
