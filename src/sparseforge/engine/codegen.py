@@ -1528,6 +1528,15 @@ def _barrier_segment(si: int, idxs: list[int], plan: Plan, traced: bool) -> str:
     return _region(si, len(idxs), plan, traced, body)
 
 
+def _op_steps(k: int, plan: Plan, part: str, parts: str) -> list[str]:
+    """The calls that run op k's share ``part`` of ``parts``: a fused block in two steps (its partitions, then
+    -- once every thread's partial sums of leftover images are written -- its output channels), any other op in
+    one. Each schedule puts its own wait between steps."""
+    if k in plan.blocks:
+        return [f"op{k}_run(B, N, {part}, {parts}, g_w, g_i, {s})" for s in (0, 1)]
+    return [f"op{k}(B, N, {part}, {parts}, g_w, g_i)"]
+
+
 _POOL_HEAD = ("  float* const* B = c_->B; const int N = c_->N; const float* g_w = c_->g_w; const int* g_i = c_->g_i;\n"
               "  (void)nth;\n")
 
@@ -1542,12 +1551,10 @@ def _pooled_barrier_segment(si: int, idxs: list[int], plan: Plan) -> str:
             continue
         if j:
             body.append("  sf_barrier(&c_->bar, nth);")
-        if k in plan.blocks:
-            body += [f"  op{k}_run(B, N, tid, nth, g_w, g_i, 0);",
-                     "  if (N % nth) sf_barrier(&c_->bar, nth);",
-                     f"  op{k}_run(B, N, tid, nth, g_w, g_i, 1);"]
-        else:
-            body.append(f"  op{k}(B, N, tid, nth, g_w, g_i);")
+        steps = _op_steps(k, plan, "tid", "nth")
+        body.append(f"  {steps[0]};")
+        if len(steps) > 1:
+            body += ["  if (N % nth) sf_barrier(&c_->bar, nth);", f"  {steps[1]};"]
     return f"""static void seg{si}_body(sf_ctx* c_, int tid, int nth) {{
 {_POOL_HEAD}{chr(10).join(body)}
 }}
@@ -1575,11 +1582,8 @@ def _pooled_claimed_segment(si: int, idxs: list[int], plan: Plan) -> str:
     for j, k in enumerate(idxs):
         if j and k in plan.absorbed:
             continue
-        if k in plan.blocks:       # its partitions, then (leftover images) its output channels
-            body += parts(f"op{k}_run(B, N, p, {P}, g_w, g_i, 0)")
-            body += parts(f"op{k}_run(B, N, p, {P}, g_w, g_i, 1)")
-        else:
-            body += parts(f"op{k}(B, N, p, {P}, g_w, g_i)")
+        for step in _op_steps(k, plan, "p", str(P)):
+            body += parts(step)
     return f"""static sf_part Q_s{si}[{slot * P}];      /* op after op, P parts each */
 static sf_sleep Z_s{si};
 static void seg{si}_body(sf_ctx* c_, int tid, int nth) {{
@@ -1638,14 +1642,11 @@ def _claimed_segment(si: int, idxs: list[int], plan: Plan, traced: bool) -> str:
             return (f"    for (int i = 0; i < {P}; i++) {{ const int p = (tid + i) % {P}; "
                     f"if (claim(F + {slot * P} + p)) {{ {call}; done_add(D + {slot}); }} }}")
 
-        if k in plan.blocks:        # a fused block: its partitions, then (leftover images) its output channels
-            body.append(parts(f"op{k}_run(B, N, p, {P}, g_w, g_i, 0)", 2 * j))
-            body.append(f"    wait_done(D + {2 * j}, {P});")
-            body.append(parts(f"op{k}_run(B, N, p, {P}, g_w, g_i, 1)", 2 * j + 1))
-            wait = f"    wait_done(D + {2 * j + 1}, {P});"
-        else:
-            body.append(parts(f"op{k}(B, N, p, {P}, g_w, g_i)", 2 * j))
-            wait = f"    wait_done(D + {2 * j}, {P});"
+        for i, step in enumerate(_op_steps(k, plan, "p", str(P))):
+            if i:
+                body.append(wait)
+            body.append(parts(step, 2 * j + i))
+            wait = f"    wait_done(D + {2 * j + i}, {P});"
         if traced:
             body.append("#ifdef _OPENMP\n" + stamp.format(j=j, e=0) + "\n#endif")
     if traced:
