@@ -28,6 +28,8 @@ them over stages and use any of the toolkit's methods (KD from the dense start i
   pattern-8x-ramp-gradual  pattern-8x-gradual with pattern_ramp (taps fall 9 -> 4 on the schedule: best-fit
                         pattern + the largest other taps, instead of the 2.25x cut at step 0)
   pattern-2.25x-ramp-gradual  pattern-2.25x-gradual with pattern_ramp
+  pattern-2.25x-ramp-a05-gradual  pattern-2.25x-ramp-gradual with KD alpha 0.5 (half the loss on the labels): does
+                        distilling from the 88.46% start hold the student below the fine-tuned control?
   magnitude-8x-gradual  the same stage with global unstructured magnitude at pattern-8x's weight count: the two
                         structures compared with one pipeline
 
@@ -103,6 +105,7 @@ def arm_stages(E: int, admm_epochs: int, weights: str) -> dict[str, list[dict]]:
         "pattern-8x-ramp-gradual": gradual(pattern_ramp=True, target=p8),
         "pattern-8x-ramp-p12-gradual": gradual(pattern_ramp=True, target={**p8, "num_patterns": 12}),
         "pattern-2.25x-ramp-gradual": gradual(pattern_ramp=True, target=p225),
+        "pattern-2.25x-ramp-a05-gradual": gradual(pattern_ramp=True, target=p225, alpha=0.5),
         "pattern-8x-ramp-mag-gradual": gradual(pattern_ramp=True, target={**p8, "connectivity_scope": "magnitude"}),
         "magnitude-8x-gradual": gradual(magnitude=matched_magnitude_sparsity(weights, PatternConfig(**p8))),
     }

@@ -208,24 +208,30 @@ def test_nan_input_counts_as_zero():
 
 @pytest.mark.parametrize("portable", [False, True])
 def test_int8_engine_convs_equal_the_integer_reference_on_generated_networks(portable):
-    """The int8 conv kernel (tap quads; AVX512-VNNI where the CPU has it, plain C in the portable build) gives the
-    integer reference's integers exactly: signed and unsigned inputs, strides 1 and 2, 1x1 and kxk, residual
-    epilogues, batch > 1, 1 and 2 threads; ops it does not cover run through the reference and are listed."""
+    """The int8 engine (tap-quad conv kernel: AVX512-VNNI where the CPU has it, plain C in the portable build; the
+    other native ops: depthwise, pools, global pool, linear, add, multiply, tables, flatten, concat) gives the
+    integer reference's integers exactly for every op it runs: signed and unsigned inputs, strides 1 and 2, 1x1
+    and kxk, residual epilogues, batch > 1, 1 and 2 threads; ops it does not cover run through the reference and
+    are listed."""
     from sparseforge.engine.int8 import Int8Engine
 
-    native = 0
+    native, others = 0, set()
     seeds = range(40, 52) if not portable else range(60, 64)
     for seed in seeds:
         model, x, desc = random_network(seed)
         qm = sf.quantize(model, sf.Int8Config(calibration="minmax"), _calibration(x))
         e = Int8Engine(qm, threads=1 + seed % 2, portable=portable)
         env_ref, env = run_int(qm.qgraph, x, keep=True), e.run(x, keep=True)
-        for k in e.plans:
+        for k in e.native:
             v = qm.qgraph.graph.ops[k].output
             assert torch.equal(env[v], env_ref[v]), (seed, qm.qgraph.graph.ops[k].name, desc)
         out = e(x)
         assert torch.equal(out, qm(x)), (seed, desc)
         native += len(e.plans)
+        others |= {nat.what.split(" (")[0] for k, nat in e.native.items() if k not in e.plans}
         s = e.summary()
-        assert s.count("int8 kernel (") == len(e.plans) and s.count("reference (") == len(qm.qgraph.graph.ops) - len(e.plans)
+        assert s.count("int8 kernel (") == len(e.plans)
+        assert s.count("reference (") == len(qm.qgraph.graph.ops) - len(e.native)
     assert native >= 2 * len(seeds)
+    if not portable:       # the other native ops were exercised too
+        assert {"int8 add", "int8 global pool", "int8 linear", "int8 depthwise"} <= others, others

@@ -1921,7 +1921,7 @@ typedef struct { float* const* B; int N; const float* g_w; const int* g_i; long 
 """
 
 
-def pool_source(plan: Plan) -> str:
+def thread_pool_source(plan: Plan) -> str:
     o = plan.options
     return POOL.replace("@SPIN@", str(1000 * o.pool_spin_us)).replace("@IDLE@", str(1000 * o.pool_idle_us))
 
@@ -1954,7 +1954,7 @@ def generate(plan: Plan) -> str:
         parts.append(f"{UNIT_MARK}\nBODY void {fname}(OPARGS, const int* d) {{\n{body}\n}}")
     parts.append(MAIN_MARK)
     if plan.options.thread_pool and plan.threads > 1:
-        parts.append(pool_source(plan))
+        parts.append(thread_pool_source(plan))
     parts += wrappers
     for k, op in enumerate(plan.graph.ops):   # single-op entry points, for per-op profiling
         if op.native:

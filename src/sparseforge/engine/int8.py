@@ -31,7 +31,8 @@ import torch
 
 from ..errors import SparseforgeError
 from .build import build
-from .ir import ConvOp
+from .int8_ops import K_ADD, K_AFFINE, K_AVGPOOL, K_CONV, K_COPY, K_DW, K_GAP, K_LINEAR, K_LUT, K_MAXPOOL, K_MUL, Q8Op, make_op, ops_source
+from .ir import ConcatOp, ConvOp, EltwiseOp, FlattenOp, GapOp, LinearOp, PoolOp
 from .plan import DEFAULT_OPTIONS, _kernel_shapes
 from .quant import QuantizedModel, quantize_input, run_op_int
 
@@ -356,43 +357,78 @@ def _ptr(a: np.ndarray, t=ctypes.c_void_p):
 
 @dataclass(frozen=True)
 class _Geom:
+    """A value's bytes per image: a map (C, H, W) as planes with a one-pixel zero border, a vector (F,) plain
+    (``floats``: a float32 graph output)."""
+
     c: int
     h: int
     w: int
+    vector: bool = False
+    floats: bool = False
 
     @property
     def rs(self) -> int:
-        return self.w + 2
+        return 1 if self.vector else self.w + 2
 
     @property
     def plane(self) -> int:
-        return (self.h + 2) * (self.w + 2)
+        return 1 if self.vector else (self.h + 2) * (self.w + 2)
+
+    @property
+    def origin(self) -> int:
+        return 0 if self.vector else self.rs + 1
 
     @property
     def nbytes(self) -> int:
+        if self.vector:
+            return self.c * (4 if self.floats else 1) + 64
         return self.c * self.plane + TILE + 64          # slack: a tile's tail reads past the last plane
 
-
-def to_planes(t: torch.Tensor, g: _Geom) -> np.ndarray:
-    """int32 (N, C, H, W) -> byte planes (N, nbytes): zero border, int8 as two's complement, uint8 as is."""
-    n = t.shape[0]
-    out = np.zeros((n, g.nbytes), np.uint8)
-    body = out[:, :g.c * g.plane].reshape(n, g.c, g.h + 2, g.w + 2)
-    body[:, :, 1:-1, 1:-1] = (t.numpy() & 0xFF).astype(np.uint8)
-    return out
+    def body(self, b: np.ndarray) -> np.ndarray:
+        """The values' bytes of buffer rows ``b`` (N, nbytes) as an (N, C, H, W) or (N, F) view."""
+        n = b.shape[0]
+        if self.vector:
+            return b[:, :4 * self.c].view(np.float32) if self.floats else b[:, :self.c]
+        return b[:, :self.c * self.plane].reshape(n, self.c, self.h + 2, self.w + 2)[:, :, 1:-1, 1:-1]
 
 
-def from_planes(b: np.ndarray, g: _Geom, signed: bool) -> torch.Tensor:
-    body = b[:, :g.c * g.plane].reshape(b.shape[0], g.c, g.h + 2, g.w + 2)[:, :, 1:-1, 1:-1]
+def _geom(shape: tuple[int, ...], floats: bool = False) -> _Geom | None:
+    if len(shape) == 3:
+        return _Geom(*shape)
+    if len(shape) == 1:
+        return _Geom(shape[0], 1, 1, vector=True, floats=floats)
+    return None
+
+
+def store(t: torch.Tensor, g: _Geom, out: np.ndarray) -> None:
+    """int32 (N, ...) values into buffer rows ``out``: int8 as two's complement, uint8 as is (borders untouched)."""
+    g.body(out)[...] = (t.reshape(g.body(out).shape).numpy() & 0xFF).astype(np.uint8)
+
+
+def load(b: np.ndarray, g: _Geom, signed: bool) -> torch.Tensor:
+    body = g.body(b)
+    if g.floats:
+        return torch.from_numpy(body.copy())
     return torch.from_numpy(body.view(np.int8 if signed else np.uint8).astype(np.int32))
 
 
-class Int8Engine:
-    """A QuantizedModel with its convolutions in the int8 kernel; equal to ``qm(x)`` bit for bit.
+class _Native:
+    """How one op runs natively: its C descriptors (a concat is one copy per input), the arrays they point to
+    (kept alive here), the values it reads, and what summary() says."""
 
-    Between native convs values stay in byte planes (no conversion); a value is turned into the reference's int32
-    tensor only where an op that runs through the reference (or a graph output) reads it. The planes and the
-    packing scratch belong to the engine: one call at a time per engine (make one engine per thread)."""
+    def __init__(self, what: str, ops: list, keep: list, reads: list[int]):
+        self.what, self.ops, self.keep, self.reads = what, ops, keep, reads
+
+
+class Int8Engine:
+    """A QuantizedModel in the int8 engine; equal to ``qm(x)`` bit for bit.
+
+    Convs (groups 1, k x k up to 3x3) run in the tap-quad kernel; depthwise convs, max/avg pools, the global
+    pool, linear layers, adds, multiplies, lookup-table activations, flatten and concat in the ops of
+    ``engine/int8_ops.py``; a stretch of such ops is one C call over byte planes. An op without a native form
+    (a PyTorch fallback, a conv the kernel does not cover) runs through the integer reference, and only there do
+    its values become int32 tensors. The planes and the scratch belong to the engine: one call at a time per
+    engine (make one engine per thread)."""
 
     def __init__(self, qm: QuantizedModel, threads: int = 1, portable: bool = False):
         if not isinstance(qm, QuantizedModel):
@@ -401,86 +437,260 @@ class Int8Engine:
         self.qm, self.threads = qm, max(1, int(threads))
         qg = qm.qgraph
         g = qg.graph
+        float_vals = {op.output for op, q in zip(g.ops, qg.qops) if q.float_out}
+        self.geom = {vid: gm for vid, v in g.values.items()
+                     if (gm := _geom(tuple(v.shape), vid in float_vals)) is not None}
         self.plans: dict[int, _ConvPlan] = {}
+        self.native: dict[int, _Native] = {}
         self.why: dict[int, str] = {}
+        slots = {vid: j for j, vid in enumerate(sorted(g.values))}
+        self._slot = slots
         for k, (op, q) in enumerate(zip(g.ops, qg.qops)):
-            why = native_conv(op, q)
-            if why is None and op.residual is not None and len(g.values[op.residual].shape) != 3:
-                why = "residual is not a map"
-            if why is None:
-                _, h, w = g.values[op.inputs[0]].shape
-                self.plans[k] = plan_conv(op, q, h, w, qg.params[op.inputs[0]].signed)
+            try:
+                nat = self._native_op(k, op, q, slots)
+            except _NotNative as e:
+                self.why[k] = str(e)
+                continue
+            self.native[k] = nat
+        # stretches of native ops, each one C call; reference ops between them
+        self.steps: list[tuple[str, object]] = []
+        for k in range(len(g.ops)):
+            if k in self.native:
+                if self.steps and self.steps[-1][0] == "native":
+                    self.steps[-1][1].append(k)
+                else:
+                    self.steps.append(("native", [k]))
             else:
-                self.why[k] = why
-        self.geom = {vid: _Geom(*v.shape) for vid, v in g.values.items() if len(v.shape) == 3}
+                self.steps.append(("reference", k))
+        self._programs = {}
+        for kind, ks in self.steps:
+            if kind == "native":
+                descs = [d for k in ks for d in self.native[k].ops]
+                arr = (Q8Op * len(descs))(*descs)
+                self._programs[ks[0]] = (arr, len(descs))
         # portable: no -march=native, so the plain C path (what a CPU without AVX512-VNNI runs)
-        self.lib_path, self.build_info = build(SOURCE.replace("@TILE@", str(TILE)), portable=portable)
+        src = SOURCE.replace("@TILE@", str(TILE)) + ops_source()
+        self.lib_path, self.build_info = build(src, portable=portable)
         self.lib = ctypes.CDLL(str(self.lib_path))
-        self.lib.sf_conv_q8.restype = None
+        self.lib.sf_q8_run.restype = None
         P, I = ctypes.c_void_p, ctypes.c_int
-        self.lib.sf_conv_q8.argtypes = [P, I, P, I, I, I, I, I, I, P, P, P, P, P, P, P, I, I, I, I, I, I,
-                                        ctypes.c_float, I, I, P, I, I, P, I]
-        scratch = max((p.quads for p in self.plans.values()), default=1)
-        self._Q = np.zeros(max(1, scratch) * TILE * 4 + 64, np.uint8)
-        self._Qp = _ptr(self._Q)
-        # output planes per (value, batch), reused across calls (an output read later in the same call is never
-        # written twice: values are single-assignment); a returned integer tensor is always a copy
-        self._buffers: dict[tuple[int, int], np.ndarray] = {}
+        self.lib.sf_q8_run.argtypes = [P, I, P, P, I, P, I]
+        scratch = max([p.quads * TILE * 4 for p in self.plans.values()]
+                      + [self.geom[op.inputs[0]].c + 64 for op in g.ops if isinstance(op, LinearOp)] + [1])
+        self._Q = np.zeros(scratch + 64, np.uint8)
+        # buffers per batch size, reused across calls (values are single-assignment: a value read later in the
+        # same call is never overwritten); a returned integer tensor is always a copy
+        self._bufs: dict[int, tuple[list, object, object]] = {}
 
-    def _conv(self, k: int, planes: dict[int, np.ndarray], ints: dict[int, torch.Tensor]) -> np.ndarray:
+    # ---- planning: which ops run natively, as what -------------------------------------------------------------
+    def _view(self, vid: int) -> tuple[int, int, int, int]:
+        gm = self.geom[vid]
+        return gm.plane, gm.rs, gm.origin, int(self.qm.qgraph.params[vid].signed)
+
+    def _native_op(self, k: int, op, q, slots) -> _Native:
         qg = self.qm.qgraph
-        op, q, p = qg.graph.ops[k], qg.qops[k], self.plans[k]
-        gi, go = self.geom[op.inputs[0]], self.geom[op.output]
-        xb = self._planes(op.inputs[0], planes, ints)
-        n = xb.shape[0]
-        out = self._buffers.get((op.output, n))
-        if out is None:            # zeroed once: kernels write interiors only, the border stays 0
-            out = self._buffers[(op.output, n)] = np.zeros((n, go.nbytes), np.uint8)
-        rb, rargs = None, (0, 0, 0, 1, 0, 0)
-        if op.residual is not None:
-            gr = self.geom[op.residual]
-            rb = self._planes(op.residual, planes, ints)
-            pad = op.res_kind == "pad_shortcut"
-            rargs = (int(qg.params[op.residual].signed), gr.rs, gr.plane, op.res_stride if pad else 1,
-                     op.res_pad_before if pad else 0, gr.c)
-        qoff, uf, fbeg, eq, ew, bias, mult = p.ptrs
-        for b in range(n):
-            self.lib.sf_conv_q8(
-                xb[b].ctypes.data, p.quads, qoff, go.h, go.w, op.stride, gi.rs, p.xr, len(p.uf) - 1, uf, fbeg, eq,
-                ew, bias,
-                mult, rb[b].ctypes.data if rb is not None else None, *rargs, ctypes.c_float(p.rmult), q.lo, q.hi,
-                out[b].ctypes.data, go.rs, go.plane, self._Qp, self.threads)
-        return out
+        P = qg.params
+        ins = list(op.inputs)
+        for vid in ins + [op.output] + ([op.residual] if getattr(op, "residual", None) is not None else []):
+            if vid not in self.geom:
+                raise _NotNative("a value neither a map nor a vector")
+        gi, go = self.geom[ins[0]] if ins else None, self.geom[op.output]
+        if go.floats and not isinstance(op, LinearOp):
+            raise _NotNative("float output")
+        S = lambda v: slots[v]      # noqa: E731
+        chw = (go.c, go.h, go.w)
+        if isinstance(op, ConvOp) and op.groups == 1:
+            why = native_conv(op, q)
+            if why is None and op.residual is not None and self.geom[op.residual].vector:
+                why = "residual is not a map"
+            if why is None and (gi.vector or go.vector):
+                why = "input or output not a map"
+            if why is not None:
+                raise _NotNative(why)
+            p = plan_conv(op, q, gi.h, gi.w, P[ins[0]].signed)
+            self.plans[k] = p
+            rargs = [0, 0, 0, 1, 0, 0]
+            b = -1
+            if op.residual is not None:
+                gr = self.geom[op.residual]
+                pad = op.res_kind == "pad_shortcut"
+                rargs = [int(P[op.residual].signed), gr.rs, gr.plane, op.res_stride if pad else 1,
+                         op.res_pad_before if pad else 0, gr.c]
+                b = S(op.residual)
+            ints = [p.quads, go.h, go.w, op.stride, gi.rs, p.xr, len(p.uf) - 1, *rargs, q.lo, q.hi, go.rs, go.plane]
+            d = make_op(K_CONV, S(ins[0]), b, S(op.output), [], chw, ints, (p.rmult, 0.0),
+                        [p.qoff, p.uf, p.fbeg, p.eq, p.ew, p.bias, p.mult])
+            return _Native(f"int8 kernel ({p.quads} quads, {p.entries} quad products per position)", [d], [p],
+                           ins + ([op.residual] if op.residual is not None else []))
+        if isinstance(op, ConvOp):
+            o_, i_, kh, kw = op.weight.shape
+            if not (i_ == 1 and op.groups == gi.c == go.c and kh == kw <= 3 and op.padding <= 1
+                    and op.tap_period == 1 and op.residual is None and not gi.vector and not go.vector):
+                raise _NotNative("grouped conv outside the depthwise kernel's set (k <= 3, padding <= 1, no residual)")
+            w = q.weight.to(torch.float32).reshape(go.c, kh * kw).contiguous().numpy()
+            bias = q.bias.to(torch.int32).contiguous().numpy()
+            mult = q.mult.float().reshape(-1).expand(go.c).contiguous().numpy()
+            d = make_op(K_DW, S(ins[0]), -1, S(op.output), [self._view(ins[0]), (0, 0, 0, 0), self._view(op.output)],
+                        chw, [kh, op.stride, 1 - op.padding, q.lo, q.hi], arrays=[w, bias, mult])
+            return _Native("int8 depthwise", [d], [w, bias, mult], ins)
+        if isinstance(op, PoolOp):
+            if gi.vector or go.vector:
+                raise _NotNative("pool of a vector")
+            if op.mode == "max" and P[op.output] != P[ins[0]]:
+                raise _NotNative("max pool changes the scale")
+            d = make_op(K_MAXPOOL if op.mode == "max" else K_AVGPOOL, S(ins[0]), -1, S(op.output),
+                        [self._view(ins[0]), (0, 0, 0, 0), self._view(op.output)], chw,
+                        [op.kernel, op.stride, op.padding, gi.h, gi.w, int(op.include_pad), q.lo, q.hi])
+            return _Native(f"int8 {op.mode} pool", [d], [], ins)
+        if isinstance(op, GapOp):
+            if gi.vector:
+                raise _NotNative("global pool of a vector")
+            d = make_op(K_GAP, S(ins[0]), -1, S(op.output), [self._view(ins[0]), (0, 0, 0, 0), self._view(op.output)],
+                        (gi.c, 1, 1), [gi.h, gi.w, q.lo, q.hi])
+            return _Native("int8 global pool", [d], [], ins)
+        if isinstance(op, LinearOp):
+            if q.weight is None or (q.float_out and op.act != "none") or not go.vector:
+                raise _NotNative("linear layer with a float activation")
+            if not gi.vector and (gi.h, gi.w) != (1, 1):
+                raise _NotNative("linear layer on a map")
+            wq = q.weight.to(torch.int64).reshape(go.c, -1)
+            F_ = wq.shape[1]
+            FP = -(-F_ // 64) * 64
+            w = np.zeros((go.c, FP), np.int8)
+            w[:, :F_] = wq.numpy().astype(np.int8)
+            bias = q.bias.to(torch.int64).reshape(-1).numpy().copy()
+            if P[ins[0]].signed:
+                bias -= 128 * wq.sum(1).numpy()
+            bias = ((bias + 2 ** 31) % 2 ** 32 - 2 ** 31).astype(np.int32)
+            mult = q.mult.float().reshape(-1).expand(go.c).contiguous().numpy()
+            d = make_op(K_LINEAR, S(ins[0]), -1, S(op.output), [self._view(ins[0]), (0, 0, 0, 0), self._view(op.output)],
+                        chw, [F_, go.c, FP, q.lo, q.hi, int(q.float_out)], arrays=[w, bias, mult])
+            return _Native("int8 linear", [d], [w, bias, mult], ins)
+        if isinstance(op, FlattenOp):
+            if gi.vector:
+                d = make_op(K_COPY, S(ins[0]), -1, S(op.output), [self._view(ins[0]), (0, 0, 0, 0),
+                                                                  self._view(op.output)], chw, [0, 0, 0, 0, 0, 0, 0])
+            else:
+                # the output vector seen as (C, H, W) planes without a border: element c*H*W + y*W + x
+                d = make_op(K_COPY, S(ins[0]), -1, S(op.output),
+                            [self._view(ins[0]), (0, 0, 0, 0), (gi.h * gi.w, gi.w, 0, 0)], (gi.c, gi.h, gi.w),
+                            [0, 0, 0, 0, 0, 0, 0])
+            return _Native("int8 flatten (copy)", [d], [], ins)
+        if isinstance(op, ConcatOp):
+            descs, off = [], 0
+            for vid in ins:
+                gv, pv, po = self.geom[vid], P[vid], P[op.output]
+                if gv.vector != go.vector:
+                    raise _NotNative("concat of a map and a vector")
+                resc = pv != po
+                m = float(torch.tensor(pv.scale / po.scale, dtype=torch.float32)) if resc else 0.0
+                descs.append(make_op(K_COPY, S(vid), -1, S(op.output), [self._view(vid), (0, 0, 0, 0),
+                                                                       self._view(op.output)],
+                                     (gv.c, gv.h, gv.w), [q.lo, q.hi, 0, 0, int(resc), off], (m, 0.0)))
+                off += gv.c
+            return _Native("int8 concat (copies)", descs, [], ins)
+        if isinstance(op, EltwiseOp):
+            va, vo = self._view(ins[0]), self._view(op.output)
+            if (gi.c, gi.h, gi.w) != chw:
+                raise _NotNative("element-wise op that changes the shape")
+            bview, bxs, b = (0, 0, 0, 0), 0, -1
+            if len(ins) > 1:
+                gb = self.geom[ins[1]]
+                b = S(ins[1])
+                if (gb.c, gb.h, gb.w) == chw:
+                    bview, bxs = self._view(ins[1]), 1
+                elif gb.c == go.c and (gb.h, gb.w) == (1, 1):
+                    pl, _, org, sg = self._view(ins[1])
+                    bview, bxs = (pl, 0, org, sg), 0
+                else:
+                    raise _NotNative("second input neither the same shape nor (C, 1, 1)")
+            lo_in = P[ins[0]].lo
+            common = [q.lo, q.hi]
+            if op.fn == "add":
+                if q.mult.numel() != 1 or q.rmult.numel() != 1:
+                    raise _NotNative("per-channel add scales")
+                d = make_op(K_ADD, S(ins[0]), b, S(op.output), [va, bview, vo], chw, common + [0, lo_in, 0, 0, bxs],
+                            (float(q.mult), float(q.rmult)))
+                return _Native("int8 add", [d], [], ins)
+            if op.fn == "mul":
+                mc = q.mult.float().reshape(-1).contiguous().numpy()
+                per = int(mc.size > 1)
+                d = make_op(K_MUL, S(ins[0]), b, S(op.output), [va, bview, vo], chw, common + [per, lo_in, 0, 0, bxs],
+                            (float(mc[0]), 0.0), [None, mc])
+                return _Native("int8 multiply", [d], [mc], ins)
+            if op.fn == "affine":
+                mc = q.mult.float().reshape(-1).expand(go.c).contiguous().numpy()
+                ws = q.weight.to(torch.int32).reshape(-1).contiguous().numpy()
+                bs = q.bias.to(torch.int32).reshape(-1).contiguous().numpy()
+                d = make_op(K_AFFINE, S(ins[0]), -1, S(op.output), [va, (0, 0, 0, 0), vo], chw,
+                            common + [1, lo_in, 0, 0, 0], (0.0, 0.0), [None, mc, ws, bs])
+                return _Native("int8 affine", [d], [mc, ws, bs], ins)
+            if q.lut is not None and len(ins) == 1:
+                lut = q.lut.to(torch.int32).contiguous().numpy()
+                d = make_op(K_LUT, S(ins[0]), -1, S(op.output), [va, (0, 0, 0, 0), vo], chw,
+                            common + [0, lo_in, 0, 0, 0], arrays=[lut])
+                return _Native(f"int8 {op.fn} (table)", [d], [lut], ins)
+        raise _NotNative("not a conv" if not isinstance(op, (PoolOp, GapOp, EltwiseOp)) else "no native form")
 
-    def _planes(self, vid: int, planes: dict[int, np.ndarray], ints: dict[int, torch.Tensor]) -> np.ndarray:
-        if vid not in planes:
-            planes[vid] = to_planes(ints[vid], self.geom[vid])
-        return planes[vid]
-
-    def _int(self, vid: int, planes: dict[int, np.ndarray], ints: dict[int, torch.Tensor]) -> torch.Tensor:
-        if vid not in ints:
-            ints[vid] = from_planes(planes[vid], self.geom[vid], self.qm.qgraph.params[vid].signed)
-        return ints[vid]
+    # ---- running -----------------------------------------------------------------------------------------------
+    def _buffers(self, n: int):
+        got = self._bufs.get(n)
+        if got is None:
+            nslot = len(self._slot)
+            arrs: list = [None] * nslot
+            ptrs = (ctypes.c_void_p * nslot)()
+            strides = (ctypes.c_int64 * nslot)()
+            for vid, j in self._slot.items():
+                gm = self.geom.get(vid)
+                if gm is None:
+                    continue
+                arrs[j] = np.zeros((n, gm.nbytes), np.uint8)     # zeroed once: ops write interiors only
+                ptrs[j] = arrs[j].ctypes.data
+                strides[j] = gm.nbytes
+            got = self._bufs[n] = (arrs, ptrs, strides)
+        return got
 
     def run(self, x: torch.Tensor, keep: bool = False):
         qg = self.qm.qgraph
         g = qg.graph
+        n = x.shape[0]
+        arrs, ptrs, strides = self._buffers(n)
         ints = {g.inputs[0]: quantize_input(x, qg.params[g.inputs[0]])}
-        planes: dict[int, np.ndarray] = {}
+        inbuf: set[int] = set()         # values whose buffer holds this call's bytes
+
+        def to_buf(vid: int) -> None:
+            if vid not in inbuf:
+                store(ints[vid], self.geom[vid], arrs[self._slot[vid]])
+                inbuf.add(vid)
+
+        def to_int(vid: int) -> torch.Tensor:
+            if vid not in ints:
+                ints[vid] = load(arrs[self._slot[vid]], self.geom[vid], qg.params[vid].signed)
+            return ints[vid]
+
         with torch.no_grad():
-            for k, op in enumerate(g.ops):
-                if k in self.plans:
-                    planes[op.output] = self._conv(k, planes, ints)
+            for kind, what in self.steps:
+                if kind == "native":
+                    made = set()
+                    for k in what:
+                        for vid in self.native[k].reads:
+                            if vid not in made:
+                                to_buf(vid)
+                        made.add(g.ops[k].output)
+                    arr, cnt = self._programs[what[0]]
+                    self.lib.sf_q8_run(arr, cnt, ptrs, strides, n, self._Q.ctypes.data, self.threads)
+                    inbuf |= made
                     continue
+                op = g.ops[what]
                 for vid in set(op.inputs) | ({op.residual} if getattr(op, "residual", None) is not None else set()):
-                    self._int(vid, planes, ints)
-                y = run_op_int(qg, k, ints)
+                    to_int(vid)
+                y = run_op_int(qg, what, ints)
                 ints[op.output] = y.reshape(y.shape[0], *g.values[op.output].shape)
         if keep:
-            return {vid: self._int(vid, planes, ints) for vid in g.values if vid in ints or vid in planes}
+            return {vid: to_int(vid) for vid in g.values if vid in ints or vid in inbuf}
         outs = []
         for o in g.outputs:
-            t = self._int(o, planes, ints)
+            t = to_int(o)
             outs.append(t if t.dtype == torch.float32 else t.to(torch.float32) * qg.params[o].scale)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
@@ -492,17 +702,20 @@ class Int8Engine:
 
     def summary(self) -> str:
         g = self.qm.qgraph.graph
-        lines = [f"int8 engine: {len(self.plans)}/{len(g.ops)} ops in the int8 conv kernel "
-                 f"({'AVX512-VNNI' if self.vnni else 'plain C'}), the rest through the integer reference"]
+        lines = [f"int8 engine: {len(self.native)}/{len(g.ops)} ops native ({len(self.plans)} in the int8 conv kernel, "
+                 f"{'AVX512-VNNI' if self.vnni else 'plain C'}), {len(g.ops) - len(self.native)} through the integer "
+                 f"reference; {sum(1 for s in self.steps if s[0] == 'native')} native stretches"]
         for k, op in enumerate(g.ops):
-            p = self.plans.get(k)
-            where = (f"int8 kernel ({p.quads} quads, {p.entries} quad products per position)" if p
-                     else f"reference ({self.why[k]})")
+            nat = self.native.get(k)
+            where = nat.what if nat else f"reference ({self.why[k]})"
             lines.append(f"  {op.name:<28} {op.describe():<52} {where}")
         return "\n".join(lines)
 
     @property
     def vnni(self) -> bool:
         from ..hardware import cpu_flags
-
         return "avx512_vnni" in cpu_flags() and "-march=native" in self.build_info.get("flags", [])
+
+
+class _NotNative(Exception):
+    """Why an op runs through the integer reference (its message goes into summary())."""

@@ -1,0 +1,278 @@
+"""The int8 engine's other ops in C, and the program runner that runs a stretch of native ops in one call.
+
+Why: with only the convs native, every other op (depthwise convs, pools, the global pool, linear layers, adds,
+lookup-table activations, concat) ran through the integer reference in PyTorch, and each crossing between the
+two converted a value between byte planes and int32 tensors; the per-op Python loop alone cost more than
+onnxruntime's whole int8 inference on CIFAR ResNet-56, and MobileNetV2 (17 depthwise convs) ran 5x slower than
+onnxruntime int8. Now every op below runs on the byte planes in C, and the engine calls C once per stretch of
+native ops (``sf_q8_run``), in Python only around an op that still needs the reference.
+
+Every op is the integer reference's arithmetic (``engine/quant.py``), operation for operation: exact int32 sums,
+``float32(acc) * M`` (and ``+ float32(r) * M_r``, products and sum each rounded: the source turns off contraction),
+round half to even (``rintf`` in the default rounding mode), clamp. Depthwise sums run in float32, exact: every
+product and partial sum is an integer below 2^24 (|w| <= 127, |x| <= 255, k x k <= 9 taps).
+
+A value is addressed through a *view*: channel plane size, row stride, the offset of its (0, 0) element, and
+whether its bytes are int8 or uint8. A map's planes carry a one-pixel zero border ((H + 2) x (W + 2) bytes); a
+vector (F,) is F bytes (a float output: F float32).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+K_CONV, K_DW, K_MAXPOOL, K_AVGPOOL, K_GAP, K_LINEAR, K_ADD, K_LUT, K_MUL, K_AFFINE, K_COPY = range(11)
+
+NI = 40          # int parameters per op
+NP = 8           # pointers per op
+
+
+class Q8Op(ctypes.Structure):
+    """One native op: value slots (inputs a, b and output), int parameters, two floats, pointers to its arrays.
+
+    Int slots 0-11 are the views of a, b and the output (plane, row stride, origin, signed); 12-14 the output's
+    (C, H, W); 16.. the op's own."""
+
+    _fields_ = [("kind", ctypes.c_int32), ("a", ctypes.c_int32), ("b", ctypes.c_int32), ("out", ctypes.c_int32),
+                ("i", ctypes.c_int32 * NI), ("f", ctypes.c_float * 2), ("p", ctypes.c_void_p * NP)]
+
+
+OPS_SOURCE = r"""
+/* ---- the other ops, on byte planes (see engine/int8_ops.py) ---- */
+typedef struct { int32_t kind, a, b, out; int32_t i[@NI@]; float f[2]; const void* p[@NP@]; } sf_q8op;
+
+#define VA_PL o->i[0]
+#define VA_RS o->i[1]
+#define VA_O0 o->i[2]
+#define VA_SG o->i[3]
+#define VB_PL o->i[4]
+#define VB_RS o->i[5]
+#define VB_O0 o->i[6]
+#define VB_SG o->i[7]
+#define VO_PL o->i[8]
+#define VO_RS o->i[9]
+#define VO_O0 o->i[10]
+#define OC o->i[12]
+#define OH o->i[13]
+#define OW o->i[14]
+
+static inline int32_t ldq(const uint8_t* p, int sg) { return sg ? (int32_t)(int8_t)*p : (int32_t)*p; }
+static inline uint8_t rq(float v, int lo, int hi) {
+  v = rintf(v);
+  return (uint8_t)(int32_t)(v < (float)lo ? (float)lo : (v > (float)hi ? (float)hi : v));
+}
+
+/* depthwise k x k (k <= 3, padding <= 1, any stride): out(c) = rq(float(sum + bias[c]) * mult[c]) */
+static void q8_dw(const sf_q8op* o, const uint8_t* A, uint8_t* O, int nth) {
+  const int k = o->i[16], s = o->i[17], shift = o->i[18], lo = o->i[19], hi = o->i[20];
+  const float* w = (const float*)o->p[0];
+  const int32_t* bias = (const int32_t*)o->p[1];
+  const float* mult = (const float*)o->p[2];
+  const int C = OC, H = OH, W = OW, sg = VA_SG;
+  #pragma omp parallel for num_threads(nth) schedule(static) if(nth > 1)
+  for (int c = 0; c < C; c++) {
+    float acc[W];
+    const uint8_t* ip = A + (size_t)c * VA_PL;
+    uint8_t* op = O + (size_t)c * VO_PL + VO_O0;
+    const float* wc = w + (size_t)c * k * k;
+    for (int y = 0; y < H; y++) {
+      for (int x = 0; x < W; x++) acc[x] = 0.0f;
+      for (int dy = 0; dy < k; dy++)
+        for (int dx = 0; dx < k; dx++) {
+          const float wv = wc[dy * k + dx];
+          if (wv == 0.0f) continue;
+          const uint8_t* r = ip + (size_t)(y * s + dy + shift) * VA_RS + dx + shift;
+          if (sg) { const int8_t* rs_ = (const int8_t*)r; for (int x = 0; x < W; x++) acc[x] += wv * (float)rs_[x * s]; }
+          else { for (int x = 0; x < W; x++) acc[x] += wv * (float)r[x * s]; }
+        }
+      const float m = mult[c];
+      const int32_t b = bias[c];
+      for (int x = 0; x < W; x++) op[(size_t)y * VO_RS + x] = rq((float)((int32_t)acc[x] + b) * m, lo, hi);
+    }
+  }
+}
+
+/* max pool, padded positions never win; avg pool: exact sum / count (count_include_pad or the valid count) */
+static void q8_pool(const sf_q8op* o, const uint8_t* A, uint8_t* O, int nth, int avg) {
+  const int k = o->i[16], s = o->i[17], pad = o->i[18], IH = o->i[19], IW = o->i[20], incl = o->i[21];
+  const int lo = o->i[22], hi = o->i[23];
+  const int C = OC, H = OH, W = OW, sg = VA_SG;
+  #pragma omp parallel for num_threads(nth) schedule(static) if(nth > 1)
+  for (int c = 0; c < C; c++) {
+    const uint8_t* ip = A + (size_t)c * VA_PL + VA_O0;
+    uint8_t* op = O + (size_t)c * VO_PL + VO_O0;
+    for (int y = 0; y < H; y++)
+      for (int x = 0; x < W; x++) {
+        int32_t m = -1000000, sum = 0, n = 0;
+        for (int dy = 0; dy < k; dy++) {
+          int iy = y * s - pad + dy;
+          if (iy < 0 || iy >= IH) continue;
+          for (int dx = 0; dx < k; dx++) {
+            int ix = x * s - pad + dx;
+            if (ix < 0 || ix >= IW) continue;
+            int32_t v = ldq(ip + (size_t)iy * VA_RS + ix, sg);
+            m = v > m ? v : m; sum += v; n++;
+          }
+        }
+        if (avg) op[(size_t)y * VO_RS + x] = rq((float)sum / (float)(incl ? k * k : n), lo, hi);
+        else op[(size_t)y * VO_RS + x] = (uint8_t)m;
+      }
+  }
+}
+
+/* global average pool: the exact sum over the map / (H * W), rounded; output (C, 1, 1) or (C,) */
+static void q8_gap(const sf_q8op* o, const uint8_t* A, uint8_t* O, int nth) {
+  const int IH = o->i[16], IW = o->i[17], lo = o->i[18], hi = o->i[19];
+  const int C = OC, sg = VA_SG;
+  #pragma omp parallel for num_threads(nth) schedule(static) if(nth > 1 && C >= 256)
+  for (int c = 0; c < C; c++) {
+    const uint8_t* ip = A + (size_t)c * VA_PL + VA_O0;
+    int64_t sum = 0;
+    for (int y = 0; y < IH; y++) {
+      const uint8_t* r = ip + (size_t)y * VA_RS;
+      int32_t rsum = 0;
+      if (sg) { for (int x = 0; x < IW; x++) rsum += (int8_t)r[x]; }
+      else { for (int x = 0; x < IW; x++) rsum += r[x]; }
+      sum += rsum;
+    }
+    O[(size_t)c * VO_PL + VO_O0] = rq((float)sum / (float)(IH * IW), lo, hi);
+  }
+}
+
+/* linear: acc = sum w * x (exact) + bias, clamped to int32; then float(acc) * mult[o], rounded to the output's
+   bytes, or kept as float32 (a graph output). Input gathered to F contiguous bytes (+128 if int8: uint8 for
+   vpdpbusd, the bias carries -128 * sum(w)); weight rows padded to a multiple of 64 with zeros. */
+static void q8_linear(const sf_q8op* o, const uint8_t* A, uint8_t* O, uint8_t* scratch, int nth) {
+  const int F = o->i[16], G = o->i[17], FP = o->i[18], lo = o->i[19], hi = o->i[20], fout = o->i[21];
+  const int8_t* w = (const int8_t*)o->p[0];
+  const int32_t* bias = (const int32_t*)o->p[1];
+  const float* mult = (const float*)o->p[2];
+  uint8_t* xb = scratch;
+  const uint8_t xr = VA_SG ? 0x80 : 0;
+  for (int j = 0; j < F; j++) xb[j] = A[(size_t)j * VA_PL + VA_O0] ^ xr;
+  for (int j = F; j < FP; j++) xb[j] = 0;
+  #pragma omp parallel for num_threads(nth) schedule(static) if(nth > 1 && G >= 64)
+  for (int g = 0; g < G; g++) {
+    const int8_t* wr = w + (size_t)g * FP;
+    int64_t acc;
+#ifdef SF_VNNI
+    __m512i a = _mm512_setzero_si512();
+    for (int j = 0; j < FP; j += 64)
+      a = _mm512_dpbusd_epi32(a, _mm512_loadu_si512((const void*)(xb + j)), _mm512_loadu_si512((const void*)(wr + j)));
+    acc = (int64_t)(int32_t)_mm512_reduce_add_epi32(a);
+#else
+    int32_t s = 0;
+    for (int j = 0; j < F; j++) s += (int32_t)wr[j] * (int32_t)xb[j];
+    acc = s;
+#endif
+    acc += bias[g];
+    if (acc > 2147483647LL) acc = 2147483647LL;
+    if (acc < -2147483648LL) acc = -2147483648LL;
+    float y = (float)(int32_t)acc * mult[g];
+    if (fout) ((float*)O)[g] = y;
+    else O[(size_t)g * VO_PL + VO_O0] = rq(y, lo, hi);
+  }
+}
+
+/* element-wise over (C, H, W) views: add (two scales), lookup table, multiply (b broadcast over H and W: its
+   row stride and column step 0), affine (per-channel integer scale and shift), copy (with an optional rescale) */
+static void q8_eltwise(const sf_q8op* o, const uint8_t* A, const uint8_t* B, uint8_t* O, int nth) {
+  const int C = OC, H = OH, W = OW, lo = o->i[16], hi = o->i[17], percm = o->i[18], inlo = o->i[19];
+  const int rescale = o->i[20], coff = o->i[21], bxs = o->i[22];
+  const float m = o->f[0], mr = o->f[1];
+  const float* mc = (const float*)o->p[1];
+  const int32_t* tab = (const int32_t*)o->p[0];
+  #pragma omp parallel for num_threads(nth) schedule(static) if(nth > 1 && (size_t)C * H * W >= 16384)
+  for (int c = 0; c < C; c++) {
+    const uint8_t* ap = A + (size_t)c * VA_PL + VA_O0;
+    const uint8_t* bp = B ? B + (size_t)c * VB_PL + VB_O0 : 0;
+    uint8_t* op = O + (size_t)(c + coff) * VO_PL + VO_O0;
+    const float mm = percm ? mc[c] : m;
+    for (int y = 0; y < H; y++) {
+      const uint8_t* ar = ap + (size_t)y * VA_RS;
+      const uint8_t* br = bp ? bp + (size_t)y * VB_RS : 0;
+      uint8_t* orow = op + (size_t)y * VO_RS;
+      switch (o->kind) {
+        case @K_ADD@:
+          for (int x = 0; x < W; x++)
+            orow[x] = rq((float)ldq(ar + x, VA_SG) * m + (float)ldq(br + x * bxs, VB_SG) * mr, lo, hi);
+          break;
+        case @K_LUT@:
+          for (int x = 0; x < W; x++) orow[x] = (uint8_t)tab[ldq(ar + x, VA_SG) - inlo];
+          break;
+        case @K_MUL@:
+          for (int x = 0; x < W; x++)
+            orow[x] = rq((float)(ldq(ar + x, VA_SG) * ldq(br + x * bxs, VB_SG)) * mm, lo, hi);
+          break;
+        case @K_AFFINE@: {
+          const int32_t ws = ((const int32_t*)o->p[2])[c], bs = ((const int32_t*)o->p[3])[c];
+          for (int x = 0; x < W; x++) orow[x] = rq((float)(ldq(ar + x, VA_SG) * ws + bs) * mm, lo, hi);
+          break;
+        }
+        default:   /* copy */
+          if (rescale) for (int x = 0; x < W; x++) orow[x] = rq((float)ldq(ar + x, VA_SG) * m, lo, hi);
+          else for (int x = 0; x < W; x++) orow[x] = ar[x];
+      }
+    }
+  }
+}
+
+/* a stretch of native ops over n images: value v of image j is at buf[v] + j * bstride[v] */
+void sf_q8_run(const sf_q8op* ops, int nops, uint8_t* const* buf, const int64_t* bstride, int n, uint8_t* Q,
+               int nth) {
+  for (int k = 0; k < nops; k++) {
+    const sf_q8op* o = ops + k;
+    for (int j = 0; j < n; j++) {
+      const uint8_t* A = buf[o->a] + (size_t)j * bstride[o->a];
+      const uint8_t* B = o->b >= 0 ? buf[o->b] + (size_t)j * bstride[o->b] : 0;
+      uint8_t* O = buf[o->out] + (size_t)j * bstride[o->out];
+      const int* I = o->i + 16;
+      switch (o->kind) {
+        case @K_CONV@:
+          sf_conv_q8(A, I[0], (const int32_t*)o->p[0], I[1], I[2], I[3], I[4], I[5], I[6], (const int32_t*)o->p[1],
+                     (const int32_t*)o->p[2], (const int32_t*)o->p[3], (const int32_t*)o->p[4],
+                     (const int32_t*)o->p[5], (const float*)o->p[6], B, I[7], I[8], I[9], I[10], I[11], I[12],
+                     o->f[0], I[13], I[14], O, I[15], I[16], Q, nth);
+          break;
+        case @K_DW@: q8_dw(o, A, O, nth); break;
+        case @K_MAXPOOL@: q8_pool(o, A, O, nth, 0); break;
+        case @K_AVGPOOL@: q8_pool(o, A, O, nth, 1); break;
+        case @K_GAP@: q8_gap(o, A, O, nth); break;
+        case @K_LINEAR@: q8_linear(o, A, O, Q, nth); break;
+        default: q8_eltwise(o, A, B, O, nth);
+      }
+    }
+  }
+}
+"""
+
+
+def ops_source() -> str:
+    s = OPS_SOURCE.replace("@NI@", str(NI)).replace("@NP@", str(NP))
+    for name, v in (("K_CONV", K_CONV), ("K_DW", K_DW), ("K_MAXPOOL", K_MAXPOOL), ("K_AVGPOOL", K_AVGPOOL),
+                    ("K_GAP", K_GAP), ("K_LINEAR", K_LINEAR), ("K_ADD", K_ADD), ("K_LUT", K_LUT), ("K_MUL", K_MUL),
+                    ("K_AFFINE", K_AFFINE)):
+        s = s.replace(f"@{name}@", str(v))
+    return s
+
+
+def make_op(kind: int, a: int, b: int, out: int, views: list[tuple[int, int, int, int]], chw: tuple[int, int, int],
+            ints: list[int], floats: tuple[float, float] = (0.0, 0.0), arrays: list[np.ndarray | None] = ()) -> Q8Op:
+    """``views``: (plane, row stride, origin, signed) of a, b and the output (missing ones zero)."""
+    o = Q8Op()
+    o.kind, o.a, o.b, o.out = kind, a, b, out
+    flat = [x for v in (list(views) + [(0, 0, 0, 0)] * (3 - len(views))) for x in v]
+    for j, x in enumerate(flat):
+        o.i[j] = int(x)
+    for j, x in enumerate(chw):
+        o.i[12 + j] = int(x)
+    if len(ints) > NI - 16:
+        raise ValueError("too many op parameters")
+    for j, x in enumerate(ints):
+        o.i[16 + j] = int(x)
+    o.f[0], o.f[1] = floats
+    for j, arr in enumerate(arrays):
+        o.p[j] = arr.ctypes.data if arr is not None else None
+    return o
