@@ -64,15 +64,93 @@ static inline uint8_t rq(float v, int lo, int hi) {
   return (uint8_t)(int32_t)(v < (float)lo ? (float)lo : (v > (float)hi ? (float)hi : v));
 }
 
+#ifdef SF_VNNI
+/* 16 output values from float sums (exact integers): + bias, * mult, clamped, rounded half to even, stored as
+   bytes in the lanes of km */
+static inline void dw_store(__m512 acc, __m512i bias, __m512 m, __m512 vlo, __m512 vhi, uint8_t* dst, __mmask16 km) {
+  __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_cvttps_epi32(acc), bias)), m);
+  y = _mm512_min_ps(_mm512_max_ps(y, vlo), vhi);            /* clamp first: no int32 overflow in the convert */
+  _mm_mask_storeu_epi8(dst, km, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(y)));
+}
+
+/* 16 input bytes as float: at p (stride 1), or every other byte from p (stride 2) */
+static inline __m512 dw_load(const uint8_t* p, int s, int sg) {
+  __m512i v;
+  if (s == 1) {
+    __m128i b = _mm_loadu_si128((const __m128i*)p);
+    v = sg ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b);
+  } else {
+    v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+    v = sg ? _mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24) : _mm512_and_si512(v, _mm512_set1_epi32(0xFF));
+  }
+  return _mm512_cvtepi32_ps(v);
+}
+
+/* AVX-512 depthwise. Stride 1: the plane's flat positions y * rs + x, junk columns masked at the store (the
+   output plane has the input's geometry), so a narrow map fills whole vectors; stride 2: 16 outputs of a row
+   from 32 input bytes. Sums in float32 with fused multiply-adds: exact (integers below 2^24). */
+static int q8_dw_avx512(const sf_q8op* o, const uint8_t* A, uint8_t* O, int tid, int nth) {
+  const int k = o->i[16], s = o->i[17], shift = o->i[18], lo = o->i[19], hi = o->i[20];
+  const int C = OC, H = OH, W = OW, sg = VA_SG, rs = VA_RS;
+  const int flat = s == 1 && VO_RS == rs && VO_PL == VA_PL;
+  if (s > 2 || (s == 1 && !flat)) return 0;
+  const float* w = (const float*)o->p[0];
+  const int32_t* bias = (const int32_t*)o->p[1];
+  const float* mult = (const float*)o->p[2];
+  const int P = flat ? (H - 1) * rs + W : 0, NV = (P + 15) / 16;
+  __mmask16 kms[NV > 0 ? NV : 1];          /* per flat vector: the lanes that are outputs (not junk columns) */
+  for (int v = 0; v < NV; v++) {
+    __mmask16 km = 0;
+    for (int j = 0; j < 16; j++) { int p = 16 * v + j; if (p < P && p % rs < W) km |= (__mmask16)(1u << j); }
+    kms[v] = km;
+  }
+  for (int c = C * tid / nth; c < C * (tid + 1) / nth; c++) {
+    const uint8_t* ip = A + (size_t)c * VA_PL;
+    uint8_t* op = O + (size_t)c * VO_PL + VO_O0;
+    int toff[9], nt = 0;
+    float tw[9];
+    for (int t = 0; t < k * k; t++)
+      if (w[(size_t)c * k * k + t] != 0.0f) {
+        tw[nt] = w[(size_t)c * k * k + t];
+        toff[nt++] = (t / k + shift) * rs + t % k + shift;
+      }
+    __m512 wv[9];
+    for (int t = 0; t < nt; t++) wv[t] = _mm512_set1_ps(tw[t]);
+    const __m512i bv = _mm512_set1_epi32(bias[c]);
+    const __m512 m = _mm512_set1_ps(mult[c]), vlo = _mm512_set1_ps((float)lo), vhi = _mm512_set1_ps((float)hi);
+    if (flat) {
+      for (int v = 0; v < NV; v++) {
+        const int p0 = 16 * v;
+        __m512 acc = _mm512_setzero_ps();
+        for (int t = 0; t < nt; t++) acc = _mm512_fmadd_ps(wv[t], dw_load(ip + p0 + toff[t], 1, sg), acc);
+        dw_store(acc, bv, m, vlo, vhi, op + p0, kms[v]);
+      }
+    } else {
+      for (int y = 0; y < H; y++)
+        for (int x0 = 0; x0 < W; x0 += 16) {
+          __m512 acc = _mm512_setzero_ps();
+          const uint8_t* r = ip + (size_t)y * s * rs + (size_t)x0 * s;
+          for (int t = 0; t < nt; t++) acc = _mm512_fmadd_ps(wv[t], dw_load(r + toff[t], s, sg), acc);
+          __mmask16 km = W - x0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (W - x0)) - 1);
+          dw_store(acc, bv, m, vlo, vhi, op + (size_t)y * VO_RS + x0, km);
+        }
+    }
+  }
+  return 1;
+}
+#endif
+
 /* depthwise k x k (k <= 3, padding <= 1, any stride): out(c) = rq(float(sum + bias[c]) * mult[c]) */
-static void q8_dw(const sf_q8op* o, const uint8_t* A, uint8_t* O, int nth) {
+static void q8_dw(const sf_q8op* o, const uint8_t* A, uint8_t* O, int tid, int nth) {
   const int k = o->i[16], s = o->i[17], shift = o->i[18], lo = o->i[19], hi = o->i[20];
   const float* w = (const float*)o->p[0];
   const int32_t* bias = (const int32_t*)o->p[1];
   const float* mult = (const float*)o->p[2];
   const int C = OC, H = OH, W = OW, sg = VA_SG;
-  #pragma omp parallel for num_threads(nth) schedule(static) if(nth > 1)
-  for (int c = 0; c < C; c++) {
+#ifdef SF_VNNI
+  if (q8_dw_avx512(o, A, O, tid, nth)) return;
+#endif
+  for (int c = C * tid / nth; c < C * (tid + 1) / nth; c++) {
     float acc[W];
     const uint8_t* ip = A + (size_t)c * VA_PL;
     uint8_t* op = O + (size_t)c * VO_PL + VO_O0;
@@ -94,13 +172,53 @@ static void q8_dw(const sf_q8op* o, const uint8_t* A, uint8_t* O, int nth) {
   }
 }
 
+#ifdef SF_VNNI
+/* max pool in vectors of 16 outputs of a row (stride 1 or 2, padding <= 1): rows outside the map are skipped;
+   a padded column reads the zero border, which never wins over uint8 values (signed inputs with padding take the
+   scalar loop) */
+static int q8_maxpool_avx512(const sf_q8op* o, const uint8_t* A, uint8_t* O, int tid, int nth) {
+  const int k = o->i[16], s = o->i[17], pad = o->i[18], IH = o->i[19];
+  const int C = OC, H = OH, W = OW, sg = VA_SG;
+  if (s > 2 || pad > 1 || (sg && pad > 0)) return 0;
+  for (int c = C * tid / nth; c < C * (tid + 1) / nth; c++) {
+    const uint8_t* ip = A + (size_t)c * VA_PL + VA_O0;
+    uint8_t* op = O + (size_t)c * VO_PL + VO_O0;
+    for (int y = 0; y < H; y++)
+      for (int x0 = 0; x0 < W; x0 += 16) {
+        __m512i m = _mm512_set1_epi32(-1000000);
+        for (int dy = 0; dy < k; dy++) {
+          int iy = y * s - pad + dy;
+          if (iy < 0 || iy >= IH) continue;
+          const uint8_t* r = ip + (ptrdiff_t)iy * VA_RS + (ptrdiff_t)x0 * s - pad;
+          for (int dx = 0; dx < k; dx++) {
+            __m512i v;
+            if (s == 1) {
+              __m128i b = _mm_loadu_si128((const __m128i*)(r + dx));
+              v = sg ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b);
+            } else {
+              v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(r + dx)));
+              v = sg ? _mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24) : _mm512_and_si512(v, _mm512_set1_epi32(0xFF));
+            }
+            m = _mm512_max_epi32(m, v);
+          }
+        }
+        __mmask16 km = W - x0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (W - x0)) - 1);
+        _mm_mask_storeu_epi8(op + (size_t)y * VO_RS + x0, km, _mm512_cvtepi32_epi8(m));
+      }
+  }
+  return 1;
+}
+#endif
+
 /* max pool, padded positions never win; avg pool: exact sum / count (count_include_pad or the valid count) */
-static void q8_pool(const sf_q8op* o, const uint8_t* A, uint8_t* O, int nth, int avg) {
+static void q8_pool(const sf_q8op* o, const uint8_t* A, uint8_t* O, int tid, int nth, int avg) {
   const int k = o->i[16], s = o->i[17], pad = o->i[18], IH = o->i[19], IW = o->i[20], incl = o->i[21];
   const int lo = o->i[22], hi = o->i[23];
   const int C = OC, H = OH, W = OW, sg = VA_SG;
-  #pragma omp parallel for num_threads(nth) schedule(static) if(nth > 1)
-  for (int c = 0; c < C; c++) {
+#ifdef SF_VNNI
+  if (!avg && q8_maxpool_avx512(o, A, O, tid, nth)) return;
+#endif
+  for (int c = C * tid / nth; c < C * (tid + 1) / nth; c++) {
     const uint8_t* ip = A + (size_t)c * VA_PL + VA_O0;
     uint8_t* op = O + (size_t)c * VO_PL + VO_O0;
     for (int y = 0; y < H; y++)
@@ -123,11 +241,10 @@ static void q8_pool(const sf_q8op* o, const uint8_t* A, uint8_t* O, int nth, int
 }
 
 /* global average pool: the exact sum over the map / (H * W), rounded; output (C, 1, 1) or (C,) */
-static void q8_gap(const sf_q8op* o, const uint8_t* A, uint8_t* O, int nth) {
+static void q8_gap(const sf_q8op* o, const uint8_t* A, uint8_t* O, int tid, int nth) {
   const int IH = o->i[16], IW = o->i[17], lo = o->i[18], hi = o->i[19];
   const int C = OC, sg = VA_SG;
-  #pragma omp parallel for num_threads(nth) schedule(static) if(nth > 1 && C >= 256)
-  for (int c = 0; c < C; c++) {
+  for (int c = C * tid / nth; c < C * (tid + 1) / nth; c++) {
     const uint8_t* ip = A + (size_t)c * VA_PL + VA_O0;
     int64_t sum = 0;
     for (int y = 0; y < IH; y++) {
@@ -144,7 +261,7 @@ static void q8_gap(const sf_q8op* o, const uint8_t* A, uint8_t* O, int nth) {
 /* linear: acc = sum w * x (exact) + bias, clamped to int32; then float(acc) * mult[o], rounded to the output's
    bytes, or kept as float32 (a graph output). Input gathered to F contiguous bytes (+128 if int8: uint8 for
    vpdpbusd, the bias carries -128 * sum(w)); weight rows padded to a multiple of 64 with zeros. */
-static void q8_linear(const sf_q8op* o, const uint8_t* A, uint8_t* O, uint8_t* scratch, int nth) {
+static void q8_linear(const sf_q8op* o, const uint8_t* A, uint8_t* O, uint8_t* scratch, int tid, int nth) {
   const int F = o->i[16], G = o->i[17], FP = o->i[18], lo = o->i[19], hi = o->i[20], fout = o->i[21];
   const int8_t* w = (const int8_t*)o->p[0];
   const int32_t* bias = (const int32_t*)o->p[1];
@@ -153,8 +270,7 @@ static void q8_linear(const sf_q8op* o, const uint8_t* A, uint8_t* O, uint8_t* s
   const uint8_t xr = VA_SG ? 0x80 : 0;
   for (int j = 0; j < F; j++) xb[j] = A[(size_t)j * VA_PL + VA_O0] ^ xr;
   for (int j = F; j < FP; j++) xb[j] = 0;
-  #pragma omp parallel for num_threads(nth) schedule(static) if(nth > 1 && G >= 64)
-  for (int g = 0; g < G; g++) {
+  for (int g = G * tid / nth; g < G * (tid + 1) / nth; g++) {
     const int8_t* wr = w + (size_t)g * FP;
     int64_t acc;
 #ifdef SF_VNNI
@@ -178,14 +294,13 @@ static void q8_linear(const sf_q8op* o, const uint8_t* A, uint8_t* O, uint8_t* s
 
 /* element-wise over (C, H, W) views: add (two scales), lookup table, multiply (b broadcast over H and W: its
    row stride and column step 0), affine (per-channel integer scale and shift), copy (with an optional rescale) */
-static void q8_eltwise(const sf_q8op* o, const uint8_t* A, const uint8_t* B, uint8_t* O, int nth) {
+static void q8_eltwise(const sf_q8op* o, const uint8_t* A, const uint8_t* B, uint8_t* O, int tid, int nth) {
   const int C = OC, H = OH, W = OW, lo = o->i[16], hi = o->i[17], percm = o->i[18], inlo = o->i[19];
   const int rescale = o->i[20], coff = o->i[21], bxs = o->i[22];
   const float m = o->f[0], mr = o->f[1];
   const float* mc = (const float*)o->p[1];
   const int32_t* tab = (const int32_t*)o->p[0];
-  #pragma omp parallel for num_threads(nth) schedule(static) if(nth > 1 && (size_t)C * H * W >= 16384)
-  for (int c = 0; c < C; c++) {
+  for (int c = C * tid / nth; c < C * (tid + 1) / nth; c++) {
     const uint8_t* ap = A + (size_t)c * VA_PL + VA_O0;
     const uint8_t* bp = B ? B + (size_t)c * VB_PL + VB_O0 : 0;
     uint8_t* op = O + (size_t)(c + coff) * VO_PL + VO_O0;
@@ -219,38 +334,69 @@ static void q8_eltwise(const sf_q8op* o, const uint8_t* A, const uint8_t* B, uin
   }
 }
 
-/* a stretch of native ops over n images: value v of image j is at buf[v] + j * bstride[v] */
-void sf_q8_run(const sf_q8op* ops, int nops, uint8_t* const* buf, const int64_t* bstride, int n, uint8_t* Q,
-               int nth) {
-  for (int k = 0; k < nops; k++) {
-    const sf_q8op* o = ops + k;
-    for (int j = 0; j < n; j++) {
-      const uint8_t* A = buf[o->a] + (size_t)j * bstride[o->a];
-      const uint8_t* B = o->b >= 0 ? buf[o->b] + (size_t)j * bstride[o->b] : 0;
-      uint8_t* O = buf[o->out] + (size_t)j * bstride[o->out];
+/* a stretch of native ops over n images: value v of image j is at buf[v] + j * bstride[v]. Every thread runs
+   every op on its share (ops split their channels, filters or tiles by thread), a barrier between ops; on
+   Linux in the engine's own pool (see POOL in codegen.py: waits spin at most 1 ms, then sleep), elsewhere in an
+   OpenMP region */
+typedef struct {
+  sf_ctx c;                  /* first: the pool hands the body this struct's address */
+  const sf_q8op* ops; int nops; uint8_t* const* buf; const int64_t* bstride; int n; uint8_t* Q; int64_t qstride;
+} q8_job;
+
+static void q8_body(sf_ctx* cx, int tid, int nth) {
+  const q8_job* jb = (const q8_job*)cx;
+  uint8_t* Q = jb->Q + (size_t)tid * jb->qstride;
+  for (int k = 0; k < jb->nops; k++) {
+    const sf_q8op* o = jb->ops + k;
+    for (int j = 0; j < jb->n; j++) {
+      const uint8_t* A = jb->buf[o->a] + (size_t)j * jb->bstride[o->a];
+      const uint8_t* B = o->b >= 0 ? jb->buf[o->b] + (size_t)j * jb->bstride[o->b] : 0;
+      uint8_t* O = jb->buf[o->out] + (size_t)j * jb->bstride[o->out];
       const int* I = o->i + 16;
       switch (o->kind) {
         case @K_CONV@:
           sf_conv_q8(A, I[0], (const int32_t*)o->p[0], I[1], I[2], I[3], I[4], I[5], I[6], (const int32_t*)o->p[1],
                      (const int32_t*)o->p[2], (const int32_t*)o->p[3], (const int32_t*)o->p[4],
                      (const int32_t*)o->p[5], (const float*)o->p[6], B, I[7], I[8], I[9], I[10], I[11], I[12],
-                     o->f[0], I[13], I[14], O, I[15], I[16], Q, nth);
+                     o->f[0], I[13], I[14], O, I[15], I[16], Q, tid, nth);
           break;
-        case @K_DW@: q8_dw(o, A, O, nth); break;
-        case @K_MAXPOOL@: q8_pool(o, A, O, nth, 0); break;
-        case @K_AVGPOOL@: q8_pool(o, A, O, nth, 1); break;
-        case @K_GAP@: q8_gap(o, A, O, nth); break;
-        case @K_LINEAR@: q8_linear(o, A, O, Q, nth); break;
-        default: q8_eltwise(o, A, B, O, nth);
+        case @K_DW@: q8_dw(o, A, O, tid, nth); break;
+        case @K_MAXPOOL@: q8_pool(o, A, O, tid, nth, 0); break;
+        case @K_AVGPOOL@: q8_pool(o, A, O, tid, nth, 1); break;
+        case @K_GAP@: q8_gap(o, A, O, tid, nth); break;
+        case @K_LINEAR@: q8_linear(o, A, O, Q, tid, nth); break;
+        default: q8_eltwise(o, A, B, O, tid, nth);
       }
+      if (nth > 1 && !(k == jb->nops - 1 && j == jb->n - 1)) sf_barrier(&cx->bar, nth);
     }
   }
+}
+
+void sf_q8_run(const sf_q8op* ops, int nops, uint8_t* const* buf, const int64_t* bstride, int n, uint8_t* Q,
+               int64_t qstride, int nth) {
+  q8_job jb;
+  memset(&jb, 0, sizeof jb);
+  jb.ops = ops; jb.nops = nops; jb.buf = buf; jb.bstride = bstride; jb.n = n; jb.Q = Q; jb.qstride = qstride;
+#ifdef SF_POOL
+  sf_run(q8_body, &jb.c, nth, 0);
+#else
+  if (nth > 1) {
+    #pragma omp parallel num_threads(nth)
+    q8_body(&jb.c, omp_get_thread_num(), omp_get_num_threads());
+  } else {
+    q8_body(&jb.c, 0, 1);
+  }
+#endif
 }
 """
 
 
 def ops_source() -> str:
-    s = OPS_SOURCE.replace("@NI@", str(NI)).replace("@NP@", str(NP))
+    from .codegen import POOL
+    from .plan import DEFAULT_OPTIONS as o
+    pool = POOL.replace("@SPIN@", str(1000 * o.pool_spin_us)).replace("@IDLE@", str(1000 * o.pool_idle_us))
+    s = ("#ifndef SF_SYNC\n#define SF_SYNC __attribute__((aligned(128)))\n#endif\n" + pool
+         + OPS_SOURCE.replace("@NI@", str(NI)).replace("@NP@", str(NP)))
     for name, v in (("K_CONV", K_CONV), ("K_DW", K_DW), ("K_MAXPOOL", K_MAXPOOL), ("K_AVGPOOL", K_AVGPOOL),
                     ("K_GAP", K_GAP), ("K_LINEAR", K_LINEAR), ("K_ADD", K_ADD), ("K_LUT", K_LUT), ("K_MUL", K_MUL),
                     ("K_AFFINE", K_AFFINE)):
