@@ -66,12 +66,32 @@ static void pack(const uint8_t* in, int q, const int32_t* qoff, int p0, int np, 
                  int flat, uint8_t xr, uint8_t* Q) {
   {
     const int32_t* o = qoff + 4 * q;
-    uint8_t* dst = Q + (size_t)q * TP * 4;
+    uint8_t* dst = Q + (size_t)q * np * 4;      /* np: a multiple of 16; quads stored back to back */
     if (flat) {
       const uint8_t* b = in + p0;
 #ifdef SF_VNNI
+      int i0 = 0;
+      /* 64 positions at a time: byte and word interleaves within 128-bit lanes, then a 4 x 4 transpose of
+         the lanes (lane v of the four results is vector v's 16 positions) */
+      __m512i z8 = _mm512_set1_epi8((char)xr);
+      for (; i0 + 64 <= np; i0 += 64) {
+        __m512i x0 = _mm512_xor_si512(_mm512_loadu_si512((const void*)(b + i0 + o[0])), z8);
+        __m512i x1 = _mm512_xor_si512(_mm512_loadu_si512((const void*)(b + i0 + o[1])), z8);
+        __m512i x2 = _mm512_xor_si512(_mm512_loadu_si512((const void*)(b + i0 + o[2])), z8);
+        __m512i x3 = _mm512_xor_si512(_mm512_loadu_si512((const void*)(b + i0 + o[3])), z8);
+        __m512i al = _mm512_unpacklo_epi8(x0, x1), ah = _mm512_unpackhi_epi8(x0, x1);
+        __m512i dl = _mm512_unpacklo_epi8(x2, x3), dh = _mm512_unpackhi_epi8(x2, x3);
+        __m512i r0 = _mm512_unpacklo_epi16(al, dl), r1 = _mm512_unpackhi_epi16(al, dl);
+        __m512i r2 = _mm512_unpacklo_epi16(ah, dh), r3 = _mm512_unpackhi_epi16(ah, dh);
+        __m512i t0 = _mm512_shuffle_i64x2(r0, r1, 0x44), t1 = _mm512_shuffle_i64x2(r0, r1, 0xEE);
+        __m512i t2 = _mm512_shuffle_i64x2(r2, r3, 0x44), t3 = _mm512_shuffle_i64x2(r2, r3, 0xEE);
+        _mm512_storeu_si512((void*)(dst + 4 * i0), _mm512_shuffle_i64x2(t0, t2, 0x88));
+        _mm512_storeu_si512((void*)(dst + 4 * i0 + 64), _mm512_shuffle_i64x2(t0, t2, 0xDD));
+        _mm512_storeu_si512((void*)(dst + 4 * i0 + 128), _mm512_shuffle_i64x2(t1, t3, 0x88));
+        _mm512_storeu_si512((void*)(dst + 4 * i0 + 192), _mm512_shuffle_i64x2(t1, t3, 0xDD));
+      }
       __m128i x8 = _mm_set1_epi8((char)xr);
-      for (int i = 0; i < np; i += 16) {
+      for (int i = i0; i < np; i += 16) {
         __m128i x0 = _mm_xor_si128(_mm_loadu_si128((const __m128i*)(b + i + o[0])), x8);
         __m128i x1 = _mm_xor_si128(_mm_loadu_si128((const __m128i*)(b + i + o[1])), x8);
         __m128i x2 = _mm_xor_si128(_mm_loadu_si128((const __m128i*)(b + i + o[2])), x8);
@@ -107,7 +127,7 @@ static inline __attribute__((always_inline)) void accumulate(__m512i* a, const i
   for (int v = 0; v < NV; v++) a[v] = _mm512_setzero_si512();
   for (int e = e0; e < e1; e++) {
     __m512i w4 = _mm512_set1_epi32(ew[e]);
-    const uint8_t* q = Q + (size_t)eq[e] * TP * 4;
+    const uint8_t* q = Q + (size_t)eq[e] * 64 * NV;
     for (int v = 0; v < NV; v++) a[v] = _mm512_dpbusd_epi32(a[v], _mm512_loadu_si512((const void*)(q + 64 * v)), w4);
   }
 }
@@ -120,7 +140,7 @@ static inline __attribute__((always_inline)) void accumulate2(__m512i* a, __m512
   for (int v = 0; v < NV; v++) { a[v] = _mm512_setzero_si512(); b[v] = _mm512_setzero_si512(); }
   for (int e = e0; e < e1; e++) {
     __m512i w4 = _mm512_set1_epi32(ew[e]), u4 = _mm512_set1_epi32(ew[e + d]);
-    const uint8_t* q = Q + (size_t)eq[e] * TP * 4;
+    const uint8_t* q = Q + (size_t)eq[e] * 64 * NV;
     for (int v = 0; v < NV; v++) {
       __m512i x = _mm512_loadu_si512((const void*)(q + 64 * v));
       a[v] = _mm512_dpbusd_epi32(a[v], x, w4);
@@ -259,7 +279,7 @@ void sf_conv_q8(const uint8_t* in, int nq, const int32_t* qoff, int ho, int wo, 
         for (int e = fbeg[f]; e < fbeg[f + 1]; e++) {
           const int8_t* w = (const int8_t*)&ew[e];
           uint32_t w0 = (uint32_t)(int32_t)w[0], w1 = (uint32_t)(int32_t)w[1], w2 = (uint32_t)(int32_t)w[2], w3 = (uint32_t)(int32_t)w[3];
-          const uint8_t* q = Q + (size_t)eq[e] * TP * 4;
+          const uint8_t* q = Q + (size_t)eq[e] * npv * 4;
           for (int i = 0; i < npv; i++)
             s32[i] += w0 * q[4 * i] + w1 * q[4 * i + 1] + w2 * q[4 * i + 2] + w3 * q[4 * i + 3];
         }
