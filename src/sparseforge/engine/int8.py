@@ -122,14 +122,36 @@ static void pack(const uint8_t* in, int q, const int32_t* qoff, int p0, int np, 
 
 #ifdef SF_VNNI
 /* one filter's kept quads over NV vectors of 16 positions: one vpdpbusd (64 multiply-adds) per quad and vector */
+/* Small tiles (NV < 4) take CH interleaved partial sums per vector, added at the end (exact: wrapping int32):
+   one chain per vector would wait on vpdpbusd's latency at every entry (a 2x2 map: 1 vector, ~140 entries) */
 static inline __attribute__((always_inline)) void accumulate(__m512i* a, const int NV, int e0, int e1,
                                                             const int32_t* eq, const int32_t* ew, const uint8_t* Q) {
+  enum { CH = 4 };
+  const int ch = NV >= 4 ? 1 : (NV == 1 ? CH : 2);
+  __m512i s[CH - 1][3];
   for (int v = 0; v < NV; v++) a[v] = _mm512_setzero_si512();
-  for (int e = e0; e < e1; e++) {
+  for (int c = 0; c < ch - 1; c++)
+    for (int v = 0; v < NV && v < 3; v++) s[c][v] = _mm512_setzero_si512();
+  int e = e0;
+  if (ch > 1)
+    for (; e + ch <= e1; e += ch) {
+      for (int c = 0; c < ch; c++) {
+        __m512i w4 = _mm512_set1_epi32(ew[e + c]);
+        const uint8_t* q = Q + (size_t)eq[e + c] * 64 * NV;
+        for (int v = 0; v < NV && v < 3; v++) {
+          __m512i x = _mm512_loadu_si512((const void*)(q + 64 * v));
+          if (c == 0) a[v] = _mm512_dpbusd_epi32(a[v], x, w4);
+          else s[c - 1][v] = _mm512_dpbusd_epi32(s[c - 1][v], x, w4);
+        }
+      }
+    }
+  for (; e < e1; e++) {
     __m512i w4 = _mm512_set1_epi32(ew[e]);
     const uint8_t* q = Q + (size_t)eq[e] * 64 * NV;
     for (int v = 0; v < NV; v++) a[v] = _mm512_dpbusd_epi32(a[v], _mm512_loadu_si512((const void*)(q + 64 * v)), w4);
   }
+  for (int c = 0; c < ch - 1; c++)
+    for (int v = 0; v < NV && v < 3; v++) a[v] = _mm512_add_epi32(a[v], s[c][v]);
 }
 
 /* two filters with the same quads (dense layers, channel_block pruning): each quad vector is loaded once for
@@ -138,7 +160,20 @@ static inline __attribute__((always_inline)) void accumulate2(__m512i* a, __m512
                                                              int d, const int32_t* eq, const int32_t* ew,
                                                              const uint8_t* Q) {
   for (int v = 0; v < NV; v++) { a[v] = _mm512_setzero_si512(); b[v] = _mm512_setzero_si512(); }
-  for (int e = e0; e < e1; e++) {
+  int e = e0;
+  if (NV == 1) {          /* two more chains (see accumulate) */
+    __m512i a1 = _mm512_setzero_si512(), b1 = _mm512_setzero_si512();
+    for (; e + 2 <= e1; e += 2) {
+      __m512i x0 = _mm512_loadu_si512((const void*)(Q + (size_t)eq[e] * 64));
+      __m512i x1 = _mm512_loadu_si512((const void*)(Q + (size_t)eq[e + 1] * 64));
+      a[0] = _mm512_dpbusd_epi32(a[0], x0, _mm512_set1_epi32(ew[e]));
+      b[0] = _mm512_dpbusd_epi32(b[0], x0, _mm512_set1_epi32(ew[e + d]));
+      a1 = _mm512_dpbusd_epi32(a1, x1, _mm512_set1_epi32(ew[e + 1]));
+      b1 = _mm512_dpbusd_epi32(b1, x1, _mm512_set1_epi32(ew[e + 1 + d]));
+    }
+    a[0] = _mm512_add_epi32(a[0], a1); b[0] = _mm512_add_epi32(b[0], b1);
+  }
+  for (; e < e1; e++) {
     __m512i w4 = _mm512_set1_epi32(ew[e]), u4 = _mm512_set1_epi32(ew[e + d]);
     const uint8_t* q = Q + (size_t)eq[e] * 64 * NV;
     for (int v = 0; v < NV; v++) {
