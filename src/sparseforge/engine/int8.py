@@ -24,6 +24,7 @@ plane of 4 bytes per position -- once, and every filter then accumulates one 4-b
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +32,7 @@ import torch
 
 from ..errors import SparseforgeError
 from .build import build
-from .int8_ops import K_ADD, K_AFFINE, K_AVGPOOL, K_CONV, K_COPY, K_DW, K_GAP, K_LINEAR, K_LUT, K_MAXPOOL, K_MUL, Q8Op, make_op, ops_source
+from .int8_ops import K_ADD, K_AFFINE, K_AVGPOOL, K_CONV, K_COPY, K_DW, K_GAP, K_LINEAR, K_LUT, K_MAXPOOL, K_MUL, K_PHASE, Q8Op, make_op, ops_source
 from .ir import ConcatOp, ConvOp, EltwiseOp, FlattenOp, GapOp, LinearOp, PoolOp
 from .plan import DEFAULT_OPTIONS, _kernel_shapes
 from .quant import QuantizedModel, quantize_input, run_op_int
@@ -63,12 +64,28 @@ SOURCE = r"""
    Quad q of tile positions [p0, p0 + np): 4 bytes per position read at the quad's 4 offsets, XOR xr (0x80 turns
    an int8 input into uint8 + 128, its zero border into 128; the bias carries -128 * sum(w)). */
 static void pack(const uint8_t* in, int q, const int32_t* qoff, int p0, int np, int wo, int stride, int rs,
-                 int flat, uint8_t xr, uint8_t* Q) {
+                 int flat, uint8_t xr, uint8_t* Q, const int32_t* qpat, const uint8_t* qidx) {
   {
     const int32_t* o = qoff + 4 * q;
     uint8_t* dst = Q + (size_t)q * np * 4;      /* np: a multiple of 16; quads stored back to back */
     if (flat) {
       const uint8_t* b = in + p0;
+#if defined(SF_VNNI) && defined(__AVX512VBMI__)
+      /* a quad whose 4 offsets lie within 48 bytes (3x3 taps of a map at most 21 wide): 16 positions are one
+         64-byte load from the lowest offset and one byte permutation (vpermb; its index vector is shared by
+         every quad with the same relative offsets) */
+      if (qpat && qpat[q] >= 0) {
+        int lo_ = o[0];
+        for (int j = 1; j < 4; j++) lo_ = o[j] < lo_ ? o[j] : lo_;
+        const __m512i idx = _mm512_loadu_si512((const void*)(qidx + 64 * (size_t)qpat[q]));
+        const __m512i z8 = _mm512_set1_epi8((char)xr);
+        for (int i = 0; i < np; i += 16) {
+          __m512i w = _mm512_xor_si512(_mm512_loadu_si512((const void*)(b + i + lo_)), z8);
+          _mm512_storeu_si512((void*)(dst + 4 * i), _mm512_permutexvar_epi8(idx, w));
+        }
+        return;
+      }
+#endif
 #ifdef SF_VNNI
       int i0 = 0;
       /* 64 positions at a time: byte and word interleaves within 128-bit lanes, then a 4 x 4 transpose of
@@ -224,8 +241,8 @@ static void epilogue(const int32_t* acc, int f, int p0, int np, int flat, int rs
 void sf_conv_q8(const uint8_t* in, int nq, const int32_t* qoff, int ho, int wo, int stride, int rs, int xr,
                 int nu, const int32_t* uf, const int32_t* fbeg, const int32_t* eq, const int32_t* ew, const int32_t* bias,
                 const float* mult, const uint8_t* res, int rsigned, int rrs, int rplane, int rstride, int rc0,
-                int rcn, float rmult, int lo, int hi, uint8_t* out, int ors, int oplane, uint8_t* Q, int tid,
-                int nth) {
+                int rcn, float rmult, int lo, int hi, uint8_t* out, int ors, int oplane, const int32_t* qpat,
+                const uint8_t* qidx, uint8_t* Q, int tid, int nth) {
   int flat = stride == 1;
   int P = flat ? (ho - 1) * rs + wo : ho * wo;     /* positions to run */
   /* vector epilogue: flat positions land at the same offsets in the output plane (and an identity residual's) */
@@ -240,7 +257,7 @@ void sf_conv_q8(const uint8_t* in, int nq, const int32_t* qoff, int ho, int wo, 
     int np = P - p0 < TP ? P - p0 : TP;
     int npv = (np + 15) & ~15;
     if (packed != tile) {
-      for (int q = 0; q < nq; q++) pack(in, q, qoff, p0, npv, wo, stride, rs, flat, (uint8_t)xr, Q);
+      for (int q = 0; q < nq; q++) pack(in, q, qoff, p0, npv, wo, stride, rs, flat, (uint8_t)xr, Q, qpat, qidx);
       packed = tile;
     }
 #ifdef SF_VNNI
@@ -336,8 +353,8 @@ def native_conv(op, q) -> str | None:
     o, i, kh, kw = op.weight.shape
     if op.groups != 1:
         return "grouped/depthwise"
-    if kh != kw or kh > 3 or op.padding > 1 or op.stride > 2 or op.tap_period > 1:
-        return "kernel/stride/padding outside the kernel's set"
+    if kh != kw or op.stride > 2 or op.tap_period > 1:
+        return "kernel/stride outside the kernel's set"
     if q.float_out or q.weight is None:
         return "float output"
     return None
@@ -356,10 +373,13 @@ class _ConvPlan:
     quads: int
     entries: int
     rmult: float              # the residual's multiplier (0 without one)
+    qpat: np.ndarray | None = None    # per quad: its relative-offset pattern (-1: packed by interleaves), or None
+    qidx: np.ndarray | None = None    # per pattern: the 64-byte vpermb index
 
     def __post_init__(self):
         # ctypes pointers made once (a numpy array's .ctypes costs microseconds per call)
         self.ptrs = tuple(_ptr(a) for a in (self.qoff, self.uf, self.fbeg, self.eq, self.ew, self.bias, self.mult))
+        self.pat_ptrs = tuple(_ptr(a) if a is not None else None for a in (self.qpat, self.qidx))
 
 
 def plan_conv(op: ConvOp, q, h: int, w: int, signed_in: bool) -> _ConvPlan:
@@ -417,11 +437,29 @@ def plan_conv(op: ConvOp, q, h: int, w: int, signed_in: bool) -> _ConvPlan:
         same = f + 1 < o and fbeg[f + 1] > fbeg[f] and eq[fbeg[f]:fbeg[f + 1]] == eq[fbeg[f + 1]:fbeg[f + 2]]
         f += 2 if same else 1
     uf.append(o)
+    qpat, qidx = _byte_permutations(qoff) if op.stride == 1 else (None, None)
     return _ConvPlan(qoff, np.array(fbeg, np.int32), np.array(uf, np.int32), np.array(eq, np.int32),
                      np.array(ew, np.int32), bias,
                      q.mult.float().reshape(-1).expand(o).contiguous().numpy().astype(np.float32),
                      0x80 if signed_in else 0, len(keys), len(eq),
-                     float(q.rmult.reshape(-1)[0]) if q.rmult is not None else 0.0)
+                     float(q.rmult.reshape(-1)[0]) if q.rmult is not None else 0.0, qpat, qidx)
+
+
+def _byte_permutations(qoff: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """For the kernel's one-permutation packing: quads whose offsets span at most 48 bytes get the index of their
+    relative offsets' 64-byte vpermb index (byte 4i + j of 16 positions = position i's tap j), the rest -1."""
+    if len(qoff) == 0:
+        return None, None
+    rel = qoff - qoff.min(1, keepdims=True)
+    ok = rel.max(1) <= 48
+    if not ok.any():
+        return None, None
+    pats, inv = np.unique(rel[ok], axis=0, return_inverse=True)
+    qpat = np.full(len(qoff), -1, np.int32)
+    qpat[ok] = inv.reshape(-1)
+    i = np.arange(16)[:, None]
+    qidx = np.stack([(i + p[None, :]).reshape(-1) for p in pats]).astype(np.uint8)    # (patterns, 64)
+    return qpat, np.ascontiguousarray(qidx)
 
 
 def _ptr(a: np.ndarray, t=ctypes.c_void_p):
@@ -528,6 +566,7 @@ class Int8Engine:
         self.why: dict[int, str] = {}
         slots = {vid: j for j, vid in enumerate(sorted(g.values))}
         self._slot = slots
+        self._signed: dict[int, bool] = {}
         for k, (op, q) in enumerate(zip(g.ops, qg.qops)):
             try:
                 nat = self._native_op(k, op, q, slots)
@@ -570,7 +609,16 @@ class Int8Engine:
     # ---- planning: which ops run natively, as what -------------------------------------------------------------
     def _view(self, vid: int) -> tuple[int, int, int, int]:
         gm = self.geom[vid]
-        return gm.plane, gm.rs, gm.origin, int(self.qm.qgraph.params[vid].signed)
+        signed = self._signed[vid] if vid in self._signed else self.qm.qgraph.params[vid].signed
+        return gm.plane, gm.rs, gm.origin, int(signed)
+
+    def _synthetic(self, shape: tuple[int, int, int], signed: bool) -> int:
+        """A value of the engine's own (a lowered conv's phase split or subsample), made and read in one op."""
+        vid = max(self._slot) + 1
+        self._slot[vid] = len(self._slot)
+        self.geom[vid] = _Geom(*shape)
+        self._signed[vid] = signed
+        return vid
 
     def _native_op(self, k: int, op, q, slots) -> _Native:
         qg = self.qm.qgraph
@@ -592,7 +640,37 @@ class Int8Engine:
                 why = "input or output not a map"
             if why is not None:
                 raise _NotNative(why)
-            p = plan_conv(op, q, gi.h, gi.w, P[ins[0]].signed)
+            pre, gin, signed_in = [], gi, P[ins[0]].signed
+            if op.stride > 1 or op.padding > 1:
+                # lowered as plan.lower lowers it for fp32 (exact: the same integer sums): a 1x1 stride-s conv
+                # reads a subsample; any other a phase split, then a stride-1 unpadded conv of ceil(k / s) taps a side
+                s_, pd, kk = op.stride, op.padding, op.weight.shape[2]
+                if kk == 1 and pd == 0:
+                    mid = self._synthetic((gi.c, go.h, go.w), signed_in)
+                    pre.append(make_op(K_MAXPOOL, S(ins[0]), -1, S(mid), [self._view(ins[0]), (0, 0, 0, 0),
+                                                                         self._view(mid)], (gi.c, go.h, go.w),
+                                       [1, s_, 0, gi.h, gi.w, 1, 0, 0]))
+                    op = dataclasses.replace(op, inputs=[mid], stride=1)
+                    what = "subsample + "
+                else:
+                    kp = -(-kk // s_)
+                    wq = q.weight
+                    o_, ig = wq.shape[:2]
+                    wpad = torch.zeros(o_, ig, kp * s_, kp * s_, dtype=wq.dtype)
+                    wpad[:, :, :kk, :kk] = wq
+                    w2 = wpad.reshape(o_, ig, kp, s_, kp, s_).permute(0, 1, 3, 5, 2, 4).reshape(o_, ig * s_ * s_, kp, kp)
+                    mid = self._synthetic((gi.c * s_ * s_, go.h + kp - 1, go.w + kp - 1), signed_in)
+                    gm = self.geom[mid]
+                    pre.append(make_op(K_PHASE, S(ins[0]), -1, S(mid), [self._view(ins[0]), (0, 0, 0, 0),
+                                                                       self._view(mid)], (gm.c, gm.h, gm.w),
+                                       [s_, pd, gi.h, gi.w]))
+                    op = dataclasses.replace(op, inputs=[mid], weight=w2.contiguous().float(), stride=1, padding=0)
+                    q = dataclasses.replace(q, weight=w2.contiguous())
+                    what = "phase split + "
+                gin = self.geom[mid]
+            else:
+                what = ""
+            p = plan_conv(op, q, gin.h, gin.w, signed_in)
             self.plans[k] = p
             rargs = [0, 0, 0, 1, 0, 0]
             b = -1
@@ -602,11 +680,11 @@ class Int8Engine:
                 rargs = [int(P[op.residual].signed), gr.rs, gr.plane, op.res_stride if pad else 1,
                          op.res_pad_before if pad else 0, gr.c]
                 b = S(op.residual)
-            ints = [p.quads, go.h, go.w, op.stride, gi.rs, p.xr, len(p.uf) - 1, *rargs, q.lo, q.hi, go.rs, go.plane]
-            d = make_op(K_CONV, S(ins[0]), b, S(op.output), [], chw, ints, (p.rmult, 0.0),
-                        [p.qoff, p.uf, p.fbeg, p.eq, p.ew, p.bias, p.mult])
-            return _Native(f"int8 kernel ({p.quads} quads, {p.entries} quad products per position)", [d], [p],
-                           ins + ([op.residual] if op.residual is not None else []))
+            ints = [p.quads, go.h, go.w, op.stride, gin.rs, p.xr, len(p.uf) - 1, *rargs, q.lo, q.hi, go.rs, go.plane]
+            d = make_op(K_CONV, S(op.inputs[0]), b, S(op.output), [], chw, ints, (p.rmult, 0.0),
+                        [p.qoff, p.uf, p.fbeg, p.eq, p.ew, p.bias, p.mult, p.qpat, p.qidx])
+            return _Native(f"{what}int8 kernel ({p.quads} quads, {p.entries} quad products per position)", pre + [d],
+                           [p], ins + ([op.residual] if op.residual is not None else []))
         if isinstance(op, ConvOp):
             o_, i_, kh, kw = op.weight.shape
             if not (i_ == 1 and op.groups == gi.c == go.c and kh == kw <= 3 and op.padding <= 1

@@ -23,10 +23,10 @@ import ctypes
 
 import numpy as np
 
-K_CONV, K_DW, K_MAXPOOL, K_AVGPOOL, K_GAP, K_LINEAR, K_ADD, K_LUT, K_MUL, K_AFFINE, K_COPY = range(11)
+K_CONV, K_DW, K_MAXPOOL, K_AVGPOOL, K_GAP, K_LINEAR, K_ADD, K_LUT, K_MUL, K_AFFINE, K_COPY, K_PHASE = range(12)
 
 NI = 40          # int parameters per op
-NP = 8           # pointers per op
+NP = 10          # pointers per op
 
 
 class Q8Op(ctypes.Structure):
@@ -240,6 +240,42 @@ static void q8_pool(const sf_q8op* o, const uint8_t* A, uint8_t* O, int tid, int
   }
 }
 
+/* phase split (space-to-depth with zero padding; the int8 engine's lowering of strided and widely padded convs
+   to stride-1 convs, as plan.lower does for fp32): output channel (c * s + py) * s + px, pixel (i, j) = input
+   (s * i + py - pad, s * j + px - pad) of channel c, 0 outside the map. Rows whose every column lies in the
+   stored border's reach are copied in vectors (even bytes of 32 at stride 2); the rest per byte. */
+static void q8_phase(const sf_q8op* o, const uint8_t* A, uint8_t* O, int tid, int nth) {
+  const int s = o->i[16], pad = o->i[17], IH = o->i[18], IW = o->i[19];
+  const int C = OC, H = OH, W = OW;
+  for (int co = C * tid / nth; co < C * (tid + 1) / nth; co++) {
+    const int c = co / (s * s), py = (co / s) % s, px = co % s;
+    const uint8_t* ip = A + (size_t)c * VA_PL + VA_O0;
+    uint8_t* op = O + (size_t)co * VO_PL + VO_O0;
+    const int x0 = px - pad, x1 = s * (W - 1) + px - pad;
+    for (int i = 0; i < H; i++) {
+      const int iy = s * i + py - pad;
+      uint8_t* orow = op + (size_t)i * VO_RS;
+      if (iy < 0 || iy >= IH) { memset(orow, 0, (size_t)W); continue; }
+      const uint8_t* r = ip + (ptrdiff_t)iy * VA_RS;
+      int j = 0;
+#ifdef SF_VNNI
+      if (x0 >= -1 && x1 <= IW && VA_O0 >= VA_RS + 1) {    /* every column within the one-pixel border */
+        if (s == 2)
+          for (; j + 16 <= W; j += 16)
+            _mm_storeu_si128((__m128i*)(orow + j),
+                             _mm256_cvtepi16_epi8(_mm256_loadu_si256((const __m256i*)(r + x0 + 2 * j))));
+        else if (s == 1)
+          for (; j + 16 <= W; j += 16) _mm_storeu_si128((__m128i*)(orow + j), _mm_loadu_si128((const __m128i*)(r + x0 + j)));
+      }
+#endif
+      for (; j < W; j++) {
+        const int ix = s * j + x0;
+        orow[j] = (ix >= 0 && ix < IW) ? r[ix] : 0;
+      }
+    }
+  }
+}
+
 /* global average pool: the exact sum over the map / (H * W), rounded; output (C, 1, 1) or (C,) */
 static void q8_gap(const sf_q8op* o, const uint8_t* A, uint8_t* O, int tid, int nth) {
   const int IH = o->i[16], IW = o->i[17], lo = o->i[18], hi = o->i[19];
@@ -358,13 +394,15 @@ static void q8_body(sf_ctx* cx, int tid, int nth) {
           sf_conv_q8(A, I[0], (const int32_t*)o->p[0], I[1], I[2], I[3], I[4], I[5], I[6], (const int32_t*)o->p[1],
                      (const int32_t*)o->p[2], (const int32_t*)o->p[3], (const int32_t*)o->p[4],
                      (const int32_t*)o->p[5], (const float*)o->p[6], B, I[7], I[8], I[9], I[10], I[11], I[12],
-                     o->f[0], I[13], I[14], O, I[15], I[16], Q, tid, nth);
+                     o->f[0], I[13], I[14], O, I[15], I[16], (const int32_t*)o->p[7], (const uint8_t*)o->p[8], Q,
+                     tid, nth);
           break;
         case @K_DW@: q8_dw(o, A, O, tid, nth); break;
         case @K_MAXPOOL@: q8_pool(o, A, O, tid, nth, 0); break;
         case @K_AVGPOOL@: q8_pool(o, A, O, tid, nth, 1); break;
         case @K_GAP@: q8_gap(o, A, O, tid, nth); break;
         case @K_LINEAR@: q8_linear(o, A, O, Q, tid, nth); break;
+        case @K_PHASE@: q8_phase(o, A, O, tid, nth); break;
         default: q8_eltwise(o, A, B, O, tid, nth);
       }
       if (nth > 1 && !(k == jb->nops - 1 && j == jb->n - 1)) sf_barrier(&cx->bar, nth);
@@ -399,7 +437,7 @@ def ops_source() -> str:
          + OPS_SOURCE.replace("@NI@", str(NI)).replace("@NP@", str(NP)))
     for name, v in (("K_CONV", K_CONV), ("K_DW", K_DW), ("K_MAXPOOL", K_MAXPOOL), ("K_AVGPOOL", K_AVGPOOL),
                     ("K_GAP", K_GAP), ("K_LINEAR", K_LINEAR), ("K_ADD", K_ADD), ("K_LUT", K_LUT), ("K_MUL", K_MUL),
-                    ("K_AFFINE", K_AFFINE)):
+                    ("K_AFFINE", K_AFFINE), ("K_PHASE", K_PHASE)):
         s = s.replace(f"@{name}@", str(v))
     return s
 
