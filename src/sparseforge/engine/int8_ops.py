@@ -377,7 +377,10 @@ static void q8_eltwise(const sf_q8op* o, const uint8_t* A, const uint8_t* B, uin
 typedef struct {
   sf_ctx c;                  /* first: the pool hands the body this struct's address */
   const sf_q8op* ops; int nops; uint8_t* const* buf; const int64_t* bstride; int n; uint8_t* Q; int64_t qstride;
+  int64_t* tns;              /* profiling: when every thread had finished op k (ns), or NULL */
 } q8_job;
+
+static inline int64_t q8_now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec * 1000000000LL + t.tv_nsec; }
 
 static void q8_body(sf_ctx* cx, int tid, int nth) {
   const q8_job* jb = (const q8_job*)cx;
@@ -394,8 +397,8 @@ static void q8_body(sf_ctx* cx, int tid, int nth) {
           sf_conv_q8(A, I[0], (const int32_t*)o->p[0], I[1], I[2], I[3], I[4], I[5], I[6], (const int32_t*)o->p[1],
                      (const int32_t*)o->p[2], (const int32_t*)o->p[3], (const int32_t*)o->p[4],
                      (const int32_t*)o->p[5], (const float*)o->p[6], B, I[7], I[8], I[9], I[10], I[11], I[12],
-                     o->f[0], I[13], I[14], O, I[15], I[16], (const int32_t*)o->p[7], (const uint8_t*)o->p[8], Q,
-                     tid, nth);
+                     o->f[0], I[13], I[14], O, I[15], I[16], (const int32_t*)o->p[7], (const uint8_t*)o->p[8], I[17],
+                     Q, tid, nth);
           break;
         case @K_DW@: q8_dw(o, A, O, tid, nth); break;
         case @K_MAXPOOL@: q8_pool(o, A, O, tid, nth, 0); break;
@@ -405,16 +408,19 @@ static void q8_body(sf_ctx* cx, int tid, int nth) {
         case @K_PHASE@: q8_phase(o, A, O, tid, nth); break;
         default: q8_eltwise(o, A, B, O, tid, nth);
       }
-      if (nth > 1 && !(k == jb->nops - 1 && j == jb->n - 1)) sf_barrier(&cx->bar, nth);
+      if (nth > 1 && (jb->tns || !(k == jb->nops - 1 && j == jb->n - 1))) sf_barrier(&cx->bar, nth);
     }
+    if (jb->tns && tid == 0) jb->tns[k] = q8_now();
   }
 }
 
 void sf_q8_run(const sf_q8op* ops, int nops, uint8_t* const* buf, const int64_t* bstride, int n, uint8_t* Q,
-               int64_t qstride, int nth) {
+               int64_t qstride, int nth, int64_t* tns) {
   q8_job jb;
   memset(&jb, 0, sizeof jb);
   jb.ops = ops; jb.nops = nops; jb.buf = buf; jb.bstride = bstride; jb.n = n; jb.Q = Q; jb.qstride = qstride;
+  jb.tns = tns;
+  if (tns) tns[-1] = q8_now();
 #ifdef SF_POOL
   sf_run(q8_body, &jb.c, nth, 0);
 #else
