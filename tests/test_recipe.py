@@ -308,7 +308,8 @@ def test_int8_stage_reports_accuracy_before_and_after_and_exports_qdq(tmp_path):
     q = res["stages"][2]["int8"]
     assert q["calibration_images"] == 64 and q["calibration"] in ("minmax", "percentile", "mse")
     assert abs(q["delta_pt"] - (q["acc_int8"] - q["acc_fp32"])) < 1e-9 and q["acc_fp32"] == res["stages"][1]["eval"]["acc"]
-    assert set(q["latency"]["arms"]) == {"onnxruntime-fp32", "onnxruntime-int8 (sparseforge QDQ)"}
+    assert set(q["latency"]["arms"]) == {"sparseforge-int8", "onnxruntime-fp32", "onnxruntime-int8 (sparseforge QDQ)"}
+    assert "int8 engine:" in q["latency"]["engine"]
     onnx_path = next((tmp_path / "run" / "stages").glob("02-*/model-int8.onnx"))
     x = runner.state.example()
     out = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]

@@ -183,7 +183,7 @@ def _robustness(i: int, curves: dict[str, dict[str, float]], run_dir: Path) -> l
 
 
 def _int8(i: int, q: dict[str, Any]) -> list[str]:
-    """Accuracy before/after post-training int8 and the measured latency of its QDQ export."""
+    """Accuracy before/after post-training int8 and the measured latency of the int8 engine and the QDQ export."""
     lines = [f"## int8 (stage {i})", "",
              f"- calibration: {q['calibration']} on {q['calibration_images']} training images"
              + (f" (scores: {', '.join(f'{k} {v:.4g}' for k, v in q['scores'].items())})" if q.get("scores") else ""),
@@ -197,6 +197,8 @@ def _int8(i: int, q: dict[str, Any]) -> list[str]:
                   "| runtime | median | p10 | p90 |", "|---|---:|---:|---:|"]
         for arm, r in lat["arms"].items():
             lines.append(f"| {arm} | {r['median_ms']:.3f} | {r['p10_ms']:.3f} | {r['p90_ms']:.3f} |")
+        if lat.get("engine"):
+            lines += ["", f"sparseforge-int8: {lat['engine']}"]
     return lines + [""]
 
 

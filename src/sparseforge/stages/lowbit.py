@@ -39,12 +39,14 @@ class ProgressivePrecision(StageMethod):
 @dataclasses.dataclass(frozen=True)
 class Int8StageConfig(Int8Config):
     """Post-training int8 of the current model: test accuracy before and after (the integer reference), the
-    QDQ ONNX in the stage directory and its onnxruntime latency next to fp32. The recipe's model stays float:
-    later stages (fine-tuning, compile) take the float weights; the engine has no int8 kernels yet."""
+    QDQ ONNX in the stage directory, and batch-1 latency of the int8 engine (``Int8Engine``, bit-exact with the
+    reference) next to onnxruntime fp32 and the QDQ export in onnxruntime. The recipe's model stays float: later
+    stages (fine-tuning, compile) take the float weights."""
 
     export: bool = opt(True, "write model-int8.onnx (QDQ, the same integers as the reference) into the stage directory")
-    runs: int = opt(20, "timed onnxruntime runs per arm, fp32 vs the int8 export, batch 1 (0 = no timing)", min=0)
-    threads: int = opt(0, "onnxruntime threads (0 = the training threads / PyTorch default)", min=0)
+    runs: int = opt(20, "timed runs per arm (int8 engine, onnxruntime fp32 and the int8 export), batch 1 "
+                        "(0 = no timing)", min=0)
+    threads: int = opt(0, "inference threads (0 = the training threads / PyTorch default)", min=0)
 
 
 @register_stage("int8", Int8StageConfig, main_rank_only=True)
@@ -67,30 +69,36 @@ class Int8(StageMethod):
         info["int8"]["acc_int8"] = ctx.evaluate(qm)["acc"]
         info["int8"]["delta_pt"] = info["int8"]["acc_int8"] - info["int8"]["acc_fp32"]
         ctx.log(f"int8 ({qm.qgraph.method}): {info['int8']['acc_int8']:.2f}% vs fp32 {info['int8']['acc_fp32']:.2f}%")
+        path = None
         if c.export and not qm.fallbacks:
             path = ctx.dir / "model-int8.onnx"
             export_qdq(qm, path)
             info["int8"]["onnx"] = path.name
-            if c.runs:
-                info["int8"]["latency"] = _ort_latency(model, path, ctx.example(),
-                                                       c.threads or ctx.train_config().threads or torch.get_num_threads(),
-                                                       c.runs)
+        if c.runs:
+            info["int8"]["latency"] = _latency(model, qm, path, ctx.example(),
+                                               c.threads or ctx.train_config().threads or torch.get_num_threads(),
+                                               c.runs)
         return model, info
 
 
-def _ort_latency(model, int8_path, x, threads: int, runs: int) -> dict | None:
-    """onnxruntime fp32 (the float model's ONNX) vs the int8 QDQ export, batch 1, arms alternating."""
+def _latency(model, qm, int8_path, x, threads: int, runs: int) -> dict:
+    """Batch 1, arms alternating: the int8 engine, and where onnxruntime is installed onnxruntime fp32 (the
+    float model's ONNX) and the int8 QDQ export."""
+    from ..engine.int8 import Int8Engine
     from ..report.latency import measure, onnxruntime_session
 
+    engine = Int8Engine(qm, threads=threads)
+    arms = {"sparseforge-int8": lambda: engine(x)}
     fp32 = onnxruntime_session(model, x, threads)
-    if fp32 is None:
-        return None
-    import onnxruntime as ort
+    if fp32 is not None:
+        import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    int8 = ort.InferenceSession(str(int8_path), so, providers=["CPUExecutionProvider"])
-    xn = x.numpy()
-    res = measure({"onnxruntime-fp32": lambda: fp32.run(None, {"input": xn}),
-                   "onnxruntime-int8 (sparseforge QDQ)": lambda: int8.run(None, {"input": xn})}, runs=runs)
-    return {"threads": threads, "batch": 1, "arms": res}
+        xn = x.numpy()
+        arms["onnxruntime-fp32"] = lambda: fp32.run(None, {"input": xn})
+        if int8_path is not None:
+            so = ort.SessionOptions()
+            so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+            int8 = ort.InferenceSession(str(int8_path), so, providers=["CPUExecutionProvider"])
+            arms["onnxruntime-int8 (sparseforge QDQ)"] = lambda: int8.run(None, {"input": xn})
+    return {"threads": threads, "batch": 1, "arms": measure(arms, runs=runs),
+            "engine": engine.summary().splitlines()[0]}
