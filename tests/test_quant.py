@@ -191,8 +191,12 @@ def test_bad_inputs_are_one_line_errors():
     qm = sf.quantize(m, sf.Int8Config(calibration="minmax"), [x])
     with pytest.raises(sf.SparseforgeError, match="quantized for inputs of shape"):
         qm(torch.randn(1, 3, 16, 16))
-    with pytest.raises(sf.SparseforgeError, match="no int8 kernels"):
-        sf.compile(qm, x)
+    with pytest.raises(sf.SparseforgeError, match="quantized for inputs of shape"):
+        sf.compile(qm, torch.randn(1, 3, 16, 16))
+    with pytest.raises(sf.SparseforgeError, match="fp32-engine options"):
+        sf.compile(qm, x, conv_mode="direct")
+    e = sf.compile(qm, x, threads=1)           # the int8 engine, bit-exact with the integer reference
+    assert torch.equal(e(x), qm(x)) and "int8 engine:" in e.summary()
 
 
 def test_nan_input_counts_as_zero():

@@ -207,6 +207,18 @@ def default_vector_width(portable: bool) -> int:
     return 8
 
 
+def _compile_int8(qm, example_input, threads, portable, return_stages, vector_width, conv_mode, plan_options):
+    from .int8 import Int8Engine
+
+    if return_stages or vector_width is not None or conv_mode != "auto" or plan_options is not None:
+        raise SparseforgeError("return_stages, vector_width, conv_mode and plan_options are fp32-engine options: "
+                               "compile a QuantizedModel with threads and portable only")
+    if not isinstance(example_input, torch.Tensor) or tuple(example_input.shape[1:]) != tuple(qm.input_shape):
+        raise SparseforgeError(f"this QuantizedModel was quantized for inputs of shape (N, "
+                               f"{', '.join(map(str, qm.input_shape))}): pass an example_input of that shape")
+    return Int8Engine(qm, threads=int(threads or torch.get_num_threads()), portable=portable)
+
+
 def compile(model: nn.Module, example_input: torch.Tensor, threads: int | None = None, portable: bool = False,
             return_stages: bool = False, vector_width: int | None = None, conv_mode: str = "auto",
             plan_options: PlanOptions | None = None):
@@ -218,12 +230,12 @@ def compile(model: nn.Module, example_input: torch.Tensor, threads: int | None =
     on such maps, flat or direct otherwise), "direct", "gather" or "blocked" (every eligible conv; for tests
     and tuning). ``plan_options``: the planner's tuning knobs (``PlanOptions``; measured defaults), recorded in
     the engine's spec and its artefact. Layers without a native kernel run in PyTorch and are listed by
-    ``engine.summary()``.
+    ``engine.summary()``. A ``QuantizedModel`` (``sf.quantize``) compiles to the int8 engine (``Int8Engine``:
+    bit-exact with the model's integer reference).
     """
     if type(model).__name__ == "QuantizedModel":
-        raise SparseforgeError("the engine has no int8 kernels yet: compile the float model, or run the int8 model "
-                               "in onnxruntime (sparseforge.export_qdq); QuantizedModel itself runs the integer "
-                               "reference in PyTorch")
+        return _compile_int8(model, example_input, threads, portable, return_stages, vector_width, conv_mode,
+                             plan_options)
     if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4:
         raise SparseforgeError("example_input must be a 4-D NCHW float tensor, e.g. torch.randn(1, 3, 32, 32)")
     threads = int(threads or torch.get_num_threads())
