@@ -408,8 +408,9 @@ static void q8_body(sf_ctx* cx, int tid, int nth) {
         case @K_PHASE@: q8_phase(o, A, O, tid, nth); break;
         default: q8_eltwise(o, A, B, O, tid, nth);
       }
-      if (nth > 1 && (jb->tns || !(k == jb->nops - 1 && j == jb->n - 1))) sf_barrier(&cx->bar, nth);
     }
+    /* images are independent: one barrier per op, after its last image */
+    if (nth > 1 && (jb->tns || k < jb->nops - 1)) sf_barrier(&cx->bar, nth);
     if (jb->tns && tid == 0) jb->tns[k] = q8_now();
   }
 }
