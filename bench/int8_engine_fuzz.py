@@ -7,6 +7,7 @@ natively computed op's integers must be equal. Networks whose quantization refus
 could overflow) are counted and skipped. Writes JSON, resumable every 100 networks.
 
   python bench/int8_engine_fuzz.py --networks 1000 --first-seed 0 [--portable] --out bench/results/int8_engine_fuzz.json
+  python bench/int8_engine_fuzz.py --zoo resnet20,resnet56,vgg16,mobilenetv2 --out bench/results/int8_engine_zoo.json
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "int8_engine_fuzz.json"))
+    ap.add_argument("--zoo", default="", help="instead: these bench/engine_speed.py models, dense and pattern 8x "
+                    "(e.g. resnet20,resnet56,vgg16,mobilenetv2), engine == reference on 8 images each")
     a = ap.parse_args()
+    if a.zoo:
+        return zoo(a)
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     st = {"networks": 0, "refused": 0, "native_convs": 0, "reference_ops": 0, "mismatches": []}
@@ -78,6 +83,33 @@ def main() -> None:
             write(False, seed + 1)
     write(True, a.first_seed + a.networks)
     print(json.dumps({k: v for k, v in st.items() if k != "mismatches"} | {"mismatches": len(st["mismatches"])}))
+
+
+def zoo(a: argparse.Namespace) -> None:
+    """The named networks, dense and pattern 8x, calibrated on 8 random images: the int8 engine's output and every
+    native op's integers equal the reference's on 8 other images (batch 8, 2 threads) and one (batch 1)."""
+    from engine_speed import CONFIGS, model_for  # bench/ is on sys.path when this script runs
+
+    rows = []
+    for name in a.zoo.split(","):
+        for cfg in ("dense", "pattern8x"):
+            m = model_for(name)
+            if cfg != "dense":
+                sf.prune(m, CONFIGS[cfg])
+            g = torch.Generator().manual_seed(7)
+            qm = sf.quantize(m, sf.Int8Config(calibration="minmax"), [torch.randn(8, 3, 32, 32, generator=g)])
+            e = sf.compile(qm, torch.randn(1, 3, 32, 32), threads=2, portable=a.portable)
+            x = torch.randn(8, 3, 32, 32, generator=g)
+            ref, got = run_int(qm.qgraph, x, keep=True), e.run(x, keep=True)
+            ops = qm.qgraph.graph.ops
+            bad = [ops[k].name for k in e.native if not torch.equal(ref[ops[k].output], got[ops[k].output])]
+            ok = not bad and torch.equal(e(x), qm(x)) and torch.equal(e(x[:1]), qm(x[:1]))
+            rows.append({"model": name, "sparsity": cfg, "equal": ok, "mismatched_ops": bad,
+                         "native_ops": len(e.native), "ops": len(ops)})
+            print(rows[-1], flush=True)
+    atomic_write_json(Path(a.out), {"benchmark": "int8_engine_zoo", "criterion": "bit-exact: outputs (batch 8 and 1) "
+                                    "and every native op's integers equal the reference's", "results": rows,
+                                    "env": environment()})
 
 
 if __name__ == "__main__":
