@@ -30,6 +30,8 @@ them over stages and use any of the toolkit's methods (KD from the dense start i
   pattern-2.25x-ramp-gradual  pattern-2.25x-gradual with pattern_ramp
   pattern-2.25x-ramp-a05-gradual  pattern-2.25x-ramp-gradual with KD alpha 0.5 (half the loss on the labels): does
                         distilling from the 88.46% start hold the student below the fine-tuned control?
+  pattern-2.25x-ramp30-gradual  pattern-2.25x-ramp-gradual with the cut over the first 30% of the epochs (6 of
+                        20), 14 epochs of masked training after it instead of 10
   magnitude-8x-gradual  the same stage with global unstructured magnitude at pattern-8x's weight count: the two
                         structures compared with one pipeline
 
@@ -106,6 +108,7 @@ def arm_stages(E: int, admm_epochs: int, weights: str) -> dict[str, list[dict]]:
         "pattern-8x-ramp-p12-gradual": gradual(pattern_ramp=True, target={**p8, "num_patterns": 12}),
         "pattern-2.25x-ramp-gradual": gradual(pattern_ramp=True, target=p225),
         "pattern-2.25x-ramp-a05-gradual": gradual(pattern_ramp=True, target=p225, alpha=0.5),
+        "pattern-2.25x-ramp30-gradual": [{**gradual(pattern_ramp=True, target=p225)[0], "ramp": 0.3}],
         "pattern-8x-ramp-mag-gradual": gradual(pattern_ramp=True, target={**p8, "connectivity_scope": "magnitude"}),
         "magnitude-8x-gradual": gradual(magnitude=matched_magnitude_sparsity(weights, PatternConfig(**p8))),
     }
