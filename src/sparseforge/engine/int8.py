@@ -430,10 +430,6 @@ class _ConvPlan:
     qidx: np.ndarray | None = None    # per pattern (and vector, dense): the 64-byte vpermb index
     dense: bool = False               # stride 1 over dense positions (small maps: no junk columns in the vectors)
 
-    def __post_init__(self):
-        # ctypes pointers made once (a numpy array's .ctypes costs microseconds per call)
-        self.ptrs = tuple(_ptr(a) for a in (self.qoff, self.uf, self.fbeg, self.eq, self.ew, self.bias, self.mult))
-        self.pat_ptrs = tuple(_ptr(a) if a is not None else None for a in (self.qpat, self.qidx))
 
 
 def plan_conv(op: ConvOp, q, h: int, w: int, signed_in: bool, vbmi: bool = True) -> _ConvPlan:
@@ -537,10 +533,6 @@ def _byte_permutations(qoff: np.ndarray, rs: int, ho: int, wo: int, dense: bool)
     else:
         qidx = np.stack([(i + p[None, :]).reshape(-1) for p in pats])
     return qpat, np.ascontiguousarray(qidx.astype(np.uint8))
-
-
-def _ptr(a: np.ndarray, t=ctypes.c_void_p):
-    return a.ctypes.data_as(t)
 
 
 @dataclass(frozen=True)
@@ -711,170 +703,189 @@ class Int8Engine:
             raise _NotNative("float output")
         S = lambda v: slots[v]      # noqa: E731
         chw = (go.c, go.h, go.w)
-        if isinstance(op, ConvOp) and op.groups == 1:
-            why = native_conv(op, q)
-            if why is None and op.residual is not None and self.geom[op.residual].vector:
-                why = "residual is not a map"
-            if why is None and (gi.vector or go.vector):
-                why = "input or output not a map"
-            if why is not None:
-                raise _NotNative(why)
-            pre, gin, signed_in = [], gi, P[ins[0]].signed
-            if op.stride > 1 or op.padding > 1:
-                # lowered as plan.lower lowers it for fp32 (exact: the same integer sums): a 1x1 stride-s conv
-                # reads a subsample; any other a phase split, then a stride-1 unpadded conv of ceil(k / s) taps a side
-                s_, pd, kk = op.stride, op.padding, op.weight.shape[2]
-                if kk == 1 and pd == 0:
-                    mid = self._synthetic((gi.c, go.h, go.w), signed_in)
-                    pre.append(make_op(K_MAXPOOL, S(ins[0]), -1, S(mid), [self._view(ins[0]), (0, 0, 0, 0),
-                                                                         self._view(mid)], (gi.c, go.h, go.w),
-                                       [1, s_, 0, gi.h, gi.w, 1, 0, 0]))
-                    op = dataclasses.replace(op, inputs=[mid], stride=1)
-                    what = "subsample + "
-                else:
-                    kp = -(-kk // s_)
-                    wq = q.weight
-                    o_, ig = wq.shape[:2]
-                    wpad = torch.zeros(o_, ig, kp * s_, kp * s_, dtype=wq.dtype)
-                    wpad[:, :, :kk, :kk] = wq
-                    w2 = wpad.reshape(o_, ig, kp, s_, kp, s_).permute(0, 1, 3, 5, 2, 4).reshape(o_, ig * s_ * s_, kp, kp)
-                    mid = self._synthetic((gi.c * s_ * s_, go.h + kp - 1, go.w + kp - 1), signed_in)
-                    gm = self.geom[mid]
-                    pre.append(make_op(K_PHASE, S(ins[0]), -1, S(mid), [self._view(ins[0]), (0, 0, 0, 0),
-                                                                       self._view(mid)], (gm.c, gm.h, gm.w),
-                                       [s_, pd, gi.h, gi.w]))
-                    op = dataclasses.replace(op, inputs=[mid], weight=w2.contiguous().float(), stride=1, padding=0)
-                    q = dataclasses.replace(q, weight=w2.contiguous())
-                    what = "phase split + "
-                gin = self.geom[mid]
-            else:
-                what = ""
-            p = plan_conv(op, q, gin.h, gin.w, signed_in, self._vbmi)
-            self.plans[k] = p
-            rargs = [0, 0, 0, 1, 0, 0]
-            b = -1
-            if op.residual is not None:
-                gr = self.geom[op.residual]
-                pad = op.res_kind == "pad_shortcut"
-                rargs = [int(P[op.residual].signed), gr.rs, gr.plane, op.res_stride if pad else 1,
-                         op.res_pad_before if pad else 0, gr.c]
-                b = S(op.residual)
-            ints = [p.quads, go.h, go.w, op.stride, gin.rs, p.xr, len(p.uf) - 1, *rargs, q.lo, q.hi, go.rs, go.plane,
-                    int(p.dense)]
-            d = make_op(K_CONV, S(op.inputs[0]), b, S(op.output), [], chw, ints, (p.rmult, 0.0),
-                        [p.qoff, p.uf, p.fbeg, p.eq, p.ew, p.bias, p.mult, p.qpat, p.qidx])
-            dense = ", dense positions" if p.dense else ""
-            return _Native(f"{what}int8 kernel ({p.quads} quads, {p.entries} quad products per position{dense})", pre + [d],
-                           [p], ins + ([op.residual] if op.residual is not None else []))
-        if isinstance(op, ConvOp):
-            o_, i_, kh, kw = op.weight.shape
-            if not (i_ == 1 and op.groups == gi.c == go.c and kh == kw <= 3 and op.padding <= 1
-                    and op.tap_period == 1 and op.residual is None and not gi.vector and not go.vector):
-                raise _NotNative("grouped conv outside the depthwise kernel's set (k <= 3, padding <= 1, no residual)")
-            w = q.weight.to(torch.float32).reshape(go.c, kh * kw).contiguous().numpy()
-            bias = q.bias.to(torch.int32).contiguous().numpy()
-            mult = q.mult.float().reshape(-1).expand(go.c).contiguous().numpy()
-            d = make_op(K_DW, S(ins[0]), -1, S(op.output), [self._view(ins[0]), (0, 0, 0, 0), self._view(op.output)],
-                        chw, [kh, op.stride, 1 - op.padding, q.lo, q.hi], arrays=[w, bias, mult])
-            return _Native("int8 depthwise", [d], [w, bias, mult], ins)
-        if isinstance(op, PoolOp):
-            if gi.vector or go.vector:
-                raise _NotNative("pool of a vector")
-            if op.mode == "max" and P[op.output] != P[ins[0]]:
-                raise _NotNative("max pool changes the scale")
-            d = make_op(K_MAXPOOL if op.mode == "max" else K_AVGPOOL, S(ins[0]), -1, S(op.output),
-                        [self._view(ins[0]), (0, 0, 0, 0), self._view(op.output)], chw,
-                        [op.kernel, op.stride, op.padding, gi.h, gi.w, int(op.include_pad), q.lo, q.hi])
-            return _Native(f"int8 {op.mode} pool", [d], [], ins)
-        if isinstance(op, GapOp):
-            if gi.vector:
-                raise _NotNative("global pool of a vector")
-            d = make_op(K_GAP, S(ins[0]), -1, S(op.output), [self._view(ins[0]), (0, 0, 0, 0), self._view(op.output)],
-                        (gi.c, 1, 1), [gi.h, gi.w, q.lo, q.hi])
-            return _Native("int8 global pool", [d], [], ins)
-        if isinstance(op, LinearOp):
-            if q.weight is None or (q.float_out and op.act != "none") or not go.vector:
-                raise _NotNative("linear layer with a float activation")
-            if not gi.vector and (gi.h, gi.w) != (1, 1):
-                raise _NotNative("linear layer on a map")
-            wq = q.weight.to(torch.int64).reshape(go.c, -1)
-            F_ = wq.shape[1]
-            FP = -(-F_ // 64) * 64
-            w = np.zeros((go.c, FP), np.int8)
-            w[:, :F_] = wq.numpy().astype(np.int8)
-            bias = q.bias.to(torch.int64).reshape(-1).numpy().copy()
-            if P[ins[0]].signed:
-                bias -= 128 * wq.sum(1).numpy()
-            bias = ((bias + 2 ** 31) % 2 ** 32 - 2 ** 31).astype(np.int32)
-            mult = q.mult.float().reshape(-1).expand(go.c).contiguous().numpy()
-            d = make_op(K_LINEAR, S(ins[0]), -1, S(op.output), [self._view(ins[0]), (0, 0, 0, 0), self._view(op.output)],
-                        chw, [F_, go.c, FP, q.lo, q.hi, int(q.float_out)], arrays=[w, bias, mult])
-            return _Native("int8 linear", [d], [w, bias, mult], ins)
-        if isinstance(op, FlattenOp):
-            if gi.vector:
-                d = make_op(K_COPY, S(ins[0]), -1, S(op.output), [self._view(ins[0]), (0, 0, 0, 0),
-                                                                  self._view(op.output)], chw, [0, 0, 0, 0, 0, 0, 0])
-            else:
-                # the output vector seen as (C, H, W) planes without a border: element c*H*W + y*W + x
-                d = make_op(K_COPY, S(ins[0]), -1, S(op.output),
-                            [self._view(ins[0]), (0, 0, 0, 0), (gi.h * gi.w, gi.w, 0, 0)], (gi.c, gi.h, gi.w),
-                            [0, 0, 0, 0, 0, 0, 0])
-            return _Native("int8 flatten (copy)", [d], [], ins)
-        if isinstance(op, ConcatOp):
-            descs, off = [], 0
-            for vid in ins:
-                gv, pv, po = self.geom[vid], P[vid], P[op.output]
-                if gv.vector != go.vector:
-                    raise _NotNative("concat of a map and a vector")
-                resc = pv != po
-                m = float(torch.tensor(pv.scale / po.scale, dtype=torch.float32)) if resc else 0.0
-                descs.append(make_op(K_COPY, S(vid), -1, S(op.output), [self._view(vid), (0, 0, 0, 0),
-                                                                       self._view(op.output)],
-                                     (gv.c, gv.h, gv.w), [q.lo, q.hi, 0, 0, int(resc), off], (m, 0.0)))
-                off += gv.c
-            return _Native("int8 concat (copies)", descs, [], ins)
-        if isinstance(op, EltwiseOp):
-            va, vo = self._view(ins[0]), self._view(op.output)
-            if (gi.c, gi.h, gi.w) != chw:
-                raise _NotNative("element-wise op that changes the shape")
-            bview, bxs, b = (0, 0, 0, 0), 0, -1
-            if len(ins) > 1:
-                gb = self.geom[ins[1]]
-                b = S(ins[1])
-                if (gb.c, gb.h, gb.w) == chw:
-                    bview, bxs = self._view(ins[1]), 1
-                elif gb.c == go.c and (gb.h, gb.w) == (1, 1):
-                    pl, _, org, sg = self._view(ins[1])
-                    bview, bxs = (pl, 0, org, sg), 0
-                else:
-                    raise _NotNative("second input neither the same shape nor (C, 1, 1)")
-            lo_in = P[ins[0]].lo
-            common = [q.lo, q.hi]
-            if op.fn == "add":
-                if q.mult.numel() != 1 or q.rmult.numel() != 1:
-                    raise _NotNative("per-channel add scales")
-                d = make_op(K_ADD, S(ins[0]), b, S(op.output), [va, bview, vo], chw, common + [0, lo_in, 0, 0, bxs],
-                            (float(q.mult), float(q.rmult)))
-                return _Native("int8 add", [d], [], ins)
-            if op.fn == "mul":
-                mc = q.mult.float().reshape(-1).contiguous().numpy()
-                per = int(mc.size > 1)
-                d = make_op(K_MUL, S(ins[0]), b, S(op.output), [va, bview, vo], chw, common + [per, lo_in, 0, 0, bxs],
-                            (float(mc[0]), 0.0), [None, mc])
-                return _Native("int8 multiply", [d], [mc], ins)
-            if op.fn == "affine":
-                mc = q.mult.float().reshape(-1).expand(go.c).contiguous().numpy()
-                ws = q.weight.to(torch.int32).reshape(-1).contiguous().numpy()
-                bs = q.bias.to(torch.int32).reshape(-1).contiguous().numpy()
-                d = make_op(K_AFFINE, S(ins[0]), -1, S(op.output), [va, (0, 0, 0, 0), vo], chw,
-                            common + [1, lo_in, 0, 0, 0], (0.0, 0.0), [None, mc, ws, bs])
-                return _Native("int8 affine", [d], [mc, ws, bs], ins)
-            if q.lut is not None and len(ins) == 1:
-                lut = q.lut.to(torch.int32).contiguous().numpy()
-                d = make_op(K_LUT, S(ins[0]), -1, S(op.output), [va, (0, 0, 0, 0), vo], chw,
-                            common + [0, lo_in, 0, 0, 0], arrays=[lut])
-                return _Native(f"int8 {op.fn} (table)", [d], [lut], ins)
+        for cond, fn in ((isinstance(op, ConvOp) and op.groups == 1, self._conv_native),
+                         (isinstance(op, ConvOp), self._depthwise_native), (isinstance(op, PoolOp), self._pool_native),
+                         (isinstance(op, GapOp), self._gap_native), (isinstance(op, LinearOp), self._linear_native),
+                         (isinstance(op, FlattenOp), self._flatten_native),
+                         (isinstance(op, ConcatOp), self._concat_native),
+                         (isinstance(op, EltwiseOp), self._eltwise_native)):
+            if cond:
+                nat = fn(k, op, q, P, ins, gi, go, S, chw)
+                if nat is not None:
+                    return nat
+                break
         raise _NotNative("not a conv" if not isinstance(op, (PoolOp, GapOp, EltwiseOp)) else "no native form")
+
+    def _conv_native(self, k: int, op, q, P, ins: list[int], gi, go, S, chw: tuple[int, int, int]) -> _Native | None:
+        why = native_conv(op, q)
+        if why is None and op.residual is not None and self.geom[op.residual].vector:
+            why = "residual is not a map"
+        if why is None and (gi.vector or go.vector):
+            why = "input or output not a map"
+        if why is not None:
+            raise _NotNative(why)
+        pre, gin, signed_in = [], gi, P[ins[0]].signed
+        if op.stride > 1 or op.padding > 1:
+            # lowered as plan.lower lowers it for fp32 (exact: the same integer sums): a 1x1 stride-s conv
+            # reads a subsample; any other a phase split, then a stride-1 unpadded conv of ceil(k / s) taps a side
+            s_, pd, kk = op.stride, op.padding, op.weight.shape[2]
+            if kk == 1 and pd == 0:
+                mid = self._synthetic((gi.c, go.h, go.w), signed_in)
+                pre.append(make_op(K_MAXPOOL, S(ins[0]), -1, S(mid), [self._view(ins[0]), (0, 0, 0, 0),
+                                                                     self._view(mid)], (gi.c, go.h, go.w),
+                                   [1, s_, 0, gi.h, gi.w, 1, 0, 0]))
+                op = dataclasses.replace(op, inputs=[mid], stride=1)
+                what = "subsample + "
+            else:
+                kp = -(-kk // s_)
+                wq = q.weight
+                o_, ig = wq.shape[:2]
+                wpad = torch.zeros(o_, ig, kp * s_, kp * s_, dtype=wq.dtype)
+                wpad[:, :, :kk, :kk] = wq
+                w2 = wpad.reshape(o_, ig, kp, s_, kp, s_).permute(0, 1, 3, 5, 2, 4).reshape(o_, ig * s_ * s_, kp, kp)
+                mid = self._synthetic((gi.c * s_ * s_, go.h + kp - 1, go.w + kp - 1), signed_in)
+                gm = self.geom[mid]
+                pre.append(make_op(K_PHASE, S(ins[0]), -1, S(mid), [self._view(ins[0]), (0, 0, 0, 0),
+                                                                   self._view(mid)], (gm.c, gm.h, gm.w),
+                                   [s_, pd, gi.h, gi.w]))
+                op = dataclasses.replace(op, inputs=[mid], weight=w2.contiguous().float(), stride=1, padding=0)
+                q = dataclasses.replace(q, weight=w2.contiguous())
+                what = "phase split + "
+            gin = self.geom[mid]
+        else:
+            what = ""
+        p = plan_conv(op, q, gin.h, gin.w, signed_in, self._vbmi)
+        self.plans[k] = p
+        rargs = [0, 0, 0, 1, 0, 0]
+        b = -1
+        if op.residual is not None:
+            gr = self.geom[op.residual]
+            pad = op.res_kind == "pad_shortcut"
+            rargs = [int(P[op.residual].signed), gr.rs, gr.plane, op.res_stride if pad else 1,
+                     op.res_pad_before if pad else 0, gr.c]
+            b = S(op.residual)
+        ints = [p.quads, go.h, go.w, op.stride, gin.rs, p.xr, len(p.uf) - 1, *rargs, q.lo, q.hi, go.rs, go.plane,
+                int(p.dense)]
+        d = make_op(K_CONV, S(op.inputs[0]), b, S(op.output), [], chw, ints, (p.rmult, 0.0),
+                    [p.qoff, p.uf, p.fbeg, p.eq, p.ew, p.bias, p.mult, p.qpat, p.qidx])
+        dense = ", dense positions" if p.dense else ""
+        return _Native(f"{what}int8 kernel ({p.quads} quads, {p.entries} quad products per position{dense})", pre + [d],
+                       [p], ins + ([op.residual] if op.residual is not None else []))
+
+    def _depthwise_native(self, k: int, op, q, P, ins: list[int], gi, go, S, chw: tuple[int, int, int]) -> _Native | None:
+        o_, i_, kh, kw = op.weight.shape
+        if not (i_ == 1 and op.groups == gi.c == go.c and kh == kw <= 3 and op.padding <= 1
+                and op.tap_period == 1 and op.residual is None and not gi.vector and not go.vector):
+            raise _NotNative("grouped conv outside the depthwise kernel's set (k <= 3, padding <= 1, no residual)")
+        w = q.weight.to(torch.float32).reshape(go.c, kh * kw).contiguous().numpy()
+        bias = q.bias.to(torch.int32).contiguous().numpy()
+        mult = q.mult.float().reshape(-1).expand(go.c).contiguous().numpy()
+        d = make_op(K_DW, S(ins[0]), -1, S(op.output), [self._view(ins[0]), (0, 0, 0, 0), self._view(op.output)],
+                    chw, [kh, op.stride, 1 - op.padding, q.lo, q.hi], arrays=[w, bias, mult])
+        return _Native("int8 depthwise", [d], [w, bias, mult], ins)
+
+    def _pool_native(self, k: int, op, q, P, ins: list[int], gi, go, S, chw: tuple[int, int, int]) -> _Native | None:
+        if gi.vector or go.vector:
+            raise _NotNative("pool of a vector")
+        if op.mode == "max" and P[op.output] != P[ins[0]]:
+            raise _NotNative("max pool changes the scale")
+        d = make_op(K_MAXPOOL if op.mode == "max" else K_AVGPOOL, S(ins[0]), -1, S(op.output),
+                    [self._view(ins[0]), (0, 0, 0, 0), self._view(op.output)], chw,
+                    [op.kernel, op.stride, op.padding, gi.h, gi.w, int(op.include_pad), q.lo, q.hi])
+        return _Native(f"int8 {op.mode} pool", [d], [], ins)
+
+    def _gap_native(self, k: int, op, q, P, ins: list[int], gi, go, S, chw: tuple[int, int, int]) -> _Native | None:
+        if gi.vector:
+            raise _NotNative("global pool of a vector")
+        d = make_op(K_GAP, S(ins[0]), -1, S(op.output), [self._view(ins[0]), (0, 0, 0, 0), self._view(op.output)],
+                    (gi.c, 1, 1), [gi.h, gi.w, q.lo, q.hi])
+        return _Native("int8 global pool", [d], [], ins)
+
+    def _linear_native(self, k: int, op, q, P, ins: list[int], gi, go, S, chw: tuple[int, int, int]) -> _Native | None:
+        if q.weight is None or (q.float_out and op.act != "none") or not go.vector:
+            raise _NotNative("linear layer with a float activation")
+        if not gi.vector and (gi.h, gi.w) != (1, 1):
+            raise _NotNative("linear layer on a map")
+        wq = q.weight.to(torch.int64).reshape(go.c, -1)
+        F_ = wq.shape[1]
+        FP = -(-F_ // 64) * 64
+        w = np.zeros((go.c, FP), np.int8)
+        w[:, :F_] = wq.numpy().astype(np.int8)
+        bias = q.bias.to(torch.int64).reshape(-1).numpy().copy()
+        if P[ins[0]].signed:
+            bias -= 128 * wq.sum(1).numpy()
+        bias = ((bias + 2 ** 31) % 2 ** 32 - 2 ** 31).astype(np.int32)
+        mult = q.mult.float().reshape(-1).expand(go.c).contiguous().numpy()
+        d = make_op(K_LINEAR, S(ins[0]), -1, S(op.output), [self._view(ins[0]), (0, 0, 0, 0), self._view(op.output)],
+                    chw, [F_, go.c, FP, q.lo, q.hi, int(q.float_out)], arrays=[w, bias, mult])
+        return _Native("int8 linear", [d], [w, bias, mult], ins)
+
+    def _flatten_native(self, k: int, op, q, P, ins: list[int], gi, go, S, chw: tuple[int, int, int]) -> _Native | None:
+        if gi.vector:
+            d = make_op(K_COPY, S(ins[0]), -1, S(op.output), [self._view(ins[0]), (0, 0, 0, 0),
+                                                              self._view(op.output)], chw, [0, 0, 0, 0, 0, 0, 0])
+        else:
+            # the output vector seen as (C, H, W) planes without a border: element c*H*W + y*W + x
+            d = make_op(K_COPY, S(ins[0]), -1, S(op.output),
+                        [self._view(ins[0]), (0, 0, 0, 0), (gi.h * gi.w, gi.w, 0, 0)], (gi.c, gi.h, gi.w),
+                        [0, 0, 0, 0, 0, 0, 0])
+        return _Native("int8 flatten (copy)", [d], [], ins)
+
+    def _concat_native(self, k: int, op, q, P, ins: list[int], gi, go, S, chw: tuple[int, int, int]) -> _Native | None:
+        descs, off = [], 0
+        for vid in ins:
+            gv, pv, po = self.geom[vid], P[vid], P[op.output]
+            if gv.vector != go.vector:
+                raise _NotNative("concat of a map and a vector")
+            resc = pv != po
+            m = float(torch.tensor(pv.scale / po.scale, dtype=torch.float32)) if resc else 0.0
+            descs.append(make_op(K_COPY, S(vid), -1, S(op.output), [self._view(vid), (0, 0, 0, 0),
+                                                                   self._view(op.output)],
+                                 (gv.c, gv.h, gv.w), [q.lo, q.hi, 0, 0, int(resc), off], (m, 0.0)))
+            off += gv.c
+        return _Native("int8 concat (copies)", descs, [], ins)
+
+    def _eltwise_native(self, k: int, op, q, P, ins: list[int], gi, go, S, chw: tuple[int, int, int]) -> _Native | None:
+        va, vo = self._view(ins[0]), self._view(op.output)
+        if (gi.c, gi.h, gi.w) != chw:
+            raise _NotNative("element-wise op that changes the shape")
+        bview, bxs, b = (0, 0, 0, 0), 0, -1
+        if len(ins) > 1:
+            gb = self.geom[ins[1]]
+            b = S(ins[1])
+            if (gb.c, gb.h, gb.w) == chw:
+                bview, bxs = self._view(ins[1]), 1
+            elif gb.c == go.c and (gb.h, gb.w) == (1, 1):
+                pl, _, org, sg = self._view(ins[1])
+                bview, bxs = (pl, 0, org, sg), 0
+            else:
+                raise _NotNative("second input neither the same shape nor (C, 1, 1)")
+        lo_in = P[ins[0]].lo
+        common = [q.lo, q.hi]
+        if op.fn == "add":
+            if q.mult.numel() != 1 or q.rmult.numel() != 1:
+                raise _NotNative("per-channel add scales")
+            d = make_op(K_ADD, S(ins[0]), b, S(op.output), [va, bview, vo], chw, common + [0, lo_in, 0, 0, bxs],
+                        (float(q.mult), float(q.rmult)))
+            return _Native("int8 add", [d], [], ins)
+        if op.fn == "mul":
+            mc = q.mult.float().reshape(-1).contiguous().numpy()
+            per = int(mc.size > 1)
+            d = make_op(K_MUL, S(ins[0]), b, S(op.output), [va, bview, vo], chw, common + [per, lo_in, 0, 0, bxs],
+                        (float(mc[0]), 0.0), [None, mc])
+            return _Native("int8 multiply", [d], [mc], ins)
+        if op.fn == "affine":
+            mc = q.mult.float().reshape(-1).expand(go.c).contiguous().numpy()
+            ws = q.weight.to(torch.int32).reshape(-1).contiguous().numpy()
+            bs = q.bias.to(torch.int32).reshape(-1).contiguous().numpy()
+            d = make_op(K_AFFINE, S(ins[0]), -1, S(op.output), [va, (0, 0, 0, 0), vo], chw,
+                        common + [1, lo_in, 0, 0, 0], (0.0, 0.0), [None, mc, ws, bs])
+            return _Native("int8 affine", [d], [mc, ws, bs], ins)
+        if q.lut is not None and len(ins) == 1:
+            lut = q.lut.to(torch.int32).contiguous().numpy()
+            d = make_op(K_LUT, S(ins[0]), -1, S(op.output), [va, (0, 0, 0, 0), vo], chw,
+                        common + [0, lo_in, 0, 0, 0], arrays=[lut])
+            return _Native(f"int8 {op.fn} (table)", [d], [lut], ins)
 
     # ---- running -----------------------------------------------------------------------------------------------
     def _buffers(self, n: int):
