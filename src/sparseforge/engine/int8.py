@@ -714,7 +714,9 @@ class Int8Engine:
                 if nat is not None:
                     return nat
                 break
-        raise _NotNative("not a conv" if not isinstance(op, (PoolOp, GapOp, EltwiseOp)) else "no native form")
+        if type(op).__name__ == "TorchOp":
+            raise _NotNative("a PyTorch fallback in the float engine too")
+        raise _NotNative("no native form")
 
     def _conv_native(self, k: int, op, q, P, ins: list[int], gi, go, S, chw: tuple[int, int, int]) -> _Native | None:
         why = native_conv(op, q)
