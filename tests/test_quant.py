@@ -239,3 +239,30 @@ def test_int8_engine_convs_equal_the_integer_reference_on_generated_networks(por
     assert native >= 2 * len(seeds)
     if not portable:       # the other native ops were exercised too
         assert {"int8 add", "int8 global pool", "int8 linear", "int8 depthwise"} <= others, others
+
+
+def test_int8_engine_serves_concurrent_callers_one_at_a_time():
+    """Two Python threads calling one int8 engine each get their own exact answer (the engine's byte planes are
+    shared: without the engine's lock they overwrote each other silently)."""
+    import threading
+
+    from sparseforge.engine.int8 import Int8Engine
+
+    model, x, _ = random_network(41)
+    qm = sf.quantize(model, sf.Int8Config(calibration="minmax"), _calibration(x))
+    e = Int8Engine(qm, threads=2)
+    xs = [x + 0.5 * i for i in range(4)]
+    refs = [qm(t) for t in xs]
+    bad: list[int] = []
+
+    def caller(i: int) -> None:
+        for _ in range(15):
+            if not torch.equal(e(xs[i]), refs[i]):
+                bad.append(i)
+
+    ts = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(120)
+    assert not bad

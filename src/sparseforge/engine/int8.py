@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -617,8 +618,8 @@ class Int8Engine:
     pool, linear layers, adds, multiplies, lookup-table activations, flatten and concat in the ops of
     ``engine/int8_ops.py``; a stretch of such ops is one C call over byte planes. An op without a native form
     (a PyTorch fallback, a conv the kernel does not cover) runs through the integer reference, and only there do
-    its values become int32 tensors. The planes and the scratch belong to the engine: one call at a time per
-    engine (make one engine per thread)."""
+    its values become int32 tensors. The planes and the scratch belong to the engine: concurrent callers are
+    served one call at a time."""
 
     def __init__(self, qm: QuantizedModel, threads: int = 1, portable: bool = False):
         if not isinstance(qm, QuantizedModel):
@@ -676,6 +677,7 @@ class Int8Engine:
         # buffers per batch size, reused across calls (values are single-assignment: a value read later in the
         # same call is never overwritten); a returned integer tensor is always a copy
         self._bufs: dict[int, tuple[list, object, object]] = {}
+        self._lock = threading.Lock()
 
     # ---- planning: which ops run natively, as what -------------------------------------------------------------
     def _view(self, vid: int) -> tuple[int, int, int, int]:
@@ -908,6 +910,12 @@ class Int8Engine:
         return got
 
     def run(self, x: torch.Tensor, keep: bool = False):
+        # one call at a time: the byte planes and the scratch are the engine's (two Python threads calling at
+        # once would write each other's planes and return wrong integers without an error)
+        with self._lock:
+            return self._run(x, keep)
+
+    def _run(self, x: torch.Tensor, keep: bool):
         qg = self.qm.qgraph
         g = qg.graph
         n = x.shape[0]
