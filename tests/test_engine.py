@@ -186,6 +186,19 @@ def test_artefact_binary_is_never_loaded(tmp_path):
     assert not marker.exists()
 
 
+def test_native_builds_are_cached_per_cpu(monkeypatch):
+    """-march=native code is the building CPU's: another CPU (a shared cache) gets its own entry, never that
+    library (it would die of SIGILL on load); portable builds are the same everywhere and share one."""
+    import sparseforge.engine.build as B
+
+    src = "int f(void) { return 1; }"
+    cc = B.compiler()
+    native, portable = B.build_key(src, B.NATIVE_FLAGS, cc), B.build_key(src, B.PORTABLE_FLAGS, cc)
+    monkeypatch.setattr(B, "cpu_flags", lambda: ["avx", "avx2", "fma"])       # an AVX2-only CPU
+    assert B.build_key(src, B.NATIVE_FLAGS, cc) != native
+    assert B.build_key(src, B.PORTABLE_FLAGS, cc) == portable
+
+
 def test_damaged_build_cache_entry_is_rebuilt(tmp_path, monkeypatch):
     """A truncated or replaced kernel.so in the build cache is rebuilt, never loaded (it used to SIGBUS)."""
     monkeypatch.setenv("SPARSEFORGE_CACHE", str(tmp_path / "cache"))

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from ..errors import SparseforgeError
+from ..hardware import cpu_flags, cpu_model
 from .codegen import MAIN_MARK, UNIT_MARK
 
 NATIVE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-ffp-contract=fast", "-fno-math-errno"]
@@ -42,8 +43,14 @@ def compiler_version(cc: str) -> str:
 
 
 def build_key(source: str, flags: list[str], cc: str) -> str:
+    """The cache key of a build. ``-march=native`` code is this CPU's: the key includes its model and vector ISA
+    flags, so a cache shared with another CPU (a network home, an image moved to another host) never hands it a
+    library with instructions it lacks (a crash on load: SIGILL)."""
     h = hashlib.sha256()
-    for part in (source, " ".join(flags), compiler_version(cc)):
+    parts = [source, " ".join(flags), compiler_version(cc)]
+    if "-march=native" in flags:
+        parts.append(cpu_model() + " | " + " ".join(cpu_flags()))
+    for part in parts:
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
