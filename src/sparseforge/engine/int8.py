@@ -35,7 +35,7 @@ from ..errors import SparseforgeError
 from .build import build
 from .int8_ops import K_ADD, K_AFFINE, K_AVGPOOL, K_CONV, K_COPY, K_DW, K_GAP, K_LINEAR, K_LUT, K_MAXPOOL, K_MUL, K_PHASE, Q8Op, make_op, ops_source
 from .ir import ConcatOp, ConvOp, EltwiseOp, FlattenOp, GapOp, LinearOp, PoolOp
-from .plan import DEFAULT_OPTIONS, _kernel_shapes
+from .plan import DEFAULT_OPTIONS, _kernel_shapes, phase_weights
 from .quant import QuantizedModel, quantize_input, run_op_int
 
 TILE = 128            # output positions per tile (8 vectors of 16 int32 lanes)
@@ -742,11 +742,7 @@ class Int8Engine:
                 what = "subsample + "
             else:
                 kp = -(-kk // s_)
-                wq = q.weight
-                o_, ig = wq.shape[:2]
-                wpad = torch.zeros(o_, ig, kp * s_, kp * s_, dtype=wq.dtype)
-                wpad[:, :, :kk, :kk] = wq
-                w2 = wpad.reshape(o_, ig, kp, s_, kp, s_).permute(0, 1, 3, 5, 2, 4).reshape(o_, ig * s_ * s_, kp, kp)
+                w2 = phase_weights(q.weight, s_)
                 mid = self._synthetic((gi.c * s_ * s_, go.h + kp - 1, go.w + kp - 1), signed_in)
                 gm = self.geom[mid]
                 pre.append(make_op(K_PHASE, S(ins[0]), -1, S(mid), [self._view(ins[0]), (0, 0, 0, 0),

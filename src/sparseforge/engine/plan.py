@@ -1046,6 +1046,17 @@ def plan_block(graph: Graph, trip: tuple[int, int, int], blob: Blob, threads: in
     return bp
 
 
+def phase_weights(w: torch.Tensor, s: int) -> torch.Tensor:
+    """A k x k stride-s kernel as the ceil(k / s)-tap stride-1 kernel over a PhaseOp's output:
+    W'[o, (c*s + py)*s + px, a, b] = W[o, c, s*a + py, s*b + px], 0 past the kernel (any dtype: the int8 engine
+    lowers its integer weights the same way)."""
+    o, ig, k, _ = w.shape
+    kp = -(-k // s)
+    wpad = torch.zeros(o, ig, kp * s, kp * s, dtype=w.dtype)
+    wpad[:, :, :k, :k] = w
+    return wpad.reshape(o, ig, kp, s, kp, s).permute(0, 1, 3, 5, 2, 4).reshape(o, ig * s * s, kp, kp)
+
+
 def lower(graph: Graph, opts: PlanOptions = DEFAULT_OPTIONS, vec: int = VEC, wide: bool = False) -> Graph:
     """Rewrites that let the planner's fast paths apply; the input graph is left as it was.
 
@@ -1088,11 +1099,8 @@ def lower(graph: Graph, opts: PlanOptions = DEFAULT_OPTIONS, vec: int = VEC, wid
             _, ho, wo = values[op.output].shape
             c = values[op.inputs[0]].shape[0]
             if op.groups == 1 or s > 1:
-                # W'[o, (c*s + py)*s + px, a, b] = W[o, c, s*a + py, s*b + px] (0 past the kernel); depthwise
-                # (ig = 1): filter o reads the s*s phase channels of its own channel, a grouped conv
-                wpad = torch.zeros(o, ig, kp * s, kp * s, dtype=w.dtype)
-                wpad[:, :, :k, :k] = w
-                w2 = wpad.reshape(o, ig, kp, s, kp, s).permute(0, 1, 3, 5, 2, 4).reshape(o, ig * s * s, kp, kp)
+                # depthwise (ig = 1): filter o reads the s*s phase channels of its own channel, a grouped conv
+                w2 = phase_weights(w, s)
             else:                       # depthwise, stride 1: a zero-padded copy, same channels
                 w2 = w
             values[nid] = Value(nid, (c * s * s, ho + kp - 1, wo + kp - 1), f"{op.name}.phase")
