@@ -13,7 +13,7 @@ import dataclasses
 import math
 
 from .ir import ConcatOp, ConvOp, EltwiseOp, FlattenOp, GapOp, LinearOp, PhaseOp, PoolOp
-from .plan import BandPlan, BlockPlan, ConvPlan, Plan
+from .plan import BandPlan, BlockPlan, ConvPlan, Plan, PlanOptions
 
 @dataclasses.dataclass(frozen=True)
 class VecISA:
@@ -1921,8 +1921,8 @@ typedef struct { float* const* B; int N; const float* g_w; const int* g_i; long 
 """
 
 
-def thread_pool_source(plan: Plan) -> str:
-    o = plan.options
+def thread_pool_source(o: PlanOptions) -> str:
+    """The pool's C with its waits from ``o`` (the int8 engine's ops run in it too)."""
     return POOL.replace("@SPIN@", str(1000 * o.pool_spin_us)).replace("@IDLE@", str(1000 * o.pool_idle_us))
 
 
@@ -1954,7 +1954,7 @@ def generate(plan: Plan) -> str:
         parts.append(f"{UNIT_MARK}\nBODY void {fname}(OPARGS, const int* d) {{\n{body}\n}}")
     parts.append(MAIN_MARK)
     if plan.options.thread_pool and plan.threads > 1:
-        parts.append(thread_pool_source(plan))
+        parts.append(thread_pool_source(plan.options))
     parts += wrappers
     for k, op in enumerate(plan.graph.ops):   # single-op entry points, for per-op profiling
         if op.native:

@@ -437,10 +437,9 @@ void sf_q8_run(const sf_q8op* ops, int nops, uint8_t* const* buf, const int64_t*
 
 
 def ops_source() -> str:
-    from .codegen import POOL
-    from .plan import DEFAULT_OPTIONS as o
-    pool = POOL.replace("@SPIN@", str(1000 * o.pool_spin_us)).replace("@IDLE@", str(1000 * o.pool_idle_us))
-    s = ("#ifndef SF_SYNC\n#define SF_SYNC __attribute__((aligned(128)))\n#endif\n" + pool
+    from .codegen import thread_pool_source
+    from .plan import DEFAULT_OPTIONS
+    s = ("#ifndef SF_SYNC\n#define SF_SYNC __attribute__((aligned(128)))\n#endif\n" + thread_pool_source(DEFAULT_OPTIONS)
          + OPS_SOURCE.replace("@NI@", str(NI)).replace("@NP@", str(NP)))
     for name, v in (("K_CONV", K_CONV), ("K_DW", K_DW), ("K_MAXPOOL", K_MAXPOOL), ("K_AVGPOOL", K_AVGPOOL),
                     ("K_GAP", K_GAP), ("K_LINEAR", K_LINEAR), ("K_ADD", K_ADD), ("K_LUT", K_LUT), ("K_MUL", K_MUL),
