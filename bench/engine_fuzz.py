@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="--networks: continue a killed run from its --out file")
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--out", default="")
+    ap.add_argument("--isa", choices=["native", "avx2", "portable"], default="native",
+                    help="--networks: build for this instruction set (avx2: the code an AVX2-only CPU runs)")
     a = ap.parse_args()
     os.environ["SPARSEFORGE_CACHE"] = tempfile.mkdtemp(prefix="sf-fuzz-")
     if a.networks:
@@ -120,7 +122,7 @@ def fuzz_networks(a: argparse.Namespace) -> None:
     t0 = time.perf_counter() - spent
 
     def write(complete: bool, next_seed: int) -> None:
-        doc = {"benchmark": "engine_fuzz_networks", "ok": not stats["failures"], "first_seed": a.first_seed,
+        doc = {"benchmark": "engine_fuzz_networks", "ok": not stats["failures"], "first_seed": a.first_seed, "isa": a.isa,
                "requested": a.networks, "complete": complete, "next_seed": next_seed,
                "tolerance": "max|e-t| <= 1e-4*max|t| + 1e-5 over finite values; NaN/Inf positions as PyTorch's",
                **stats, "seconds": round(time.perf_counter() - t0, 1), "env": environment()}
@@ -138,7 +140,7 @@ def fuzz_networks(a: argparse.Namespace) -> None:
             stats["nonfinite_inputs"] += 1
         with torch.inference_mode():
             ref = m(x)
-        e = compile(m, x[:1], threads=1 + seed % 3,
+        e = compile(m, x[:1], threads=1 + seed % 3, isa=a.isa,
                     plan_options=(stress_omp if seed % 8 == 7 else stress) if seed % 4 == 3 else None)
         stats["stress_options"] += seed % 4 == 3
         out = e(x)

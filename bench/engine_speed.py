@@ -97,7 +97,7 @@ def deepsparse_time(python: str, pruned: torch.nn.Module, batch: int, threads: i
 
 
 def run_case(name: str, cfg_name: str, batch: int, threads: int, runs: int, warmup: int, block: int = 5,
-             deepsparse_python: str = "", size: int = 32, int8_arm: bool = False) -> dict:
+             deepsparse_python: str = "", size: int = 32, int8_arm: bool = False, isa: str = "native") -> dict:
     torch.set_num_threads(threads)
     dense = model_for(name)
     pruned = copy.deepcopy(dense)
@@ -107,18 +107,18 @@ def run_case(name: str, cfg_name: str, batch: int, threads: int, runs: int, warm
         sf.prune(pruned, FC_8X)
     x1 = torch.randn(1, 3, size, size)
     t0 = time.perf_counter()
-    engine = sf.compile(pruned, x1, threads=threads)
+    engine = sf.compile(pruned, x1, threads=threads, isa=isa)
     compile_s = time.perf_counter() - t0
-    engine_dense = sf.compile(dense, x1, threads=threads)
+    engine_dense = sf.compile(dense, x1, threads=threads, isa=isa)
     int8 = None
     if int8_arm:
-        # the int8 engine (issue 26, first stage: native int8 convs inside the integer reference, op by op):
-        # post-training int8 of the pruned model, calibrated on 8 random inputs (latency only)
+        # the int8 engine (issue 26): post-training int8 of the pruned model, calibrated on 8 random inputs
+        # (latency only)
         from sparseforge.engine.int8 import Int8Engine
 
         g = torch.Generator().manual_seed(1)
         qm = sf.quantize(pruned, sf.Int8Config(calibration="minmax"), [torch.randn(8, 3, size, size, generator=g)])
-        int8 = Int8Engine(qm, threads=threads)
+        int8 = Int8Engine(qm, threads=threads, isa=isa)
     fused = fx_opt.fuse(copy.deepcopy(dense))
     fused_cl = copy.deepcopy(fused).to(memory_format=torch.channels_last)
     masked = copy.deepcopy(pruned)
@@ -169,7 +169,7 @@ def run_case(name: str, cfg_name: str, batch: int, threads: int, runs: int, warm
                     times[k].append(timed(arms[k], None))
     st = model_stats(pruned, x1)
     weights = sum(l.params for l in st.layers)
-    out = {"model": name, "sparsity": cfg_name, "size": size, "batch": batch, "threads": threads,
+    out = {"model": name, "sparsity": cfg_name, "size": size, "batch": batch, "threads": threads, "isa": isa,
            "weight_compression_conv_linear": weights / max(1, sum(l.nonzero for l in st.layers)),
            "mac_reduction": st.macs / max(1, st.effective_macs),
            "runs": len(times["sparseforge"]), "max_rel_error_vs_torch": err, "compile_s": round(compile_s, 1),
@@ -217,6 +217,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "engine_speed"))
     ap.add_argument("--deepsparse-python", default="", help="python of a venv with deepsparse==1.8 (optional)")
     ap.add_argument("--int8", action="store_true", help="also time the int8 engine on the pruned model (issue 26)")
+    ap.add_argument("--isa", choices=["native", "avx2", "portable"], default="native",
+                    help="build the engine arms for this instruction set (avx2: the code an AVX2-only CPU runs; the "
+                         "onnxruntime and PyTorch arms keep this host's own kernels)")
     a = ap.parse_args()
     results = []
     for spec in a.models.split(","):
@@ -224,7 +227,7 @@ def main() -> None:
         for t in map(int, a.threads.split(",")):
             for b in map(int, a.batches.split(",")):
                 r = run_case(name, cfg, b, t, a.runs, a.warmup, deepsparse_python=a.deepsparse_python, size=a.size,
-                             int8_arm=a.int8)
+                             int8_arm=a.int8, isa=a.isa)
                 results.append(r)
                 arms = "  ".join(f"{k} {v['median_ms']:.2f}" for k, v in r["arms"].items())
                 print(f"{name:12s} {cfg:14s} b{b} t{t}: {arms}  -> x{r['speedup_vs_torch_dense']:.2f} vs torch, "

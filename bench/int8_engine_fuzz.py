@@ -6,7 +6,7 @@ perturbed copies of its input) and run through ``Int8Engine`` and ``QuantizedMod
 natively computed op's integers must be equal. Networks whose quantization refuses (an int32 accumulator that
 could overflow) are counted and skipped. Writes JSON, resumable every 100 networks.
 
-  python bench/int8_engine_fuzz.py --networks 1000 --first-seed 0 [--portable] --out bench/results/int8_engine_fuzz.json
+  python bench/int8_engine_fuzz.py --networks 1000 --first-seed 0 [--isa avx2|portable] --out bench/results/int8_engine_fuzz.json
   python bench/int8_engine_fuzz.py --zoo resnet20,resnet56,vgg16,mobilenetv2 --out bench/results/int8_engine_zoo.json
 """
 
@@ -34,13 +34,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--networks", type=int, default=1000)
     ap.add_argument("--first-seed", type=int, default=0)
-    ap.add_argument("--portable", action="store_true", help="the plain C kernel (no -march=native)")
+    ap.add_argument("--portable", action="store_true", help="the plain C kernel (no -march=native): --isa portable")
+    ap.add_argument("--isa", choices=["native", "avx2", "portable"], default=None,
+                    help="the kernel path to build: native (this CPU), avx2 (what AVX2-only CPUs run), portable")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "int8_engine_fuzz.json"))
     ap.add_argument("--zoo", default="", help="instead: these bench/engine_speed.py models, dense and pattern 8x "
                     "(e.g. resnet20,resnet56,vgg16,mobilenetv2), engine == reference on 8 images each")
     a = ap.parse_args()
+    a.isa = "portable" if a.portable else (a.isa or "native")
     if a.zoo:
         return zoo(a)
     torch.set_num_threads(a.threads)
@@ -52,7 +55,7 @@ def main() -> None:
 
     def write(complete: bool, next_seed: int) -> None:
         atomic_write_json(out, {"benchmark": "int8_engine_fuzz", "first_seed": a.first_seed, "requested": a.networks,
-                                "complete": complete, "next_seed": next_seed, "portable": a.portable, "kernel": kernel,
+                                "complete": complete, "next_seed": next_seed, "isa": a.isa, "kernel": kernel,
                                 "criterion": "bit-exact: outputs and every native op's integers equal the reference's",
                                 **st, "seconds": round(time.perf_counter() - t0, 1), "env": environment()})
 
@@ -65,8 +68,8 @@ def main() -> None:
         except sf.errors.SparseforgeError:
             st["refused"] += 1
             continue
-        e = Int8Engine(qm, threads=1 + seed % 2, portable=a.portable)
-        kernel = "AVX512-VNNI" if e.vnni else "plain C"
+        e = Int8Engine(qm, threads=1 + seed % 2, isa=a.isa)
+        kernel = e.kernel
         ref, got = run_int(qm.qgraph, x, keep=True), e.run(x, keep=True)
         ops = qm.qgraph.graph.ops
         bad = [ops[k].name for k in e.native if not torch.equal(ref[ops[k].output], got[ops[k].output])]
@@ -98,13 +101,13 @@ def zoo(a: argparse.Namespace) -> None:
                 sf.prune(m, CONFIGS[cfg])
             g = torch.Generator().manual_seed(7)
             qm = sf.quantize(m, sf.Int8Config(calibration="minmax"), [torch.randn(8, 3, 32, 32, generator=g)])
-            e = sf.compile(qm, torch.randn(1, 3, 32, 32), threads=2, portable=a.portable)
+            e = sf.compile(qm, torch.randn(1, 3, 32, 32), threads=2, isa=a.isa)
             x = torch.randn(8, 3, 32, 32, generator=g)
             ref, got = run_int(qm.qgraph, x, keep=True), e.run(x, keep=True)
             ops = qm.qgraph.graph.ops
             bad = [ops[k].name for k in e.native if not torch.equal(ref[ops[k].output], got[ops[k].output])]
             ok = not bad and torch.equal(e(x), qm(x)) and torch.equal(e(x[:1]), qm(x[:1]))
-            rows.append({"model": name, "sparsity": cfg, "equal": ok, "mismatched_ops": bad,
+            rows.append({"model": name, "sparsity": cfg, "isa": a.isa, "kernel": e.kernel, "equal": ok, "mismatched_ops": bad,
                          "native_ops": len(e.native), "ops": len(ops)})
             print(rows[-1], flush=True)
     atomic_write_json(Path(a.out), {"benchmark": "int8_engine_zoo", "criterion": "bit-exact: outputs (batch 8 and 1) "

@@ -313,6 +313,39 @@ def test_nan_and_inf_propagate_as_in_pytorch(name, hw):
     assert ok, why
 
 
+def test_avx2_builds_match_pytorch_and_save_what_they_need(tmp_path):
+    """isa="avx2" builds the code an AVX2-only CPU runs (x86-64-v3, 8-float vectors, none of the AVX-512 modes)
+    on any AVX2 host, so its paths are checked here too; its artefact asks the loading CPU for AVX2, not for this
+    host's features, and loads back the same engine."""
+    from sparseforge.engine import load_engine
+    from sparseforge.engine.build import AVX2_NEEDS
+    from sparseforge.hardware import all_cpu_flags
+
+    if not set(AVX2_NEEDS) <= set(all_cpu_flags()):
+        pytest.skip("this CPU cannot run AVX2 code")
+    for seed in (3, 8, 13, 21):
+        m, x, desc = random_network(seed)
+        with torch.inference_mode():
+            ref = m(x)
+        e = compile(m, x[:1], threads=2, isa="avx2")
+        assert "-march=x86-64-v3" in e.spec["build"]["flags"] and not e.spec["options"]["wide"]
+        ok, why = compare_outputs(e(x), ref, sparse="sparsity dense" not in desc)
+        assert ok, (seed, why, desc)
+    e.save(tmp_path / "eng")
+    import json
+    assert json.loads((tmp_path / "eng" / "manifest.json").read_text())["cpu_flags_required"] == ["avx", "avx2", "fma"]
+    again = load_engine(tmp_path / "eng")
+    assert torch.equal(again(x), e(x))
+
+
+def test_isa_choices_are_checked():
+    m, x, _ = random_network(3)
+    for kw, match in (({"isa": "avx3"}, "isa must be one of"), ({"isa": "avx2", "portable": True}, "disagree"),
+                      ({"isa": "avx2", "vector_width": 16}, "AVX-512")):
+        with pytest.raises(SparseforgeError, match=match):
+            compile(m, x[:1], **kw)
+
+
 @pytest.mark.slow
 def test_generated_networks_match_pytorch():
     """CI_NETWORKS random whole networks; every other one with a NaN and an Inf in its input."""

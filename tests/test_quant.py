@@ -210,21 +210,31 @@ def test_nan_input_counts_as_zero():
     assert torch.equal(qm(xn), qm(x0))
 
 
-@pytest.mark.parametrize("portable", [False, True])
-def test_int8_engine_convs_equal_the_integer_reference_on_generated_networks(portable):
-    """The int8 engine (tap-quad conv kernel: AVX512-VNNI where the CPU has it, plain C in the portable build; the
-    other native ops: depthwise, pools, global pool, linear, add, multiply, tables, flatten, concat) gives the
-    integer reference's integers exactly for every op it runs: signed and unsigned inputs, strides 1 and 2, 1x1
-    and kxk, residual epilogues, batch > 1, 1 and 2 threads; ops it does not cover run through the reference and
-    are listed."""
+def _skip_without_avx2(isa: str) -> None:
+    from sparseforge.engine.build import AVX2_NEEDS
+    from sparseforge.hardware import all_cpu_flags
+
+    if isa == "avx2" and not set(AVX2_NEEDS) <= set(all_cpu_flags()):
+        pytest.skip("this CPU cannot run AVX2 code")
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
+def test_int8_engine_convs_equal_the_integer_reference_on_generated_networks(isa):
+    """The int8 engine (tap-quad conv kernel: AVX512-VNNI where the CPU has it, AVX2 (byte pairs into int16,
+    entries that could saturate split), plain C in the portable build; the other native ops: depthwise, pools,
+    global pool, linear, add, multiply, tables, flatten, concat) gives the integer reference's integers exactly for
+    every op it runs: signed and unsigned inputs, strides 1 and 2, 1x1 and kxk, residual epilogues, batch > 1, 1
+    and 2 threads; ops it does not cover run through the reference and are listed."""
     from sparseforge.engine.int8 import Int8Engine
 
+    _skip_without_avx2(isa)
     native, others = 0, set()
-    seeds = range(40, 52) if not portable else range(60, 64)
+    seeds = {"native": range(40, 52), "avx2": range(52, 60), "portable": range(60, 64)}[isa]
     for seed in seeds:
         model, x, desc = random_network(seed)
         qm = sf.quantize(model, sf.Int8Config(calibration="minmax"), _calibration(x))
-        e = Int8Engine(qm, threads=1 + seed % 2, portable=portable)
+        e = Int8Engine(qm, threads=1 + seed % 2, isa=isa)
+        assert e.kernel == {"avx2": "AVX2", "portable": "plain C"}.get(isa, e.kernel)
         env_ref, env = run_int(qm.qgraph, x, keep=True), e.run(x, keep=True)
         for k in e.native:
             v = qm.qgraph.graph.ops[k].output
@@ -237,8 +247,58 @@ def test_int8_engine_convs_equal_the_integer_reference_on_generated_networks(por
         assert s.count("int8 kernel (") == len(e.plans)
         assert s.count("reference (") == len(qm.qgraph.graph.ops) - len(e.native)
     assert native >= 2 * len(seeds)
-    if not portable:       # the other native ops were exercised too
+    if isa == "native":       # the other native ops were exercised too
         assert {"int8 add", "int8 global pool", "int8 linear", "int8 depthwise"} <= others, others
+
+
+def test_avx2_pair_splitting_keeps_every_sum_and_bounds_every_pair():
+    """AVX2's vpmaddubsw adds two byte products into int16 with saturation: 255 * (127 + 127) would clip. Split
+    entries keep each filter's sum per (quad, byte) and leave no same-sign pair above 128 in magnitude."""
+    from sparseforge.engine.int8 import choose_pairings, split_pairs
+
+    g = np.random.default_rng(0)
+    w = g.integers(-127, 128, size=(500, 4)).astype(np.int8)
+    w[:50] = 127
+    eq = g.integers(0, 40, size=500).astype(np.int32)
+    fbeg = np.array([0, 120, 120, 333, 500])
+    eq2, ew2, fb2 = split_pairs(eq, w.view(np.int32).reshape(-1), fbeg)
+    b = ew2.view(np.int8).reshape(-1, 4).astype(np.int64)
+    assert len(eq2) > len(eq) and fb2[0] == 0 and fb2[-1] == len(eq2)
+    for j in (0, 2):
+        same = b[:, j] * b[:, j + 1] > 0
+        assert not (same & (np.abs(b[:, j]) + np.abs(b[:, j + 1]) > 128)).any()
+    # choosing each quad's byte pairing keeps every entry's (offset, weight) products and needs fewer splits
+    qoff = g.integers(0, 1000, size=(40, 4)).astype(np.int32)
+    qoff2, ew3 = choose_pairings(qoff, eq, w.view(np.int32).reshape(-1))
+    b3 = ew3.view(np.int8).reshape(-1, 4)
+    for e in range(500):
+        assert sorted(zip(qoff[eq[e]], w[e])) == sorted(zip(qoff2[eq[e]], b3[e]))
+    assert len(split_pairs(eq, ew3, fbeg)[0]) < len(eq2)
+    for f in range(4):
+        before = np.zeros((40, 4), np.int64)
+        np.add.at(before, eq[fbeg[f]:fbeg[f + 1]], w[fbeg[f]:fbeg[f + 1]].astype(np.int64))
+        after = np.zeros((40, 4), np.int64)
+        np.add.at(after, eq2[fb2[f]:fb2[f + 1]], b[fb2[f]:fb2[f + 1]])
+        assert np.array_equal(before, after)
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+def test_int8_engine_is_exact_where_byte_pairs_would_saturate_int16(isa):
+    """Weights at +-127 everywhere and inputs at 255: every quad's pairs reach 2 * 255 * 127 = 64770."""
+    from sparseforge.engine.int8 import Int8Engine
+
+    _skip_without_avx2(isa)
+    m = nn.Sequential(nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.Flatten()).eval()
+    with torch.no_grad():
+        m[1].weight.copy_(torch.sign(torch.randn(m[1].weight.shape, generator=torch.Generator().manual_seed(0))))
+        m[1].weight[:2] = 1.0
+        m[3].weight.fill_(-1.0)
+    x = torch.full((2, 8, 6, 6), 3.0)
+    x[1, :, ::2] = 0.0
+    qm = sf.quantize(m, sf.Int8Config(calibration="minmax"), [x])
+    e = Int8Engine(qm, threads=2, isa=isa)
+    assert len(e.plans) == 2
+    assert torch.equal(e(x), qm(x))
 
 
 def test_int8_engine_serves_concurrent_callers_one_at_a_time():

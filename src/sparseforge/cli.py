@@ -237,7 +237,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     model, weights = _model_from_path(path, args.model)
     shape = args.input_shape
     x = torch.randn(1, *shape)
-    engine, st = sf_compile(model, x, threads=args.threads or None, portable=args.portable, return_stages=True)
+    engine, st = sf_compile(model, x, threads=args.threads or None, portable=args.portable, return_stages=True,
+                            isa=args.isa)
     xb = torch.randn(4, *shape)
     with torch.inference_mode():
         ref = model(xb)
@@ -437,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--threads", type=_int_at_least(0), default=0, help="threads the engine runs with (default: torch's)")
     cc.add_argument("--input-shape", type=_input_shape, default=(3, 32, 32), help="per-image input shape C,H,W")
     cc.add_argument("--portable", action="store_true", help="build without -march=native (runs on any x86-64)")
+    cc.add_argument("--isa", choices=["native", "avx2", "portable"], default=None,
+                    help="instruction set: native (default, this CPU), avx2 (what AVX2-only CPUs run), portable")
     cc.set_defaults(fn=cmd_compile)
 
     b = sub.add_parser("bench", help="measure engine latency against PyTorch dense")

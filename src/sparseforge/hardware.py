@@ -15,6 +15,17 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def all_cpu_flags() -> list[str]:
+    """Every feature flag /proc/cpuinfo lists (cpu_flags() keeps the vector ones, for records)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return sorted(set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return []
+
+
 def cpu_flags() -> list[str]:
     try:
         for line in open("/proc/cpuinfo"):

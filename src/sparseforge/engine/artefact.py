@@ -57,7 +57,7 @@ def save_engine(engine, path: Path) -> Path:
     manifest = {
         "format": FORMAT,
         "files": {f: sha256_file(tmp / f) for f in FILES},
-        "cpu_flags_required": cpu_flags() if not engine.spec["options"].get("portable") else [],
+        "cpu_flags_required": _required_flags(engine.spec["options"]),
         "threads": engine.spec["threads"],
         "input_shape": engine.spec["input_shape"],
     }
@@ -67,6 +67,15 @@ def save_engine(engine, path: Path) -> Path:
         path.rmdir()
     tmp.rename(path)
     return path
+
+
+def _required_flags(options: dict) -> list[str]:
+    """What the loading CPU must have: this one's vector features (native), AVX2's (isa "avx2"), or nothing."""
+    if options.get("portable"):
+        return []
+    if options.get("isa") == "avx2":
+        return ["avx", "avx2", "fma"]
+    return cpu_flags()
 
 
 def read_artefact(path: str | Path) -> tuple[Path, object, dict, str]:

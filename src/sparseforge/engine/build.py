@@ -17,11 +17,43 @@ import time
 from pathlib import Path
 
 from ..errors import SparseforgeError
-from ..hardware import cpu_flags, cpu_model
+from ..hardware import all_cpu_flags, cpu_flags, cpu_model
 from .codegen import MAIN_MARK, UNIT_MARK
 
 NATIVE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-ffp-contract=fast", "-fno-math-errno"]
 PORTABLE_FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-ffp-contract=fast", "-fno-math-errno"]
+# x86-64-v3: AVX2, FMA, BMI1/2, F16C, LZCNT, MOVBE -- what every AVX2 machine this project meets has (Zen 2/3,
+# Haswell and later), and none of AVX-512: an AVX-512 host builds and tests the code an AVX2-only host runs
+AVX2_FLAGS = ["-O3", "-march=x86-64-v3", "-fopenmp", "-fPIC", "-shared", "-ffp-contract=fast", "-fno-math-errno"]
+ISA_FLAGS = {"native": NATIVE_FLAGS, "avx2": AVX2_FLAGS, "portable": PORTABLE_FLAGS}
+AVX2_NEEDS = ("avx2", "fma", "bmi2", "f16c", "movbe")
+
+
+def resolve_isa(isa: str | None, portable: bool = False) -> str:
+    """The instruction set to build for: ``native`` (-march=native: this CPU, AVX-512 where it has it), ``avx2``
+    (x86-64-v3: the code an AVX2-only CPU runs, buildable and testable on any AVX2 host) or ``portable`` (any
+    x86-64). ``portable=True`` is the older spelling of ``isa="portable"``."""
+    if isa is None:
+        return "portable" if portable else "native"
+    if isa not in ISA_FLAGS:
+        raise SparseforgeError(f"isa must be one of {', '.join(ISA_FLAGS)}, got {isa!r}")
+    if portable and isa != "portable":
+        raise SparseforgeError(f"portable=True and isa={isa!r} disagree: pass only isa")
+    if isa == "avx2":
+        lacking = [f for f in AVX2_NEEDS if f not in all_cpu_flags()]
+        if lacking:
+            raise SparseforgeError(f"isa='avx2' needs a CPU with {', '.join(AVX2_NEEDS)}; this one lacks "
+                                   f"{', '.join(lacking)}: use isa='native' or isa='portable'")
+    return isa
+
+
+def target_flags(isa: str) -> set[str]:
+    """The CPU features code built for ``isa`` may use (planning decisions ask this, never the host directly)."""
+    if isa == "native":
+        return set(all_cpu_flags())
+    if isa == "avx2":
+        return {"avx", "avx2", "fma", "f16c", "sse4_1", "sse4_2"}
+    return set()
 
 
 def cache_root() -> Path:
@@ -132,19 +164,22 @@ def _compile(cc: str, flags: list[str], source: str, d: Path, tmp: str, jobs: in
                 os.unlink(t)
 
 
-def build(source: str, portable: bool = False, jobs: int | None = None) -> tuple[Path, dict]:
+def build(source: str, portable: bool = False, jobs: int | None = None, isa: str | None = None) -> tuple[Path, dict]:
     """Compile ``source`` to a shared library; returns (path, info). Uses the cache when possible.
 
     The source is always written afresh to private temp files (a ``kernel.c`` found in the cache is never
     compiled), and a cached library is loaded only after its size and hash match the record its build wrote
     (``kernel.so.json``, written atomically after the library): a truncated or replaced entry is rebuilt.
-    ``jobs``: compiler processes at once (default: the CPUs this process may use); the library is the same."""
+    ``jobs``: compiler processes at once (default: the CPUs this process may use); the library is the same.
+    ``isa``: see ``resolve_isa``; only a failed ``native`` build falls back to ``portable`` (a compiler that does
+    not know this CPU), an explicit ISA's failure is an error."""
     cc = compiler()
-    flags = PORTABLE_FLAGS if portable else NATIVE_FLAGS
+    isa = resolve_isa(isa, portable)
+    flags = ISA_FLAGS[isa]
     key = build_key(source, flags, cc)
     d = cache_root() / key[:32]
     lib, record = d / "kernel.so", d / "kernel.so.json"
-    info = {"key": key, "flags": flags, "compiler": compiler_version(cc), "cached": False}
+    info = {"key": key, "flags": flags, "isa": isa, "compiler": compiler_version(cc), "cached": False}
     if lib.exists() and _verified(lib, record):
         info["cached"] = True
         return lib, info
@@ -161,8 +196,8 @@ def build(source: str, portable: bool = False, jobs: int | None = None) -> tuple
     info["jobs"] = jobs
     try:
         r = _compile(cc, flags, source, d, tmp, jobs)
-        if r.returncode != 0 and not portable:
-            return build(source, portable=True, jobs=jobs)
+        if r.returncode != 0 and isa == "native":
+            return build(source, jobs=jobs, isa="portable")
         if r.returncode != 0:
             errors = [ln for ln in r.stderr.splitlines() if "error" in ln] or r.stderr.strip().splitlines()
             raise SparseforgeError(f"C compilation failed ({cc}): {' | '.join(errors)[:800]}")

@@ -16,7 +16,7 @@ import torch.nn as nn
 from ..errors import SparseforgeError
 from ..utils import atomic_write_bytes
 from .artefact import read_artefact
-from .build import build, cache_root
+from .build import build, cache_root, resolve_isa
 from .codegen import generate
 from .ir import ConvOp, Graph, TorchOp, graph_fingerprint
 from .plan import SLACK, Plan, PlanOptions, lower, make_plan
@@ -207,21 +207,21 @@ def default_vector_width(portable: bool) -> int:
     return 8
 
 
-def _compile_int8(qm, example_input, threads, portable, return_stages, vector_width, conv_mode, plan_options):
+def _compile_int8(qm, example_input, threads, isa, return_stages, vector_width, conv_mode, plan_options):
     from .int8 import Int8Engine
 
     if return_stages or vector_width is not None or conv_mode != "auto" or plan_options is not None:
         raise SparseforgeError("return_stages, vector_width, conv_mode and plan_options are fp32-engine options: "
-                               "compile a QuantizedModel with threads and portable only")
+                               "compile a QuantizedModel with threads and isa only")
     if not isinstance(example_input, torch.Tensor) or tuple(example_input.shape[1:]) != tuple(qm.input_shape):
         raise SparseforgeError(f"this QuantizedModel was quantized for inputs of shape (N, "
                                f"{', '.join(map(str, qm.input_shape))}): pass an example_input of that shape")
-    return Int8Engine(qm, threads=int(threads or torch.get_num_threads()), portable=portable)
+    return Int8Engine(qm, threads=int(threads or torch.get_num_threads()), isa=isa)
 
 
 def compile(model: nn.Module, example_input: torch.Tensor, threads: int | None = None, portable: bool = False,
             return_stages: bool = False, vector_width: int | None = None, conv_mode: str = "auto",
-            plan_options: PlanOptions | None = None):
+            plan_options: PlanOptions | None = None, isa: str | None = None):
     """Compile ``model`` (eval mode: BN folded with its running stats) for inputs shaped like ``example_input``.
 
     ``threads`` defaults to torch's thread count; ``vector_width`` (8 or 16 floats) to what the CPU supports.
@@ -231,10 +231,12 @@ def compile(model: nn.Module, example_input: torch.Tensor, threads: int | None =
     and tuning). ``plan_options``: the planner's tuning knobs (``PlanOptions``; measured defaults), recorded in
     the engine's spec and its artefact. Layers without a native kernel run in PyTorch and are listed by
     ``engine.summary()``. A ``QuantizedModel`` (``sf.quantize``) compiles to the int8 engine (``Int8Engine``:
-    bit-exact with the model's integer reference).
+    bit-exact with the model's integer reference). ``isa``: "native" (default: this CPU's instructions), "avx2"
+    (the code an AVX2-only CPU runs, on any AVX2 host) or "portable" (any x86-64; ``portable=True`` is the same).
     """
+    isa = resolve_isa(isa, portable)
     if type(model).__name__ == "QuantizedModel":
-        return _compile_int8(model, example_input, threads, portable, return_stages, vector_width, conv_mode,
+        return _compile_int8(model, example_input, threads, isa, return_stages, vector_width, conv_mode,
                              plan_options)
     if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4:
         raise SparseforgeError("example_input must be a 4-D NCHW float tensor, e.g. torch.randn(1, 3, 32, 32)")
@@ -253,14 +255,19 @@ def compile(model: nn.Module, example_input: torch.Tensor, threads: int | None =
     finally:
         model.train(was_training)
     t0 = time.perf_counter()
+    portable = isa == "portable"
     vec = vector_width or default_vector_width(portable)
     if vec not in (8, 16):
         raise SparseforgeError(f"vector_width must be 8 or 16, got {vec}")
+    if vec == 16 and isa == "avx2":
+        raise SparseforgeError("vector_width=16 is AVX-512's; isa='avx2' builds 8-float vectors (omit vector_width)")
     if conv_mode not in ("auto", "direct", "gather", "blocked"):
         raise SparseforgeError(f"conv_mode must be 'auto', 'direct', 'gather' or 'blocked', got {conv_mode!r}")
-    wide = not portable and vec == 8 and _has_avx512()
+    wide = isa == "native" and vec == 8 and _has_avx512()
     options = {"input_shape": list(example_input.shape[1:]), "threads": threads, "vec": vec, "conv_mode": conv_mode,
                "wide": wide, "portable": portable}
+    if isa == "avx2":
+        options["isa"] = isa            # native and portable engines keep the keys and artefacts they had
     if plan_options is not None and plan_options != PlanOptions():
         if not isinstance(plan_options, PlanOptions):
             raise SparseforgeError("plan_options must be a sparseforge.engine.PlanOptions, e.g. PlanOptions(max_group=1)")
@@ -302,7 +309,7 @@ def engine_from_graph(graph: Graph, options: dict, st: Stages | None = None, use
         spec = runtime_spec(st.plan, tuple(options["input_shape"]))
         floats, ints = st.plan.blob.floats(), st.plan.blob.ints()
     t0 = time.perf_counter()
-    lib, st.build_info = build(st.source, portable=options["portable"])
+    lib, st.build_info = build(st.source, portable=options["portable"], isa=options.get("isa"))
     st.seconds["build"] = time.perf_counter() - t0
     if cached is None:
         store_plan(key, spec, st.source, floats, ints)

@@ -140,6 +140,76 @@ static int q8_dw_avx512(const sf_q8op* o, const uint8_t* A, uint8_t* O, int tid,
 }
 #endif
 
+#ifdef SF_AVX2
+/* AVX2 helpers, 8 lanes: 8 input bytes as float (stride 1), or every other byte of 16 (stride 2) */
+static inline __m256 load8f(const uint8_t* p, int s, int sg) {
+  __m128i b = s == 1 ? _mm_loadl_epi64((const __m128i*)p)
+                     : _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)p),
+                                        _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1));
+  return _mm256_cvtepi32_ps(sg ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
+}
+
+/* the first n (<= 8) of 8 bytes */
+static inline void store8(uint8_t* dst, __m128i v, int n) {
+  if (n >= 8) { _mm_storel_epi64((__m128i*)dst, v); return; }
+  uint8_t t[16];
+  _mm_storeu_si128((__m128i*)t, v);
+  for (int j = 0; j < n; j++) dst[j] = t[j];
+}
+
+/* depthwise as q8_dw_avx512 in 8 lanes; stride 1 over flat positions stores whole vectors with the junk-column
+   lanes 0 (the output plane's zero border columns), only the last vector partially */
+static int q8_dw_avx2(const sf_q8op* o, const uint8_t* A, uint8_t* O, int tid, int nth) {
+  const int k = o->i[16], s = o->i[17], shift = o->i[18], lo = o->i[19], hi = o->i[20];
+  const int C = OC, H = OH, W = OW, sg = VA_SG, rs = VA_RS;
+  const int flat = s == 1 && VO_RS == rs && VO_PL == VA_PL && VO_O0 == rs + 1;
+  if (s > 2 || (s == 1 && !flat)) return 0;
+  const float* w = (const float*)o->p[0];
+  const int32_t* bias = (const int32_t*)o->p[1];
+  const float* mult = (const float*)o->p[2];
+  const int P = flat ? (H - 1) * rs + W : 0;
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), vrs = _mm256_set1_epi32(rs);
+  const __m256i vrs1 = _mm256_set1_epi32(rs - 1), vW = _mm256_set1_epi32(W);
+  for (int c = C * tid / nth; c < C * (tid + 1) / nth; c++) {
+    const uint8_t* ip = A + (size_t)c * VA_PL;
+    uint8_t* op = O + (size_t)c * VO_PL + VO_O0;
+    int toff[9], nt = 0;
+    float tw[9];
+    for (int t = 0; t < k * k; t++)
+      if (w[(size_t)c * k * k + t] != 0.0f) {
+        tw[nt] = w[(size_t)c * k * k + t];
+        toff[nt++] = (t / k + shift) * rs + t % k + shift;
+      }
+    __m256 wv[9];
+    for (int t = 0; t < nt; t++) wv[t] = _mm256_set1_ps(tw[t]);
+    const __m256i bv = _mm256_set1_epi32(bias[c]);
+    const __m256 m = _mm256_set1_ps(mult[c]), vlo = _mm256_set1_ps((float)lo), vhi = _mm256_set1_ps((float)hi);
+#define SF_DW_OUT(acc) _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_cvtepi32_ps( \
+                         _mm256_add_epi32(_mm256_cvttps_epi32(acc), bv)), m), vlo), vhi))
+    if (flat) {
+      for (int p0 = 0; p0 < P; p0 += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int t = 0; t < nt; t++) acc = _mm256_fmadd_ps(wv[t], load8f(ip + p0 + toff[t], 1, sg), acc);
+        /* lane x = (p0 + j) % rs, by three conditional subtractions (rs >= 3: 8 lanes wrap at most 3 times) */
+        __m256i x = _mm256_add_epi32(_mm256_set1_epi32(p0 % rs), iota);
+        for (int r = 0; r < 3; r++) x = _mm256_sub_epi32(x, _mm256_and_si256(_mm256_cmpgt_epi32(x, vrs1), vrs));
+        store8(op + p0, low_bytes8(_mm256_and_si256(SF_DW_OUT(acc), _mm256_cmpgt_epi32(vW, x))), P - p0);
+      }
+    } else {
+      for (int y = 0; y < H; y++)
+        for (int x0 = 0; x0 < W; x0 += 8) {
+          __m256 acc = _mm256_setzero_ps();
+          const uint8_t* r = ip + (size_t)y * s * rs + (size_t)x0 * s;
+          for (int t = 0; t < nt; t++) acc = _mm256_fmadd_ps(wv[t], load8f(r + toff[t], s, sg), acc);
+          store8(op + (size_t)y * VO_RS + x0, low_bytes8(SF_DW_OUT(acc)), W - x0);
+        }
+    }
+#undef SF_DW_OUT
+  }
+  return 1;
+}
+#endif
+
 /* depthwise k x k (k <= 3, padding <= 1, any stride): out(c) = rq(float(sum + bias[c]) * mult[c]) */
 static void q8_dw(const sf_q8op* o, const uint8_t* A, uint8_t* O, int tid, int nth) {
   const int k = o->i[16], s = o->i[17], shift = o->i[18], lo = o->i[19], hi = o->i[20];
@@ -149,6 +219,8 @@ static void q8_dw(const sf_q8op* o, const uint8_t* A, uint8_t* O, int tid, int n
   const int C = OC, H = OH, W = OW, sg = VA_SG;
 #ifdef SF_VNNI
   if (q8_dw_avx512(o, A, O, tid, nth)) return;
+#elif defined(SF_AVX2)
+  if (q8_dw_avx2(o, A, O, tid, nth)) return;
 #endif
   for (int c = C * tid / nth; c < C * (tid + 1) / nth; c++) {
     float acc[W];
@@ -210,6 +282,31 @@ static int q8_maxpool_avx512(const sf_q8op* o, const uint8_t* A, uint8_t* O, int
 }
 #endif
 
+#ifdef SF_AVX2
+/* max pool as q8_maxpool_avx512, in 8 lanes */
+static int q8_maxpool_avx2(const sf_q8op* o, const uint8_t* A, uint8_t* O, int tid, int nth) {
+  const int k = o->i[16], s = o->i[17], pad = o->i[18], IH = o->i[19];
+  const int C = OC, H = OH, W = OW, sg = VA_SG;
+  if (s > 2 || pad > 1 || (sg && pad > 0)) return 0;
+  for (int c = C * tid / nth; c < C * (tid + 1) / nth; c++) {
+    const uint8_t* ip = A + (size_t)c * VA_PL + VA_O0;
+    uint8_t* op = O + (size_t)c * VO_PL + VO_O0;
+    for (int y = 0; y < H; y++)
+      for (int x0 = 0; x0 < W; x0 += 8) {
+        __m256 m = _mm256_set1_ps(-1000000.0f);
+        for (int dy = 0; dy < k; dy++) {
+          int iy = y * s - pad + dy;
+          if (iy < 0 || iy >= IH) continue;
+          const uint8_t* r = ip + (ptrdiff_t)iy * VA_RS + (ptrdiff_t)x0 * s - pad;
+          for (int dx = 0; dx < k; dx++) m = _mm256_max_ps(m, load8f(r + dx, s, sg));
+        }
+        store8(op + (size_t)y * VO_RS + x0, low_bytes8(_mm256_cvttps_epi32(m)), W - x0);
+      }
+  }
+  return 1;
+}
+#endif
+
 /* max pool, padded positions never win; avg pool: exact sum / count (count_include_pad or the valid count) */
 static void q8_pool(const sf_q8op* o, const uint8_t* A, uint8_t* O, int tid, int nth, int avg) {
   const int k = o->i[16], s = o->i[17], pad = o->i[18], IH = o->i[19], IW = o->i[20], incl = o->i[21];
@@ -217,6 +314,8 @@ static void q8_pool(const sf_q8op* o, const uint8_t* A, uint8_t* O, int tid, int
   const int C = OC, H = OH, W = OW, sg = VA_SG;
 #ifdef SF_VNNI
   if (!avg && q8_maxpool_avx512(o, A, O, tid, nth)) return;
+#elif defined(SF_AVX2)
+  if (!avg && q8_maxpool_avx2(o, A, O, tid, nth)) return;
 #endif
   for (int c = C * tid / nth; c < C * (tid + 1) / nth; c++) {
     const uint8_t* ip = A + (size_t)c * VA_PL + VA_O0;
@@ -258,12 +357,20 @@ static void q8_phase(const sf_q8op* o, const uint8_t* A, uint8_t* O, int tid, in
       if (iy < 0 || iy >= IH) { memset(orow, 0, (size_t)W); continue; }
       const uint8_t* r = ip + (ptrdiff_t)iy * VA_RS;
       int j = 0;
-#ifdef SF_VNNI
+#if defined(SF_VNNI) || defined(SF_AVX2)
       if (x0 >= -1 && x1 <= IW && VA_O0 >= VA_RS + 1) {    /* every column within the one-pixel border */
         if (s == 2)
-          for (; j + 16 <= W; j += 16)
+          for (; j + 16 <= W; j += 16) {
+#ifdef SF_VNNI
             _mm_storeu_si128((__m128i*)(orow + j),
                              _mm256_cvtepi16_epi8(_mm256_loadu_si256((const __m256i*)(r + x0 + 2 * j))));
+#else
+            const __m256i ev = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1);
+            const __m256i v = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(r + x0 + 2 * j)), ev);
+            _mm_storeu_si128((__m128i*)(orow + j), _mm256_castsi256_si128(_mm256_permute4x64_epi64(v, 0x08)));
+#endif
+          }
         else if (s == 1)
           for (; j + 16 <= W; j += 16) _mm_storeu_si128((__m128i*)(orow + j), _mm_loadu_si128((const __m128i*)(r + x0 + j)));
       }
@@ -306,6 +413,12 @@ static void q8_linear(const sf_q8op* o, const uint8_t* A, uint8_t* O, uint8_t* s
   const uint8_t xr = VA_SG ? 0x80 : 0;
   for (int j = 0; j < F; j++) xb[j] = A[(size_t)j * VA_PL + VA_O0] ^ xr;
   for (int j = F; j < FP; j++) xb[j] = 0;
+#ifdef SF_AVX2
+  /* AVX2 has no byte dot product that cannot saturate: the input as int16 once, each weight row widened to
+     int16 and multiplied by vpmaddwd (pairs summed into int32, exact) */
+  int16_t* x16 = (int16_t*)(scratch + ((FP + 63) & ~63));
+  for (int j = 0; j < FP; j++) x16[j] = xb[j];
+#endif
   for (int g = G * tid / nth; g < G * (tid + 1) / nth; g++) {
     const int8_t* wr = w + (size_t)g * FP;
     int64_t acc;
@@ -314,6 +427,19 @@ static void q8_linear(const sf_q8op* o, const uint8_t* A, uint8_t* O, uint8_t* s
     for (int j = 0; j < FP; j += 64)
       a = _mm512_dpbusd_epi32(a, _mm512_loadu_si512((const void*)(xb + j)), _mm512_loadu_si512((const void*)(wr + j)));
     acc = (int64_t)(int32_t)_mm512_reduce_add_epi32(a);
+#elif defined(SF_AVX2)
+    __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+    for (int j = 0; j < FP; j += 32) {
+      a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(x16 + j)),
+                                                  _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wr + j)))));
+      a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(x16 + j + 16)),
+                                                  _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wr + j + 16)))));
+    }
+    a0 = _mm256_add_epi32(a0, a1);
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(a0), _mm256_extracti128_si256(a0, 1));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
+    acc = (int64_t)_mm_cvtsi128_si32(h);
 #else
     int32_t s = 0;
     for (int j = 0; j < F; j++) s += (int32_t)wr[j] * (int32_t)xb[j];
