@@ -87,6 +87,9 @@ class PlanOptions:
     # flat tiles of 16-lane vectors in 8-lane plans on AVX-512 hosts: the same layers 658 -> 556 and 745 -> 546 us
     # (rows a multiple of 8: on 112-wide maps, rows of 120, the loads are not all aligned; measured no slower)
     flat_wide: bool = True
+    # element-wise ops and the global pool: channels on the threads that wrote them, images in whole rounds
+    # (instead of channels interleaved over threads)
+    chan_affinity: bool = True
     fuse_blocks: bool = True          # fuse 1x1 expand -> 3x3 depthwise -> 1x1 project on small maps (BlockPlan)
     fuse_bands: bool = True           # fuse 1x1 expand -> 3x3 depthwise on larger maps, in bands of rows (BandPlan)
     band_dense_min_bytes: int = 1 << 22   # ... dense expand convs too (F channels per step, dense weights) when the
@@ -1309,6 +1312,16 @@ def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto
                 other[k] = {"w_off": blob.add_f(w), "b_off": blob.add_f(op.bias.numpy())}
         elif isinstance(op, EltwiseOp) and op.fn == "affine":
             other[k] = {"scale_off": blob.add_f(op.scale.numpy()), "shift_off": blob.add_f(op.shift.numpy())}
+        if isinstance(op, (EltwiseOp, GapOp)) and opts.chan_affinity:
+            # channel c on the thread that wrote it (batch 1 / leftover images): squeeze-excite's multiply and
+            # global pool read maps the conv before wrote split by filters; interleaved channels sent half the
+            # map across cores. Whole rounds of images stay one image per thread, as in the convs.
+            thr = writer.get(op.inputs[0])
+            c_in = graph.values[op.inputs[0]].shape[0]
+            if thr is not None and len(thr) == c_in:
+                other.setdefault(k, {})["thread_of_off"] = blob.add_i(np.asarray(thr, np.int32))
+                if graph.values[op.output].shape[0] == c_in:
+                    writer[op.output] = list(thr)
     segments: list[tuple[str, list[int]]] = []
     for k, op in enumerate(graph.ops):
         kind = "native" if op.native else "torch"
