@@ -1312,7 +1312,7 @@ def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto
                 other[k] = {"w_off": blob.add_f(w), "b_off": blob.add_f(op.bias.numpy())}
         elif isinstance(op, EltwiseOp) and op.fn == "affine":
             other[k] = {"scale_off": blob.add_f(op.scale.numpy()), "shift_off": blob.add_f(op.shift.numpy())}
-        if isinstance(op, (EltwiseOp, GapOp)) and opts.chan_affinity:
+        if isinstance(op, (EltwiseOp, GapOp, PoolOp)) and opts.chan_affinity:
             # channel c on the thread that wrote it (batch 1 / leftover images): squeeze-excite's multiply and
             # global pool read maps the conv before wrote split by filters; interleaved channels sent half the
             # map across cores. Whole rounds of images stay one image per thread, as in the convs.
