@@ -508,12 +508,18 @@ typedef struct {
 
 static inline int64_t q8_now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec * 1000000000LL + t.tv_nsec; }
 
-static void q8_body(sf_ctx* cx, int tid, int nth) {
+static void q8_body(sf_ctx* cx, int tid_, int nth0) {
   const q8_job* jb = (const q8_job*)cx;
-  uint8_t* Q = jb->Q + (size_t)tid * jb->qstride;
+  uint8_t* Q = jb->Q + (size_t)tid_ * jb->qstride;
+  /* whole rounds of images run one image per thread through every op of the stretch (its maps then stay in its
+     own L2 from op to op, as in the fp32 engine); the images left over are split across the threads op by op */
+  const int Nf = jb->n - jb->n % nth0;
   for (int k = 0; k < jb->nops; k++) {
     const sf_q8op* o = jb->ops + k;
     for (int j = 0; j < jb->n; j++) {
+      const int own = j < Nf;
+      if (own && j % nth0 != tid_) continue;
+      const int tid = own ? 0 : tid_, nth = own ? 1 : nth0;
       const uint8_t* A = jb->buf[o->a] + (size_t)j * jb->bstride[o->a];
       const uint8_t* B = o->b >= 0 ? jb->buf[o->b] + (size_t)j * jb->bstride[o->b] : 0;
       uint8_t* O = jb->buf[o->out] + (size_t)j * jb->bstride[o->out];
@@ -535,9 +541,10 @@ static void q8_body(sf_ctx* cx, int tid, int nth) {
         default: q8_eltwise(o, A, B, O, tid, nth);
       }
     }
-    /* images are independent: one barrier per op, after its last image */
-    if (nth > 1 && (jb->tns || k < jb->nops - 1)) sf_barrier(&cx->bar, nth);
-    if (jb->tns && tid == 0) jb->tns[k] = q8_now();
+    /* images are independent: one barrier per op, after its last image; none when every image ran whole on
+       one thread (the profile keeps them, for its stamps) */
+    if (nth0 > 1 && (jb->tns || (k < jb->nops - 1 && Nf < jb->n))) sf_barrier(&cx->bar, nth0);
+    if (jb->tns && tid_ == 0) jb->tns[k] = q8_now();
   }
 }
 
