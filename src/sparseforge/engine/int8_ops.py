@@ -64,6 +64,18 @@ static inline uint8_t rq(float v, int lo, int hi) {
   return (uint8_t)(int32_t)(v < (float)lo ? (float)lo : (v > (float)hi ? (float)hi : v));
 }
 
+/* a depthwise filter's kept taps: weights and input offsets (rows of rs bytes; shift: the stored border minus the
+   padding) */
+static inline int dw_taps(const float* wc, int k, int shift, int rs, int* toff, float* tw) {
+  int nt = 0;
+  for (int t = 0; t < k * k; t++)
+    if (wc[t] != 0.0f) {
+      tw[nt] = wc[t];
+      toff[nt++] = (t / k + shift) * rs + t % k + shift;
+    }
+  return nt;
+}
+
 #ifdef SF_VNNI
 /* 16 output values from float sums (exact integers): + bias, * mult, clamped, rounded half to even, stored as
    bytes in the lanes of km */
@@ -107,13 +119,9 @@ static int q8_dw_avx512(const sf_q8op* o, const uint8_t* A, uint8_t* O, int tid,
   for (int c = C * tid / nth; c < C * (tid + 1) / nth; c++) {
     const uint8_t* ip = A + (size_t)c * VA_PL;
     uint8_t* op = O + (size_t)c * VO_PL + VO_O0;
-    int toff[9], nt = 0;
+    int toff[9];
     float tw[9];
-    for (int t = 0; t < k * k; t++)
-      if (w[(size_t)c * k * k + t] != 0.0f) {
-        tw[nt] = w[(size_t)c * k * k + t];
-        toff[nt++] = (t / k + shift) * rs + t % k + shift;
-      }
+    const int nt = dw_taps(w + (size_t)c * k * k, k, shift, rs, toff, tw);
     __m512 wv[9];
     for (int t = 0; t < nt; t++) wv[t] = _mm512_set1_ps(tw[t]);
     const __m512i bv = _mm512_set1_epi32(bias[c]);
@@ -173,13 +181,9 @@ static int q8_dw_avx2(const sf_q8op* o, const uint8_t* A, uint8_t* O, int tid, i
   for (int c = C * tid / nth; c < C * (tid + 1) / nth; c++) {
     const uint8_t* ip = A + (size_t)c * VA_PL;
     uint8_t* op = O + (size_t)c * VO_PL + VO_O0;
-    int toff[9], nt = 0;
+    int toff[9];
     float tw[9];
-    for (int t = 0; t < k * k; t++)
-      if (w[(size_t)c * k * k + t] != 0.0f) {
-        tw[nt] = w[(size_t)c * k * k + t];
-        toff[nt++] = (t / k + shift) * rs + t % k + shift;
-      }
+    const int nt = dw_taps(w + (size_t)c * k * k, k, shift, rs, toff, tw);
     __m256 wv[9];
     for (int t = 0; t < nt; t++) wv[t] = _mm256_set1_ps(tw[t]);
     const __m256i bv = _mm256_set1_epi32(bias[c]);
