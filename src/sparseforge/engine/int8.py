@@ -851,6 +851,7 @@ class Int8Engine:
                 self._programs[ks[0]] = (arr, len(descs))
         src = SOURCE.replace("@TILE@", str(TILE)) + ops_source()
         self.lib_path, self.build_info = build(src, isa=self.isa)
+        self.kernel = kernel_path(self.build_info["isa"])     # a native build the compiler refused fell back
         self.lib = ctypes.CDLL(str(self.lib_path))
         self.lib.sf_q8_run.restype = None
         P, I = ctypes.c_void_p, ctypes.c_int
