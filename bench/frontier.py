@@ -109,6 +109,9 @@ def arm_stages(E: int, admm_epochs: int, weights: str) -> dict[str, list[dict]]:
         "pattern-2.25x-ramp-gradual": gradual(pattern_ramp=True, target=p225),
         "pattern-2.25x-ramp-a05-gradual": gradual(pattern_ramp=True, target=p225, alpha=0.5),
         "pattern-2.25x-ramp30-gradual": [{**gradual(pattern_ramp=True, target=p225)[0], "ramp": 0.3}],
+        # ramp 0.3 lost 0.22 pt to ramp 0.5 at 2.25x (session 29): does a longer ramp gain?
+        "pattern-2.25x-ramp70-gradual": [{**gradual(pattern_ramp=True, target=p225)[0], "ramp": 0.7}],
+        "pattern-8x-ramp70-gradual": [{**gradual(pattern_ramp=True, target=p8)[0], "ramp": 0.7}],
         "pattern-8x-ramp-mag-gradual": gradual(pattern_ramp=True, target={**p8, "connectivity_scope": "magnitude"}),
         "magnitude-8x-gradual": gradual(magnitude=matched_magnitude_sparsity(weights, PatternConfig(**p8))),
     }
