@@ -272,6 +272,14 @@ static inline __m128i low_bytes8(__m256i v) {
   v = _mm256_shuffle_epi8(v, sh);
   return _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1)));
 }
+
+/* the first n of 8 bytes (all 8 when n >= 8) */
+static inline void store8(uint8_t* dst, __m128i v, int n) {
+  if (n >= 8) { _mm_storel_epi64((__m128i*)dst, v); return; }
+  uint8_t t[16];
+  _mm_storeu_si128((__m128i*)t, v);
+  for (int j = 0; j < n; j++) dst[j] = t[j];
+}
 #endif
 
 /* the residual's value for output channel f at output (y, x): the value itself, or an option-A shortcut
@@ -488,12 +496,7 @@ void sf_conv_q8(const uint8_t* in, int nq, const int32_t* qoff, int ho, int wo, 
               y = _mm256_min_ps(_mm256_max_ps(y, flo), fhi);   /* clamp first: no int32 overflow in the convert */
               const __m128i o8 = low_bytes8(_mm256_and_si256(_mm256_cvtps_epi32(y),   /* MXCSR: half to even */
                                                              _mm256_load_si256((const __m256i*)(kz + 8 * v))));
-              if (8 * v + 8 <= np) _mm_storel_epi64((__m128i*)(o + 8 * v), o8);
-              else {
-                uint8_t t8[16];
-                _mm_storeu_si128((__m128i*)t8, o8);
-                for (int j = 0; j < np - 8 * v; j++) o[8 * v + j] = t8[j];
-              }
+              store8(o + 8 * v, o8, np - 8 * v);
             }
           } else {
             epilogue(acc[g], fg, p0, np, flat, rs, wo, bias, mult, res, rsigned, rrs, rplane, rstride, rc0, rcn,

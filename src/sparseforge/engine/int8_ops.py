@@ -149,7 +149,8 @@ static int q8_dw_avx512(const sf_q8op* o, const uint8_t* A, uint8_t* O, int tid,
 #endif
 
 #ifdef SF_AVX2
-/* AVX2 helpers, 8 lanes: 8 input bytes as float (stride 1), or every other byte of 16 (stride 2) */
+/* AVX2 helpers, 8 lanes (low_bytes8 and store8 come with the conv kernel): 8 input bytes as float (stride 1),
+   or every other byte of 16 (stride 2) */
 static inline __m256 load8f(const uint8_t* p, int s, int sg) {
   __m128i b = s == 1 ? _mm_loadl_epi64((const __m128i*)p)
                      : _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)p),
@@ -157,13 +158,6 @@ static inline __m256 load8f(const uint8_t* p, int s, int sg) {
   return _mm256_cvtepi32_ps(sg ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
 }
 
-/* the first n (<= 8) of 8 bytes */
-static inline void store8(uint8_t* dst, __m128i v, int n) {
-  if (n >= 8) { _mm_storel_epi64((__m128i*)dst, v); return; }
-  uint8_t t[16];
-  _mm_storeu_si128((__m128i*)t, v);
-  for (int j = 0; j < n; j++) dst[j] = t[j];
-}
 
 /* depthwise as q8_dw_avx512 in 8 lanes; stride 1 over flat positions stores whole vectors with the junk-column
    lanes 0 (the output plane's zero border columns), only the last vector partially */
