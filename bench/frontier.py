@@ -32,6 +32,7 @@ them over stages and use any of the toolkit's methods (KD from the dense start i
                         distilling from the 88.46% start hold the student below the fine-tuned control?
   pattern-2.25x-ramp30-gradual  pattern-2.25x-ramp-gradual with the cut over the first 30% of the epochs (6 of
                         20), 14 epochs of masked training after it instead of 10
+  pattern-8x-ramp-p12-gradual / pattern-2.25x-ramp-p12-gradual  the ramp arms with a 12-pattern library
   magnitude-8x-gradual  the same stage with global unstructured magnitude at pattern-8x's weight count: the two
                         structures compared with one pipeline
 
@@ -112,6 +113,8 @@ def arm_stages(E: int, admm_epochs: int, weights: str) -> dict[str, list[dict]]:
         # ramp 0.3 lost 0.22 pt to ramp 0.5 at 2.25x (session 29): does a longer ramp gain?
         "pattern-2.25x-ramp70-gradual": [{**gradual(pattern_ramp=True, target=p225)[0], "ramp": 0.7}],
         "pattern-8x-ramp70-gradual": [{**gradual(pattern_ramp=True, target=p8)[0], "ramp": 0.7}],
+        # the two best ramps with a 12-pattern library (one-shot on the pretrained model it kept 68.3% vs 60.4%)
+        "pattern-2.25x-ramp-p12-gradual": gradual(pattern_ramp=True, target={**p225, "num_patterns": 12}),
         "pattern-8x-ramp-mag-gradual": gradual(pattern_ramp=True, target={**p8, "connectivity_scope": "magnitude"}),
         "magnitude-8x-gradual": gradual(magnitude=matched_magnitude_sparsity(weights, PatternConfig(**p8))),
     }

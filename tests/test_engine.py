@@ -363,3 +363,55 @@ def test_nonfinite_weights_are_refused_naming_the_layer():
     m.bn1.running_mean[0] = float("inf")
     with pytest.raises(SparseforgeError, match="NaN or Inf"):
         compile(m, torch.randn(1, 3, 32, 32), threads=1)
+
+
+@pytest.mark.parametrize("align", [None, (1, 16, "gi16"), (0, 16, "gi16"), (15, 16, "gi16")])
+@pytest.mark.parametrize("G", [1, 2])
+def test_shared_loads_compute_every_tap(align, G):
+    """The kernel body with shared loads (and, with ``align``, aligned loads cut by lane shifts) adds exactly
+    the products the plain body would: the generated statements are run on a numpy model of the vectors, for
+    a 3x3 pattern over flat tiles whose taps a row apart share vectors."""
+    import re
+
+    import numpy as np
+
+    from sparseforge.engine.codegen import _accumulate_shared
+
+    rng = np.random.default_rng(0)
+    L, rs, nacc = 16, 32, 9
+    offs = [-rs - 1, -1, 0, rs + 1]
+    plane = rng.standard_normal(1024).astype(np.float64)
+    base = 208 + (align[0] if align else 3)          # ip: m floats past a vector boundary (208 = 13 x 16)
+    k = {f"k{t}" + (f"g{g}" if G > 1 else ""): float(rng.standard_normal()) for t in range(4) for g in range(G)}
+    env = dict(k)
+    for i in range(nacc):
+        for g in range(G):
+            env[f"a{i}" + (f"g{g}" if G > 1 else "")] = np.zeros(L)
+    body = _accumulate_shared([f"a{i}" for i in range(nacc)], [i * L for i in range(nacc)], offs, "ldg16", G,
+                              "g16", align)
+    loads = [ln for ln in body if "ldg16(" in ln]
+    for ln in body:
+        s = ln.strip().strip("{}").strip()
+        for stmt in [x.strip() for x in s.split(";") if x.strip()]:
+            if m_ := re.fullmatch(r"(?:const )?g16 (\w+) = ldg16\(ip \+ (-?\d+)\)", stmt):
+                o = base + int(m_.group(2))
+                env[m_.group(1)] = plane[o:o + L].copy()
+            elif m_ := re.fullmatch(r"(?:const )?g16 (\w+) = ALIGNR16\(g16, gi16, (\w+), (\w+), (\d+)\)", stmt):
+                r = int(m_.group(4))
+                env[m_.group(1)] = np.concatenate([env[m_.group(2)], env[m_.group(3)]])[r:r + L]
+            elif m_ := re.fullmatch(r"(\w+) \+= (\w+) \* ldg16\(ip \+ (-?\d+)\)", stmt):
+                o = base + int(m_.group(3))
+                env[m_.group(1)] = env[m_.group(1)] + env[m_.group(2)] * plane[o:o + L]
+            elif m_ := re.fullmatch(r"(\w+) \+= (\w+) \* (\w+)", stmt):
+                env[m_.group(1)] = env[m_.group(1)] + env[m_.group(2)] * env[m_.group(3)]
+            else:
+                assert stmt.startswith("KEEP("), stmt
+    for i in range(nacc):
+        for g in range(G):
+            sfx = f"g{g}" if G > 1 else ""
+            want = sum(k[f"k{t}{sfx}"] * plane[base + i * L + o:base + i * L + o + L] for t, o in enumerate(offs))
+            np.testing.assert_allclose(env[f"a{i}{sfx}"], want, rtol=1e-12, atol=1e-12)
+    if align is not None:
+        # each aligned vector loaded once, at an aligned offset; no unaligned load left
+        addrs = [int(re.search(r"ip \+ (-?\d+)", ln).group(1)) for ln in loads]
+        assert len(addrs) == len(set(addrs)) and all((base + a) % L == 0 for a in addrs)

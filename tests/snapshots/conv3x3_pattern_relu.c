@@ -18,6 +18,26 @@ static inline vf ld2(const float* p) { vf a = ld(p), b = ld(p + 8); return __bui
 static inline vf ld2(const float* p) { vf a = ld(p), b = ld(p + 8); return __builtin_shuffle(a, b, (vi){0, 2, 4, 6, 8, 10, 12, 14}); }
 #endif
 static inline void st(float* p, vf v) { memcpy(p, &v, sizeof v); }
+/* lanes r.. of the concatenation (a, b) of 16-lane vectors: the vector r floats after a's first. valignd on
+   AVX-512 (gcc's generic shuffle picks vpermt2ps: an index register, a copy per use, half the throughput) */
+#ifdef __AVX512F__
+#include <immintrin.h>
+#define ALIGNR16(FT, IT, a, b, r) ((FT)_mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512((__m512)(b)), \
+                                                                     _mm512_castps_si512((__m512)(a)), r)))
+#elif defined(__clang__)
+#define ALIGNR16(FT, IT, a, b, r) __builtin_shufflevector(a, b, r, r + 1, r + 2, r + 3, r + 4, r + 5, r + 6, r + 7, \
+                                                     r + 8, r + 9, r + 10, r + 11, r + 12, r + 13, r + 14, r + 15)
+#else
+#define ALIGNR16(FT, IT, a, b, r) __builtin_shuffle(a, b, (IT){r, r + 1, r + 2, r + 3, r + 4, r + 5, r + 6, r + 7, \
+                                                     r + 8, r + 9, r + 10, r + 11, r + 12, r + 13, r + 14, r + 15})
+#endif
+/* a loaded vector that several FMAs share stays in its register: without the empty asm gcc folds the load
+   back into every FMA as a memory operand, one load each */
+#if defined(__GNUC__) && defined(__AVX__)      /* (a 32-byte vector fits no SSE register: portable builds) */
+#define KEEP(x) __asm__("" : "+v"(x))
+#else
+#define KEEP(x) ((void)0)
+#endif
 static inline void stn(float* p, vf v, int n) { float t[8]; memcpy(t, &v, sizeof v); for (int j = 0; j < n; j++) p[j] = t[j]; }
 /* activations keep NaN as PyTorch does: a lane is cleared only where the comparison is true */
 static inline vf relu(vf v) { vi m = v < BC(0.0f); return (vf)((vi)v & ~m); }

@@ -38,6 +38,10 @@ class PlanOptions:
     spatial_ratio: float = 1.0        # batch 1: split rows, not filters, when input bytes >= this x weight bytes
     runs_in_walk_order: bool = True   # kernel runs stored in the order the threads walk them
     align_rows: bool = True           # row stride of wide maps a multiple of the vector width
+    # ... of 16 floats in 8-lane plans on AVX-512 hosts (16-lane flat tiles): taps a row apart then share their
+    # loads. Pattern 8x at 224, b1, 2 threads, Zen 4, vs rows of 8k floats: VGG-16-BN 1.02x, ResNet-18/50 1.01x,
+    # MobileNetV2 1.05x; CIFAR VGG-16/ResNet-56/MobileNetV2 1.00/1.02/1.00x
+    align_rows_wide: bool = True
     flat_tiled: bool = True           # stride-1 convs on wider maps: flat mode in tiles, tiles outside filters
     flat_tiled_min_bytes: int = 1 << 17   # ... when the input image is at least this large (measured: CIFAR
                                       # ResNet-56's 32x32x16 maps are faster untiled; 8x pattern 256->256 on 14x14,
@@ -87,6 +91,16 @@ class PlanOptions:
     # flat tiles of 16-lane vectors in 8-lane plans on AVX-512 hosts: the same layers 658 -> 556 and 745 -> 546 us
     # (rows a multiple of 8: on 112-wide maps, rows of 120, the loads are not all aligned; measured no slower)
     flat_wide: bool = True
+    # ... and for kxk convs on maps at least this wide (0 = off) whose width is a multiple of 16 (which would
+    # otherwise run in direct mode with 16-lane vectors), when a tile of flat_tile_kxk vectors spans more than a
+    # row (taps a row apart then share loads: codegen._accumulate_shared; direct mode's blocks of rows share them
+    # too). Pattern 8x VGG-16-BN at 224, b1, 2 threads, Zen 4, in-network: 112x112 64->128 3.99 -> 2.83 ms,
+    # 128->128 7.26 -> 5.43 (before shared loads; after: 4.98 -> 4.50); on 224x224 (rows of 15 vectors) direct
+    # mode with shared loads wins, 5.56 vs 4.68 ms. On CIFAR's 32x32 maps flat tiles were slower (99 vs 141 us)
+    flat_wide_kxk_min_width: int = 64
+    # flat and direct sparse convs with vectors at least this wide (0 = off): aligned loads and lane shifts
+    # instead of a load per tap column (codegen._accumulate_shared)
+    shift_loads_lanes: int = 16
     # element-wise ops and the global pool: channels on the threads that wrote them, images in whole rounds
     # (instead of channels interleaved over threads)
     chan_affinity: bool = True
@@ -164,13 +178,16 @@ def small_w(vec: int) -> int:
     return 6 if vec == 8 else 12
 
 
-def layout_for(shape: tuple[int, ...], flat: bool = False, vec: int = VEC, align_rows: bool = True) -> Layout:
+def layout_for(shape: tuple[int, ...], flat: bool = False, vec: int = VEC, align_rows: bool = True,
+               row_align: int = 0) -> Layout:
+    """``row_align``: wider maps' rows a multiple of this many floats (default: ``vec``)."""
     if len(shape) == 3 and not flat:
         c, h, w = shape
         # Narrow maps: tight rows, so a vector spans several rows (flat mode) instead of one mostly empty row.
         # wider maps: rows a whole number of vectors (planes start vector-aligned, so flat-mode 1x1 convs load
         # aligned vectors)
-        rs = w + 2 if w <= small_w(vec) else (vec * math.ceil((w + 2) / vec) if align_rows else vec * math.ceil(w / vec) + 2)
+        ra = row_align or vec
+        rs = w + 2 if w <= small_w(vec) else (ra * math.ceil((w + 2) / ra) if align_rows else vec * math.ceil(w / vec) + 2)
         plane = (h + 2) * rs
         return Layout(shape, True, rs, plane, c * plane)
     n = int(np.prod(shape)) if shape else 1
@@ -309,9 +326,9 @@ class ConvPlan:
     gather_tf_off: int = 0               # per tile: first filter in gather_fl (tiles + 1 ints)
     gather_fl_off: int = 0               # filters, tile by tile
     gather_cnt_off: int = 0              # per (tile, input channel, shape): kernel count
-    gather_te_off: int = 0               # per (tile, shape): first kernel entry
-    gather_ef_off: list[int] = dataclasses.field(default_factory=list)   # per shape: filter of every entry
-    gather_ew_off: list[int] = dataclasses.field(default_factory=list)   # per shape: weights of every entry
+    gather_te_off: int = 0               # per tile: its first entry and first weight
+    gather_ef_off: int = 0               # filter of every entry, tile by tile, (channel, shape, filter) order
+    gather_ew_off: int = 0               # weights of every entry, in the same order
     # blocked mode (dense layers: stems, unpruned networks): blocked_f filters x (rows x vecs) output vectors in
     # registers; every input vector loaded once serves blocked_f filters (the sparse modes load it per filter),
     # weights stored densely per block of filters as [channel][tap][filter]; zero weights are multiplied
@@ -491,6 +508,8 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     # flat mode in tiles: 1x1 convs on any map, others on large inputs (see PlanOptions)
     tiling = opts.flat_tiled and not depthwise and (
         in_bytes >= opts.flat_tiled_min_bytes or (kh == 1 and kw == 1 and opts.flat_tiled_1x1))
+    wide_kxk = (bool(opts.flat_wide_kxk_min_width) and wo >= opts.flat_wide_kxk_min_width and tiling
+                and lout is not None and lout.rs < 16 * opts.flat_tile_kxk)
     if packed1:
         p.packed1 = True
         p.gather_vec = 8 if ho * wo <= 8 else 16
@@ -501,8 +520,8 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
         p.gather_vec = 8 if ho * wo <= 8 else 16
         p.gather_pv = math.ceil(ho * wo / p.gather_vec)
         p.gather_ft = max(1, opts.gather_acc_bytes // (4 * -(-p.gather_pv * p.gather_vec // 16) * 16))
-    elif (not (depthwise and spatial) and flat_ok and (vec == base_vec or (opts.flat_wide and kh == 1 and kw == 1))
-            and (lout.rs == wo + 2 or tiling)):
+    elif (not (depthwise and spatial) and flat_ok and (lout.rs == wo + 2 or tiling)
+            and (vec == base_vec or (opts.flat_wide and (kh * kw == 1 or wide_kxk)))):
         rs = lout.rs
         # tiles of 16-lane vectors on AVX-512 hosts (aligned loads for a 1x1 conv when rows are a multiple of 16);
         # a map that fits one block of registers (not tiled) keeps the plan's own width
@@ -831,30 +850,47 @@ def _plan_flat_gemm(op: ConvOp, in_shape, out_shape, blob: Blob, lin: Layout, w9
 
 
 def _plan_gather(p: ConvPlan, per: list[KernelRuns], lists: list[list[int]], cin: int, blob: Blob) -> None:
-    """Tiles of filters per thread; within a tile, kernels ordered by (input channel, shape, filter position)."""
+    """Tiles of filters per thread; within a tile, kernels ordered by (input channel, shape, filter position)
+    in one stream of filters and one of weights: the loop walks them in that order, so the prefetchers follow
+    two sequential streams (with a stream per shape, 16 streams advanced a few entries at a time, weights that
+    did not fit the cache arrived at a fraction of the memory bandwidth)."""
     ns = len(p.shapes)
     tile0, tf, fl, te = [0], [0], [], []
     cnt: list[np.ndarray] = []
-    ef: list[list[np.ndarray]] = [[] for _ in range(ns)]
-    ew: list[list[np.ndarray]] = [[] for _ in range(ns)]
-    ne = [0] * ns
+    ef: list[np.ndarray] = []
+    ew: list[np.ndarray] = []
+    ne = nw = 0
     o = 1 + max((f for lst in lists for f in lst), default=0)
     for lst in lists:
         for a in range(0, len(lst), p.gather_ft):
             tile = lst[a:a + p.gather_ft]
             fl += tile
             tf.append(len(fl))
-            te += ne
+            te += [ne, nw]
             pos = np.full(o, -1, dtype=np.int64)
             pos[np.array(tile, dtype=np.int64)] = np.arange(len(tile))
             c = np.zeros((cin, ns), dtype=np.int64)
+            keys, fs, ws = [], [], []
             for j, r in enumerate(per):
                 idx = r.gather(np.array(tile, dtype=np.int64))
-                order = idx[np.argsort(r.ch[idx] * len(tile) + pos[r.f[idx]], kind="stable")]
-                c[:, j] = np.bincount(r.ch[order], minlength=cin)
-                ef[j].append(r.f[order])
-                ew[j].append(r.w[order].ravel())
-                ne[j] += len(order)
+                c[:, j] = np.bincount(r.ch[idx], minlength=cin)
+                keys.append((r.ch[idx] * ns + j) * len(tile) + pos[r.f[idx]])
+                fs.append(r.f[idx])
+                ws.append(r.w[idx])
+            if keys:
+                key = np.concatenate(keys)
+                order = np.argsort(key, kind="stable")
+                f_all = np.concatenate(fs)[order]
+                lens = np.concatenate([np.full(len(w_), w_.shape[1], dtype=np.int64) for w_ in ws])
+                w_flat = np.concatenate([w_.ravel() for w_ in ws])
+                wst = np.concatenate([[0], np.cumsum(lens)])[:-1]
+                L = lens[order]
+                # each entry's weights, in entry order: its start, then consecutive positions
+                idx = np.repeat(wst[order] - np.concatenate([[0], np.cumsum(L)])[:-1], L) + np.arange(int(L.sum()))
+                ef.append(f_all)
+                ew.append(w_flat[idx])
+                ne += len(f_all)
+                nw += int(lens.sum())
             cnt.append(c.ravel())
         tile0.append(len(tf) - 1)
     p.gather_tile0_off = blob.add_i(tile0)
@@ -862,8 +898,8 @@ def _plan_gather(p: ConvPlan, per: list[KernelRuns], lists: list[list[int]], cin
     p.gather_fl_off = blob.add_i(fl or [0])
     p.gather_cnt_off = blob.add_i(np.concatenate(cnt) if cnt else [0])
     p.gather_te_off = blob.add_i(te or [0])
-    p.gather_ef_off = [blob.add_i(np.concatenate(e) if e and sum(map(len, e)) else [0]) for e in ef]
-    p.gather_ew_off = [blob.add_f(np.concatenate(w) if w and sum(map(len, w)) else [0.0]) for w in ew]
+    p.gather_ef_off = blob.add_i(np.concatenate(ef) if ne else [0])
+    p.gather_ew_off = blob.add_f(np.concatenate(ew) if nw else [0.0])
 
 
 @dataclasses.dataclass
@@ -1237,7 +1273,10 @@ def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto
     # a pooled (C,1,1) vector stays plain unless a conv reads it as a map (squeeze-excite's 1x1 convs)
     conv_in = {v for op in graph.ops if isinstance(op, ConvOp) for v in op.inputs}
     gap_out = {op.output for op in graph.ops if isinstance(op, GapOp) and op.output not in conv_in}
-    layouts = {vid: layout_for(v.shape, flat=vid in gap_out, vec=vec, align_rows=opts.align_rows)
+    # 16-lane flat tiles in 8-lane plans (AVX-512 hosts): rows a whole number of 16-lane vectors, so taps a row
+    # apart read the same vectors (see codegen._accumulate_shared)
+    ra = 16 if wide and vec == 8 and opts.align_rows_wide else vec
+    layouts = {vid: layout_for(v.shape, flat=vid in gap_out, vec=vec, align_rows=opts.align_rows, row_align=ra)
                for vid, v in graph.values.items()}
     # a phase split read only by its unpadded conv takes that conv's row stride where its rows fit (no right
     # border column: an unpadded conv never reads one), so the conv can run along the flattened plane (flat modes
