@@ -415,3 +415,23 @@ def test_shared_loads_compute_every_tap(align, G):
         # each aligned vector loaded once, at an aligned offset; no unaligned load left
         addrs = [int(re.search(r"ip \+ (-?\d+)", ln).group(1)) for ln in loads]
         assert len(addrs) == len(set(addrs)) and all((base + a) % L == 0 for a in addrs)
+
+
+@pytest.mark.parametrize("inputs", [300, 70000])
+def test_pruned_linear_csr(inputs):
+    """Pruned linears run as CSR (2-byte column indices up to 65536 inputs, 4-byte beyond), rows of every kept
+    count (0 .. several times the 4-way unroll, so the partial sums' tail runs) at batch 1, 3 and 6 (four images
+    at once, then one by one), against PyTorch."""
+    torch.manual_seed(0)
+    fc = nn.Linear(inputs, 13)
+    with torch.no_grad():
+        keep = torch.zeros_like(fc.weight, dtype=torch.bool)
+        for r in range(13):
+            keep[r, torch.randperm(inputs)[:r * 3 + (r % 4) * 7 if r else 0]] = True
+        fc.weight.mul_(keep)
+    m = nn.Sequential(nn.Flatten(), fc, nn.ReLU()).eval()
+    e = compile(m, torch.randn(1, 1, 1, inputs), threads=2)
+    assert any("density" in op["describe"] for op in e.spec["ops"]), e.summary()
+    for n in (1, 3, 6):
+        x = torch.randn(n, 1, 1, inputs)
+        assert rel_err(e(x), m(x)) <= TOL
