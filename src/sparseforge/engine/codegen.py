@@ -666,11 +666,10 @@ def _register(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], body: str
 
 
 def _shift_align(plan: Plan, li, VEC: int, isa: VecISA, m: int) -> tuple[int, int, str] | None:
-    """``_accumulate_shared``'s aligned loads and lane shifts, where every plane starts on a vector boundary,
-    for 16-lane vectors (AVX-512's valignd; 8-lane AVX2 vectors have no single-instruction shift across their
-    128-bit halves) unless ``PlanOptions.shift_loads_lanes`` is 0 or above 16."""
-    o = plan.options
-    if not o.shift_loads_lanes or VEC != 16 or VEC < o.shift_loads_lanes or li.plane % VEC or li.image % VEC:
+    """``_accumulate_shared``'s aligned loads and lane shifts (``PlanOptions.shift_loads``), where every plane
+    starts on a vector boundary, for 16-lane vectors only (AVX-512's valignd; 8-lane AVX2 vectors have no
+    single-instruction shift across their 128-bit halves)."""
+    if not plan.options.shift_loads or VEC != 16 or li.plane % VEC or li.image % VEC:
         return None
     return (m, VEC, isa.itype)
 

@@ -98,9 +98,9 @@ class PlanOptions:
     # 128->128 7.26 -> 5.43 (before shared loads; after: 4.98 -> 4.50); on 224x224 (rows of 15 vectors) direct
     # mode with shared loads wins, 5.56 vs 4.68 ms. On CIFAR's 32x32 maps flat tiles were slower (99 vs 141 us)
     flat_wide_kxk_min_width: int = 64
-    # flat and direct sparse convs with vectors at least this wide (0 = off): aligned loads and lane shifts
-    # instead of a load per tap column (codegen._accumulate_shared)
-    shift_loads_lanes: int = 16
+    # flat and direct sparse convs on 16-lane vectors: aligned loads and lane shifts instead of a load per tap
+    # column (codegen._accumulate_shared)
+    shift_loads: bool = True
     # element-wise ops and the global pool: channels on the threads that wrote them, images in whole rounds
     # (instead of channels interleaved over threads)
     chan_affinity: bool = True
