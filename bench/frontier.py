@@ -44,6 +44,8 @@ so the frontier's figures accumulate arm by arm across machines.
 Train (two arms at a time, one thread each, in the background):
   python bench/frontier.py train --arms pattern-8x --threads 1 &
   python bench/frontier.py train --arms magnitude-8x --threads 1 &
+Replicates with another data order and augmentation (seed 0 above), to tell a gap from seed noise:
+  python bench/frontier.py train --arms control --seed 1 --out bench/results/frontier/seed1 &
 
 Measure (quiet machine): every finished arm's accuracy on the full test set through PyTorch, the engine and
 onnxruntime int8 (calibrated on 512 training images), and its batch-1 latency on every runtime it runs on
@@ -134,7 +136,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     stages = arm_stages(a.epochs, a.admm_epochs, a.weights)
     train = {"batch_size": 128, "lr": a.lr, "schedule": "onecycle", "optimizer": "sgd", "momentum": 0.9,
              "nesterov": True, "weight_decay": 1e-4, "threads": a.threads, "channels_last": True,
-             "max_steps_per_epoch": a.max_steps, "seed": 0}
+             "max_steps_per_epoch": a.max_steps, "seed": a.seed}
     out = Path(a.out)
     for arm in [s for s in a.arms.split(",") if s]:
         if arm not in stages:
@@ -144,7 +146,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         run_dir = out / "runs" / arm
         seed_from_snapshot(snapshot_dir(a) / arm, arm, run_dir)
         budget = {"epochs": a.epochs, "admm_epochs": a.admm_epochs, "lr": a.lr, "schedule": "onecycle per stage",
-                  "batch_size": 128, "threads": a.threads}
+                  "batch_size": 128, "threads": a.threads, "seed": a.seed}
         print(f"== arm {arm}: {stages[arm]}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         RecipeRunner(recipe, run_dir, progress=False, eval_limit=a.eval_limit).run(
@@ -421,6 +423,8 @@ def main() -> None:
     t.add_argument("--epochs", type=int, default=20, help="training epochs per arm (the budget)")
     t.add_argument("--admm-epochs", type=int, default=8, help="of which ADMM, for the pattern arms")
     t.add_argument("--lr", type=float, default=0.02)
+    t.add_argument("--seed", type=int, default=0, help="data order and augmentation (replicates: another --out, e.g. "
+                                                       "bench/results/frontier/seed1)")
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--data-dir", default=str(SHARED / "data" / "cifar-10-batches-py"))
     t.add_argument("--weights", default=str(SHARED / "models" / "resnet20-cifar10jpeg.safetensors"))
