@@ -111,6 +111,29 @@ def test_input_errors():
         e([[1.0]])
 
 
+def test_direct_call_path_equals_general_path():
+    """A plain call goes straight to the C segments; it must return what the general path (input checks, every
+    value's view, fallbacks) returns, bit for bit, for any batch, memory format and autograd state of the input,
+    and must not hand back a view of the engine's own buffers; bad input still gets the general path's errors."""
+    m = _model("resnet20")
+    sf.prune(m, SPARSITIES["pattern8x"])
+    e = compile(m, torch.randn(1, 3, 32, 32), threads=2)
+    g = torch.Generator().manual_seed(3)
+    for n in (1, 3, 1):
+        x = torch.randn(n, 3, 32, 32, generator=g)
+        for xi in (x, x.contiguous(memory_format=torch.channels_last), x.clone().requires_grad_()):
+            y = e(xi)
+            assert e._fast.get(n), "the direct path was not taken"
+            assert torch.equal(y, e._run(xi))
+    y1, ref = e(x), e._run(x)
+    e(x + 1.0)                                   # a later call must not change an earlier result
+    assert torch.equal(y1, ref)
+    with pytest.raises(SparseforgeError, match=r"shape \(N, 3, 32, 32\)"):
+        e(torch.randn(1, 3, 32))
+    with pytest.raises(SparseforgeError, match="empty batch"):
+        e(torch.randn(0, 3, 32, 32))
+
+
 def test_save_load_round_trip_and_tamper(tmp_path):
     m = _model("resnet20")
     sf.prune(m, SPARSITIES["pattern8x"])
