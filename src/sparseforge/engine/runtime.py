@@ -141,7 +141,9 @@ class CompiledModel:
         # general path below cost microseconds (ResNet-20 at 32x32: the call took 20 us more than its segments)
         if (type(x) is torch.Tensor and x.dtype is torch.float32 and x.shape[1:] == self.input_shape and x.is_cpu
                 and x.shape[0] > 0):
-            fast = self._fast.get(x.shape[0]) or self._fast_path(x.shape[0])
+            fast = self._fast.get(x.shape[0], False)
+            if fast is False:                       # not yet decided for this batch size
+                fast = self._fast_path(x.shape[0])
             if fast:
                 inp, segs, out = fast
                 with self._lock:
