@@ -141,33 +141,30 @@ class CompiledModel:
         # general path below cost microseconds (ResNet-20 at 32x32: the call took 20 us more than its segments)
         if (type(x) is torch.Tensor and x.dtype is torch.float32 and x.shape[1:] == self.input_shape and x.is_cpu
                 and x.shape[0] > 0):
-            fast = self._fast.get(x.shape[0], False)
-            if fast is False:                       # not yet decided for this batch size
-                fast = self._fast_path(x.shape[0])
+            n = x.shape[0]
+            fast = self._fast[n] if n in self._fast else self._fast_path(n)
             if fast:
-                inp, segs, out = fast
+                inp, fns, args, out = fast
                 with self._lock:
                     np.copyto(inp, x.detach().numpy())
-                    for fn, args in segs:
+                    for fn in fns:
                         fn(*args, self._run_threads)
                     return torch.from_numpy(out.copy())
         return self._run(x)
 
     def _fast_path(self, n: int) -> tuple | None:
-        """For batch n: the input buffer's interior, each native segment with its arguments and the output as
-        numpy views, or None (fallback ops, several inputs or outputs, an input without a buffer)."""
-        spec = self.spec
-        if (len(spec["inputs"]) != 1 or len(spec["outputs"]) != 1
-                or any(seg["kind"] != "native" for seg in spec["segments"])):
-            self._fast[n] = None
-            return None
-        bufs, views, ptrs = self._alloc(n)
-        if spec["inputs"][0] not in bufs or spec["outputs"][0] not in views:
-            self._fast[n] = None
-            return None
-        segs = [(self._segs[si], (ptrs, n, self._wp, self._ip)) for si in range(len(spec["segments"]))]
-        self._fast[n] = (views[spec["inputs"][0]].numpy(), segs, views[spec["outputs"][0]].numpy())
-        return self._fast[n]
+        """For batch n, decided once: the input buffer's interior, the native segments, their arguments and the
+        output as numpy views; or None (fallback ops, several inputs or outputs, an input without a buffer)."""
+        spec, fast = self.spec, None
+        if (len(spec["inputs"]) == 1 and len(spec["outputs"]) == 1
+                and all(seg["kind"] == "native" for seg in spec["segments"])):
+            bufs, views, ptrs = self._alloc(n)
+            i, o = spec["inputs"][0], spec["outputs"][0]
+            if i in bufs and o in views:
+                fns = [self._segs[si] for si in range(len(spec["segments"]))]
+                fast = (views[i].numpy(), fns, (ptrs, n, self._wp, self._ip), views[o].numpy())
+        self._fast[n] = fast
+        return fast
 
     def traced(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """A forward pass through the traced segment functions: the output and the per-op, per-thread timestamps
