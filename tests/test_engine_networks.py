@@ -497,7 +497,7 @@ def test_channel_block_16_runs_as_output_channel_vectors(vw):
     """channel_block=16 pruning: each block of 16 filters shares its kept kernels and patterns, so the engine runs
     the block's kept kernels only, 16 filters per vector (AVX-512 hosts; forced by 16-lane plans on any host):
     3x3 and 1x1, stride 1/2, residuals, a partial last block (40 filters), both epilogues (rows of 16 pixels
-    transposed in registers, and shorter blocks through a buffer), batch > 1, NaN/Inf; a layer whose blocks
+    transposed in registers, and shorter blocks by masked row stores (AVX-512 builds) or through a buffer), batch > 1, NaN/Inf; a layer whose blocks
     do not share kernels runs in the per-filter modes."""
     import sparseforge as sf
     from sparseforge.engine.plan import _ochan

@@ -560,8 +560,9 @@ def _blocked_ochan_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str])
     """Blocked mode with vectors along output channels (``ConvPlan.blk_ochan``): a block is F = 16 x nv filters x
     R rows x V pixels, nv accumulators per pixel; per (channel, tap) nv aligned weight vectors (the packing is
     blocked mode's [block][channel][tap][filter]) and one broadcast input value per pixel, so no load is
-    shifted across cache lines. The epilogue transposes the block into the planar output through a buffer,
-    adding residual and activation per element (the bias is the accumulators' start)."""
+    shifted across cache lines. The epilogue transposes the block into the planar output (in registers with
+    masked row stores on AVX-512, else through a buffer element by element), adding residual and activation (the
+    bias is the accumulators' start)."""
     op: ConvOp = p.op
     li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
     o, cin, kh, kw = op.weight.shape
@@ -621,6 +622,7 @@ def _blocked_ochan_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str])
                   "      }"]
         b += ["    }", "  }"]
         return _register(k, p, plan, bodies, "\n".join(b), [], desc=desc)
+    b += ["#ifdef __AVX512F__"] + _ochan_vec_epilogue(op, li, lo, F, R, V, nv, accs) + ["#else"]
     b += ["      " + " ".join(f"stg16(buf + {i * F + 16 * j}, {a}_{j});" for i, a in enumerate(accs) for j in range(nv)),
           f"      const int nf = {o} - fb * {F} < {F} ? {o} - fb * {F} : {F};",
           "      for (int f = 0; f < nf; f++) {",
@@ -635,9 +637,46 @@ def _blocked_ochan_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str])
     b += [f"          obf[r * {lo.rs} + v] = {_act_s(op.act, 'a')};",
           "        }",
           "      }",
+          "#endif",
           "    }",
           "  }"]
     return _register(k, p, plan, bodies, "\n".join(b), [], desc=desc)
+
+
+def _ochan_vec_epilogue(op: ConvOp, li, lo, F: int, R: int, V: int, nv: int, accs: list[str]) -> list[str]:
+    """Output-channel blocks' epilogue on AVX-512: up to 16 pixels' filter vectors transposed in registers, then
+    per filter one masked store per output row the pixels fall on (and the residual gathered the same way): the
+    element-by-element copy through a buffer cost ~15-30% of a dense 1x1 conv's time on 7x7 and 14x14 maps,
+    whose blocks are a row of 7 or 14 pixels. Masked-off lanes are neither written nor read (no faults)."""
+    o = op.weight.shape[0]
+    out = []
+    npix = R * V
+    for j in range(nv):
+        for c0 in range(0, npix, 16):
+            lanes = list(range(c0, min(c0 + 16, npix)))
+            vecs = [f"{accs[i]}_{j}" for i in lanes] + ["bcg16(0.0f)"] * (16 - len(lanes))
+            rows: dict[int, list[int]] = {}
+            for i in lanes:
+                rows.setdefault(i // V, []).append(i)
+            # per row: lane mask and the offset that puts the row's first lane on its pixel
+            segs = [(sum(1 << (i - c0) for i in ii), r * lo.rs + ii[0] % V - (ii[0] - c0)) for r, ii in rows.items()]
+            out += ["      {",
+                    "        g16 t[16] = {" + ", ".join(vecs) + "};",
+                    "        tr16(t);",
+                    f"        const int nf = {o} - fb * {F} - {16 * j} < 16 ? {o} - fb * {F} - {16 * j} : 16;",
+                    "        for (int f = 0; f < nf; f++) {",
+                    f"          const long fo = (long)(fb * {F} + {16 * j} + f) * {lo.plane} + (long)(y0 + 1) * {lo.rs}"
+                    " + (x0 + 1);",
+                    "          g16 v = t[f];"]
+            if op.residual is not None:
+                out.append(f"          const float* rp = res + (long)n * {lo.image} + fo;")
+                out.append(f"          __m512 rv = _mm512_maskz_loadu_ps({segs[0][0]:#x}, rp + {segs[0][1]});")
+                out += [f"          rv = _mm512_mask_loadu_ps(rv, {m:#x}, rp + {off});" for m, off in segs[1:]]
+                out.append("          v += (g16)rv;")
+            out.append(f"          v = {_act(op.act, 'v', 'g16')};")
+            out += [f"          _mm512_mask_storeu_ps(ob + fo + {off}, {m:#x}, (__m512)v);" for m, off in segs]
+            out += ["        }", "      }"]
+    return out
 
 
 def _extra_at(p: ConvPlan) -> int:
