@@ -452,7 +452,7 @@ def test_blocked_mode_dense_layers(mode, kernel):
     for cin, cout, k, s, p, (h, w) in [(3, 5, 3, 2, 1, (23, 17)), (8, 16, 1, 1, 0, (7, 5)), (17, 16, 3, 1, 1, (16, 32)),
                                        (8, 7, 3, 2, 0, (16, 9)), (16, 13, 1, 2, 0, (15, 30)), (4, 16, 3, 1, 0, (9, 40)),
                                        (3, 33, 7, 2, 3, (29, 26)), (5, 18, 3, 1, 1, (3, 2)), (24, 40, 1, 1, 0, (5, 19)),
-                                       (33, 70, 1, 2, 0, (9, 14))]:
+                                       (33, 70, 1, 2, 0, (9, 14)), (300, 120, 1, 1, 0, (1, 1)), (24, 40, 1, 1, 0, (7, 7))]:
         m = randomize_bn(nn.Sequential(nn.Conv2d(cin, cout, k, s, p), nn.BatchNorm2d(cout), nn.ReLU()), seed=k + s)
         x = torch.randn(3, cin, h, w)
         x[1, 0, h // 2, w // 2], x[2, cin - 1, 0, w - 1] = float("nan"), float("inf")
@@ -460,6 +460,8 @@ def test_blocked_mode_dense_layers(mode, kernel):
         assert any(c.blocked for c in st.plan.convs.values()), (cin, cout, k, s, p)
         if kernel != "host":
             assert all(c.blk_ochan == (kernel == "ochan") for c in st.plan.convs.values() if c.blocked)
+        if kernel == "ochan" and (h, w) == (1, 1):      # a 1x1 map: four vectors of filters share each broadcast
+            assert [c.blk_f for c in st.plan.convs.values() if c.blocked] == [64]
         with torch.inference_mode():
             out, ref = e(x), m(x)
         assert torch.equal(out.isnan(), ref.isnan()), (cin, cout, k, s, p, h, w)

@@ -66,7 +66,12 @@ class PlanOptions:
     # 1x1 convs 46-52 vs 32-41; whole dense ResNet-18 at 224 (b1, 2 threads) 27.2 -> 17.1 ms
     blocked_ochan: bool = True
     ochan_acc: int = 16               # output pixels per register block in that mode (one vector each; 24: slower)
-    ochan_vecs_1x1: int = 2           # 1x1 convs: vectors of 16 filters per block (more pixels share each weight load)
+    # 1x1 convs: vectors of 16 filters per block (more pixels share each weight load); 0: per layer, the fewest
+    # estimated cycles of 1, 2 or 4 (_ochan_1x1_vecs: filters wasted in the last block, FMAs vs loads per channel,
+    # the epilogue's transposes). Measured one layer at a time, RepGhostNet 1.0x at 224, Zen 4: on 14x14 maps one
+    # vector is 1.06-1.34x faster than two (80-336 filters: two waste up to 20% of a block), on 7x7 maps two are
+    # 1.04-1.12x faster than one, on 1x1 maps four are 1.11x faster than two (conv_head); whole network 1.03x
+    ochan_vecs_1x1: int = 0
     ochan_acc_1x1: int = 24           # ... and accumulators per block
     # ... which takes convs this dense (the sparse modes' time per kept weight is 2.1-2.4x ochan's per weight
     # for 3x3 convs, 2.1-4.4x for 1x1 convs at 224-size shapes: at 0.5 ochan ties or wins)
@@ -676,6 +681,19 @@ def filter_group(codes: np.ndarray, own_taps: int, taps_all: tuple[int, ...], ma
     return 1
 
 
+def _ochan_1x1_vecs(o: int, cin: int, ho: int, wo: int, acc: int) -> int:
+    """Vectors of 16 filters per output-channel block of a dense 1x1 conv: the fewest estimated cycles. Per block
+    and input channel, nv x R x V FMAs (one a cycle) or nv weight loads (streamed) + R x V broadcasts (two a
+    cycle), whichever bounds; per block, a 16x16 transpose per vector and 16 pixels (~64 shuffles) and a store
+    per filter and row; blocks counted with the last partial block of filters and the shifted-back pixels."""
+    def cycles(nv: int) -> float:
+        V, R = _ochan_rows(ho, wo, acc // nv)
+        blocks = -(-o // (16 * nv)) * -(-ho // R) * -(-wo // V)
+        per_channel = max(nv * R * V, nv + 0.5 * R * V)
+        return blocks * (cin * per_channel + nv * -(-(R * V) // 16) * 64 + 16 * nv * R)
+    return min((1, 2, 4), key=lambda nv: (cycles(nv), -nv))
+
+
 def _ochan_rows(ho: int, wo: int, pix: int, vmax: int = 16) -> tuple[int, int]:
     """Pixels (V, at most ``vmax``) and rows (R) of an output-channel block of at most ``pix`` accumulators: the
     fewest recomputed (shifted-back) pixels, then the most per block."""
@@ -769,7 +787,11 @@ def _plan_blocked(op: ConvOp, in_shape, out_shape, blob: Blob, threads: int, lin
         # 16 filters per vector (AVX-512 registers, also in an 8-lane plan); pixels per row block: the fewest
         # recomputed (shifted-back) pixels, then the most per block
         vrow = wo >= 16 and cin * kk <= opts.ochan_row_max_work
-        nv = max(1, min(opts.ochan_vecs_1x1, -(-o // 16))) if kk == 1 and not vrow else 1
+        if kk == 1 and not vrow:
+            nv = opts.ochan_vecs_1x1 or _ochan_1x1_vecs(o, cin, ho, wo, opts.ochan_acc_1x1)
+            nv = max(1, min(nv, -(-o // 16)))
+        else:
+            nv = 1
         F, xv = 16 * nv, wo
         V, R = (16, 1) if vrow else _ochan_rows(ho, wo, opts.ochan_acc_1x1 // nv if kk == 1 else opts.ochan_acc)
     else:
