@@ -74,6 +74,44 @@ def test_squeeze_excite(gate, mean):
     assert all(op["native"] for op in e.spec["ops"])
 
 
+@pytest.mark.parametrize("c,cout,hw", [(40, 70, (7, 9)), (24, 16, (14, 14)), (300, 120, (1, 1))])
+def test_squeeze_excite_multiply_fused_into_the_next_1x1_conv(c, cout, hw):
+    """x * gate read by a dense 1x1 conv only: on hosts where dense convs run output-channel blocks (AVX-512) the
+    multiply runs inside the conv (each channel's weights times the image's gate) and its input buffers must
+    stay live until then; NaN/Inf in one image propagate as in PyTorch, the other image stays exact. A raw
+    (unsquashed) gate too, and a product with a second reader, which must not be fused."""
+    from sparseforge.engine.plan import _ochan
+
+    class SE(nn.Module):
+        def __init__(self, squash: bool, reread: bool):
+            super().__init__()
+            self.pre, self.fc1, self.fc2 = nn.Conv2d(5, c, 3, padding=1), nn.Conv2d(c, 4, 1), nn.Conv2d(4, c, 1)
+            self.proj, self.proj2, self.post = nn.Conv2d(c, cout, 1), nn.Conv2d(c, cout, 1), nn.Conv2d(cout, 3, 3, 1, 1)
+            self.squash, self.reread = squash, reread
+
+        def forward(self, x):
+            y = self.pre(x)
+            g = self.fc2(torch.relu(self.fc1(y.mean((2, 3), keepdim=True))))
+            p = y * (torch.sigmoid(g) if self.squash else g)
+            out = self.proj(p)          # not a graph output: its buffer may be any free one (not y's while y is read)
+            return self.post(out + self.proj2(p) if self.reread else out)
+
+    torch.manual_seed(0)
+    for squash, reread in [(True, False), (False, False), (True, True)]:
+        m = SE(squash, reread).eval()
+        x = torch.randn(2, 5, *hw)
+        x[1, 2, 0, 0], x[1, 1, -1, -1] = float("nan"), float("inf")
+        e, st = compile(m, x[:1], threads=2, return_stages=True)
+        assert all(op["native"] for op in e.spec["ops"])
+        fused = [cp for cp in st.plan.convs.values() if cp.in_scale >= 0]
+        if _ochan(st.plan.options, st.plan.vec, e.spec["options"]["wide"]):
+            assert len(fused) == (0 if reread else 1), (squash, reread)
+        with torch.inference_mode():
+            out, ref = e(x), m(x)
+        assert torch.equal(out[1].isnan(), ref[1].isnan()) and torch.equal(out[1].isinf(), ref[1].isinf())
+        assert rel_err(out[0], ref[0]) < 1e-5, (squash, reread)
+
+
 @pytest.mark.parametrize("form", ["method", "function", "function-keepdim"])
 def test_mean_over_the_map_is_global_pooling(form):
     """``x.mean((2, 3))``, ``torch.mean(x, [-2, -1])`` (a (C,) vector straight into a linear layer) and the

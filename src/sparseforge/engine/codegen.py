@@ -564,16 +564,20 @@ def _blocked_ochan_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str])
     masked row stores on AVX-512, else through a buffer element by element), adding residual and activation (the
     bias is the accumulators' start)."""
     op: ConvOp = p.op
-    li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
+    src = p.in_value if p.in_value >= 0 else op.inputs[0]
+    li, lo = plan.layouts[src], plan.layouts[op.output]
     o, cin, kh, kw = op.weight.shape
     s, pad, F = op.stride, op.padding, p.blk_f
     R, V, nv = p.rows, p.vecs, p.blk_f // 16
     ho, wo = p.ho, p.wo
     kk = kh * kw
     accs = [f"a{r}_{v}" for r in range(R) for v in range(V)]
-    desc = [op.inputs[0], op.output, op.residual if op.residual is not None else -1, p.blk_b_off, p.blk_w_off]
+    desc = [src, op.output, op.residual if op.residual is not None else -1, p.blk_b_off, p.blk_w_off]
     if p.blk_sparse:
         desc += [p.blk_cnt_off, p.blk_ch_off, p.blk_kst_off, p.blk_wst_off]
+    if p.in_scale >= 0:         # a squeeze-excite gate: channel c's weight vectors times the image's gate[c]
+        desc.append(p.in_scale)
+        lg = plan.layouts[p.in_scale]
     b = _blocked_head(p, li, lo, -(-wo // V), [f"  float buf[{R * V * F}] __attribute__((aligned(64)));"])
     b += ["    {",
           f"      const int y0 = yb * {R} < {ho - R} ? yb * {R} : {ho - R};",
@@ -598,9 +602,13 @@ def _blocked_ochan_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str])
         b += [f"      const float* wp = W + (long)fb * {cin * kk * F};",
               f"      for (int c = 0; c < {cin}; c += {g}, wp += {g * kk * F}) {{",
               f"        const float* ip = ib + (long)c * {li.plane} + ioff;"]
+        gs = ""
+        if p.in_scale >= 0:
+            b.append(f"        const g16 gs = bcg16(B[d[5]][{_addr(lg, 'n', 'c', '0', '0')}]);")
+            gs = " * gs"
         for ph, taps in enumerate(p.blk_taps):
             b += _ochan_taps(taps, kw, nv, lambda t, ph=ph: ph * li.plane + (t // kw) * li.rs + (t % kw),
-                             lambda t, j, ph=ph: f"ldg16(wp + {(ph * kk + t) * F + 16 * j})", pix,
+                             lambda t, j, ph=ph: f"ldg16(wp + {(ph * kk + t) * F + 16 * j}){gs}", pix,
                              plan.options.ochan_max_w)
         b.append("      }")
     if R == 1 and V == 16:

@@ -57,6 +57,13 @@ def assign_slots(plan: Plan, buffered: set[int]) -> tuple[dict[int, int], list[i
     for bd in plan.bands.values():
         for v in list(g.ops[bd.a].inputs):
             last[v] = max(last.get(v, bd.b), bd.b)
+    # an op fused into a later one (a squeeze-excite multiply into its conv) has its inputs read by that op
+    also: dict[int, set[int]] = {}
+    for a, k in plan.absorbed.items():
+        if k > a:
+            also.setdefault(k, set()).update(g.ops[a].inputs)
+            for v in g.ops[a].inputs:
+                last[v] = max(last.get(v, k), k)
     pinned = set(g.inputs) | set(g.outputs)
     slot_of: dict[int, int] = {}
     sizes: list[int] = []
@@ -83,7 +90,8 @@ def assign_slots(plan: Plan, buffered: set[int]) -> tuple[dict[int, int], list[i
         if op.output in buffered and op.output not in slot_of:
             place(op.output)
         # values read for the last time by this op: their slots are free for the ops after it
-        for v in set(op.inputs) | ({op.residual} if isinstance(op, ConvOp) and op.residual is not None else set()):
+        for v in (set(op.inputs) | ({op.residual} if isinstance(op, ConvOp) and op.residual is not None else set())
+                  | also.get(k, set())):
             if last.get(v) == k and v in slot_of and v not in pinned:
                 free.append(slot_of[v])
     return slot_of, sizes
@@ -114,6 +122,9 @@ def runtime_spec(plan: Plan, input_shape: tuple[int, ...]) -> dict:
             c = plan.convs[k]
             d.update(kernels=c.kernels, taps=c.taps, flops_per_image=c.flops, shapes=len(c.shapes),
                      block=[c.rows, c.vecs], mode=c.mode, channel_blocks=c.flat_ncb)
+            if c.in_scale >= 0:
+                d["describe"] = f"{d['describe']} [input x gate: squeeze-excite multiply fused in]"
+
         if k in plan.blocks:
             bp = plan.blocks[k]
             d["fused_block"] = [bp.a, bp.b, bp.c]

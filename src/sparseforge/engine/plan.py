@@ -110,6 +110,7 @@ class PlanOptions:
     # (instead of channels interleaved over threads)
     chan_affinity: bool = True
     fuse_blocks: bool = True          # fuse 1x1 expand -> 3x3 depthwise -> 1x1 project on small maps (BlockPlan)
+    fuse_se_scale: bool = True        # squeeze-excite's x * gate into the next dense 1x1 conv (ConvPlan.in_scale)
     fuse_bands: bool = True           # fuse 1x1 expand -> 3x3 depthwise on larger maps, in bands of rows (BandPlan)
     band_dense_min_bytes: int = 1 << 22   # ... dense expand convs too (F channels per step, dense weights) when the
                                       # expanded map is at least this large (dense MobileNetV2 at 224: the 5.5 MB
@@ -351,6 +352,11 @@ class ConvPlan:
     # ... over each 16-filter block's kept kernels only (channel_block 16 pruning): per block and tap shape a
     # kernel count, the kernels' channels, each block's first kernel and first weight
     blk_sparse: bool = False
+    # a squeeze-excite multiply fused in (dense output-channel blocks of a 1x1 conv whose input x * gate has no
+    # other reader): the conv reads x (``in_value``) and scales each input channel's weight vectors by the
+    # image's gate value (``in_scale``: the (C, 1, 1) gate); the multiply's own pass over the map is gone
+    in_value: int = -1
+    in_scale: int = -1
     blk_cnt_off: int = 0
     blk_ch_off: int = 0
     blk_kst_off: int = 0
@@ -679,6 +685,28 @@ def filter_group(codes: np.ndarray, own_taps: int, taps_all: tuple[int, ...], ma
         if cost <= waste * own_taps:
             return G
     return 1
+
+
+def _se_scale(graph: Graph, k: int, c: ConvPlan, producer: dict, readers: dict, layouts: dict) -> int | None:
+    """The squeeze-excite multiply conv ``k`` can take in (see ``ConvPlan.in_scale``), or None: its input is
+    x * gate with gate (C, 1, 1) per image, read by this conv only; the conv runs dense output-channel blocks
+    with a 1x1 kernel and no padding (so it never reads a border lane, where 0 x an infinite gate would give
+    NaN and PyTorch's padded product gives 0), and x has the product's layout."""
+    op = graph.ops[k]
+    v = op.inputs[0]
+    m = producer.get(v)
+    if m is None or not (c.blocked and c.blk_ochan and not c.blk_sparse) or v in graph.outputs:
+        return None
+    mul = graph.ops[m]
+    if not (isinstance(mul, EltwiseOp) and mul.fn == "mul" and len(mul.inputs) == 2 and mul.native):
+        return None
+    x, gate = mul.inputs
+    if (tuple(graph.values[gate].shape) != (graph.values[v].shape[0], 1, 1) or x == gate
+            or tuple(graph.values[x].shape) != tuple(graph.values[v].shape) or layouts[x] != layouts[v]
+            or [r for r in readers.get(v, []) if r is not op] or op.weight.shape[2:] != (1, 1) or op.padding
+            or op.groups != 1):
+        return None
+    return m
 
 
 def _ochan_1x1_vecs(o: int, cin: int, ho: int, wo: int, acc: int) -> int:
@@ -1339,6 +1367,7 @@ def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto
                 continue
             bands[pair[0]] = plan_band(graph, pair, blob, threads, li_, vec, wide, opts, dense)
             absorbed[pair[1]] = pair[0]
+    producer = {op.output: k for k, op in enumerate(graph.ops)}
     for k, op in enumerate(graph.ops):
         if k in blocks or k in bands or k in absorbed:
             continue
@@ -1347,6 +1376,10 @@ def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto
                                      threads, layouts[op.inputs[0]], layouts[op.output], vec, conv_mode, wide,
                                      affinity=writer.get(op.inputs[0]), rows_in=op.inputs[0] in by_rows,
                                      opts=opts)
+            m = _se_scale(graph, k, c, producer, readers, layouts) if opts.fuse_se_scale else None
+            if m is not None:
+                c.in_value, c.in_scale = graph.ops[m].inputs
+                absorbed[m] = k
             if not c.spatial and not c.gather:
                 writer[op.output] = c.thread_of
             if c.spatial:
