@@ -595,6 +595,11 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     if p.flat and opts.merged_runs:
         _merge_runs(p, per, walk, blob)
     for r in ([] if p.merged else per):
+        if p.gather:        # gather mode keeps its kernels in lists of its own (_plan_gather): none stored twice
+            p.start_off.append(0)
+            p.chan_off.append(0)
+            p.w_off.append(0)
+            continue
         idx = r.gather(walk)
         if p.flat_cb:
             # runs per (walk position, channel block): kernels are channel-ascending within a filter, so each
