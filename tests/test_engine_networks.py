@@ -74,6 +74,39 @@ def test_squeeze_excite(gate, mean):
     assert all(op["native"] for op in e.spec["ops"])
 
 
+def test_two_byte_channel_indices_change_no_result():
+    """Kernel channel indices stored as 2-byte integers (PlanOptions.index16, the default) or as ints: the same
+    kernels in the same order, so the outputs are bit-identical; every sparse mode that streams indices (flat,
+    flat-tiled with merged runs and channel blocks, direct, packed 1x1) and the blob is smaller."""
+    from sparseforge import PatternConfig, prune
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 24, 3, 1, 1), nn.ReLU(), nn.Conv2d(24, 40, 3, 1, 1), nn.ReLU(),
+                      nn.Conv2d(40, 40, 3, 2, 1), nn.ReLU(), nn.Conv2d(40, 72, 1), nn.ReLU(), nn.MaxPool2d(2),
+                      nn.Conv2d(72, 80, 1), nn.ReLU(), nn.Conv2d(80, 64, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(2),
+                      nn.Conv2d(64, 48, 1), nn.ReLU(), nn.Conv2d(48, 32, 3, 1, 1), nn.ReLU(), nn.Conv2d(32, 8, 1)).eval()
+    prune(m, PatternConfig(num_patterns=8, connectivity=3.6, connectivity_1x1=8.0))
+    x = torch.randn(2, 3, 44, 40)
+    x[1, 0, 3, 3] = float("nan")
+    outs, sizes = [], []
+    for i16 in (True, False):
+        for merged in (True, False):
+            e, st = compile(m, x[:1], threads=2, return_stages=True,
+                            plan_options=PlanOptions(index16=i16, merged_runs=merged, flat_cblock_bytes=4096))
+            assert {c.idx16 for c in st.plan.convs.values() if not c.blocked} == {i16}
+            modes = {c.mode for c in st.plan.convs.values()}
+            with torch.inference_mode():
+                outs.append(e(x))
+            sizes.append(st.plan.blob.ints().nbytes)
+    assert {"flat-tiled", "direct", "packed1"} <= modes, modes
+    assert all(torch.equal(o.nan_to_num(), outs[0].nan_to_num()) and torch.equal(o.isnan(), outs[0].isnan())
+               for o in outs)
+    with torch.inference_mode():
+        ref = m(x)
+    assert rel_err(outs[0][0], ref[0]) < 1e-5
+    assert sizes[0] < sizes[2] and sizes[1] < sizes[3]
+
+
 @pytest.mark.parametrize("c,cout,hw", [(40, 70, (7, 9)), (24, 16, (14, 14)), (300, 120, (1, 1))])
 def test_squeeze_excite_multiply_fused_into_the_next_1x1_conv(c, cout, hw):
     """x * gate read by a dense 1x1 conv only: on hosts where dense convs run output-channel blocks (AVX-512) the

@@ -320,6 +320,11 @@ def _act_s(act: str, x: str) -> str:
     return {"none": x, "relu": f"relus({x})", "relu6": f"relu6s({x})"}[act]
 
 
+def _ix(p: ConvPlan) -> str:
+    """The C type of a conv's kernel channel indices (ConvPlan.idx16)."""
+    return "unsigned short" if p.idx16 else "int"
+
+
 def conv_source(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
     """Wrapper ``op{k}`` plus (deduplicated) body ``convN``.
 
@@ -346,11 +351,12 @@ def conv_source(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
     if op.residual is not None:
         lines.append("  const float* res = B[d[2]];")
     if p.merged:
-        lines.append("  const int* mo = g_i + d[6]; const int* mc = g_i + d[7]; const float* mw = g_w + d[8]; "
-                     "const int* mwo = g_i + d[9];")
+        lines.append(f"  const int* mo = g_i + d[6]; const {_ix(p)}* mc = (const {_ix(p)}*)(g_i + d[7]); "
+                     "const float* mw = g_w + d[8]; const int* mwo = g_i + d[9];")
     else:
         for j in range(ns):
-            lines.append(f"  const int* st{j} = g_i + d[{6 + 3 * j}]; const int* ch{j} = g_i + d[{7 + 3 * j}]; "
+            lines.append(f"  const int* st{j} = g_i + d[{6 + 3 * j}]; "
+                         f"const {_ix(p)}* ch{j} = (const {_ix(p)}*)(g_i + d[{7 + 3 * j}]); "
                          f"const float* w{j} = g_w + d[{8 + 3 * j}];")
     # Whole rounds of images go one image per thread, all filters: a thread's activations stay in its own L2
     # from layer to layer (measured faster than filter lists over the batch on every CIFAR model at batch 8).
@@ -998,7 +1004,8 @@ def _packed1_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> st
          "  const int* tstart = g_i + d[4]; const int* flist = g_i + d[5];",
          f"  float* S = B[{plan.scratch_id}] + (long)tid * {cin * PS};"]
     if p.shapes:      # a 1x1 conv has one shape (the centre tap), none if every weight is zero
-        b.append("  const int* st = g_i + d[6]; const int* ch = g_i + d[7]; const float* w = g_w + d[8];")
+        b.append(f"  const int* st = g_i + d[6]; const {_ix(p)}* ch = (const {_ix(p)}*)(g_i + d[7]); "
+                 "const float* w = g_w + d[8];")
     if op.residual is not None:
         b.append("  const float* res = B[d[2]];")
     b += ["  const int Nf = N - N % nth;",

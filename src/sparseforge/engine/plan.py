@@ -131,6 +131,9 @@ class PlanOptions:
     # pointers, not per-shape arrays: with 8 shapes and ~3 kernels per (filter, block), the 24 per-shape
     # pointers spilled and each shape's run set-up cost about as much as its kernels
     merged_runs: bool = True
+    # channel indices of the kept kernels as 2-byte integers (inputs of at most 65536 channels): with a pattern
+    # kernel's 4 weights an index is 1/5 of the stream, with a 1x1 conv's 1 weight 1/2 (as int32)
+    index16: bool = True
     # 3x3 stride-2 convs at most this dense, on inputs of at least flat_tiled_min_bytes and outputs larger than
     # gather_max pixels: a phase split (space-to-depth) and a 2x2 stride-1 conv over it, flat-tiled (see lower).
     # Measured pattern 8x, b1, 2 threads, Xeon AVX-512: ResNet-50 at 224 layer2.0.conv2 780 -> 525 + 219 us (the
@@ -233,6 +236,15 @@ class Blob:
         self.i.append(a)
         self.ni += a.size
         return off
+
+    def add_u16(self, a) -> int:
+        """Values below 65536 as 2-byte integers, two per int of the blob (offset in ints; C reads them through an
+        ``unsigned short*``): channel indices stream beside every kept weight, so they are half the bytes."""
+        a = np.asarray(a, dtype=np.int64).ravel()
+        assert a.size == 0 or (a.min() >= 0 and a.max() < 65536), "add_u16: values out of range"
+        u = np.zeros(a.size + (a.size & 1) or 2, dtype=np.uint16)
+        u[:a.size] = a
+        return self.add_i(u.view(np.int32))
 
     def floats(self) -> np.ndarray:
         return np.concatenate(self.f) if self.f else np.zeros(1, np.float32)
@@ -357,6 +369,7 @@ class ConvPlan:
     # image's gate value (``in_scale``: the (C, 1, 1) gate); the multiply's own pass over the map is gone
     in_value: int = -1
     in_scale: int = -1
+    idx16: bool = False                  # kernel channel indices stored as 2-byte integers (PlanOptions.index16)
     blk_cnt_off: int = 0
     blk_ch_off: int = 0
     blk_kst_off: int = 0
@@ -592,6 +605,7 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     # runs stored in the order the threads walk them (position q in flist, not filter index): each thread then
     # streams its weights and channel indices sequentially, which the hardware prefetchers follow
     walk = np.array(flist if opts.runs_in_walk_order else range(o), dtype=np.int64)
+    p.idx16 = opts.index16 and in_shape[0] <= 65536
     if p.flat and opts.merged_runs:
         _merge_runs(p, per, walk, blob)
     for r in ([] if p.merged else per):
@@ -612,7 +626,8 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
             p.start_off.append(blob.add_i(np.concatenate([[0], np.cumsum(cnt)])))
         else:
             p.start_off.append(blob.add_i(np.concatenate([[0], np.cumsum(r.count[walk])])))
-        p.chan_off.append(blob.add_i(r.ch[idx] if len(idx) else [0]))
+        p.chan_off.append(blob.add_u16(r.ch[idx] if len(idx) else [0]) if p.idx16 else
+                          blob.add_i(r.ch[idx] if len(idx) else [0]))
         p.w_off.append(blob.add_f(r.w[idx].ravel() if len(idx) else [0.0]))
     p.tstart_off = blob.add_i(tstart)
     p.flist_off = blob.add_i(flist if flist else [0])
@@ -664,7 +679,7 @@ def _merge_runs(p: ConvPlan, per: list[KernelRuns], walk: np.ndarray, blob: Blob
     p.merged = True
     p.merged_off = blob.add_i(starts)
     p.merged_woff = blob.add_i(wcum[starts[:-1:ns]] if n_rs else [0])
-    p.merged_ch_off = blob.add_i(ch if len(ch) else [0])
+    p.merged_ch_off = (blob.add_u16 if p.idx16 else blob.add_i)(ch if len(ch) else [0])
     p.merged_w_off = blob.add_f(w if len(w) else [0.0])
 
 
