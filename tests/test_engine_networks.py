@@ -77,14 +77,14 @@ def test_squeeze_excite(gate, mean):
 def test_two_byte_channel_indices_change_no_result():
     """Kernel channel indices stored as 2-byte integers (PlanOptions.index16, the default) or as ints: the same
     kernels in the same order, so the outputs are bit-identical; every sparse mode that streams indices (flat,
-    flat-tiled with merged runs and channel blocks, direct, packed 1x1) and the blob is smaller."""
+    flat-tiled with merged runs and channel blocks, direct, packed 1x1, gather's filter lists); the blob is smaller."""
     from sparseforge import PatternConfig, prune
 
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 24, 3, 1, 1), nn.ReLU(), nn.Conv2d(24, 40, 3, 1, 1), nn.ReLU(),
                       nn.Conv2d(40, 40, 3, 2, 1), nn.ReLU(), nn.Conv2d(40, 72, 1), nn.ReLU(), nn.MaxPool2d(2),
                       nn.Conv2d(72, 80, 1), nn.ReLU(), nn.Conv2d(80, 64, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(2),
-                      nn.Conv2d(64, 48, 1), nn.ReLU(), nn.Conv2d(48, 32, 3, 1, 1), nn.ReLU(), nn.Conv2d(32, 8, 1)).eval()
+                      nn.Conv2d(64, 128, 1), nn.ReLU(), nn.Conv2d(128, 32, 3, 1, 1), nn.ReLU(), nn.Conv2d(32, 8, 1)).eval()
     prune(m, PatternConfig(num_patterns=8, connectivity=3.6, connectivity_1x1=8.0))
     x = torch.randn(2, 3, 44, 40)
     x[1, 0, 3, 3] = float("nan")
@@ -98,7 +98,7 @@ def test_two_byte_channel_indices_change_no_result():
             with torch.inference_mode():
                 outs.append(e(x))
             sizes.append(st.plan.blob.ints().nbytes)
-    assert {"flat-tiled", "direct", "packed1"} <= modes, modes
+    assert {"flat-tiled", "direct", "packed1", "gather"} <= modes, modes
     assert all(torch.equal(o.nan_to_num(), outs[0].nan_to_num()) and torch.equal(o.isnan(), outs[0].isnan())
                for o in outs)
     with torch.inference_mode():

@@ -913,7 +913,7 @@ def _gather_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines:
          f"  const int* cnt = g_i + d[{x0 + 3}]; const int* te = g_i + d[{x0 + 4}];"]
     if op.residual is not None:
         b.append("  const float* res = B[d[2]];")
-    b.append(f"  const int* ef = g_i + d[{x0 + 5}]; const float* ew = g_w + d[{x0 + 6}];")
+    b.append(f"  const {_ix(p)}* ef = (const {_ix(p)}*)(g_i + d[{x0 + 5}]); const float* ew = g_w + d[{x0 + 6}];")
     # whole rounds of images: one image per thread, every tile; the rest (batch 1) split by tiles. Every thread
     # packs its own copy: rows written by the other core would have to cross between L2s.
     b += ["  const int Nf = N - N % nth;",
@@ -940,7 +940,7 @@ def _gather_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines:
     b += [f"        memcpy(a + {v * G}, &bb, sizeof bb);" for v in range(PV)]
     b += ["      }",
           f"      const int* cn = cnt + (long)ti * {cin * ns};",
-          "      const int* fe = ef + te[2 * ti]; const float* we = ew + te[2 * ti + 1];"]
+          f"      const {_ix(p)}* fe = ef + te[2 * ti]; const float* we = ew + te[2 * ti + 1];"]
     b += [f"      for (int c = 0; c < {cin}; c++, cn += {ns}) {{",
           f"        const float* sc = sb + (long)c * {CF};"]
     for j, shape in enumerate(p.shapes):

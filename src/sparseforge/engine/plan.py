@@ -605,7 +605,7 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     # runs stored in the order the threads walk them (position q in flist, not filter index): each thread then
     # streams its weights and channel indices sequentially, which the hardware prefetchers follow
     walk = np.array(flist if opts.runs_in_walk_order else range(o), dtype=np.int64)
-    p.idx16 = opts.index16 and in_shape[0] <= 65536
+    p.idx16 = opts.index16 and max(in_shape[0], o) <= 65536      # (gather mode's lists index filters)
     if p.flat and opts.merged_runs:
         _merge_runs(p, per, walk, blob)
     for r in ([] if p.merged else per):
@@ -968,7 +968,7 @@ def _plan_gather(p: ConvPlan, per: list[KernelRuns], lists: list[list[int]], cin
     p.gather_fl_off = blob.add_i(fl or [0])
     p.gather_cnt_off = blob.add_i(np.concatenate(cnt) if cnt else [0])
     p.gather_te_off = blob.add_i(te or [0])
-    p.gather_ef_off = blob.add_i(np.concatenate(ef) if ne else [0])
+    p.gather_ef_off = (blob.add_u16 if p.idx16 else blob.add_i)(np.concatenate(ef) if ne else [0])
     p.gather_ew_off = blob.add_f(np.concatenate(ew) if nw else [0.0])
 
 
