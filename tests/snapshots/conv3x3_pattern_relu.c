@@ -167,7 +167,7 @@ BODY void conv0(OPARGS, const int* d) {
   const float* in = B[d[0]]; float* out = B[d[1]];
   const float* bias = g_w + d[3];
   const int* tstart = g_i + d[4]; const int* flist = g_i + d[5];
-  const int* mo = g_i + d[6]; const int* mc = g_i + d[7]; const float* mw = g_w + d[8]; const int* mwo = g_i + d[9];
+  const int* mo = g_i + d[6]; const unsigned short* mc = (const unsigned short*)(g_i + d[7]); const float* mw = g_w + d[8]; const int* mwo = g_i + d[9];
   const int Nf = N - N % nth;
   for (int n = 0; n < N; n++) {
     const int own = n < Nf;
@@ -513,7 +513,7 @@ typedef struct { float* const* B; int N; const float* g_w; const int* g_i; long 
 #endif
 
 
-static void op0(OPARGS) { conv0(B, N, tid, nth, g_w, g_i, g_i + 25); }
+static void op0(OPARGS) { conv0(B, N, tid, nth, g_w, g_i, g_i + 22); }
 
 void run_op0(float* const* B, int N, const float* g_w, const int* g_i) {
 #ifdef _OPENMP
