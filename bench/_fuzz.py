@@ -13,5 +13,5 @@ def resume_point(out: Path, first_seed: int, stats: dict, resume: bool) -> tuple
         prev = json.loads(out.read_text())
         if prev.get("first_seed") == first_seed and not prev.get("complete", True):
             print(f"resuming at seed {prev['next_seed']} ({prev['networks']} networks done)", flush=True)
-            return {k: prev[k] for k in stats}, prev["next_seed"], prev["seconds"]
+            return {k: prev.get(k, v) for k, v in stats.items()}, prev["next_seed"], prev["seconds"]
     return stats, first_seed, 0.0
