@@ -636,7 +636,7 @@ def _blocked_ochan_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str])
                   "      }"]
         b += ["    }", "  }"]
         return _register(k, p, plan, bodies, "\n".join(b), [], desc=desc)
-    b += ["#ifdef __AVX512F__"] + _ochan_vec_epilogue(op, li, lo, F, R, V, nv, accs) + ["#else"]
+    b += ["#ifdef __AVX512F__"] + _ochan_vec_epilogue(op, lo, F, R, V, nv, accs) + ["#else"]
     b += ["      " + " ".join(f"stg16(buf + {i * F + 16 * j}, {a}_{j});" for i, a in enumerate(accs) for j in range(nv)),
           f"      const int nf = {o} - fb * {F} < {F} ? {o} - fb * {F} : {F};",
           "      for (int f = 0; f < nf; f++) {",
@@ -657,7 +657,7 @@ def _blocked_ochan_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str])
     return _register(k, p, plan, bodies, "\n".join(b), [], desc=desc)
 
 
-def _ochan_vec_epilogue(op: ConvOp, li, lo, F: int, R: int, V: int, nv: int, accs: list[str]) -> list[str]:
+def _ochan_vec_epilogue(op: ConvOp, lo, F: int, R: int, V: int, nv: int, accs: list[str]) -> list[str]:
     """Output-channel blocks' epilogue on AVX-512: up to 16 pixels' filter vectors transposed in registers, then
     per filter one masked store per output row the pixels fall on (and the residual gathered the same way): the
     element-by-element copy through a buffer cost ~15-30% of a dense 1x1 conv's time on 7x7 and 14x14 maps,

@@ -359,7 +359,8 @@ class ConvPlan:
     # vectors along output channels instead of pixels: a block is blk_f = 16 filters x rows x vecs output
     # pixels, one accumulator per pixel; per (channel, tap) one aligned weight vector and a broadcast input
     # value per pixel, each value broadcast once for every tap that reads it. No shifted (cache-line-splitting)
-    # vector loads; the block goes to the planar output through a small buffer in the epilogue.
+    # vector loads; the epilogue transposes the block to the planar output (AVX-512: in registers, one masked
+    # store per filter and output row; else through a small buffer).
     blk_ochan: bool = False
     # ... over each 16-filter block's kept kernels only (channel_block 16 pruning): per block and tap shape a
     # kernel count, the kernels' channels, each block's first kernel and first weight
