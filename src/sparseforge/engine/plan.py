@@ -627,8 +627,7 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
             p.start_off.append(blob.add_i(np.concatenate([[0], np.cumsum(cnt)])))
         else:
             p.start_off.append(blob.add_i(np.concatenate([[0], np.cumsum(r.count[walk])])))
-        p.chan_off.append(blob.add_u16(r.ch[idx] if len(idx) else [0]) if p.idx16 else
-                          blob.add_i(r.ch[idx] if len(idx) else [0]))
+        p.chan_off.append((blob.add_u16 if p.idx16 else blob.add_i)(r.ch[idx] if len(idx) else [0]))
         p.w_off.append(blob.add_f(r.w[idx].ravel() if len(idx) else [0.0]))
     p.tstart_off = blob.add_i(tstart)
     p.flist_off = blob.add_i(flist if flist else [0])
@@ -1413,12 +1412,7 @@ def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto
                 rows, cols = np.nonzero(nz)
                 # up to 65536 inputs (VGG's 25088): 2-byte column indices, packed two per int of the blob
                 short = w.shape[1] <= 65536
-                if short:
-                    c16 = np.zeros(len(cols) + (len(cols) & 1) or 2, dtype=np.uint16)
-                    c16[:len(cols)] = cols
-                    col_off = blob.add_i(c16.view(np.int32))
-                else:
-                    col_off = blob.add_i(cols if len(cols) else [0])
+                col_off = (blob.add_u16 if short else blob.add_i)(cols if len(cols) else [0])
                 other[k] = {"csr": True, "rowptr_off": blob.add_i(np.concatenate([[0], np.cumsum(nz.sum(1))])),
                             "col_off": col_off, "col16": short,
                             "val_off": blob.add_f(w[rows, cols] if len(cols) else [0.0]),
