@@ -107,6 +107,51 @@ def test_two_byte_channel_indices_change_no_result():
     assert sizes[0] < sizes[2] and sizes[1] < sizes[3]
 
 
+@pytest.mark.parametrize("c,hw,act,residual", [(336, (14, 14), "relu", False), (20, (13, 15), "relu6", True),
+                                                (6, (7, 8), "none", False), (5, (40, 16), "relu", True),
+                                                (7, (3, 13), "none", True)])
+def test_depthwise_row_mode(c, hw, act, residual):
+    """Depthwise 3x3 stride-1 convs on maps 7-16 wide run one masked vector per output row on AVX-512 hosts
+    (ConvPlan.dwrow): bias, identity residual and activation in the epilogue, row blocks with a shorter last
+    one (40 rows), lanes past the width neither read nor written (a neighbouring value would show). A zero
+    weight times Inf is NaN as in PyTorch; the result equals direct mode's (dw_rows off) to rounding."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre, self.dw, self.bn = nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 3, 1, 1, groups=c), nn.BatchNorm2d(c)
+            self.act = {"relu": nn.ReLU(), "relu6": nn.ReLU6(), "none": nn.Identity()}[act]
+            self.post = nn.Conv2d(c, 4, 3, 1, 1)      # reads the output's border: it must stay zero
+
+        def forward(self, x):
+            x = self.pre(x)
+            y = self.bn(self.dw(x))
+            return self.post(self.act(y + x if residual else y))
+
+    torch.manual_seed(0)
+    m = Net().eval()
+    randomize_bn(m)
+    with torch.no_grad():
+        m.dw.weight[0, 0, 1, 1] = 0.0
+    x = torch.randn(3, c, *hw)
+    x[1, 0, 1, 2], x[2, c - 1, hw[0] - 1, hw[1] - 1] = float("nan"), float("inf")
+    outs = []
+    for opts in (PlanOptions(), PlanOptions(dw_rows=False)):
+        e, st = compile(m, x[:1], threads=2, plan_options=opts, return_stages=True)
+        modes = {cp.mode for cp in st.plan.convs.values()}
+        if opts.dw_rows and e.spec["options"]["wide"] and hw[1] > 6:
+            assert "dwrow" in modes, modes
+        elif not opts.dw_rows:
+            assert "dwrow" not in modes
+        with torch.inference_mode():
+            outs.append(e(x))
+    with torch.inference_mode():
+        ref = m(x)
+    for out in outs:
+        assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+        assert rel_err(out[0], ref[0]) < 1e-5
+    assert rel_err(outs[0][0], outs[1][0]) < 1e-6
+
+
 @pytest.mark.parametrize("c,cout,hw", [(40, 70, (7, 9)), (24, 16, (14, 14)), (300, 120, (1, 1))])
 def test_squeeze_excite_multiply_fused_into_the_next_1x1_conv(c, cout, hw):
     """x * gate read by a dense 1x1 conv only: on hosts where dense convs run output-channel blocks (AVX-512) the

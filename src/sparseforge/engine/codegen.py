@@ -1133,6 +1133,84 @@ def _flat_gemm_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> 
     return _register(k, p, plan, bodies, "\n".join(b), [], desc=desc)
 
 
+def _dwrow_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines: list[str]) -> str:
+    """Depthwise 3x3 stride-1 row mode (``ConvPlan.dwrow``, AVX-512): output row y of channel f is one vector
+    (8 lanes for maps 7-8 wide, else 16; lanes past the width are never stored), a block of ``rows`` of them in
+    registers. Each padded input row becomes three vectors shifted by a column (columns -1, 0, +1) and feeds
+    the up to three output rows whose taps reach it: 9 FMAs per output row, where direct mode loaded every tap
+    of two 8-lane vectors and stored the partial one element by element. Where a padded row starts a 64-byte
+    line (rows of 16 floats) the shifts are register rotations of aligned loads (a load shifted by a column
+    splits a cache line); else masked loads, which neither read nor fault past the row."""
+    op: ConvOp = p.op
+    li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
+    ho, wo, R = p.ho, p.wo, p.rows
+    L = 8 if wo <= 8 else 16
+    w = "256" if L == 8 else "512"
+    T_, BC_ = ("vf", "BC") if L == 8 else ("g16", "bcg16")
+    suffix = "" if L == 8 else "g16"
+    mask = f"{(1 << wo) - 1:#x}"
+    # the row's columns -1 .. wo (wo + 2 floats) in one aligned vector, or in two (8 lanes, maps 7-8 wide)
+    aligned = li.rs == 16 and li.plane % 16 == 0 and wo + 2 <= 2 * L and (L == 8 or wo + 2 <= L)
+    two = aligned and wo + 2 > L
+    b = list(lines)
+    b += ["      const float* wd = g_w + d[" + str(_extra_at(p)) + "];",
+          f"      const float* ic = ib + (long)f * {li.plane};",
+          "      const float* wf = wd + (long)f * 9;",
+          "#ifdef __AVX512F__",
+          f"      const {T_} bb = {BC_}(bias[f]);",
+          f"      const {T_} " + ", ".join(f"k{t} = {BC_}(wf[{t}])" for t in range(9)) + ";"]
+
+    def block(nr: int, y0: str) -> list[str]:
+        out = ["      {",
+               f"        const int y0 = {y0};",
+               f"        {T_} " + ", ".join(f"c{r} = bb" for r in range(nr)) + ";"]
+        for ir in range(nr + 2):       # padded input row y0 + ir: the map's row y0 + ir - 1 (or the border)
+            out += ["        {",
+                    f"          const float* rp = ic + (long)(y0 + {ir}) * {li.rs};"]
+            if aligned:
+                hi = f"_mm{w}_load_si{w}((const void*)(rp + {L}))" if two else f"_mm{w}_setzero_si{w}()"
+                out += [f"          const __m{w}i r_ = _mm{w}_load_si{w}((const void*)rp), h_ = {hi};",
+                        f"          const {T_} u0 = ({T_})r_, u1 = ({T_})_mm{w}_alignr_epi32(h_, r_, 1), "
+                        f"u2 = ({T_})_mm{w}_alignr_epi32(h_, r_, 2);"]
+            else:
+                out.append(f"          const {T_} u0 = ({T_})_mm{w}_maskz_loadu_ps({mask}, rp), "
+                           f"u1 = ({T_})_mm{w}_maskz_loadu_ps({mask}, rp + 1), "
+                           f"u2 = ({T_})_mm{w}_maskz_loadu_ps({mask}, rp + 2);")
+            for dy in range(3):
+                r = ir - dy
+                if 0 <= r < nr:
+                    out.append(f"          c{r} += k{3 * dy} * u0; c{r} += k{3 * dy + 1} * u1; c{r} += k{3 * dy + 2} * u2;")
+            out.append("        }")
+        for r in range(nr):
+            out += ["        {",
+                    f"          const long oo = (long)(y0 + {r + 1}) * {lo.rs} + 1;",
+                    f"          {T_} v = c{r};"]
+            if op.residual is not None:
+                out.append(f"          v += ({T_})_mm{w}_maskz_loadu_ps({mask}, rb + oo);")
+            out += [f"          v = {_act(op.act, 'v', suffix)};",
+                    f"          _mm{w}_mask_storeu_ps(ob + oo, {mask}, (__m{w})v);",
+                    "        }"]
+        out.append("      }")
+        return out
+
+    nfull, tail = divmod(ho, R)
+    b += [f"      for (int yb = 0; yb < {nfull}; yb++)"] + block(R, f"yb * {R}")
+    if tail:
+        b += block(tail, str(nfull * R))
+    b += ["#else",
+          f"      for (int y = 0; y < {ho}; y++) for (int x = 0; x < {wo}; x++) {{",
+          "        float a = bias[f];",
+          f"        for (int t = 0; t < 9; t++) a += wf[t] * ic[(long)(y + t / 3) * {li.rs} + x + t % 3];",
+          f"        const long oo = (long)(y + 1) * {lo.rs} + x + 1;"]
+    if op.residual is not None:
+        b.append("        a += rb[oo];")
+    b += [f"        ob[oo] = {_act_s(op.act, 'a')};",
+          "      }",
+          "#endif",
+          "    }",
+          "  }"]
+    return _register(k, p, plan, bodies, "\n".join(b), [p.dw_w_off])
+
 CONV_MODES = {
     "flat-gemm": lambda k, p, plan, bodies, lines, heads: _flat_gemm_conv(k, p, plan, bodies),
     "blocked": lambda k, p, plan, bodies, lines, heads: _blocked_conv(k, p, plan, bodies),
@@ -1140,6 +1218,7 @@ CONV_MODES = {
     "packed1": lambda k, p, plan, bodies, lines, heads: _packed1_conv(k, p, plan, bodies),
     "flat-tiled": lambda k, p, plan, bodies, lines, heads: _flat_tiled_conv(k, p, plan, bodies, lines, heads),
     "flat": lambda k, p, plan, bodies, lines, heads: _flat_conv(k, p, plan, bodies, lines),
+    "dwrow": lambda k, p, plan, bodies, lines, heads: _dwrow_conv(k, p, plan, bodies, lines),
 }
 
 

@@ -111,6 +111,11 @@ class PlanOptions:
     chan_affinity: bool = True
     fuse_blocks: bool = True          # fuse 1x1 expand -> 3x3 depthwise -> 1x1 project on small maps (BlockPlan)
     fuse_se_scale: bool = True        # squeeze-excite's x * gate into the next dense 1x1 conv (ConvPlan.in_scale)
+    # depthwise 3x3 stride-1 convs on maps 13-16 wide (AVX-512): one masked 16-lane vector per output row, a
+    # block of rows in registers, each input row loaded once for the (up to) three output rows it feeds
+    # (ConvPlan.dwrow). Direct mode ran these rows as two 8-lane vectors, a load per tap and a partial store
+    # element by element: RepGhostNet's 14x14 ones at ~26 GMAC/s against ~55 on 28x28 maps
+    dw_rows: bool = True
     fuse_bands: bool = True           # fuse 1x1 expand -> 3x3 depthwise on larger maps, in bands of rows (BandPlan)
     band_dense_min_bytes: int = 1 << 22   # ... dense expand convs too (F channels per step, dense weights) when the
                                       # expanded map is at least this large (dense MobileNetV2 at 224: the 5.5 MB
@@ -340,6 +345,10 @@ class ConvPlan:
     # packed 1x1 mode: the input's interiors are packed per image into dense rows of ho*wo pixels (16-lane
     # vectors, no border lanes) and every kept weight is one FMA per vector, accumulated in registers
     packed1: bool = False
+    # depthwise row mode (PlanOptions.dw_rows): ``rows`` output rows of one masked vector each per block, the 9
+    # weights of filter f dense at dw_w_off + 9 f (zeros included: PyTorch multiplies them too)
+    dwrow: bool = False
+    dw_w_off: int = 0
     gather_tile0_off: int = 0            # per thread: first tile (threads + 1 ints)
     gather_tf_off: int = 0               # per tile: first filter in gather_fl (tiles + 1 ints)
     gather_fl_off: int = 0               # filters, tile by tile
@@ -382,7 +391,10 @@ class ConvPlan:
 
     @property
     def mode(self) -> str:
-        """The kernel family codegen uses: flat-gemm, blocked, gather, packed1, flat-tiled, flat or direct (exclusive)."""
+        """The kernel family codegen uses: flat-gemm, blocked, gather, packed1, dwrow, flat-tiled, flat or direct
+        (exclusive)."""
+        if self.dwrow:
+            return "dwrow"
         if self.flat_gemm:
             return "flat-gemm"
         if self.blocked:
@@ -535,7 +547,13 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
         in_bytes >= opts.flat_tiled_min_bytes or (kh == 1 and kw == 1 and opts.flat_tiled_1x1))
     wide_kxk = (bool(opts.flat_wide_kxk_min_width) and wo >= opts.flat_wide_kxk_min_width and tiling
                 and lout is not None and lout.rs < 16 * opts.flat_tile_kxk)
-    if packed1:
+    if (opts.dw_rows and wide and depthwise and ig == 1 and not spatial and (kh, kw) == (3, 3) and op.stride == 1
+            and op.padding == 1 and op.tap_period == 1 and small_w(base_vec) < wo <= 16 and lin is not None
+            and lout is not None and (op.residual is None or op.res_kind == "identity")):
+        p.dwrow = True
+        p.rows, p.vecs = min(ho, 16), 1
+        p.dw_w_off = blob.add_f(np.ascontiguousarray(w9.reshape(o, 9), dtype=np.float32))
+    elif packed1:
         p.packed1 = True
         p.gather_vec = 8 if ho * wo <= 8 else 16
         p.gather_pv = math.ceil(ho * wo / p.gather_vec)
@@ -871,6 +889,11 @@ def _plan_blocked(op: ConvOp, in_shape, out_shape, blob: Blob, threads: int, lin
     in_bytes = 4 * lin.image
     p.block_outer = in_bytes >= opts.block_outer_ratio * 4 * wpad.size
     p.spatial = threads > 1 and p.block_outer and ho >= 2 * threads * R
+    if not p.spatial:
+        # batch 1 splits filter blocks in contiguous runs (_blocked_head): which thread wrote each channel, for
+        # a depthwise conv or element-wise op that reads it next (RepGhostNet's dense 1x1 -> depthwise 3x3
+        # pairs otherwise sent half of every map across cores)
+        p.thread_of = [t for t in range(threads) for _ in range(nb * t // threads * F, nb * (t + 1) // threads * F)][:o]
     p.kernels = kernels
     p.taps = int(work.sum())
     p.flops = 2 * o * cin * kk * ho * wo          # every weight is multiplied, zero or not
