@@ -107,25 +107,29 @@ def test_two_byte_channel_indices_change_no_result():
     assert sizes[0] < sizes[2] and sizes[1] < sizes[3]
 
 
-@pytest.mark.parametrize("c,hw,act,residual", [(336, (14, 14), "relu", False), (20, (13, 15), "relu6", True),
-                                                (6, (7, 8), "none", False), (5, (40, 16), "relu", True),
-                                                (7, (3, 13), "none", True)])
-def test_depthwise_row_mode(c, hw, act, residual):
-    """Depthwise 3x3 stride-1 convs on maps 7-16 wide run one masked vector per output row on AVX-512 hosts
-    (ConvPlan.dwrow): bias, identity residual and activation in the epilogue, row blocks with a shorter last
-    one (40 rows), lanes past the width neither read nor written (a neighbouring value would show). A zero
-    weight times Inf is NaN as in PyTorch; the result equals direct mode's (dw_rows off) to rounding."""
+@pytest.mark.parametrize("c,hw,k,s,act,residual", [(336, (14, 14), 3, 1, "relu", False),
+                                                   (20, (13, 15), 3, 1, "relu6", True), (6, (7, 8), 3, 1, "none", False),
+                                                   (5, (40, 16), 3, 1, "relu", True), (7, (3, 13), 3, 1, "none", True),
+                                                   (24, (14, 14), 5, 2, "relu", False), (5, (57, 45), 5, 2, "none", False),
+                                                   (4, (112, 112), 3, 2, "relu6", False), (3, (27, 9), 5, 2, "relu", True)])
+def test_depthwise_row_mode(c, hw, k, s, act, residual):
+    """Depthwise convs in row mode on AVX-512 hosts (ConvPlan.dwrow: 3x3 stride 1 on maps 7-16 wide, 3x3 and 5x5
+    stride 2 in chunks of 14 output columns, the 5x5 ones without a phase split): bias, identity residual and
+    activation in the epilogue, row blocks with a shorter last one, padding rows and columns skipped or masked,
+    lanes past the width neither read nor written (the next conv reads the output's border). A zero weight
+    times Inf is NaN as in PyTorch; the result equals the other modes' (dw_rows off) to rounding."""
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.pre, self.dw, self.bn = nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 3, 1, 1, groups=c), nn.BatchNorm2d(c)
+            self.pre, self.bn = nn.Conv2d(c, c, 1), nn.BatchNorm2d(c)
+            self.dw = nn.Conv2d(c, c, k, s, k // 2, groups=c)
             self.act = {"relu": nn.ReLU(), "relu6": nn.ReLU6(), "none": nn.Identity()}[act]
             self.post = nn.Conv2d(c, 4, 3, 1, 1)      # reads the output's border: it must stay zero
 
         def forward(self, x):
             x = self.pre(x)
             y = self.bn(self.dw(x))
-            return self.post(self.act(y + x if residual else y))
+            return self.post(self.act(y + x[:, :, ::s, ::s] if residual else y))
 
     torch.manual_seed(0)
     m = Net().eval()
@@ -138,7 +142,7 @@ def test_depthwise_row_mode(c, hw, act, residual):
     for opts in (PlanOptions(), PlanOptions(dw_rows=False)):
         e, st = compile(m, x[:1], threads=2, plan_options=opts, return_stages=True)
         modes = {cp.mode for cp in st.plan.convs.values()}
-        if opts.dw_rows and e.spec["options"]["wide"] and hw[1] > 6:
+        if opts.dw_rows and e.spec["options"]["wide"] and (hw[1] > 6 or s == 2):
             assert "dwrow" in modes, modes
         elif not opts.dw_rows:
             assert "dwrow" not in modes

@@ -13,7 +13,7 @@ import dataclasses
 import math
 
 from .ir import ConcatOp, ConvOp, EltwiseOp, FlattenOp, GapOp, LinearOp, PhaseOp, PoolOp
-from .plan import BandPlan, BlockPlan, ConvPlan, Plan, PlanOptions
+from .plan import DW_CHUNK, BandPlan, BlockPlan, ConvPlan, Plan, PlanOptions
 
 @dataclasses.dataclass(frozen=True)
 class VecISA:
@@ -1134,73 +1134,123 @@ def _flat_gemm_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> 
 
 
 def _dwrow_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines: list[str]) -> str:
-    """Depthwise 3x3 stride-1 row mode (``ConvPlan.dwrow``, AVX-512): output row y of channel f is one vector
-    (8 lanes for maps 7-8 wide, else 16; lanes past the width are never stored), a block of ``rows`` of them in
-    registers. Each padded input row becomes three vectors shifted by a column (columns -1, 0, +1) and feeds
-    the up to three output rows whose taps reach it: 9 FMAs per output row, where direct mode loaded every tap
-    of two 8-lane vectors and stored the partial one element by element. Where a padded row starts a 64-byte
-    line (rows of 16 floats) the shifts are register rotations of aligned loads (a load shifted by a column
-    splits a cache line); else masked loads, which neither read nor fault past the row."""
+    """Depthwise row mode (``ConvPlan.dwrow``, AVX-512): output rows as vectors (lanes past the width are never
+    stored), a block of ``rows`` of them in registers, and each input row is formed once into the k vectors its
+    k column taps read, which feed every output row of the block that row reaches.
+
+    Stride 1 (3x3, maps <= 16 wide; 8 lanes for maps 7-8 wide, else 16): the three column shifts of a padded
+    row; where the row starts a 64-byte line (rows of 16 floats) they are register rotations of aligned loads
+    (a load shifted by a column splits a cache line), else masked loads, which neither read nor fault past the
+    row. Direct mode loaded every tap of two 8-lane vectors and stored the partial one element by element.
+    Stride 2 (3x3 or 5x5): rows in chunks of 14 output columns; per chunk two masked loads (lanes outside the map
+    zero: the padding) and one two-source permutation per column tap (lane x <- column 2x + dx - p), so a 5x5
+    stride-2 conv needs no phase split (a copy of its whole input) and a 3x3 one no load pair per tap."""
     op: ConvOp = p.op
     li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
     ho, wo, R = p.ho, p.wo, p.rows
-    L = 8 if wo <= 8 else 16
+    K, S, P = op.weight.shape[2], op.stride, op.padding
+    _, H, W = li.shape
+    L = 8 if wo <= 8 and S == 1 else 16
+    CW = wo if S == 1 else DW_CHUNK               # output columns per vector
+    V = -(-wo // CW)
     w = "256" if L == 8 else "512"
     T_, BC_ = ("vf", "BC") if L == 8 else ("g16", "bcg16")
     suffix = "" if L == 8 else "g16"
-    mask = f"{(1 << wo) - 1:#x}"
-    # the row's columns -1 .. wo (wo + 2 floats) in one aligned vector, or in two (8 lanes, maps 7-8 wide)
-    aligned = li.rs == 16 and li.plane % 16 == 0 and wo + 2 <= 2 * L and (L == 8 or wo + 2 <= L)
+    omask = [f"{(1 << min(CW, wo - CW * v)) - 1:#x}" for v in range(V)]
+    # stride 1: the row's columns -1 .. wo (wo + 2 floats) in one aligned vector, or in two (8 lanes, 7-8 wide)
+    aligned = S == 1 and li.rs == 16 and li.plane % 16 == 0 and wo + 2 <= 2 * L and (L == 8 or wo + 2 <= L)
     two = aligned and wo + 2 > L
+    off = 1 - P                      # padded index of column -P (the first a row's taps read)
     b = list(lines)
     b += ["      const float* wd = g_w + d[" + str(_extra_at(p)) + "];",
           f"      const float* ic = ib + (long)f * {li.plane};",
-          "      const float* wf = wd + (long)f * 9;",
+          f"      const float* wf = wd + (long)f * {K * K};",
           "#ifdef __AVX512F__",
-          f"      const {T_} bb = {BC_}(bias[f]);",
-          f"      const {T_} " + ", ".join(f"k{t} = {BC_}(wf[{t}])" for t in range(9)) + ";"]
+          f"      const {T_} bb = {BC_}(bias[f]);"]
+    if S == 1:
+        b.append(f"      const {T_} " + ", ".join(f"k{t} = {BC_}(wf[{t}])" for t in range(9)) + ";")
+    else:
+        b += [f"      const __m512i x{dx} = _mm512_set_epi32({', '.join(str(min(2 * x + dx, 31)) for x in reversed(range(16)))});"
+              for dx in range(K)]
 
-    def block(nr: int, y0: str) -> list[str]:
-        out = ["      {",
-               f"        const int y0 = {y0};",
-               f"        {T_} " + ", ".join(f"c{r} = bb" for r in range(nr)) + ";"]
-        for ir in range(nr + 2):       # padded input row y0 + ir: the map's row y0 + ir - 1 (or the border)
-            out += ["        {",
-                    f"          const float* rp = ic + (long)(y0 + {ir}) * {li.rs};"]
-            if aligned:
-                hi = f"_mm{w}_load_si{w}((const void*)(rp + {L}))" if two else f"_mm{w}_setzero_si{w}()"
-                out += [f"          const __m{w}i r_ = _mm{w}_load_si{w}((const void*)rp), h_ = {hi};",
-                        f"          const {T_} u0 = ({T_})r_, u1 = ({T_})_mm{w}_alignr_epi32(h_, r_, 1), "
-                        f"u2 = ({T_})_mm{w}_alignr_epi32(h_, r_, 2);"]
-            else:
-                out.append(f"          const {T_} u0 = ({T_})_mm{w}_maskz_loadu_ps({mask}, rp), "
-                           f"u1 = ({T_})_mm{w}_maskz_loadu_ps({mask}, rp + 1), "
-                           f"u2 = ({T_})_mm{w}_maskz_loadu_ps({mask}, rp + 2);")
-            for dy in range(3):
-                r = ir - dy
-                if 0 <= r < nr:
-                    out.append(f"          c{r} += k{3 * dy} * u0; c{r} += k{3 * dy + 1} * u1; c{r} += k{3 * dy + 2} * u2;")
-            out.append("        }")
+    def row_vectors(ir_expr: str, v: int) -> list[str]:
+        """The K (stride 2) or 3 vectors u0.. of chunk v of the padded row ir_expr."""
+        out = [f"          const float* rp = ic + (long)({ir_expr}) * {li.rs};"]
+        if S == 2:
+            # lanes j of the two loads hold padded indices o + j and o + 16 + j; data columns are 1 .. W
+            o = off + 2 * CW * v
+            ma = sum(1 << j for j in range(16) if 1 <= o + j <= W)
+            mb = sum(1 << j for j in range(16) if 1 <= o + 16 + j <= W)
+            out.append(f"          const __m512 a_ = _mm512_maskz_loadu_ps({ma:#x}, rp + {o}), "
+                       + (f"b_ = _mm512_maskz_loadu_ps({mb:#x}, rp + {o + 16});" if mb else "b_ = _mm512_setzero_ps();"))
+            out += [f"          const g16 u{dx} = (g16)_mm512_permutex2var_ps(a_, x{dx}, b_);" for dx in range(K)]
+        elif aligned:
+            hi = f"_mm{w}_load_si{w}((const void*)(rp + {L}))" if two else f"_mm{w}_setzero_si{w}()"
+            out += [f"          const __m{w}i r_ = _mm{w}_load_si{w}((const void*)rp), h_ = {hi};",
+                    f"          const {T_} u0 = ({T_})r_, u1 = ({T_})_mm{w}_alignr_epi32(h_, r_, 1), "
+                    f"u2 = ({T_})_mm{w}_alignr_epi32(h_, r_, 2);"]
+        else:
+            m = omask[0]
+            out.append(f"          const {T_} u0 = ({T_})_mm{w}_maskz_loadu_ps({m}, rp), "
+                       f"u1 = ({T_})_mm{w}_maskz_loadu_ps({m}, rp + 1), "
+                       f"u2 = ({T_})_mm{w}_maskz_loadu_ps({m}, rp + 2);")
+        return out
+
+    def block(nr: int, y0: int | None) -> list[str]:
+        """nr output rows from y0 (None: the loop's, ``yb * R``, whose input rows all lie in the padded plane);
+        from a static y0, input rows in the padding past the plane's one-row border are skipped (zeros)."""
+        out = ["      {"]
+        if y0 is not None:
+            out.append(f"        const int y0 = {y0};")
+        out.append(f"        {T_} " + ", ".join(f"c{r}_{v} = bb" for r in range(nr) for v in range(V)) + ";")
+        # input row i (relative to row y0*S - P) feeds output row r through kernel row dy = i - S*r
+        for i in range(S * (nr - 1) + K):
+            if y0 is not None and not -1 <= S * y0 - P + i <= H:
+                continue
+            uses = [(r, i - S * r) for r in range(nr) if 0 <= i - S * r < K]
+            for v in range(V):
+                out.append("        {")
+                out += row_vectors(f"y0 * {S} + {i + off}", v)
+                wt = (lambda t: f"k{t}") if S == 1 else (lambda t: f"bcg16(wf[{t}])")
+                for r, dy in uses:
+                    out.append("          " + " ".join(f"c{r}_{v} += {wt(dy * K + dx)} * u{dx};" for dx in range(K)))
+                out.append("        }")
         for r in range(nr):
-            out += ["        {",
-                    f"          const long oo = (long)(y0 + {r + 1}) * {lo.rs} + 1;",
-                    f"          {T_} v = c{r};"]
-            if op.residual is not None:
-                out.append(f"          v += ({T_})_mm{w}_maskz_loadu_ps({mask}, rb + oo);")
-            out += [f"          v = {_act(op.act, 'v', suffix)};",
-                    f"          _mm{w}_mask_storeu_ps(ob + oo, {mask}, (__m{w})v);",
-                    "        }"]
+            for v in range(V):
+                out += ["        {",
+                        f"          const long oo = (long)(y0 + {r + 1}) * {lo.rs} + {1 + CW * v};",
+                        f"          {T_} v = c{r}_{v};"]
+                if op.residual is not None:
+                    out.append(f"          v += ({T_})_mm{w}_maskz_loadu_ps({omask[v]}, rb + oo);")
+                out += [f"          v = {_act(op.act, 'v', suffix)};",
+                        f"          _mm{w}_mask_storeu_ps(ob + oo, {omask[v]}, (__m{w})v);",
+                        "        }"]
         out.append("      }")
         return out
 
-    nfull, tail = divmod(ho, R)
-    b += [f"      for (int yb = 0; yb < {nfull}; yb++)"] + block(R, f"yb * {R}")
-    if tail:
-        b += block(tail, str(nfull * R))
+    # blocks whose input rows all lie in the padded plane run in a loop; the others (stride 2's first and last,
+    # a shorter last one) unrolled, skipping the rows past the border
+    blocks = [(y0, min(R, ho - y0)) for y0 in range(0, ho, R)]
+    loopable = [nr == R and S * y0 - P >= -1 and S * (y0 + nr - 1) - P + K - 1 <= H for y0, nr in blocks]
+    j = 0
+    while j < len(blocks):
+        if loopable[j]:
+            e = j
+            while e < len(blocks) and loopable[e]:
+                e += 1
+            b += [f"      for (int yb = {j}; yb < {e}; yb++) {{", f"        const int y0 = yb * {R};"]
+            b += block(R, None) + ["      }"]
+            j = e
+        else:
+            b += block(blocks[j][1], blocks[j][0])
+            j += 1
     b += ["#else",
           f"      for (int y = 0; y < {ho}; y++) for (int x = 0; x < {wo}; x++) {{",
           "        float a = bias[f];",
-          f"        for (int t = 0; t < 9; t++) a += wf[t] * ic[(long)(y + t / 3) * {li.rs} + x + t % 3];",
+          f"        for (int t = 0; t < {K * K}; t++) {{",
+          f"          const int iy = y * {S} + t / {K} - {P}, ix = x * {S} + t % {K} - {P};",
+          f"          if (iy >= 0 && iy < {H} && ix >= 0 && ix < {W}) a += wf[t] * ic[(long)(iy + 1) * {li.rs} + ix + 1];",
+          "        }",
           f"        const long oo = (long)(y + 1) * {lo.rs} + x + 1;"]
     if op.residual is not None:
         b.append("        a += rb[oo];")

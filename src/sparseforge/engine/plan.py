@@ -116,6 +116,9 @@ class PlanOptions:
     # (ConvPlan.dwrow). Direct mode ran these rows as two 8-lane vectors, a load per tap and a partial store
     # element by element: RepGhostNet's 14x14 ones at ~26 GMAC/s against ~55 on 28x28 maps
     dw_rows: bool = True
+    # ... and depthwise 3x3 / 5x5 stride-2 convs with outputs at most this wide, in chunks of DW_CHUNK columns
+    # (a 5x5 one then needs no phase split: RepGhostNet's 14x14 -> 7x7 ones 37 + 12 us -> 17 us)
+    dw_rows_s2_max_width: int = 64
     fuse_bands: bool = True           # fuse 1x1 expand -> 3x3 depthwise on larger maps, in bands of rows (BandPlan)
     band_dense_min_bytes: int = 1 << 22   # ... dense expand convs too (F channels per step, dense weights) when the
                                       # expanded map is at least this large (dense MobileNetV2 at 224: the 5.5 MB
@@ -547,12 +550,12 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
         in_bytes >= opts.flat_tiled_min_bytes or (kh == 1 and kw == 1 and opts.flat_tiled_1x1))
     wide_kxk = (bool(opts.flat_wide_kxk_min_width) and wo >= opts.flat_wide_kxk_min_width and tiling
                 and lout is not None and lout.rs < 16 * opts.flat_tile_kxk)
-    if (opts.dw_rows and wide and depthwise and ig == 1 and not spatial and (kh, kw) == (3, 3) and op.stride == 1
-            and op.padding == 1 and op.tap_period == 1 and small_w(base_vec) < wo <= 16 and lin is not None
-            and lout is not None and (op.residual is None or op.res_kind == "identity")):
-        p.dwrow = True
-        p.rows, p.vecs = min(ho, 16), 1
-        p.dw_w_off = blob.add_f(np.ascontiguousarray(w9.reshape(o, 9), dtype=np.float32))
+    if (lin is not None and lout is not None and dw_rows_ok(op, in_shape[0], wo, opts, base_vec, wide)
+            and (op.stride == 2 or not spatial)):
+        p.dwrow, p.spatial = True, False
+        p.rows = min(ho, 16) if op.stride == 1 else max(1, min(ho, 8 // -(-wo // DW_CHUNK)))
+        p.vecs = 1
+        p.dw_w_off = blob.add_f(np.ascontiguousarray(w9.reshape(o, kh * kw), dtype=np.float32))
     elif packed1:
         p.packed1 = True
         p.gather_vec = 8 if ho * wo <= 8 else 16
@@ -699,6 +702,22 @@ def _merge_runs(p: ConvPlan, per: list[KernelRuns], walk: np.ndarray, blob: Blob
     p.merged_woff = blob.add_i(wcum[starts[:-1:ns]] if n_rs else [0])
     p.merged_ch_off = (blob.add_u16 if p.idx16 else blob.add_i)(ch if len(ch) else [0])
     p.merged_w_off = blob.add_f(w if len(w) else [0.0])
+
+
+DW_CHUNK = 14        # output columns per vector of a stride-2 depthwise row (lane x reads columns up to 2x + 4 < 32)
+
+
+def dw_rows_ok(op: ConvOp, cin: int, wo: int, opts: PlanOptions, vec: int, wide: bool) -> bool:
+    """Whether depthwise row mode (ConvPlan.dwrow) runs ``op``: a depthwise (one channel per filter) k x k conv
+    with "same" padding on AVX-512, 3x3 stride 1 on maps small_w < wo <= 16, or 3x3 / 5x5 stride 2 with outputs
+    at most dw_rows_s2_max_width wide. ``lower`` leaves those 5x5 ones unsplit."""
+    o, ig, kh, kw = op.weight.shape
+    if not (opts.dw_rows and wide and op.groups == cin == o and ig == 1 and kh == kw and op.padding == kh // 2
+            and op.tap_period == 1 and (op.residual is None or op.res_kind == "identity")):
+        return False
+    if op.stride == 1:
+        return kh == 3 and small_w(vec) < wo <= 16
+    return op.stride == 2 and kh in (3, 5) and wo <= opts.dw_rows_s2_max_width
 
 
 def filter_group(codes: np.ndarray, own_taps: int, taps_all: tuple[int, ...], max_group: int, waste: float,
@@ -1223,7 +1242,9 @@ def lower(graph: Graph, opts: PlanOptions = DEFAULT_OPTIONS, vec: int = VEC, wid
               and 4 * math.prod(values[op.inputs[0]].shape) >= opts.flat_tiled_min_bytes
               and torch.count_nonzero(op.weight).item() <= opts.phase_s2_max_density * op.weight.numel()
               and not (_ochan(opts, vec, wide) and _blocks_share_kernels(op.weight, opts)))
-        if isinstance(op, ConvOp) and (s2 or op.padding > 1 or (op.stride > 1 and op.weight.shape[2] > 3)):
+        dwrow = (isinstance(op, ConvOp) and len(values[op.inputs[0]].shape) == 3
+                 and dw_rows_ok(op, values[op.inputs[0]].shape[0], values[op.output].shape[2], opts, vec, wide))
+        if isinstance(op, ConvOp) and not dwrow and (s2 or op.padding > 1 or (op.stride > 1 and op.weight.shape[2] > 3)):
             s, pd = op.stride, op.padding
             w = op.weight
             o, ig, k, _ = w.shape
