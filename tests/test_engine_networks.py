@@ -110,11 +110,13 @@ def test_two_byte_channel_indices_change_no_result():
 @pytest.mark.parametrize("c,hw,k,s,act,residual", [(336, (14, 14), 3, 1, "relu", False),
                                                    (20, (13, 15), 3, 1, "relu6", True), (6, (7, 8), 3, 1, "none", False),
                                                    (5, (40, 16), 3, 1, "relu", True), (7, (3, 13), 3, 1, "none", True),
+                                                   (4, (33, 45), 3, 1, "relu6", True), (3, (112, 112), 3, 1, "none", False),
                                                    (24, (14, 14), 5, 2, "relu", False), (5, (57, 45), 5, 2, "none", False),
                                                    (4, (112, 112), 3, 2, "relu6", False), (3, (27, 9), 5, 2, "relu", True)])
 def test_depthwise_row_mode(c, hw, k, s, act, residual):
-    """Depthwise convs in row mode on AVX-512 hosts (ConvPlan.dwrow: 3x3 stride 1 on maps 7-16 wide, 3x3 and 5x5
-    stride 2 in chunks of 14 output columns, the 5x5 ones without a phase split): bias, identity residual and
+    """Depthwise convs in row mode on AVX-512 hosts (ConvPlan.dwrow: 3x3 stride 1 on maps > 6 wide, in chunks of
+    16 columns past 16; 3x3 and 5x5 stride 2 in chunks of 14 output columns, the 5x5 ones without a phase
+    split): bias, identity residual and
     activation in the epilogue, row blocks with a shorter last one, padding rows and columns skipped or masked,
     lanes past the width neither read nor written (the next conv reads the output's border). A zero weight
     times Inf is NaN as in PyTorch; the result equals the other modes' (dw_rows off) to rounding."""

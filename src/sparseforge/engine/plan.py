@@ -116,6 +116,7 @@ class PlanOptions:
     # (ConvPlan.dwrow). Direct mode ran these rows as two 8-lane vectors, a load per tap and a partial store
     # element by element: RepGhostNet's 14x14 ones at ~26 GMAC/s against ~55 on 28x28 maps
     dw_rows: bool = True
+    dw_rows_s1_max_width: int = 256   # ... stride 1 on maps at most this wide (> 16: rows in chunks of 16 columns)
     # ... and depthwise 3x3 / 5x5 stride-2 convs with outputs at most this wide, in chunks of DW_CHUNK columns
     # (a 5x5 one then needs no phase split: RepGhostNet's 14x14 -> 7x7 ones 37 + 12 us -> 17 us)
     dw_rows_s2_max_width: int = 64
@@ -553,7 +554,8 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     if (lin is not None and lout is not None and dw_rows_ok(op, in_shape[0], wo, opts, base_vec, wide)
             and (op.stride == 2 or not spatial)):
         p.dwrow, p.spatial = True, False
-        p.rows = min(ho, 16) if op.stride == 1 else max(1, min(ho, 8 // -(-wo // DW_CHUNK)))
+        p.rows = (max(1, min(ho, 16 // -(-wo // 16))) if op.stride == 1 else
+                  max(1, min(ho, 8 // -(-wo // DW_CHUNK))))
         p.vecs = 1
         p.dw_w_off = blob.add_f(np.ascontiguousarray(w9.reshape(o, kh * kw), dtype=np.float32))
     elif packed1:
@@ -716,7 +718,7 @@ def dw_rows_ok(op: ConvOp, cin: int, wo: int, opts: PlanOptions, vec: int, wide:
             and op.tap_period == 1 and (op.residual is None or op.res_kind == "identity")):
         return False
     if op.stride == 1:
-        return kh == 3 and small_w(vec) < wo <= 16
+        return kh == 3 and small_w(vec) < wo <= opts.dw_rows_s1_max_width
     return op.stride == 2 and kh in (3, 5) and wo <= opts.dw_rows_s2_max_width
 
 
