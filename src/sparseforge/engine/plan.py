@@ -111,10 +111,10 @@ class PlanOptions:
     chan_affinity: bool = True
     fuse_blocks: bool = True          # fuse 1x1 expand -> 3x3 depthwise -> 1x1 project on small maps (BlockPlan)
     fuse_se_scale: bool = True        # squeeze-excite's x * gate into the next dense 1x1 conv (ConvPlan.in_scale)
-    # depthwise 3x3 stride-1 convs on maps 13-16 wide (AVX-512): one masked 16-lane vector per output row, a
-    # block of rows in registers, each input row loaded once for the (up to) three output rows it feeds
-    # (ConvPlan.dwrow). Direct mode ran these rows as two 8-lane vectors, a load per tap and a partial store
-    # element by element: RepGhostNet's 14x14 ones at ~26 GMAC/s against ~55 on 28x28 maps
+    # depthwise 3x3 stride-1 convs on maps > small_w wide (AVX-512): output rows as masked vectors, a block of
+    # rows in registers, each input row loaded once for the (up to) three output rows it feeds (ConvPlan.dwrow).
+    # Direct mode ran a 14-wide row as two 8-lane vectors, a load per tap and a partial store element by element:
+    # RepGhostNet's 14x14 ones at ~26 GMAC/s against ~55 on 28x28 maps; one thread 14x14x336 30.6 -> 14.4 us
     dw_rows: bool = True
     dw_rows_s1_max_width: int = 256   # ... stride 1 on maps at most this wide (> 16: rows in chunks of 16 columns)
     # ... and depthwise 3x3 / 5x5 stride-2 convs with outputs at most this wide, in chunks of DW_CHUNK columns
@@ -349,8 +349,8 @@ class ConvPlan:
     # packed 1x1 mode: the input's interiors are packed per image into dense rows of ho*wo pixels (16-lane
     # vectors, no border lanes) and every kept weight is one FMA per vector, accumulated in registers
     packed1: bool = False
-    # depthwise row mode (PlanOptions.dw_rows): ``rows`` output rows of one masked vector each per block, the 9
-    # weights of filter f dense at dw_w_off + 9 f (zeros included: PyTorch multiplies them too)
+    # depthwise row mode (PlanOptions.dw_rows): blocks of ``rows`` output rows, each row masked vectors; the k*k
+    # weights of filter f dense at dw_w_off + k*k f (zeros included: PyTorch multiplies them too)
     dwrow: bool = False
     dw_w_off: int = 0
     gather_tile0_off: int = 0            # per thread: first tile (threads + 1 ints)
@@ -711,8 +711,9 @@ DW_CHUNK = 14        # output columns per vector of a stride-2 depthwise row (la
 
 def dw_rows_ok(op: ConvOp, cin: int, wo: int, opts: PlanOptions, vec: int, wide: bool) -> bool:
     """Whether depthwise row mode (ConvPlan.dwrow) runs ``op``: a depthwise (one channel per filter) k x k conv
-    with "same" padding on AVX-512, 3x3 stride 1 on maps small_w < wo <= 16, or 3x3 / 5x5 stride 2 with outputs
-    at most dw_rows_s2_max_width wide. ``lower`` leaves those 5x5 ones unsplit."""
+    with "same" padding on AVX-512: 3x3 stride 1 on maps small_w < wo <= dw_rows_s1_max_width, 3x3 / 5x5 stride 2
+    with outputs at most dw_rows_s2_max_width wide. ``lower`` leaves those 5x5 ones unsplit (plan_conv must then
+    take them: direct mode reads at most a one-pixel border)."""
     o, ig, kh, kw = op.weight.shape
     if not (opts.dw_rows and wide and op.groups == cin == o and ig == 1 and kh == kw and op.padding == kh // 2
             and op.tap_period == 1 and (op.residual is None or op.res_kind == "identity")):
