@@ -207,7 +207,7 @@ class InvertedResidual(nn.Module):
     def __init__(self, cin, exp, cout, stride, act, se, k=3):
         super().__init__()
         layers = [ConvBNAct(cin, exp, 1, act=act)] if exp != cin else []
-        layers.append(ConvBNAct(exp, exp, k, stride, groups=exp, act=act))   # k = 5: phase-lowered when s = 2
+        layers.append(ConvBNAct(exp, exp, k, stride, groups=exp, act=act))   # 5x5 s2: row mode or a phase split
         if se:
             layers.append(SqueezeExcite(exp, max(1, exp // 4), se, mean=exp % 2 == 1))
         layers += [nn.Conv2d(exp, cout, 1, bias=False), nn.BatchNorm2d(cout)]
