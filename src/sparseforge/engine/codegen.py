@@ -1138,12 +1138,11 @@ def _dwrow_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines: 
     stored), a block of ``rows`` of them in registers, and each input row is formed once into the k vectors its
     k column taps read, which feed every output row of the block that row reaches.
 
-    Stride 1 (3x3; 8 lanes for maps 7-8 wide, else 16): the three column shifts of a padded row; where the row
-    starts a 64-byte line (rows of 16 floats) they are register rotations of aligned loads (a load shifted by a
-    column splits a cache line), else masked loads, which neither read nor fault past the row. Wider maps in
-    chunks of 16 columns, each two loads (the second masked at the row's end) and two rotations. Direct mode
-    loaded every tap (or shifted every aligned vector) per output vector and stored partial vectors element by
-    element.
+    Stride 1 (3x3; 8 lanes for maps 7-8 wide, else 16; wider maps in chunks of 16 columns): the three column
+    shifts of a padded row are register rotations of two loads per chunk (a load shifted by a column would
+    split a cache line on rows of 16 floats), masked at the row's end, which neither read nor fault past it.
+    Direct mode loaded every tap (or shifted every aligned vector) per output vector and stored partial vectors
+    element by element.
     Stride 2 (3x3 or 5x5): rows in chunks of 14 output columns; per chunk two masked loads (lanes outside the map
     zero: the padding) and one two-source permutation per column tap (lane x <- column 2x + dx - p), so a 5x5
     stride-2 conv needs no phase split (a copy of its whole input) and a 3x3 one no load pair per tap."""
@@ -1153,15 +1152,12 @@ def _dwrow_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines: 
     K, S, P = op.weight.shape[2], op.stride, op.padding
     _, H, W = li.shape
     L = 8 if wo <= 8 and S == 1 else 16
-    CW = (wo if wo <= 16 else 16) if S == 1 else DW_CHUNK      # output columns per vector
+    CW = L if S == 1 else DW_CHUNK      # output columns per vector
     V = -(-wo // CW)
     w = "256" if L == 8 else "512"
     T_, BC_ = ("vf", "BC") if L == 8 else ("g16", "bcg16")
     suffix = "" if L == 8 else "g16"
     omask = [f"{(1 << min(CW, wo - CW * v)) - 1:#x}" for v in range(V)]
-    # stride 1: the row's columns -1 .. wo (wo + 2 floats) in one aligned vector, or in two (8 lanes, 7-8 wide)
-    aligned = S == 1 and li.rs == 16 and li.plane % 16 == 0 and wo + 2 <= 2 * L and (L == 8 or wo + 2 <= L)
-    two = aligned and wo + 2 > L
     off = 1 - P                      # padded index of column -P (the first a row's taps read)
     b = list(lines)
     b += ["      const float* wd = g_w + d[" + str(_extra_at(p)) + "];",
@@ -1176,7 +1172,7 @@ def _dwrow_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines: 
               for dx in range(K)]
 
     def row_vectors(ir_expr: str, v: int) -> list[str]:
-        """The K (stride 2) or 3 vectors u0.. of chunk v of the padded row ir_expr."""
+        """The K (stride 2) or 3 (stride 1) vectors u0.. of chunk v of the padded row ir_expr."""
         out = [f"          const float* rp = ic + (long)({ir_expr}) * {li.rs};"]
         if S == 2:
             # lanes j of the two loads hold padded indices o + j and o + 16 + j; data columns are 1 .. W
@@ -1186,27 +1182,18 @@ def _dwrow_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines: 
             out.append(f"          const __m512 a_ = _mm512_maskz_loadu_ps({ma:#x}, rp + {o}), "
                        + (f"b_ = _mm512_maskz_loadu_ps({mb:#x}, rp + {o + 16});" if mb else "b_ = _mm512_setzero_ps();"))
             out += [f"          const g16 u{dx} = (g16)_mm512_permutex2var_ps(a_, x{dx}, b_);" for dx in range(K)]
-        elif V > 1:
-            # chunk v: columns 16v - 1 .. 16v + 16 from two loads (padded indices o + j, o + 16 + j), rotated
-            o = 16 * v
-            ma = sum(1 << j for j in range(16) if o + j <= wo + 1)
-            mb = sum(1 << j for j in range(16) if o + 16 + j <= wo + 1)
-            la = "_mm512_loadu_si512((const void*)(rp + %d))" % o if ma == 0xFFFF else \
-                f"_mm512_maskz_loadu_epi32({ma:#x}, rp + {o})"
-            lb = f"_mm512_maskz_loadu_epi32({mb:#x}, rp + {o + 16})" if mb else "_mm512_setzero_si512()"
-            out += [f"          const __m512i r_ = {la}, h_ = {lb};",
-                    "          const g16 u0 = (g16)r_, u1 = (g16)_mm512_alignr_epi32(h_, r_, 1), "
-                    "u2 = (g16)_mm512_alignr_epi32(h_, r_, 2);"]
-        elif aligned:
-            hi = f"_mm{w}_load_si{w}((const void*)(rp + {L}))" if two else f"_mm{w}_setzero_si{w}()"
-            out += [f"          const __m{w}i r_ = _mm{w}_load_si{w}((const void*)rp), h_ = {hi};",
+        else:
+            # chunk v: columns Lv - 1 .. Lv + L from two loads (padded indices o + j, o + L + j), masked past the
+            # row's right border (nothing read past a plane), rotated by one and two columns in registers
+            o = L * v
+            ma = sum(1 << j for j in range(L) if o + j <= wo + 1)
+            mb = sum(1 << j for j in range(L) if o + L + j <= wo + 1)
+            la = (f"_mm{w}_loadu_si{w}((const void*)(rp + {o}))" if ma == (1 << L) - 1 else
+                  f"_mm{w}_maskz_loadu_epi32({ma:#x}, rp + {o})")
+            lb = f"_mm{w}_maskz_loadu_epi32({mb:#x}, rp + {o + L})" if mb else f"_mm{w}_setzero_si{w}()"
+            out += [f"          const __m{w}i r_ = {la}, h_ = {lb};",
                     f"          const {T_} u0 = ({T_})r_, u1 = ({T_})_mm{w}_alignr_epi32(h_, r_, 1), "
                     f"u2 = ({T_})_mm{w}_alignr_epi32(h_, r_, 2);"]
-        else:
-            m = omask[0]
-            out.append(f"          const {T_} u0 = ({T_})_mm{w}_maskz_loadu_ps({m}, rp), "
-                       f"u1 = ({T_})_mm{w}_maskz_loadu_ps({m}, rp + 1), "
-                       f"u2 = ({T_})_mm{w}_maskz_loadu_ps({m}, rp + 2);")
         return out
 
     def block(nr: int, y0: int | None) -> list[str]:
