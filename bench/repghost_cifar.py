@@ -107,6 +107,9 @@ def cmd_measure(a: argparse.Namespace) -> None:
         if sess is not None:
             xn = x.numpy()
             fns[f"{arm}/onnxruntime-fp32"] = (lambda s: lambda: s.run(None, {"input": xn}))(sess)
+    if not arms:
+        sys.exit(f"repghost_cifar measure: no trained model in {out}; run `python bench/repghost_cifar.py train` first "
+                 "(or pass --out to the directory that holds them)")
     lat = measure(fns, runs=a.runs)
     for arm in arms:
         arms[arm]["latency"] = {k.split("/", 1)[1]: v for k, v in lat.items() if k.startswith(arm + "/")}
