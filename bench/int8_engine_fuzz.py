@@ -78,6 +78,7 @@ def main() -> None:
             print(f"seed {seed}: mismatch in {bad or 'outputs'}: {' | '.join(desc)}", flush=True)
         st["networks"] += 1
         st["native_convs"] += len(e.plans)
+        st["narrow_convs"] = st.get("narrow_convs", 0) + sum("-lane quads" in e.native[k].what for k in e.plans)
         st["native_other_ops"] = st.get("native_other_ops", 0) + len(e.native) - len(e.plans)
         st["reference_ops"] += len(ops) - len(e.native)
         if st["networks"] % 100 == 0:

@@ -301,6 +301,45 @@ def test_int8_engine_is_exact_where_byte_pairs_would_saturate_int16(isa):
     assert torch.equal(e(x), qm(x))
 
 
+def test_int8_engine_tiny_maps_in_narrow_quads_are_exact():
+    """Maps whose run covers at most 8 positions (flat positions include the junk columns: 2x2 runs 6, 2x3 8, 3x1
+    7, 1x1 and 1x4 at most 4; 3x2 runs 10 and stays 16-lane) run their quads in xmm / ymm vectors on VNNI hosts,
+    with residual adds, dense layers (filter pairs sharing quads), 1 and 2 threads, batch 1 and 3: the integers
+    are the reference's and the 16-lane path's."""
+    from sparseforge.engine.int8 import Int8Engine
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(6, 24, 3, padding=1)
+            self.b = nn.Conv2d(24, 24, 3, padding=1)
+            self.c = nn.Conv2d(24, 24, 3, padding=1)
+            self.d = nn.Conv2d(24, 10, 1)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x))
+            return self.d(torch.relu(self.c(torch.relu(self.b(y))) + y))
+
+    for hw, pattern, narrow in (((2, 2), True, True), ((1, 1), False, True), ((2, 3), True, True),
+                                ((3, 1), False, True), ((1, 4), True, True), ((3, 2), True, False)):
+        torch.manual_seed(hw[0] * 10 + hw[1])
+        m = Net().eval()
+        if pattern:
+            sf.prune(m, sf.PatternConfig(num_patterns=8, connectivity=2.0, prune_first_conv=True))
+        for batch in (1, 3):
+            x = torch.randn(batch, 6, *hw)
+            qm = sf.quantize(m, sf.Int8Config(calibration="minmax"), _calibration(x))
+            for threads in (1, 2):
+                e, e16 = Int8Engine(qm, threads=threads), Int8Engine(qm, threads=threads, narrow_tiles=False)
+                env_ref, env, env16 = run_int(qm.qgraph, x, keep=True), e.run(x, keep=True), e16.run(x, keep=True)
+                for k in e.plans:
+                    v = qm.qgraph.graph.ops[k].output
+                    assert torch.equal(env[v], env_ref[v]) and torch.equal(env16[v], env_ref[v]), (hw, batch, threads)
+                if e.kernel == "AVX512-VNNI":
+                    assert sum("-lane quads" in e.native[k].what for k in e.plans) == narrow * len(e.plans), e.summary()
+                    assert not any("-lane quads" in e16.native[k].what for k in e16.plans)
+
+
 def test_int8_engine_serves_concurrent_callers_one_at_a_time():
     """Two Python threads calling one int8 engine each get their own exact answer (the engine's byte planes are
     shared: without the engine's lock they overwrote each other silently)."""

@@ -165,6 +165,13 @@ static void pack(const uint8_t* in, int q, const int32_t* qoff, int p0, int np, 
 }
 
 #ifdef SF_VNNI
+/* acc += x (unsigned bytes) . w (signed bytes), in place: gcc 12 copies the accumulator of the intrinsic into a new
+   register at every step of a chain (a register move on the chain's critical path) */
+#define SF_DP(acc, x, w) ((acc) = _mm512_dpbusd_epi32((acc), (x), (w)))
+#define SF_DP128(acc, x, w) ((acc) = _mm_dpbusd_epi32((acc), (x), (w)))
+#define SF_DP256(acc, x, w) ((acc) = _mm256_dpbusd_epi32((acc), (x), (w)))
+#endif
+#ifdef SF_VNNI
 /* one filter's kept quads over NV vectors of 16 positions: one vpdpbusd (64 multiply-adds) per quad and vector */
 /* Small tiles (NV < 4) take CH interleaved partial sums per vector, added at the end (exact: wrapping int32):
    one chain per vector would wait on vpdpbusd's latency at every entry (a 2x2 map: 1 vector, ~140 entries) */
@@ -184,18 +191,47 @@ static inline __attribute__((always_inline)) void accumulate(__m512i* a, const i
         const uint8_t* q = Q + (size_t)eq[e + c] * 64 * NV;
         for (int v = 0; v < NV && v < 3; v++) {
           __m512i x = _mm512_loadu_si512((const void*)(q + 64 * v));
-          if (c == 0) a[v] = _mm512_dpbusd_epi32(a[v], x, w4);
-          else s[c - 1][v] = _mm512_dpbusd_epi32(s[c - 1][v], x, w4);
+          if (c == 0) SF_DP(a[v], x, w4);
+          else SF_DP(s[c - 1][v], x, w4);
         }
       }
     }
   for (; e < e1; e++) {
     __m512i w4 = _mm512_set1_epi32(ew[e]);
     const uint8_t* q = Q + (size_t)eq[e] * 64 * NV;
-    for (int v = 0; v < NV; v++) a[v] = _mm512_dpbusd_epi32(a[v], _mm512_loadu_si512((const void*)(q + 64 * v)), w4);
+    for (int v = 0; v < NV; v++) SF_DP(a[v], _mm512_loadu_si512((const void*)(q + 64 * v)), w4);
   }
   for (int c = 0; c < ch - 1; c++)
     for (int v = 0; v < NV && v < 3; v++) a[v] = _mm512_add_epi32(a[v], s[c][v]);
+}
+
+/* a tile of at most 4 (LW = 4) or 8 (LW = 8) positions -- a 2x2 map, a 3x3 one: one xmm / ymm vector per quad,
+   quads LW * 4 bytes apart. A zmm there spends 12 of 16 lanes (and 48 of 64 loaded bytes) on nothing; Zen 4 issues
+   two narrow vpdpbusd per cycle against one zmm, and the packed quads take a quarter of the cache. CH chains
+   (see accumulate); the sum lands zero-extended in a[0] for the 16-lane epilogue (its masks drop lanes >= np). */
+static inline __attribute__((always_inline)) void accumulate_n(__m512i* a, const int LW, int e0, int e1,
+                                                              const int32_t* eq, const int32_t* ew, const uint8_t* Q) {
+  enum { CH = 4 };
+  int e = e0;
+  if (LW == 4) {
+    __m128i s[CH];
+    for (int c = 0; c < CH; c++) s[c] = _mm_setzero_si128();
+    for (; e + CH <= e1; e += CH)
+      for (int c = 0; c < CH; c++)
+        SF_DP128(s[c], _mm_loadu_si128((const __m128i*)(Q + (size_t)eq[e + c] * 16)), _mm_set1_epi32(ew[e + c]));
+    for (; e < e1; e++)
+      SF_DP128(s[0], _mm_loadu_si128((const __m128i*)(Q + (size_t)eq[e] * 16)), _mm_set1_epi32(ew[e]));
+    a[0] = _mm512_zextsi128_si512(_mm_add_epi32(_mm_add_epi32(s[0], s[1]), _mm_add_epi32(s[2], s[3])));
+  } else {
+    __m256i s[CH];
+    for (int c = 0; c < CH; c++) s[c] = _mm256_setzero_si256();
+    for (; e + CH <= e1; e += CH)
+      for (int c = 0; c < CH; c++)
+        SF_DP256(s[c], _mm256_loadu_si256((const __m256i*)(Q + (size_t)eq[e + c] * 32)), _mm256_set1_epi32(ew[e + c]));
+    for (; e < e1; e++)
+      SF_DP256(s[0], _mm256_loadu_si256((const __m256i*)(Q + (size_t)eq[e] * 32)), _mm256_set1_epi32(ew[e]));
+    a[0] = _mm512_zextsi256_si512(_mm256_add_epi32(_mm256_add_epi32(s[0], s[1]), _mm256_add_epi32(s[2], s[3])));
+  }
 }
 
 /* two filters with the same quads (dense layers, channel_block pruning): each quad vector is loaded once for
@@ -210,10 +246,10 @@ static inline __attribute__((always_inline)) void accumulate2(__m512i* a, __m512
     for (; e + 2 <= e1; e += 2) {
       __m512i x0 = _mm512_loadu_si512((const void*)(Q + (size_t)eq[e] * 64));
       __m512i x1 = _mm512_loadu_si512((const void*)(Q + (size_t)eq[e + 1] * 64));
-      a[0] = _mm512_dpbusd_epi32(a[0], x0, _mm512_set1_epi32(ew[e]));
-      b[0] = _mm512_dpbusd_epi32(b[0], x0, _mm512_set1_epi32(ew[e + d]));
-      a1 = _mm512_dpbusd_epi32(a1, x1, _mm512_set1_epi32(ew[e + 1]));
-      b1 = _mm512_dpbusd_epi32(b1, x1, _mm512_set1_epi32(ew[e + 1 + d]));
+      SF_DP(a[0], x0, _mm512_set1_epi32(ew[e]));
+      SF_DP(b[0], x0, _mm512_set1_epi32(ew[e + d]));
+      SF_DP(a1, x1, _mm512_set1_epi32(ew[e + 1]));
+      SF_DP(b1, x1, _mm512_set1_epi32(ew[e + 1 + d]));
     }
     a[0] = _mm512_add_epi32(a[0], a1); b[0] = _mm512_add_epi32(b[0], b1);
   }
@@ -222,8 +258,8 @@ static inline __attribute__((always_inline)) void accumulate2(__m512i* a, __m512
     const uint8_t* q = Q + (size_t)eq[e] * 64 * NV;
     for (int v = 0; v < NV; v++) {
       __m512i x = _mm512_loadu_si512((const void*)(q + 64 * v));
-      a[v] = _mm512_dpbusd_epi32(a[v], x, w4);
-      b[v] = _mm512_dpbusd_epi32(b[v], x, u4);
+      SF_DP(a[v], x, w4);
+      SF_DP(b[v], x, u4);
     }
   }
 }
@@ -322,7 +358,7 @@ void sf_conv_q8(const uint8_t* in, int nq, const int32_t* qoff, int ho, int wo, 
                 int nu, const int32_t* uf, const int32_t* fbeg, const int32_t* eq, const int32_t* ew, const int32_t* bias,
                 const float* mult, const uint8_t* res, int rsigned, int rrs, int rplane, int rstride, int rc0,
                 int rcn, float rmult, int lo, int hi, uint8_t* out, int ors, int oplane, const int32_t* qpat,
-                const uint8_t* qidx, int dense, uint8_t* Q, int tid, int nth) {
+                const uint8_t* qidx, int dense, int narrow, uint8_t* Q, int tid, int nth) {
   int flat = stride == 1 && !dense;
   const int nvt = (ho * wo + 15) / 16;
   int P = flat ? (ho - 1) * rs + wo : ho * wo;     /* positions to run */
@@ -337,8 +373,16 @@ void sf_conv_q8(const uint8_t* in, int nq, const int32_t* qoff, int ho, int wo, 
     const int p0 = tile * TP;
     int np = P - p0 < TP ? P - p0 : TP;
     int npv = (np + 15) & ~15;
+#ifdef SF_VNNI
+    const int nar = narrow ? (np <= 4 ? 4 : 8) : 16;   /* lanes per quad vector (narrow: a map of <= 8 positions) */
+#else
+    const int nar = 16;
+#endif
     if (packed != tile) {
-      for (int q = 0; q < nq; q++) pack(in, q, qoff, p0, npv, wo, stride, rs, flat, (uint8_t)xr, Q, qpat, qidx, nvt);
+      /* narrow tiles store quads nar * 4 bytes apart; a pack writing whole 64-byte vectors spills into the next
+         quads' slots, which are packed after it (and the scratch has slack past the last) */
+      const int pk = nar < 16 ? nar : npv;
+      for (int q = 0; q < nq; q++) pack(in, q, qoff, p0, pk, wo, stride, rs, flat, (uint8_t)xr, Q, qpat, qidx, nvt);
       packed = tile;
     }
 #ifdef SF_VNNI
@@ -371,7 +415,10 @@ void sf_conv_q8(const uint8_t* in, int nq, const int32_t* qoff, int ho, int wo, 
       int f = uf[u], two = uf[u + 1] - f == 2, d = two ? fbeg[f + 1] - fbeg[f] : 0;
 #define SF_ACC(NV) (two ? accumulate2(acc2[0], acc2[1], NV, fbeg[f], fbeg[f + 1], d, eq, ew, Q) \
                         : accumulate(acc2[0], NV, fbeg[f], fbeg[f + 1], eq, ew, Q))
-      switch (npv / 16) {
+      if (nar < 16) {
+        accumulate_n(acc2[0], nar, fbeg[f], fbeg[f + 1], eq, ew, Q);
+        if (two) accumulate_n(acc2[1], nar, fbeg[f + 1], fbeg[f + 2], eq, ew, Q);
+      } else switch (npv / 16) {
         case 1: SF_ACC(1); break;
         case 2: SF_ACC(2); break;
         case 3: SF_ACC(3); break;
@@ -416,24 +463,25 @@ void sf_conv_q8(const uint8_t* in, int nq, const int32_t* qoff, int ho, int wo, 
           for (int v = 0; v < npv / 16; v++) {
             const int pb = p0 + 16 * v;
             __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a[v], bf)), m);
+            /* the vector's positions [pb, pe) by output row: row yy holds [yy * wo, (yy + 1) * wo); lane j is
+               position pb + j, at column pb + j - yy * wo (one division per vector, none per segment) */
+            const int pe = pb + 16 < PD ? pb + 16 : PD, y0 = pb / wo;
             if (has_r) {
               __m128i rv = _mm_setzero_si128();
-              for (int i0 = 0; i0 < 16 && pb + i0 < PD;) {
-                const int yy = (pb + i0) / wo, xx = (pb + i0) % wo;
-                int len = wo - xx; if (len > 16 - i0) len = 16 - i0; if (len > PD - pb - i0) len = PD - pb - i0;
-                rv = _mm_mask_loadu_epi8(rv, (__mmask16)(((1u << len) - 1) << i0), rb + (size_t)(yy + 1) * rrs + xx + 1 - i0);
-                i0 += len;
+              for (int yy = y0; yy * wo < pe; yy++) {
+                const int s0 = yy * wo > pb ? yy * wo : pb, s1 = (yy + 1) * wo < pe ? (yy + 1) * wo : pe;
+                rv = _mm_mask_loadu_epi8(rv, (__mmask16)(((1u << (s1 - s0)) - 1) << (s0 - pb)),
+                                         rb + (size_t)(yy + 1) * rrs + 1 + pb - yy * wo);
               }
               __m512i ri = rsigned ? _mm512_cvtepi8_epi32(rv) : _mm512_cvtepu8_epi32(rv);
               y = _mm512_add_ps(y, _mm512_mul_ps(_mm512_cvtepi32_ps(ri), rm));
             }
             y = _mm512_min_ps(_mm512_max_ps(y, flo), fhi);
             const __m128i o8 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(y));
-            for (int i0 = 0; i0 < 16 && pb + i0 < PD;) {
-              const int yy = (pb + i0) / wo, xx = (pb + i0) % wo;
-              int len = wo - xx; if (len > 16 - i0) len = 16 - i0; if (len > PD - pb - i0) len = PD - pb - i0;
-              _mm_mask_storeu_epi8(ob + (size_t)(yy + 1) * ors + xx + 1 - i0, (__mmask16)(((1u << len) - 1) << i0), o8);
-              i0 += len;
+            for (int yy = y0; yy * wo < pe; yy++) {
+              const int s0 = yy * wo > pb ? yy * wo : pb, s1 = (yy + 1) * wo < pe ? (yy + 1) * wo : pe;
+              _mm_mask_storeu_epi8(ob + (size_t)(yy + 1) * ors + 1 + pb - yy * wo,
+                                   (__mmask16)(((1u << (s1 - s0)) - 1) << (s0 - pb)), o8);
             }
           }
         } else {
@@ -810,11 +858,13 @@ class Int8Engine:
     its values become int32 tensors. The planes and the scratch belong to the engine: concurrent callers are
     served one call at a time."""
 
-    def __init__(self, qm: QuantizedModel, threads: int = 1, portable: bool = False, isa: str | None = None):
+    def __init__(self, qm: QuantizedModel, threads: int = 1, portable: bool = False, isa: str | None = None,
+                 narrow_tiles: bool = True):
         if not isinstance(qm, QuantizedModel):
             raise SparseforgeError("Int8Engine takes a QuantizedModel: sf.quantize(model, sf.Int8Config(), "
                                    "calibration=batches)")
         self.qm, self.threads = qm, max(1, int(threads))
+        self.narrow_tiles = bool(narrow_tiles)
         qg = qm.qgraph
         g = qg.graph
         float_vals = {op.output for op, q in zip(g.ops, qg.qops) if q.float_out}
@@ -954,11 +1004,14 @@ class Int8Engine:
             rargs = [int(P[op.residual].signed), gr.rs, gr.plane, op.res_stride if pad else 1,
                      op.res_pad_before if pad else 0, gr.c]
             b = S(op.residual)
+        # a map of at most 8 positions runs in xmm / ymm quads (see accumulate_n): the kernel's own test
+        npos = (go.h - 1) * gin.rs + go.w if op.stride == 1 and not p.dense else go.h * go.w
+        narrow = self.narrow_tiles and self.kernel == "AVX512-VNNI" and npos <= 8
         ints = [p.quads, go.h, go.w, op.stride, gin.rs, p.xr, len(p.uf) - 1, *rargs, q.lo, q.hi, go.rs, go.plane,
-                int(p.dense)]
+                int(p.dense), int(narrow)]
         d = make_op(K_CONV, S(op.inputs[0]), b, S(op.output), [], chw, ints, (p.rmult, 0.0),
                     [p.qoff, p.uf, p.fbeg, p.eq, p.ew, p.bias, p.mult, p.qpat, p.qidx])
-        dense = ", dense positions" if p.dense else ""
+        dense = (", dense positions" if p.dense else "") + (f", {4 if npos <= 4 else 8}-lane quads" if narrow else "")
         return _Native(f"{what}int8 kernel ({p.quads} quads, {p.entries} quad products per position{dense})", pre + [d],
                        [p], ins + ([op.residual] if op.residual is not None else []))
 

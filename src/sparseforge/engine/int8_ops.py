@@ -528,7 +528,7 @@ static void q8_body(sf_ctx* cx, int tid_, int nth0) {
                      (const int32_t*)o->p[2], (const int32_t*)o->p[3], (const int32_t*)o->p[4],
                      (const int32_t*)o->p[5], (const float*)o->p[6], B, I[7], I[8], I[9], I[10], I[11], I[12],
                      o->f[0], I[13], I[14], O, I[15], I[16], (const int32_t*)o->p[7], (const uint8_t*)o->p[8], I[17],
-                     Q, tid, nth);
+                     I[18], Q, tid, nth);
           break;
         case @K_DW@: q8_dw(o, A, O, tid, nth); break;
         case @K_MAXPOOL@: q8_pool(o, A, O, tid, nth, 0); break;
