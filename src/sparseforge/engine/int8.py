@@ -913,7 +913,9 @@ class Int8Engine:
                       + [3 * (self.geom[op.inputs[0]].c + 64) for op in g.ops if isinstance(op, LinearOp)] + [1])
         # scratch per thread: a conv's packed quads, a linear layer's gathered input (and, AVX2, as int16)
         self._qstride = (scratch + 127) // 64 * 64
-        self._Q = np.zeros(self._qstride * self.threads + 64, np.uint8)
+        # 64-byte aligned (numpy gives 16): a packed quad vector is one cache line, not two halves of two
+        q = np.zeros(self._qstride * self.threads + 64, np.uint8)
+        self._Q = q[(-q.ctypes.data) % 64:][:self._qstride * self.threads]
         # buffers per batch size, reused across calls (values are single-assignment: a value read later in the
         # same call is never overwritten); a returned integer tensor is always a copy
         self._bufs: dict[int, tuple[list, object, object]] = {}
@@ -1142,7 +1144,8 @@ class Int8Engine:
                 gm = self.geom.get(vid)
                 if gm is None:
                     continue
-                arrs[j] = np.zeros((n, gm.nbytes), np.uint8)     # zeroed once: ops write interiors only
+                a = np.zeros(n * gm.nbytes + 64, np.uint8)        # zeroed once: ops write interiors only
+                arrs[j] = a[(-a.ctypes.data) % 64:][:n * gm.nbytes].reshape(n, gm.nbytes)   # 64-byte aligned
                 ptrs[j] = arrs[j].ctypes.data
                 strides[j] = gm.nbytes
             got = self._bufs[n] = (arrs, ptrs, strides)
