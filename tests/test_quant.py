@@ -357,6 +357,34 @@ def test_int8_engine_scratch_and_planes_are_cache_line_aligned():
             assert arrs and all(a.ctypes.data % 64 == 0 for a in arrs)
 
 
+def test_int8_engine_quantizes_its_input_like_the_reference():
+    """The engine quantizes the float input in C: NaN as 0, +-inf and huge values clamped, exact halves rounded to
+    even, signed and unsigned inputs, batches of 1-3, one-row maps -- the reference's bytes."""
+    from sparseforge.engine.int8 import Int8Engine
+    from sparseforge.engine.quant import quantize_input
+
+    g = torch.Generator().manual_seed(0)
+    signs = set()
+    for model, shape in ((nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()), (2, 3, 5, 6)),
+                         (nn.Sequential(nn.ReLU(), nn.Conv2d(3, 4, 3, padding=1)), (1, 3, 4, 4)),
+                         (nn.Sequential(nn.Conv2d(2, 4, 1), nn.Flatten(), nn.Linear(4 * 9, 3)), (3, 2, 1, 9))):
+        model = model.eval()
+        x = torch.randn(shape, generator=g)
+        if shape[0] == 3:
+            x = x.abs()                  # a non-negative input: unsigned bytes
+        qm = sf.quantize(model, sf.Int8Config(calibration="minmax"), [x])
+        gin = qm.qgraph.graph.inputs[0]
+        signs.add(qm.qgraph.params[gin].signed)
+        p = qm.qgraph.params[gin]
+        flat = x.reshape(-1)
+        flat[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 3e38, -3e38, 0.0])
+        flat[6:12] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 7.5]) * p.scale   # ties, where the division is exact
+        e = Int8Engine(qm, threads=1)
+        env = e.run(x, keep=True)
+        assert torch.equal(env[gin].to(torch.int32), quantize_input(x, p)), (shape, p.signed)
+    assert signs == {True, False}
+
+
 def test_int8_engine_serves_concurrent_callers_one_at_a_time():
     """Two Python threads calling one int8 engine each get their own exact answer (the engine's byte planes are
     shared: without the engine's lock they overwrote each other silently)."""
