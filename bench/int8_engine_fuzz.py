@@ -68,7 +68,10 @@ def main() -> None:
         except sf.errors.SparseforgeError:
             st["refused"] += 1
             continue
-        e = Int8Engine(qm, threads=1 + seed % 2, isa=a.isa)
+        # 1-3 threads; half the networks split every single-tile conv's quads over the threads (by default only
+        # the big ones are: split_quads_min), so the split path meets every op shape the generator makes
+        e = Int8Engine(qm, threads=(1, 2, 2, 3)[seed % 4], isa=a.isa,
+                       **({"split_quads_min": 1} if seed % 8 >= 4 else {}))
         kernel = e.kernel
         ref, got = run_int(qm.qgraph, x, keep=True), e.run(x, keep=True)
         ops = qm.qgraph.graph.ops
@@ -79,6 +82,7 @@ def main() -> None:
         st["networks"] += 1
         st["native_convs"] += len(e.plans)
         st["narrow_convs"] = st.get("narrow_convs", 0) + sum("-lane quads" in e.native[k].what for k in e.plans)
+        st["split_convs"] = st.get("split_convs", 0) + sum("quads split" in e.native[k].what for k in e.plans)
         st["native_other_ops"] = st.get("native_other_ops", 0) + len(e.native) - len(e.plans)
         st["reference_ops"] += len(ops) - len(e.native)
         if st["networks"] % 100 == 0:

@@ -377,7 +377,8 @@ void sf_conv_q8(const uint8_t* in, int nq, const int32_t* qoff, int ho, int wo, 
                 int nu, const int32_t* uf, const int32_t* fbeg, const int32_t* eq, const int32_t* ew, const int32_t* bias,
                 const float* mult, const uint8_t* res, int rsigned, int rrs, int rplane, int rstride, int rc0,
                 int rcn, float rmult, int lo, int hi, uint8_t* out, int ors, int oplane, const int32_t* qpat,
-                const uint8_t* qidx, int dense, int narrow, uint8_t* Q, int tid, int nth) {
+                const uint8_t* qidx, int dense, int narrow, const int32_t* qsplit, int qsn, int64_t qstride,
+                void (*sync)(void*, int), void* sctx, int img, uint8_t* Q, int tid, int nth) {
   int flat = stride == 1 && !dense;
   const int nvt = (ho * wo + 15) / 16;
   int P = flat ? (ho - 1) * rs + wo : ho * wo;     /* positions to run */
@@ -397,10 +398,49 @@ void sf_conv_q8(const uint8_t* in, int nq, const int32_t* qoff, int ho, int wo, 
 #else
     const int nar = 16;
 #endif
+    /* narrow tiles store quads nar * 4 bytes apart; a pack writing whole 64-byte vectors spills into the next
+       quads' slots, which are packed after it (and the scratch has slack past the last) */
+    const int pk = nar < 16 ? nar : npv;
+#ifdef SF_VNNI
+    /* split quads (a map of one tile on the qsn threads it was planned for): thread t packs only the quads
+       [qsb[t], qsb[t + 1]) and adds up, for every filter, the entries that read them (each filter's entries are
+       sorted by quad: fsp[f * (nth + 1) + t] ..) into partial sums in its own scratch; after a barrier each thread
+       adds the nth partials of its filters. Without the split every thread packed every quad. */
+    const int split = qsn == nth && nth > 1 && ntiles == 1;
+    const int NVp = nar < 16 ? 1 : npv / 16;
+    /* two partial buffers, by image parity: the op's next image (no barrier between a stretch's images) rewrites
+       the other one, and this one again only after the next image's barrier, which every reader has passed */
+    const size_t pboff = ((((size_t)nq * pk * 4) + 127) & ~(size_t)63) + (size_t)(img & 1) * uf[nu] * NVp * 64;
+    if (split && packed != tile) {
+      const int32_t* fsp = qsplit + nth + 1;
+      for (int q = qsplit[tid]; q < qsplit[tid + 1]; q++)
+        pack(in, q, qoff, p0, pk, wo, stride, rs, flat, (uint8_t)xr, Q, qpat, qidx, nvt);
+      int32_t* PB = (int32_t*)(Q + pboff);
+      const int nf = uf[nu];
+      for (int f = 0; f < nf; f++) {
+        __m512i a[TP / 16];
+        const int e0 = fsp[(size_t)f * (nth + 1) + tid], e1 = fsp[(size_t)f * (nth + 1) + tid + 1];
+        if (nar < 16) accumulate_n(a, nar, e0, e1, eq, ew, Q);
+        else switch (NVp) {
+          case 1: accumulate(a, 1, e0, e1, eq, ew, Q); break;
+          case 2: accumulate(a, 2, e0, e1, eq, ew, Q); break;
+          case 3: accumulate(a, 3, e0, e1, eq, ew, Q); break;
+          case 4: accumulate(a, 4, e0, e1, eq, ew, Q); break;
+          case 5: accumulate(a, 5, e0, e1, eq, ew, Q); break;
+          case 6: accumulate(a, 6, e0, e1, eq, ew, Q); break;
+          case 7: accumulate(a, 7, e0, e1, eq, ew, Q); break;
+          default: accumulate(a, 8, e0, e1, eq, ew, Q); break;
+        }
+        for (int v = 0; v < NVp; v++) _mm512_store_si512((void*)(PB + ((size_t)f * NVp + v) * 16), a[v]);
+      }
+      sync(sctx, nth);
+      packed = tile;
+    }
+#else
+    const int split = 0;
+    (void)qsplit; (void)qsn; (void)qstride; (void)sync; (void)sctx;
+#endif
     if (packed != tile) {
-      /* narrow tiles store quads nar * 4 bytes apart; a pack writing whole 64-byte vectors spills into the next
-         quads' slots, which are packed after it (and the scratch has slack past the last) */
-      const int pk = nar < 16 ? nar : npv;
       for (int q = 0; q < nq; q++) pack(in, q, qoff, p0, pk, wo, stride, rs, flat, (uint8_t)xr, Q, qpat, qidx, nvt);
       packed = tile;
     }
@@ -434,7 +474,16 @@ void sf_conv_q8(const uint8_t* in, int nq, const int32_t* qoff, int ho, int wo, 
       int f = uf[u], two = uf[u + 1] - f == 2, d = two ? fbeg[f + 1] - fbeg[f] : 0;
 #define SF_ACC(NV) (two ? accumulate2(acc2[0], acc2[1], NV, fbeg[f], fbeg[f + 1], d, eq, ew, Q) \
                         : accumulate(acc2[0], NV, fbeg[f], fbeg[f + 1], eq, ew, Q))
-      if (nar < 16) {
+      if (split) {
+        for (int g = 0; g <= two; g++)
+          for (int v = 0; v < NVp; v++) {
+            __m512i sum = _mm512_setzero_si512();
+            for (int t = 0; t < nth; t++)
+              sum = _mm512_add_epi32(sum, _mm512_load_si512((const void*)(
+                  (const int32_t*)(Q + (int64_t)(t - tid) * qstride + pboff) + ((size_t)(f + g) * NVp + v) * 16)));
+            acc2[g][v] = sum;
+          }
+      } else if (nar < 16) {
         accumulate_n(acc2[0], nar, fbeg[f], fbeg[f + 1], eq, ew, Q);
         if (two) accumulate_n(acc2[1], nar, fbeg[f + 1], fbeg[f + 2], eq, ew, Q);
       } else switch (npv / 16) {
@@ -634,6 +683,7 @@ class _ConvPlan:
     qpat: np.ndarray | None = None    # per quad: its relative-offset pattern (-1: packed by interleaves), or None
     qidx: np.ndarray | None = None    # per pattern (and vector, dense): the 64-byte vpermb index
     dense: bool = False               # stride 1 over dense positions (small maps: no junk columns in the vectors)
+    qsplit: np.ndarray | None = None  # split quads (see split_quads): [quad bounds per thread | entry bounds per filter]
 
 
 
@@ -762,6 +812,25 @@ def plan_conv(op: ConvOp, q, h: int, w: int, signed_in: bool, vbmi: bool = True,
                      float(q.rmult.reshape(-1)[0]) if q.rmult is not None else 0.0, qpat, qidx, dense)
 
 
+def split_quads(p: _ConvPlan, nth: int) -> np.ndarray:
+    """For a map of one tile on ``nth`` threads: quad ranges per thread, balanced by (packing + products), and per
+    filter the bounds of its entries in each range. Sorts each filter's entries by quad in place (the same order
+    for two filters with the same quads, so a unit's pair stays aligned; the sums are exact in any order)."""
+    nf = len(p.fbeg) - 1
+    for f in range(nf):
+        b, e = int(p.fbeg[f]), int(p.fbeg[f + 1])
+        o = np.argsort(p.eq[b:e], kind="stable")
+        p.eq[b:e], p.ew[b:e] = p.eq[b:e][o], p.ew[b:e][o]
+    cost = np.cumsum(np.bincount(p.eq, minlength=p.quads) + 1)
+    qsb = np.searchsorted(cost, cost[-1] * np.arange(1, nth) / nth, side="right")
+    qsb = np.concatenate([[0], qsb, [p.quads]]).astype(np.int64)
+    fsp = np.empty((nf, nth + 1), np.int64)
+    for f in range(nf):
+        b, e = int(p.fbeg[f]), int(p.fbeg[f + 1])
+        fsp[f] = b + np.searchsorted(p.eq[b:e], qsb)
+    return np.concatenate([qsb, fsp.reshape(-1)]).astype(np.int32)
+
+
 def _byte_permutations(qoff: np.ndarray, rs: int, ho: int, wo: int, dense: bool):
     """The kernel's one-permutation packing (vpermb): byte 4i + j of a vector of 16 positions is position i's tap
     j, read from 64 bytes of the plane starting at the first position's lowest tap. Flat positions (y * rs + x):
@@ -868,12 +937,13 @@ class Int8Engine:
     served one call at a time."""
 
     def __init__(self, qm: QuantizedModel, threads: int = 1, portable: bool = False, isa: str | None = None,
-                 narrow_tiles: bool = True):
+                 narrow_tiles: bool = True, split_quads: bool = True, split_quads_min: int = 4096):
         if not isinstance(qm, QuantizedModel):
             raise SparseforgeError("Int8Engine takes a QuantizedModel: sf.quantize(model, sf.Int8Config(), "
                                    "calibration=batches)")
         self.qm, self.threads = qm, max(1, int(threads))
         self.narrow_tiles = bool(narrow_tiles)
+        self.split_quads, self.split_quads_min = bool(split_quads), int(split_quads_min)
         qg = qm.qgraph
         g = qg.graph
         float_vals = {op.output for op, q in zip(g.ops, qg.qops) if q.float_out}
@@ -920,7 +990,8 @@ class Int8Engine:
         self.lib.sf_q8_run.argtypes = [P, I, P, P, I, P, ctypes.c_int64, I, P]
         self.lib.sf_q8_quantize.restype = None
         self.lib.sf_q8_quantize.argtypes = [P, I, I, I, I, ctypes.c_float, I, I, P, ctypes.c_int64, I, I, I]
-        scratch = max([p.quads * TILE * 4 for p in self.plans.values()]
+        scratch = max([p.quads * TILE * 4 + 128 + 2 * (len(p.fbeg) - 1) * TILE * 4 * (p.qsplit is not None)
+                       for p in self.plans.values()]
                       + [3 * (self.geom[op.inputs[0]].c + 64) for op in g.ops if isinstance(op, LinearOp)] + [1])
         # scratch per thread: a conv's packed quads, a linear layer's gathered input (and, AVX2, as int16)
         self._qstride = (scratch + 127) // 64 * 64
@@ -1020,11 +1091,17 @@ class Int8Engine:
         # a map of at most 8 positions runs in xmm / ymm quads (see accumulate_n): the kernel's own test
         npos = (go.h - 1) * gin.rs + go.w if op.stride == 1 and not p.dense else go.h * go.w
         narrow = self.narrow_tiles and self.kernel == "AVX512-VNNI" and npos <= 8
+        if (self.split_quads and self.kernel == "AVX512-VNNI" and self.threads > 1 and npos <= TILE
+                and p.quads * ((npos + 15) // 16) >= self.split_quads_min):
+            # the packing it saves must outweigh its barrier: CIFAR ResNet-56's 64-channel 8x8 layers (~500 quads
+            # x 5 vectors) measured 0.98x split, VGG-16's 256- and 512-channel layers (4096-10240) 1.09x
+            p.qsplit = split_quads(p, self.threads)
         ints = [p.quads, go.h, go.w, op.stride, gin.rs, p.xr, len(p.uf) - 1, *rargs, q.lo, q.hi, go.rs, go.plane,
-                int(p.dense), int(narrow)]
+                int(p.dense), int(narrow), self.threads if p.qsplit is not None else 0]
         d = make_op(K_CONV, S(op.inputs[0]), b, S(op.output), [], chw, ints, (p.rmult, 0.0),
-                    [p.qoff, p.uf, p.fbeg, p.eq, p.ew, p.bias, p.mult, p.qpat, p.qidx])
-        dense = (", dense positions" if p.dense else "") + (f", {4 if npos <= 4 else 8}-lane quads" if narrow else "")
+                    [p.qoff, p.uf, p.fbeg, p.eq, p.ew, p.bias, p.mult, p.qpat, p.qidx, p.qsplit])
+        dense = ((", dense positions" if p.dense else "") + (f", {4 if npos <= 4 else 8}-lane quads" if narrow else "")
+                 + (f", quads split over {self.threads} threads" if p.qsplit is not None else ""))
         return _Native(f"{what}int8 kernel ({p.quads} quads, {p.entries} quad products per position{dense})", pre + [d],
                        [p], ins + ([op.residual] if op.residual is not None else []))
 

@@ -506,6 +506,9 @@ typedef struct {
 
 static inline int64_t q8_now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec * 1000000000LL + t.tv_nsec; }
 
+/* the barrier a conv's split quads need between its partial sums and their totals (see sf_conv_q8) */
+static void q8_sync(void* cx, int nth) { sf_barrier(&((sf_ctx*)cx)->bar, nth); }
+
 static void q8_body(sf_ctx* cx, int tid_, int nth0) {
   const q8_job* jb = (const q8_job*)cx;
   uint8_t* Q = jb->Q + (size_t)tid_ * jb->qstride;
@@ -528,7 +531,7 @@ static void q8_body(sf_ctx* cx, int tid_, int nth0) {
                      (const int32_t*)o->p[2], (const int32_t*)o->p[3], (const int32_t*)o->p[4],
                      (const int32_t*)o->p[5], (const float*)o->p[6], B, I[7], I[8], I[9], I[10], I[11], I[12],
                      o->f[0], I[13], I[14], O, I[15], I[16], (const int32_t*)o->p[7], (const uint8_t*)o->p[8], I[17],
-                     I[18], Q, tid, nth);
+                     I[18], (const int32_t*)o->p[9], I[19], jb->qstride, q8_sync, cx, j, Q, tid, nth);
           break;
         case @K_DW@: q8_dw(o, A, O, tid, nth); break;
         case @K_MAXPOOL@: q8_pool(o, A, O, tid, nth, 0); break;
