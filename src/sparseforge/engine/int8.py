@@ -976,11 +976,20 @@ class Int8Engine:
             else:
                 self.steps.append(("reference", k))
         self._programs = {}
+        self._stretch_io: dict[int, tuple[list[int], set[int]]] = {}
         for kind, ks in self.steps:
             if kind == "native":
                 descs = [d for k in ks for d in self.native[k].ops]
                 arr = (Q8Op * len(descs))(*descs)
+                # the values a stretch reads that it does not make itself (stored into their planes first), and
+                # those it makes: worked out once here, not per call (a per-op Python loop per call)
+                made: set[int] = set()
+                reads: list[int] = []
+                for k in ks:
+                    reads += [v for v in self.native[k].reads if v not in made and v not in reads]
+                    made.add(g.ops[k].output)
                 self._programs[ks[0]] = (arr, len(descs))
+                self._stretch_io[ks[0]] = (reads, made)
         src = SOURCE.replace("@TILE@", str(TILE)) + ops_source()
         self.lib_path, self.build_info = build(src, isa=self.isa)
         self.kernel = kernel_path(self.build_info["isa"])     # a native build the compiler refused fell back
@@ -1276,12 +1285,9 @@ class Int8Engine:
         with torch.no_grad():
             for kind, what in self.steps:
                 if kind == "native":
-                    made = set()
-                    for k in what:
-                        for vid in self.native[k].reads:
-                            if vid not in made:
-                                to_buf(vid)
-                        made.add(g.ops[k].output)
+                    reads, made = self._stretch_io[what[0]]
+                    for vid in reads:
+                        to_buf(vid)
                     arr, cnt = self._programs[what[0]]
                     self.lib.sf_q8_run(arr, cnt, ptrs, strides, n, self._Q.ctypes.data, self._qstride, self.threads, None)
                     inbuf |= made
