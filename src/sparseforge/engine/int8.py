@@ -200,13 +200,6 @@ static void pack_range(const uint8_t* in, int q0, int q1, const int32_t* qoff, i
 }
 
 #ifdef SF_VNNI
-/* acc += x (unsigned bytes) . w (signed bytes), in place: gcc 12 copies the accumulator of the intrinsic into a new
-   register at every step of a chain (a register move on the chain's critical path) */
-#define SF_DP(acc, x, w) ((acc) = _mm512_dpbusd_epi32((acc), (x), (w)))
-#define SF_DP128(acc, x, w) ((acc) = _mm_dpbusd_epi32((acc), (x), (w)))
-#define SF_DP256(acc, x, w) ((acc) = _mm256_dpbusd_epi32((acc), (x), (w)))
-#endif
-#ifdef SF_VNNI
 /* one filter's kept quads over NV vectors of 16 positions: one vpdpbusd (64 multiply-adds) per quad and vector */
 /* Small tiles (NV < 4) take CH interleaved partial sums per vector, added at the end (exact: wrapping int32):
    one chain per vector would wait on vpdpbusd's latency at every entry (a 2x2 map: 1 vector, ~140 entries) */
@@ -226,15 +219,15 @@ static inline __attribute__((always_inline)) void accumulate(__m512i* a, const i
         const uint8_t* q = Q + (size_t)eq[e + c] * 64 * NV;
         for (int v = 0; v < NV && v < 3; v++) {
           __m512i x = _mm512_loadu_si512((const void*)(q + 64 * v));
-          if (c == 0) SF_DP(a[v], x, w4);
-          else SF_DP(s[c - 1][v], x, w4);
+          if (c == 0) a[v] = _mm512_dpbusd_epi32(a[v], x, w4);
+          else s[c - 1][v] = _mm512_dpbusd_epi32(s[c - 1][v], x, w4);
         }
       }
     }
   for (; e < e1; e++) {
     __m512i w4 = _mm512_set1_epi32(ew[e]);
     const uint8_t* q = Q + (size_t)eq[e] * 64 * NV;
-    for (int v = 0; v < NV; v++) SF_DP(a[v], _mm512_loadu_si512((const void*)(q + 64 * v)), w4);
+    for (int v = 0; v < NV; v++) a[v] = _mm512_dpbusd_epi32(a[v], _mm512_loadu_si512((const void*)(q + 64 * v)), w4);
   }
   for (int c = 0; c < ch - 1; c++)
     for (int v = 0; v < NV && v < 3; v++) a[v] = _mm512_add_epi32(a[v], s[c][v]);
@@ -253,18 +246,18 @@ static inline __attribute__((always_inline)) void accumulate_n(__m512i* a, const
     for (int c = 0; c < CH; c++) s[c] = _mm_setzero_si128();
     for (; e + CH <= e1; e += CH)
       for (int c = 0; c < CH; c++)
-        SF_DP128(s[c], _mm_loadu_si128((const __m128i*)(Q + (size_t)eq[e + c] * 16)), _mm_set1_epi32(ew[e + c]));
+        s[c] = _mm_dpbusd_epi32(s[c], _mm_loadu_si128((const __m128i*)(Q + (size_t)eq[e + c] * 16)), _mm_set1_epi32(ew[e + c]));
     for (; e < e1; e++)
-      SF_DP128(s[0], _mm_loadu_si128((const __m128i*)(Q + (size_t)eq[e] * 16)), _mm_set1_epi32(ew[e]));
+      s[0] = _mm_dpbusd_epi32(s[0], _mm_loadu_si128((const __m128i*)(Q + (size_t)eq[e] * 16)), _mm_set1_epi32(ew[e]));
     a[0] = _mm512_zextsi128_si512(_mm_add_epi32(_mm_add_epi32(s[0], s[1]), _mm_add_epi32(s[2], s[3])));
   } else {
     __m256i s[CH];
     for (int c = 0; c < CH; c++) s[c] = _mm256_setzero_si256();
     for (; e + CH <= e1; e += CH)
       for (int c = 0; c < CH; c++)
-        SF_DP256(s[c], _mm256_loadu_si256((const __m256i*)(Q + (size_t)eq[e + c] * 32)), _mm256_set1_epi32(ew[e + c]));
+        s[c] = _mm256_dpbusd_epi32(s[c], _mm256_loadu_si256((const __m256i*)(Q + (size_t)eq[e + c] * 32)), _mm256_set1_epi32(ew[e + c]));
     for (; e < e1; e++)
-      SF_DP256(s[0], _mm256_loadu_si256((const __m256i*)(Q + (size_t)eq[e] * 32)), _mm256_set1_epi32(ew[e]));
+      s[0] = _mm256_dpbusd_epi32(s[0], _mm256_loadu_si256((const __m256i*)(Q + (size_t)eq[e] * 32)), _mm256_set1_epi32(ew[e]));
     a[0] = _mm512_zextsi256_si512(_mm256_add_epi32(_mm256_add_epi32(s[0], s[1]), _mm256_add_epi32(s[2], s[3])));
   }
 }
@@ -281,10 +274,10 @@ static inline __attribute__((always_inline)) void accumulate2(__m512i* a, __m512
     for (; e + 2 <= e1; e += 2) {
       __m512i x0 = _mm512_loadu_si512((const void*)(Q + (size_t)eq[e] * 64));
       __m512i x1 = _mm512_loadu_si512((const void*)(Q + (size_t)eq[e + 1] * 64));
-      SF_DP(a[0], x0, _mm512_set1_epi32(ew[e]));
-      SF_DP(b[0], x0, _mm512_set1_epi32(ew[e + d]));
-      SF_DP(a1, x1, _mm512_set1_epi32(ew[e + 1]));
-      SF_DP(b1, x1, _mm512_set1_epi32(ew[e + 1 + d]));
+      a[0] = _mm512_dpbusd_epi32(a[0], x0, _mm512_set1_epi32(ew[e]));
+      b[0] = _mm512_dpbusd_epi32(b[0], x0, _mm512_set1_epi32(ew[e + d]));
+      a1 = _mm512_dpbusd_epi32(a1, x1, _mm512_set1_epi32(ew[e + 1]));
+      b1 = _mm512_dpbusd_epi32(b1, x1, _mm512_set1_epi32(ew[e + 1 + d]));
     }
     a[0] = _mm512_add_epi32(a[0], a1); b[0] = _mm512_add_epi32(b[0], b1);
   }
@@ -293,8 +286,8 @@ static inline __attribute__((always_inline)) void accumulate2(__m512i* a, __m512
     const uint8_t* q = Q + (size_t)eq[e] * 64 * NV;
     for (int v = 0; v < NV; v++) {
       __m512i x = _mm512_loadu_si512((const void*)(q + 64 * v));
-      SF_DP(a[v], x, w4);
-      SF_DP(b[v], x, u4);
+      a[v] = _mm512_dpbusd_epi32(a[v], x, w4);
+      b[v] = _mm512_dpbusd_epi32(b[v], x, u4);
     }
   }
 }
@@ -1131,7 +1124,7 @@ class Int8Engine:
             rargs = [int(P[op.residual].signed), gr.rs, gr.plane, op.res_stride if pad else 1,
                      op.res_pad_before if pad else 0, gr.c]
             b = S(op.residual)
-        # a map of at most 8 positions runs in xmm / ymm quads (see accumulate_n): the kernel's own test
+        # a map whose run covers at most 8 positions takes its quads in xmm / ymm vectors (accumulate_n)
         npos = (go.h - 1) * gin.rs + go.w if op.stride == 1 and not p.dense else go.h * go.w
         narrow = self.narrow_tiles and self.kernel == "AVX512-VNNI" and npos <= 8
         if (self.split_quads and self.kernel == "AVX512-VNNI" and self.threads > 1 and npos <= TILE
