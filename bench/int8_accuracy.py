@@ -3,7 +3,7 @@
     python bench/int8_accuracy.py --out bench/results/int8_accuracy.json \
         --models resnet20=../shared/models/resnet20-cifar10jpeg.safetensors \
                  resnet56=../shared/models/akamaster_resnet56-4bfd9763.th \
-                 resnet20-pattern8x=bench/results/frontier/pattern-8x-gradual.safetensors
+                 resnet20-pattern8x=bench/results/frontier/pattern-8x-gradual.safetensors [--engine]
 
 Calibration: the first ``--calibration`` training images (class-interleaved), batches of 64, each method of
 ``Int8Config.calibration`` (and ``auto``, which picks one by calibration-set accuracy). Accuracy of each int8
@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--methods", default="minmax,percentile,mse,auto")
     ap.add_argument("--limit", type=int, default=0, help="test images (0 = all)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--engine", action="store_true",
+                    help="also run each int8 model through the int8 engine (Int8Engine) on the same images")
     ap.add_argument("--out", default="bench/results/int8_accuracy.json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -75,6 +77,16 @@ def main() -> None:
                               "scores": qm.qgraph.scores, "quantize_s": round(tq, 1),
                               "eval_s": round(time.perf_counter() - t0, 1), "fallbacks": qm.fallbacks}
             print(f"  int8 {m} ({qm.qgraph.method}): {acc:.2f}% ({acc - fp32:+.2f} pt)", flush=True)
+            if a.engine:          # the engine is bit-exact with the reference: the same accuracy, at its speed
+                from sparseforge.engine.int8 import Int8Engine
+
+                e, t0, right, seen = Int8Engine(qm, threads=a.threads), time.perf_counter(), 0, 0
+                for x, y in BatchLoader(test, 500, normalize=norm):
+                    right += int((e(x).argmax(1) == y).sum())
+                    seen += len(y)
+                row["int8"][m].update(engine_acc=100.0 * right / seen, engine_kernel=e.kernel,
+                                      engine_eval_s=round(time.perf_counter() - t0, 1))
+                print(f"    int8 engine ({e.kernel}): {100.0 * right / seen:.2f}%", flush=True)
         rows.append(row)
         atomic_write_json(Path(a.out), {"benchmark": "int8_accuracy", "calibration_images": a.calibration,
                                         "test_images": len(test), "results": rows, "env": environment()})
