@@ -61,6 +61,11 @@ SOURCE = r"""
 #endif
 #define TP @TILE@
 
+/* SF_ACC(NV) with NV = n as a compile-time count (1..8): the accumulators stay in registers */
+#define SF_ACC_SWITCH(n) switch (n) { \
+    case 1: SF_ACC(1); break; case 2: SF_ACC(2); break; case 3: SF_ACC(3); break; case 4: SF_ACC(4); break; \
+    case 5: SF_ACC(5); break; case 6: SF_ACC(6); break; case 7: SF_ACC(7); break; default: SF_ACC(8); break; }
+
 /* Values live in byte planes: C planes of (H + 2) rows x rs = W + 2 bytes, a zero border, int8 values as two's
    complement, uint8 as is, TP + 64 bytes of slack after the last plane (a tile's tail reads past it).
    Positions: stride 1 runs over "flat" positions, input-plane coordinates y * rs + x with the junk columns
@@ -69,28 +74,12 @@ SOURCE = r"""
    Quad q of tile positions [p0, p0 + np): 4 bytes per position read at the quad's 4 offsets, XOR xr (0x80 turns
    an int8 input into uint8 + 128, its zero border into 128; the bias carries -128 * sum(w)). */
 static void pack(const uint8_t* in, int q, const int32_t* qoff, int p0, int np, int wo, int stride, int rs,
-                 int flat, uint8_t xr, uint8_t* Q, const int32_t* qpat, const uint8_t* qidx, int nvt) {
+                 int flat, uint8_t xr, uint8_t* Q) {
   {
     const int32_t* o = qoff + 4 * q;
     uint8_t* dst = Q + (size_t)q * np * 4;      /* np: a multiple of 16; quads stored back to back */
     if (flat) {
       const uint8_t* b = in + p0;
-#if defined(SF_VNNI) && defined(__AVX512VBMI__)
-      /* a quad whose 4 offsets lie within 48 bytes (3x3 taps of a map at most 21 wide): 16 positions are one
-         64-byte load from the lowest offset and one byte permutation (vpermb; its index vector is shared by
-         every quad with the same relative offsets) */
-      if (qpat && qpat[q] >= 0) {
-        int lo_ = o[0];
-        for (int j = 1; j < 4; j++) lo_ = o[j] < lo_ ? o[j] : lo_;
-        const __m512i idx = _mm512_loadu_si512((const void*)(qidx + 64 * (size_t)qpat[q]));
-        const __m512i z8 = _mm512_set1_epi8((char)xr);
-        for (int i = 0; i < np; i += 16) {
-          __m512i w = _mm512_xor_si512(_mm512_loadu_si512((const void*)(b + i + lo_)), z8);
-          _mm512_storeu_si512((void*)(dst + 4 * i), _mm512_permutexvar_epi8(idx, w));
-        }
-        return;
-      }
-#endif
 #if defined(SF_VNNI) || defined(SF_AVX2)
       int i0 = 0;
 #endif
@@ -137,24 +126,6 @@ static void pack(const uint8_t* in, int q, const int32_t* qoff, int p0, int np, 
 #endif
     } else {
       int y = p0 / wo, x = p0 % wo;
-#if defined(SF_VNNI) && defined(__AVX512VBMI__)
-      /* dense positions of a small map (stride 1, no junk columns): 16 positions and their 4 taps within 64 bytes
-         of the plane, one load and one vpermb per vector; the index vectors are per (relative offsets, vector)
-         (nvt vectors in the map) */
-      if (stride == 1 && qpat && qpat[q] >= 0) {
-        int lo_ = o[0];
-        for (int j = 1; j < 4; j++) lo_ = o[j] < lo_ ? o[j] : lo_;
-        const __m512i z8 = _mm512_set1_epi8((char)xr);
-        for (int i = 0; i < np; i += 16) {
-          const int vg = (p0 + i) / 16, pp = p0 + i;
-          const __m512i idx = _mm512_loadu_si512((const void*)(qidx + 64 * ((size_t)qpat[q] * nvt + vg)));
-          const uint8_t* w0 = in + (size_t)(pp / wo) * rs + pp % wo + lo_;
-          _mm512_storeu_si512((void*)(dst + 4 * i),
-                              _mm512_permutexvar_epi8(idx, _mm512_xor_si512(_mm512_loadu_si512((const void*)w0), z8)));
-        }
-        return;
-      }
-#endif
       for (int i = 0; i < np; i++) {
         const uint8_t* b = in + (size_t)stride * y * rs + (size_t)stride * x;
         dst[4 * i] = b[o[0]] ^ xr; dst[4 * i + 1] = b[o[1]] ^ xr; dst[4 * i + 2] = b[o[2]] ^ xr; dst[4 * i + 3] = b[o[3]] ^ xr;
@@ -164,9 +135,11 @@ static void pack(const uint8_t* in, int q, const int32_t* qoff, int p0, int np, 
   }
 }
 
-/* quads [q0, q1) of a tile: pack's one-permutation case in one loop (no call per quad; each vector's plane offset
-   worked out once per tile, not per quad): a call per quad took ~24 cycles for one load, one vpermb and one store,
-   a third of a 512-channel 4x4 layer's time; quads that do not fit a permutation go through pack */
+/* quads [q0, q1) of a tile. With VBMI, a quad whose 4 offsets lie within 48 bytes (3x3 taps of a map at most 21
+   wide) takes one 64-byte load from its lowest offset and one byte permutation per 16 positions (vpermb; the index
+   vector is shared by every quad with the same relative offsets; dense positions: one per vector of the map), in
+   one loop with each vector's plane offset worked out once per tile -- a call per quad took ~24 cycles for that
+   load, vpermb and store, a third of a 512-channel 4x4 layer's time. Other quads go through pack. */
 static void pack_range(const uint8_t* in, int q0, int q1, const int32_t* qoff, int p0, int np, int wo, int stride,
                        int rs, int flat, uint8_t xr, uint8_t* Q, const int32_t* qpat, const uint8_t* qidx, int nvt) {
 #if defined(SF_VNNI) && defined(__AVX512VBMI__)
@@ -181,7 +154,7 @@ static void pack_range(const uint8_t* in, int q0, int q1, const int32_t* qoff, i
     for (int q = q0; q < q1; q++) {
       const int pt = qpat[q];
       if (pt < 0) {
-        pack(in, q, qoff, p0, np, wo, stride, rs, flat, xr, Q, qpat, qidx, nvt);
+        pack(in, q, qoff, p0, np, wo, stride, rs, flat, xr, Q);
         continue;
       }
       const int32_t* o = qoff + 4 * q;
@@ -196,7 +169,7 @@ static void pack_range(const uint8_t* in, int q0, int q1, const int32_t* qoff, i
     return;
   }
 #endif
-  for (int q = q0; q < q1; q++) pack(in, q, qoff, p0, np, wo, stride, rs, flat, xr, Q, qpat, qidx, nvt);
+  for (int q = q0; q < q1; q++) pack(in, q, qoff, p0, np, wo, stride, rs, flat, xr, Q);
 }
 
 #ifdef SF_VNNI
@@ -448,15 +421,10 @@ void sf_conv_q8(const uint8_t* in, int nq, const int32_t* qoff, int ho, int wo, 
         __m512i a[TP / 16];
         const int e0 = fsp[(size_t)f * (nth + 1) + tid], e1 = fsp[(size_t)f * (nth + 1) + tid + 1];
         if (nar < 16) accumulate_n(a, nar, e0, e1, eq, ew, Q);
-        else switch (NVp) {
-          case 1: accumulate(a, 1, e0, e1, eq, ew, Q); break;
-          case 2: accumulate(a, 2, e0, e1, eq, ew, Q); break;
-          case 3: accumulate(a, 3, e0, e1, eq, ew, Q); break;
-          case 4: accumulate(a, 4, e0, e1, eq, ew, Q); break;
-          case 5: accumulate(a, 5, e0, e1, eq, ew, Q); break;
-          case 6: accumulate(a, 6, e0, e1, eq, ew, Q); break;
-          case 7: accumulate(a, 7, e0, e1, eq, ew, Q); break;
-          default: accumulate(a, 8, e0, e1, eq, ew, Q); break;
+        else {
+#define SF_ACC(NV) accumulate(a, NV, e0, e1, eq, ew, Q)
+          SF_ACC_SWITCH(NVp);
+#undef SF_ACC
         }
         for (int v = 0; v < NVp; v++) _mm512_store_si512((void*)(PB + ((size_t)f * NVp + v) * 16), a[v]);
       }
@@ -513,16 +481,7 @@ void sf_conv_q8(const uint8_t* in, int nq, const int32_t* qoff, int ho, int wo, 
       } else if (nar < 16) {
         accumulate_n(acc2[0], nar, fbeg[f], fbeg[f + 1], eq, ew, Q);
         if (two) accumulate_n(acc2[1], nar, fbeg[f + 1], fbeg[f + 2], eq, ew, Q);
-      } else switch (npv / 16) {
-        case 1: SF_ACC(1); break;
-        case 2: SF_ACC(2); break;
-        case 3: SF_ACC(3); break;
-        case 4: SF_ACC(4); break;
-        case 5: SF_ACC(5); break;
-        case 6: SF_ACC(6); break;
-        case 7: SF_ACC(7); break;
-        default: SF_ACC(8); break;
-      }
+      } else SF_ACC_SWITCH(npv / 16);
 #undef SF_ACC
       for (int g = 0; g <= two; g++, f++) {
         __m512i* a = acc2[g];
@@ -600,16 +559,7 @@ void sf_conv_q8(const uint8_t* in, int nq, const int32_t* qoff, int ho, int wo, 
           const uint8_t* Qc = Q + 32 * (size_t)y0;
 #define SF_ACC(NY) (two ? acc2_avx2(a, b, NY, fbeg[f], fbeg[f + 1], d, eq, ew, Qc, qs) \
                         : acc_avx2(a, NY, fbeg[f], fbeg[f + 1], eq, ew, Qc, qs))
-          switch (ny) {
-            case 1: SF_ACC(1); break;
-            case 2: SF_ACC(2); break;
-            case 3: SF_ACC(3); break;
-            case 4: SF_ACC(4); break;
-            case 5: SF_ACC(5); break;
-            case 6: SF_ACC(6); break;
-            case 7: SF_ACC(7); break;
-            default: SF_ACC(8); break;
-          }
+          SF_ACC_SWITCH(ny);
 #undef SF_ACC
           for (int v = 0; v < ny; v++) {
             _mm256_store_si256((__m256i*)(acc[0] + 8 * (y0 + v)), a[v]);
