@@ -163,25 +163,32 @@ def test_squeeze_excite_multiply_fused_into_the_next_1x1_conv(c, cout, hw):
     """x * gate read by a dense 1x1 conv only: on hosts where dense convs run output-channel blocks (AVX-512) the
     multiply runs inside the conv (each channel's weights times the image's gate) and its input buffers must
     stay live until then; NaN/Inf in one image propagate as in PyTorch, the other image stays exact. A raw
-    (unsquashed) gate too, and a product with a second reader, which must not be fused."""
+    (unsquashed) gate too, and a product with a second reader, which must not be fused -- also when that reader
+    takes it as a residual fused into its epilogue (a bottleneck's identity after squeeze-excite: fused, the
+    product was never stored and the add read a stale buffer, found by the network fuzz, seed 121338)."""
     from sparseforge.engine.plan import _ochan
 
     class SE(nn.Module):
-        def __init__(self, squash: bool, reread: bool):
+        def __init__(self, squash: bool, reread):
             super().__init__()
             self.pre, self.fc1, self.fc2 = nn.Conv2d(5, c, 3, padding=1), nn.Conv2d(c, 4, 1), nn.Conv2d(4, c, 1)
             self.proj, self.proj2, self.post = nn.Conv2d(c, cout, 1), nn.Conv2d(c, cout, 1), nn.Conv2d(cout, 3, 3, 1, 1)
+            self.proj3, self.proj4, self.post3 = nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 1), nn.Conv2d(c, 3, 3, 1, 1)
             self.squash, self.reread = squash, reread
 
         def forward(self, x):
             y = self.pre(x)
             g = self.fc2(torch.relu(self.fc1(y.mean((2, 3), keepdim=True))))
             p = y * (torch.sigmoid(g) if self.squash else g)
+            if self.reread == "residual":      # p is proj3's input and, fused into its epilogue, its residual
+                return self.post3(torch.relu(self.proj3(p) + p))
+            if self.reread == "later-residual":   # p is proj3's input and the residual of proj4 (a bottleneck)
+                return self.post3(torch.relu(self.proj4(torch.relu(self.proj3(p))) + p))
             out = self.proj(p)          # not a graph output: its buffer may be any free one (not y's while y is read)
             return self.post(out + self.proj2(p) if self.reread else out)
 
     torch.manual_seed(0)
-    for squash, reread in [(True, False), (False, False), (True, True)]:
+    for squash, reread in [(True, False), (False, False), (True, True), (True, "residual"), (True, "later-residual")]:
         m = SE(squash, reread).eval()
         x = torch.randn(2, 5, *hw)
         x[1, 2, 0, 0], x[1, 1, -1, -1] = float("nan"), float("inf")

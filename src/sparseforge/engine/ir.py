@@ -151,8 +151,14 @@ class Graph:
     inputs: list[int]
     outputs: list[int]
 
+    @staticmethod
+    def reads(op: Op) -> list[int]:
+        """The values ``op`` reads: its inputs and a residual fused into its epilogue."""
+        r = getattr(op, "residual", None)
+        return list(op.inputs) + ([r] if r is not None and r not in op.inputs else [])
+
     def users(self, vid: int) -> list[Op]:
-        return [op for op in self.ops if vid in op.inputs or getattr(op, "residual", None) == vid]
+        return [op for op in self.ops if vid in self.reads(op)]
 
 
 def graph_fingerprint(graph: Graph) -> str:

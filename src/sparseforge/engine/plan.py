@@ -749,7 +749,8 @@ def filter_group(codes: np.ndarray, own_taps: int, taps_all: tuple[int, ...], ma
 
 def _se_scale(graph: Graph, k: int, c: ConvPlan, producer: dict, readers: dict, layouts: dict) -> int | None:
     """The squeeze-excite multiply conv ``k`` can take in (see ``ConvPlan.in_scale``), or None: its input is
-    x * gate with gate (C, 1, 1) per image, read by this conv only; the conv runs dense output-channel blocks
+    x * gate with gate (C, 1, 1) per image, read by this conv only, and only as its input (a fused residual
+    reads the stored product, which fusing never stores); the conv runs dense output-channel blocks
     with a 1x1 kernel and no padding (so it never reads a border lane, where 0 x an infinite gate would give
     NaN and PyTorch's padded product gives 0), and x has the product's layout."""
     op = graph.ops[k]
@@ -763,7 +764,8 @@ def _se_scale(graph: Graph, k: int, c: ConvPlan, producer: dict, readers: dict, 
     x, gate = mul.inputs
     if (tuple(graph.values[gate].shape) != (graph.values[v].shape[0], 1, 1) or x == gate
             or tuple(graph.values[x].shape) != tuple(graph.values[v].shape) or layouts[x] != layouts[v]
-            or [r for r in readers.get(v, []) if r is not op] or op.weight.shape[2:] != (1, 1) or op.padding
+            or [r for r in readers.get(v, []) if r is not op] or op.residual == v
+            or op.weight.shape[2:] != (1, 1) or op.padding
             or op.groups != 1):
         return None
     return m
@@ -1398,9 +1400,9 @@ def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto
     # a phase split read only by its unpadded conv takes that conv's row stride where its rows fit (no right
     # border column: an unpadded conv never reads one), so the conv can run along the flattened plane (flat modes
     # need equal row strides); only values of one plane geometry ever share a buffer, so this is safe to mix
-    readers: dict[int, list] = {}
+    readers: dict[int, list] = {}       # every op that reads a value, a residual fused into its epilogue included
     for op in graph.ops:
-        for v in op.inputs:
+        for v in graph.reads(op):
             readers.setdefault(v, []).append(op)
     for op in graph.ops:
         if isinstance(op, PhaseOp) and op.output not in graph.outputs and len(readers.get(op.output, [])) == 1:
