@@ -467,6 +467,33 @@ def test_avx2_builds_match_pytorch_and_save_what_they_need(tmp_path):
     assert torch.equal(again(x), e(x))
 
 
+def test_dense_convs_on_avx2_run_as_output_channel_halves():
+    """Dense convs on 16-register (AVX2) builds run in output-channel blocks whose 16-filter vectors are two
+    8-lane halves (ConvPlan.blk_lanes 8): a 7x7 stride-2 stem (phase split), 3x3 stride 1/2, 1x1 with and
+    without a residual, a squeeze-excite gate fused into the 1x1 after it, odd filter counts (a partial last
+    block), odd map sizes (shifted-back blocks), batch 1 and 3, NaN/Inf: as in PyTorch."""
+    from sparseforge.engine.build import AVX2_NEEDS
+    from sparseforge.hardware import all_cpu_flags
+
+    if not set(AVX2_NEEDS) <= set(all_cpu_flags()):
+        pytest.skip("this CPU cannot run AVX2 code")
+    torch.manual_seed(2)
+    m = nn.Sequential(nn.Conv2d(3, 24, 7, 2, 3), nn.BatchNorm2d(24), nn.ReLU(),
+                      BasicBlock(24, 40, 2, "relu", project=True), Bottleneck(40, 20, 40, 1, "relu", 1),
+                      InvertedResidual(40, 72, 40, 1, "relu", "sigmoid"), nn.Conv2d(40, 19, 3, 1, 1))
+    m = randomize_bn(m.eval())
+    x = with_nonfinite(torch.randn(3, 3, 45, 39), seed=6)
+    for isa in ("avx2", "portable"):
+        e, st = compile(m, x[:1], threads=2, isa=isa, return_stages=True)
+        halves = [c for c in st.plan.convs.values() if c.blocked and c.blk_ochan and c.blk_lanes == 8]
+        assert len(halves) >= 6 and any(c.in_scale >= 0 for c in halves), e.summary(profile=False)
+        assert {c.op.weight.shape[2] for c in halves} >= {1, 3} and any(c.op.residual is not None for c in halves)
+        with torch.inference_mode():
+            for xb in (x[:1], x):
+                ok, why = compare_outputs(e(xb), m(xb), sparse=False)
+                assert ok, (isa, why)
+
+
 def test_isa_choices_are_checked():
     from sparseforge.engine.build import AVX2_NEEDS
     from sparseforge.hardware import all_cpu_flags
@@ -631,7 +658,7 @@ def test_channel_block_16_runs_as_output_channel_vectors(vw):
     transposed in registers, and shorter blocks by masked row stores (AVX-512 builds) or through a buffer), batch > 1, NaN/Inf; a layer whose blocks
     do not share kernels runs in the per-filter modes."""
     import sparseforge as sf
-    from sparseforge.engine.plan import _ochan
+    from sparseforge.engine.plan import _ochan32
     from sparseforge.engine.testing import random_bn_statistics
     from sparseforge.sparsity.mask import fold_masks
 
@@ -647,7 +674,7 @@ def test_channel_block_16_runs_as_output_channel_vectors(vw):
     x = torch.randn(3, 3, 40, 36)
     x[1, 0, 13, 9], x[2, 2, 30, 11] = float("nan"), float("inf")
     e, st = compile(m, x[:1], threads=2, return_stages=True, vector_width=vw)
-    ochan = _ochan(st.plan.options, st.plan.vec, e.spec["options"]["wide"])
+    ochan = _ochan32(st.plan.options, st.plan.vec, e.spec["options"]["wide"])
     sparse = [c for c in st.plan.convs.values() if c.blk_sparse]
     if ochan:
         assert len(sparse) >= 5 and any(c.op.residual is not None for c in sparse)
@@ -753,9 +780,14 @@ def test_flat_tiles_in_channel_blocks_match_pytorch(channel_block, merged):
     m = fold_masks(m)
     x = torch.randn(3, 3, 47, 45)
     x[1, 0, 13, 9], x[2, 2, 3, 11] = float("nan"), float("inf")
-    opts = PlanOptions(flat_tiled_min_bytes=1 << 12, flat_cblock_bytes=1 << 13, merged_runs=merged)
-    e, st = compile(m, x[:1], threads=2, return_stages=True, plan_options=opts)
-    blocked = [c for c in st.plan.convs.values() if c.flat_ncb > 1]
+    # the tiny budget that gives many blocks and an uneven last one depends on the tile width (vector lanes):
+    # the first of a few that does on this host
+    for budget in (1 << 13, 7 << 10, 6 << 10, 5 << 10, 3 << 10):
+        opts = PlanOptions(flat_tiled_min_bytes=1 << 12, flat_cblock_bytes=budget, merged_runs=merged)
+        e, st = compile(m, x[:1], threads=2, return_stages=True, plan_options=opts)
+        blocked = [c for c in st.plan.convs.values() if c.flat_ncb > 1]
+        if len(blocked) >= 5 and (channel_block > 1 or any(c.op.weight.shape[1] % c.flat_cb for c in blocked)):
+            break
     assert all(c.merged == merged for c in blocked)
     assert len(blocked) >= 5 and all(c.mode == "flat-tiled" for c in blocked)
     assert any(c.op.residual is not None for c in blocked) and any(c.kh == 3 for c in blocked)

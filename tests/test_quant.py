@@ -134,6 +134,24 @@ def test_post_training_int8_keeps_accuracy_of_a_trained_network():
     assert int8 >= fp32 - 0.01, (fp32, int8)
 
 
+def _ort_levels(ort) -> list:
+    """onnxruntime optimisation levels whose results must equal the integer reference: with QDQ pairs kept as
+    float ops (BASIC) on every host -- the export's semantics; fused into int8 kernels (ALL) only on CPUs with
+    VNNI: without it onnxruntime's AVX2 u8s8 kernels sum pairs of products in saturating 16-bit lanes
+    (measured on Zen 3: ResNet-20 logits off by 3.8% of their range, every op exact at BASIC)."""
+    from sparseforge.hardware import cpu_flags
+    levels = [ort.GraphOptimizationLevel.ORT_ENABLE_BASIC]
+    if {"avx512_vnni", "avx_vnni"} & set(cpu_flags()):
+        levels.append(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    return levels
+
+
+def _ort_session(ort, model, level):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = level
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
 def test_qdq_export_matches_the_integer_reference_op_by_op():
     ort = pytest.importorskip("onnxruntime")
     checked = 0
@@ -145,19 +163,20 @@ def test_qdq_export_matches_the_integer_reference_op_by_op():
                 sf.export_qdq(qm)
             continue
         env = run_int(qm.qgraph, x, keep=True)
-        s = ort.InferenceSession(sf.export_qdq(qm, debug_outputs=True, feed_values=True),
-                                 providers=["CPUExecutionProvider"])
-        feeds = {"input": x.numpy()}
-        for i in s.get_inputs()[1:]:
-            vid = int(i.name[2:])
-            feeds[i.name] = (env[vid].float() * qm.qgraph.params[vid].scale).numpy()
-        for o, val in zip(s.get_outputs(), s.run(None, feeds)):
-            vid = int(o.name[1:])
-            ref = env[vid]
-            if ref.dtype == torch.float32:            # logits from the accumulator
-                assert np.abs(val - ref.numpy()).max() <= 1e-5 * (np.abs(ref.numpy()).max() + 1), seed
-            else:                                     # within one step (a tie rounded the other way)
-                assert np.abs(val / qm.qgraph.params[vid].scale - ref.numpy()).max() <= 1.0 + 1e-3, (seed, vid)
+        for level in _ort_levels(ort):
+            s = _ort_session(ort, sf.export_qdq(qm, debug_outputs=True, feed_values=True), level)
+            feeds = {"input": x.numpy()}
+            for i in s.get_inputs()[1:]:
+                vid = int(i.name[2:])
+                feeds[i.name] = (env[vid].float() * qm.qgraph.params[vid].scale).numpy()
+            for o, val in zip(s.get_outputs(), s.run(None, feeds)):
+                vid = int(o.name[1:])
+                ref = env[vid]
+                if ref.dtype == torch.float32:            # logits from the accumulator
+                    assert np.abs(val - ref.numpy()).max() <= 1e-5 * (np.abs(ref.numpy()).max() + 1), seed
+                else:                                     # within one step (a tie rounded the other way)
+                    err = np.abs(val / qm.qgraph.params[vid].scale - ref.numpy()).max()
+                    assert err <= 1.0 + 1e-3, (seed, vid, level)
         checked += 1
     assert checked >= 8
 
@@ -170,9 +189,10 @@ def test_qdq_export_of_resnet20_runs_end_to_end_like_the_reference(tmp_path):
     qm = sf.quantize(m, sf.Int8Config(calibration="minmax"), [torch.randn(16, 3, 32, 32)])
     path = tmp_path / "r20-int8.onnx"
     sf.export_qdq(qm, path)
-    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
     ref = qm(x).numpy()
-    assert np.abs(out - ref).max() <= 1e-3 * np.abs(ref).max()
+    for level in _ort_levels(ort):
+        out = _ort_session(ort, str(path), level).run(None, {"input": x.numpy()})[0]
+        assert np.abs(out - ref).max() <= 1e-3 * np.abs(ref).max(), level
 
 
 def test_bad_inputs_are_one_line_errors():

@@ -68,7 +68,8 @@ static inline float silus(float v) { return v / (1.0f + expf(-v)); }
 static inline float sigmoids(float v) { return 1.0f / (1.0f + expf(-v)); }
 static inline float hardsigmoids(float v) { float t = v / 6.0f + 0.5f; return t < 0.0f ? 0.0f : (t > 1.0f ? 1.0f : t); }
 static inline float hardswishs(float v) { float t = v + 3.0f; t = t < 0.0f ? 0.0f : (t > 6.0f ? 6.0f : t); return v * t / 6.0f; }
-/* PyTorch's (vectorised) exact GELU gives NaN for +Inf and -Inf: so does this one */
+/* PyTorch's exact GELU of +-Inf depends on its kernels (torch_gelu_inf_is_nan): NaN for both with AVX-512, the
+   formula's own +Inf / NaN with AVX2; this one follows the host's */
 static inline float gelus(float v) { return __builtin_isinf(v) ? __builtin_nanf("") : 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); }
 /* weights and indices are passed to every call (never stored in globals): one cached library can serve
    several engines whose sparsity structure, and so whose source, happens to be identical */

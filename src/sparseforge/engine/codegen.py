@@ -10,6 +10,7 @@ in the source come only from integer indices, never from user strings.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 from .ir import ConcatOp, ConvOp, EltwiseOp, FlattenOp, GapOp, LinearOp, PhaseOp, PoolOp
@@ -34,11 +35,20 @@ MAIN = VecISA("vf", "BC", "ld", "ld2", "st", "stn", "")               # the plan
 WIDE16 = VecISA("g16", "bcg16", "ldg16", "ld2g16", "stg16", "stng16", "g16", "gi16")   # 16-lane layers, 8-lane plan
 
 
-def prelude(vec: int) -> str:
+def prelude(vec: int, gelu_inf_nan: bool = True) -> str:
     lanes = ", ".join(["(x)"] * vec)
     even = ", ".join(str(2 * j) for j in range(vec))
     return PRELUDE.replace("@BYTES@", str(4 * vec)).replace("@LANES@", lanes).replace("@EVEN@", even) \
-        .replace("@VEC@", str(vec))
+        .replace("@VEC@", str(vec)).replace("@GELU_INF@", "__builtin_isinf(v)" if gelu_inf_nan else "0")
+
+
+@functools.lru_cache(maxsize=None)
+def torch_gelu_inf_is_nan() -> bool:
+    """Whether this host's PyTorch maps GELU(+Inf) to NaN: its vectorised erf does with AVX-512 kernels (+Inf and
+    -Inf both NaN), while its AVX2 kernels give +Inf -> +Inf and -Inf -> NaN, as the formula does in IEEE
+    arithmetic. The engine matches the PyTorch it is compared with (a host fact, probed once)."""
+    import torch
+    return bool(torch.isnan(torch.nn.functional.gelu(torch.full((64,), float("inf"))))[0])
 
 
 PRELUDE = r"""
@@ -111,8 +121,9 @@ static inline float silus(float v) { return v / (1.0f + expf(-v)); }
 static inline float sigmoids(float v) { return 1.0f / (1.0f + expf(-v)); }
 static inline float hardsigmoids(float v) { float t = v / 6.0f + 0.5f; return t < 0.0f ? 0.0f : (t > 1.0f ? 1.0f : t); }
 static inline float hardswishs(float v) { float t = v + 3.0f; t = t < 0.0f ? 0.0f : (t > 6.0f ? 6.0f : t); return v * t / 6.0f; }
-/* PyTorch's (vectorised) exact GELU gives NaN for +Inf and -Inf: so does this one */
-static inline float gelus(float v) { return __builtin_isinf(v) ? __builtin_nanf("") : 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); }
+/* PyTorch's exact GELU of +-Inf depends on its kernels (torch_gelu_inf_is_nan): NaN for both with AVX-512, the
+   formula's own +Inf / NaN with AVX2; this one follows the host's */
+static inline float gelus(float v) { return @GELU_INF@ ? __builtin_nanf("") : 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); }
 /* weights and indices are passed to every call (never stored in globals): one cached library can serve
    several engines whose sparsity structure, and so whose source, happens to be identical */
 #define OPARGS float* const* B, int N, int tid, int nth, const float* g_w, const int* g_i
@@ -537,27 +548,30 @@ def _blocked_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> st
                            p.blk_w_off])
 
 
-def _ochan_taps(taps, kw: int, nv: int, tap_off, w_at, accs, max_w: int = 9) -> list[str]:
+def _ochan_taps(taps, kw: int, nv: int, tap_off, w_at, accs, max_w: int = 9, vt: str = "g16",
+                bc: str = "bcg16", keep: bool = False) -> list[str]:
     """One channel's FMAs in output-channel mode, a kernel row at a time: that row's weight vectors loaded once,
     then every input value the row's taps read broadcast once and multiplied into each accumulator that needs
     it (with stride 1, three 3x3 taps share each value: ~0.4 loads per FMA instead of ~1.1; one load per term,
-    as gcc would otherwise common them up across taps and spill the accumulators). ``nv``: vectors of 16
-    filters; ``tap_off(t)``, ``w_at(t, j)``: tap t's input offset and weight vector j; ``accs``: (name, offset),
-    vector j of accumulator name being name_j."""
+    as gcc would otherwise common them up across taps and spill the accumulators). ``nv``: vectors (of type
+    ``vt``, broadcast by ``bc``) per 16 x nv filters; ``tap_off(t)``, ``w_at(t, j)``: tap t's input offset and
+    weight vector j; ``accs``: (name, offset), vector j of accumulator name being name_j."""
     lines = []
     rows: dict[int, list[int]] = {}
     for t in taps:
         # up to 9 taps: all weight vectors in registers at once, so a value also serves the taps of other
-        # kernel rows that read it for another output row (R > 1); more taps: a kernel row at a time
-        rows.setdefault(0 if len(taps) * nv <= max_w else t // kw, []).append(t)
+        # kernel rows that read it for another output row (R > 1); more taps: a kernel row at a time;
+        # max_w 0 (16 registers, taken by the accumulators): a tap at a time
+        rows.setdefault(t if max_w == 0 else 0 if len(taps) * nv <= max_w else t // kw, []).append(t)
     for ts in rows.values():
         uses: dict[int, list[str]] = {}
         for name, base in accs:
             for t in ts:
                 uses.setdefault(base + tap_off(t), []).extend(f"{name}_{j} += w{t}_{j} * x;" for j in range(nv))
-        lines.append("        { " + " ".join(f"const g16 w{t}_{j} = {w_at(t, j)};" for t in ts for j in range(nv)))
+        lines.append("        { " + " ".join(f"{'' if keep else 'const '}{vt} w{t}_{j} = {w_at(t, j)};"
+                                         + (f" KEEP(w{t}_{j});" if keep else "") for t in ts for j in range(nv)))
         for addr in sorted(uses):
-            lines.append(f"          {{ const g16 x = bcg16(ip[{addr}]); " + " ".join(uses[addr]) + " }")
+            lines.append(f"          {{ const {vt} x = {bc}(ip[{addr}]); " + " ".join(uses[addr]) + " }")
         lines.append("        }")
     return lines
 
@@ -589,8 +603,13 @@ def _blocked_ochan_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str])
           f"      const int y0 = yb * {R} < {ho - R} ? yb * {R} : {ho - R};",
           f"      const int x0 = xb * {V} < {wo - V} ? xb * {V} : {wo - V};",
           f"      const long ioff = (long)(y0 * {s} + 1 - {pad}) * {li.rs} + (x0 * {s} + 1 - {pad});"]
-    b += [f"      const g16 bv{j} = ldg16(bias + fb * {F} + {16 * j});" for j in range(nv)]
-    b += ["      g16 " + ", ".join(f"{a}_{j} = bv{j}" for a in accs for j in range(nv)) + ";"]
+    # L-lane vectors: 16 (g16), or 8 (vf, the plan's AVX2 vectors: each 16 filters two halves, nl = 2 nv)
+    L = p.blk_lanes
+    vt, bc, ldv, stv = ("g16", "bcg16", "ldg16", "stg16") if L == 16 else ("vf", "BC", "ld", "st")
+    nl = F // L
+    max_w = plan.options.ochan_max_w if L == 16 else 0
+    b += [f"      const {vt} bv{j} = {ldv}(bias + fb * {F} + {L * j});" for j in range(nl)]
+    b += [f"      {vt} " + ", ".join(f"{a}_{j} = bv{j}" for a in accs for j in range(nl)) + ";"]
     pix = [(f"a{r}_{v}", r * s * li.rs + v * s) for r in range(R) for v in range(V)]
     if p.blk_sparse:
         # the block's kept kernels, shape by shape: (count, channels, weights [tap][16 filters])
@@ -601,7 +620,7 @@ def _blocked_ochan_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str])
             b += [f"      for (int i = 0; i < cn[{j}]; i++, ch++, wp += {len(sh) * 16}) {{",
                   f"        const float* ip = ib + (long)(*ch) * {li.plane} + ioff;"]
             b += _ochan_taps(sh, kw, 1, lambda t: (t // kw) * li.rs + (t % kw),
-                             lambda t, _j, sh=sh: f"ldg16(wp + {sh.index(t) * 16})", pix, plan.options.ochan_max_w)
+                             lambda t, _j, sh=sh: f"ldg16(wp + {sh.index(t) * 16})", pix, max_w)
             b.append("      }")
     else:
         g = len(p.blk_taps)          # channel phases (1 unless phase-lowered), each with its own taps
@@ -610,12 +629,12 @@ def _blocked_ochan_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str])
               f"        const float* ip = ib + (long)c * {li.plane} + ioff;"]
         gs = ""
         if p.in_scale >= 0:
-            b.append(f"        const g16 gs = bcg16(B[d[5]][{_addr(lg, 'n', 'c', '0', '0')}]);")
+            b.append(f"        const {vt} gs = {bc}(B[d[5]][{_addr(lg, 'n', 'c', '0', '0')}]);")
             gs = " * gs"
         for ph, taps in enumerate(p.blk_taps):
-            b += _ochan_taps(taps, kw, nv, lambda t, ph=ph: ph * li.plane + (t // kw) * li.rs + (t % kw),
-                             lambda t, j, ph=ph: f"ldg16(wp + {(ph * kk + t) * F + 16 * j}){gs}", pix,
-                             plan.options.ochan_max_w)
+            b += _ochan_taps(taps, kw, nl, lambda t, ph=ph: ph * li.plane + (t // kw) * li.rs + (t % kw),
+                             lambda t, j, ph=ph: f"{ldv}(wp + {(ph * kk + t) * F + L * j}){gs}", pix,
+                             max_w, vt, bc, L == 8 and plan.options.ochan_keep_w)
         b.append("      }")
     if R == 1 and V == 16:
         # a row of 16 pixels: each vector of 16 filters transposed in registers, then one vector per filter
@@ -636,8 +655,9 @@ def _blocked_ochan_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str])
                   "      }"]
         b += ["    }", "  }"]
         return _register(k, p, plan, bodies, "\n".join(b), [], desc=desc)
-    b += ["#ifdef __AVX512F__"] + _ochan_vec_epilogue(op, lo, F, R, V, nv, accs) + ["#else"]
-    b += ["      " + " ".join(f"stg16(buf + {i * F + 16 * j}, {a}_{j});" for i, a in enumerate(accs) for j in range(nv)),
+    if L == 16:
+        b += ["#ifdef __AVX512F__"] + _ochan_vec_epilogue(op, lo, F, R, V, nv, accs) + ["#else"]
+    b += ["      " + " ".join(f"{stv}(buf + {i * F + L * j}, {a}_{j});" for i, a in enumerate(accs) for j in range(nl)),
           f"      const int nf = {o} - fb * {F} < {F} ? {o} - fb * {F} : {F};",
           "      for (int f = 0; f < nf; f++) {",
           f"        float* obf = ob + (long)(fb * {F} + f) * {lo.plane} + (long)(y0 + 1) * {lo.rs} + (x0 + 1);"]
@@ -650,10 +670,9 @@ def _blocked_ochan_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str])
         b.append(f"          a += rbf[r * {lo.rs} + v];")
     b += [f"          obf[r * {lo.rs} + v] = {_act_s(op.act, 'a')};",
           "        }",
-          "      }",
-          "#endif",
-          "    }",
-          "  }"]
+          "      }"]
+    b += ["#endif"] if L == 16 else []
+    b += ["    }", "  }"]
     return _register(k, p, plan, bodies, "\n".join(b), [], desc=desc)
 
 
@@ -2256,7 +2275,7 @@ MAIN_MARK = "/* sparseforge:main */"      # the ops, entry points and segments t
 
 
 def generate(plan: Plan) -> str:
-    parts = [prelude(plan.vec)]
+    parts = [prelude(plan.vec, torch_gelu_inf_is_nan())]
     bodies: dict[str, str] = {}
     wrappers = []
     for k, op in enumerate(plan.graph.ops):

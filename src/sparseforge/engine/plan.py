@@ -86,6 +86,13 @@ class PlanOptions:
     # maps >= 16 wide whose blocks have at most this many weight vectors per pixel (few input channels, or few
     # kept kernels): blocks of one row of 16 pixels, transposed in registers for a vector epilogue
     ochan_row_max_work: int = 64
+    # AVX2 hosts (16 registers): the same mode with each 16-filter vector two 8-lane halves, ochan_acc_narrow
+    # pixels per block (12 accumulator registers), a tap's weight vector loaded per tap. Measured Zen 3, one
+    # process, b1, 2 threads vs pixel-vector blocks: see README/issue 22 closing note of session 35
+    ochan_narrow: bool = True
+    ochan_acc_narrow: int = 5         # kxk convs (gcc shares each broadcast input between taps: registers)
+    ochan_acc_1x1_narrow: int = 7     # 1x1 convs
+    ochan_keep_w: bool = False        # ... each weight vector held in a register (else gcc folds it into each FMA)
     max_group: int = 2                # most adjacent filters run as one group (ConvPlan.fgroup; 1 = off); measured
                                       # no faster at 4 on ResNet-18/50, MobileNetV2 at 224
     fgroup_waste: float = 1.05        # groups run when the union of their taps costs at most this much extra
@@ -375,6 +382,9 @@ class ConvPlan:
     # vector loads; the epilogue transposes the block to the planar output (AVX-512: in registers, one masked
     # store per filter and output row; else through a small buffer).
     blk_ochan: bool = False
+    # lanes of its vectors: 16 (32 registers: a kernel's or kernel row's weight vectors stay in registers while
+    # inputs are broadcast), or 8 on 16-register hosts (each 16-filter vector two halves, a tap at a time)
+    blk_lanes: int = 16
     # ... over each 16-filter block's kept kernels only (channel_block 16 pruning): per block and tap shape a
     # kernel count, the kernels' channels, each block's first kernel and first weight
     blk_sparse: bool = False
@@ -484,13 +494,13 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
                and tuple(in_shape[1:]) == (ho + kh - 1 - 2 * op.padding, wo + kw - 1 - 2 * op.padding)
                and (op.residual is None or op.res_kind == "identity"))
     if (blocked and flat_ok and conv_mode == "auto" and kh == 1 and kw == 1 and op.groups == 1 and op.padding == 0
-            and op.tap_period == 1 and _ochan(opts, vec, wide) and ho * wo >= opts.flat_gemm_min_pixels
+            and op.tap_period == 1 and _ochan32(opts, vec, wide) and ho * wo >= opts.flat_gemm_min_pixels
             and (lin.rs % 16 == 0 or op.weight.shape[1] <= opts.flat_gemm_unaligned_cin)):
         return _plan_flat_gemm(op, in_shape, out_shape, blob, lin, w9, work, len(kc), shapes, opts)
     if blocked:     # dense weights of their own: the per-shape kernel lists below are not built
         return _plan_blocked(op, in_shape, out_shape, blob, threads, lin, vec, wide, w9, work, len(kc), shapes, opts)
     if (conv_mode == "auto" and op.groups == 1 and op.tap_period == 1 and lin is not None and len(kc)
-            and (op.residual is None or op.res_kind == "identity") and _ochan(opts, vec, wide)):
+            and (op.residual is None or op.res_kind == "identity") and _ochan32(opts, vec, wide)):
         ucodes = _block_codes(codes)
         nnz, need = np.count_nonzero(w9), opts.ochan_sparse_min_fill * 16
         # cheap test first (the blocks' exact taps; merged shapes only add taps), then the shapes the blocks run
@@ -859,8 +869,19 @@ def _blocks_share_kernels(weight: torch.Tensor, opts: PlanOptions) -> bool:
 
 
 def _ochan(opts: PlanOptions, vec: int, wide: bool) -> bool:
-    """Blocked convs use output-channel vectors: 16 filters wide, so only with AVX-512's registers."""
-    return opts.blocked_ochan and (wide or vec == 16)
+    """Blocked convs use output-channel vectors of 16 filters: with AVX-512's registers, or on AVX2 as two 8-lane
+    halves and fewer pixels per block (``_narrow``)."""
+    return opts.blocked_ochan and (wide or vec == 16 or opts.ochan_narrow)
+
+
+def _ochan32(opts: PlanOptions, vec: int, wide: bool) -> bool:
+    """The output-channel modes built for 32 registers only (16-lane flat GEMM, channel-block sparse blocks)."""
+    return _ochan(opts, vec, wide) and not _narrow(vec, wide)
+
+
+def _narrow(vec: int, wide: bool) -> bool:
+    """16 vector registers (AVX2 hosts and portable builds): a 16-filter vector takes two of them."""
+    return vec == 8 and not wide
 
 
 def _plan_blocked(op: ConvOp, in_shape, out_shape, blob: Blob, threads: int, lin: Layout, vec: int, wide: bool,
@@ -876,14 +897,19 @@ def _plan_blocked(op: ConvOp, in_shape, out_shape, blob: Blob, threads: int, lin
     if ochan:
         # 16 filters per vector (AVX-512 registers, also in an 8-lane plan); pixels per row block: the fewest
         # recomputed (shifted-back) pixels, then the most per block
-        vrow = wo >= 16 and cin * kk <= opts.ochan_row_max_work
-        if kk == 1 and not vrow:
+        narrow = _narrow(vec, wide)
+        vrow = wo >= 16 and cin * kk <= opts.ochan_row_max_work and not narrow
+        if narrow:
+            nv = 1
+        elif kk == 1 and not vrow:
             nv = opts.ochan_vecs_1x1 or _ochan_1x1_vecs(o, cin, ho, wo, opts.ochan_acc_1x1)
             nv = max(1, min(nv, -(-o // 16)))
         else:
             nv = 1
         F, xv = 16 * nv, wo
-        V, R = (16, 1) if vrow else _ochan_rows(ho, wo, opts.ochan_acc_1x1 // nv if kk == 1 else opts.ochan_acc)
+        acc = ((opts.ochan_acc_1x1_narrow if kk == 1 else opts.ochan_acc_narrow) if narrow else
+               opts.ochan_acc_1x1 // nv if kk == 1 else opts.ochan_acc)
+        V, R = (16, 1) if vrow else _ochan_rows(ho, wo, acc)
     else:
         budget = opts.blocked_acc_wide if wide else opts.blocked_acc
         F = min(opts.blocked_f, o)
@@ -894,6 +920,7 @@ def _plan_blocked(op: ConvOp, in_shape, out_shape, blob: Blob, threads: int, lin
         R = min(range(1, min(ho, rv // V) + 1), key=lambda r: (-(-ho // r) * (r + 0.5), -r))
     p = ConvPlan(op, shapes, int(op.weight.shape[2]), ho, wo, R, V, xv, vec=vec)
     p.blk_ochan = ochan
+    p.blk_lanes = 8 if ochan and _narrow(vec, wide) else 16
     nb = -(-o // F)
     wpad = np.zeros((nb * F, cin, kk), dtype=np.float32)
     wpad[:o] = w9
@@ -1246,7 +1273,7 @@ def lower(graph: Graph, opts: PlanOptions = DEFAULT_OPTIONS, vec: int = VEC, wid
               and values[op.output].shape[1] * values[op.output].shape[2] > opts.gather_max
               and 4 * math.prod(values[op.inputs[0]].shape) >= opts.flat_tiled_min_bytes
               and torch.count_nonzero(op.weight).item() <= opts.phase_s2_max_density * op.weight.numel()
-              and not (_ochan(opts, vec, wide) and _blocks_share_kernels(op.weight, opts)))
+              and not (_ochan32(opts, vec, wide) and _blocks_share_kernels(op.weight, opts)))
         dwrow = (isinstance(op, ConvOp) and len(values[op.inputs[0]].shape) == 3
                  and dw_rows_ok(op, values[op.inputs[0]].shape[0], values[op.output].shape[2], opts, vec, wide))
         if isinstance(op, ConvOp) and not dwrow and (s2 or op.padding > 1 or (op.stride > 1 and op.weight.shape[2] > 3)):
