@@ -1001,6 +1001,13 @@ def _gather_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines:
     return _register(k, p, plan, bodies, "\n".join(b), extra_)
 
 
+def _packed_chains(plan: Plan, pv: int) -> int:
+    """Independent partial sums per packed vector: PlanOptions.packed1_chains, or with 16 registers as many as
+    keep pv x chains accumulators within 12 (a 7x7 map is 7 vectors: one chain, already 7 FMAs in flight)."""
+    c = plan.options.packed1_chains
+    return max(1, min(c, 12 // pv)) if plan.narrow else c
+
+
 def _packed1_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
     """1x1 convs on small maps: each thread packs the image's channel interiors into dense rows (no border
     lanes: a 4x4 map is one 16-lane vector instead of three 8-lane ones over the padded plane), then every kept
@@ -1016,7 +1023,7 @@ def _packed1_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> st
     ho, wo = p.ho, p.wo
     G, PV = p.gather_vec, p.gather_pv
     PS = PV * G
-    C = plan.options.packed1_chains
+    C = _packed_chains(plan, PV)
     ty, ld_, bc = f"g{G}", f"ldg{G}", f"bcg{G}"
     b = ["  const float* in = B[d[0]]; float* out = B[d[1]];",
          "  const float* bias = g_w + d[3];",
@@ -1317,7 +1324,7 @@ def block_source(k: int, bp: BlockPlan, plan: Plan) -> str:
     li, lo = plan.layouts[A.inputs[0]], plan.layouts[C.output]
     G, PV, PS, M, T = bp.G, bp.PV, bp.PS, bp.M, plan.threads
     ho, wo, cin, cout = bp.ho, bp.wo, bp.cin, bp.cout
-    CH = plan.options.packed1_chains
+    CH = _packed_chains(plan, PV)
     ty, ld_, bc = f"g{G}", f"ldg{G}", f"bcg{G}"
     o = bp.offs
 

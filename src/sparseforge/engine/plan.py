@@ -56,6 +56,9 @@ class PlanOptions:
     spatial_depthwise: bool = False   # measured slower on MobileNetV2 (b1, 2 threads): see plan_conv
     packed1_max: int = 64             # 1x1 convs with output maps of at most this many pixels run in packed mode
     packed1_chains: int = 4           # independent partial sums per output vector in packed mode
+    # 16-register hosts: packed rows (packed 1x1, gather, fused blocks) in 8-lane vectors, chains cut to keep 12
+    # accumulators (16-lane ones are two registers each, and 4 chains of a 7x7 map's 4 vectors spilled)
+    packed_narrow: bool = True
     sparse_linear_density: float = 0.4   # linear layers at most this dense run as CSR sparse GEMV
     blocked_min_density: float = 0.75    # convs at least this dense run in blocked mode (see ConvPlan.blocked)
     blocked_f: int = 3                # filters per register block in blocked mode
@@ -570,12 +573,12 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
         p.dw_w_off = blob.add_f(np.ascontiguousarray(w9.reshape(o, kh * kw), dtype=np.float32))
     elif packed1:
         p.packed1 = True
-        p.gather_vec = 8 if ho * wo <= 8 else 16
+        p.gather_vec = 8 if ho * wo <= 8 or (_narrow(vec, wide) and opts.packed_narrow) else 16
         p.gather_pv = math.ceil(ho * wo / p.gather_vec)
     elif gather:
         p.gather = True
         p.gather_taps = tuple(sorted(set().union(*shapes))) if shapes else ()
-        p.gather_vec = 8 if ho * wo <= 8 else 16
+        p.gather_vec = 8 if ho * wo <= 8 or (_narrow(vec, wide) and opts.packed_narrow) else 16
         p.gather_pv = math.ceil(ho * wo / p.gather_vec)
         p.gather_ft = max(1, opts.gather_acc_bytes // (4 * -(-p.gather_pv * p.gather_vec // 16) * 16))
     elif (not (depthwise and spatial) and flat_ok and (lout.rs == wo + 2 or tiling)
@@ -894,6 +897,10 @@ def _plan_blocked(op: ConvOp, in_shape, out_shape, blob: Blob, threads: int, lin
     o, cin, kk = w9.shape
     _, ho, wo = out_shape
     ochan = _ochan(opts, vec, wide)
+    if ochan and _narrow(vec, wide) and cin * kk <= opts.ochan_row_max_work:
+        # few weights per pixel (an RGB stem): 16-register hosts have no registers for a row of 16 pixels
+        # transposed in registers, and the per-element epilogue would cost more than the FMAs; pixel vectors
+        ochan = False
     if ochan:
         # 16 filters per vector (AVX-512 registers, also in an 8-lane plan); pixels per row block: the fewest
         # recomputed (shifted-back) pixels, then the most per block
@@ -1062,6 +1069,8 @@ class Plan:
     bands: dict = dataclasses.field(default_factory=dict)      # fused expand + depthwise pairs by their first op
     absorbed: dict = dataclasses.field(default_factory=dict)   # op index -> the fused block op that runs it
     options: PlanOptions = DEFAULT_OPTIONS                      # the knobs it was planned with (codegen reads them)
+    # 16 vector registers (AVX2 and portable builds): packed rows in 8-lane vectors, fewer independent chains
+    narrow: bool = False
 
     def gather_size(self, k: int) -> int:
         """Floats of scratch memory conv ``k`` needs, whatever the batch: per thread, one image's packed rows
@@ -1176,7 +1185,7 @@ def _expand_depthwise_lists(wa: torch.Tensor, wb: torch.Tensor, order) -> tuple[
     return a_st, a_ch, a_w, b_st, b_tap, b_w
 
 
-def plan_block(graph: Graph, trip: tuple[int, int, int], blob: Blob, threads: int) -> BlockPlan:
+def plan_block(graph: Graph, trip: tuple[int, int, int], blob: Blob, threads: int, narrow: bool = False) -> BlockPlan:
     ka, kb, kc = trip
     A, Bc, C = graph.ops[ka], graph.ops[kb], graph.ops[kc]
     wa = A.weight.detach().float().reshape(A.weight.shape[0], -1)          # (mid, cin)
@@ -1185,7 +1194,7 @@ def plan_block(graph: Graph, trip: tuple[int, int, int], blob: Blob, threads: in
     mid, cin = wa.shape
     cout = wc.shape[0]
     _, ho, wo = graph.values[C.output].shape
-    G = 8 if ho * wo <= 8 else 16
+    G = 8 if ho * wo <= 8 or narrow else 16
     PV = math.ceil(ho * wo / G)
     # expanded channels: LPT over (expand taps + depthwise taps + project taps), biggest first
     work = (wa != 0).sum(1) + (wb != 0).sum(1) + (wc != 0).sum(0) + 1
@@ -1448,7 +1457,7 @@ def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto
     if opts.fuse_blocks:
         dense = opts.ochan_min_density if _ochan(opts, vec, wide) else opts.blocked_min_density
         for trip in fusable_blocks(graph, opts.packed1_max, dense):
-            blocks[trip[0]] = plan_block(graph, trip, blob, threads)
+            blocks[trip[0]] = plan_block(graph, trip, blob, threads, _narrow(vec, wide) and opts.packed_narrow)
             absorbed[trip[1]] = absorbed[trip[2]] = trip[0]
     bands: dict[int, BandPlan] = {}
     if opts.fuse_bands:
@@ -1515,7 +1524,7 @@ def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto
         else:
             segments.append((kind, [k]))
     plan = Plan(graph, layouts, convs, other, blob, threads, segments, vec, blocks=blocks, bands=bands,
-                absorbed=absorbed, options=opts)
+                absorbed=absorbed, options=opts, narrow=_narrow(vec, wide) and opts.packed_narrow)
     plan.scratch_id = max(graph.values) + 1
     plan.scratch = max([plan.gather_size(k) for k, c in convs.items() if c.gather or c.packed1]
                        + [plan.partials_size(k) for k, c in convs.items() if c.flat_cb]
