@@ -1524,7 +1524,7 @@ def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto
         else:
             segments.append((kind, [k]))
     plan = Plan(graph, layouts, convs, other, blob, threads, segments, vec, blocks=blocks, bands=bands,
-                absorbed=absorbed, options=opts, narrow=_narrow(vec, wide) and opts.packed_narrow)
+                absorbed=absorbed, options=opts, narrow=_narrow(vec, wide))
     plan.scratch_id = max(graph.values) + 1
     plan.scratch = max([plan.gather_size(k) for k, c in convs.items() if c.gather or c.packed1]
                        + [plan.partials_size(k) for k, c in convs.items() if c.flat_cb]
