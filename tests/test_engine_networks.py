@@ -497,6 +497,38 @@ def test_dense_convs_on_avx2_run_as_output_channel_halves():
                 assert ok, (isa, why)
 
 
+def test_sparse_flat_tiles_on_avx2_run_a_tap_at_a_time():
+    """On 16-register (AVX2) builds a flat tile's accumulators plus a kernel's 4 weights outnumber the registers:
+    the kernels run a tap at a time (PlanOptions.tap_major); pattern 3x3 convs with and without a residual, an
+    odd map, batch 1 and 2, NaN/Inf: as in PyTorch, and as the interleaved form."""
+    import sparseforge as sf
+    from sparseforge.engine.build import AVX2_NEEDS
+    from sparseforge.hardware import all_cpu_flags
+    from sparseforge.sparsity.mask import fold_masks
+
+    if not set(AVX2_NEEDS) <= set(all_cpu_flags()):
+        pytest.skip("this CPU cannot run AVX2 code")
+    torch.manual_seed(4)
+    m = nn.Sequential(nn.Conv2d(3, 24, 3, 1, 1), nn.ReLU(), BasicBlock(24, 24, 1, "relu", False),
+                      nn.Conv2d(24, 20, 3, 1, 1), nn.ReLU())
+    m = randomize_bn(m.eval())
+    sf.prune(m, sf.PatternConfig(num_patterns=8, connectivity=2.0, connectivity_scope="layer"))
+    m = fold_masks(m)
+    x = with_nonfinite(torch.randn(2, 3, 61, 75), seed=3)
+    outs = []
+    for tm in (True, False):
+        e, st = compile(m, x[:1], threads=2, isa="avx2", return_stages=True, plan_options=PlanOptions(tap_major=tm))
+        tiles = [c for c in st.plan.convs.values() if c.mode == "flat-tiled" and c.flat_tv >= 12]
+        assert len(tiles) >= 2 and any(c.op.residual is not None for c in tiles), e.summary(profile=False)
+        assert ("const vf k0 = BC(wp[0]); a0 +=" in st.source) == tm
+        with torch.inference_mode():
+            for xb in (x[:1], x):
+                ok, why = compare_outputs(e(xb), m(xb), sparse=True)
+                assert ok, (tm, why)
+            outs.append(e(x))
+    assert torch.equal(outs[0].isnan(), outs[1].isnan())
+
+
 def test_isa_choices_are_checked():
     from sparseforge.engine.build import AVX2_NEEDS
     from sparseforge.hardware import all_cpu_flags

@@ -756,6 +756,9 @@ def _flat_kernels(p: ConvPlan, plan: Plan, li, names: list[str], base: str, ind:
     ri = ri or _ri(plan)
     # every tile starts a whole number of vectors after the plane's first interior position
     align = _shift_align(plan, li, VEC, isa, p.flat_p0 % VEC)
+    # 16-register hosts: more accumulators + a kernel's weights than registers (PlanOptions.tap_major)
+    tap_major = (plan.narrow and plan.options.tap_major and G == 1 and align is None
+                 and any(len(names) + len(sh) > 15 for sh in p.shapes))
     out, ind0 = [], ind
     if p.merged:
         out += [f"{ind}{{",
@@ -773,9 +776,16 @@ def _flat_kernels(p: ConvPlan, plan: Plan, li, names: list[str], base: str, ind:
             out.append(f"{ind}for (int e = st{j}[{ri}]; e < st{j}[{ri} + 1]; e++) {{")
             out.append(f"{ind}  const float* ip = ib + (long)ch{j}[e] * {li.plane} + {base};")
             out.append(f"{ind}  const float* wp = w{j} + (long)e * {nt * G};")
-        out += _weights(isa.type, isa.bcast, nt, G, ind + "  ")
-        out += [ind + "  " + st_ for st_ in _accumulate_shared(names, [i * VEC for i in range(len(names))], offs,
-                                                               isa.load, G, isa.type, align)]
+        if tap_major:
+            # a tap at a time, its weight broadcast just before its FMAs: the tile's accumulators and one weight
+            # fit 16 registers (all of a kernel's weights up front spilled accumulators on every kernel)
+            out += [f"{ind}  {{ const {isa.type} k{t} = {isa.bcast}(wp[{t}]); "
+                    + " ".join(f"{nm} += k{t} * {isa.load}(ip + {i * VEC + offs[t]});" for i, nm in enumerate(names))
+                    + " }" for t in range(nt)]
+        else:
+            out += _weights(isa.type, isa.bcast, nt, G, ind + "  ")
+            out += [ind + "  " + st_ for st_ in _accumulate_shared(names, [i * VEC for i in range(len(names))],
+                                                                   offs, isa.load, G, isa.type, align)]
         out.append(f"{ind}}}")
     if p.merged:
         out.append(f"{ind0}}}")

@@ -59,6 +59,9 @@ class PlanOptions:
     # 16-register hosts: packed rows (packed 1x1, gather, fused blocks) in 8-lane vectors, chains cut to keep 12
     # accumulators (16-lane ones are two registers each, and 4 chains of a 7x7 map's 4 vectors spilled)
     packed_narrow: bool = True
+    # 16-register hosts: flat modes' kernels a tap at a time when the tile's accumulators and the kernel's weights
+    # outnumber the registers
+    tap_major: bool = True
     sparse_linear_density: float = 0.4   # linear layers at most this dense run as CSR sparse GEMV
     blocked_min_density: float = 0.75    # convs at least this dense run in blocked mode (see ConvPlan.blocked)
     blocked_f: int = 3                # filters per register block in blocked mode
