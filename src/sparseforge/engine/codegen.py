@@ -549,7 +549,7 @@ def _blocked_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> st
 
 
 def _ochan_taps(taps, kw: int, nv: int, tap_off, w_at, accs, max_w: int = 9, vt: str = "g16",
-                bc: str = "bcg16", keep: bool = False) -> list[str]:
+                bc: str = "bcg16") -> list[str]:
     """One channel's FMAs in output-channel mode, a kernel row at a time: that row's weight vectors loaded once,
     then every input value the row's taps read broadcast once and multiplied into each accumulator that needs
     it (with stride 1, three 3x3 taps share each value: ~0.4 loads per FMA instead of ~1.1; one load per term,
@@ -568,8 +568,7 @@ def _ochan_taps(taps, kw: int, nv: int, tap_off, w_at, accs, max_w: int = 9, vt:
         for name, base in accs:
             for t in ts:
                 uses.setdefault(base + tap_off(t), []).extend(f"{name}_{j} += w{t}_{j} * x;" for j in range(nv))
-        lines.append("        { " + " ".join(f"{'' if keep else 'const '}{vt} w{t}_{j} = {w_at(t, j)};"
-                                         + (f" KEEP(w{t}_{j});" if keep else "") for t in ts for j in range(nv)))
+        lines.append("        { " + " ".join(f"const {vt} w{t}_{j} = {w_at(t, j)};" for t in ts for j in range(nv)))
         for addr in sorted(uses):
             lines.append(f"          {{ const {vt} x = {bc}(ip[{addr}]); " + " ".join(uses[addr]) + " }")
         lines.append("        }")
@@ -634,7 +633,7 @@ def _blocked_ochan_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str])
         for ph, taps in enumerate(p.blk_taps):
             b += _ochan_taps(taps, kw, nl, lambda t, ph=ph: ph * li.plane + (t // kw) * li.rs + (t % kw),
                              lambda t, j, ph=ph: f"{ldv}(wp + {(ph * kk + t) * F + L * j}){gs}", pix,
-                             max_w, vt, bc, L == 8 and plan.options.ochan_keep_w)
+                             max_w, vt, bc)
         b.append("      }")
     if R == 1 and V == 16:
         # a row of 16 pixels: each vector of 16 filters transposed in registers, then one vector per filter

@@ -92,13 +92,15 @@ class PlanOptions:
     # maps >= 16 wide whose blocks have at most this many weight vectors per pixel (few input channels, or few
     # kept kernels): blocks of one row of 16 pixels, transposed in registers for a vector epilogue
     ochan_row_max_work: int = 64
-    # AVX2 hosts (16 registers): the same mode with each 16-filter vector two 8-lane halves, ochan_acc_narrow
-    # pixels per block (12 accumulator registers), a tap's weight vector loaded per tap. Measured Zen 3, one
-    # process, b1, 2 threads vs pixel-vector blocks: see README/issue 22 closing note of session 35
+    # AVX2 hosts (16 registers): the same mode with each 16-filter vector two 8-lane halves, a tap at a time (gcc
+    # folds the weight halves into the FMAs and shares each broadcast input between taps; holding the weights in
+    # registers measured 0.72-0.83x on 3x3 layers). Zen 3, vs pixel-vector blocks: dense ResNet-18 at 224, b1,
+    # 2 threads, same process 1.31x; dense engine / onnxruntime fp32 ResNet-50 2.20 -> 1.30, VGG-16-BN 1.82 ->
+    # 1.23. Pixels per block (one layer at a time, one thread): 5 for kxk convs (4-5 on 14-56 wide maps; 6:
+    # 0.78-0.95x, 4 on 14x14: 0.72x), 7 for 1x1 convs (6: 0.57-0.95x)
     ochan_narrow: bool = True
-    ochan_acc_narrow: int = 5         # kxk convs (gcc shares each broadcast input between taps: registers)
-    ochan_acc_1x1_narrow: int = 7     # 1x1 convs
-    ochan_keep_w: bool = False        # ... each weight vector held in a register (else gcc folds it into each FMA)
+    ochan_acc_narrow: int = 5
+    ochan_acc_1x1_narrow: int = 7
     max_group: int = 2                # most adjacent filters run as one group (ConvPlan.fgroup; 1 = off); measured
                                       # no faster at 4 on ResNet-18/50, MobileNetV2 at 224
     fgroup_waste: float = 1.05        # groups run when the union of their taps costs at most this much extra
