@@ -445,16 +445,21 @@ def test_nan_and_inf_propagate_as_in_pytorch(name, hw):
     assert ok, why
 
 
-def test_avx2_builds_match_pytorch_and_save_what_they_need(tmp_path):
-    """isa="avx2" builds the code an AVX2-only CPU runs (x86-64-v3, 8-float vectors, none of the AVX-512 modes)
-    on any AVX2 host, so its paths are checked here too; its artefact asks the loading CPU for AVX2, not for this
-    host's features, and loads back the same engine."""
-    from sparseforge.engine import load_engine
+def _skip_without_avx2() -> None:
     from sparseforge.engine.build import AVX2_NEEDS
     from sparseforge.hardware import all_cpu_flags
 
     if not set(AVX2_NEEDS) <= set(all_cpu_flags()):
         pytest.skip("this CPU cannot run AVX2 code")
+
+
+def test_avx2_builds_match_pytorch_and_save_what_they_need(tmp_path):
+    """isa="avx2" builds the code an AVX2-only CPU runs (x86-64-v3, 8-float vectors, none of the AVX-512 modes)
+    on any AVX2 host, so its paths are checked here too; its artefact asks the loading CPU for AVX2, not for this
+    host's features, and loads back the same engine."""
+    from sparseforge.engine import load_engine
+
+    _skip_without_avx2()
     for seed in (3, 8, 13, 21):
         m, x, desc = random_network(seed)
         with torch.inference_mode():
@@ -475,11 +480,7 @@ def test_dense_convs_on_avx2_run_as_output_channel_halves():
     8-lane halves (ConvPlan.blk_lanes 8): a 7x7 stride-2 stem (phase split), 3x3 stride 1/2, 1x1 with and
     without a residual, a squeeze-excite gate fused into the 1x1 after it, odd filter counts (a partial last
     block), odd map sizes (shifted-back blocks), batch 1 and 3, NaN/Inf: as in PyTorch."""
-    from sparseforge.engine.build import AVX2_NEEDS
-    from sparseforge.hardware import all_cpu_flags
-
-    if not set(AVX2_NEEDS) <= set(all_cpu_flags()):
-        pytest.skip("this CPU cannot run AVX2 code")
+    _skip_without_avx2()
     torch.manual_seed(2)
     m = nn.Sequential(nn.Conv2d(3, 24, 7, 2, 3), nn.BatchNorm2d(24), nn.ReLU(),
                       BasicBlock(24, 40, 2, "relu", project=True), Bottleneck(40, 20, 40, 1, "relu", 1),
@@ -502,12 +503,9 @@ def test_sparse_flat_tiles_on_avx2_run_a_tap_at_a_time():
     the kernels run a tap at a time (PlanOptions.tap_major); pattern 3x3 convs with and without a residual, an
     odd map, batch 1 and 2, NaN/Inf: as in PyTorch, and as the interleaved form."""
     import sparseforge as sf
-    from sparseforge.engine.build import AVX2_NEEDS
-    from sparseforge.hardware import all_cpu_flags
     from sparseforge.sparsity.mask import fold_masks
 
-    if not set(AVX2_NEEDS) <= set(all_cpu_flags()):
-        pytest.skip("this CPU cannot run AVX2 code")
+    _skip_without_avx2()
     torch.manual_seed(4)
     m = nn.Sequential(nn.Conv2d(3, 24, 3, 1, 1), nn.ReLU(), BasicBlock(24, 24, 1, "relu", False),
                       nn.Conv2d(24, 20, 3, 1, 1), nn.ReLU())

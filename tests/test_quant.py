@@ -163,8 +163,9 @@ def test_qdq_export_matches_the_integer_reference_op_by_op():
                 sf.export_qdq(qm)
             continue
         env = run_int(qm.qgraph, x, keep=True)
+        onnx = sf.export_qdq(qm, debug_outputs=True, feed_values=True)
         for level in _ort_levels(ort):
-            s = _ort_session(ort, sf.export_qdq(qm, debug_outputs=True, feed_values=True), level)
+            s = _ort_session(ort, onnx, level)
             feeds = {"input": x.numpy()}
             for i in s.get_inputs()[1:]:
                 vid = int(i.name[2:])
