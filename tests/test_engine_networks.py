@@ -877,31 +877,36 @@ def test_sparse_stride2_convs_lowered_to_a_phase_split_match_pytorch(hw):
         assert ok, why
 
 
-@pytest.mark.parametrize("mr,nr", [(6, 4), (5, 3)])
-def test_dense_1x1_gemm_mode_matches_pytorch(mr, nr):
-    """Dense stride-1 1x1 convs on 32-register hosts with 16-float rows run as a GEMM along the flattened plane
-    (ConvPlan.flat_gemm): filter blocks padded with zero filters (cout not a multiple of gemm_mr), identity
+@pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
+@pytest.mark.parametrize("mr,nr,mr8,nr8", [(6, 4, 6, 2), (5, 3, 4, 3)])
+def test_dense_1x1_gemm_mode_matches_pytorch(mr, nr, mr8, nr8, isa):
+    """Dense stride-1 1x1 convs run as a GEMM along the flattened plane (ConvPlan.flat_gemm; 16-lane vectors and
+    gemm_mr x gemm_nr blocks on 32-register hosts, 8-lane ones and gemm_mr_narrow x gemm_nr_narrow on AVX2 and
+    portable builds): filter blocks padded with zero filters (cout not a multiple of the block), identity
     residuals, ReLU6, a map with one tile (items split by filter block across threads), the shifted last tile,
-    batch 1 and 3, NaN/Inf: as in PyTorch. Elsewhere (AVX2 hosts) the mode is never chosen."""
+    batch 1 and 3, NaN/Inf: as in PyTorch."""
     from sparseforge.engine.testing import random_bn_statistics
+
+    if isa == "avx2":
+        _skip_without_avx2()
 
     torch.manual_seed(7)
     m = nn.Sequential(nn.Conv2d(3, 24, 3, 1, 1), nn.BatchNorm2d(24), nn.ReLU6(),
                       nn.Conv2d(24, 37, 1), nn.BatchNorm2d(37), nn.ReLU6(),
                       Bottleneck(37, 20, 37, 1, "relu", 1), nn.MaxPool2d(2),
                       nn.Conv2d(37, 29, 1), nn.BatchNorm2d(29), nn.ReLU(),
-                      nn.MaxPool2d((5, 1)), nn.Conv2d(29, 23, 1), nn.ReLU())      # 3x14: one tile
+                      nn.MaxPool2d((15, 1)), nn.Conv2d(29, 23, 1), nn.ReLU())     # 1x14: one tile
     m = random_bn_statistics(m.eval(), torch.Generator().manual_seed(7))
     x = torch.randn(3, 3, 30, 29)
     x[1, 0, 13, 9], x[2, 2, 3, 11] = float("nan"), float("inf")
-    opts = PlanOptions(flat_gemm_min_pixels=0, gemm_mr=mr, gemm_nr=nr)
-    e, st = compile(m, x[:1], threads=2, return_stages=True, plan_options=opts)
+    opts = PlanOptions(flat_gemm_min_pixels=0, gemm_mr=mr, gemm_nr=nr, gemm_mr_narrow=mr8, gemm_nr_narrow=nr8)
+    e, st = compile(m, x[:1], threads=2, return_stages=True, plan_options=opts, isa=isa)
     gemm = [c for c in st.plan.convs.values() if c.mode == "flat-gemm"]
-    if not e.spec["options"]["wide"]:
-        assert not gemm
-    else:
-        assert len(gemm) >= 4 and any(c.op.residual is not None for c in gemm)
-        assert any(c.op.weight.shape[0] % mr for c in gemm) and any(c.flat_nv <= nr for c in gemm)
+    wide = e.spec["options"]["wide"]
+    mr_, nr_ = (mr, nr) if wide else (mr8, nr8)
+    assert len(gemm) >= 4 and any(c.op.residual is not None for c in gemm), e.summary(profile=False)
+    assert all(c.vec == (16 if wide else 8) and c.gemm_mr == mr_ for c in gemm)
+    assert any(c.op.weight.shape[0] % mr_ for c in gemm) and any(c.flat_nv <= nr_ for c in gemm)
     with torch.inference_mode():
         for xb in (x[:1], x):
             out, ref = e(xb), m(xb)
