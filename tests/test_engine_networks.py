@@ -527,6 +527,36 @@ def test_sparse_flat_tiles_on_avx2_run_a_tap_at_a_time():
     assert torch.equal(outs[0].isnan(), outs[1].isnan())
 
 
+def test_gather_rows_on_avx2_run_a_few_vectors_at_a_time():
+    """Gather mode on 16-register (AVX2 and portable) builds loads a shape's packed rows a few vectors at a time
+    (PlanOptions.gather_rows_narrow), every filter of the list passing over each group: maps whose vector count
+    is not a multiple of the group (7x7: 7 vectors, 5x3: 2), a stride-2 conv, a residual, batch 1 and 3, NaN/Inf:
+    as in PyTorch for groups of 1, 2 and 3 vectors and for all rows at once."""
+    import sparseforge as sf
+    from sparseforge.sparsity.mask import fold_masks
+
+    _skip_without_avx2()
+    torch.manual_seed(5)
+    m = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU(), BasicBlock(32, 40, 2, "relu", project=True),
+                      BasicBlock(40, 40, 1, "relu", False), nn.MaxPool2d((2, 3)), nn.Conv2d(40, 24, 3, 1, 1))
+    m = randomize_bn(m.eval())
+    sf.prune(m, sf.PatternConfig(num_patterns=8, connectivity=2.0, connectivity_scope="layer"))
+    m = fold_masks(m)
+    x = with_nonfinite(torch.randn(3, 3, 28, 37), seed=8)
+    with torch.inference_mode():
+        ref = m(x)
+    for isa, gv in (("avx2", 2), ("avx2", 1), ("portable", 3), ("avx2", 0)):
+        e, st = compile(m, x[:1], threads=2, isa=isa, conv_mode="gather", return_stages=True,
+                        plan_options=PlanOptions(gather_rows_narrow=gv))
+        gathers = [c for c in st.plan.convs.values() if c.mode == "gather"]
+        assert st.plan.narrow and len(gathers) >= 4, e.summary(profile=False)
+        assert any(c.gather_pv % 2 for c in gathers) and any(c.op.residual is not None for c in gathers)
+        with torch.inference_mode():
+            for xb in (x[:1], x):
+                ok, why = compare_outputs(e(xb), ref[: len(xb)], sparse=True)
+                assert ok, (isa, gv, why)
+
+
 def test_isa_choices_are_checked():
     from sparseforge.engine.build import AVX2_NEEDS
     from sparseforge.hardware import all_cpu_flags

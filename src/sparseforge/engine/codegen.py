@@ -972,19 +972,37 @@ def _gather_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines:
           f"      const {_ix(p)}* fe = ef + te[2 * ti]; const float* we = ew + te[2 * ti + 1];"]
     b += [f"      for (int c = 0; c < {cin}; c++, cn += {ns}) {{",
           f"        const float* sc = sb + (long)c * {CF};"]
+    # 16-register hosts: the rows of a few vectors at a time (PlanOptions.gather_rows_narrow), every filter of the
+    # list passing over each group: all of a shape's rows at once (4 taps x 8 vectors on an 8x8 map) spilled
+    GV = plan.options.gather_rows_narrow if plan.narrow and plan.options.gather_rows_narrow else PV
     for j, shape in enumerate(p.shapes):
         nt = len(shape)
         # the shape's packed rows of channel c are the same for every filter in the list: load them once
         # (stores to the accumulators could alias them, so the C compiler would not hoist the loads itself)
         b.append(f"        if (cn[{j}]) {{")
-        b += [f"          const {ty} r{ti}_{v} = {ld_}(sc + {tpos[t] * PS + v * G});"
-              for ti, t in enumerate(shape) for v in range(PV)]
-        b.append(f"          for (int e = cn[{j}]; e > 0; e--, fe++, we += {nt}) {{")
-        b.append(f"            float* a = acc + (long)*fe * {AS};")
-        for v in range(PV):
-            terms = [f"{bc}(we[{ti}]) * r{ti}_{v}" for ti, t in enumerate(shape)]
-            b.append(f"            {{ {ty} x = {ld_}(a + {v * G}); x += {_tree(terms)}; memcpy(a + {v * G}, &x, sizeof x); }}")
-        b.append("          }")
+        for v0 in range(0, PV, GV):
+            vs = range(v0, min(PV, v0 + GV))
+            grouped = GV < PV
+            if grouped:
+                b.append("          {")
+            b += [f"          const {ty} r{ti}_{v} = {ld_}(sc + {tpos[t] * PS + v * G});"
+                  for ti, t in enumerate(shape) for v in vs]
+            if grouped:
+                b.append(f"          const {_ix(p)}* fg = fe; const float* wg = we;")
+                b.append(f"          for (int e = cn[{j}]; e > 0; e--, fg++, wg += {nt}) {{")
+                b.append(f"            float* a = acc + (long)*fg * {AS};")
+            else:
+                b.append(f"          for (int e = cn[{j}]; e > 0; e--, fe++, we += {nt}) {{")
+                b.append(f"            float* a = acc + (long)*fe * {AS};")
+            wv = "wg" if grouped else "we"
+            for v in vs:
+                terms = [f"{bc}({wv}[{ti}]) * r{ti}_{v}" for ti, t in enumerate(shape)]
+                b.append(f"            {{ {ty} x = {ld_}(a + {v * G}); x += {_tree(terms)}; memcpy(a + {v * G}, &x, sizeof x); }}")
+            b.append("          }")
+            if grouped:
+                b.append("          }")
+        if GV < PV:
+            b.append(f"          fe += cn[{j}]; we += (long)cn[{j}] * {nt};")
         b.append("        }")
     b += ["      }",
           "      for (int q = tf[ti]; q < tf[ti + 1]; q++) {",

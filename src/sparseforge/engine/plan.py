@@ -184,6 +184,8 @@ class PlanOptions:
     # floats. Measured Zen 3, b1, 2 threads at 224, same process vs output-channel blocks (off): dense
     # MobileNetV2 1.08x, dense ResNet-50 1.08x; 4 x 3 blocks 1.03x / 0.96x, 5 x 2 as 6 x 2
     flat_gemm_narrow: bool = True
+    # gather mode on 16-register hosts: the packed rows of this many vectors at a time (0: all at once)
+    gather_rows_narrow: int = 2
     gemm_mr_narrow: int = 6
     gemm_nr_narrow: int = 2
     # ops of a native segment as parts that threads claim (each its own partition first, then any part nobody
