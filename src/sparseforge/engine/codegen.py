@@ -975,6 +975,7 @@ def _gather_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines:
     # 16-register hosts: the rows of a few vectors at a time (PlanOptions.gather_rows_narrow), every filter of the
     # list passing over each group: all of a shape's rows at once (4 taps x 8 vectors on an 8x8 map) spilled
     GV = plan.options.gather_rows_narrow if plan.narrow and plan.options.gather_rows_narrow else PV
+    grouped = GV < PV
     for j, shape in enumerate(p.shapes):
         nt = len(shape)
         # the shape's packed rows of channel c are the same for every filter in the list: load them once
@@ -982,7 +983,6 @@ def _gather_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines:
         b.append(f"        if (cn[{j}]) {{")
         for v0 in range(0, PV, GV):
             vs = range(v0, min(PV, v0 + GV))
-            grouped = GV < PV
             if grouped:
                 b.append("          {")
             b += [f"          const {ty} r{ti}_{v} = {ld_}(sc + {tpos[t] * PS + v * G});"
@@ -1001,7 +1001,7 @@ def _gather_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines:
             b.append("          }")
             if grouped:
                 b.append("          }")
-        if GV < PV:
+        if grouped:
             b.append(f"          fe += cn[{j}]; we += (long)cn[{j}] * {nt};")
         b.append("        }")
     b += ["      }",
