@@ -498,6 +498,35 @@ def test_dense_convs_on_avx2_run_as_output_channel_halves():
                 assert ok, (isa, why)
 
 
+def test_dense_convs_on_avx2_small_maps_run_in_channel_chunks():
+    """Dense kxk convs in output-channel blocks on 16-register builds, on small maps, run their input channels in
+    chunks with partial sums between chunks (PlanOptions.ochan_kchunk_narrow): channel counts that leave a
+    partial last chunk, stride 1 and 2, a residual, a phase-split 5x5 stride-2 conv (two-phase channel groups),
+    maps with shifted-back blocks, batch 1 and 3, NaN/Inf: as in PyTorch for chunks of 8 and 16 and none."""
+    _skip_without_avx2()
+    torch.manual_seed(6)
+    m = nn.Sequential(nn.Conv2d(3, 40, 3, 2, 1), nn.BatchNorm2d(40), nn.ReLU(),
+                      BasicBlock(40, 40, 1, "relu", False), BasicBlock(40, 56, 2, "relu", project=True),
+                      nn.Conv2d(56, 36, 5, 2, 2), nn.ReLU(), nn.Conv2d(36, 19, 3, 1, 1))
+    m = randomize_bn(m.eval())
+    x = with_nonfinite(torch.randn(3, 3, 27, 25), seed=9)
+    with torch.inference_mode():
+        ref = m(x)
+    for isa, kc in (("avx2", 16), ("portable", 8), ("avx2", 0)):
+        opts = PlanOptions(ochan_kchunk_narrow=kc)
+        e, st = compile(m, x[:1], threads=2, isa=isa, return_stages=True, plan_options=opts)
+        small = [c for c in st.plan.convs.values() if c.blocked and c.blk_ochan and c.blk_lanes == 8
+                 and c.op.weight.shape[2] > 1 and c.ho * c.wo <= opts.ochan_kchunk_max_pixels]
+        assert len(small) >= 4 and any(c.op.residual is not None for c in small), e.summary(profile=False)
+        if kc:
+            assert any(c.op.weight.shape[1] % kc for c in small) and any(c.op.stride == 1 and c.ho * c.wo < 60 for c in small)
+            assert f"kc += {kc}" in st.source
+        with torch.inference_mode():
+            for xb in (x[:1], x):
+                ok, why = compare_outputs(e(xb), ref[: len(xb)], sparse=False)
+                assert ok, (isa, kc, why)
+
+
 def test_sparse_flat_tiles_on_avx2_run_a_tap_at_a_time():
     """On 16-register (AVX2) builds a flat tile's accumulators plus a kernel's 4 weights outnumber the registers:
     the kernels run a tap at a time (PlanOptions.tap_major); pattern 3x3 convs with and without a residual, an

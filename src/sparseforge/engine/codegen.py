@@ -597,18 +597,36 @@ def _blocked_ochan_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str])
     if p.in_scale >= 0:         # a squeeze-excite gate: channel c's weight vectors times the image's gate[c]
         desc.append(p.in_scale)
         lg = plan.layouts[p.in_scale]
-    b = _blocked_head(p, li, lo, -(-wo // V), [f"  float buf[{R * V * F}] __attribute__((aligned(64)));"])
+    L = p.blk_lanes
+    nxb, nby = -(-wo // V), -(-ho // p.rows)
+    # 16-register hosts, small maps: input channels in chunks of KC, every pixel block of the filter block per
+    # chunk, partial sums on the stack between chunks (PlanOptions.ochan_kchunk_narrow): the chunk's weight
+    # vectors stay in L1 for all of the map's blocks instead of the whole filter block's streaming from L2 once
+    # per pixel block (512 -> 512 on 7x7: 295 KB of weights per 16 filters)
+    KC = plan.options.ochan_kchunk_narrow
+    g_ = len(p.blk_taps) or 1
+    chunked = (L == 8 and not p.blk_sparse and not p.block_outer and KC and cin > KC and KC % g_ == 0
+               and kk > 1 and ho * wo <= plan.options.ochan_kchunk_max_pixels)
+    decls = [f"  float buf[{R * V * F}] __attribute__((aligned(64)));"]
+    if chunked:
+        decls.append(f"  float part[{nby * nxb * R * V * F}] __attribute__((aligned(64)));")
+    b = _blocked_head(p, li, lo, nxb, decls)
+    if chunked:
+        b.insert(len(b) - 2, f"    for (int kc = 0; kc < {cin}; kc += {KC})")
     b += ["    {",
           f"      const int y0 = yb * {R} < {ho - R} ? yb * {R} : {ho - R};",
           f"      const int x0 = xb * {V} < {wo - V} ? xb * {V} : {wo - V};",
           f"      const long ioff = (long)(y0 * {s} + 1 - {pad}) * {li.rs} + (x0 * {s} + 1 - {pad});"]
     # L-lane vectors: 16 (g16), or 8 (vf, the plan's AVX2 vectors: each 16 filters two halves, nl = 2 nv)
-    L = p.blk_lanes
     vt, bc, ldv, stv = ("g16", "bcg16", "ldg16", "stg16") if L == 16 else ("vf", "BC", "ld", "st")
     nl = F // L
     max_w = plan.options.ochan_max_w if L == 16 else 0
     b += [f"      const {vt} bv{j} = {ldv}(bias + fb * {F} + {L * j});" for j in range(nl)]
     b += [f"      {vt} " + ", ".join(f"{a}_{j} = bv{j}" for a in accs for j in range(nl)) + ";"]
+    if chunked:
+        b += [f"      float* pp = part + (long)(yb * {nxb} + xb) * {R * V * F};",
+              "      if (kc > 0) { " + " ".join(f"{a}_{j} = {ldv}(pp + {i * F + L * j});"
+                                         for i, a in enumerate(accs) for j in range(nl)) + " }"]
     pix = [(f"a{r}_{v}", r * s * li.rs + v * s) for r in range(R) for v in range(V)]
     if p.blk_sparse:
         # the block's kept kernels, shape by shape: (count, channels, weights [tap][16 filters])
@@ -623,9 +641,14 @@ def _blocked_ochan_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str])
             b.append("      }")
     else:
         g = len(p.blk_taps)          # channel phases (1 unless phase-lowered), each with its own taps
-        b += [f"      const float* wp = W + (long)fb * {cin * kk * F};",
-              f"      for (int c = 0; c < {cin}; c += {g}, wp += {g * kk * F}) {{",
-              f"        const float* ip = ib + (long)c * {li.plane} + ioff;"]
+        if chunked:
+            b += [f"      const float* wp = W + (long)fb * {cin * kk * F} + (long)kc * {kk * F};",
+                  f"      const int ce = kc + {KC} < {cin} ? kc + {KC} : {cin};",
+                  f"      for (int c = kc; c < ce; c += {g}, wp += {g * kk * F}) {{"]
+        else:
+            b += [f"      const float* wp = W + (long)fb * {cin * kk * F};",
+                  f"      for (int c = 0; c < {cin}; c += {g}, wp += {g * kk * F}) {{"]
+        b.append(f"        const float* ip = ib + (long)c * {li.plane} + ioff;")
         gs = ""
         if p.in_scale >= 0:
             b.append(f"        const {vt} gs = {bc}(B[d[5]][{_addr(lg, 'n', 'c', '0', '0')}]);")
@@ -654,6 +677,10 @@ def _blocked_ochan_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str])
                   "      }"]
         b += ["    }", "  }"]
         return _register(k, p, plan, bodies, "\n".join(b), [], desc=desc)
+    if chunked:
+        b.append(f"      if (kc + {KC} < {cin}) {{ " + " ".join(f"{stv}(pp + {i * F + L * j}, {a}_{j});"
+                                                         for i, a in enumerate(accs) for j in range(nl))
+                 + " continue; }")
     if L == 16:
         b += ["#ifdef __AVX512F__"] + _ochan_vec_epilogue(op, lo, F, R, V, nv, accs) + ["#else"]
     b += ["      " + " ".join(f"{stv}(buf + {i * F + L * j}, {a}_{j});" for i, a in enumerate(accs) for j in range(nl)),

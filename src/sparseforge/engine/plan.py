@@ -106,6 +106,12 @@ class PlanOptions:
     ochan_narrow: bool = True
     ochan_acc_narrow: int = 5
     ochan_acc_1x1_narrow: int = 7
+    # dense kxk convs in output-channel blocks on 16-register hosts, maps of at most ochan_kchunk_max_pixels:
+    # input channels in chunks of this many, all the map's blocks per chunk (codegen._blocked_ochan_conv). Zen 3,
+    # b1, 2 threads, same process vs none: dense ResNet-18 1.02-1.03x (its 7x7 512 -> 512 convs 1.10x), ResNet-50
+    # and VGG-16-BN 1.00x; chunks of 32 1.01x, 1x1 convs chunked 0.96x (ResNet-50)
+    ochan_kchunk_narrow: int = 16
+    ochan_kchunk_max_pixels: int = 196
     max_group: int = 2                # most adjacent filters run as one group (ConvPlan.fgroup; 1 = off); measured
                                       # no faster at 4 on ResNet-18/50, MobileNetV2 at 224
     fgroup_waste: float = 1.05        # groups run when the union of their taps costs at most this much extra
