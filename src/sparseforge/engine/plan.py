@@ -35,6 +35,10 @@ class PlanOptions:
     gather_acc_bytes: int = 24576     # gather mode: accumulator bytes per filter tile (about half of L1)
     gather_min_cin: int = 128
     gather_max: int = 64              # output maps with at most this many pixels run in gather mode
+    # ... on 16-register hosts: a shape's packed rows this many vectors at a time, every filter of the list passing
+    # over each group (0: all at once, which spilled: 4 taps x 8 vectors on an 8x8 map). Zen 3, b1, 2 threads,
+    # same process vs 0: CIFAR VGG-16 8x 1.06-1.08x, ResNet-18 8x at 224 1.02x; 3 and 4 as 2, 1 0.86x
+    gather_rows_narrow: int = 2
     spatial_ratio: float = 1.0        # batch 1: split rows, not filters, when input bytes >= this x weight bytes
     runs_in_walk_order: bool = True   # kernel runs stored in the order the threads walk them
     align_rows: bool = True           # row stride of wide maps a multiple of the vector width
@@ -195,8 +199,6 @@ class PlanOptions:
     # floats. Measured Zen 3, b1, 2 threads at 224, same process vs output-channel blocks (off): dense
     # MobileNetV2 1.08x, dense ResNet-50 1.08x; 4 x 3 blocks 1.03x / 0.96x, 5 x 2 as 6 x 2
     flat_gemm_narrow: bool = True
-    # gather mode on 16-register hosts: the packed rows of this many vectors at a time (0: all at once)
-    gather_rows_narrow: int = 2
     gemm_mr_narrow: int = 6
     gemm_nr_narrow: int = 2
     # ops of a native segment as parts that threads claim (each its own partition first, then any part nobody
