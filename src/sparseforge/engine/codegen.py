@@ -1003,6 +1003,7 @@ def _gather_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines:
     # list passing over each group: all of a shape's rows at once (4 taps x 8 vectors on an 8x8 map) spilled
     GV = plan.options.gather_rows_narrow if plan.narrow and plan.options.gather_rows_narrow else PV
     grouped = GV < PV
+    fv, wv = ("fg", "wg") if grouped else ("fe", "we")      # the filter loop's stream pointers
     for j, shape in enumerate(p.shapes):
         nt = len(shape)
         # the shape's packed rows of channel c are the same for every filter in the list: load them once
@@ -1014,14 +1015,10 @@ def _gather_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines:
                 b.append("          {")
             b += [f"          const {ty} r{ti}_{v} = {ld_}(sc + {tpos[t] * PS + v * G});"
                   for ti, t in enumerate(shape) for v in vs]
-            if grouped:
+            if grouped:         # each group walks the shape's entries from the start; fe/we move on after
                 b.append(f"          const {_ix(p)}* fg = fe; const float* wg = we;")
-                b.append(f"          for (int e = cn[{j}]; e > 0; e--, fg++, wg += {nt}) {{")
-                b.append(f"            float* a = acc + (long)*fg * {AS};")
-            else:
-                b.append(f"          for (int e = cn[{j}]; e > 0; e--, fe++, we += {nt}) {{")
-                b.append(f"            float* a = acc + (long)*fe * {AS};")
-            wv = "wg" if grouped else "we"
+            b += [f"          for (int e = cn[{j}]; e > 0; e--, {fv}++, {wv} += {nt}) {{",
+                  f"            float* a = acc + (long)*{fv} * {AS};"]
             for v in vs:
                 terms = [f"{bc}({wv}[{ti}]) * r{ti}_{v}" for ti, t in enumerate(shape)]
                 b.append(f"            {{ {ty} x = {ld_}(a + {v * G}); x += {_tree(terms)}; memcpy(a + {v * G}, &x, sizeof x); }}")
