@@ -560,7 +560,8 @@ def test_gather_rows_on_avx2_run_a_few_vectors_at_a_time():
     """Gather mode on 16-register (AVX2 and portable) builds loads a shape's packed rows a few vectors at a time
     (PlanOptions.gather_rows_narrow), every filter of the list passing over each group: maps whose vector count
     is not a multiple of the group (7x7: 7 vectors, 5x3: 2), a stride-2 conv, a residual, batch 1 and 3, NaN/Inf:
-    as in PyTorch for groups of 1, 2 and 3 vectors and for all rows at once."""
+    as in PyTorch for groups of 1, 2 and 3 vectors and for all rows at once, with a thread's filters in one tile
+    (the default there, PlanOptions.gather_acc_bytes_narrow) and in tiles of a few filters."""
     import sparseforge as sf
     from sparseforge.sparsity.mask import fold_masks
 
@@ -574,12 +575,16 @@ def test_gather_rows_on_avx2_run_a_few_vectors_at_a_time():
     x = with_nonfinite(torch.randn(3, 3, 28, 37), seed=8)
     with torch.inference_mode():
         ref = m(x)
-    for isa, gv in (("avx2", 2), ("avx2", 1), ("portable", 3), ("avx2", 0)):
+    for isa, gv, acc in (("avx2", 2, None), ("avx2", 1, 1024), ("portable", 3, None), ("avx2", 0, 2048)):
+        kw = {} if acc is None else {"gather_acc_bytes_narrow": acc}
         e, st = compile(m, x[:1], threads=2, isa=isa, conv_mode="gather", return_stages=True,
-                        plan_options=PlanOptions(gather_rows_narrow=gv))
+                        plan_options=PlanOptions(gather_rows_narrow=gv, **kw))
         gathers = [c for c in st.plan.convs.values() if c.mode == "gather"]
         assert st.plan.narrow and len(gathers) >= 4, e.summary(profile=False)
         assert any(c.gather_pv % 2 for c in gathers) and any(c.op.residual is not None for c in gathers)
+        # one tile per thread by default; small accumulator budgets cut the lists into several
+        fts = [(c.gather_ft, c.op.weight.shape[0]) for c in gathers]
+        assert all(ft >= o for ft, o in fts) if acc is None else any(2 * ft < o for ft, o in fts), (acc, fts)
         with torch.inference_mode():
             for xb in (x[:1], x):
                 ok, why = compare_outputs(e(xb), ref[: len(xb)], sparse=True)

@@ -33,6 +33,14 @@ class PlanOptions:
     max_acc_wide: int = 16            # the same for 16-lane layers in an 8-lane plan (AVX-512: 32 vector registers)
     max_shapes: int = 16              # beyond this many distinct tap sets per layer, kernels use the full shape
     gather_acc_bytes: int = 24576     # gather mode: accumulator bytes per filter tile (about half of L1)
+    # ... on 16-register hosts, where the rows run a few vectors at a time (gather_rows_narrow): each (channel,
+    # shape, row group) is a loop over the tile's filters that use it, ~3.5 of them in a 96-filter tile, and that
+    # loop's set-up and mispredicted exit cost about as much as its work. Tiles of a thread's whole list (the
+    # accumulators then live in L2) give each loop 2-3x the entries. Zen 3, one 512->512 7x7 layer, one thread:
+    # 24 KB 0.80 ms, 32 KB 0.73, 64 KB 0.67, 128 KB 0.66 (12 KB 1.01); b1, 2 threads, same process vs 24 KB:
+    # ResNet-18 8x at 224 1.03-1.04x, CIFAR VGG-16 8x 1.04-1.06x, ResNet-50 8x 1.01x; gather on 14x14 maps too
+    # (gather_max 196) stays slower (0.93x)
+    gather_acc_bytes_narrow: int = 131072
     gather_min_cin: int = 128
     gather_max: int = 64              # output maps with at most this many pixels run in gather mode
     # ... on 16-register hosts: a shape's packed rows this many vectors at a time, every filter of the list passing
@@ -610,7 +618,8 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
         p.gather_taps = tuple(sorted(set().union(*shapes))) if shapes else ()
         p.gather_vec = 8 if ho * wo <= 8 or (_narrow(vec, wide) and opts.packed_narrow) else 16
         p.gather_pv = math.ceil(ho * wo / p.gather_vec)
-        p.gather_ft = max(1, opts.gather_acc_bytes // (4 * -(-p.gather_pv * p.gather_vec // 16) * 16))
+        acc_bytes = opts.gather_acc_bytes_narrow if _narrow(vec, wide) else opts.gather_acc_bytes
+        p.gather_ft = max(1, acc_bytes // (4 * -(-p.gather_pv * p.gather_vec // 16) * 16))
     elif (not (depthwise and spatial) and flat_ok and (lout.rs == wo + 2 or tiling)
             and (vec == base_vec or (opts.flat_wide and (kh * kw == 1 or wide_kxk)))):
         rs = lout.rs
