@@ -941,6 +941,37 @@ def test_sparse_stride2_convs_lowered_to_a_phase_split_match_pytorch(hw):
         assert ok, why
 
 
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_dense_rgb_stems_on_avx2_run_as_a_phase_split(isa):
+    """On 16-register builds a dense 3x3 stride-2 conv with at most PlanOptions.phase_s2_stem_cin_narrow input
+    channels (MobileNetV2's RGB stem) on an input of at least PlanOptions.flat_tiled_min_bytes becomes a phase
+    split and a 2x2 stride-1 conv, so no input vector is assembled from two loads and a shuffle: 1, 3 and 4
+    channels, even and odd sizes, ReLU6, batch 1 and 3,
+    NaN/Inf: as in PyTorch, and as the strided conv with the knob off; 5 channels stay strided."""
+    from sparseforge.engine.ir import PhaseOp
+    from sparseforge.engine.testing import random_bn_statistics
+
+    if isa == "avx2":
+        _skip_without_avx2()
+    for cin, hw, split in ((3, (112, 113), True), (1, (190, 181), True), (4, (97, 90), True), (5, (112, 112), False)):
+        torch.manual_seed(cin)
+        m = nn.Sequential(nn.Conv2d(cin, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU6(),
+                          nn.Conv2d(32, 16, 1), nn.BatchNorm2d(16))
+        m = random_bn_statistics(m.eval(), torch.Generator().manual_seed(cin))
+        x = with_nonfinite(torch.randn(3, cin, *hw), seed=cin)
+        with torch.inference_mode():
+            ref = m(x)
+        for knob in (4, 0):
+            e, st = compile(m, x[:1], threads=2, isa=isa, return_stages=True,
+                            plan_options=PlanOptions(phase_s2_stem_cin_narrow=knob))
+            phased = any(isinstance(op, PhaseOp) for op in st.graph.ops)
+            assert st.plan.narrow and phased == (split and knob > 0), (cin, knob, e.summary(profile=False))
+            with torch.inference_mode():
+                for n in (1, 3):
+                    ok, why = compare_outputs(e(x[:n]), ref[:n], sparse=False)
+                    assert ok, (cin, hw, knob, why)
+
+
 @pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
 @pytest.mark.parametrize("mr,nr,mr8,nr8", [(6, 4, 6, 2), (5, 3, 4, 3)])
 def test_dense_1x1_gemm_mode_matches_pytorch(mr, nr, mr8, nr8, isa):

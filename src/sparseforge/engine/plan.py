@@ -187,6 +187,11 @@ class PlanOptions:
     # split), layer3.0.conv2 968 -> 404 + 102 us, whole network 1.03x, ResNet-18 1.03x; on 7x7 outputs gather mode
     # is faster (425 vs 711 us), and CIFAR ResNet-20/56's small maps lose 8% / 3%
     phase_s2_max_density: float = 0.5
+    # ... and, on 16-register hosts, dense ones with at most this many input channels (an RGB stem: 27 weights per
+    # output, too few for output-channel blocks, so pixel vectors, each assembled from two loads and a shuffle;
+    # over the phases every load is one aligned-or-not load). MobileNetV2's 3->32 stem at 224, one thread, Zen 3:
+    # 0.79 -> 0.59 ms; whole network 8x, b1, 2 threads, same process: 1.04x. 0: off
+    phase_s2_stem_cin_narrow: int = 4
     # dense stride-1 1x1 convs on 32-register hosts with output maps of at least this many pixels and rows a
     # multiple of 16 floats: a GEMM micro-kernel along the flattened plane (ConvPlan.flat_gemm), gemm_mr filters x
     # gemm_nr 16-lane vectors in registers, every input vector loaded once for gemm_mr filters, stored straight
@@ -1322,7 +1327,8 @@ def lower(graph: Graph, opts: PlanOptions = DEFAULT_OPTIONS, vec: int = VEC, wid
               and op.padding == 1 and len(values[op.inputs[0]].shape) == 3
               and values[op.output].shape[1] * values[op.output].shape[2] > opts.gather_max
               and 4 * math.prod(values[op.inputs[0]].shape) >= opts.flat_tiled_min_bytes
-              and torch.count_nonzero(op.weight).item() <= opts.phase_s2_max_density * op.weight.numel()
+              and (torch.count_nonzero(op.weight).item() <= opts.phase_s2_max_density * op.weight.numel()
+                   or (_narrow(vec, wide) and op.weight.shape[1] <= opts.phase_s2_stem_cin_narrow))
               and not (_ochan32(opts, vec, wide) and _blocks_share_kernels(op.weight, opts)))
         dwrow = (isinstance(op, ConvOp) and len(values[op.inputs[0]].shape) == 3
                  and dw_rows_ok(op, values[op.inputs[0]].shape[0], values[op.output].shape[2], opts, vec, wide))
