@@ -479,7 +479,9 @@ def test_dense_convs_on_avx2_run_as_output_channel_halves():
     """Dense convs on 16-register (AVX2) builds run in output-channel blocks whose 16-filter vectors are two
     8-lane halves (ConvPlan.blk_lanes 8): a 7x7 stride-2 stem (phase split), 3x3 stride 1/2, 1x1 with and
     without a residual, a squeeze-excite gate fused into the 1x1 after it, odd filter counts (a partial last
-    block), odd map sizes (shifted-back blocks), batch 1 and 3, NaN/Inf: as in PyTorch."""
+    block), odd map sizes (shifted-back blocks), batch 1 and 3, NaN/Inf: as in PyTorch. With the default
+    PlanOptions.blocked_kxk_max_work_narrow the k x k convs of at most 256 weights per output (the stem's 12 x
+    16, 24 x 9) run in pixel-vector blocks instead, the others still in halves: as in PyTorch too."""
     _skip_without_avx2()
     torch.manual_seed(2)
     m = nn.Sequential(nn.Conv2d(3, 24, 7, 2, 3), nn.BatchNorm2d(24), nn.ReLU(),
@@ -487,10 +489,19 @@ def test_dense_convs_on_avx2_run_as_output_channel_halves():
                       InvertedResidual(40, 72, 40, 1, "relu", "sigmoid"), nn.Conv2d(40, 19, 3, 1, 1))
     m = randomize_bn(m.eval())
     x = with_nonfinite(torch.randn(3, 3, 45, 39), seed=6)
-    for isa in ("avx2", "portable"):
-        e, st = compile(m, x[:1], threads=2, isa=isa, return_stages=True)
+    for isa, kxk in (("avx2", 0), ("portable", 0), ("avx2", None)):
+        opts = PlanOptions() if kxk is None else PlanOptions(blocked_kxk_max_work_narrow=kxk)
+        e, st = compile(m, x[:1], threads=2, isa=isa, return_stages=True, plan_options=opts)
         halves = [c for c in st.plan.convs.values() if c.blocked and c.blk_ochan and c.blk_lanes == 8]
-        assert len(halves) >= 6 and any(c.in_scale >= 0 for c in halves), e.summary(profile=False)
+        pixel = [c for c in st.plan.convs.values() if c.blocked and not c.blk_ochan]
+        if kxk is None:
+            work = {c.op.weight.shape[1] * c.op.weight.shape[2] ** 2 for c in pixel}
+            assert pixel and max(work) <= 256 and 192 in work, e.summary(profile=False)
+            assert all(c.op.weight.shape[1] * c.op.weight.shape[2] ** 2 > 256 or c.op.weight.shape[2] == 1
+                       for c in halves)
+        else:
+            assert len(halves) >= 6 and all(c.op.weight.shape[1] * c.op.weight.shape[2] ** 2 <= 64 for c in pixel)
+        assert any(c.in_scale >= 0 for c in halves), e.summary(profile=False)
         assert {c.op.weight.shape[2] for c in halves} >= {1, 3} and any(c.op.residual is not None for c in halves)
         with torch.inference_mode():
             for xb in (x[:1], x):

@@ -114,6 +114,13 @@ class PlanOptions:
     # maps >= 16 wide whose blocks have at most this many weight vectors per pixel (few input channels, or few
     # kept kernels): blocks of one row of 16 pixels, transposed in registers for a vector epilogue
     ochan_row_max_work: int = 64
+    # 16-register hosts: dense k x k convs (k > 1) with at most this many weights per output (cin x k x k) run
+    # in pixel-vector blocks of blocked_f_narrow filters, not output-channel blocks: few channels leave the
+    # output-channel block's per-element epilogue and its weight vectors too little to amortise over. Zen 3, b1,
+    # 2 threads, same process vs 64: ResNet-18 8x at 224 1.02x (its phase-split 7x7 stem, 12 x 16 = 192 weights:
+    # 1.68 -> 1.50 ms), dense CIFAR ResNet-56 1.05x (its 16-channel 3x3 convs), dense ResNet-18/50 at 224
+    # 0.99-1.00x; 576 (64-channel 3x3 convs too): dense ResNet-56 1.14x but dense ResNet-50 0.98x
+    blocked_kxk_max_work_narrow: int = 256
     # AVX2 hosts (16 registers): the same mode with each 16-filter vector two 8-lane halves, a tap at a time (gcc
     # folds the weight halves into the FMAs and shares each broadcast input between taps; holding the weights in
     # registers measured 0.72-0.83x on 3x3 layers). Zen 3, vs pixel-vector blocks: dense ResNet-18 at 224, b1,
@@ -947,7 +954,8 @@ def _plan_blocked(op: ConvOp, in_shape, out_shape, blob: Blob, threads: int, lin
     o, cin, kk = w9.shape
     _, ho, wo = out_shape
     ochan = _ochan(opts, vec, wide)
-    if ochan and _narrow(vec, wide) and cin * kk <= opts.ochan_row_max_work:
+    if ochan and _narrow(vec, wide) and (cin * kk <= opts.ochan_row_max_work
+                                         or (kk > 1 and cin * kk <= opts.blocked_kxk_max_work_narrow)):
         # few weights per pixel (an RGB stem): 16-register hosts have no registers for a row of 16 pixels
         # transposed in registers, and the per-element epilogue would cost more than the FMAs; pixel vectors
         ochan = False
