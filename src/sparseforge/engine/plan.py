@@ -956,8 +956,9 @@ def _plan_blocked(op: ConvOp, in_shape, out_shape, blob: Blob, threads: int, lin
     ochan = _ochan(opts, vec, wide)
     if ochan and _narrow(vec, wide) and (cin * kk <= opts.ochan_row_max_work
                                          or (kk > 1 and cin * kk <= opts.blocked_kxk_max_work_narrow)):
-        # few weights per pixel (an RGB stem): 16-register hosts have no registers for a row of 16 pixels
-        # transposed in registers, and the per-element epilogue would cost more than the FMAs; pixel vectors
+        # few weights per pixel (an RGB stem, a 16-channel 3x3 conv): 16-register hosts have no registers for a
+        # row of 16 pixels transposed in registers, and the per-element epilogue would cost more than the FMAs;
+        # pixel vectors
         ochan = False
     if ochan:
         # 16 filters per vector (AVX-512 registers, also in an 8-lane plan); pixels per row block: the fewest
