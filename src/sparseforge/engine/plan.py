@@ -953,9 +953,9 @@ def _plan_blocked(op: ConvOp, in_shape, out_shape, blob: Blob, threads: int, lin
     blocks outside (each block's weights read once). Batch 1 splits rows (block outer) or filter blocks."""
     o, cin, kk = w9.shape
     _, ho, wo = out_shape
-    ochan = _ochan(opts, vec, wide)
-    if ochan and _narrow(vec, wide) and (cin * kk <= opts.ochan_row_max_work
-                                         or (kk > 1 and cin * kk <= opts.blocked_kxk_max_work_narrow)):
+    ochan, narrow = _ochan(opts, vec, wide), _narrow(vec, wide)
+    if ochan and narrow and (cin * kk <= opts.ochan_row_max_work
+                             or (kk > 1 and cin * kk <= opts.blocked_kxk_max_work_narrow)):
         # few weights per pixel (an RGB stem, a 16-channel 3x3 conv): 16-register hosts have no registers for a
         # row of 16 pixels transposed in registers, and the per-element epilogue would cost more than the FMAs;
         # pixel vectors
@@ -963,7 +963,6 @@ def _plan_blocked(op: ConvOp, in_shape, out_shape, blob: Blob, threads: int, lin
     if ochan:
         # 16 filters per vector (AVX-512 registers, also in an 8-lane plan); pixels per row block: the fewest
         # recomputed (shifted-back) pixels, then the most per block
-        narrow = _narrow(vec, wide)
         vrow = wo >= 16 and cin * kk <= opts.ochan_row_max_work and not narrow
         if narrow:
             nv = 1
@@ -978,7 +977,7 @@ def _plan_blocked(op: ConvOp, in_shape, out_shape, blob: Blob, threads: int, lin
         V, R = (16, 1) if vrow else _ochan_rows(ho, wo, acc)
     else:
         budget = opts.blocked_acc_wide if wide else opts.blocked_acc
-        F = min(opts.blocked_f_narrow if _narrow(vec, wide) else opts.blocked_f, o)
+        F = min(opts.blocked_f_narrow if narrow else opts.blocked_f, o)
         xv = math.ceil(wo / vec)
         rv = max(1, budget // F)
         # vectors and rows per block: least recomputed work (shifted-back last blocks) plus a per-block cost
@@ -986,7 +985,7 @@ def _plan_blocked(op: ConvOp, in_shape, out_shape, blob: Blob, threads: int, lin
         R = min(range(1, min(ho, rv // V) + 1), key=lambda r: (-(-ho // r) * (r + 0.5), -r))
     p = ConvPlan(op, shapes, int(op.weight.shape[2]), ho, wo, R, V, xv, vec=vec)
     p.blk_ochan = ochan
-    p.blk_lanes = 8 if ochan and _narrow(vec, wide) else 16
+    p.blk_lanes = 8 if ochan and narrow else 16
     nb = -(-o // F)
     wpad = np.zeros((nb * F, cin, kk), dtype=np.float32)
     wpad[:o] = w9
@@ -1341,8 +1340,8 @@ def lower(graph: Graph, opts: PlanOptions = DEFAULT_OPTIONS, vec: int = VEC, wid
               and op.padding == 1 and len(values[op.inputs[0]].shape) == 3
               and values[op.output].shape[1] * values[op.output].shape[2] > opts.gather_max
               and 4 * math.prod(values[op.inputs[0]].shape) >= opts.flat_tiled_min_bytes
-              and (torch.count_nonzero(op.weight).item() <= opts.phase_s2_max_density * op.weight.numel()
-                   or (_narrow(vec, wide) and op.weight.shape[1] <= opts.phase_s2_stem_cin_narrow))
+              and ((_narrow(vec, wide) and op.weight.shape[1] <= opts.phase_s2_stem_cin_narrow)
+                   or torch.count_nonzero(op.weight).item() <= opts.phase_s2_max_density * op.weight.numel())
               and not (_ochan32(opts, vec, wide) and _blocks_share_kernels(op.weight, opts)))
         dwrow = (isinstance(op, ConvOp) and len(values[op.inputs[0]].shape) == 3
                  and dw_rows_ok(op, values[op.inputs[0]].shape[0], values[op.output].shape[2], opts, vec, wide))
