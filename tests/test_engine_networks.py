@@ -602,6 +602,37 @@ def test_gather_rows_on_avx2_run_a_few_vectors_at_a_time():
                 assert ok, (isa, gv, why)
 
 
+def test_gather_tiles_on_avx512_hosts_hold_a_threads_filters():
+    """Gather mode on 32-register (AVX-512) hosts: a thread's filters in one tile of accumulators (the default,
+    PlanOptions.gather_acc_bytes) or, with a small budget, in several; 7x7 and odd maps, stride 2, a residual,
+    batch 1 and 3, NaN/Inf: as in PyTorch either way."""
+    import sparseforge as sf
+    from sparseforge.sparsity.mask import fold_masks
+
+    torch.manual_seed(6)
+    m = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU(), BasicBlock(32, 130, 2, "relu", project=True),
+                      BasicBlock(130, 130, 1, "relu", False), nn.MaxPool2d((2, 3)), nn.Conv2d(130, 24, 3, 1, 1))
+    m = randomize_bn(m.eval())
+    sf.prune(m, sf.PatternConfig(num_patterns=8, connectivity=2.0, connectivity_scope="layer"))
+    m = fold_masks(m)
+    x = with_nonfinite(torch.randn(3, 3, 28, 27), seed=9)
+    with torch.inference_mode():
+        ref = m(x)
+    for acc in (None, 1024):
+        kw = {} if acc is None else {"gather_acc_bytes": acc}
+        e, st = compile(m, x[:1], threads=2, conv_mode="gather", return_stages=True, plan_options=PlanOptions(**kw))
+        if st.plan.narrow:
+            pytest.skip("this CPU has no AVX-512 (16-register plans: test_gather_rows_on_avx2_run_a_few_vectors_at_a_time)")
+        gathers = [c for c in st.plan.convs.values() if c.mode == "gather"]
+        assert len(gathers) >= 4 and any(c.op.residual is not None for c in gathers), e.summary(profile=False)
+        fts = [(c.gather_ft, -(-c.op.weight.shape[0] // 2)) for c in gathers]     # (tile, filters per thread)
+        assert all(ft >= o for ft, o in fts) if acc is None else any(2 * ft < o for ft, o in fts), (acc, fts)
+        with torch.inference_mode():
+            for xb in (x[:1], x):
+                ok, why = compare_outputs(e(xb), ref[: len(xb)], sparse=True)
+                assert ok, (acc, why)
+
+
 def test_isa_choices_are_checked():
     from sparseforge.engine.build import AVX2_NEEDS
     from sparseforge.hardware import all_cpu_flags

@@ -32,7 +32,12 @@ class PlanOptions:
     max_acc: int = 12                 # accumulators per block (registers)
     max_acc_wide: int = 16            # the same for 16-lane layers in an 8-lane plan (AVX-512: 32 vector registers)
     max_shapes: int = 16              # beyond this many distinct tap sets per layer, kernels use the full shape
-    gather_acc_bytes: int = 24576     # gather mode: accumulator bytes per filter tile (about half of L1)
+    # gather mode: accumulator bytes per filter tile. 24 KB (half of L1) until session 38; 64 KB (in L2: a 512-filter
+    # 7x7 layer's thread list is one tile, each (channel, shape) loop runs 2.7x the entries) measured, Zen 4 AVX-512,
+    # b1, 2 threads, same process vs 24 KB, 60-300 alternating rounds: ResNet-18 8x at 224 1.023-1.025x (its four
+    # 7x7 layers 1001 -> 918 us), ResNet-50 8x 1.014x, CIFAR VGG-16 8x 1.029x, ResNet-56 8x 1.024x; 128 KB: 1.032-
+    # 1.055, 1.008, 1.043, 0.995x; 12 KB 0.97x
+    gather_acc_bytes: int = 65536
     # ... on 16-register hosts, where the rows run a few vectors at a time (gather_rows_narrow): each (channel,
     # shape, row group) is a loop over the tile's filters that use it, ~3.5 of them in a 96-filter tile, and that
     # loop's set-up and mispredicted exit cost about as much as its work. Tiles of a thread's whole list (the
