@@ -122,7 +122,7 @@ def main() -> None:
                 results.append(row)
                 print(f"{name} {cfg} {size} busy={n}: " + "  ".join(
                     f"{k} {v['median_ms']:.2f} (p90 {v['p90_ms']:.2f})" for k, v in row["arms"].items()), flush=True)
-    out = Path(a.out)
+    out = Path(a.out[:-5] if a.out.endswith(".json") else a.out)      # a path stem: <out>.json and <out>.png
     atomic_write_json(Path(str(out) + ".json"), {
         "benchmark": "contention", "results": results, "env": environment(),
         "timing": "first call after a 50 ms pause" if a.after_idle else "after a 50 ms pause and 2 discarded calls",

@@ -39,6 +39,7 @@ from sparseforge.report.env import environment
 from sparseforge.report.latency import onnxruntime_int8_session
 from sparseforge.report.plots import plt  # Agg backend
 from sparseforge.report.stats import model_stats
+from sparseforge.utils import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "models"
@@ -224,7 +225,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--size", type=int, default=32, help="input height and width (224 for the ImageNet zoo)")
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "engine_speed"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "engine_speed"),
+                    help="path stem: writes <out>.json, <out>.png (and <out>_layers.png); a trailing .json is dropped")
     ap.add_argument("--deepsparse-python", default="", help="python of a venv with deepsparse==1.8 (optional)")
     ap.add_argument("--int8", action="store_true", help="also time the int8 engine on the pruned model (issue 26)")
     ap.add_argument("--isa", choices=["native", "avx2", "portable"], default="native",
@@ -249,7 +251,7 @@ def main() -> None:
                     pr = r["speedup_vs_onnxruntime_fp32_per_round"]
                     print(f"    vs ort fp32 per round ({pr['rounds']} rounds): median x{pr['median']:.2f}, p10 "
                           f"{pr['p10']:.2f}, p90 {pr['p90']:.2f}, range {pr['min']:.2f}-{pr['max']:.2f}", flush=True)
-    out = Path(a.out)
+    out = Path(a.out[:-5] if a.out.endswith(".json") else a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": "engine_speed", "results": results, "env": environment(),
            "method": f"arms alternate in blocks of 1 discarded + 5 timed calls (rotated order), {a.warmup} warm-up calls, "
@@ -264,7 +266,7 @@ def main() -> None:
         doc["env"]["onnxruntime"] = onnxruntime.__version__
     except ImportError:
         pass
-    Path(str(out) + ".json").write_text(json.dumps(doc, indent=2))
+    atomic_write_json(Path(str(out) + ".json"), doc)
     # speedup plot
     fig, ax = plt.subplots(figsize=(9, 3.8))
     labels = [f"{r['model']}\n{r['sparsity']}\nb{r['batch']} t{r['threads']}" for r in results]
