@@ -36,7 +36,7 @@ import sparseforge as sf
 from sparseforge.engine.testing import random_bn_statistics
 from sparseforge.export import export_onnx
 from sparseforge.report.env import environment
-from sparseforge.report.latency import onnxruntime_int8_session
+from sparseforge.report.latency import measure, onnxruntime_int8_session
 from sparseforge.report.plots import plt  # Agg backend
 from sparseforge.report.stats import model_stats
 from sparseforge.utils import atomic_write_json
@@ -74,12 +74,6 @@ CONFIGS = {
     "pattern8x-cb16+fc": sf.PatternConfig(**P8, channel_block=16),
 }
 FC_8X = sf.MagnitudeConfig(sparsity=0.875, scope="layer", include=("classifier.0", "classifier.3"), prune_linear=True)
-
-
-def timed(fn, x) -> float:
-    t0 = time.perf_counter()
-    fn(x)
-    return time.perf_counter() - t0
 
 
 def deepsparse_time(python: str, pruned: torch.nn.Module, batch: int, threads: int, runs: int) -> dict:
@@ -126,14 +120,14 @@ def run_case(name: str, cfg_name: str, batch: int, threads: int, runs: int, warm
     x = torch.randn(batch, 3, size, size)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     arms = {
-        "sparseforge": lambda _: engine(x),
-        "sparseforge-dense": lambda _: engine_dense(x),
-        "torch-dense": lambda _: fused(x),
-        "torch-dense-cl": lambda _: fused_cl(x_cl),
-        "torch-masked": lambda _: masked(x),
+        "sparseforge": lambda: engine(x),
+        "sparseforge-dense": lambda: engine_dense(x),
+        "torch-dense": lambda: fused(x),
+        "torch-dense-cl": lambda: fused_cl(x_cl),
+        "torch-masked": lambda: masked(x),
     }
     if int8 is not None:
-        arms["sparseforge-int8"] = lambda _: int8(x)
+        arms["sparseforge-int8"] = lambda: int8(x)
     try:
         import onnxruntime as ort
 
@@ -142,32 +136,19 @@ def run_case(name: str, cfg_name: str, batch: int, threads: int, runs: int, warm
         so.inter_op_num_threads = 1
         sess = ort.InferenceSession(export_onnx(dense, x1), so, providers=["CPUExecutionProvider"])
         xn = x.numpy()
-        arms["onnxruntime-dense"] = lambda _: sess.run(None, {"input": xn})
+        arms["onnxruntime-dense"] = lambda: sess.run(None, {"input": xn})
         sess8 = onnxruntime_int8_session(dense, x1, threads)
-        arms["onnxruntime-int8-dense"] = lambda _: sess8.run(None, {"input": xn})
+        arms["onnxruntime-int8-dense"] = lambda: sess8.run(None, {"input": xn})
     except ImportError:
         pass
     with torch.inference_mode():
         ref = masked(x)
         err = float((engine(x) - ref).abs().max() / ref.abs().max())
-        # Alternate arms in blocks. Each block starts with a 50 ms pause and 2 discarded calls: torch's OpenMP
-        # pool, onnxruntime's pool and the engine's own OpenMP pool (separate runtimes in one process) keep
-        # spinning after a call, and on 2 cores the previous arm's spinning threads would otherwise steal the
-        # cores from the arm being timed (measured: engine p90 3x its median without the pause).
-        times = {k: [] for k in arms}
-        names = list(arms)
-        rounds = -(-runs // block)
-        for k in names:
-            for _ in range(warmup):
-                arms[k](None)
-        for r in range(rounds):
-            order = names[r % len(names):] + names[: r % len(names)]
-            for k in order:
-                time.sleep(0.05)
-                arms[k](None)
-                arms[k](None)
-                for _ in range(block):
-                    times[k].append(timed(arms[k], None))
+    # the shared timing loop: arms alternate in blocks, each block starting once the previous arm's thread pool
+    # has stopped spinning (report.latency.settle), then 2 discarded calls
+    lat = measure(arms, runs=runs, block=block, warmup=warmup, keep_times=True)
+    times = {k: [t / 1e3 for t in v["times_ms"]] for k, v in lat.items()}
+    rounds = -(-runs // block)
     st = model_stats(pruned, x1)
     weights = sum(l.params for l in st.layers)
     out = {"model": name, "sparsity": cfg_name, "size": size, "batch": batch, "threads": threads, "isa": isa,
@@ -254,7 +235,9 @@ def main() -> None:
     out = Path(a.out[:-5] if a.out.endswith(".json") else a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": "engine_speed", "results": results, "env": environment(),
-           "method": f"arms alternate in blocks of 1 discarded + 5 timed calls (rotated order), {a.warmup} warm-up calls, "
+           "method": f"arms alternate in blocks of 2 discarded + 5 timed calls (rotated order), each block starting "
+                     f"once the previous arm's threads are quiet (report.latency.settle: >= 50 ms, 20 ms with no "
+                     f"other thread running), {a.warmup} warm-up calls, "
                         f">= {a.runs} timed runs per arm; median/p10/p90 of wall time"}
     # glibc returns big freed blocks to the OS (mmap threshold / trim): a fresh process then page-faults PyTorch's
     # activations on every call, which slows the dense baselines (see docs); GLIBC_TUNABLES=glibc.malloc.

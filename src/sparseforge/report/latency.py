@@ -1,14 +1,19 @@
 """Latency measurement shared by the compile stage, the CLI and the benchmarks.
 
-Arms alternate in blocks within one process. Each block starts with a pause and discarded calls: torch's
-OpenMP pool, onnxruntime's pool and the engine's OpenMP pool are separate runtimes whose threads keep
-spinning after a call; on a 2-core machine the previous arm's spinning threads would steal the cores.
+Arms alternate in blocks within one process. Each block starts once the previous arm's threads have gone
+quiet, then discards two calls: torch's OpenMP pool, onnxruntime's pool and the engine's pool are separate
+runtimes whose threads keep spinning after a call, and on a 2-core machine the previous arm's spinning threads
+steal the cores from the arm being timed. Measured (session 39, Zen 4, 2 vCPUs): onnxruntime 1.32's worker
+spins for ~40 ms after a ResNet-18 call at 224 (torch's ~10 ms, the engine's none), and an engine call started
+inside that window took 9-13 ms instead of 5.3; a fixed 50 ms pause was borderline.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import statistics
+import threading
 import time
 from typing import Callable
 
@@ -17,11 +22,54 @@ import torch
 import torch.nn as nn
 
 
+def _other_threads_cpu_ns() -> int | None:
+    """CPU time so far of this process's threads other than the caller (None where /proc cannot say)."""
+    me = threading.get_native_id()
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    total = 0
+    for t in tids:
+        if t == str(me):
+            continue
+        try:
+            with open(f"/proc/self/task/{t}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue                      # the thread ended meanwhile, or no schedstat in this kernel
+    return total
+
+
+def settle(min_s: float = 0.05, quiet_s: float = 0.02, max_s: float = 0.5) -> float:
+    """Wait until no other thread of this process has run for ``quiet_s`` (a previous runtime's pool has stopped
+    spinning), at least ``min_s`` and at most ``max_s``; returns the seconds waited. The kernel charges a
+    spinning thread's time at least every scheduler tick (<= 4 ms here), so a quiet window of several ticks with
+    no CPU time charged means no thread spins. Without /proc it is a plain ``min_s`` pause."""
+    t0 = time.perf_counter()
+    time.sleep(min_s)
+    prev = _other_threads_cpu_ns()
+    if prev is None:
+        return time.perf_counter() - t0
+    quiet_since = time.perf_counter()
+    while True:
+        time.sleep(quiet_s / 4)
+        now = time.perf_counter()
+        cur = _other_threads_cpu_ns()
+        if cur is None or cur != prev:
+            prev, quiet_since = cur, now
+        elif now - quiet_since >= quiet_s:
+            return now - t0
+        if now - t0 >= max_s:
+            return now - t0
+
+
 def measure(fns: dict[str, Callable[[], object]], runs: int = 30, block: int = 5, pause: float = 0.05,
             warmup: int = 3, keep_times: bool = False) -> dict[str, dict[str, float]]:
     """Median / p10 / p90 milliseconds per arm, >= ``runs`` timed calls each, arms rotated block by block (the
-    one timing loop: CLI, recipe compile stage and bench scripts). ``keep_times`` adds every call's time
-    (``times_ms``, in rounds of ``block``) for paired comparisons round by round."""
+    one timing loop: CLI, recipe compile stage and bench scripts). Each block starts after ``settle(pause)``.
+    ``keep_times`` adds every call's time (``times_ms``, in rounds of ``block``) for paired comparisons round by
+    round."""
     names = list(fns)
     times: dict[str, list[float]] = {k: [] for k in names}
     with torch.inference_mode():
@@ -30,7 +78,7 @@ def measure(fns: dict[str, Callable[[], object]], runs: int = 30, block: int = 5
                 fns[k]()
         for r in range(-(-runs // block)):
             for k in names[r % len(names):] + names[: r % len(names)]:
-                time.sleep(pause)
+                settle(pause)
                 fns[k]()
                 fns[k]()
                 for _ in range(block):
