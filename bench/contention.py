@@ -12,8 +12,8 @@ workers are asleep and a virtual CPU may take a millisecond to wake: the claimed
 Run with nothing else running (each setting alternates the arms in one process):
   python bench/contention.py --models mobilenet_v2:pattern8x:224,resnet50:pattern8x:224,resnet56:pattern8x:32 \
       --hogs 0,1,2 --threads 2 --runs 10 --sessions 3
-Timing: "warm" (default) times a call after a 50 ms pause and 2 discarded calls; --after-idle times the first call
-after the pause. Writes bench/results/contention[-after-idle].json and .png (median latency per arm).
+Timing: "warm" (default) times a call after a pause (report.latency.settle: >= 50 ms and until the previous arm's
+threads are quiet) and 2 discarded calls; --after-idle times the first call after the pause. Writes bench/results/contention[-after-idle].json and .png (median latency per arm).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import torch
 import sparseforge as sf
 from sparseforge.engine.plan import PlanOptions
 from sparseforge.report.env import environment
+from sparseforge.report.latency import settle
 from sparseforge.report.latency import onnxruntime_session
 from sparseforge.report.plots import plt  # Agg backend
 from sparseforge.utils import atomic_write_json
@@ -68,7 +69,7 @@ def timed_rounds(arms: dict, runs: int, after_idle: bool = False) -> dict[str, l
     names = list(arms)
     for r in range(runs):
         for k in names[r % len(names):] + names[: r % len(names)]:
-            time.sleep(0.05)
+            settle()            # >= 50 ms, and the previous arm's pool has stopped spinning
             if not after_idle:
                 arms[k]()
                 arms[k]()
