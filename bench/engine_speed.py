@@ -147,28 +147,25 @@ def run_case(name: str, cfg_name: str, batch: int, threads: int, runs: int, warm
     # the shared timing loop: arms alternate in blocks, each block starting once the previous arm's thread pool
     # has stopped spinning (report.latency.settle), then 2 discarded calls
     lat = measure(arms, runs=runs, block=block, warmup=warmup, keep_times=True)
-    times = {k: [t / 1e3 for t in v["times_ms"]] for k, v in lat.items()}
-    rounds = -(-runs // block)
     st = model_stats(pruned, x1)
     weights = sum(l.params for l in st.layers)
     out = {"model": name, "sparsity": cfg_name, "size": size, "batch": batch, "threads": threads, "isa": isa,
            "weight_compression_conv_linear": weights / max(1, sum(l.nonzero for l in st.layers)),
            "mac_reduction": st.macs / max(1, st.effective_macs),
-           "runs": len(times["sparseforge"]), "max_rel_error_vs_torch": err, "compile_s": round(compile_s, 1),
-           "engine_fallbacks": [op["describe"] for op in engine.spec["ops"] if not op["native"]], "arms": {}}
-    for k, ts in times.items():
-        out["arms"][k] = {"median_ms": 1e3 * statistics.median(ts), "p10_ms": 1e3 * float(np.percentile(ts, 10)),
-                          "p90_ms": 1e3 * float(np.percentile(ts, 90))}
+           "runs": lat["sparseforge"]["runs"], "max_rel_error_vs_torch": err, "compile_s": round(compile_s, 1),
+           "engine_fallbacks": [op["describe"] for op in engine.spec["ops"] if not op["native"]],
+           "arms": {k: {q: v[q] for q in ("median_ms", "p10_ms", "p90_ms")} for k, v in lat.items()}}
     # the ratio per round (each arm's block median; a round's arms run within about a second): this VM has
     # episodes of seconds to minutes in which memory-bound code runs 30-55% slower while FMA-bound code
     # (onnxruntime's dense GEMMs, the engine's dense stem) loses 3-12% (session 31: no steal, both threads on
     # their own cores, cross-core latency unchanged), so a run's ratios can be bimodal: p10/p90 show it
-    per_round = {k: [statistics.median(ts[r * block:(r + 1) * block]) for r in range(rounds)] for k, ts in times.items()}
+    per_round = {k: [statistics.median(v["times_ms"][i:i + block]) for i in range(0, len(v["times_ms"]), block)]
+                 for k, v in lat.items()}
     if "onnxruntime-dense" in per_round:
         rat = [o / e for o, e in zip(per_round["onnxruntime-dense"], per_round["sparseforge"])]
         out["speedup_vs_onnxruntime_fp32_per_round"] = {
             "median": statistics.median(rat), "p10": float(np.percentile(rat, 10)), "p90": float(np.percentile(rat, 90)),
-            "min": min(rat), "max": max(rat), "rounds": rounds}
+            "min": min(rat), "max": max(rat), "rounds": len(rat)}
     if deepsparse_python:
         ds = deepsparse_time(deepsparse_python, pruned, batch, threads, runs)
         if "median_ms" in ds:

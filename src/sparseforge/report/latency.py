@@ -56,7 +56,7 @@ def settle(min_s: float = 0.05, quiet_s: float = 0.02, max_s: float = 0.5) -> fl
         time.sleep(quiet_s / 4)
         now = time.perf_counter()
         cur = _other_threads_cpu_ns()
-        if cur is None or cur != prev:
+        if cur != prev:
             prev, quiet_since = cur, now
         elif now - quiet_since >= quiet_s:
             return now - t0
