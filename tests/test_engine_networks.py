@@ -540,7 +540,7 @@ def test_dense_convs_on_avx2_small_maps_run_in_channel_chunks():
 
 def test_sparse_flat_tiles_on_avx2_run_a_tap_at_a_time():
     """On 16-register (AVX2) builds a flat tile's accumulators plus a kernel's 4 weights outnumber the registers:
-    the kernels run a tap at a time (PlanOptions.tap_major); pattern 3x3 convs with and without a residual, an
+    the kernels run a tap at a time (PlanOptions.tap_major; tiles along the plane, not in row blocks); pattern 3x3 convs with and without a residual, an
     odd map, batch 1 and 2, NaN/Inf: as in PyTorch, and as the interleaved form."""
     import sparseforge as sf
     from sparseforge.sparsity.mask import fold_masks
@@ -555,7 +555,8 @@ def test_sparse_flat_tiles_on_avx2_run_a_tap_at_a_time():
     x = with_nonfinite(torch.randn(2, 3, 61, 75), seed=3)
     outs = []
     for tm in (True, False):
-        e, st = compile(m, x[:1], threads=2, isa="avx2", return_stages=True, plan_options=PlanOptions(tap_major=tm))
+        e, st = compile(m, x[:1], threads=2, isa="avx2", return_stages=True,
+                        plan_options=PlanOptions(tap_major=tm, flat_rows_narrow=0))
         tiles = [c for c in st.plan.convs.values() if c.mode == "flat-tiled" and c.flat_tv >= 12]
         assert len(tiles) >= 2 and any(c.op.residual is not None for c in tiles), e.summary(profile=False)
         assert ("const vf k0 = BC(wp[0]); a0 +=" in st.source) == tm
@@ -565,6 +566,63 @@ def test_sparse_flat_tiles_on_avx2_run_a_tap_at_a_time():
                 assert ok, (tm, why)
             outs.append(e(x))
     assert torch.equal(outs[0].isnan(), outs[1].isnan())
+
+
+def test_sparse_flat_tiles_on_avx2_run_in_packed_row_blocks():
+    """On 16-register (AVX2) builds, pattern 3x3 convs on maps whose rows are whole vectors run in 2-D flat tiles
+    (PlanOptions.flat_rows_narrow): rows x vectors from each row's left border, a kernel's taps column by column,
+    each tile's input packed per thread into aligned rows (flat_pack_narrow), in channel blocks where the packed
+    window outgrows L1. Maps the tiles do not divide (shifted-back tiles), a residual, channel blocks, batch 1
+    (threads split the tiles) and 3 (an image per thread, then the rest split), NaN/Inf: as in PyTorch packed and
+    unpacked, with NaN/Inf where the tiles along the plane put them."""
+    import sparseforge as sf
+    from sparseforge.sparsity.mask import fold_masks
+
+    _skip_without_avx2()
+    torch.manual_seed(7)
+    m = nn.Sequential(nn.Conv2d(3, 48, 3, 1, 1), nn.ReLU(), BasicBlock(48, 48, 1, "relu", False),
+                      nn.Conv2d(48, 40, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(40, 24, 3, 1, 1))
+    m = randomize_bn(m.eval())
+    sf.prune(m, sf.PatternConfig(num_patterns=8, connectivity=2.0, connectivity_scope="layer"))
+    m = fold_masks(m)
+    x = with_nonfinite(torch.randn(3, 3, 61, 75), seed=5)
+    with torch.inference_mode():
+        ref = m(x)
+    outs = []
+    for opts in (PlanOptions(), PlanOptions(flat_pack_narrow=False), PlanOptions(flat_rows_narrow=0)):
+        e, st = compile(m, x[:1], threads=2, isa="avx2", return_stages=True, plan_options=opts)
+        rows = [c for c in st.plan.convs.values() if c.mode == "flat-tiled" and c.flat_rt]
+        if opts.flat_rows_narrow:
+            assert len(rows) >= 3 and any(c.op.residual is not None for c in rows), e.summary(profile=False)
+            assert all(2 <= c.flat_rt and 8 <= c.flat_rt * c.flat_tv <= opts.flat_rows_narrow for c in rows)
+            assert any(c.ho % c.flat_rt or c.flat_jn % c.flat_tv for c in rows)       # shifted-back tiles
+            assert all(c.flat_pack == opts.flat_pack_narrow for c in rows)
+            assert any(c.flat_cb for c in rows) and any(c.spatial for c in rows)
+            assert ("float* P = S + " in st.source) == opts.flat_pack_narrow
+        else:
+            assert not rows
+        with torch.inference_mode():
+            for xb in (x[:1], x):
+                ok, why = compare_outputs(e(xb), ref[: len(xb)], sparse=True)
+                assert ok, (opts, why)
+            outs.append(e(x))
+    assert torch.equal(outs[0].isnan(), outs[2].isnan()) and torch.equal(outs[1].isnan(), outs[2].isnan())
+
+
+def test_flat_row_tiles_fit_the_registers_and_split_evenly():
+    """_flat_rows_shape: at most ``acc`` accumulators, at least 8 (latency-bound chains) unless the map holds fewer
+    vectors, two or more rows (rows are what share loads), and, with threads splitting the tiles, no shape whose
+    last thread's share costs more than another's: the 2x2-tile 14x14 case that left one of 2 threads idle."""
+    from sparseforge.engine.plan import _flat_rows_shape
+
+    for ho in (2, 3, 7, 14, 28, 56, 61, 112):
+        for jn in (1, 2, 4, 8, 10, 15):
+            for threads in (1, 2, 4):
+                rt, tv = _flat_rows_shape(ho, jn, 12, threads, 1000, 64)
+                assert 2 <= rt <= ho and 1 <= tv <= jn and rt * tv <= max(12, ho * jn if ho * jn < 8 else 12)
+                assert rt * tv >= min(8, ho * jn), (ho, jn, rt, tv)
+    assert _flat_rows_shape(14, 2, 12, 2, 16384, 256) != (5, 2)     # 3 tiles on 2 threads
+    assert _flat_rows_shape(112, 15, 12, 2, 4096, 128) == (4, 3)     # measured best of 6x2, 4x3, 3x4, 2x6
 
 
 def test_gather_rows_on_avx2_run_a_few_vectors_at_a_time():

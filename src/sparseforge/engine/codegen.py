@@ -240,11 +240,13 @@ def _accumulate(accs: list[str], taps: int, load_expr) -> list[str]:
     return [f"{a} += {_tree([f'k{t} * {load_expr(i, t)}' for t in range(taps)])};" for i, a in enumerate(accs)]
 
 
-def _weights(T_: str, BC_: str, nt: int, G: int, ind: str) -> list[str]:
-    """Broadcast weights of one kernel: ``k{t}`` (one filter) or ``k{t}g{g}`` (a filter group, [tap][filter])."""
+def _weights(T_: str, BC_: str, nt: int, G: int, ind: str, taps: list[int] | None = None) -> list[str]:
+    """Broadcast weights of one kernel: ``k{t}`` (one filter) or ``k{t}g{g}`` (a filter group, [tap][filter]);
+    ``taps``: only these of its ``nt``."""
+    taps = range(nt) if taps is None else taps
     if G == 1:
-        return [f"{ind}const {T_} k{t} = {BC_}(wp[{t}]);" for t in range(nt)]
-    return [f"{ind}const {T_} k{t}g{g} = {BC_}(wp[{t * G + g}]);" for t in range(nt) for g in range(G)]
+        return [f"{ind}const {T_} k{t} = {BC_}(wp[{t}]);" for t in taps]
+    return [f"{ind}const {T_} k{t}g{g} = {BC_}(wp[{t * G + g}]);" for t in taps for g in range(G)]
 
 
 def _accumulate_g(accs: list[str], taps: int, load_expr, G: int, T_: str) -> list[str]:
@@ -304,6 +306,8 @@ def _accumulate_shared(accs: list[str], bases: list[int], offs: list[int], load:
         return ["{"] + ["  " + line for line in out] + ["}"]
     uses: dict[int, list[tuple[int, int]]] = {}
     for t, o in enumerate(offs):
+        if o is None:       # a tap another call adds
+            continue
         for i in range(len(accs)):
             uses.setdefault(bases[i] + o, []).append((t, i))
     out = []
@@ -773,17 +777,22 @@ def _shift_align(plan: Plan, li, VEC: int, isa: VecISA, m: int) -> tuple[int, in
     return (m, VEC, isa.itype)
 
 
-def _flat_kernels(p: ConvPlan, plan: Plan, li, names: list[str], base: str, ind: str, ri: str = "") -> list[str]:
+def _flat_kernels(p: ConvPlan, plan: Plan, li, names: list[str], base: str, ind: str, ri: str = "",
+                  bases: list[int] | None = None, pack: tuple[int, int, int, dict[int, int]] | None = None) -> list[str]:
     """Flat modes' kernel loops: per tap shape, every kernel of the filter (group) adds its taps to the vectors
-    ``names`` along the flattened plane, starting at plane position ``base``; ``ri``: the run's index (default:
-    the filter's). Merged runs (``p.merged``): one stream, shape after shape, walked with running pointers."""
+    ``names`` along the flattened plane, starting at plane position ``base`` (vector i at ``bases[i]`` past it,
+    default i vectors); ``ri``: the run's index (default: the filter's). Merged runs (``p.merged``): one stream,
+    shape after shape, walked with running pointers. ``pack`` = (floats per channel, per column, per row, packed
+    column of each kernel column): the taps read the tile's packed copy ``P`` (_flat_pack) instead of the plane."""
     kw, pad, VEC, G = p.op.weight.shape[3], p.op.padding, p.vec, p.fgroup
     isa = WIDE16 if VEC != plan.vec else MAIN
     ri = ri or _ri(plan)
     # every tile starts a whole number of vectors after the plane's first interior position
     align = _shift_align(plan, li, VEC, isa, p.flat_p0 % VEC)
     # 16-register hosts: more accumulators + a kernel's weights than registers (PlanOptions.tap_major)
-    tap_major = (plan.narrow and plan.options.tap_major and G == 1 and align is None
+    bases = bases if bases is not None else [i * VEC for i in range(len(names))]
+    # (2-D tiles share loads between rows instead: p.flat_rt)
+    tap_major = (plan.narrow and plan.options.tap_major and G == 1 and align is None and not p.flat_rt
                  and any(len(names) + len(sh) > 15 for sh in p.shapes))
     out, ind0 = [], ind
     if p.merged:
@@ -795,12 +804,17 @@ def _flat_kernels(p: ConvPlan, plan: Plan, li, names: list[str], base: str, ind:
     for j, shape in enumerate(p.shapes):
         nt = len(shape)
         offs = [(t // kw - pad) * li.rs + (t % kw - pad) for t in shape]
+        src = f"ib + (long)mc[e] * {li.plane} + {base}"
+        if pack is not None:
+            cw, colw, roww, colpos = pack
+            offs = [colpos[t % kw] * colw + (t // kw) * roww for t in shape]
+            src = f"P + (long)mc[e] * {cw}"
         if p.merged:
             out.append(f"{ind}for (const int e1 = rb_[{j + 1}]; e < e1; e++, wp += {nt * G}) {{")
-            out.append(f"{ind}  const float* ip = ib + (long)mc[e] * {li.plane} + {base};")
+            out.append(f"{ind}  const float* ip = {src};")
         else:
             out.append(f"{ind}for (int e = st{j}[{ri}]; e < st{j}[{ri} + 1]; e++) {{")
-            out.append(f"{ind}  const float* ip = ib + (long)ch{j}[e] * {li.plane} + {base};")
+            out.append(f"{ind}  const float* ip = {src.replace('mc[e]', f'ch{j}[e]')};")
             out.append(f"{ind}  const float* wp = w{j} + (long)e * {nt * G};")
         if tap_major:
             # a tap at a time, its weight broadcast just before its FMAs: the tile's accumulators and one weight
@@ -808,10 +822,19 @@ def _flat_kernels(p: ConvPlan, plan: Plan, li, names: list[str], base: str, ind:
             out += [f"{ind}  {{ const {isa.type} k{t} = {isa.bcast}(wp[{t}]); "
                     + " ".join(f"{nm} += k{t} * {isa.load}(ip + {i * VEC + offs[t]});" for i, nm in enumerate(names))
                     + " }" for t in range(nt)]
+        elif p.flat_rt and len(names) >= CHAIN_MIN:
+            # column by column: only the column's weights in registers next to the accumulators
+            for dx in sorted({t % kw for t in shape}):
+                ts = [i for i, t in enumerate(shape) if t % kw == dx]
+                out.append(f"{ind}  {{")
+                out += _weights(isa.type, isa.bcast, nt, G, ind + "    ", ts)
+                sub = _accumulate_shared(names, bases, [offs[t] if t in ts else None for t in range(nt)],
+                                         isa.load, G, isa.type, None)
+                out += [f"{ind}    {ln}" for ln in sub]
+                out.append(f"{ind}  }}")
         else:
             out += _weights(isa.type, isa.bcast, nt, G, ind + "  ")
-            out += [ind + "  " + st_ for st_ in _accumulate_shared(names, [i * VEC for i in range(len(names))],
-                                                                   offs, isa.load, G, isa.type, align)]
+            out += [ind + "  " + st_ for st_ in _accumulate_shared(names, bases, offs, isa.load, G, isa.type, align)]
         out.append(f"{ind}}}")
     if p.merged:
         out.append(f"{ind0}}}")
@@ -841,16 +864,38 @@ def _flat_tiled_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], li
     A tile's input (every channel's ``flat_tv`` vectors plus the taps' row reach) stays in L1/L2 while every
     filter of the thread reads it, and each kernel's loads run along memory. The last tile is shifted back to
     end at the last vector: the vectors it shares with the tile before are recomputed to the same values.
+
+    2-D tiles (``p.flat_rt`` rows of ``flat_tv`` vectors, the span from the row's left border): tiles in a grid
+    of row blocks x vector columns, the last of each shifted back the same way; the bottom row's vectors end in
+    the plane's bottom border row, so every store is whole (its border lanes masked to 0).
     """
     op: ConvOp = p.op
     li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
     nv, TV, VEC = p.flat_nv, p.flat_tv, p.vec
     isa = WIDE16 if VEC != plan.vec else MAIN      # 16-lane tiles in an 8-lane plan (AVX-512 hosts)
     T_, LD, ST = isa.type, isa.load, isa.store
-    nt_ = -(-nv // TV)
+    RT, RV = max(1, p.flat_rt), p.flat_rv
+    if p.flat_rt:
+        nrb, ncb = -(-p.ho // RT), -(-p.flat_jn // TV)
+        nt_ = nrb * ncb
+        def v0_of(tt: str) -> str:
+            tr, tc = f"({tt}) / {ncb}", f"({tt}) % {ncb}"
+            return (f"({tr} < {nrb - 1} ? {tr} * {RT} : {p.ho - RT}) * {RV}"
+                    f" + ({tc} < {ncb - 1} ? {tc} * {TV} : {p.flat_jn - TV})")
+        tile_v0 = [f"      const int v0 = {v0_of('tt')};"]
+        if p.flat_pack:
+            # the next tile's rows, prefetched while this one is packed (rows of a 2-D tile are too many short
+            # streams for the hardware prefetchers: in-network, without it, 0.9x of tiles along the plane)
+            tile_v0.append(f"      const long pn = (long)({v0_of(f'tt + 1 < {nt_} ? tt + 1 : tt')} - v0) * {VEC};")
+        # accumulator (r, j): row r, vector j of the tile; its mask is vector v0 + r * RV + j of the span
+        cells = [(f"a{r}_{j}", r * lo.rs + j * VEC, r * RV + j) for r in range(RT) for j in range(TV)]
+    else:
+        nt_ = -(-nv // TV)
+        tile_v0 = [f"      const int v0 = tt < {nt_ - 1} ? tt * {TV} : {nv - TV};"]
+        cells = [(f"a{v}", v * VEC, v) for v in range(TV)]
     pre = lines[:lines.index("  const int Nf = N - N % nth;")]
     last = p.ho * lo.rs + p.wo          # last interior position: never write past it
-    nlast = last - (p.flat_p0 + (nv - 1) * VEC) + 1
+    nlast = VEC if p.flat_rt else last - (p.flat_p0 + (nv - 1) * VEC) + 1
     b = pre + [f"  const float* mk = g_w + d[{_extra_at(p)}];",
                "  const int Nf = N - N % nth;",
                "  for (int n = 0; n < N; n++) {",
@@ -860,43 +905,79 @@ def _flat_tiled_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], li
                f"    int tlo = 0, thi = {nt_};"]
     if p.spatial:
         b.append(f"    if (!own) {{ tlo = {nt_} * tid / nth; thi = {nt_} * (tid + 1) / nth; }}")
-    b += ["    for (int tt = tlo; tt < thi; tt++) {",
-          f"      const int v0 = tt < {nt_ - 1} ? tt * {TV} : {nv - TV};",
+    b += ["    for (int tt = tlo; tt < thi; tt++) {"] + tile_v0 + [
           f"      const long pb = {p.flat_p0} + (long)v0 * {VEC};"]
     heads = list(head_lines)
     if p.spatial:     # tiles are split, filters are not
         heads[0] = f"    for (int t = 0; t < {plan.threads}; t++)"
     G = p.fgroup
-    names = [f"a{v}" for v in range(TV)]
+    names = [c[0] for c in cells]
+    bases = [c[1] for c in cells]
     NCB = p.flat_ncb
+    cin = op.weight.shape[1]
+    pack = None
+    if p.flat_pack:
+        cols, RH, TW, CW = p.pack_geometry()
+        pack = (CW, RH * TW, TW, {kx: i for i, kx in enumerate(cols)})
+        bases = [r * TW + j * VEC for r in range(RT) for j in range(TV)]
+        per = p.partials_floats() + cin * CW
+        b.insert(b.index("  const int Nf = N - N % nth;"),
+                 f"  float* S = B[{plan.scratch_id}] + (long)tid * {per}; float* P = S + {p.partials_floats()};")
+        if not p.flat_cb:
+            b += _flat_pack(p, li, isa, "0", str(cin), "      ")
     if p.flat_cb:
         # channel blocks outside the filters: each block's window (flat_cb channels) is read from L1 by every
         # filter; a filter's partial sums wait in this thread's scratch between blocks
-        PS = TV * VEC * G
-        b.insert(b.index("  const int Nf = N - N % nth;"),
-                 f"  float* S = B[{plan.scratch_id}] + (long)tid * {op.weight.shape[0] * TV * VEC};")
+        PS = len(cells) * VEC * G
+        if not p.flat_pack:
+            b.insert(b.index("  const int Nf = N - N % nth;"),
+                     f"  float* S = B[{plan.scratch_id}] + (long)tid * {op.weight.shape[0] * len(cells) * VEC};")
         b.append(f"    for (int c = 0; c < {NCB}; c++) {{")
+        if p.flat_pack:
+            b += _flat_pack(p, li, isa, f"c * {p.flat_cb}", f"(c + 1) * {p.flat_cb} < {cin} ? (c + 1) * {p.flat_cb} : {cin}",
+                            "      ")
         b += ["  " + h for h in heads if "const float* ib" not in h]
         b.append(f"        float* sp = S + (long)q * {PS};")
         b.append("        " + _init_accs(T_, names, G))
         accn = [f"{a}g{g}" if G > 1 else a for g in range(G) for a in names]
         b.append("        if (c > 0) { " + " ".join(f"{a} = {LD}(sp + {i * VEC});" for i, a in enumerate(accn)) + " }")
         run = f"c * {op.weight.shape[0] // G} + {_ri(plan)}" if p.merged else f"{_ri(plan)} * {NCB} + c"
-        b += _flat_kernels(p, plan, li, names, "pb", "        ", ri=run)
+        b += _flat_kernels(p, plan, li, names, "pb", "        ", ri=run, bases=bases, pack=pack)
         b.append(f"        if (c < {NCB - 1}) {{ " + " ".join(f"{ST}(sp + {i * VEC}, {a});" for i, a in enumerate(accn))
                  + " continue; }")
     else:
         b += ["  " + h for h in heads if "const float* ib" not in h]
         b.append("        " + _init_accs(T_, names, G))
-        b += _flat_kernels(p, plan, li, names, "pb", "        ")
+        b += _flat_kernels(p, plan, li, names, "pb", "        ", bases=bases, pack=pack)
     for g in range(G):
         gp = f" + {g * lo.plane}" if G > 1 else ""
-        for v in range(TV):
-            b += _flat_store(isa, op.act, f"a{v}{f'g{g}' if G > 1 else ''}",
-                             f"rb{gp} + pb + {v * VEC}" if op.residual is not None else None,
-                             f"ob{gp} + pb + {v * VEC}", v, p, nlast)
+        for a, off, v in cells:
+            b += _flat_store(isa, op.act, f"{a}{f'g{g}' if G > 1 else ''}",
+                             f"rb{gp} + pb + {off}" if op.residual is not None else None,
+                             f"ob{gp} + pb + {off}", v, p, nlast)
     b += ["      }", "    }", "  }"] + (["    }"] if p.flat_cb else [])
     return _register(k, p, plan, bodies, "\n".join(b), [p.flat_mask_off])
+
+
+def _flat_pack(p: ConvPlan, li, isa, c_lo: str, c_hi: str, ind: str) -> list[str]:
+    """Packed 2-D flat tiles: channels [c_lo, c_hi) of the tile at plane position ``pb`` copied into this
+    thread's ``P``: per channel, per kernel column kx, the tile's rows and the kernel's reach as rows of TW floats,
+    shifted by kx - pad. A tap (ky, kx) of the tile's row r is then packed row r + ky of column kx: every load
+    aligned (no cache-line splits, half the side columns' loads otherwise) and from L1, the copy made once for
+    every filter of the thread."""
+    kw, pad, VEC = p.op.weight.shape[3], p.op.padding, p.vec
+    cols, RH, TW, CW = p.pack_geometry()
+    out = [f"{ind}for (int ch = {c_lo}; ch < ({c_hi}); ch++) {{",
+           f"{ind}  const float* sp = ib + (long)ch * {li.plane} + pb;",
+           f"{ind}  float* dp = P + (long)ch * {CW};",
+           f"{ind}  for (int i = 0; i < {RH}; i++) {{",
+           f"{ind}    const float* sr = sp + (long)(i - {pad}) * {li.rs};",
+           f"{ind}    float* dr = dp + i * {TW};"]
+    out.append(f"{ind}    " + " ".join(f"__builtin_prefetch(sr + pn + {x});" for x in range(-pad, TW + kw - pad, 16)))
+    for ci, kx in enumerate(cols):
+        out.append(f"{ind}    " + " ".join(f"{isa.store}(dr + {ci * RH * TW + j * VEC}, {isa.load}(sr + {j * VEC + kx - pad}));"
+                                          for j in range(TW // VEC)))
+    return out + [f"{ind}  }}", f"{ind}}}"]
 
 
 def _flat_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines: list[str]) -> str:

@@ -74,6 +74,22 @@ class PlanOptions:
     # 2 threads, vs 12: ResNet-18 1.02x, ResNet-50 1.03x, VGG-16-BN 1.07x; 20 and 24: 0.92-0.96x of 14; CIFAR
     # VGG-16 1.00x, ResNet-56 0.99x)
     flat_tile_kxk: int = 14           # (a 14x14 map is then one tile: threads split its filters, not its tiles)
+    # 16-register hosts (AVX2), kxk stride-1 convs on maps whose rows are whole vectors: flat tiles of rows x
+    # vectors per row, at most this many accumulators (0 = off: tiles along the plane). The span starts at the
+    # row's left border, so every centre-column tap loads an aligned vector; a kernel's taps go column by column
+    # (only that column's weights in registers) and taps of a column a row apart load one vector for
+    # accumulators a row apart (codegen._accumulate_shared). Loads, not FMAs, bound these loops on AVX2 (a load
+    # per FMA, half the side columns' split across cache lines; AVX-512's lane shifts have no one-instruction
+    # AVX2 equivalent). Shape per layer: _flat_rows_shape. One layer, one thread, Zen 4 built for AVX2, pattern
+    # 8x, vs tiles along the plane: 128->128 at 28x28 1.18x, 64->64 at 56x56 1.11x, 128->128 at 112x112 1.12x
+    flat_rows_narrow: int = 12
+    # ... each tile's input copied (per thread, per channel block) into aligned rows, one copy per kernel column:
+    # every tap's load is then aligned and from L1, and the copy is shared by every filter
+    flat_pack_narrow: bool = True
+    # ... on inputs of at most this many bytes: larger maps stream from memory, which the plane-long tiles'
+    # contiguous spans do better (2 threads, in-network, vs tiles along the plane: 128->128 at 112x112, 7.0 MB,
+    # 1.16x; 64->64 at 224x224, 13.4 MB, 0.97x)
+    flat_rows_max_bytes: int = 1 << 23
     block_outer_ratio: float = 1.0    # direct convs loop blocks outside filters when input >= this x weight bytes
     spatial_depthwise: bool = False   # measured slower on MobileNetV2 (b1, 2 threads): see plan_conv
     packed1_max: int = 64             # 1x1 convs with output maps of at most this many pixels run in packed mode
@@ -377,6 +393,13 @@ class ConvPlan:
     # every filter reads the tile's input (Cin x flat_tv vectors, contiguous per channel) from L1/L2 and the
     # loads run along memory (no row jumps, few pages); the last tile is shifted back to end at the last vector
     flat_tv: int = 0
+    # ... 2-D tiles (PlanOptions.flat_rows_narrow): flat_rt rows of flat_tv vectors each, from the row's left
+    # border (flat_p0 = rs); flat_rv vectors per row stride, flat_jn of them reach the row's last interior column
+    flat_rt: int = 0
+    flat_rv: int = 0
+    flat_jn: int = 0
+    # ... each tile's input copied per thread into aligned rows, one copy per kernel column (PlanOptions.flat_pack)
+    flat_pack: bool = False
     # ... and in blocks of flat_cb input channels (PlanOptions.flat_cblock_bytes): flat_ncb blocks, runs indexed
     # by (filter position, block), partial sums kept per filter in scratch memory between blocks
     flat_cb: int = 0
@@ -462,6 +485,20 @@ class ConvPlan:
     # pruning) and run together, fgroup x the accumulators, each input vector loaded once for all of them;
     # thread lists, runs and ``thread_of`` are per group, weights [kernel][tap][filter of the group]
     fgroup: int = 1
+
+    def partials_floats(self) -> int:
+        """Floats of one thread's partial sums in channel-blocked flat tiles: a tile for every filter."""
+        return self.op.weight.shape[0] * self.flat_tv * max(1, self.flat_rt) * self.vec if self.flat_cb else 0
+
+    def pack_geometry(self) -> tuple[list[int], int, int, int]:
+        """Packed 2-D flat tiles (``flat_pack``): the kernel columns any tap uses, rows and floats per packed row
+        (the tile's rows + the kernel's reach; its vectors), floats per channel (0 when not packed)."""
+        if not self.flat_pack:
+            return [], 0, 0, 0
+        kh, kw = self.op.weight.shape[2:]
+        cols = sorted({t % kw for sh in self.shapes for t in sh})
+        rh, tw = self.flat_rt + kh - 1, self.flat_tv * self.vec
+        return cols, rh, tw, len(cols) * rh * tw
 
     @property
     def mode(self) -> str:
@@ -648,8 +685,12 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
         # tiles of 16-lane vectors on AVX-512 hosts (aligned loads for a 1x1 conv when rows are a multiple of 16);
         # a map that fits one block of registers (not tiled) keeps the plan's own width
         wide16 = tiling and opts.flat_wide and wide and base_vec == 8 and rs % 8 == 0
+        # (not the 2x2 convs over a phase split: 1-2 taps per kernel, too few to pay for packing 4x the channels)
+        rows2d = (tiling and kh >= 3 and kw >= 3 and op.stride == 1 and _narrow(base_vec, wide) and not wide16
+                  and opts.flat_rows_narrow // G >= 4 and rs % base_vec == 0 and ho >= 2
+                  and in_bytes <= opts.flat_rows_max_bytes)
         for fvec in ((16, base_vec) if wide16 else (base_vec,)):
-            p0, nv = _flat_span(rs, ho, wo, fvec, kh == 1)
+            p0, nv = _flat_span(rs, ho, wo, fvec, kh == 1 or rows2d)
             tiled = nv > opts.max_acc // G and tiling
             if tiled:
                 break
@@ -662,10 +703,23 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
                 most = max(1, (opts.flat_tile_wide if wide and vec == base_vec else
                                one if kh * kw == 1 else opts.flat_tile_kxk) // G)
                 p.flat_tv = -(-nv // -(-nv // most))      # balanced tiles: the shifted last one overlaps little
-                # threads take runs of tiles (all filters) rather than filter lists, when there is a tile per thread
-                p.spatial = spatial and -(-nv // p.flat_tv) >= threads
+                ntiles = -(-nv // p.flat_tv)
                 reach = ((kh - 1) // 2) * rs + (kw - 1) // 2      # taps' reach either side along the plane
                 window = 4 * (p.flat_tv * vec + 2 * reach)        # bytes of one channel's tile input
+                if rows2d:
+                    jn = -(-(wo + 1) // vec)
+                    p.flat_pack = opts.flat_pack_narrow and op.groups == 1
+                    ncols = len({t % kw for sh in shapes for t in sh})
+                    p.flat_rt, p.flat_tv = _flat_rows_shape(
+                        ho, jn, max(1, opts.flat_rows_narrow // G), threads if spatial else 1, max(1, len(kc) // G),
+                        in_shape[0] if p.flat_pack else 0, ncols, kh - 1)
+                    p.flat_rv, p.flat_jn = rs // vec, jn
+                    ntiles = -(-ho // p.flat_rt) * -(-jn // p.flat_tv)
+                    # bytes of one channel's tile input: its packed copy, or the rows it spans
+                    window = (4 * p.pack_geometry()[3] if p.flat_pack else
+                              4 * (p.flat_rt + kh - 1) * (p.flat_tv * vec + 16))
+                # threads take runs of tiles (all filters) rather than filter lists, when there is a tile per thread
+                p.spatial = spatial and ntiles >= threads
                 cin = in_shape[0]
                 if opts.flat_cblock_bytes and op.groups == 1 and cin * window > opts.flat_cblock_bytes:
                     cb = max(1, opts.flat_cblock_bytes // window)
@@ -1021,6 +1075,34 @@ def _plan_blocked(op: ConvOp, in_shape, out_shape, blob: Blob, threads: int, lin
     return p
 
 
+def _flat_rows_shape(ho: int, jn: int, acc: int, threads: int = 1, kernels: int = 0, cin: int = 0,
+                     cols: int = 3, reach: int = 2) -> tuple[int, int]:
+    """2-D flat tiles' (rows, vectors per row) for a map of ``ho`` rows of ``jn`` vectors, at most ``acc``
+    accumulators: the fewest estimated cycles over the map. Per kernel and tile a 4-of-9 pattern costs about
+    tv * (4 rt + 1) / 2 cycles (two single-tap columns at a load per FMA, half of them split across cache
+    lines, and a two-tap column sharing rows: loads-bound) plus ~6 of set-up (index, pointer, broadcasts); tiles
+    that do not divide the map are shifted back and recompute the overlap. It ranked the measured best first on
+    28x28, 56x56 and 112x112 layers (Zen 4 built for AVX2, one thread, shapes 6x2, 4x3, 3x4, 2x6). ``threads``
+    split the tiles (1: they split filters): a thread's share is whole tiles. Fewer than 8 accumulators leave
+    the FMA chains latency-bound, so smaller tiles only where the map is smaller. Packed tiles add a cycle per
+    vector copied (``cin`` channels x ``cols`` kernel columns x the tile's rows + ``reach`` x its vectors),
+    shared by the ``kernels`` kept kernels."""
+    best = None
+    for rt in range(min(ho, acc), 1, -1):
+        most = acc // rt
+        tv = -(-jn // -(-jn // most))                # balanced vectors per tile row
+        if rt * tv < min(8, acc, ho * jn):
+            continue
+        tiles = -(-ho // rt) * -(-jn // tv)
+        per_tile = kernels * (tv * (4 * rt + 1) / 2 + 6) + cin * cols * (rt + reach) * tv
+        cost = (-(-tiles // threads) if tiles >= threads else tiles / threads) * per_tile
+        if best is None or cost < best[0]:
+            best = (cost, rt, tv)
+    if best is None:            # a map of fewer than 8 vectors: one tile
+        return ho, jn
+    return best[1], best[2]
+
+
 def _flat_span(rs: int, ho: int, wo: int, vec: int, one_by_one: bool) -> tuple[int, int]:
     """Flat modes' range along the padded plane: first position and vectors up to the last interior position.
     1x1 convs start at the row's left border when rows are whole vectors (aligned loads; the border lane is
@@ -1149,10 +1231,10 @@ class Plan:
         return self.threads * (packed + c.op.weight.shape[0] * acc_stride)
 
     def partials_size(self, k: int) -> int:
-        """Floats of scratch a channel-blocked flat-tiled conv needs: per thread, one tile of partial sums for
-        every filter."""
+        """Floats of scratch a channel-blocked or packed flat-tiled conv needs: per thread, one tile of partial
+        sums for every filter (channel blocks), then the tile's packed input (every channel)."""
         c = self.convs[k]
-        return self.threads * c.op.weight.shape[0] * c.flat_tv * c.vec
+        return self.threads * (c.partials_floats() + c.op.weight.shape[1] * c.pack_geometry()[3])
 
 
 
@@ -1592,7 +1674,7 @@ def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto
                 absorbed=absorbed, options=opts, narrow=_narrow(vec, wide))
     plan.scratch_id = max(graph.values) + 1
     plan.scratch = max([plan.gather_size(k) for k, c in convs.items() if c.gather or c.packed1]
-                       + [plan.partials_size(k) for k, c in convs.items() if c.flat_cb]
+                       + [plan.partials_size(k) for k, c in convs.items() if c.flat_cb or c.flat_pack]
                        + [bp.scratch(threads) for bp in blocks.values()]
                        + [threads * bp.private() for bp in bands.values()], default=0)
     return plan

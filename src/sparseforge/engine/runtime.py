@@ -20,6 +20,8 @@ from .artefact import save_engine
 from .interpret import run_torch_op
 from .ir import TorchOp
 
+FRONT = 64   # floats of zeros before every buffer (64-byte aligned data, reads just before a plane in bounds)
+
 
 class CompiledModel:
     """A compiled network. Call it like the model: ``engine(x)`` with x of shape (N, C, H, W), float32."""
@@ -92,14 +94,20 @@ class CompiledModel:
         bufs: dict[int, torch.Tensor] = {}
         views: dict[int, torch.Tensor] = {}
         slack = self.spec["slack"]
+
+        def zeros(floats: int) -> torch.Tensor:
+            # FRONT floats before the buffer too: a 2-D flat tile's corner tap reads one position before a plane
+            # (a lane that is masked off), which for the first plane is before the buffer
+            return torch.zeros(FRONT + floats, dtype=torch.float32)[FRONT:]
+
         # values share slot buffers where the memory plan says so (artefacts without one: a buffer per value)
-        slot_bufs = [torch.zeros(n * f + slack, dtype=torch.float32) for f in self.spec.get("slots", [])]
+        slot_bufs = [zeros(n * f + slack) for f in self.spec.get("slots", [])]
         for vid_s, v in vals.items():
             vid = int(vid_s)
             if not v["buffer"]:
                 continue
             slot = v.get("slot", -1)
-            t = slot_bufs[slot] if slot >= 0 else torch.zeros(n * v["image"] + slack, dtype=torch.float32)
+            t = slot_bufs[slot] if slot >= 0 else zeros(n * v["image"] + slack)
             bufs[vid] = t
             shape = v["shape"]
             if v["is_map"]:
@@ -114,7 +122,7 @@ class CompiledModel:
         scratch = self.spec.get("scratch_total", n * self.spec.get("scratch", 0))
         if scratch:
             sid = self.spec["scratch_id"]
-            bufs[sid] = torch.zeros(scratch + slack, dtype=torch.float32)
+            bufs[sid] = zeros(scratch + slack)
             nv = max(nv, sid + 1)
         ptrs = (ctypes.c_void_p * nv)(*[bufs[i].data_ptr() if i in bufs else None for i in range(nv)])
         self._buffers[n] = (bufs, views, ptrs)
