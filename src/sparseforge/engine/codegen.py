@@ -808,7 +808,7 @@ def _flat_kernels(p: ConvPlan, plan: Plan, li, names: list[str], base: str, ind:
         if pack is not None:
             cw, colw, roww, colpos = pack
             offs = [colpos[t % kw] * colw + (t // kw) * roww for t in shape]
-            src = f"P + (long)mc[e] * {cw}"
+            src = f"Pb + (long)mc[e] * {cw}"
         if p.merged:
             out.append(f"{ind}for (const int e1 = rb_[{j + 1}]; e < e1; e++, wp += {nt * G}) {{")
             out.append(f"{ind}  const float* ip = {src};")
@@ -920,11 +920,11 @@ def _flat_tiled_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], li
         cols, RH, TW, CW = p.pack_geometry()
         pack = (CW, RH * TW, TW, {kx: i for i, kx in enumerate(cols)})
         bases = [r * TW + j * VEC for r in range(RT) for j in range(TV)]
-        per = p.partials_floats() + cin * CW
+        per = p.partials_floats() + (p.flat_cb or cin) * CW
         b.insert(b.index("  const int Nf = N - N % nth;"),
                  f"  float* S = B[{plan.scratch_id}] + (long)tid * {per}; float* P = S + {p.partials_floats()};")
         if not p.flat_cb:
-            b += _flat_pack(p, li, isa, "0", str(cin), "      ")
+            b += ["      float* Pb = P;"] + _flat_pack(p, li, isa, "0", str(cin), "      ")
     if p.flat_cb:
         # channel blocks outside the filters: each block's window (flat_cb channels) is read from L1 by every
         # filter; a filter's partial sums wait in this thread's scratch between blocks
@@ -934,6 +934,8 @@ def _flat_tiled_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], li
                      f"  float* S = B[{plan.scratch_id}] + (long)tid * {op.weight.shape[0] * len(cells) * VEC};")
         b.append(f"    for (int c = 0; c < {NCB}; c++) {{")
         if p.flat_pack:
+            # the block's channels in one block-sized area (Pb + channel: the kernels index it by channel)
+            b += [f"      float* Pb = P - (long)c * {p.flat_cb * CW};"]
             b += _flat_pack(p, li, isa, f"c * {p.flat_cb}", f"(c + 1) * {p.flat_cb} < {cin} ? (c + 1) * {p.flat_cb} : {cin}",
                             "      ")
         b += ["  " + h for h in heads if "const float* ib" not in h]
@@ -969,7 +971,7 @@ def _flat_pack(p: ConvPlan, li, isa, c_lo: str, c_hi: str, ind: str) -> list[str
     cols, RH, TW, CW = p.pack_geometry()
     out = [f"{ind}for (int ch = {c_lo}; ch < ({c_hi}); ch++) {{",
            f"{ind}  const float* sp = ib + (long)ch * {li.plane} + pb;",
-           f"{ind}  float* dp = P + (long)ch * {CW};",
+           f"{ind}  float* dp = Pb + (long)ch * {CW};",
            f"{ind}  for (int i = 0; i < {RH}; i++) {{",
            f"{ind}    const float* sr = sp + (long)(i - {pad}) * {li.rs};",
            f"{ind}    float* dr = dp + i * {TW};"]

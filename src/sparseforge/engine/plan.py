@@ -1232,9 +1232,9 @@ class Plan:
 
     def partials_size(self, k: int) -> int:
         """Floats of scratch a channel-blocked or packed flat-tiled conv needs: per thread, one tile of partial
-        sums for every filter (channel blocks), then the tile's packed input (every channel)."""
+        sums for every filter (channel blocks), then the tile's packed input (a channel block's, or every channel)."""
         c = self.convs[k]
-        return self.threads * (c.partials_floats() + c.op.weight.shape[1] * c.pack_geometry()[3])
+        return self.threads * (c.partials_floats() + (c.flat_cb or c.op.weight.shape[1]) * c.pack_geometry()[3])
 
 
 
