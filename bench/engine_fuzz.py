@@ -107,7 +107,7 @@ def fuzz_networks(a: argparse.Namespace) -> None:
     from sparseforge.engine.plan import PlanOptions
 
     stats = {"networks": 0, "max_rel_err": 0.0, "max_rel_err_seed": None, "nonfinite_inputs": 0, "sparse": 0, "native_ops": 0, "fallback_ops": 0,
-             "fallback_kinds": {}, "stress_options": 0, "conv_modes": {}, "channel_blocked_convs": 0,
+             "fallback_kinds": {}, "stress_options": 0, "conv_modes": {}, "channel_blocked_convs": 0, "row_tiled_convs": 0,
              "se_multiplies_fused": 0, "run_threads_checked": 0, "failures": []}
     # every fourth network is planned with knobs that push CIFAR-size maps into the large-map paths (tiled flat
     # mode from 4 KB inputs, input-channel blocks from 8 KB windows, dense 1x1 GEMM mode on any map with 16-float
@@ -164,6 +164,7 @@ def fuzz_networks(a: argparse.Namespace) -> None:
             if "mode" in op:
                 stats["conv_modes"][op["mode"]] = stats["conv_modes"].get(op["mode"], 0) + 1
                 stats["channel_blocked_convs"] += op["channel_blocks"] > 1
+                stats["row_tiled_convs"] += "row_tiles" in op
                 stats["se_multiplies_fused"] += "squeeze-excite multiply fused in" in op["describe"]
             if not op["native"]:
                 kind = op["describe"].split("(")[0].strip()

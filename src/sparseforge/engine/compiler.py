@@ -122,6 +122,8 @@ def runtime_spec(plan: Plan, input_shape: tuple[int, ...]) -> dict:
             c = plan.convs[k]
             d.update(kernels=c.kernels, taps=c.taps, flops_per_image=c.flops, shapes=len(c.shapes),
                      block=[c.rows, c.vecs], mode=c.mode, channel_blocks=c.flat_ncb)
+            if c.flat_rt:       # 2-D flat tiles (AVX2 builds): rows x vectors, input packed or read in place
+                d.update(row_tiles=[c.flat_rt, c.flat_tv], packed=c.flat_pack)
             if c.in_scale >= 0:
                 d["describe"] = f"{d['describe']} [input x gate: squeeze-excite multiply fused in]"
 
