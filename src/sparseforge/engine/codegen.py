@@ -783,7 +783,7 @@ def _flat_kernels(p: ConvPlan, plan: Plan, li, names: list[str], base: str, ind:
     ``names`` along the flattened plane, starting at plane position ``base`` (vector i at ``bases[i]`` past it,
     default i vectors); ``ri``: the run's index (default: the filter's). Merged runs (``p.merged``): one stream,
     shape after shape, walked with running pointers. ``pack`` = (floats per channel, per column, per row, packed
-    column of each kernel column): the taps read the tile's packed copy ``P`` (_flat_pack) instead of the plane."""
+    column of each kernel column): the taps read the tile's packed copy ``Pb`` (_flat_pack) instead of the plane."""
     kw, pad, VEC, G = p.op.weight.shape[3], p.op.padding, p.vec, p.fgroup
     isa = WIDE16 if VEC != plan.vec else MAIN
     ri = ri or _ri(plan)
@@ -883,9 +883,10 @@ def _flat_tiled_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], li
             return (f"({tr} < {nrb - 1} ? {tr} * {RT} : {p.ho - RT}) * {RV}"
                     f" + ({tc} < {ncb - 1} ? {tc} * {TV} : {p.flat_jn - TV})")
         tile_v0 = [f"      const int v0 = {v0_of('tt')};"]
-        if p.flat_pack:
-            # the next tile's rows, prefetched while this one is packed (rows of a 2-D tile are too many short
-            # streams for the hardware prefetchers: in-network, without it, 0.9x of tiles along the plane)
+        if p.flat_pack and plan.options.flat_pack_prefetch:
+            # the next tile's rows, prefetched while this one is packed: a 2-D tile's rows are many short streams
+            # (the hardware prefetchers follow few), and before this 56x56 layers ran 1.10x of tiles along the
+            # plane alone but 0.92x in-network, where their input comes cold
             tile_v0.append(f"      const long pn = (long)({v0_of(f'tt + 1 < {nt_} ? tt + 1 : tt')} - v0) * {VEC};")
         # accumulator (r, j): row r, vector j of the tile; its mask is vector v0 + r * RV + j of the span
         cells = [(f"a{r}_{j}", r * lo.rs + j * VEC, r * RV + j) for r in range(RT) for j in range(TV)]
@@ -924,7 +925,8 @@ def _flat_tiled_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], li
         b.insert(b.index("  const int Nf = N - N % nth;"),
                  f"  float* S = B[{plan.scratch_id}] + (long)tid * {per}; float* P = S + {p.partials_floats()};")
         if not p.flat_cb:
-            b += ["      float* Pb = P;"] + _flat_pack(p, li, isa, "0", str(cin), "      ")
+            b += ["      float* Pb = P;"] + _flat_pack(p, li, isa, "0", str(cin), "      ",
+                                                              plan.options.flat_pack_prefetch)
     if p.flat_cb:
         # channel blocks outside the filters: each block's window (flat_cb channels) is read from L1 by every
         # filter; a filter's partial sums wait in this thread's scratch between blocks
@@ -937,7 +939,7 @@ def _flat_tiled_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], li
             # the block's channels in one block-sized area (Pb + channel: the kernels index it by channel)
             b += [f"      float* Pb = P - (long)c * {p.flat_cb * CW};"]
             b += _flat_pack(p, li, isa, f"c * {p.flat_cb}", f"(c + 1) * {p.flat_cb} < {cin} ? (c + 1) * {p.flat_cb} : {cin}",
-                            "      ")
+                            "      ", plan.options.flat_pack_prefetch)
         b += ["  " + h for h in heads if "const float* ib" not in h]
         b.append(f"        float* sp = S + (long)q * {PS};")
         b.append("        " + _init_accs(T_, names, G))
@@ -961,9 +963,9 @@ def _flat_tiled_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], li
     return _register(k, p, plan, bodies, "\n".join(b), [p.flat_mask_off])
 
 
-def _flat_pack(p: ConvPlan, li, isa, c_lo: str, c_hi: str, ind: str) -> list[str]:
+def _flat_pack(p: ConvPlan, li, isa, c_lo: str, c_hi: str, ind: str, prefetch: bool = True) -> list[str]:
     """Packed 2-D flat tiles: channels [c_lo, c_hi) of the tile at plane position ``pb`` copied into this
-    thread's ``P``: per channel, per kernel column kx, the tile's rows and the kernel's reach as rows of TW floats,
+    thread's ``Pb``: per channel, per kernel column kx, the tile's rows and the kernel's reach as rows of TW floats,
     shifted by kx - pad. A tap (ky, kx) of the tile's row r is then packed row r + ky of column kx: every load
     aligned (no cache-line splits, half the side columns' loads otherwise) and from L1, the copy made once for
     every filter of the thread."""
@@ -975,7 +977,8 @@ def _flat_pack(p: ConvPlan, li, isa, c_lo: str, c_hi: str, ind: str) -> list[str
            f"{ind}  for (int i = 0; i < {RH}; i++) {{",
            f"{ind}    const float* sr = sp + (long)(i - {pad}) * {li.rs};",
            f"{ind}    float* dr = dp + i * {TW};"]
-    out.append(f"{ind}    " + " ".join(f"__builtin_prefetch(sr + pn + {x});" for x in range(-pad, TW + kw - pad, 16)))
+    if prefetch:
+        out.append(f"{ind}    " + " ".join(f"__builtin_prefetch(sr + pn + {x});" for x in range(-pad, TW + kw - pad, 16)))
     for ci, kx in enumerate(cols):
         out.append(f"{ind}    " + " ".join(f"{isa.store}(dr + {ci * RH * TW + j * VEC}, {isa.load}(sr + {j * VEC + kx - pad}));"
                                           for j in range(TW // VEC)))
