@@ -804,17 +804,18 @@ def _flat_kernels(p: ConvPlan, plan: Plan, li, names: list[str], base: str, ind:
     for j, shape in enumerate(p.shapes):
         nt = len(shape)
         offs = [(t // kw - pad) * li.rs + (t % kw - pad) for t in shape]
-        src = f"ib + (long)mc[e] * {li.plane} + {base}"
+        ch = "mc[e]" if p.merged else f"ch{j}[e]"          # the kernel's input channel
+        src = f"ib + (long){ch} * {li.plane} + {base}"
         if pack is not None:
             cw, colw, roww, colpos = pack
             offs = [colpos[t % kw] * colw + (t // kw) * roww for t in shape]
-            src = f"Pb + (long)mc[e] * {cw}"
+            src = f"Pb + (long){ch} * {cw}"
         if p.merged:
             out.append(f"{ind}for (const int e1 = rb_[{j + 1}]; e < e1; e++, wp += {nt * G}) {{")
             out.append(f"{ind}  const float* ip = {src};")
         else:
             out.append(f"{ind}for (int e = st{j}[{ri}]; e < st{j}[{ri} + 1]; e++) {{")
-            out.append(f"{ind}  const float* ip = {src.replace('mc[e]', f'ch{j}[e]')};")
+            out.append(f"{ind}  const float* ip = {src};")
             out.append(f"{ind}  const float* wp = w{j} + (long)e * {nt * G};")
         if tap_major:
             # a tap at a time, its weight broadcast just before its FMAs: the tile's accumulators and one weight
