@@ -445,6 +445,17 @@ def test_nan_and_inf_propagate_as_in_pytorch(name, hw):
     assert ok, why
 
 
+def _pattern8(m: nn.Module) -> nn.Module:
+    """``m`` in eval mode with random BN statistics, pruned to 8 patterns at connectivity 2 per layer, masks folded:
+    the sparse networks the pattern-conv modes' tests run."""
+    import sparseforge as sf
+    from sparseforge.sparsity.mask import fold_masks
+
+    m = randomize_bn(m.eval())
+    sf.prune(m, sf.PatternConfig(num_patterns=8, connectivity=2.0, connectivity_scope="layer"))
+    return fold_masks(m)
+
+
 def _skip_without_avx2() -> None:
     from sparseforge.engine.build import AVX2_NEEDS
     from sparseforge.hardware import all_cpu_flags
@@ -542,16 +553,11 @@ def test_sparse_flat_tiles_on_avx2_run_a_tap_at_a_time():
     """On 16-register (AVX2) builds a flat tile's accumulators plus a kernel's 4 weights outnumber the registers:
     the kernels run a tap at a time (PlanOptions.tap_major; tiles along the plane, not in row blocks); pattern 3x3 convs with and without a residual, an
     odd map, batch 1 and 2, NaN/Inf: as in PyTorch, and as the interleaved form."""
-    import sparseforge as sf
-    from sparseforge.sparsity.mask import fold_masks
-
     _skip_without_avx2()
     torch.manual_seed(4)
     m = nn.Sequential(nn.Conv2d(3, 24, 3, 1, 1), nn.ReLU(), BasicBlock(24, 24, 1, "relu", False),
                       nn.Conv2d(24, 20, 3, 1, 1), nn.ReLU())
-    m = randomize_bn(m.eval())
-    sf.prune(m, sf.PatternConfig(num_patterns=8, connectivity=2.0, connectivity_scope="layer"))
-    m = fold_masks(m)
+    m = _pattern8(m)
     x = with_nonfinite(torch.randn(2, 3, 61, 75), seed=3)
     outs = []
     for tm in (True, False):
@@ -575,16 +581,11 @@ def test_sparse_flat_tiles_on_avx2_run_in_packed_row_blocks():
     window outgrows L1. Maps the tiles do not divide (shifted-back tiles), a residual, channel blocks, batch 1
     (threads split the tiles) and 3 (an image per thread, then the rest split), NaN/Inf: as in PyTorch packed and
     unpacked, with NaN/Inf where the tiles along the plane put them."""
-    import sparseforge as sf
-    from sparseforge.sparsity.mask import fold_masks
-
     _skip_without_avx2()
     torch.manual_seed(7)
     m = nn.Sequential(nn.Conv2d(3, 48, 3, 1, 1), nn.ReLU(), BasicBlock(48, 48, 1, "relu", False),
                       nn.Conv2d(48, 40, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(40, 24, 3, 1, 1))
-    m = randomize_bn(m.eval())
-    sf.prune(m, sf.PatternConfig(num_patterns=8, connectivity=2.0, connectivity_scope="layer"))
-    m = fold_masks(m)
+    m = _pattern8(m)
     x = with_nonfinite(torch.randn(3, 3, 61, 75), seed=5)
     with torch.inference_mode():
         ref = m(x)
@@ -631,16 +632,11 @@ def test_gather_rows_on_avx2_run_a_few_vectors_at_a_time():
     is not a multiple of the group (7x7: 7 vectors, 5x3: 2), a stride-2 conv, a residual, batch 1 and 3, NaN/Inf:
     as in PyTorch for groups of 1, 2 and 3 vectors and for all rows at once, with a thread's filters in one tile
     (the default there, PlanOptions.gather_acc_bytes_narrow) and in tiles of a few filters."""
-    import sparseforge as sf
-    from sparseforge.sparsity.mask import fold_masks
-
     _skip_without_avx2()
     torch.manual_seed(5)
     m = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU(), BasicBlock(32, 40, 2, "relu", project=True),
                       BasicBlock(40, 40, 1, "relu", False), nn.MaxPool2d((2, 3)), nn.Conv2d(40, 24, 3, 1, 1))
-    m = randomize_bn(m.eval())
-    sf.prune(m, sf.PatternConfig(num_patterns=8, connectivity=2.0, connectivity_scope="layer"))
-    m = fold_masks(m)
+    m = _pattern8(m)
     x = with_nonfinite(torch.randn(3, 3, 28, 37), seed=8)
     with torch.inference_mode():
         ref = m(x)
@@ -664,15 +660,10 @@ def test_gather_tiles_on_avx512_hosts_hold_a_threads_filters():
     """Gather mode on 32-register (AVX-512) hosts: a thread's filters in one tile of accumulators (the default,
     PlanOptions.gather_acc_bytes) or, with a small budget, in several; 7x7 and odd maps, stride 2, a residual,
     batch 1 and 3, NaN/Inf: as in PyTorch either way."""
-    import sparseforge as sf
-    from sparseforge.sparsity.mask import fold_masks
-
     torch.manual_seed(6)
     m = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU(), BasicBlock(32, 130, 2, "relu", project=True),
                       BasicBlock(130, 130, 1, "relu", False), nn.MaxPool2d((2, 3)), nn.Conv2d(130, 24, 3, 1, 1))
-    m = randomize_bn(m.eval())
-    sf.prune(m, sf.PatternConfig(num_patterns=8, connectivity=2.0, connectivity_scope="layer"))
-    m = fold_masks(m)
+    m = _pattern8(m)
     x = with_nonfinite(torch.randn(3, 3, 28, 27), seed=9)
     with torch.inference_mode():
         ref = m(x)
