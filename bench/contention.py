@@ -13,7 +13,8 @@ Run with nothing else running (each setting alternates the arms in one process):
   python bench/contention.py --models mobilenet_v2:pattern8x:224,resnet50:pattern8x:224,resnet56:pattern8x:32 \
       --hogs 0,1,2 --threads 2 --runs 10 --sessions 3
 Timing: "warm" (default) times a call after a pause (report.latency.settle: >= 50 ms and until the previous arm's
-threads are quiet) and 2 discarded calls; --after-idle times the first call after the pause. Writes bench/results/contention[-after-idle].json and .png (median latency per arm).
+threads are quiet) and 2 discarded calls; --after-idle times the first call after the pause. Writes
+bench/results/contention[-after-idle].json and .png (median latency per arm).
 """
 
 from __future__ import annotations
@@ -32,8 +33,7 @@ import torch
 import sparseforge as sf
 from sparseforge.engine.plan import PlanOptions
 from sparseforge.report.env import environment
-from sparseforge.report.latency import settle
-from sparseforge.report.latency import onnxruntime_session
+from sparseforge.report.latency import onnxruntime_session, settle
 from sparseforge.report.plots import plt  # Agg backend
 from sparseforge.utils import atomic_write_json
 

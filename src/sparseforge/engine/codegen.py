@@ -917,14 +917,15 @@ def _flat_tiled_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], li
     bases = [c[1] for c in cells]
     NCB = p.flat_ncb
     cin = op.weight.shape[1]
+    if p.flat_cb or p.flat_pack:     # this thread's scratch: partial sums (channel blocks), then the packed tile
+        b.insert(b.index("  const int Nf = N - N % nth;"),
+                 f"  float* S = B[{plan.scratch_id}] + (long)tid * {p.scratch_floats()};"
+                 + (f" float* P = S + {p.partials_floats()};" if p.flat_pack else ""))
     pack = None
     if p.flat_pack:
         cols, RH, TW, CW = p.pack_geometry()
         pack = (CW, RH * TW, TW, {kx: i for i, kx in enumerate(cols)})
         bases = [r * TW + j * VEC for r in range(RT) for j in range(TV)]
-        per = p.partials_floats() + (p.flat_cb or cin) * CW
-        b.insert(b.index("  const int Nf = N - N % nth;"),
-                 f"  float* S = B[{plan.scratch_id}] + (long)tid * {per}; float* P = S + {p.partials_floats()};")
         if not p.flat_cb:
             b += ["      float* Pb = P;"] + _flat_pack(p, li, isa, "0", str(cin), "      ",
                                                               plan.options.flat_pack_prefetch)
@@ -932,9 +933,6 @@ def _flat_tiled_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], li
         # channel blocks outside the filters: each block's window (flat_cb channels) is read from L1 by every
         # filter; a filter's partial sums wait in this thread's scratch between blocks
         PS = len(cells) * VEC * G
-        if not p.flat_pack:
-            b.insert(b.index("  const int Nf = N - N % nth;"),
-                     f"  float* S = B[{plan.scratch_id}] + (long)tid * {op.weight.shape[0] * len(cells) * VEC};")
         b.append(f"    for (int c = 0; c < {NCB}; c++) {{")
         if p.flat_pack:
             # the block's channels in one block-sized area (Pb + channel: the kernels index it by channel)

@@ -493,6 +493,11 @@ class ConvPlan:
         """Floats of one thread's partial sums in channel-blocked flat tiles: a tile for every filter."""
         return self.op.weight.shape[0] * self.flat_tv * max(1, self.flat_rt) * self.vec if self.flat_cb else 0
 
+    def scratch_floats(self) -> int:
+        """Floats of one thread's scratch in flat tiles: its partial sums, then its packed tile (a channel block's
+        channels, or every channel)."""
+        return self.partials_floats() + (self.flat_cb or self.op.weight.shape[1]) * self.pack_geometry()[3]
+
     def pack_geometry(self) -> tuple[list[int], int, int, int]:
         """Packed 2-D flat tiles (``flat_pack``): the kernel columns any tap uses, rows and floats per packed row
         (the tile's rows + the kernel's reach; its vectors), floats per channel (0 when not packed)."""
@@ -1239,7 +1244,7 @@ class Plan:
         """Floats of scratch a channel-blocked or packed flat-tiled conv needs: per thread, one tile of partial
         sums for every filter (channel blocks), then the tile's packed input (a channel block's, or every channel)."""
         c = self.convs[k]
-        return self.threads * (c.partials_floats() + (c.flat_cb or c.op.weight.shape[1]) * c.pack_geometry()[3])
+        return self.threads * c.scratch_floats()
 
 
 
