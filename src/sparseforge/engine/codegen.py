@@ -778,12 +778,14 @@ def _shift_align(plan: Plan, li, VEC: int, isa: VecISA, m: int) -> tuple[int, in
 
 
 def _flat_kernels(p: ConvPlan, plan: Plan, li, names: list[str], base: str, ind: str, ri: str = "",
-                  bases: list[int] | None = None, pack: tuple[int, int, int, dict[int, int]] | None = None) -> list[str]:
+                  bases: list[int] | None = None, pack: tuple[int, int, int, dict[int, int]] | None = None,
+                  pack_c0: str = "0") -> list[str]:
     """Flat modes' kernel loops: per tap shape, every kernel of the filter (group) adds its taps to the vectors
     ``names`` along the flattened plane, starting at plane position ``base`` (vector i at ``bases[i]`` past it,
     default i vectors); ``ri``: the run's index (default: the filter's). Merged runs (``p.merged``): one stream,
     shape after shape, walked with running pointers. ``pack`` = (floats per channel, per column, per row, packed
-    column of each kernel column): the taps read the tile's packed copy ``Pb`` (_flat_pack) instead of the plane."""
+    column of each kernel column): the taps read the tile's packed copy ``Pb`` (_flat_pack) instead of the plane,
+    which holds the channels from ``pack_c0`` on."""
     kw, pad, VEC, G = p.op.weight.shape[3], p.op.padding, p.vec, p.fgroup
     isa = WIDE16 if VEC != plan.vec else MAIN
     ri = ri or _ri(plan)
@@ -809,7 +811,7 @@ def _flat_kernels(p: ConvPlan, plan: Plan, li, names: list[str], base: str, ind:
         if pack is not None:
             cw, colw, roww, colpos = pack
             offs = [colpos[t % kw] * colw + (t // kw) * roww for t in shape]
-            src = f"Pb + (long){ch} * {cw}"
+            src = f"Pb + (long)({ch} - {pack_c0}) * {cw}" if pack_c0 != "0" else f"Pb + (long){ch} * {cw}"
         if p.merged:
             out.append(f"{ind}for (const int e1 = rb_[{j + 1}]; e < e1; e++, wp += {nt * G}) {{")
             out.append(f"{ind}  const float* ip = {src};")
@@ -935,8 +937,9 @@ def _flat_tiled_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], li
         PS = len(cells) * VEC * G
         b.append(f"    for (int c = 0; c < {NCB}; c++) {{")
         if p.flat_pack:
-            # the block's channels in one block-sized area (Pb + channel: the kernels index it by channel)
-            b += [f"      float* Pb = P - (long)c * {p.flat_cb * CW};"]
+            # the block's channels in one block-sized area, indexed by the channel's place in the block (a pointer
+            # moved back by the block's first channel would point outside the scratch: undefined in C)
+            b += ["      float* Pb = P;"]
             b += _flat_pack(p, li, isa, f"c * {p.flat_cb}", f"(c + 1) * {p.flat_cb} < {cin} ? (c + 1) * {p.flat_cb} : {cin}",
                             "      ", plan.options.flat_pack_prefetch)
         b += ["  " + h for h in heads if "const float* ib" not in h]
@@ -945,7 +948,8 @@ def _flat_tiled_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], li
         accn = [f"{a}g{g}" if G > 1 else a for g in range(G) for a in names]
         b.append("        if (c > 0) { " + " ".join(f"{a} = {LD}(sp + {i * VEC});" for i, a in enumerate(accn)) + " }")
         run = f"c * {op.weight.shape[0] // G} + {_ri(plan)}" if p.merged else f"{_ri(plan)} * {NCB} + c"
-        b += _flat_kernels(p, plan, li, names, "pb", "        ", ri=run, bases=bases, pack=pack)
+        b += _flat_kernels(p, plan, li, names, "pb", "        ", ri=run, bases=bases, pack=pack,
+                           pack_c0=f"c * {p.flat_cb}")
         b.append(f"        if (c < {NCB - 1}) {{ " + " ".join(f"{ST}(sp + {i * VEC}, {a});" for i, a in enumerate(accn))
                  + " continue; }")
     else:
@@ -972,7 +976,7 @@ def _flat_pack(p: ConvPlan, li, isa, c_lo: str, c_hi: str, ind: str, prefetch: b
     cols, RH, TW, CW = p.pack_geometry()
     out = [f"{ind}for (int ch = {c_lo}; ch < ({c_hi}); ch++) {{",
            f"{ind}  const float* sp = ib + (long)ch * {li.plane} + pb;",
-           f"{ind}  float* dp = Pb + (long)ch * {CW};",
+           f"{ind}  float* dp = Pb + (long)(ch - {c_lo}) * {CW};" if c_lo != "0" else f"{ind}  float* dp = Pb + (long)ch * {CW};",
            f"{ind}  for (int i = 0; i < {RH}; i++) {{",
            f"{ind}    const float* sr = sp + (long)(i - {pad}) * {li.rs};",
            f"{ind}    float* dr = dp + i * {TW};"]
