@@ -4,7 +4,8 @@ Run: python bench/engine_fuzz.py [--cases 3000]; writes bench/results/engine_fuz
 Tolerance as in tests: max |engine - torch| <= 1e-4 * max |torch| + 1e-6.
 
 python bench/engine_fuzz.py --networks 3000: whole generated networks (engine.testing.random_network), every other
-one as a feature extractor with a NaN and an Inf in its input; writes bench/results/engine_fuzz_networks.json.
+one as a feature extractor with a NaN and an Inf in its input, every eighth one a network around a sparse stride-2
+conv on a map large enough for a phase split (random_phase_network); writes bench/results/engine_fuzz_networks.json.
 Tolerance: max |engine - torch| <= 1e-4 * max |torch| + 1e-5 over finite values, NaN/Inf exactly where PyTorch has
 them (sparse networks: the engine may be finite where PyTorch multiplies a pruned zero by NaN/Inf, never the reverse).
 """
@@ -101,13 +102,14 @@ def fuzz_networks(a: argparse.Namespace) -> None:
     import torch.nn as nn
 
     from _fuzz import resume_point  # bench/ is on sys.path when this script runs
-    from sparseforge.engine.testing import compare_outputs, random_network, with_nonfinite
+    from sparseforge.engine.testing import compare_outputs, random_network, random_phase_network, with_nonfinite
 
     out_path = Path(a.out or ROOT / "bench" / "results" / "engine_fuzz_networks.json")
     from sparseforge.engine.plan import PlanOptions
 
     stats = {"networks": 0, "max_rel_err": 0.0, "max_rel_err_seed": None, "nonfinite_inputs": 0, "sparse": 0, "native_ops": 0, "fallback_ops": 0,
              "fallback_kinds": {}, "stress_options": 0, "conv_modes": {}, "channel_blocked_convs": 0, "row_tiled_convs": 0,
+             "phase_networks": 0, "phase_merged_convs": 0,
              "se_multiplies_fused": 0, "run_threads_checked": 0, "failures": []}
     # every fourth network is planned with knobs that push CIFAR-size maps into the large-map paths (tiled flat
     # mode from 4 KB inputs, input-channel blocks from 8 KB windows, dense 1x1 GEMM mode on any map with 16-float
@@ -132,10 +134,15 @@ def fuzz_networks(a: argparse.Namespace) -> None:
             print(json.dumps({k: v for k, v in doc.items() if k not in ("env", "fallback_kinds")}, default=str))
 
     for seed in range(start, a.first_seed + a.networks):
-        m, x, desc = random_network(seed)
-        sparse = "sparsity dense" not in desc
+        # every eighth: a network around a sparse stride-2 conv on a map large enough for a phase split, which
+        # the generator's maps rarely are (the split's conv may run the original kernels: PlanOptions.phase_merge)
+        phase = seed % 8 == 5
+        m, x, desc = random_phase_network(seed) if phase else random_network(seed)
+        stats["phase_networks"] += phase
+        sparse = not any("sparsity dense" in d for d in desc)
         if seed % 2:
-            m = nn.Sequential(m.stem, m.blocks).eval()
+            if not phase:
+                m = nn.Sequential(m.stem, m.blocks).eval()
             x = with_nonfinite(x, seed)
             stats["nonfinite_inputs"] += 1
         with torch.inference_mode():
@@ -165,6 +172,7 @@ def fuzz_networks(a: argparse.Namespace) -> None:
                 stats["conv_modes"][op["mode"]] = stats["conv_modes"].get(op["mode"], 0) + 1
                 stats["channel_blocked_convs"] += op["channel_blocks"] > 1
                 stats["row_tiled_convs"] += "row_tiles" in op
+                stats["phase_merged_convs"] += "phase_planes" in op
                 stats["se_multiplies_fused"] += "squeeze-excite multiply fused in" in op["describe"]
             if not op["native"]:
                 kind = op["describe"].split("(")[0].strip()

@@ -610,6 +610,29 @@ def test_sparse_flat_tiles_on_avx2_run_in_packed_row_blocks():
     assert torch.equal(outs[0].isnan(), outs[2].isnan()) and torch.equal(outs[1].isnan(), outs[2].isnan())
 
 
+def test_flat_spans_align_the_busiest_kernel_column():
+    """_flat_span starts a flat span where the taps of column offset dx load aligned vectors, at most vec - 1
+    positions before the first interior one (rows whole vectors; else at it), and covers the last interior
+    position; _busiest_column counts taps per kernel column over the layer's kernels (phase taps included)."""
+    import numpy as np
+
+    from sparseforge.engine.plan import _busiest_column, _flat_span
+
+    for vec in (8, 16):
+        for rs, ho, wo in ((16, 14, 14), (32, 28, 28), (64, 56, 50), (128, 112, 112), (30, 28, 28)):
+            for dx in (-1, 0, 1, 2, None):
+                p0, nv = _flat_span(rs, ho, wo, vec, dx)
+                assert p0 <= rs + 1 < p0 + vec and p0 + nv * vec > ho * rs + wo >= p0 + (nv - 1) * vec
+                if dx is not None and rs % vec == 0:
+                    assert (p0 + dx) % vec == 0, (vec, rs, dx, p0)
+                else:
+                    assert p0 == rs + 1
+    shapes = [(0, 3, 4, 5), (4, 7)]             # columns 0, 0, 1, 2 and 1, 1
+    assert _busiest_column(shapes, np.array([0, 1, 1]), 3, 3, 1) == 0        # 2 / 5 / 1 taps: the centre
+    assert _busiest_column(shapes, np.array([0, 0, 0, 1]), 3, 3, 1) == -1    # 6 / 5 / 3
+    assert _busiest_column([(1, 3, 5, 7)], np.array([0]), 2, 2, 0) == 1      # phase taps: columns 1, 1, 1, 1
+
+
 def test_flat_row_tiles_fit_the_registers_and_split_evenly():
     """_flat_rows_shape: at most ``acc`` accumulators, at least 8 (latency-bound chains) unless the map holds fewer
     vectors, two or more rows (rows are what share loads), and, with threads splitting the tiles, no shape whose
@@ -1014,22 +1037,56 @@ def test_sparse_stride2_convs_lowered_to_a_phase_split_match_pytorch(hw):
     x[1, 0, 13, 9], x[2, 2, 3, 11] = float("nan"), float("inf")
     with torch.inference_mode():
         ref = m(x)
-    for threads in (1, 2):
-        e, st = compile(m, x[:1], threads=threads, return_stages=True)
+    # the 2x2 convs planned flat run the original kernels over each channel's 4 phase planes (phase_merge), their
+    # spans aligned for the busiest kernel column (flat_align_column); each off, and both
+    variants = [(1, PlanOptions()), (2, PlanOptions()), (2, PlanOptions(phase_merge=False)),
+                (2, PlanOptions(flat_align_column=False)), (2, PlanOptions(phase_merge=False, flat_align_column=False))]
+    for threads, opts in variants:
+        e, st = compile(m, x[:1], threads=threads, return_stages=True, plan_options=opts)
         phases = [op for op in st.graph.ops if isinstance(op, PhaseOp)]
         assert phases and phases[0].inputs == [st.graph.ops[0].output]   # the first s2 conv's input: 48 x hw
         lowered = [c for c in st.plan.convs.values() if c.op.tap_period == 4]
         if hw == (28, 28):
             assert any(c.mode == "flat-tiled" for c in lowered)
+        merged = [c for c in lowered if c.chan_planes == 4]
+        assert all(c.flat and len(c.shapes) <= opts.max_shapes for c in merged)
+        assert bool(merged) == (opts.phase_merge and any(c.flat for c in lowered)), e.summary(profile=False)
         with torch.inference_mode():
             for n in (1, 3):
                 ok, why = compare_outputs(e(x[:n]), ref[:n], sparse=True)
-                assert ok, why
+                assert ok, (opts, why)
     e0, st0 = compile(m, x[:1], threads=2, return_stages=True, plan_options=PlanOptions(phase_s2_max_density=0))
     assert not any(isinstance(op, PhaseOp) for op in st0.graph.ops)
     with torch.inference_mode():
         ok, why = compare_outputs(e0(x), ref, sparse=True)
         assert ok, why
+
+
+def test_random_stride2_sparse_networks_with_merged_phase_kernels_match_pytorch():
+    """Generated networks around a sparse stride-2 conv on a map large enough for a phase split
+    (testing.random_phase_network: 3x3 alone or in a basic block, 5x5; pattern libraries with filter groups, or
+    the network fuzz's sparsities), batch 1-3, 1-3 threads, native and AVX2 builds, NaN/Inf in every other input:
+    as in PyTorch, and some of the lowered convs run the original kernels over the phase planes
+    (PlanOptions.phase_merge)."""
+    from sparseforge.engine.build import AVX2_NEEDS
+    from sparseforge.engine.testing import random_phase_network
+    from sparseforge.hardware import all_cpu_flags
+
+    isas = ["native"] + (["avx2"] if set(AVX2_NEEDS) <= set(all_cpu_flags()) else [])
+    merged = 0
+    for seed in range(10, 22):      # (12 and 21: 5x5 ones merged on AVX2, which must not run 2-D row tiles)
+        m, x, desc = random_phase_network(seed)
+        if seed % 2:
+            x = with_nonfinite(x, seed)
+        with torch.inference_mode():
+            ref = m(x)
+        for isa in isas:
+            e, st = compile(m, x[:1], threads=1 + seed % 3, isa=isa, return_stages=True)
+            merged += sum(c.chan_planes > 1 for c in st.plan.convs.values())
+            with torch.inference_mode():
+                ok, why = compare_outputs(e(x), ref, sparse=True)
+            assert ok, (seed, isa, desc, why)
+    assert merged >= 4, merged
 
 
 @pytest.mark.parametrize("isa", ["avx2", "portable"])

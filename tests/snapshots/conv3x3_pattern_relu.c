@@ -186,7 +186,7 @@ BODY void conv0(OPARGS, const int* d) {
         int e = rb_[0];
         const float* wp = mw + mwo[q];
         for (const int e1 = rb_[1]; e < e1; e++, wp += 4) {
-          const float* ip = ib + (long)mc[e] * 56 + 9;
+          const float* ip = ib + (long)mc[e] * 56 + 8;
           const vf k0 = BC(wp[0]);
           const vf k1 = BC(wp[1]);
           const vf k2 = BC(wp[2]);
@@ -198,7 +198,7 @@ BODY void conv0(OPARGS, const int* d) {
           a4 += ((k0 * ld(ip + 24) + k1 * ld(ip + 31)) + (k2 * ld(ip + 32) + k3 * ld(ip + 33)));
         }
         for (const int e1 = rb_[2]; e < e1; e++, wp += 4) {
-          const float* ip = ib + (long)mc[e] * 56 + 9;
+          const float* ip = ib + (long)mc[e] * 56 + 8;
           const vf k0 = BC(wp[0]);
           const vf k1 = BC(wp[1]);
           const vf k2 = BC(wp[2]);
@@ -210,7 +210,7 @@ BODY void conv0(OPARGS, const int* d) {
           a4 += ((k0 * ld(ip + 24) + k1 * ld(ip + 32)) + (k2 * ld(ip + 33) + k3 * ld(ip + 40)));
         }
         for (const int e1 = rb_[3]; e < e1; e++, wp += 4) {
-          const float* ip = ib + (long)mc[e] * 56 + 9;
+          const float* ip = ib + (long)mc[e] * 56 + 8;
           const vf k0 = BC(wp[0]);
           const vf k1 = BC(wp[1]);
           const vf k2 = BC(wp[2]);
@@ -225,27 +225,27 @@ BODY void conv0(OPARGS, const int* d) {
       {
         vf a = a0;
         a = andm(relu(a), ld(mk + 0));
-        st(ob + 9, a);
+        st(ob + 8, a);
       }
       {
         vf a = a1;
         a = andm(relu(a), ld(mk + 8));
-        st(ob + 17, a);
+        st(ob + 16, a);
       }
       {
         vf a = a2;
         a = andm(relu(a), ld(mk + 16));
-        st(ob + 25, a);
+        st(ob + 24, a);
       }
       {
         vf a = a3;
         a = andm(relu(a), ld(mk + 24));
-        st(ob + 33, a);
+        st(ob + 32, a);
       }
       {
         vf a = a4;
         a = andm(relu(a), ld(mk + 32));
-        stn(ob + 41, a, 6);
+        stn(ob + 40, a, 7);
       }
     }
   }

@@ -786,10 +786,10 @@ def _flat_kernels(p: ConvPlan, plan: Plan, li, names: list[str], base: str, ind:
     shape after shape, walked with running pointers. ``pack`` = (floats per channel, per column, per row, packed
     column of each kernel column): the taps read the tile's packed copy ``Pb`` (_flat_pack) instead of the plane,
     which holds the channels from ``pack_c0`` on."""
-    kw, pad, VEC, G = p.op.weight.shape[3], p.op.padding, p.vec, p.fgroup
+    kw, VEC, G = p.op.weight.shape[3], p.vec, p.fgroup
     isa = WIDE16 if VEC != plan.vec else MAIN
     ri = ri or _ri(plan)
-    # every tile starts a whole number of vectors after the plane's first interior position
+    # every tile starts a whole number of vectors after the span's start (p.flat_p0)
     align = _shift_align(plan, li, VEC, isa, p.flat_p0 % VEC)
     # 16-register hosts: more accumulators + a kernel's weights than registers (PlanOptions.tap_major)
     bases = bases if bases is not None else [i * VEC for i in range(len(names))]
@@ -805,9 +805,9 @@ def _flat_kernels(p: ConvPlan, plan: Plan, li, names: list[str], base: str, ind:
         ind += "  "
     for j, shape in enumerate(p.shapes):
         nt = len(shape)
-        offs = [(t // kw - pad) * li.rs + (t % kw - pad) for t in shape]
+        offs = [p.tap_offset(t, li.rs, li.plane) for t in shape]
         ch = "mc[e]" if p.merged else f"ch{j}[e]"          # the kernel's input channel
-        src = f"ib + (long){ch} * {li.plane} + {base}"
+        src = f"ib + (long){ch} * {li.plane * p.chan_planes} + {base}"
         if pack is not None:
             cw, colw, roww, colpos = pack
             offs = [colpos[t % kw] * colw + (t // kw) * roww for t in shape]
@@ -918,7 +918,7 @@ def _flat_tiled_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], li
     names = [c[0] for c in cells]
     bases = [c[1] for c in cells]
     NCB = p.flat_ncb
-    cin = op.weight.shape[1]
+    cin = p.kchans
     if p.flat_cb or p.flat_pack:     # this thread's scratch: partial sums (channel blocks), then the packed tile
         b.insert(b.index("  const int Nf = N - N % nth;"),
                  f"  float* S = B[{plan.scratch_id}] + (long)tid * {p.scratch_floats()};"

@@ -124,6 +124,8 @@ def runtime_spec(plan: Plan, input_shape: tuple[int, ...]) -> dict:
                      block=[c.rows, c.vecs], mode=c.mode, channel_blocks=c.flat_ncb)
             if c.flat_rt:       # 2-D flat tiles (AVX2 builds): rows x vectors, input packed or read in place
                 d.update(row_tiles=[c.flat_rt, c.flat_tv], packed=c.flat_pack)
+            if c.chan_planes > 1:   # a phase split's conv running the original kernels over each channel's phases
+                d["phase_planes"] = c.chan_planes
             if c.in_scale >= 0:
                 d["describe"] = f"{d['describe']} [input x gate: squeeze-excite multiply fused in]"
 

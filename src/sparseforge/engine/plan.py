@@ -93,6 +93,17 @@ class PlanOptions:
     # contiguous spans do better (2 threads, in-network, vs tiles along the plane: 128->128 at 112x112, 7.0 MB,
     # 1.16x; 64->64 at 224x224, 13.4 MB, 0.97x)
     flat_rows_max_bytes: int = 1 << 23
+    # a phase-lowered (stride-2) conv planned flat runs the original kernels, each over its channel's s*s phase
+    # planes (ConvPlan.chan_planes), instead of a kernel per phase channel with 1-2 of its taps: a kernel's index,
+    # pointer and loop step serve its 4 taps (pattern 8x at 224, b1, 2 threads, Zen 4, in-network: ResNet-18's
+    # 2x2 convs 276 -> 235 and 235 -> 222 us, ResNet-50's 360 -> 339 and 319 -> 319 us)
+    phase_merge: bool = True
+    # flat spans (tiles along the plane) start where the layer's busiest kernel column loads aligned vectors
+    # (_busiest_column), not at the first interior position: a phase split's 2x2 conv has taps 0 or 1 column right,
+    # so from the first interior column every tap's vector was assembled from two (a lane shift on AVX-512, a
+    # cache-line split on AVX2). One 64->128 stride-2 layer at 56x56, Zen 4: native 1 thread 1.20x, AVX2 build 2
+    # threads 1.16x (aligning its column 0)
+    flat_align_column: bool = True
     block_outer_ratio: float = 1.0    # direct convs loop blocks outside filters when input >= this x weight bytes
     spatial_depthwise: bool = False   # measured slower on MobileNetV2 (b1, 2 threads): see plan_conv
     packed1_max: int = 64             # 1x1 convs with output maps of at most this many pixels run in packed mode
@@ -177,6 +188,11 @@ class PlanOptions:
     # 128->128 7.26 -> 5.43 (before shared loads; after: 4.98 -> 4.50); on 224x224 (rows of 15 vectors) direct
     # mode with shared loads wins, 5.56 vs 4.68 ms. On CIFAR's 32x32 maps flat tiles were slower (99 vs 141 us)
     flat_wide_kxk_min_width: int = 64
+    # ... and on maps whose rows are flat_tile_kxk vectors or longer, in tiles of this many (0 = direct mode there):
+    # a tile then spans more than a row again. Pattern 8x VGG-16-BN at 224, b1, 2 threads, Zen 4, in-network, now
+    # that spans start at the busiest column (flat_align_column): 224x224 64->64 4117 -> 3871 us; one layer alone
+    # 16 / 20 / 24 / 30 vectors 1.10 / 1.07 / 1.10 / 0.95x of direct mode
+    flat_tile_kxk_long_rows: int = 20
     # flat and direct sparse convs on 16-lane vectors: aligned loads and lane shifts instead of a load per tap
     # column (codegen._accumulate_shared)
     shift_loads: bool = True
@@ -325,6 +341,14 @@ class Blob:
         bits = np.where(np.asarray(keep, dtype=bool), np.int32(-1), np.int32(0)).astype(np.int32)
         return self.add_f(bits.view(np.float32))
 
+    def mark(self) -> tuple[int, int, int, int]:
+        return len(self.f), self.nf, len(self.i), self.ni
+
+    def rewind(self, mark: tuple[int, int, int, int]) -> None:
+        """Drop what was added since ``mark``: a plan tried and not kept leaves nothing behind."""
+        del self.f[mark[0]:], self.i[mark[2]:]
+        self.nf, self.ni = mark[1], mark[3]
+
     def add_i(self, a) -> int:
         a = np.ascontiguousarray(np.asarray(a, dtype=np.int32).ravel())
         off = self.ni
@@ -372,7 +396,7 @@ class KernelRuns:
 @dataclasses.dataclass
 class ConvPlan:
     op: ConvOp
-    shapes: list[tuple[int, ...]]        # tap indices (ky*kw + kx) per shape
+    shapes: list[tuple[int, ...]]        # tap indices (ky*kw + kx, + phase * kh*kw if chan_planes > 1) per shape
     kh: int
     ho: int
     wo: int
@@ -488,6 +512,20 @@ class ConvPlan:
     # pruning) and run together, fgroup x the accumulators, each input vector loaded once for all of them;
     # thread lists, runs and ``thread_of`` are per group, weights [kernel][tap][filter of the group]
     fgroup: int = 1
+    # a phase-lowered conv whose kernels are the original ones (PlanOptions.phase_merge): a kernel's channel is
+    # chan_planes consecutive phase planes, its taps phase-major over them (tap_offset)
+    chan_planes: int = 1
+
+    def tap_offset(self, t: int, rs: int, plane: int) -> int:
+        """Input offset of tap ``t`` from an output position (flat modes: input and output share the row stride)."""
+        kh, kw = self.op.weight.shape[2:]
+        ph, t = divmod(t, kh * kw)
+        return ph * plane + (t // kw - self.op.padding) * rs + (t % kw - self.op.padding)
+
+    @property
+    def kchans(self) -> int:
+        """Channels the kernels index: input channels, or groups of chan_planes phase planes."""
+        return self.op.weight.shape[1] // self.chan_planes
 
     def partials_floats(self) -> int:
         """Floats of one thread's partial sums in channel-blocked flat tiles: a tile for every filter."""
@@ -573,17 +611,28 @@ def _kernel_shapes(codes: np.ndarray, taps_all: tuple[int, ...], exact: bool, ma
 def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...], blob: Blob, threads: int,
               lin: Layout | None = None, lout: Layout | None = None, vec: int = VEC,
               conv_mode: str = "auto", wide: bool = False, affinity: list[int] | None = None,
-              rows_in: bool = False, opts: PlanOptions = DEFAULT_OPTIONS) -> ConvPlan:
+              rows_in: bool = False, opts: PlanOptions = DEFAULT_OPTIONS, merge_phases: bool = False) -> ConvPlan:
     """``affinity``: for a depthwise conv, the thread that wrote each input channel (filter-split producer);
     filter f then runs on that thread and reads its input from its own cache. ``rows_in``: the input was
     written split by rows (spatial producer); a depthwise conv then splits by rows too, so each thread reads
     the rows it wrote (and one halo row) instead of half of every channel from the other core's cache.
-    ``opts``: the planner's knobs (PlanOptions)."""
+    ``opts``: the planner's knobs (PlanOptions). ``merge_phases``: plan a phase-lowered conv's kernels as the
+    original ones (see PlanOptions.phase_merge); the caller keeps the plan only if it is flat."""
+    if (not merge_phases and opts.phase_merge and op.tap_period > 1 and op.groups == 1 and lin is not None
+            and op.weight.shape[1] % op.tap_period == 0):
+        mark = blob.mark()
+        p = plan_conv(op, in_shape, out_shape, blob, threads, lin, lout, vec, conv_mode, wide, affinity, rows_in,
+                      opts, merge_phases=True)
+        if p.flat and len(p.shapes) <= opts.max_shapes:
+            return p
+        blob.rewind(mark)
     w = op.weight.detach().float()
     o, ig, kh, kw = w.shape
     _, ho, wo = out_shape
-    taps_all = tuple(range(kh * kw))
-    w9 = w.reshape(o, ig, kh * kw).numpy()
+    P = op.tap_period if merge_phases else 1
+    ig //= P
+    taps_all = tuple(range(P * kh * kw))
+    w9 = w.reshape(o, ig, P * kh * kw).numpy()
     # kernel list: (filter, input channel, tap set), filter-major; tap sets as bit codes (numpy: a 512x512
     # layer has 262k kernels, too many for per-kernel tensor ops)
     codes = _tap_codes(w9)
@@ -605,6 +654,8 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
                  or op.weight.shape[1] <= opts.flat_gemm_unaligned_cin)):
         return _plan_flat_gemm(op, in_shape, out_shape, blob, lin, w9, work, len(kc), shapes, opts,
                                _narrow(vec, wide))
+    if blocked and merge_phases:     # (not flat: the caller plans the phase channels instead)
+        return ConvPlan(op, shapes, kh, ho, wo, 1, 1, 1)
     if blocked:     # dense weights of their own: the per-shape kernel lists below are not built
         return _plan_blocked(op, in_shape, out_shape, blob, threads, lin, vec, wide, w9, work, len(kc), shapes, opts)
     if (conv_mode == "auto" and op.groups == 1 and op.tap_period == 1 and lin is not None and len(kc)
@@ -631,9 +682,9 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
         # stored [kernel][tap][filter of the group]
         o = o // G
         codes = np.bitwise_or.reduce(codes.reshape(o, G, ig), axis=1)
-        kf, ki, kc, shapes, kshape, work = _kernel_shapes(codes, taps_all, False, opts.max_shapes)
+        kf, ki, kc, shapes, kshape, work = _kernel_shapes(codes, taps_all, op.tap_period > 1, opts.max_shapes)
         work = work * G
-        w9 = np.ascontiguousarray(w9.reshape(o, G, ig, kh * kw).transpose(0, 2, 3, 1))    # (groups, cin, taps, G)
+        w9 = np.ascontiguousarray(w9.reshape(o, G, ig, len(taps_all)).transpose(0, 2, 3, 1))   # (groups, cin, taps, G)
     # per shape: its kernels as arrays, filter-major (input channel ascending within a filter)
     per: list[KernelRuns] = []
     for j, s in enumerate(shapes):
@@ -657,6 +708,7 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     rmax = max(1, max_acc // vecs)
     rows = max(d for d in range(1, min(ho, rmax) + 1) if ho % d == 0)
     p = ConvPlan(op, shapes, kh, ho, wo, rows, vecs, xv, vec=vec)
+    p.chan_planes = P
     p.fgroup = G
     in_bytes = 4 * (lin.image if lin is not None else int(np.prod(in_shape)))
     w_bytes = 4 * int(work.sum() + len(kc))
@@ -667,8 +719,11 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     # flat mode in tiles: 1x1 convs on any map, others on large inputs (see PlanOptions)
     tiling = opts.flat_tiled and not depthwise and (
         in_bytes >= opts.flat_tiled_min_bytes or (kh == 1 and kw == 1 and opts.flat_tiled_1x1))
+    # AVX-512, rows of flat_tile_kxk vectors or more (224-wide maps): tiles of flat_tile_kxk_long_rows, past a row
+    long_rows = (wide and lout is not None and opts.flat_tile_kxk_long_rows > 0 and
+                 16 * opts.flat_tile_kxk <= lout.rs < 16 * opts.flat_tile_kxk_long_rows)
     wide_kxk = (bool(opts.flat_wide_kxk_min_width) and wo >= opts.flat_wide_kxk_min_width and tiling
-                and lout is not None and lout.rs < 16 * opts.flat_tile_kxk)
+                and lout is not None and (lout.rs < 16 * opts.flat_tile_kxk or long_rows))
     if (lin is not None and lout is not None and dw_rows_ok(op, in_shape[0], wo, opts, base_vec, wide)
             and (op.stride == 2 or not spatial)):
         p.dwrow, p.spatial = True, False
@@ -694,11 +749,12 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
         # a map that fits one block of registers (not tiled) keeps the plan's own width
         wide16 = tiling and opts.flat_wide and wide and base_vec == 8 and rs % 8 == 0
         # (not the 2x2 convs over a phase split: 1-2 taps per kernel, too few to pay for packing 4x the channels)
-        rows2d = (tiling and kh >= 3 and kw >= 3 and op.stride == 1 and _narrow(base_vec, wide) and not wide16
+        rows2d = (tiling and kh >= 3 and kw >= 3 and op.stride == 1 and _narrow(base_vec, wide) and not wide16 and P == 1
                   and opts.flat_rows_narrow // G >= 4 and rs % base_vec == 0 and ho >= 2
                   and in_bytes <= opts.flat_rows_max_bytes)
         for fvec in ((16, base_vec) if wide16 else (base_vec,)):
-            p0, nv = _flat_span(rs, ho, wo, fvec, kh == 1 or rows2d)
+            p0, nv = _flat_span(rs, ho, wo, fvec, 0 if kh == 1 or rows2d else
+                                _busiest_column(shapes, kshape, kh, kw, op.padding) if opts.flat_align_column else None)
             tiled = nv > opts.max_acc // G and tiling
             if tiled:
                 break
@@ -709,7 +765,8 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
                 # AVX-512 hosts have 32 vector registers (8-lane ones included): twice the accumulators
                 one = opts.flat_tile_narrow if _narrow(vec, wide) else opts.flat_tile
                 most = max(1, (opts.flat_tile_wide if wide and vec == base_vec else
-                               one if kh * kw == 1 else opts.flat_tile_kxk) // G)
+                               one if kh * kw == 1 else
+                               opts.flat_tile_kxk_long_rows if long_rows else opts.flat_tile_kxk) // G)
                 p.flat_tv = -(-nv // -(-nv // most))      # balanced tiles: the shifted last one overlaps little
                 ntiles = -(-nv // p.flat_tv)
                 reach = ((kh - 1) // 2) * rs + (kw - 1) // 2      # taps' reach either side along the plane
@@ -728,7 +785,7 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
                               4 * (p.flat_rt + kh - 1) * (p.flat_tv * vec + 16))
                 # threads take runs of tiles (all filters) rather than filter lists, when there is a tile per thread
                 p.spatial = spatial and ntiles >= threads
-                cin = in_shape[0]
+                cin, window = in_shape[0] // P, window * P       # (a merged phase conv's channel: P planes)
                 if opts.flat_cblock_bytes and op.groups == 1 and cin * window > opts.flat_cblock_bytes:
                     cb = max(1, opts.flat_cblock_bytes // window)
                     p.flat_ncb = -(-cin // cb)
@@ -1113,11 +1170,22 @@ def _flat_rows_shape(ho: int, jn: int, acc: int, threads: int = 1, kernels: int 
     return best[1], best[2]
 
 
-def _flat_span(rs: int, ho: int, wo: int, vec: int, one_by_one: bool) -> tuple[int, int]:
+def _busiest_column(shapes: list, kshape: np.ndarray, kh: int, kw: int, pad: int) -> int:
+    """Column offset (kx - pad) of the kernel column with the most taps over the layer's kernels."""
+    per_shape = np.bincount(kshape, minlength=len(shapes)) if len(kshape) else np.zeros(len(shapes), np.int64)
+    cols = np.zeros(kw, np.int64)
+    for s, n in zip(shapes, per_shape.tolist()):
+        for t in s:
+            cols[(t % (kh * kw)) % kw] += n
+    return int(np.argmax(cols)) - pad
+
+
+def _flat_span(rs: int, ho: int, wo: int, vec: int, dx: int | None) -> tuple[int, int]:
     """Flat modes' range along the padded plane: first position and vectors up to the last interior position.
-    1x1 convs start at the row's left border when rows are whole vectors (aligned loads; the border lane is
-    masked like any other)."""
-    p0 = rs if one_by_one and rs % vec == 0 else rs + 1
+    When rows are whole vectors the span starts where the taps of column offset ``dx`` load aligned vectors (1x1
+    convs: dx 0, the row's left border), up to vec - 1 positions before the first interior one, in border lanes
+    masked like any other; ``dx`` None: at the first interior position."""
+    p0 = rs + 1 - (1 + dx) % vec if dx is not None and rs % vec == 0 else rs + 1
     return p0, math.ceil((ho * rs + wo - p0 + 1) / vec)
 
 
@@ -1140,7 +1208,7 @@ def _plan_flat_gemm(op: ConvOp, in_shape, out_shape, blob: Blob, lin: Layout, w9
     _, ho, wo = out_shape
     rs, VEC = lin.rs, 8 if narrow else 16
     p = ConvPlan(op, shapes, 1, ho, wo, 1, 1, math.ceil(wo / VEC), vec=VEC)
-    _set_flat(p, rs, *_flat_span(rs, ho, wo, VEC, True), blob)
+    _set_flat(p, rs, *_flat_span(rs, ho, wo, VEC, 0), blob)
     nv = p.flat_nv
     p.flat_tv = min(nv, opts.gemm_nr_narrow if narrow else opts.gemm_nr)
     mr = p.gemm_mr = opts.gemm_mr_narrow if narrow else opts.gemm_mr

@@ -301,6 +301,38 @@ class _FlatHead(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
+def random_phase_network(seed: int) -> tuple[nn.Module, torch.Tensor, list[str]]:
+    """A random network around one sparse stride-2 conv on a map large enough for a phase split (the whole-network
+    generator's maps rarely are): a 3x3 one as a basic block's first conv or alone, or a 5x5 one; pattern pruning
+    with a library of 4 or 8 tap sets (channel blocks: filter groups), or one of the generator's sparsities."""
+    import random
+
+    from ..sparsity import PatternConfig, prune
+    from ..sparsity.mask import fold_masks
+
+    r = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    c0, c1, c2 = r.randint(8, 40), r.randint(8, 48), r.randint(8, 48)
+    k = r.choice([3, 3, 5])
+    act = r.choice(["relu", "silu", "none"])
+    second = (BasicBlock(c1, c2, 2, "relu", project=True) if k == 3 and r.random() < 0.5 else
+              ConvBNAct(c1, c2, k, 2, act=act))
+    m = nn.Sequential(ConvBNAct(3, c0, 3, 1), ConvBNAct(c0, c1, 3, 1), second).eval()
+    if seed % 3:
+        cfg = PatternConfig(num_patterns=r.choice([4, 8]), connectivity=r.choice([1.5, 3.6]),
+                            channel_block=r.choice([1, 1, 2, 4]), connectivity_scope="layer")
+        _randomize(m, "dense", g, use_mask_buffers=False)
+        m = fold_masks(prune(m, cfg))
+        sparsity = f"patterns {cfg.num_patterns} connectivity {cfg.connectivity} channel_block {cfg.channel_block}"
+    else:
+        sparsity = r.choice([s for s in SPARSITIES if s != "dense"])
+        _randomize(m, sparsity, g, use_mask_buffers=False)
+    x = torch.randn(r.randint(1, 3), 3, r.randint(24, 61), r.randint(24, 61), generator=g)
+    desc = [f"input {'x'.join(map(str, x.shape))}; convs 3->{c0}->{c1}, then {type(second).__name__} {k}x{k} s2 "
+            f"->{c2}; sparsity {sparsity}"]
+    return m, x, desc
+
+
 def random_network(seed: int, sparsity: str | None = None, max_blocks: int = 4
                    ) -> tuple[nn.Module, torch.Tensor, list[str]]:
     """A random whole network (eval mode, random BN statistics, random sparsity), its input and a description."""
