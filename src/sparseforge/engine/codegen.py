@@ -784,7 +784,7 @@ def _flat_kernels(p: ConvPlan, plan: Plan, li, names: list[str], base: str, ind:
     ``names`` along the flattened plane, starting at plane position ``base`` (vector i at ``bases[i]`` past it,
     default i vectors); ``ri``: the run's index (default: the filter's). Merged runs (``p.merged``): one stream,
     shape after shape, walked with running pointers. ``pack`` = (floats per channel, per column, per row, packed
-    column of each kernel column): the taps read the tile's packed copy ``Pb`` (_flat_pack) instead of the plane,
+    column of each kernel column): the taps read the tile's packed copy ``P`` (_flat_pack) instead of the plane,
     which holds the channels from ``pack_c0`` on."""
     kw, VEC, G = p.op.weight.shape[3], p.vec, p.fgroup
     isa = WIDE16 if VEC != plan.vec else MAIN
@@ -811,7 +811,7 @@ def _flat_kernels(p: ConvPlan, plan: Plan, li, names: list[str], base: str, ind:
         if pack is not None:
             cw, colw, roww, colpos = pack
             offs = [colpos[t % kw] * colw + (t // kw) * roww for t in shape]
-            src = f"Pb + (long)({ch} - {pack_c0}) * {cw}" if pack_c0 != "0" else f"Pb + (long){ch} * {cw}"
+            src = f"P + (long)({ch} - {pack_c0}) * {cw}"
         if p.merged:
             out.append(f"{ind}for (const int e1 = rb_[{j + 1}]; e < e1; e++, wp += {nt * G}) {{")
             out.append(f"{ind}  const float* ip = {src};")
@@ -929,17 +929,14 @@ def _flat_tiled_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], li
         pack = (CW, RH * TW, TW, {kx: i for i, kx in enumerate(cols)})
         bases = [r * TW + j * VEC for r in range(RT) for j in range(TV)]
         if not p.flat_cb:
-            b += ["      float* Pb = P;"] + _flat_pack(p, li, isa, "0", str(cin), "      ",
-                                                              plan.options.flat_pack_prefetch)
+            b += _flat_pack(p, li, isa, "0", str(cin), "      ", plan.options.flat_pack_prefetch)
     if p.flat_cb:
         # channel blocks outside the filters: each block's window (flat_cb channels) is read from L1 by every
         # filter; a filter's partial sums wait in this thread's scratch between blocks
         PS = len(cells) * VEC * G
         b.append(f"    for (int c = 0; c < {NCB}; c++) {{")
         if p.flat_pack:
-            # the block's channels in one block-sized area, indexed by the channel's place in the block (a pointer
-            # moved back by the block's first channel would point outside the scratch: undefined in C)
-            b += ["      float* Pb = P;"]
+            # the block's channels in one block-sized area, indexed by the channel's place in the block
             b += _flat_pack(p, li, isa, f"c * {p.flat_cb}", f"(c + 1) * {p.flat_cb} < {cin} ? (c + 1) * {p.flat_cb} : {cin}",
                             "      ", plan.options.flat_pack_prefetch)
         b += ["  " + h for h in heads if "const float* ib" not in h]
@@ -968,7 +965,7 @@ def _flat_tiled_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], li
 
 def _flat_pack(p: ConvPlan, li, isa, c_lo: str, c_hi: str, ind: str, prefetch: bool = True) -> list[str]:
     """Packed 2-D flat tiles: channels [c_lo, c_hi) of the tile at plane position ``pb`` copied into this
-    thread's ``Pb``: per channel, per kernel column kx, the tile's rows and the kernel's reach as rows of TW floats,
+    thread's ``P``: per channel, per kernel column kx, the tile's rows and the kernel's reach as rows of TW floats,
     shifted by kx - pad. A tap (ky, kx) of the tile's row r is then packed row r + ky of column kx: every load
     aligned (no cache-line splits, half the side columns' loads otherwise) and from L1, the copy made once for
     every filter of the thread."""
@@ -976,7 +973,7 @@ def _flat_pack(p: ConvPlan, li, isa, c_lo: str, c_hi: str, ind: str, prefetch: b
     cols, RH, TW, CW = p.pack_geometry()
     out = [f"{ind}for (int ch = {c_lo}; ch < ({c_hi}); ch++) {{",
            f"{ind}  const float* sp = ib + (long)ch * {li.plane} + pb;",
-           f"{ind}  float* dp = Pb + (long)(ch - {c_lo}) * {CW};" if c_lo != "0" else f"{ind}  float* dp = Pb + (long)ch * {CW};",
+           f"{ind}  float* dp = P + (long)(ch - {c_lo}) * {CW};",
            f"{ind}  for (int i = 0; i < {RH}; i++) {{",
            f"{ind}    const float* sr = sp + (long)(i - {pad}) * {li.rs};",
            f"{ind}    float* dr = dp + i * {TW};"]
