@@ -663,12 +663,14 @@ def test_gather_rows_on_avx2_run_a_few_vectors_at_a_time():
     x = with_nonfinite(torch.randn(3, 3, 28, 37), seed=8)
     with torch.inference_mode():
         ref = m(x)
-    for isa, gv, acc in (("avx2", 2, None), ("avx2", 1, 1024), ("portable", 3, None), ("avx2", 0, 2048)):
+    for isa, gv, acc, inline in (("avx2", 2, None, True), ("avx2", 1, 1024, True), ("portable", 3, None, True),
+                                 ("avx2", 0, 2048, True), ("avx2", 2, None, False), ("avx2", 1, 1024, False)):
         kw = {} if acc is None else {"gather_acc_bytes_narrow": acc}
         e, st = compile(m, x[:1], threads=2, isa=isa, conv_mode="gather", return_stages=True,
-                        plan_options=PlanOptions(gather_rows_narrow=gv, **kw))
+                        plan_options=PlanOptions(gather_rows_narrow=gv, gather_inline_pack=inline, **kw))
         gathers = [c for c in st.plan.convs.values() if c.mode == "gather"]
         assert st.plan.narrow and len(gathers) >= 4, e.summary(profile=False)
+        assert all(c.gather_inline == inline for c in gathers)
         assert any(c.gather_pv % 2 for c in gathers) and any(c.op.residual is not None for c in gathers)
         # one tile per thread by default; small accumulator budgets cut the lists into several
         fts = [(c.gather_ft, c.op.weight.shape[0]) for c in gathers]
@@ -682,7 +684,8 @@ def test_gather_rows_on_avx2_run_a_few_vectors_at_a_time():
 def test_gather_tiles_on_avx512_hosts_hold_a_threads_filters():
     """Gather mode on 32-register (AVX-512) hosts: a thread's filters in one tile of accumulators (the default,
     PlanOptions.gather_acc_bytes) or, with a small budget, in several; 7x7 and odd maps, stride 2, a residual,
-    batch 1 and 3, NaN/Inf: as in PyTorch either way."""
+    batch 1 and 3, NaN/Inf: as in PyTorch either way, with each channel's rows packed in the tiles' channel loop
+    (PlanOptions.gather_inline_pack, then once per tile) or all up front."""
     torch.manual_seed(6)
     m = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU(), BasicBlock(32, 130, 2, "relu", project=True),
                       BasicBlock(130, 130, 1, "relu", False), nn.MaxPool2d((2, 3)), nn.Conv2d(130, 24, 3, 1, 1))
@@ -690,9 +693,10 @@ def test_gather_tiles_on_avx512_hosts_hold_a_threads_filters():
     x = with_nonfinite(torch.randn(3, 3, 28, 27), seed=9)
     with torch.inference_mode():
         ref = m(x)
-    for acc in (None, 1024):
+    for acc, inline in ((None, True), (1024, True), (None, False), (1024, False)):
         kw = {} if acc is None else {"gather_acc_bytes": acc}
-        e, st = compile(m, x[:1], threads=2, conv_mode="gather", return_stages=True, plan_options=PlanOptions(**kw))
+        e, st = compile(m, x[:1], threads=2, conv_mode="gather", return_stages=True,
+                        plan_options=PlanOptions(gather_inline_pack=inline, **kw))
         if st.plan.narrow:
             pytest.skip("this CPU has no AVX-512 (16-register plans: test_gather_rows_on_avx2_run_a_few_vectors_at_a_time)")
         gathers = [c for c in st.plan.convs.values() if c.mode == "gather"]
@@ -702,7 +706,7 @@ def test_gather_tiles_on_avx512_hosts_hold_a_threads_filters():
         with torch.inference_mode():
             for xb in (x[:1], x):
                 ok, why = compare_outputs(e(xb), ref[: len(xb)], sparse=True)
-                assert ok, (acc, why)
+                assert ok, (acc, inline, why)
 
 
 def test_isa_choices_are_checked():

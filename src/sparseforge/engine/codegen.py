@@ -1027,9 +1027,10 @@ def _gather_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines:
     every kernel tap is one FMA per vector of real output pixels (no lanes wasted on borders).
 
     Every thread packs the images it works on into its own scratch area (no barrier, no rows crossing between
-    cores). Kernels then run channel-major inside tiles of filters: the tile's accumulators live in an L1-sized
-    area and each packed row is read from L2 once per tile -- filter by filter, every kernel would re-read its
-    4 rows from L2.
+    cores): each channel just before its kernels run, in the tiles' channel loop (``ConvPlan.gather_inline``,
+    the rows stay in L1), or every channel up front. Kernels run channel-major inside tiles of filters: the
+    tile's accumulators stay in L1/L2 and each packed row is read once per tile -- filter by filter, every
+    kernel would re-read its 4 rows.
     """
     op: ConvOp = p.op
     li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
@@ -1044,13 +1045,15 @@ def _gather_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines:
     ns = len(p.shapes)
     tpos = {t: i for i, t in enumerate(p.gather_taps)}
     CF = T * PS                       # packed floats per input channel
+    inline = p.gather_inline
+    packed = (1 if inline else cin) * CF
     ty, ld_, bc = f"g{G}", f"ldg{G}", f"bcg{G}"
     x0 = 6 + 3 * ns                   # first extra descriptor entry
     b = ["  const float* in = B[d[0]]; float* out = B[d[1]];",
          "  const float* bias = g_w + d[3];",
          # per thread: one image's packed rows, then accumulators for every filter (threads may work on the
          # same filter for different images)
-         f"  float* S = B[{plan.scratch_id}] + (long)tid * {cin * CF + fout * AS}; float* acc = S + {cin * CF};",
+         f"  float* S = B[{plan.scratch_id}] + (long)tid * {packed + fout * AS}; float* acc = S + {packed};",
          f"  const int* tile0 = g_i + d[{x0}]; const int* tf = g_i + d[{x0 + 1}]; const int* fl = g_i + d[{x0 + 2}];",
          f"  const int* cnt = g_i + d[{x0 + 3}]; const int* te = g_i + d[{x0 + 4}];"]
     if op.residual is not None:
@@ -1058,23 +1061,26 @@ def _gather_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines:
     b.append(f"  const {_ix(p)}* ef = (const {_ix(p)}*)(g_i + d[{x0 + 5}]); const float* ew = g_w + d[{x0 + 6}];")
     # whole rounds of images: one image per thread, every tile; the rest (batch 1) split by tiles. Every thread
     # packs its own copy: rows written by the other core would have to cross between L2s.
-    b += ["  const int Nf = N - N % nth;",
-          "  for (int n = 0; n < N; n++) {",
-          "    const int own = n < Nf;",
-          "    if (own && n % nth != tid) continue;",
-          f"    for (int c = 0; c < {cin}; c++) {{",
-          f"      const float* ip = in + (long)n * {li.image} + (long)c * {li.plane};",
-          f"      float* sp = S + (long)c * {CF};"]
+    pack = []
     for i, t in enumerate(p.gather_taps):
         ky, kx = t // kw, t % kw
         if s == 1:
-            b.append(f"      for (int y = 0; y < {ho}; y++) memcpy(sp + {i * PS} + y * {wo}, "
-                     f"ip + (long)(y + {ky - pad + 1}) * {li.rs} + {kx - pad + 1}, {4 * wo});")
+            pack.append(f"for (int y = 0; y < {ho}; y++) memcpy(sp + {i * PS} + y * {wo}, "
+                        f"ip + (long)(y + {ky - pad + 1}) * {li.rs} + {kx - pad + 1}, {4 * wo});")
         else:
-            b.append(f"      pack_strided(sp + {i * PS}, ip + (long)({ky - pad + 1}) * {li.rs} + {kx - pad + 1}, "
-                     f"{ho}, {wo}, {s}, {li.rs});")
-    b += ["    }",
-          "    const float* sb = S;",
+            pack.append(f"pack_strided(sp + {i * PS}, ip + (long)({ky - pad + 1}) * {li.rs} + {kx - pad + 1}, "
+                        f"{ho}, {wo}, {s}, {li.rs});")
+    b += ["  const int Nf = N - N % nth;",
+          "  for (int n = 0; n < N; n++) {",
+          "    const int own = n < Nf;",
+          "    if (own && n % nth != tid) continue;"]
+    if not inline:
+        b += [f"    for (int c = 0; c < {cin}; c++) {{",
+              f"      const float* ip = in + (long)n * {li.image} + (long)c * {li.plane};",
+              f"      float* sp = S + (long)c * {CF};"]
+        b += ["      " + x for x in pack]
+        b += ["    }"]
+    b += ["    const float* sb = S; (void)sb;",
           f"    for (int t = own ? 0 : tid; t < {plan.threads}; t += own ? 1 : nth)",
           "    for (int ti = tile0[t]; ti < tile0[t + 1]; ti++) {",
           "      for (int q = tf[ti]; q < tf[ti + 1]; q++) {",
@@ -1083,8 +1089,14 @@ def _gather_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines:
     b += ["      }",
           f"      const int* cn = cnt + (long)ti * {cin * ns};",
           f"      const {_ix(p)}* fe = ef + te[2 * ti]; const float* we = ew + te[2 * ti + 1];"]
-    b += [f"      for (int c = 0; c < {cin}; c++, cn += {ns}) {{",
-          f"        const float* sc = sb + (long)c * {CF};"]
+    b += [f"      for (int c = 0; c < {cin}; c++, cn += {ns}) {{"]
+    if inline:
+        # the channel's rows packed right before its kernels run (once per tile): they stay in L1
+        b += [f"        const float* ip = in + (long)n * {li.image} + (long)c * {li.plane};",
+              "        float* sp = S; const float* sc = S;"]
+        b += ["        " + x for x in pack]
+    else:
+        b.append(f"        const float* sc = sb + (long)c * {CF};")
     # 16-register hosts: the rows of a few vectors at a time (PlanOptions.gather_rows_narrow), every filter of the
     # list passing over each group: all of a shape's rows at once (4 taps x 8 vectors on an 8x8 map) spilled
     GV = plan.options.gather_rows_narrow if plan.narrow and plan.options.gather_rows_narrow else PV

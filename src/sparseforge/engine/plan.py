@@ -46,6 +46,13 @@ class PlanOptions:
     # ResNet-18 8x at 224 1.03-1.04x, CIFAR VGG-16 8x 1.04-1.06x, ResNet-50 8x 1.01x; gather on 14x14 maps too
     # (gather_max 196) stays slower (0.93x)
     gather_acc_bytes_narrow: int = 131072
+    # ... each channel's shifted rows packed inside the tiles' channel loop, right before its kernels run, into one
+    # L1-resident channel area, instead of every channel up front: a 512-channel 7x7 layer's packed input is 9x
+    # the input (1.2 MB per thread) and overflowed the 1 MB L2 that holds the accumulators and weights. Measured
+    # b1, 2 threads, same process, in-network profiles, Zen 4: ResNet-18 8x at 224 its 7x7 layers 911 -> 786 us
+    # (network 1.04x), CIFAR VGG-16 8x 1.07x; built for AVX2: ResNet-18 1.03x, CIFAR VGG-16 1.29x. (Summing each
+    # kernel's taps as one FMA chain instead of a tree: 1.00x)
+    gather_inline_pack: bool = True
     gather_min_cin: int = 128
     gather_max: int = 64              # output maps with at most this many pixels run in gather mode
     # ... on 16-register hosts: a shape's packed rows this many vectors at a time, every filter of the list passing
@@ -463,6 +470,8 @@ class ConvPlan:
     # kernels run channel-major within tiles of filters: the tile's accumulators (ft x ps floats) stay in L1
     # and each packed input row is read once per tile from L2, not once per filter
     gather_ft: int = 1                   # filters per tile
+    # each channel's rows packed in the tile's channel loop, just before its kernels (PlanOptions.gather_inline_pack)
+    gather_inline: bool = False
     # packed 1x1 mode: the input's interiors are packed per image into dense rows of ho*wo pixels (16-lane
     # vectors, no border lanes) and every kept weight is one FMA per vector, accumulated in registers
     packed1: bool = False
@@ -742,6 +751,7 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
         p.gather_pv = math.ceil(ho * wo / p.gather_vec)
         acc_bytes = opts.gather_acc_bytes_narrow if _narrow(vec, wide) else opts.gather_acc_bytes
         p.gather_ft = max(1, acc_bytes // (4 * -(-p.gather_pv * p.gather_vec // 16) * 16))
+        p.gather_inline = opts.gather_inline_pack
     elif (not (depthwise and spatial) and flat_ok and (lout.rs == wo + 2 or tiling)
             and (vec == base_vec or (opts.flat_wide and (kh * kw == 1 or wide_kxk)))):
         rs = lout.rs
@@ -1305,7 +1315,7 @@ class Plan:
         if c.packed1:
             return self.threads * cin * ps
         acc_stride = -(-ps // 16) * 16
-        packed = cin * len(c.gather_taps) * ps
+        packed = (1 if c.gather_inline else cin) * len(c.gather_taps) * ps
         return self.threads * (packed + c.op.weight.shape[0] * acc_stride)
 
     def partials_size(self, k: int) -> int:
