@@ -781,6 +781,38 @@ def test_pools_every_window_stride_and_padding(mode):
             assert torch.allclose(e(x), m(x), rtol=1e-5, atol=1e-5, equal_nan=True), (k, s, p, h, w)
 
 
+def test_max_pool_3x3_stride2_in_registers_matches_pytorch():
+    """ResNet's 3x3 stride-2 max pool runs in registers (PlanOptions.pool_max_3s2: even/odd lanes of two input
+    vectors, the odd lanes moved up one for column 2x-1): even and odd widths whose last window is clipped,
+    maps of negative values (a zero border must never win), NaN/Inf on every edge, batch 1 and 3 (the batch's
+    leftover image split by channels), native, AVX2 and portable builds; with the knob off the row-buffer kernel
+    runs and agrees."""
+    torch.manual_seed(3)
+    for isa in ("native", "avx2", "portable"):
+        if isa == "avx2":
+            from sparseforge.engine.build import AVX2_NEEDS
+            from sparseforge.hardware import all_cpu_flags
+            if not set(AVX2_NEEDS) <= set(all_cpu_flags()):
+                continue
+        for h, w in ((112, 112), (33, 41), (20, 64), (9, 113)):
+            conv = nn.Conv2d(3, 6, 3, padding=1)
+            nn.init.constant_(conv.bias, -30.0)
+            m = nn.Sequential(conv, nn.MaxPool2d(3, 2, 1), nn.Conv2d(6, 4, 1)).eval()
+            x = torch.randn(3, 3, h, w)
+            for (n, c, y, xx), v in (((0, 0, 0, 0), "nan"), ((1, 1, h - 1, w - 1), "inf"), ((2, 2, h // 2, w - 1), "-inf"),
+                                     ((0, 1, h - 1, 0), "nan"), ((1, 2, 0, w // 2), "nan")):
+                x[n, c, y, xx] = float(v)
+            with torch.inference_mode():
+                ref = m(x)
+                for on in (True, False):
+                    e, st = compile(m, x[:1], threads=2, isa=isa, return_stages=True,
+                                    plan_options=PlanOptions(pool_max_3s2=on))
+                    assert ("op1_mx(" in st.source) == on, (isa, h, w, on)
+                    for xb, rb in ((x[:1], ref[:1]), (x, ref)):
+                        ok, why = compare_outputs(e(xb), rb, sparse=False)
+                        assert ok, (isa, h, w, on, len(xb), why)
+
+
 def test_split_build_equals_single_unit(tmp_path, monkeypatch):
     """The build may compile conv bodies in separate processes and link them: the library computes the same."""
     from sparseforge.engine.build import build, split_units

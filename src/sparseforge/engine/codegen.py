@@ -1722,6 +1722,9 @@ def pool_source(k: int, op: PoolOp, plan: Plan) -> str:
     }}
   }}
 }}"""
+    fused = _max_pool_3s2(k, op, plan, head)
+    if fused:
+        return fused
     V = plan.vec
     wp = -(-wi // V) * V       # the vertical pass in whole vectors (lanes past the map are reset to identity)
     if op.mode == "max":
@@ -1788,6 +1791,82 @@ def pool_source(k: int, op: PoolOp, plan: Plan) -> str:
         for (int xx = {S} * x; xx < {S} * x + {K}; xx++) {hacc}
         o[x] = {fin_s};
       }}
+    }}
+  }}
+}}"""
+
+
+def _max_pool_3s2(k: int, op: PoolOp, plan: Plan, head: str) -> str:
+    """ResNet's 3x3 stride-2 max pool with padding 1, in registers (PlanOptions.pool_max_3s2): per output row and
+    chunk of V outputs, two vectors of 2V input columns, each the max over the window's rows; their even and odd
+    lanes (two shuffles) are columns 2x and 2x+1, and the odd lanes moved up one lane, the previous chunk's last
+    one entering, are columns 2x-1. Input columns past the map are -inf lanes, so a clipped window never takes
+    the zero border. No row buffer, and 16-lane vectors on AVX-512 hosts. '' where it does not apply (then the
+    separable row-buffer kernel runs)."""
+    li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
+    c, ho, wo = lo.shape
+    _, hi, wi = li.shape
+    if not (plan.options.pool_max_3s2 and op.mode == "max" and op.kernel == 3 and op.stride == 2 and op.padding == 1):
+        return ""
+    V = 16 if plan.vec == 8 and not plan.narrow else plan.vec
+    isa = WIDE16 if V != plan.vec else MAIN
+    T, IT, ld, st, stn = isa.type, isa.itype, isa.load, isa.store, isa.storen
+    nch = -(-wo // V)
+    last = (nch - 1) * V
+    # every read stays inside the input plane: a last row's chunk reaches at most into the bottom border row
+    if 1 + 2 * last + 2 * V > 2 * li.rs or li.plane < (hi + 2) * li.rs:
+        return ""
+    lanes = range(V)
+
+    neg = "-__builtin_inff()"
+    negv = "(" + T + "){" + ", ".join([neg] * V) + "}"
+    helpers = f"""#ifdef __clang__
+#define OP{k}_SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define OP{k}_SHUF(a, b, ...) __builtin_shuffle(a, b, ({IT}){{__VA_ARGS__}})
+#endif
+/* max that keeps NaN, as PyTorch's: a lane takes v where v > u or v is NaN */
+static inline {T} op{k}_mx({T} u, {T} v) {{ const {IT} c = (v > u) | (v != v); return ({T})(((({IT})v) & c) | ((({IT})u) & ~c)); }}
+"""
+    ev = ", ".join(str(2 * j) for j in lanes)
+    od = ", ".join(str(2 * j + 1) for j in lanes)
+    up = ", ".join(str(V - 1 + j) for j in lanes)        # (prev, od): prev's last lane, then od's lanes 0..V-2
+
+    def chunk(x: str, xv: int | None) -> list[str]:
+        """One chunk at output column x (xv: its value when known at code-generation time, for masks/stores)."""
+        body = [f"{{ {T} a = {ld}(r0 + 2 * {x}), b = {ld}(r0 + 2 * {x} + {V});",
+                f"  for (int yy = 1; yy < nr; yy++) {{ a = op{k}_mx(a, {ld}(r0 + (long)yy * {li.rs} + 2 * {x})); "
+                f"b = op{k}_mx(b, {ld}(r0 + (long)yy * {li.rs} + 2 * {x} + {V})); }}"]
+        if xv is not None and 2 * xv + 2 * V > wi:
+            for nm, c0 in (("a", 2 * xv), ("b", 2 * xv + V)):
+                keep = [(-1 if c0 + j < wi else 0) for j in lanes]
+                if all(keep):
+                    continue
+                mk = "(" + IT + "){" + ", ".join(map(str, keep)) + "}"
+                body.append(f"  {nm} = ({T})((({IT}){nm} & {mk}) | (({IT})NEG & ~{mk}));")
+        body += [f"  const {T} e = OP{k}_SHUF(a, b, {ev}), o = OP{k}_SHUF(a, b, {od}), l = OP{k}_SHUF(prev, o, {up});",
+                 "  prev = o;",
+                 f"  const {T} m = op{k}_mx(op{k}_mx(e, o), l);"]
+        if xv is not None and xv + V > wo:
+            body.append(f"  {stn}(o_ + {x}, m, {wo - xv}); }}")
+        else:
+            body.append(f"  {st}(o_ + {x}, m); }}")
+        return body
+
+    plain = [i * V for i in range(nch) if i * V + V <= wo and 2 * i * V + 2 * V <= wi]
+    nplain = len(plain)            # chunks 0..nplain-1 need neither masks nor a partial store
+    tail = [i * V for i in range(nplain, nch)]
+    lines = [f"      for (int x = 0; x < {nplain * V}; x += {V})"] + ["        " + x for x in chunk("x", None)]
+    for xv in tail:
+        lines += ["      " + x for x in chunk(str(xv), xv)]
+    return helpers + head + f"""
+    const {T} NEG = {negv};
+    for (int y = 0; y < {ho}; y++) {{
+      const int y0 = 2 * y - 1 < 0 ? 0 : 2 * y - 1, y1 = 2 * y + 2 > {hi} ? {hi} : 2 * y + 2, nr = y1 - y0;
+      const float* r0 = ip + (long)(y0 + 1) * {li.rs} + 1;
+      float* o_ = opp + (long)(y + 1) * {lo.rs} + 1;
+      {T} prev = NEG;
+{chr(10).join(lines)}
     }}
   }}
 }}"""

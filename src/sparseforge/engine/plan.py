@@ -53,6 +53,12 @@ class PlanOptions:
     # (network 1.04x), CIFAR VGG-16 8x 1.07x; built for AVX2: ResNet-18 1.03x, CIFAR VGG-16 1.29x. (Summing each
     # kernel's taps as one FMA chain instead of a tree: 1.00x)
     gather_inline_pack: bool = True
+    # 3x3 stride-2 max pools with padding 1 (every ResNet's) in registers, 16-lane vectors on AVX-512: no row
+    # buffer, each window's three columns from the even and odd lanes of two loads (codegen._max_pool_3s2).
+    # ResNet-18 at 224 in-network, b1, 2 threads, same process: native (Zen 4) 123-149 -> 102-112 us, ResNet-50
+    # 98 -> 72 us; AVX2 build 151 -> 101 us. (Splitting its rows over threads as the stem conv wrote them instead
+    # of its channels: 102 -> 127 us, not kept)
+    pool_max_3s2: bool = True
     gather_min_cin: int = 128
     gather_max: int = 64              # output maps with at most this many pixels run in gather mode
     # ... on 16-register hosts: a shape's packed rows this many vectors at a time, every filter of the list passing
