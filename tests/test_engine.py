@@ -12,6 +12,7 @@ import torch.nn as nn
 
 import sparseforge as sf
 from sparseforge.engine import compile, load_engine
+from sparseforge.engine.plan import PlanOptions
 from sparseforge.errors import SparseforgeError
 from engine_util import randomize_bn, rel_err
 
@@ -444,11 +445,12 @@ def test_shared_loads_compute_every_tap(align, G):
         assert len(addrs) == len(set(addrs)) and all((base + a) % L == 0 for a in addrs)
 
 
+@pytest.mark.parametrize("prefetch", [0, 1024])
 @pytest.mark.parametrize("inputs", [300, 70000])
-def test_pruned_linear_csr(inputs):
+def test_pruned_linear_csr(inputs, prefetch):
     """Pruned linears run as CSR (2-byte column indices up to 65536 inputs, 4-byte beyond), rows of every kept
-    count (0 .. several times the 4-way unroll, so the partial sums' tail runs) at batch 1, 3 and 6 (four images
-    at once, then one by one), against PyTorch."""
+    count (0 .. several times the 4-way unroll and the 16-entry prefetch blocks, so every tail runs) at batch 1, 3
+    and 6 (four images at once, then one by one), with and without prefetching, against PyTorch."""
     torch.manual_seed(0)
     fc = nn.Linear(inputs, 13)
     with torch.no_grad():
@@ -457,7 +459,7 @@ def test_pruned_linear_csr(inputs):
             keep[r, torch.randperm(inputs)[:r * 3 + (r % 4) * 7 if r else 0]] = True
         fc.weight.mul_(keep)
     m = nn.Sequential(nn.Flatten(), fc, nn.ReLU()).eval()
-    e = compile(m, torch.randn(1, 1, 1, inputs), threads=2)
+    e = compile(m, torch.randn(1, 1, 1, inputs), threads=2, plan_options=PlanOptions(linear_prefetch=prefetch))
     assert any("density" in op["describe"] for op in e.spec["ops"]), e.summary()
     for n in (1, 3, 6):
         x = torch.randn(n, 1, 1, inputs)

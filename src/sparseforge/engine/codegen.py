@@ -2020,11 +2020,20 @@ def linear_source(k: int, op: LinearOp, plan: Plan) -> str:
         pre = [f"  const int* rp = g_i + {offs['rowptr_off']}; "
                f"const {ctype}* ci = (const {ctype}*)(g_i + {offs['col_off']}); "
                f"const float* vv = g_w + {offs['val_off']};"]
-        loop4 = ["      for (int j = rp[r]; j < rp[r + 1]; j++) { const float w = vv[j]; const int c = ci[j];",
+        # kept weights and indices prefetched D entries ahead (PlanOptions.linear_prefetch), 16 entries at a time
+        D = plan.options.linear_prefetch
+        pf4 = ([f"      for (; j + 16 <= je; j += 16) {{ __builtin_prefetch(vv + j + {D}); __builtin_prefetch(ci + j + {D});",
+                "        for (int u = j; u < j + 16; u++) { const float w = vv[u]; const int c = ci[u];",
+                "          s0 += w * x0[c]; s1 += w * x1[c]; s2 += w * x2[c]; s3 += w * x3[c]; } }"] if D else [])
+        loop4 = ["      int j = rp[r]; const int je = rp[r + 1];"] + pf4 + [
+                 "      for (; j < je; j++) { const float w = vv[j]; const int c = ci[j];",
                  "        s0 += w * x0[c]; s1 += w * x1[c]; s2 += w * x2[c]; s3 += w * x3[c]; }"]
         # one image: four partial sums, so the loop is not one chain of dependent adds (4 cycles per kept weight
         # on Zen 4, below what memory delivers)
-        loop1 = ["      { float t0 = 0.0f, t1 = 0.0f, t2 = 0.0f, t3 = 0.0f; int j = rp[r]; const int je = rp[r + 1];",
+        pf = ([f"        for (; j + 16 <= je; j += 16) {{ __builtin_prefetch(vv + j + {D}); __builtin_prefetch(ci + j + {D});",
+               "          for (int u = 0; u < 16; u += 4) { t0 += vv[j + u] * x[ci[j + u]]; t1 += vv[j + u + 1] * x[ci[j + u + 1]];",
+               "            t2 += vv[j + u + 2] * x[ci[j + u + 2]]; t3 += vv[j + u + 3] * x[ci[j + u + 3]]; } }"] if D else [])
+        loop1 = ["      { float t0 = 0.0f, t1 = 0.0f, t2 = 0.0f, t3 = 0.0f; int j = rp[r]; const int je = rp[r + 1];"] + pf + [
                  "        for (; j + 4 <= je; j += 4) { t0 += vv[j] * x[ci[j]]; t1 += vv[j + 1] * x[ci[j + 1]];",
                  "          t2 += vv[j + 2] * x[ci[j + 2]]; t3 += vv[j + 3] * x[ci[j + 3]]; }",
                  "        for (; j < je; j++) t0 += vv[j] * x[ci[j]];",
