@@ -76,7 +76,11 @@ class PlanOptions:
     flat_tiled_min_bytes: int = 1 << 17   # ... when the input image is at least this large (measured: CIFAR
                                       # ResNet-56's 32x32x16 maps are faster untiled; 8x pattern 256->256 on 14x14,
                                       # 256 KB: 337 -> 187 us tiled; ResNet-18/50 8x at 224 1.10x/1.07x over 512 KB)
-    flat_tile: int = 12               # most vectors (accumulators) per tile
+    # most vectors (accumulators) per tile of 1x1 convs on 32-register hosts. 12 until session 42; 10 measured
+    # (pattern 8x at 224, b1, 2 threads, Zen 4, whole networks alternating, 60 runs, vs 12): ResNet-50 1.028x and
+    # 1.138x (a noisy period), MobileNetV2 1.022x; 8: 1.021x, 1.096x, 1.024x. One 64->256 layer at 56x56 alone:
+    # 8 1.04-1.06x, 16-24 0.77-0.86x: a tile's 256 filters' output rows and its input rows share L1/L2
+    flat_tile: int = 10
     # ... of 1x1 convs on 16-register hosts (AVX2): the tile's accumulators and one broadcast weight fill the
     # registers, so each kernel's index, pointer and loop step serve 14 FMAs rather than 12 (pattern 8x at 224,
     # b1, 2 threads, Zen 3, same process vs 12: ResNet-50 1.08-1.10x, MobileNetV2 1.00-1.04x; 15: 0.99x and
