@@ -1080,8 +1080,7 @@ def _gather_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines:
               f"      float* sp = S + (long)c * {CF};"]
         b += ["      " + x for x in pack]
         b += ["    }"]
-    b += ["    const float* sb = S; (void)sb;",
-          f"    for (int t = own ? 0 : tid; t < {plan.threads}; t += own ? 1 : nth)",
+    b += [f"    for (int t = own ? 0 : tid; t < {plan.threads}; t += own ? 1 : nth)",
           "    for (int ti = tile0[t]; ti < tile0[t + 1]; ti++) {",
           "      for (int q = tf[ti]; q < tf[ti + 1]; q++) {",
           f"        const {ty} bb = {bc}(bias[fl[q]]); float* a = acc + (long)fl[q] * {AS};"]
@@ -1096,7 +1095,7 @@ def _gather_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines:
               "        float* sp = S; const float* sc = S;"]
         b += ["        " + x for x in pack]
     else:
-        b.append(f"        const float* sc = sb + (long)c * {CF};")
+        b.append(f"        const float* sc = S + (long)c * {CF};")
     # 16-register hosts: the rows of a few vectors at a time (PlanOptions.gather_rows_narrow), every filter of the
     # list passing over each group: all of a shape's rows at once (4 taps x 8 vectors on an 8x8 map) spilled
     GV = plan.options.gather_rows_narrow if plan.narrow and plan.options.gather_rows_narrow else PV
@@ -1693,6 +1692,12 @@ def phase_source(k: int, op: PhaseOp, plan: Plan) -> str:
 }}"""
 
 
+def _nan_max(t: str, it: str, dst: str) -> str:
+    """``dst`` = the max of vectors u and v (vector type t, lane integers it) keeping NaN as PyTorch's max does:
+    a lane takes v where v > u or v is NaN (a bit-select, no branch)."""
+    return f"{{ const {it} c = (v > u) | (v != v); {dst} = ({t})((({it})v & c) | (({it})u & ~c)); }}"
+
+
 def pool_source(k: int, op: PoolOp, plan: Plan) -> str:
     """Any square window, stride and padding: the window is clipped to the map, so padded positions never win a
     max (PyTorch pads max pooling with -inf) and count in an average only with ``include_pad``.
@@ -1730,16 +1735,16 @@ def pool_source(k: int, op: PoolOp, plan: Plan) -> str:
     if op.mode == "max":
         # a lane takes v where v > m or v is NaN (NaN wins, as in PyTorch); bit-select, no branches
         init, hacc = "-__builtin_inff()", "if (t[xx] > m || t[xx] != t[xx]) m = t[xx];"
-        vsel = "{{ const vi c = (v > u) | (v != v); {dst} = (vf)(((vi)v & c) | ((vi)u & ~c)); }}"
+        vsel = functools.partial(_nan_max, "vf", "vi")
         fin = "m"
     else:
         init, hacc = "0.0f", "m += t[xx];"
-        vsel = "{dst} = u + v;"
+        vsel = "{} = u + v;".format
         fin = f"m * {1.0 / (K * K)!r}f" if op.include_pad else "m / (float)((y1 - y0) * (x1 - x0))"
     vertical = f"""
       for (int yy = y0; yy < y1; yy++) {{
         const float* r = ip + (long)(yy + 1) * {li.rs} + 1;
-        for (int x = 0; x < {wp}; x += {V}) {{ const vf v = ld(r + x), u = ld(t + x); vf w_; {vsel.format(dst="w_")} st(t + x, w_); }}
+        for (int x = 0; x < {wp}; x += {V}) {{ const vf v = ld(r + x), u = ld(t + x); vf w_; {vsel("w_")} st(t + x, w_); }}
       }}"""
     vec_h = S in (1, 2) and (op.mode == "max" or op.include_pad or P == 0)
     if not vec_h:
@@ -1768,7 +1773,7 @@ def pool_source(k: int, op: PoolOp, plan: Plan) -> str:
     taps = [f"{load}(t + {S} * x + {j})" for j in range(K)]
     hv = [f"vf m = {taps[0]};"]
     for j in range(1, K):
-        hv.append(f"{{ const vf v = {taps[j]}, u = m; " + vsel.format(dst="m") + " }")
+        hv.append(f"{{ const vf v = {taps[j]}, u = m; " + vsel("m") + " }")
     out_v = "m" if op.mode == "max" else f"m * BC({1.0 / (K * K)!r}f)"
     fin_s = "m" if op.mode == "max" else f"m * {1.0 / (K * K)!r}f"
     return head + f"""
@@ -1825,8 +1830,7 @@ def _max_pool_3s2(k: int, op: PoolOp, plan: Plan, head: str) -> str:
 #else
 #define OP{k}_SHUF(a, b, ...) __builtin_shuffle(a, b, ({IT}){{__VA_ARGS__}})
 #endif
-/* max that keeps NaN, as PyTorch's: a lane takes v where v > u or v is NaN */
-static inline {T} op{k}_mx({T} u, {T} v) {{ const {IT} c = (v > u) | (v != v); return ({T})(((({IT})v) & c) | ((({IT})u) & ~c)); }}
+static inline {T} op{k}_mx({T} u, {T} v) {{ {T} m; {_nan_max(T, IT, "m")} return m; }}
 """
     ev = ", ".join(str(2 * j) for j in lanes)
     od = ", ".join(str(2 * j + 1) for j in lanes)
