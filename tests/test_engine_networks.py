@@ -60,6 +60,88 @@ def test_projection_shortcut_block(kind, stride, pruned):
     assert all(op["native"] for op in e.spec["ops"])
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_projection_blocks_run_as_one_stacked_conv(stride):
+    """A bottleneck's conv3 and its projection shortcut run as one 1x1 conv over [conv2's output; the block
+    input] stacked in place (PlanOptions.fuse_projection): conv2 and the shortcut's producer write their slices of
+    one buffer, read one image apart by its stride. Batch 1 and 3 (a wrong image stride shows only past image
+    0), 1-3 threads, NaN/Inf, pruned kernels: as in PyTorch. A block reading the network input is left unfused
+    at stride 1 (the input is not the engine's to lay out; at stride 2 its subsample is), and all with the knob
+    off."""
+    from sparseforge.engine.ir import ConcatOp, ConvOp
+
+    torch.manual_seed(10 + stride)
+    m = nn.Sequential(nn.Conv2d(3, 12, 3, 1, 1), nn.BatchNorm2d(12), nn.ReLU(),
+                      Bottleneck(12, 8, 20, stride, "relu", 1), Bottleneck(20, 8, 20, 1, "silu", 1),
+                      Bottleneck(20, 16, 36, stride, "relu6", 1))
+    randomize_bn(m, seed=stride)
+    _prune_kernels(m, stride)
+    x = torch.randn(3, 3, 17, 22)
+    x[1, 0, 5, 7], x[2, 1, 9, 3] = float("nan"), float("inf")
+    first = Bottleneck(3, 8, 16, stride, "relu", 1)
+    randomize_bn(first, seed=stride)
+    for net, n_fused in ((m, 2), (first, stride - 1)):
+        with torch.inference_mode():
+            ref = net(x)
+        for fuse, threads in ((True, 1), (True, 2), (True, 3), (False, 2)):
+            e, st = compile(net, x[:1], threads=threads, return_stages=True,
+                            plan_options=PlanOptions(fuse_projection=fuse))
+            stacked = [op for op in st.graph.ops if isinstance(op, ConvOp) and "+" in op.name]
+            assert len(stacked) == (n_fused if fuse else 0), e.summary(profile=False)
+            assert all(op.residual is None and op.act != "none" for op in stacked)
+            cats = [k for k, op in enumerate(st.graph.ops) if isinstance(op, ConcatOp)]
+            assert all(k in st.plan.absorbed and all(v in st.plan.aliases for v in st.graph.ops[k].inputs)
+                       for k in cats)
+            with torch.inference_mode():
+                for xb in (x[:1], x):
+                    ok, why = compare_outputs(e(xb), ref[: len(xb)], sparse=True)
+                    assert ok, (fuse, threads, len(xb), why)
+
+
+def test_concatenations_written_in_place():
+    """Each input of a channel concatenation is written by its producer straight into its channel range of the
+    concatenation (the concat op copies nothing): branches, the block input itself, 1-3 threads, batch 1 and 5,
+    NaN/Inf. An input already written into another concatenation, or the network input, is copied instead."""
+    from sparseforge.engine.ir import ConcatOp
+    from sparseforge.engine.testing import ConvBNAct
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = ConvBNAct(3, 10, 3, act="relu")
+            self.b1, self.b2 = ConvBNAct(10, 5, 1, act="silu"), ConvBNAct(10, 7, 3, act="hardswish")
+            self.mix = ConvBNAct(22, 9, 3, act="relu6")
+            self.head = nn.Conv2d(9 + 5 + 3, 4, 1)
+
+        def forward(self, x):
+            a = self.stem(x)
+            p = self.b1(a)
+            z = torch.cat([p, self.b2(a), a], 1)            # in place: p, b2's output and a are slices of z
+            return self.head(torch.cat([self.mix(z), p, x], 1))    # copied: p is z's, x the network input
+
+    torch.manual_seed(4)
+    m = Net().eval()
+    randomize_bn(m, seed=4)
+    _prune_kernels(m, 4)
+    x = torch.randn(5, 3, 13, 19)
+    x[0, 2, 6, 6], x[3, 0, 1, 18] = float("inf"), float("nan")
+    with torch.inference_mode():
+        ref = m(x)
+    for threads in (1, 2, 3):
+        e, st = compile(m, x[:1], threads=threads, return_stages=True)
+        cats = [(k, op) for k, op in enumerate(st.graph.ops) if isinstance(op, ConcatOp)]
+        assert len(cats) == 2
+        (k0, c0), (k1, c1) = cats
+        assert k0 in st.plan.absorbed and [st.plan.aliases[v] for v in c0.inputs] == [(c0.output, 0),
+                                                                                      (c0.output, 5),
+                                                                                      (c0.output, 12)]
+        assert k1 not in st.plan.absorbed and all(st.plan.aliases.get(v, (-1,))[0] != c1.output for v in c1.inputs)
+        with torch.inference_mode():
+            for xb in (x[:1], x):
+                ok, why = compare_outputs(e(xb), ref[: len(xb)], sparse=True)
+                assert ok, (threads, len(xb), why)
+
+
 @pytest.mark.parametrize("mean", [False, True])
 @pytest.mark.parametrize("gate", ["sigmoid", "hardsigmoid"])
 def test_squeeze_excite(gate, mean):
@@ -996,7 +1078,8 @@ def test_1x1_convs_run_flat_tiled_on_any_map():
     x[1, 0, 13, 9], x[2, 2, 3, 11] = float("nan"), float("inf")
     e, st = compile(m, x[:1], threads=2, return_stages=True)
     ones = [c for c in st.plan.convs.values() if c.op.weight.shape[2:] == (1, 1)]
-    assert len(ones) == 6 and all(c.mode == "flat-tiled" for c in ones), [c.mode for c in ones]
+    # six 1x1 convs, the first block's conv3 and projection shortcut stacked into one (PlanOptions.fuse_projection)
+    assert len(ones) == 5 and all(c.mode == "flat-tiled" for c in ones), [c.mode for c in ones]
     assert any(c.op.residual is not None for c in ones)
     assert {c.vec for c in ones} == ({16} if e.spec["options"]["wide"] else {st.plan.vec})
     with torch.inference_mode():

@@ -45,25 +45,32 @@ def assign_slots(plan: Plan, buffered: set[int]) -> tuple[dict[int, int], list[i
     its largest value. Graph inputs and outputs keep slots of their own.
     """
     g = plan.graph
+    # a concatenation's in-place inputs are slices of its buffer: placed, kept and freed as the concatenation
+    base = {v: z for v, (z, _) in plan.aliases.items()}
     last: dict[int, int] = {}
+
+    def read(v: int, k: int) -> None:
+        v = base.get(v, v)
+        last[v] = max(last.get(v, k), k)
+
     for k, op in enumerate(g.ops):
         for v in list(op.inputs) + ([op.residual] if isinstance(op, ConvOp) and op.residual is not None else []):
-            last[v] = k
+            read(v, k)
     # a fused block reads its input and writes its output inside one op, image after image: its input stays
     # live until the block's last op, so the output never takes the input's slot
     for bp in plan.blocks.values():
         for v in list(g.ops[bp.a].inputs):
-            last[v] = max(last.get(v, bp.c), bp.c)
+            read(v, bp.c)
     for bd in plan.bands.values():
         for v in list(g.ops[bd.a].inputs):
-            last[v] = max(last.get(v, bd.b), bd.b)
+            read(v, bd.b)
     # an op fused into a later one (a squeeze-excite multiply into its conv) has its inputs read by that op
     also: dict[int, set[int]] = {}
     for a, k in plan.absorbed.items():
         if k > a:
             also.setdefault(k, set()).update(g.ops[a].inputs)
             for v in g.ops[a].inputs:
-                last[v] = max(last.get(v, k), k)
+                read(v, k)
     pinned = set(g.inputs) | set(g.outputs)
     slot_of: dict[int, int] = {}
     sizes: list[int] = []
@@ -87,13 +94,18 @@ def assign_slots(plan: Plan, buffered: set[int]) -> tuple[dict[int, int], list[i
         if vid in buffered:
             place(vid)
     for k, op in enumerate(g.ops):
-        if op.output in buffered and op.output not in slot_of:
-            place(op.output)
+        out = base.get(op.output, op.output)
+        if op.output in buffered and out not in slot_of:
+            place(out)
         # values read for the last time by this op: their slots are free for the ops after it
-        for v in (set(op.inputs) | ({op.residual} if isinstance(op, ConvOp) and op.residual is not None else set())
-                  | also.get(k, set())):
+        for v in {base.get(v, v) for v in (set(op.inputs) | also.get(k, set())
+                                           | ({op.residual} if isinstance(op, ConvOp) and op.residual is not None
+                                              else set()))}:
             if last.get(v) == k and v in slot_of and v not in pinned:
                 free.append(slot_of[v])
+    for v, z in base.items():
+        if z in slot_of:
+            slot_of[v] = slot_of[z]
     return slot_of, sizes
 
 
@@ -114,6 +126,8 @@ def runtime_spec(plan: Plan, input_shape: tuple[int, ...]) -> dict:
         lay = plan.layouts[vid]
         values[str(vid)] = {"shape": list(v.shape), "is_map": lay.is_map, "rs": lay.rs, "plane": lay.plane,
                             "image": lay.image, "buffer": vid in buffered, "slot": slot_of.get(vid, -1)}
+        if vid in plan.aliases and vid in buffered:     # in place in a concatenation: floats from its start
+            values[str(vid)]["offset"] = plan.aliases[vid][1] * lay.plane
     ops = []
     for k, op in enumerate(g.ops):
         d = {"name": op.name, "kind": op.kind, "native": op.native, "describe": op.describe(),

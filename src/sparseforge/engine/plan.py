@@ -18,7 +18,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from .ir import ConvOp, EltwiseOp, GapOp, Graph, LinearOp, PhaseOp, PoolOp, Value
+from .ir import ConcatOp, ConvOp, EltwiseOp, GapOp, Graph, LinearOp, PhaseOp, PoolOp, Value
 
 VEC = 8                  # default floats per vector (AVX2); 16 on AVX-512 machines (see compile(vector_width=))
 SLACK = 512              # floats after every buffer: over-reads by discarded vector lanes stay in bounds
@@ -223,6 +223,13 @@ class PlanOptions:
     chan_affinity: bool = True
     fuse_blocks: bool = True          # fuse 1x1 expand -> 3x3 depthwise -> 1x1 project on small maps (BlockPlan)
     fuse_se_scale: bool = True        # squeeze-excite's x * gate into the next dense 1x1 conv (ConvPlan.in_scale)
+    # channel concatenations written in place: the producer of each input writes its channel range of the
+    # concatenation (the input's planes are a slice of the output's buffer), so the concat copies nothing
+    concat_in_place: bool = True
+    # a 1x1 conv whose residual is another 1x1 conv's output that nothing else reads (the projection block of
+    # every bottleneck ResNet: bn3(conv3(y)) + bn(downsample(x))) becomes one 1x1 conv over [y; x] stacked in
+    # place (see lower): the main branch's output is never written and read back as a residual
+    fuse_projection: bool = True
     # depthwise 3x3 stride-1 convs on maps > small_w wide (AVX-512): output rows as masked vectors, a block of
     # rows in registers, each input row loaded once for the (up to) three output rows it feeds (ConvPlan.dwrow).
     # Direct mode ran a 14-wide row as two 8-lane vectors, a load per tap and a partial store element by element:
@@ -1317,6 +1324,7 @@ class Plan:
     blocks: dict = dataclasses.field(default_factory=dict)     # fused blocks by their first op (BlockPlan)
     bands: dict = dataclasses.field(default_factory=dict)      # fused expand + depthwise pairs by their first op
     absorbed: dict = dataclasses.field(default_factory=dict)   # op index -> the fused block op that runs it
+    aliases: dict = dataclasses.field(default_factory=dict)    # value -> (concatenation, first channel): in place
     options: PlanOptions = DEFAULT_OPTIONS                      # the knobs it was planned with (codegen reads them)
     # 16 vector registers (AVX2 and portable builds): packed rows in 8-lane vectors, fewer independent chains
     narrow: bool = False
@@ -1498,6 +1506,92 @@ def phase_weights(w: torch.Tensor, s: int) -> torch.Tensor:
     return wpad.reshape(o, ig, kp, s, kp, s).permute(0, 1, 3, 5, 2, 4).reshape(o, ig * s * s, kp, kp)
 
 
+def concat_aliases(graph: Graph) -> dict[int, tuple[int, int]]:
+    """value -> (concatenation, its first channel there) for every channel concatenation that can be written in
+    place: a 3-D map that is neither a graph input nor output, each input a distinct map of its size made by a
+    native op other than a phase split (whose layout is its conv's) and read only by native ops, neither an
+    input of an earlier such concatenation (a value has one place) nor one itself. Its inputs then live as slices of the concatenation's planes
+    (``make_plan``), so every op reading or writing them addresses that buffer with its image stride."""
+    producer = {op.output: op for op in graph.ops}
+    ends = set(graph.inputs) | set(graph.outputs)
+    readers: dict[int, list] = {}
+    for op in graph.ops:
+        for v in graph.reads(op):
+            readers.setdefault(v, []).append(op)
+    out: dict[int, tuple[int, int]] = {}
+    bases: set[int] = set()
+    for op in graph.ops:
+        if not (isinstance(op, ConcatOp) and op.native):
+            continue
+        z = op.output
+        zs = graph.values[z].shape
+        if (len(zs) != 3 or z in ends or z in out or len(set(op.inputs)) != len(op.inputs)
+                or not all(r.native for r in readers.get(z, []))):
+            continue
+        ok = True
+        for v in op.inputs:
+            p = producer.get(v)
+            ok = ok and (p is not None and p.native and not isinstance(p, PhaseOp) and v not in ends
+                         and v not in out and v not in bases and len(graph.values[v].shape) == 3
+                         and graph.values[v].shape[1:] == zs[1:]
+                         and all(r.native for r in readers[v]))
+        if not ok:
+            continue
+        c0 = 0
+        for v in op.inputs:
+            out[v] = (z, c0)
+            c0 += graph.values[v].shape[0]
+        bases.add(z)
+    return out
+
+
+def _stack_projections(graph: Graph) -> Graph:
+    """``relu(D(x) + C(y))`` with C and D 1x1 stride-1 convs, C's output read by D's residual epilogue alone,
+    becomes ``relu(F(concat(y, x)))``: F = [C | D] over the stacked input, bias C's + D's, the concat written in
+    place. The unfused pair wrote C's output (ResNet-50 layer1: 3.2 MB) and read it back in D's epilogue.
+    Applied only where the concatenation will be in place (``concat_aliases``); a copying one would cost more."""
+    values = dict(graph.values)
+    ops = list(graph.ops)
+    nid = max(values) + 1 if values else 0
+    producer = {op.output: k for k, op in enumerate(ops)}
+    outs = set(graph.outputs)
+
+    def plain_1x1(op) -> bool:
+        return (isinstance(op, ConvOp) and op.native and op.weight.shape[2:] == (1, 1) and op.stride == 1
+                and op.padding == 0 and op.groups == 1 and op.tap_period == 1)
+
+    k = 0
+    while k < len(ops):
+        d = ops[k]
+        r = d.residual if isinstance(d, ConvOp) else None
+        kc = producer.get(r) if r is not None else None
+        c = ops[kc] if kc is not None else None
+        if not (plain_1x1(d) and d.res_kind == "identity" and r not in d.inputs and plain_1x1(c)
+                and c.act == "none" and c.residual is None and r not in outs
+                and [j for j, o in enumerate(ops) if r in Graph.reads(o)] == [k] and c.inputs[0] != d.inputs[0]):
+            k += 1
+            continue
+        y, x = c.inputs[0], d.inputs[0]
+        values[nid] = Value(nid, (values[y].shape[0] + values[x].shape[0],) + tuple(values[x].shape[1:]),
+                            f"{c.name}+{d.name}.stack")
+        cat = ConcatOp(f"{c.name}+{d.name}.stack", [y, x], nid)
+        fused = dataclasses.replace(
+            d, name=f"{c.name}+{d.name}", inputs=[nid], residual=None,
+            weight=torch.cat([c.weight, d.weight], 1).contiguous(), bias=c.bias + d.bias,
+            folded=list(dict.fromkeys(list(c.folded) + list(d.folded) + [f"stacked {c.name}"])))
+        trial = ops[:kc] + ops[kc + 1:k] + [cat, fused] + ops[k + 1:]
+        g = Graph(values, trial, list(graph.inputs), list(graph.outputs))
+        if y not in concat_aliases(g):
+            del values[nid]
+            k += 1
+            continue
+        ops = trial
+        producer = {op.output: j for j, op in enumerate(ops)}
+        nid += 1
+        k += 1          # the fused conv now sits at k (C's removal moved it one back; the concat is at k - 1)
+    return Graph(values, ops, list(graph.inputs), list(graph.outputs))
+
+
 def lower(graph: Graph, opts: PlanOptions = DEFAULT_OPTIONS, vec: int = VEC, wide: bool = False) -> Graph:
     """Rewrites that let the planner's fast paths apply; the input graph is left as it was.
 
@@ -1554,7 +1648,8 @@ def lower(graph: Graph, opts: PlanOptions = DEFAULT_OPTIONS, vec: int = VEC, wid
             nid += 1
             continue
         ops.append(op)
-    return Graph(values, ops, list(graph.inputs), list(graph.outputs))
+    lowered = Graph(values, ops, list(graph.inputs), list(graph.outputs))
+    return _stack_projections(lowered) if opts.fuse_projection and opts.concat_in_place else lowered
 
 
 @dataclasses.dataclass
@@ -1698,12 +1793,34 @@ def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto
                     and lp.rs != lo_.rs and lp.shape[2] + 1 <= lo_.rs):
                 c_, h_, _ = lp.shape
                 layouts[op.output] = Layout(lp.shape, True, lo_.rs, (h_ + 2) * lo_.rs, c_ * (h_ + 2) * lo_.rs)
+    # concatenations in place: an input's planes are its slice of the concatenation's (same plane geometry),
+    # one image apart by the concatenation's image stride; the concat op itself runs nothing
+    aliases: dict[int, tuple[int, int]] = {}
+    absorbed: dict[int, int] = {}
+    if opts.concat_in_place:
+        groups: dict[int, list[int]] = {}
+        for v, (z, _) in concat_aliases(graph).items():
+            groups.setdefault(z, []).append(v)
+        for k, op in enumerate(graph.ops):
+            z = op.output
+            first = next((j for j in range(k + 1, len(graph.ops)) if z in graph.reads(graph.ops[j])), None)
+            if z not in groups or not isinstance(op, ConcatOp) or first is None:
+                continue
+            lz = layouts[z]
+            if not all(layouts[v].is_map and (layouts[v].rs, layouts[v].plane) == (lz.rs, lz.plane)
+                       for v in groups[z]):
+                continue
+            c0 = 0
+            for v in op.inputs:
+                aliases[v] = (z, c0)
+                layouts[v] = dataclasses.replace(layouts[v], image=lz.image)
+                c0 += graph.values[v].shape[0]
+            absorbed[k] = first
     convs: dict[int, ConvPlan] = {}
     other: dict[int, dict] = {}
     writer: dict[int, list[int]] = {}       # value id -> thread that writes each channel (batch 1)
     by_rows: set[int] = set()               # values written split by rows (batch 1)
     blocks: dict[int, BlockPlan] = {}
-    absorbed: dict[int, int] = {}
     if opts.fuse_blocks:
         dense = opts.ochan_min_density if _ochan(opts, vec, wide) else opts.blocked_min_density
         for trip in fusable_blocks(graph, opts.packed1_max, dense):
@@ -1774,7 +1891,7 @@ def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto
         else:
             segments.append((kind, [k]))
     plan = Plan(graph, layouts, convs, other, blob, threads, segments, vec, blocks=blocks, bands=bands,
-                absorbed=absorbed, options=opts, narrow=_narrow(vec, wide))
+                absorbed=absorbed, options=opts, narrow=_narrow(vec, wide), aliases=aliases)
     plan.scratch_id = max(graph.values) + 1
     plan.scratch = max([plan.gather_size(k) for k, c in convs.items() if c.gather or c.packed1]
                        + [plan.partials_size(k) for k, c in convs.items() if c.flat_cb or c.flat_pack]

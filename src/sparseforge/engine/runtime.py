@@ -108,8 +108,14 @@ class CompiledModel:
                 continue
             slot = v.get("slot", -1)
             t = slot_bufs[slot] if slot >= 0 else zeros(n * v["image"] + slack)
-            bufs[vid] = t
             shape = v["shape"]
+            if "offset" in v:       # an input of a concatenation written in place: planes inside the concatenation's
+                c, h, w = shape
+                bufs[vid] = t[v["offset"]:]
+                views[vid] = t.as_strided((n, c, h, w), (v["image"], v["plane"], v["rs"], 1),
+                                          t.storage_offset() + v["offset"] + v["rs"] + 1)
+                continue
+            bufs[vid] = t
             if v["is_map"]:
                 c, h, w = shape
                 views[vid] = t[: n * v["image"]].view(n, c, h + 2, v["rs"])[:, :, 1:h + 1, 1:w + 1]
