@@ -1983,10 +1983,15 @@ def concat_source(k: int, op: ConcatOp, plan: Plan) -> str:
         c, h, w = plan.graph.values[v].shape
         lines += [f"  {{ const float* in = B[{v}];",
                   f"    for (int q = tid; q < N * {c}; q += nth) {{",
-                  f"      const int n = q / {c}, ch = q % {c};",
-                  f"      for (int y = 0; y < {h}; y++) for (int x = 0; x < {w}; x++)",
-                  f"        out[{_addr(lo, 'n', f'(ch + {c0})', 'y', 'x')}] = in[{_addr(li, 'n', 'ch', 'y', 'x')}];",
-                  "    }", "  }"]
+                  f"      const int n = q / {c}, ch = q % {c};"]
+        if li.is_map and lo.is_map and (li.rs, li.plane) == (lo.rs, lo.plane):
+            # planes of one geometry: each copied whole, its zero border with it
+            lines.append(f"      memcpy(out + {_addr(lo, 'n', f'(ch + {c0})', '-1', '-1')}, "
+                         f"in + {_addr(li, 'n', 'ch', '-1', '-1')}, {4 * li.plane});")
+        else:
+            lines += [f"      for (int y = 0; y < {h}; y++) for (int x = 0; x < {w}; x++)",
+                      f"        out[{_addr(lo, 'n', f'(ch + {c0})', 'y', 'x')}] = in[{_addr(li, 'n', 'ch', 'y', 'x')}];"]
+        lines += ["    }", "  }"]
         c0 += c
     lines.append("}")
     return "\n".join(lines)
