@@ -1510,8 +1510,11 @@ def concat_aliases(graph: Graph) -> dict[int, tuple[int, int]]:
     """value -> (concatenation, its first channel there) for every channel concatenation that can be written in
     place: a 3-D map that is neither a graph input nor output, each input a distinct map of its size made by a
     native op other than a phase split (whose layout is its conv's) and read only by native ops, neither an
-    input of an earlier such concatenation (a value has one place) nor one itself. Its inputs then live as slices of the concatenation's planes
-    (``make_plan``), so every op reading or writing them addresses that buffer with its image stride."""
+    input of an earlier such concatenation (a value has one place) nor one itself. Its inputs then live as
+    slices of the concatenation's planes (``make_plan``), so every op reading or writing them addresses that
+    buffer with its image stride. The graph's input is excluded: the caller's tensor is copied into its own
+    buffer. Measured: GhostNet (32 concatenations) 8x pattern at 224, b1, 2 threads, Zen 4: 2.90 ms copying
+    each plane whole, 1.84 ms in place (5.06 ms copying element by element, as before)."""
     producer = {op.output: op for op in graph.ops}
     ends = set(graph.inputs) | set(graph.outputs)
     readers: dict[int, list] = {}
@@ -1549,7 +1552,9 @@ def _stack_projections(graph: Graph) -> Graph:
     """``relu(D(x) + C(y))`` with C and D 1x1 stride-1 convs, C's output read by D's residual epilogue alone,
     becomes ``relu(F(concat(y, x)))``: F = [C | D] over the stacked input, bias C's + D's, the concat written in
     place. The unfused pair wrote C's output (ResNet-50 layer1: 3.2 MB) and read it back in D's epilogue.
-    Applied only where the concatenation will be in place (``concat_aliases``); a copying one would cost more."""
+    Applied only where the concatenation will be in place (``concat_aliases``); a copying one would cost more.
+    ResNet-50 8x pattern at 224, b1, 2 threads, Zen 4, network-order profile: its four projection blocks
+    3.06 -> 2.51 ms with their subsamples (network 15.4 -> 14.9 ms) in a noisy period, about -0.3 ms in a quiet one."""
     values = dict(graph.values)
     ops = list(graph.ops)
     nid = max(values) + 1 if values else 0
@@ -1605,6 +1610,9 @@ def lower(graph: Graph, opts: PlanOptions = DEFAULT_OPTIONS, vec: int = VEC, wid
     unpadded conv of ceil(k / s) taps a side over it, whose kernels the planner runs like any other. So does a
     sparse 3x3 stride-2 conv (PlanOptions.phase_s2_max_density): the 2x2 stride-1 conv runs flat-tiled, each
     input vector one load, where the strided conv assembles it from two loads and a shuffle.
+
+    Last, a bottleneck's conv3 and its 1x1 projection shortcut become one conv over both inputs stacked
+    (``_stack_projections``, PlanOptions.fuse_projection).
     """
     values = dict(graph.values)
     ops: list = []
