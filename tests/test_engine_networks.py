@@ -100,8 +100,9 @@ def test_projection_blocks_run_as_one_stacked_conv(stride):
 
 def test_concatenations_written_in_place():
     """Each input of a channel concatenation is written by its producer straight into its channel range of the
-    concatenation (the concat op copies nothing): branches, the block input itself, 1-3 threads, batch 1 and 5,
-    NaN/Inf. An input already written into another concatenation, or the network input, is copied instead."""
+    concatenation (the concat op copies nothing): branches, the block input itself, a concatenation nested in
+    another (its inputs land in the outer buffer at its offset), 1-3 threads, batch 1 and 5, NaN/Inf. An input
+    already written into another concatenation, or the network input, is copied instead."""
     from sparseforge.engine.ir import ConcatOp
     from sparseforge.engine.testing import ConvBNAct
 
@@ -116,7 +117,7 @@ def test_concatenations_written_in_place():
         def forward(self, x):
             a = self.stem(x)
             p = self.b1(a)
-            z = torch.cat([p, self.b2(a), a], 1)            # in place: p, b2's output and a are slices of z
+            z = torch.cat([p, torch.cat([self.b2(a), a], 1)], 1)    # in place, the inner one nested in z
             return self.head(torch.cat([self.mix(z), p, x], 1))    # copied: p is z's, x the network input
 
     torch.manual_seed(4)
@@ -130,16 +131,65 @@ def test_concatenations_written_in_place():
     for threads in (1, 2, 3):
         e, st = compile(m, x[:1], threads=threads, return_stages=True)
         cats = [(k, op) for k, op in enumerate(st.graph.ops) if isinstance(op, ConcatOp)]
-        assert len(cats) == 2
-        (k0, c0), (k1, c1) = cats
-        assert k0 in st.plan.absorbed and [st.plan.aliases[v] for v in c0.inputs] == [(c0.output, 0),
-                                                                                      (c0.output, 5),
-                                                                                      (c0.output, 12)]
+        assert len(cats) == 3
+        (ki, ci), (k0, c0), (k1, c1) = cats
+        z = c0.output
+        assert ki in st.plan.absorbed and k0 in st.plan.absorbed and c0.inputs[1] == ci.output
+        assert [st.plan.aliases[v] for v in c0.inputs + ci.inputs] == [(z, 0), (z, 5), (z, 5), (z, 12)]
         assert k1 not in st.plan.absorbed and all(st.plan.aliases.get(v, (-1,))[0] != c1.output for v in c1.inputs)
         with torch.inference_mode():
             for xb in (x[:1], x):
                 ok, why = compare_outputs(e(xb), ref[: len(xb)], sparse=True)
                 assert ok, (threads, len(xb), why)
+
+
+def test_dense_blocks_concatenate_in_place():
+    """DenseNet's layers each concatenate every feature before them (torchvision's layout: ``torch.cat(features,
+    1)`` per layer, then the block's own): every such concatenation is a prefix of the block's last one, so all
+    features are written once into that buffer and each layer's concatenation is a view of it, nothing copied;
+    a block after a transition gets its own buffer. Pre-activation BatchNorm on the views, 1-3 threads, batch 1
+    and 3, NaN/Inf: as in PyTorch, and as with concatenations copied (PlanOptions.concat_in_place=False)."""
+    from sparseforge.engine.ir import ConcatOp
+
+    class Layer(nn.Module):
+        def __init__(self, cin, g):
+            super().__init__()
+            self.bn1, self.c1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, 4 * g, 1, bias=False)
+            self.bn2, self.c2 = nn.BatchNorm2d(4 * g), nn.Conv2d(4 * g, g, 3, 1, 1, bias=False)
+
+        def forward(self, feats):
+            x = torch.cat(feats, 1)
+            return self.c2(torch.relu(self.bn2(self.c1(torch.relu(self.bn1(x))))))
+
+    class DenseBlock(nn.Module):
+        def __init__(self, cin, g, n):
+            super().__init__()
+            self.layers = nn.ModuleList([Layer(cin + i * g, g) for i in range(n)])
+
+        def forward(self, x):
+            feats = [x]
+            for layer in self.layers:
+                feats.append(layer(feats))
+            return torch.cat(feats, 1)
+
+    torch.manual_seed(6)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), DenseBlock(8, 4, 4), nn.BatchNorm2d(24), nn.ReLU(),
+                      nn.Conv2d(24, 10, 1), nn.AvgPool2d(2), DenseBlock(10, 3, 3), nn.Conv2d(19, 5, 1))
+    randomize_bn(m, seed=6)
+    x = torch.randn(3, 3, 14, 17)
+    x[1, 0, 3, 3], x[2, 2, 5, 9] = float("nan"), float("inf")
+    with torch.inference_mode():
+        ref = m(x)
+    for in_place, threads in ((True, 1), (True, 2), (True, 3), (False, 2)):
+        e, st = compile(m, x[:1], threads=threads, return_stages=True,
+                        plan_options=PlanOptions(concat_in_place=in_place))
+        cats = [k for k, op in enumerate(st.graph.ops) if isinstance(op, ConcatOp)]
+        assert len(cats) == 9 and all((k in st.plan.absorbed) == in_place for k in cats)
+        assert len({z for z, _ in st.plan.aliases.values()}) == (2 if in_place else 0)
+        with torch.inference_mode():
+            for xb in (x[:1], x):
+                ok, why = compare_outputs(e(xb), ref[: len(xb)], sparse=False)
+                assert ok, (in_place, threads, len(xb), why)
 
 
 @pytest.mark.parametrize("mean", [False, True])

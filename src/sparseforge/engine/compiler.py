@@ -155,9 +155,8 @@ def runtime_spec(plan: Plan, input_shape: tuple[int, ...]) -> dict:
             d["describe"] = f"{d['describe']} [fused bands of {bd.rows} rows: ops {bd.a}-{bd.b}]"
         if k in plan.absorbed:
             d["fused_into"] = plan.absorbed[k]
-            d["describe"] = (f"{d['describe']} [in place: its inputs are written into it]" if op.output in
-                             {z for z, _ in plan.aliases.values()} else
-                             f"{d['describe']} [runs in fused op {plan.absorbed[k]}]")
+            d["describe"] = (f"{d['describe']} [in place: its inputs are written into it]" if op.kind == "concat"
+                             else f"{d['describe']} [runs in fused op {plan.absorbed[k]}]")
         ops.append(d)
     return {"format": "sparseforge-engine-1", "input_shape": list(input_shape), "inputs": g.inputs,
             "outputs": g.outputs, "values": values, "ops": ops, "packed": packed, "threads": plan.threads,

@@ -1507,44 +1507,57 @@ def phase_weights(w: torch.Tensor, s: int) -> torch.Tensor:
 
 
 def concat_aliases(graph: Graph) -> dict[int, tuple[int, int]]:
-    """value -> (concatenation, its first channel there) for every channel concatenation that can be written in
-    place: a 3-D map that is neither a graph input nor output, each input a distinct map of its size made by a
-    native op other than a phase split (whose layout is its conv's) and read only by native ops, neither an
-    input of an earlier such concatenation (a value has one place) nor one itself. Its inputs then live as
-    slices of the concatenation's planes (``make_plan``), so every op reading or writing them addresses that
-    buffer with its image stride. The graph's input is excluded: the caller's tensor is copied into its own
-    buffer. Measured: GhostNet (32 concatenations) 8x pattern at 224, b1, 2 threads, Zen 4: 2.90 ms copying
-    each plane whole, 1.84 ms in place (5.06 ms copying element by element, as before)."""
+    """value -> (buffer, its first channel there) for the inputs of every channel concatenation that can be
+    written in place, the buffer being the outermost concatenation holding it. A concatenation qualifies when its
+    output is a 3-D map that is neither a graph input nor output, read only by native ops, and each input is a
+    distinct map of its size made by a native op other than a phase split (whose layout is its conv's), read
+    only by native ops and placed in no other concatenation (a value has one place). The graph's input never
+    qualifies: the caller's tensor is copied into its own buffer.
+
+    Concatenations are taken last first, so one that is an input of a later one nests inside it (its inputs
+    land in the outer buffer), and one whose inputs already sit in order in a later one's buffer is a view of it:
+    DenseNet's layers each concatenate every feature before them, a prefix of the block's final concatenation,
+    which copied quadratically many planes. ``make_plan`` gives every such value the buffer's image stride.
+    Measured: GhostNet (32 concatenations) 8x pattern at 224, b1, 2 threads, Zen 4: 2.90 ms copying each plane
+    whole, 1.84 ms in place (5.06 ms copying element by element, as before)."""
     producer = {op.output: op for op in graph.ops}
     ends = set(graph.inputs) | set(graph.outputs)
     readers: dict[int, list] = {}
     for op in graph.ops:
         for v in graph.reads(op):
             readers.setdefault(v, []).append(op)
-    out: dict[int, tuple[int, int]] = {}
-    bases: set[int] = set()
-    for op in graph.ops:
+
+    def own_map(v: int, hw: tuple) -> bool:
+        p = producer.get(v)
+        return (p is not None and p.native and not isinstance(p, PhaseOp) and v not in ends
+                and len(graph.values[v].shape) == 3 and tuple(graph.values[v].shape[1:]) == hw
+                and all(r.native for r in readers.get(v, [])))
+
+    place: dict[int, tuple[int, int]] = {}          # value -> (the concatenation it is in, first channel)
+    for op in reversed(graph.ops):
         if not (isinstance(op, ConcatOp) and op.native):
             continue
         z = op.output
-        zs = graph.values[z].shape
-        if (len(zs) != 3 or z in ends or z in out or len(set(op.inputs)) != len(op.inputs)
-                or not all(r.native for r in readers.get(z, []))):
+        zs = tuple(graph.values[z].shape)
+        if (len(zs) != 3 or z in ends or len(set(op.inputs)) != len(op.inputs)
+                or not all(r.native for r in readers.get(z, [])) or not all(own_map(v, zs[1:]) for v in op.inputs)):
             continue
-        ok = True
-        for v in op.inputs:
-            p = producer.get(v)
-            ok = ok and (p is not None and p.native and not isinstance(p, PhaseOp) and v not in ends
-                         and v not in out and v not in bases and len(graph.values[v].shape) == 3
-                         and graph.values[v].shape[1:] == zs[1:]
-                         and all(r.native for r in readers[v]))
-        if not ok:
+        offs = np.cumsum([0] + [graph.values[v].shape[0] for v in op.inputs])[:-1].tolist()
+        if all(v in place for v in op.inputs):
+            w, s0 = place[op.inputs[0]]
+            if z not in place and all(place[v] == (w, s0 + o) for v, o in zip(op.inputs, offs)):
+                place[z] = (w, s0)          # a view: its inputs lie in order in one later concatenation
             continue
-        c0 = 0
-        for v in op.inputs:
-            out[v] = (z, c0)
-            c0 += graph.values[v].shape[0]
-        bases.add(z)
+        if any(v in place for v in op.inputs):
+            continue
+        for v, o in zip(op.inputs, offs):
+            place[v] = (z, o)
+    out: dict[int, tuple[int, int]] = {}
+    for v, (z, o) in place.items():
+        while z in place:                   # nested: the offset in the outermost buffer
+            z, o2 = place[z]
+            o += o2
+        out[v] = (z, o)
     return out
 
 
@@ -1806,24 +1819,25 @@ def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto
     aliases: dict[int, tuple[int, int]] = {}
     absorbed: dict[int, int] = {}
     if opts.concat_in_place:
-        groups: dict[int, list[int]] = {}
-        for v, (z, _) in concat_aliases(graph).items():
-            groups.setdefault(z, []).append(v)
+        placed = concat_aliases(graph)
+        family: dict[int, list[int]] = {}
+        for v, (z, _) in placed.items():
+            family.setdefault(z, []).append(v)
+        # a buffer's values must share its plane geometry (a pooled vector read by no conv is laid out flat)
+        fits = {z for z, vs in family.items()
+                if layouts[z].is_map and all(layouts[v].is_map and (layouts[v].rs, layouts[v].plane)
+                                             == (layouts[z].rs, layouts[z].plane) for v in vs)}
+        aliases = {v: zo for v, zo in placed.items() if zo[0] in fits}
+        for v, (z, _) in aliases.items():
+            layouts[v] = dataclasses.replace(layouts[v], image=layouts[z].image)
         for k, op in enumerate(graph.ops):
             z = op.output
-            first = next((j for j in range(k + 1, len(graph.ops)) if z in graph.reads(graph.ops[j])), None)
-            if z not in groups or not isinstance(op, ConcatOp) or first is None:
+            root = aliases.get(z, (z, 0))[0]
+            if not (isinstance(op, ConcatOp) and op.inputs and all(aliases.get(v, (-1,))[0] == root
+                                                                     for v in op.inputs)):
                 continue
-            lz = layouts[z]
-            if not all(layouts[v].is_map and (layouts[v].rs, layouts[v].plane) == (lz.rs, lz.plane)
-                       for v in groups[z]):
-                continue
-            c0 = 0
-            for v in op.inputs:
-                aliases[v] = (z, c0)
-                layouts[v] = dataclasses.replace(layouts[v], image=lz.image)
-                c0 += graph.values[v].shape[0]
-            absorbed[k] = first
+            # runs nothing: its inputs were written into place; charged to (and kept live by) its first reader
+            absorbed[k] = next((j for j in range(k + 1, len(graph.ops)) if z in graph.reads(graph.ops[j])), k)
     convs: dict[int, ConvPlan] = {}
     other: dict[int, dict] = {}
     writer: dict[int, list[int]] = {}       # value id -> thread that writes each channel (batch 1)
