@@ -398,7 +398,7 @@ def conv_source(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> str:
         lines += [f"      const int rc = f - {op.res_pad_before};",
                   f"      const float* rb = (rc >= 0 && rc < {lr.shape[0]}) ? res + (long)n * {lr.image} + (long)rc * {lr.plane} : 0;"]
     elif op.residual is not None:
-        lines.append(f"      const float* rb = res + (long)n * {plan.layouts[op.residual].image} + (long)f * {lo.plane};")
+        lines.append(f"      const float* rb = res + (long)n * {_res_image(plan, op)} + (long)f * {lo.plane};")
     head_lines = lines[lines.index("  const int Nf = N - N % nth;") + 4:]   # thread list, filter, its pointers
     if p.mode != "direct":
         return CONV_MODES[p.mode](k, p, plan, bodies, lines, head_lines)
@@ -533,7 +533,7 @@ def _blocked_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> st
         b.append(f"      if (fb * {F} + {f} < {o}) {{")
         b.append(f"        float* obf = ob + (long)(fb * {F} + {f}) * {lo.plane};")
         if op.residual is not None:
-            b.append(f"        const float* rbf = res + (long)n * {plan.layouts[op.residual].image} + (long)(fb * {F} + {f}) * {lo.plane};")
+            b.append(f"        const float* rbf = res + (long)n * {_res_image(plan, op)} + (long)(fb * {F} + {f}) * {lo.plane};")
         for r in range(R):
             for v in range(V):
                 b.append("        {")
@@ -675,7 +675,7 @@ def _blocked_ochan_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str])
                   " + (x0 + 1);",
                   "          g16 v = t[f];"]
             if op.residual is not None:
-                b.append(f"          v += ldg16(res + (long)n * {plan.layouts[op.residual].image} + fo);")
+                b.append(f"          v += ldg16(res + (long)n * {_res_image(plan, op)} + fo);")
             b += [f"          stg16(ob + fo, {_act(op.act, 'v', 'g16')});",
                   "        }",
                   "      }"]
@@ -686,13 +686,13 @@ def _blocked_ochan_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str])
                                                          for i, a in enumerate(accs) for j in range(nl))
                  + " continue; }")
     if L == 16:
-        b += ["#ifdef __AVX512F__"] + _ochan_vec_epilogue(op, lo, F, R, V, nv, accs, plan.layouts[op.residual].image if op.residual is not None else 0) + ["#else"]
+        b += ["#ifdef __AVX512F__"] + _ochan_vec_epilogue(op, lo, F, R, V, nv, accs, _res_image(plan, op)) + ["#else"]
     b += ["      " + " ".join(f"{stv}(buf + {i * F + L * j}, {a}_{j});" for i, a in enumerate(accs) for j in range(nl)),
           f"      const int nf = {o} - fb * {F} < {F} ? {o} - fb * {F} : {F};",
           "      for (int f = 0; f < nf; f++) {",
           f"        float* obf = ob + (long)(fb * {F} + f) * {lo.plane} + (long)(y0 + 1) * {lo.rs} + (x0 + 1);"]
     if op.residual is not None:
-        b.append(f"        const float* rbf = res + (long)n * {plan.layouts[op.residual].image} + (long)(fb * {F} + f) * {lo.plane}"
+        b.append(f"        const float* rbf = res + (long)n * {_res_image(plan, op)} + (long)(fb * {F} + f) * {lo.plane}"
                  f" + (long)(y0 + 1) * {lo.rs} + (x0 + 1);")
     b += [f"        for (int r = 0; r < {R}; r++) for (int v = 0; v < {V}; v++) {{",
           f"          float a = buf[(r * {V} + v) * {F} + f];"]
@@ -704,6 +704,12 @@ def _blocked_ochan_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str])
     b += ["#endif"] if L == 16 else []
     b += ["    }", "  }"]
     return _register(k, p, plan, bodies, "\n".join(b), [], desc=desc)
+
+
+def _res_image(plan: Plan, op: ConvOp) -> int:
+    """Floats per image of the residual a conv's epilogue adds: its own layout's, not the output's (an input of a
+    concatenation written in place is one image apart by the concatenation's stride)."""
+    return plan.layouts[op.residual].image if op.residual is not None else 0
 
 
 def _ochan_vec_epilogue(op: ConvOp, lo, F: int, R: int, V: int, nv: int, accs: list[str], rimg: int = 0) -> list[str]:
@@ -1139,7 +1145,7 @@ def _gather_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines:
               f"          add_strided(tmp, rb + {lr.rs + 1}, {ho}, {wo}, {rs_}, {lr.rs});",
               "        }"]
     elif op.residual is not None:
-        b += [f"        const float* rb = res + (long)n * {plan.layouts[op.residual].image} + (long)f * {lo.plane};",
+        b += [f"        const float* rb = res + (long)n * {_res_image(plan, op)} + (long)f * {lo.plane};",
               f"        for (int y = 0; y < {ho}; y++) for (int x = 0; x < {wo}; x++) "
               f"tmp[y * {wo} + x] += rb[(long)(y + 1) * {lo.rs} + x + 1];"]
     b.append(f"        for (int y = 0; y < {ho}; y++) for (int x = 0; x < {wo}; x++) "
@@ -1220,7 +1226,7 @@ def _packed1_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> st
     if op.residual is not None and vec_epi:
         # the residual's interior rows, packed like the output (vector add before the activation)
         b += [f"      float rt[{PS}];",
-              f"      const float* rb = res + (long)n * {plan.layouts[op.residual].image} + (long)f * {lo.plane};",
+              f"      const float* rb = res + (long)n * {_res_image(plan, op)} + (long)f * {lo.plane};",
               f"      for (int y = 0; y < {ho}; y++) memcpy(rt + y * {wo}, rb + (long)(y + 1) * {lo.rs} + 1, {4 * wo});"]
         if PS > ho * wo:
             b.append(f"      memset(rt + {ho * wo}, 0, {4 * (PS - ho * wo)});")
@@ -1275,7 +1281,7 @@ def _flat_gemm_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> 
           f"    const float* ib = in + (long)n * {li.image};",
           f"    float* ob = out + (long)n * {lo.image};"]
     if op.residual is not None:
-        b.append(f"    const float* rb = res + (long)n * {plan.layouts[op.residual].image};")
+        b.append(f"    const float* rb = res + (long)n * {_res_image(plan, op)};")
     # items (tile, filter block), tile-major: a thread's contiguous run shares tiles (input in L1) and, at batch
     # 1, splits small maps' single tile by filter blocks
     b += [f"    int ilo = 0, ihi = {nt_ * nb};",
@@ -1548,7 +1554,7 @@ def block_source(k: int, bp: BlockPlan, plan: Plan) -> str:
           f"      float* ob = out + (long)n * {lo.image} + (long)oc * {lo.plane};"]
     if C.residual is not None:
         b += [f"      float rt[{PS}];",
-              f"      const float* rb = res + (long)n * {plan.layouts[C.residual].image} + (long)oc * {lo.plane};",
+              f"      const float* rb = res + (long)n * {_res_image(plan, C)} + (long)oc * {lo.plane};",
               f"      for (int y = 0; y < {ho}; y++) memcpy(rt + y * {wo}, rb + (long)(y + 1) * {lo.rs} + 1, {4 * wo});"]
         if PS > ho * wo:
             b.append(f"      memset(rt + {ho * wo}, 0, {4 * (PS - ho * wo)});")

@@ -1324,7 +1324,7 @@ class Plan:
     blocks: dict = dataclasses.field(default_factory=dict)     # fused blocks by their first op (BlockPlan)
     bands: dict = dataclasses.field(default_factory=dict)      # fused expand + depthwise pairs by their first op
     absorbed: dict = dataclasses.field(default_factory=dict)   # op index -> the fused block op that runs it
-    aliases: dict = dataclasses.field(default_factory=dict)    # value -> (concatenation, first channel): in place
+    aliases: dict = dataclasses.field(default_factory=dict)    # value -> (outermost concatenation, first channel)
     options: PlanOptions = DEFAULT_OPTIONS                      # the knobs it was planned with (codegen reads them)
     # 16 vector registers (AVX2 and portable builds): packed rows in 8-lane vectors, fewer independent chains
     narrow: bool = False
