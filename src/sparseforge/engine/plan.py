@@ -1567,7 +1567,8 @@ def _stack_projections(graph: Graph) -> Graph:
     place. The unfused pair wrote C's output (ResNet-50 layer1: 3.2 MB) and read it back in D's epilogue.
     Applied only where the concatenation will be in place (``concat_aliases``); a copying one would cost more.
     ResNet-50 8x pattern at 224, b1, 2 threads, Zen 4, network-order profile: its four projection blocks
-    3.06 -> 2.51 ms with their subsamples (network 15.4 -> 14.9 ms) in a noisy period, about -0.3 ms in a quiet one."""
+    3.06 -> 2.51 ms with their subsamples (network 15.4 -> 14.9 ms) in a noisy period; in two quieter ones the
+    network moved -0.30 and +0.06 ms (12.2-12.5 ms), inside their noise."""
     values = dict(graph.values)
     ops = list(graph.ops)
     nid = max(values) + 1 if values else 0
