@@ -139,6 +139,13 @@ def fuzz_networks(a: argparse.Namespace) -> None:
         phase = seed % 8 == 5
         m, x, desc = random_phase_network(seed) if phase else random_network(seed)
         stats["phase_networks"] += phase
+        # code written in forward (testing.Idiom, FunctionalPool, the flatten head's view/reshape forms)
+        idioms = stats.setdefault("forward_idioms", {})
+        for d in desc:
+            kind = (d.split()[1] if d.startswith("idiom") else "functional_pool" if "FunctionalPool" in d
+                    else "flatten_" + d.split("(")[1].split(")")[0] if d.startswith("flatten (") else None)
+            if kind is not None and not (kind.startswith("flatten_") and seed % 2):     # odd seeds drop the head
+                idioms[kind] = idioms.get(kind, 0) + 1
         sparse = not any("sparsity dense" in d for d in desc)
         if seed % 2:
             if not phase:

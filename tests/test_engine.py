@@ -81,7 +81,7 @@ def test_fallback_is_correct_and_visible():
         def forward(self, x):
             y = torch.relu(self.bn(self.conv(x)))
             z = torch.sigmoid(self.conv5(y))                    # sigmoid: fallback too
-            z = self.conv2(z) * 2.0                             # mul: fallback
+            z = torch.fmod(self.conv2(z), 0.7)                  # fmod: fallback
             return self.head(z.mean((2, 3)))
 
     m = randomize_bn(Odd())

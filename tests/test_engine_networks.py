@@ -1364,3 +1364,181 @@ def test_expand_and_depthwise_fuse_in_bands(stride, act, dense):
     torch.testing.assert_close(outs[0], outs[3], rtol=0, atol=0, equal_nan=True)  # claimed parts: same items
     off = compile(m, x[:1], threads=2, plan_options=PlanOptions(fuse_bands=False, **d))
     assert not any("fused bands" in op["describe"] for op in off.spec["ops"])
+
+
+class _FlattenForms(nn.Module):
+    """A conv, then the map flattened for a linear layer the way user code writes it."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.conv, self.form = nn.Conv2d(3, 6, 3, 1, 1), form
+        self.fc = nn.Linear(6 * 5 * 7 if form != "gap_view" else 6, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        f = self.form
+        y = (y.view(y.size(0), -1) if f == "view_size" else y.view(y.size()[0], -1) if f == "view_size_index"
+             else y.reshape(y.shape[0], -1) if f == "reshape_shape" else y.view(-1, 6 * 5 * 7) if f == "view_minus1"
+             else torch.reshape(y, (y.shape[0], 6 * 5 * 7)) if f == "torch_reshape"
+             else F.adaptive_avg_pool2d(y, 1).view(y.size(0), -1) if f == "gap_view" else y.view(1, -1))
+        return self.fc(y)
+
+
+@pytest.mark.parametrize("form", ["view_size", "view_size_index", "reshape_shape", "view_minus1", "torch_reshape",
+                                  "gap_view", "view_one"])
+def test_flattening_views_run_natively_for_every_batch(form):
+    """``x.view(x.size(0), -1)`` and its kin flatten each image, whatever the batch: a native flatten (compiled at
+    batch 1, run at 3). ``x.view(1, -1)`` flattens only a batch of 1, so it stays PyTorch's view."""
+    torch.manual_seed(0)
+    m = _FlattenForms(form).eval()
+    e = compile(m, torch.randn(1, 3, 5, 7), threads=2)
+    kinds = [op["describe"] for op in e.spec["ops"]]
+    if form == "view_one":
+        assert any(d.startswith("torch view") for d in kinds), kinds
+        x = torch.randn(1, 3, 5, 7)
+    else:
+        assert all(op["native"] for op in e.spec["ops"]), e.summary(profile=False)
+        x = with_nonfinite(torch.randn(3, 3, 5, 7), seed=2)
+    with torch.inference_mode():
+        ok, why = compare_outputs(e(x), m(x), sparse=False)
+    assert ok, why
+
+
+class _ShuffleUnit(nn.Module):
+    """torchvision's ShuffleNetV2 unit at stride 1: ``chunk``, a branch, ``cat``, then channel_shuffle, which reads
+    ``x.size()`` and reshapes with it."""
+
+    def __init__(self, c):
+        super().__init__()
+        h = c // 2
+        self.branch2 = nn.Sequential(nn.Conv2d(h, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU(inplace=True),
+                                     nn.Conv2d(h, h, 3, 1, 1, groups=h, bias=False), nn.BatchNorm2d(h),
+                                     nn.Conv2d(h, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        x1, x2 = x.chunk(2, dim=1)
+        out = torch.cat((x1, self.branch2(x2)), dim=1)
+        b, c, h, w = out.size()
+        out = out.view(b, 2, c // 2, h, w)
+        return torch.transpose(out, 1, 2).contiguous().view(b, -1, h, w)
+
+
+class _LayerNorm2d(nn.LayerNorm):
+    """torchvision's ConvNeXt LayerNorm2d: its own parameters read in forward."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class _ConvNeXtBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = _LayerNorm2d(c)
+        self.pw = nn.Conv2d(c, c, 1)
+        self.layer_scale = nn.Parameter(torch.linspace(0.2, 1.0, c).view(c, 1, 1))
+
+    def forward(self, x):
+        return x + self.layer_scale * self.pw(F.gelu(self.norm(self.dw(x))))
+
+
+@pytest.mark.parametrize("net", ["shufflenet", "convnext"])
+def test_sizes_tuples_and_parameters_read_in_forward_fall_back_correctly(net):
+    """Sizes (``x.size()``, ``c // 2``), tuples (``chunk``) and parameters read in forward (``self.weight``, a
+    layer scale) used to stop the compiler ("does not produce a tensor", "direct parameter access"). They are now
+    expressions the fallback ops evaluate on each call's tensors: the same outputs at another batch, NaN and Inf
+    as PyTorch's, the convs around them native and every fallback named in summary()."""
+    torch.manual_seed(1)
+    c = 8
+    body = (nn.Sequential(_ShuffleUnit(c), _ShuffleUnit(c)) if net == "shufflenet"
+            else nn.Sequential(_ConvNeXtBlock(c), _ConvNeXtBlock(c)))
+    m = randomize_bn(nn.Sequential(nn.Conv2d(3, c, 3, 1, 1), body, nn.Conv2d(c, 5, 3, 1, 1)).eval())
+    e = compile(m, torch.randn(1, 3, 9, 11), threads=2)
+    ops = e.spec["ops"]
+    assert sum(op["native"] and op["kind"] == "conv" for op in ops) >= (6 if net == "shufflenet" else 4)
+    fallbacks = [op for op in ops if not op["native"]]
+    assert fallbacks and all(op["name"] in e.summary(profile=False) for op in fallbacks)
+    for b in (1, 3):
+        x = with_nonfinite(torch.randn(b, 3, 9, 11), seed=b) if b > 1 else torch.randn(b, 3, 9, 11)
+        with torch.inference_mode():
+            ok, why = compare_outputs(e(x), m(x), sparse=False)
+        assert ok, (b, why)
+
+
+class _Arith(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 3, 1, 1), nn.Conv2d(6, 4, 3, 1, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        y = (y * 2.0 + 1) / 4
+        y = (0.5 - y) * 3
+        y += 1.5
+        y = 2 * torch.relu(y) - 0.25
+        return self.b(y / -3.0)
+
+
+def test_arithmetic_with_numbers_runs_natively():
+    """Tensor-with-number arithmetic (``x * a + b``, ``a - x``, ``x / a``, ``x += a``) is a native per-channel
+    affine, with NaN and Inf as PyTorch gives them."""
+    torch.manual_seed(2)
+    m = _Arith().eval()
+    x = with_nonfinite(torch.randn(2, 3, 6, 7), seed=3)
+    e = compile(m, x[:1], threads=2)
+    assert all(op["native"] for op in e.spec["ops"]), e.summary(profile=False)
+    assert sum(op["describe"] == "affine" for op in e.spec["ops"]) >= 6
+    with torch.inference_mode():
+        ok, why = compare_outputs(e(x), m(x), sparse=False)
+    assert ok, why
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+def test_functional_and_ceil_mode_pools_run_natively(isa):
+    """``F.max_pool2d`` / ``F.avg_pool2d`` run as the pool modules do, and max pools with ``ceil_mode`` natively:
+    the windows past the map's end are clipped like padding (SqueezeNet's and GoogLeNet's pools). An average with
+    ceil_mode stays PyTorch's (its divisor there counts padding but not the overhang)."""
+    if isa == "avx2":
+        _skip_without_avx2()
+    torch.manual_seed(4)
+    cases = [(k, s, p, ceil, fn) for k, s, p in ((2, 2, 0), (3, 2, 0), (3, 2, 1), (3, 1, 1), (5, 3, 2), (3, 3, 0))
+             for ceil in (False, True) for fn in (False, True)]
+    for hw in ((7, 8), (13, 13), (30, 33)):
+        for k, s, p, ceil, fn in cases:
+            pool = ((lambda t, k=k, s=s, p=p, c=ceil: F.max_pool2d(t, k, s, p, ceil_mode=c)) if fn
+                    else nn.MaxPool2d(k, s, p, ceil_mode=ceil))
+            m = nn.Sequential(nn.Conv2d(3, 5, 3, 1, 1), _Lambda(pool), nn.Conv2d(5, 4, 3, 1, 1)).eval()
+            x = with_nonfinite(torch.randn(2, 3, *hw), seed=k + s)
+            e = compile(m, x[:1], threads=2, isa=isa)
+            assert all(op["native"] for op in e.spec["ops"]), (k, s, p, ceil, fn, e.summary(profile=False))
+            with torch.inference_mode():
+                ok, why = compare_outputs(e(x), m(x), sparse=False)
+            assert ok, (hw, k, s, p, ceil, fn, why)
+    m = nn.Sequential(nn.Conv2d(3, 5, 3, 1, 1), _Lambda(lambda t: F.avg_pool2d(t, 3, 2, 1, ceil_mode=True)),
+                      nn.Conv2d(5, 4, 3, 1, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    e = compile(m, x[:1], threads=2, isa=isa)
+    assert [op["native"] for op in e.spec["ops"]] == [True, False, True]
+    with torch.inference_mode():
+        ok, why = compare_outputs(e(x), m(x), sparse=False)
+    assert ok, why
+
+
+class _Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def test_a_model_returning_a_size_is_refused_in_one_line():
+    class SizeOut(nn.Module):
+        def forward(self, x):
+            return x.size(1)
+
+    with pytest.raises(SparseforgeError, match="not a batched tensor"):
+        compile(SizeOut().eval(), torch.randn(1, 3, 4, 4), threads=1)

@@ -1108,6 +1108,8 @@ class Int8Engine:
             raise _NotNative("pool of a vector")
         if op.mode == "max" and P[op.output] != P[ins[0]]:
             raise _NotNative("max pool changes the scale")
+        if op.ceil_mode:         # its last windows reach past the stored border
+            raise _NotNative("max pool with ceil_mode")
         d = make_op(K_MAXPOOL if op.mode == "max" else K_AVGPOOL, S(ins[0]), -1, S(op.output),
                     [self._view(ins[0]), (0, 0, 0, 0), self._view(op.output)], chw,
                     [op.kernel, op.stride, op.padding, gi.h, gi.w, int(op.include_pad), q.lo, q.hi])

@@ -32,6 +32,11 @@ def eltwise_fn(fn: str, params: tuple | list = ()) -> Callable[[torch.Tensor], t
 def _sub(a: Any, env: dict[int, torch.Tensor]) -> Any:
     if isinstance(a, tuple) and len(a) == 2 and a[0] == "__value__":
         return env[a[1]]
+    if isinstance(a, tuple) and len(a) == 2 and a[0] == "__const__":      # a parameter read in forward
+        return a[1]
+    if isinstance(a, tuple) and len(a) == 5 and a[0] == "__expr__":       # a size, shape or tuple: evaluated now
+        _, call, target, args, kwargs = a
+        return _call(call, target, _sub(args, env), _sub(kwargs, env))
     if isinstance(a, (list, tuple)):
         return type(a)(_sub(x, env) for x in a)
     if isinstance(a, dict):
@@ -39,12 +44,19 @@ def _sub(a: Any, env: dict[int, torch.Tensor]) -> Any:
     return a
 
 
+def _call(call: str, target: Any, args: Any, kwargs: Any) -> Any:
+    if call == "method":
+        self_ = args[0]
+        if target in ("view", "view_as") and isinstance(self_, torch.Tensor) and not self_.is_contiguous():
+            # the engine's maps are views of padded buffers, which torch's view cannot reshape; the copy can
+            self_ = self_.contiguous()
+        return getattr(self_, target)(*args[1:], **kwargs)
+    return target(*args, **kwargs)
+
+
 def run_torch_op(op: TorchOp, env: dict[int, torch.Tensor]) -> torch.Tensor:
     """A fallback op on the values in ``env`` (value refs in its args replaced by the tensors)."""
-    args, kwargs = _sub(op.args, env), _sub(op.kwargs, env)
-    if op.call == "method":
-        return getattr(args[0], op.target)(*args[1:], **kwargs)
-    return op.target(*args, **kwargs)
+    return _call(op.call, op.target, _sub(op.args, env), _sub(op.kwargs, env))
 
 
 def activation(act: str, y: torch.Tensor) -> torch.Tensor:
@@ -74,7 +86,7 @@ def run_op(op: Op, env: dict[int, torch.Tensor], out_shape: tuple[int, ...] = ()
         return activation(op.act, F.linear(x, op.weight, op.bias))
     if isinstance(op, PoolOp):
         if op.mode == "max":
-            return F.max_pool2d(x, op.kernel, op.stride, op.padding)
+            return F.max_pool2d(x, op.kernel, op.stride, op.padding, ceil_mode=op.ceil_mode)
         return F.avg_pool2d(x, op.kernel, op.stride, op.padding, count_include_pad=op.include_pad)
     if isinstance(op, GapOp):
         return x.mean((2, 3), keepdim=True)

@@ -92,12 +92,14 @@ class PoolOp(Op):
     stride: int = 2
     padding: int = 0                  # max: padded positions never win; avg: see include_pad
     include_pad: bool = True          # avg: divide by kernel*kernel (PyTorch's count_include_pad) or by the valid count
+    ceil_mode: bool = False           # max: the output size rounded up, its last windows clipped at the map's end
     kind = "pool"
 
     def describe(self) -> str:
         if self.kernel == 1 and self.padding == 0:
             return f"subsample s{self.stride}"
-        return f"{self.mode}pool{self.kernel} s{self.stride}" + (f" p{self.padding}" if self.padding else "")
+        return (f"{self.mode}pool{self.kernel} s{self.stride}" + (f" p{self.padding}" if self.padding else "")
+                + (" ceil" if self.ceil_mode else ""))
 
 
 @dataclasses.dataclass

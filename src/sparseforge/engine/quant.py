@@ -341,7 +341,7 @@ def run_op_int(qg: QGraph, k: int, env: dict[int, torch.Tensor]) -> torch.Tensor
         return torch.clamp(_rint(y), q.lo, q.hi).to(torch.int32)
     if isinstance(op, PoolOp):
         if op.mode == "max":
-            return F.max_pool2d(x.double(), op.kernel, op.stride, op.padding).to(torch.int32)
+            return F.max_pool2d(x.double(), op.kernel, op.stride, op.padding, ceil_mode=op.ceil_mode).to(torch.int32)
         s = F.avg_pool2d(x.double(), op.kernel, op.stride, op.padding, count_include_pad=True,
                          divisor_override=1)
         if op.include_pad:

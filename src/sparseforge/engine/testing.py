@@ -269,6 +269,47 @@ class InPlaceBlock(nn.Module):
         return self.proj(y) + z
 
 
+class FunctionalPool(nn.Module):
+    """A pool written as ``F.max_pool2d`` / ``F.avg_pool2d`` in forward, as many models do."""
+
+    def __init__(self, mode, k, s, p, ceil=False, include_pad=True):
+        super().__init__()
+        self.mode, self.k, self.s, self.p, self.ceil, self.include_pad = mode, k, s, p, ceil, include_pad
+
+    def forward(self, x):
+        if self.mode == "max":
+            return nn.functional.max_pool2d(x, self.k, self.s, self.p, ceil_mode=self.ceil)
+        return nn.functional.avg_pool2d(x, self.k, self.s, self.p, count_include_pad=self.include_pad)
+
+
+class Idiom(nn.Module):
+    """Shape-preserving code people write in forward rather than as modules: arithmetic with Python numbers,
+    torchvision's ShuffleNet channel shuffle (``x.size()``, ``view``, ``transpose``), ``chunk`` and a parameter
+    read directly (ConvNeXt's layer scale). The compiler must run each natively or fall back, never fail."""
+
+    KINDS = ("scale_shift", "sub_div", "shuffle", "chunk_swap", "layer_scale")
+
+    def __init__(self, kind: str, c: int, a: float, b: float):
+        super().__init__()
+        self.kind, self.a, self.b = kind, a, b
+        if kind == "layer_scale":
+            self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, c).view(c, 1, 1))
+
+    def forward(self, x):
+        if self.kind == "scale_shift":
+            return x * self.a + self.b
+        if self.kind == "sub_div":
+            return (self.b - x) / self.a
+        if self.kind == "shuffle":
+            n, c, h, w = x.size()
+            x = x.view(n, 2, c // 2, h, w)
+            return torch.transpose(x, 1, 2).contiguous().view(n, -1, h, w)
+        if self.kind == "chunk_swap":
+            x1, x2 = x.chunk(2, dim=1)
+            return torch.cat((x2, x1), 1)
+        return x * self.gamma
+
+
 class RandomNet(nn.Module):
     def __init__(self, stem, blocks, head):
         super().__init__()
@@ -293,11 +334,20 @@ class _GapHead(nn.Module):
 
 
 class _FlatHead(nn.Module):
-    def __init__(self, n, classes):
+    FORMS = ("flatten", "view_size", "reshape_shape", "view_minus1")
+
+    def __init__(self, n, classes, form="flatten"):
         super().__init__()
         self.fc = nn.Linear(n, classes)
+        self.form, self.n = form, n
 
     def forward(self, x):
+        if self.form == "view_size":
+            return self.fc(x.view(x.size(0), -1))
+        if self.form == "reshape_shape":
+            return self.fc(x.reshape(x.shape[0], -1))
+        if self.form == "view_minus1":
+            return self.fc(x.view(-1, self.n))
         return self.fc(torch.flatten(x, 1))
 
 
@@ -339,6 +389,7 @@ def random_network(seed: int, sparsity: str | None = None, max_blocks: int = 4
     import random
 
     r = random.Random(seed)
+    r2 = random.Random(seed * 7919 + 1)     # forward-code idioms: drawn apart, so a seed's layers stay as they were
     g = torch.Generator().manual_seed(seed)
     desc: list[str] = []
     h, w = r.randint(6, 40), r.randint(6, 40)
@@ -357,6 +408,9 @@ def random_network(seed: int, sparsity: str | None = None, max_blocks: int = 4
         pp = r.choice([0, pk // 2])
         pool = (nn.MaxPool2d(pk, ps, pp) if r.random() < 0.7 else
                 nn.AvgPool2d(pk, ps, pp, count_include_pad=r.random() < 0.5))
+        if r2.random() < 0.3:
+            pool = FunctionalPool("max" if isinstance(pool, nn.MaxPool2d) else "avg", pk, ps, pp,
+                                  include_pad=getattr(pool, "count_include_pad", True))
         stem.append(pool)
         desc.append(f"{type(pool).__name__} k{pk} s{ps} p{pp}")
         h, w = (h + 2 * pp - pk) // ps + 1, (w + 2 * pp - pk) // ps + 1
@@ -406,6 +460,10 @@ def random_network(seed: int, sparsity: str | None = None, max_blocks: int = 4
             pp = r.choice([0, pk // 2])
             blocks.append(nn.MaxPool2d(pk, ps, pp, ceil_mode=r.random() < 0.2) if r.random() < 0.6 else
                           nn.AvgPool2d(pk, ps, pp))
+            if r2.random() < 0.3:
+                mp = blocks[-1]
+                blocks[-1] = FunctionalPool("max" if isinstance(mp, nn.MaxPool2d) else "avg", pk, ps, pp,
+                                            ceil=getattr(mp, "ceil_mode", False))
             cout, stride = c, 1
         elif kind == "inplace":
             cout, stride = r.choice([c, r.randint(3, 40)]), 1
@@ -426,13 +484,18 @@ def random_network(seed: int, sparsity: str | None = None, max_blocks: int = 4
             continue
         desc.append(f"{kind} {c}->{cout} s{stride} {act}: {type(blocks[-1]).__name__}")
         c, h, w = cout, h2, w2
+        if r2.random() < 0.2:
+            ik = r2.choice([k_ for k_ in Idiom.KINDS if c % 2 == 0 or k_ not in ("shuffle", "chunk_swap")])
+            blocks.append(Idiom(ik, c, r2.choice([0.5, 2.0, -1.5, 3.0]), r2.choice([0.0, 0.25, -1.0])))
+            desc.append(f"idiom {ik}")
     classes = r.randint(2, 12)
     if r.random() < 0.8 or h * w * c > 4096:
         head = _GapHead(c, classes, r.choice(["none", "none", "relu", "sigmoid"]), mean=r.random() < 0.3)
         desc.append(f"gap -> linear {c}->{classes}")
     else:
-        head = _FlatHead(c * h * w, classes)
-        desc.append(f"flatten -> linear {c * h * w}->{classes}")
+        form = r2.choice(_FlatHead.FORMS)
+        head = _FlatHead(c * h * w, classes, form)
+        desc.append(f"flatten ({form}) -> linear {c * h * w}->{classes}")
     net = RandomNet(nn.Sequential(*stem), blocks, head)
     sparsity = sparsity or r.choice(SPARSITIES)
     desc.append(f"sparsity {sparsity}")

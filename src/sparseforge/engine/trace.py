@@ -10,8 +10,10 @@ node we cannot map stays a PyTorch op (correct, and listed by summary()).
 
 from __future__ import annotations
 
+import math
 import operator
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -204,6 +206,120 @@ def _is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
+def _is_batch_size(d) -> bool:
+    """Whether ``d`` reads a traced tensor's batch size: ``x.size(0)``, ``x.size()[0]``, ``x.shape[0]``. Every
+    value the graph holds has the batch as its first dimension, so this is the batch of any call."""
+    if not isinstance(d, fx.Node):
+        return False
+    if d.op == "call_method" and d.target == "size":
+        return tuple(d.args[1:]) == (0,) and not d.kwargs or (d.kwargs == {"dim": 0} and len(d.args) == 1)
+    if d.op == "call_function" and d.target is operator.getitem and d.args[1] == 0:
+        q = d.args[0]
+        return isinstance(q, fx.Node) and (
+            (q.op == "call_method" and q.target == "size" and len(q.args) == 1 and not q.kwargs)
+            or (q.op == "call_function" and q.target is getattr and q.args[1] == "shape"))
+    return False
+
+
+def _is_flatten_view(node: fx.Node, shape: tuple[int, ...]) -> bool:
+    """``x.view(x.size(0), -1)``, ``x.reshape(x.shape[0], -1)``, ``x.view(-1, C*H*W)`` and the like on a map of
+    per-image ``shape``: flattening each image, for every batch size (checked on the arguments, not on the traced
+    shape: ``view(1, -1)`` flattens a batch of 1 too, but not one of 2)."""
+    if len(shape) != 3:
+        return False
+    if node.op == "call_method" and node.target in ("view", "reshape"):
+        dims = node.args[1:]
+    elif node.op == "call_function" and node.target is torch.reshape:
+        dims = node.args[1:2]
+    else:
+        return False
+    if node.kwargs:
+        return False
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = tuple(dims[0])
+    if len(dims) != 2:
+        return False
+    n = int(shape[0] * shape[1] * shape[2])
+    return (dims[0] == -1 and dims[1] == n) or (_is_batch_size(dims[0]) and dims[1] in (-1, n))
+
+
+def _attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for a in target.split("."):
+        obj = getattr(obj, a)
+    return obj.detach().clone() if isinstance(obj, torch.Tensor) else obj
+
+
+def _pool_params(node: fx.Node, modules: dict[str, nn.Module]) -> tuple | None:
+    """A max or average pool, module or function: (mode, kernel, stride, padding, ceil_mode, count_include_pad,
+    whether the generated pool runs it: square, no dilation, indices or divisor override); None for anything else."""
+    if node.op == "call_module" and isinstance(modules[node.target], (nn.MaxPool2d, nn.AvgPool2d)):
+        m = modules[node.target]
+        mode = "max" if isinstance(m, nn.MaxPool2d) else "avg"
+        kv = {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
+              "ceil_mode": getattr(m, "ceil_mode", False), "count_include_pad": getattr(m, "count_include_pad", True),
+              "dilation": getattr(m, "dilation", 1), "return_indices": getattr(m, "return_indices", False),
+              "divisor_override": getattr(m, "divisor_override", None)}
+    elif node.op == "call_function" and node.target in (F.max_pool2d, F.avg_pool2d):
+        mode = "max" if node.target is F.max_pool2d else "avg"
+        names = (["kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"] if mode == "max"
+                 else ["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"])
+        if len(node.args) - 1 > len(names):
+            return None
+        kv = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False,
+              "count_include_pad": True, "divisor_override": None}
+        kv.update(zip(names, node.args[1:]))
+        kv.update(node.kwargs)
+        if "kernel_size" not in kv or any(isinstance(v, fx.Node) for v in kv.values()):
+            return None
+        if kv["stride"] in (None, [], ()):
+            kv["stride"] = kv["kernel_size"]
+    else:
+        return None
+
+    def one(v):
+        v = (v,) if isinstance(v, int) else tuple(v)
+        return v[0] if len(set(v)) == 1 and len(v) in (1, 2) else None
+
+    k, s, pad, dil = one(kv["kernel_size"]), one(kv["stride"]), one(kv["padding"]), one(kv["dilation"])
+    ok = (None not in (k, s, pad) and dil == 1 and not kv["return_indices"] and kv["divisor_override"] is None)
+    return (mode, k or 0, s or 0, pad or 0, bool(kv["ceil_mode"]), bool(kv["count_include_pad"]), ok)
+
+
+_SCALAR_OPS = {operator.add: "add", torch.add: "add", "add": "add", operator.iadd: "add", "add_": "add",
+               operator.sub: "sub", torch.sub: "sub", "sub": "sub", operator.isub: "sub", "sub_": "sub",
+               operator.mul: "mul", torch.mul: "mul", "mul": "mul", operator.imul: "mul", "mul_": "mul",
+               operator.truediv: "div", torch.div: "div", "div": "div", operator.itruediv: "div", "div_": "div"}
+
+
+def _scalar_affine(node: fx.Node) -> tuple[float, float] | None:
+    """(scale, shift) when ``node`` is a tensor plus, minus, times or divided by a Python number (either side,
+    except a number divided by a tensor); None otherwise."""
+    if node.op not in ("call_function", "call_method") or len(node.args) != 2 or node.kwargs:
+        return None
+    try:
+        kind = _SCALAR_OPS.get(node.target)
+    except TypeError:           # an unhashable target
+        return None
+    a, b = node.args
+    if kind is None or isinstance(a, fx.Node) == isinstance(b, fx.Node):
+        return None
+    num = b if isinstance(a, fx.Node) else a
+    if type(num) not in (int, float) or not math.isfinite(num):
+        return None
+    num = float(num)
+    left = isinstance(a, fx.Node)           # the tensor is the left operand
+    if kind == "add":
+        return 1.0, num
+    if kind == "sub":
+        return (1.0, -num) if left else (-1.0, num)
+    if kind == "mul":
+        return num, 0.0
+    if kind == "div" and left and num != 0.0:
+        return 1.0 / num, 0.0
+    return None
+
+
 def _is_gap(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         m = modules[node.target]
@@ -282,25 +398,47 @@ def build_ir(gm: fx.GraphModule) -> Graph:
             node = node.all_input_nodes[0]
         return len(consumers(node)) == 1
 
-    def fallback(node: fx.Node, reason: str) -> None:
-        def sub(a):
-            if isinstance(a, fx.Node):
-                return ("__value__", env[a])
-            if isinstance(a, (list, tuple)):
-                return type(a)(sub(x) for x in a)
-            if isinstance(a, dict):
-                return {k: sub(v) for k, v in a.items()}
-            return a
+    # nodes that hold no batched tensor -- sizes and shapes (``x.size(0)``, ``c // groups``), parameters read in
+    # forward (``self.layer_scale``), tuples of tensors (``x.chunk(2, 1)``) -- as expressions that the fallback
+    # ops reading them evaluate when they run, on that call's tensors (so a batch size is the call's own)
+    deferred: dict[fx.Node, tuple] = {}
 
-        ins = [env[a] for a in node.all_input_nodes]
+    def sub(a):
+        if isinstance(a, fx.Node):
+            return deferred[a] if a in deferred else ("__value__", env[a])
+        if isinstance(a, (list, tuple)):
+            return type(a)(sub(x) for x in a)
+        if isinstance(a, dict):
+            return {k: sub(v) for k, v in a.items()}
+        return a
+
+    def refs(a, out: list[int]) -> list[int]:
+        """The value ids a substituted argument structure reads, its expressions' included."""
+        if isinstance(a, tuple) and len(a) == 2 and a[0] == "__value__":
+            if a[1] not in out:
+                out.append(a[1])
+        elif isinstance(a, tuple) and a and a[0] == "__expr__":
+            refs(a[3], out)
+            refs(a[4], out)
+        elif isinstance(a, (list, tuple)):
+            for x in a:
+                refs(x, out)
+        elif isinstance(a, dict):
+            for x in a.values():
+                refs(x, out)
+        return out
+
+    def fallback(node: fx.Node, reason: str) -> None:
         target = modules[node.target] if node.op == "call_module" else node.target
+        call = {"call_module": "module", "call_function": "function", "call_method": "method"}[node.op]
+        args, kwargs = sub(node.args), sub(dict(node.kwargs))
         shape = _shape(node)
         if shape is None:
-            raise SparseforgeError(f"the compiler cannot handle node {node.name} ({node.target}): it does not produce a tensor")
+            deferred[node] = ("__expr__", call, target, args, kwargs)
+            return
         out = new_value(node, shape)
-        call = {"call_module": "module", "call_function": "function", "call_method": "method"}[node.op]
-        op = TorchOp(node.target if node.op == "call_module" else node.name, ins, out, target=target, call=call,
-                     args=sub(node.args), kwargs=sub(dict(node.kwargs)), reason=reason)
+        op = TorchOp(node.target if node.op == "call_module" else node.name, refs((args, kwargs), []), out,
+                     target=target, call=call, args=args, kwargs=kwargs, reason=reason)
         ops.append(op)
         producer[out] = op
 
@@ -328,17 +466,32 @@ def build_ir(gm: fx.GraphModule) -> Graph:
             pending = (node, env[node.all_input_nodes[0]])
         if node.op == "output":
             res = node.args[0]
-            if isinstance(res, (list, tuple)):
-                outputs.extend(env[r] for r in res)
-            else:
-                outputs.append(env[res])
+            for r in (res if isinstance(res, (list, tuple)) else [res]):
+                if r not in env:
+                    raise SparseforgeError(f"the model returns {r}, which is not a batched tensor; the compiler takes "
+                                           "models that return a tensor or a tuple of tensors")
+                outputs.append(env[r])
             continue
         if node.op == "get_attr":
-            raise SparseforgeError(f"the compiler does not support direct parameter access ({node.target}) in forward")
+            deferred[node] = ("__const__", _attr(gm, node.target))
+            continue
 
         args = [a for a in node.all_input_nodes]
         src = env.get(args[0]) if args else None
         prod = producer.get(src) if src is not None else None
+        if src is not None and _is_flatten_view(node, values[src].shape):
+            if isinstance(prod, GapOp) and only_user(args[0]):
+                values[src].shape = (values[src].shape[0],)
+                env[node] = src
+            else:
+                out = new_value(node, (int(np.prod(values[src].shape)),))
+                op = FlattenOp(node.name, [src], out)
+                ops.append(op)
+                producer[out] = op
+            continue
+        if any(a in deferred for a in args) or src is None and args:
+            fallback(node, "reads a size, shape or parameter computed in forward")
+            continue
 
         # ---- aliases ------------------------------------------------------
         if _is_identity(node, modules):
@@ -439,6 +592,16 @@ def build_ir(gm: fx.GraphModule) -> Graph:
             ops.append(op)
             producer[out] = op
             continue
+        aff = _scalar_affine(node) if src is not None and len(values[src].shape) == 3 and len(args) == 1 else None
+        if aff is not None:
+            # x + a, x - a, a - x, x * a, x / a with a Python number: a per-channel affine with equal channels
+            c_ = values[src].shape[0]
+            out = new_value(node, values[src].shape)
+            op = EltwiseOp(node.name, [src], out, fn="affine", scale=torch.full((c_,), aff[0]),
+                           shift=torch.full((c_,), aff[1]))
+            ops.append(op)
+            producer[out] = op
+            continue
         if node.op in ("call_function", "call_method") and node.target in (_ADD | {"add", "add_"}) \
                 and len(args) == 2 and len(node.args) == 2 and not node.kwargs:
             a, b_ = args
@@ -512,25 +675,24 @@ def build_ir(gm: fx.GraphModule) -> Graph:
             ops.append(op)
             producer[out] = op
             continue
-        if node.op == "call_module" and isinstance(modules[node.target], (nn.MaxPool2d, nn.AvgPool2d)):
-            m = modules[node.target]
-            k = m.kernel_size if isinstance(m.kernel_size, int) else m.kernel_size[0]
-            s = m.stride if isinstance(m.stride, int) else m.stride[0]
-            pad = m.padding if isinstance(m.padding, int) else m.padding[0]
-            ceil = getattr(m, "ceil_mode", False)
-            square = all(isinstance(v, int) or (len(set(v)) == 1) for v in (m.kernel_size, m.stride, m.padding))
-            plain = (isinstance(m, nn.MaxPool2d) and m.dilation in (1, (1, 1)) and not m.return_indices) or \
-                (isinstance(m, nn.AvgPool2d) and m.divisor_override is None)
-            if square and plain and not ceil and 1 <= k <= 8 and 1 <= s <= 4 and 0 <= pad <= k // 2 \
+        pool = _pool_params(node, modules)
+        if pool is not None:
+            mode, k, s, pad, ceil, include_pad, ok = pool
+            # ceil_mode: the windows past the map's end are clipped as padding is (max pools only: an average's
+            # divisor there counts the padding but not the overhang)
+            if ok and (not ceil or mode == "max") and 1 <= k <= 8 and 1 <= s <= 4 and 0 <= pad <= k // 2 \
                     and len(values[src].shape) == 3:
                 out = new_value(node)
-                op = PoolOp(node.target, [src], out, mode="max" if isinstance(m, nn.MaxPool2d) else "avg",
-                            kernel=k, stride=s, padding=pad,
-                            include_pad=bool(getattr(m, "count_include_pad", True)))
+                _, hi, wi = values[src].shape
+                # ceil_mode only where it rounds a size up (the rest is the same pool)
+                floor = ((hi + 2 * pad - k) // s + 1, (wi + 2 * pad - k) // s + 1)
+                ceil = ceil and tuple(values[out].shape[1:]) != floor
+                op = PoolOp(node.target if node.op == "call_module" else node.name, [src], out, mode=mode,
+                            kernel=k, stride=s, padding=pad, include_pad=include_pad, ceil_mode=ceil)
                 ops.append(op)
                 producer[out] = op
                 continue
-            fallback(node, "pooling with ceil_mode, dilation or non-square windows")
+            fallback(node, "pooling with dilation, non-square windows or an average with ceil_mode")
             continue
         if _is_identity_pool(node, modules, values[src].shape if src is not None else ()):
             env[node] = src              # adaptive pool to the size the map already has (VGG's 7x7 at 224x224)
