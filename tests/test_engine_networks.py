@@ -1493,6 +1493,13 @@ def test_arithmetic_with_numbers_runs_natively():
     with torch.inference_mode():
         ok, why = compare_outputs(e(x), m(x), sparse=False)
     assert ok, why
+    # 1 / 1e-35 is not a float32: dividing by it stays PyTorch's division
+    tiny = nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1), _Lambda(lambda t: t / 1e-35), nn.Conv2d(4, 2, 1)).eval()
+    e = compile(tiny, x[:1], threads=2)
+    assert [op["native"] for op in e.spec["ops"]] == [True, False, True]
+    with torch.inference_mode():
+        ok, why = compare_outputs(e(x), tiny(x), sparse=False)
+    assert ok, why
 
 
 @pytest.mark.parametrize("isa", ["native", "avx2"])

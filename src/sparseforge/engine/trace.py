@@ -315,8 +315,8 @@ def _scalar_affine(node: fx.Node) -> tuple[float, float] | None:
         return (1.0, -num) if left else (-1.0, num)
     if kind == "mul":
         return num, 0.0
-    if kind == "div" and left and num != 0.0:
-        return 1.0 / num, 0.0
+    if kind == "div" and left and 1e-30 < abs(num) < 1e30:     # 1 / num a normal float32: x * (1 / num) is x / num
+        return 1.0 / num, 0.0                                  # to within a rounding
     return None
 
 
@@ -490,7 +490,7 @@ def build_ir(gm: fx.GraphModule) -> Graph:
                 producer[out] = op
             continue
         if any(a in deferred for a in args) or src is None and args:
-            fallback(node, "reads a size, shape or parameter computed in forward")
+            fallback(node, "reads a size, shape, tuple or parameter computed in forward")
             continue
 
         # ---- aliases ------------------------------------------------------
