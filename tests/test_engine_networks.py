@@ -841,6 +841,29 @@ def test_gather_tiles_on_avx512_hosts_hold_a_threads_filters():
                 assert ok, (acc, inline, why)
 
 
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+def test_gather_prefetch_changes_no_bit(isa):
+    """Gather mode prefetches its kernel entries ``gather_prefetch`` ahead (PlanOptions): the loop carries the
+    prefetches only with the knob on, and both engines give the same bits, NaN and Inf included."""
+    if isa == "avx2":
+        _skip_without_avx2()
+    torch.manual_seed(7)
+    m = _pattern8(nn.Sequential(nn.Conv2d(3, 130, 3, 2, 1), nn.ReLU(), BasicBlock(130, 130, 1, "relu", False)))
+    x = with_nonfinite(torch.randn(3, 3, 14, 15), seed=5)
+    outs = []
+    for d in (0, 8):
+        e, st = compile(m, x[:1], threads=2, isa=isa, conv_mode="gather", return_stages=True,
+                        plan_options=PlanOptions(gather_prefetch=d))
+        assert any(c.mode == "gather" for c in st.plan.convs.values())
+        assert ("__builtin_prefetch(we + 32)" in st.source or "__builtin_prefetch(wg + 32)" in st.source) == (d == 8)
+        with torch.inference_mode():
+            outs.append(e(x))
+    assert torch.equal(outs[0].nan_to_num(nan=7.0), outs[1].nan_to_num(nan=7.0))
+    with torch.inference_mode():
+        ok, why = compare_outputs(outs[1], m(x), sparse=True)
+    assert ok, why
+
+
 def test_isa_choices_are_checked():
     from sparseforge.engine.build import AVX2_NEEDS
     from sparseforge.hardware import all_cpu_flags

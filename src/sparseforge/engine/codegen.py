@@ -1122,6 +1122,9 @@ def _gather_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str], lines:
                 b.append(f"          const {_ix(p)}* fg = fe; const float* wg = we;")
             b += [f"          for (int e = cn[{j}]; e > 0; e--, {fv}++, {wv} += {nt}) {{",
                   f"            float* a = acc + (long)*{fv} * {AS};"]
+            if plan.options.gather_prefetch:
+                D = plan.options.gather_prefetch
+                b.append(f"            __builtin_prefetch({wv} + {D * nt}); __builtin_prefetch({fv} + {D});")
             for v in vs:
                 terms = [f"{bc}({wv}[{ti}]) * r{ti}_{v}" for ti, t in enumerate(shape)]
                 b.append(f"            {{ {ty} x = {ld_}(a + {v * G}); x += {_tree(terms)}; memcpy(a + {v * G}, &x, sizeof x); }}")

@@ -65,6 +65,15 @@ class PlanOptions:
     # over each group (0: all at once, which spilled: 4 taps x 8 vectors on an 8x8 map). Zen 3, b1, 2 threads,
     # same process vs 0: CIFAR VGG-16 8x 1.06-1.08x, ResNet-18 8x at 224 1.02x; 3 and 4 as 2, 1 0.86x
     gather_rows_narrow: int = 2
+    # ... their kernel entries (weights, filter indices) software-prefetched this many entries ahead (0: none). A
+    # 512-channel 7x7 layer streams ~1.5 MB of weights and indices per image, which the L2 cannot hold and another
+    # process streaming memory evicts from the L3: then the hardware prefetchers (which stop at each 4 KB page)
+    # left the loop waiting on DRAM. Measured (session 44, Zen 4, b1, same process, alternating): one thread with
+    # a process streaming 64 MB arrays on the other core, ResNet-18 8x at 224 13.3-14.5 -> 11.5-12.2 ms (32: 11.6,
+    # 128: 11.7), ResNet-50 8x 35.0 -> 33.2 ms; its layer-4 convs had run 2.0-2.3x slower beside that process
+    # than without it (the network 1.36x, onnxruntime 1.08x); quiet, one thread 1.00x, two threads ResNet-18
+    # 1.01x, ResNet-50 1.02x
+    gather_prefetch: int = 64
     spatial_ratio: float = 1.0        # batch 1: split rows, not filters, when input bytes >= this x weight bytes
     runs_in_walk_order: bool = True   # kernel runs stored in the order the threads walk them
     align_rows: bool = True           # row stride of wide maps a multiple of the vector width
