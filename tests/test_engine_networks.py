@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine_util import randomize_bn, rel_err
+from test_engine_architectures import LayerNorm2d
 from sparseforge.engine import compile
 from sparseforge.errors import SparseforgeError
 from sparseforge.engine.plan import PlanOptions
@@ -1446,20 +1447,11 @@ class _ShuffleUnit(nn.Module):
         return torch.transpose(out, 1, 2).contiguous().view(b, -1, h, w)
 
 
-class _LayerNorm2d(nn.LayerNorm):
-    """torchvision's ConvNeXt LayerNorm2d: its own parameters read in forward."""
-
-    def forward(self, x):
-        x = x.permute(0, 2, 3, 1)
-        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
-
-
 class _ConvNeXtBlock(nn.Module):
     def __init__(self, c):
         super().__init__()
         self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
-        self.norm = _LayerNorm2d(c)
+        self.norm = LayerNorm2d(c)     # torchvision ConvNeXt's: its own parameters read in forward
         self.pw = nn.Conv2d(c, c, 1)
         self.layer_scale = nn.Parameter(torch.linspace(0.2, 1.0, c).view(c, 1, 1))
 
