@@ -479,16 +479,20 @@ def build_ir(gm: fx.GraphModule) -> Graph:
         args = [a for a in node.all_input_nodes]
         src = env.get(args[0]) if args else None
         prod = producer.get(src) if src is not None else None
-        if src is not None and _is_flatten_view(node, values[src].shape):
+        # flatten, written as a module, torch.flatten or a view/reshape of each image (whose size arguments are
+        # deferred expressions, so before the test below)
+        if src is not None and (_is_flatten(node, modules) or _is_flatten_view(node, values[src].shape)):
             if isinstance(prod, GapOp) and only_user(args[0]):
+                # (C,1,1) -> (C,): same memory in the native layout of a GAP result
                 values[src].shape = (values[src].shape[0],)
                 env[node] = src
-            else:
+                continue
+            if len(values[src].shape) == 3:
                 out = new_value(node, (int(np.prod(values[src].shape)),))
                 op = FlattenOp(node.name, [src], out)
                 ops.append(op)
                 producer[out] = op
-            continue
+                continue
         if any(a in deferred for a in args) or src is None and args:
             fallback(node, "reads a size, shape, tuple or parameter computed in forward")
             continue
@@ -700,17 +704,6 @@ def build_ir(gm: fx.GraphModule) -> Graph:
         if _is_gap(node, modules):
             out = new_value(node)
             op = GapOp(node.name, [src], out)
-            ops.append(op)
-            producer[out] = op
-            continue
-        if _is_flatten(node, modules) and isinstance(prod, GapOp) and only_user(args[0]):
-            # (C,1,1) -> (C,): same memory in the native layout of a GAP result
-            values[src].shape = (values[src].shape[0],)
-            env[node] = src
-            continue
-        if _is_flatten(node, modules) and src is not None and len(values[src].shape) == 3:
-            out = new_value(node)
-            op = FlattenOp(node.name, [src], out)
             ops.append(op)
             producer[out] = op
             continue
