@@ -842,21 +842,33 @@ def test_gather_tiles_on_avx512_hosts_hold_a_threads_filters():
                 assert ok, (acc, inline, why)
 
 
+@pytest.mark.parametrize("mode", ["gather", "packed1"])
 @pytest.mark.parametrize("isa", ["native", "avx2"])
-def test_gather_prefetch_changes_no_bit(isa):
-    """Gather mode prefetches its kernel entries ``gather_prefetch`` ahead (PlanOptions): the loop carries the
-    prefetches only with the knob on, and both engines give the same bits, NaN and Inf included."""
+def test_kernel_entry_prefetch_changes_no_bit(isa, mode):
+    """Gather and packed 1x1 modes prefetch their kernel entries ``gather_prefetch`` / ``packed1_prefetch`` ahead
+    (PlanOptions): the loops carry the prefetches only with the knob on, and both engines give the same bits,
+    NaN and Inf included."""
     if isa == "avx2":
         _skip_without_avx2()
     torch.manual_seed(7)
-    m = _pattern8(nn.Sequential(nn.Conv2d(3, 130, 3, 2, 1), nn.ReLU(), BasicBlock(130, 130, 1, "relu", False)))
+    if mode == "gather":
+        m = _pattern8(nn.Sequential(nn.Conv2d(3, 130, 3, 2, 1), nn.ReLU(), BasicBlock(130, 130, 1, "relu", False)))
+        marks = ("__builtin_prefetch(we + 32)", "__builtin_prefetch(wg + 32)")
+    else:     # a bottleneck's 1x1 convs on a 7x8 map (packed: at most packed1_max pixels)
+        m = _pattern8(nn.Sequential(nn.Conv2d(3, 96, 3, 2, 1), nn.ReLU(), Bottleneck(96, 40, 96, 1, "relu", 1)))
+        with torch.no_grad():         # 1x1 weights 80% zero (pattern pruning leaves them dense)
+            for c in m.modules():
+                if isinstance(c, nn.Conv2d) and c.kernel_size == (1, 1):
+                    c.weight.mul_((torch.rand_like(c.weight) < 0.2).float())
+        marks = ("__builtin_prefetch(w + e + 8)",)
     x = with_nonfinite(torch.randn(3, 3, 14, 15), seed=5)
     outs = []
     for d in (0, 8):
-        e, st = compile(m, x[:1], threads=2, isa=isa, conv_mode="gather", return_stages=True,
-                        plan_options=PlanOptions(gather_prefetch=d))
-        assert any(c.mode == "gather" for c in st.plan.convs.values())
-        assert ("__builtin_prefetch(we + 32)" in st.source or "__builtin_prefetch(wg + 32)" in st.source) == (d == 8)
+        knob = {"gather": "gather_prefetch", "packed1": "packed1_prefetch"}[mode]
+        e, st = compile(m, x[:1], threads=2, isa=isa, conv_mode="gather" if mode == "gather" else "auto", return_stages=True,
+                        plan_options=PlanOptions(**{knob: d}))
+        assert any(c.mode == mode for c in st.plan.convs.values())
+        assert any(mk in st.source for mk in marks) == (d == 8)
         with torch.inference_mode():
             outs.append(e(x))
     assert torch.equal(outs[0].nan_to_num(nan=7.0), outs[1].nan_to_num(nan=7.0))

@@ -1214,6 +1214,9 @@ def _packed1_conv(k: int, p: ConvPlan, plan: Plan, bodies: dict[str, str]) -> st
         b += [f"      int e = st[{_ri(plan)}];",
               f"      const int e1 = st[{_ri(plan)} + 1];",
               f"      for (; e + {C} <= e1; e += {C}) {{"]
+        if plan.options.packed1_prefetch:
+            D = plan.options.packed1_prefetch
+            b.append(f"        __builtin_prefetch(w + e + {D}); __builtin_prefetch(ch + e + {D});")
         for c in range(C):
             b.append(f"        {{ const float* r = S + (long)ch[e + {c}] * {PS}; const {ty} k = {bc}(w[e + {c}]);")
             b += [f"          a{v}_{c} += k * {ld_}(r + {v * G});" for v in range(PV)]
