@@ -113,12 +113,13 @@ def fuzz_networks(a: argparse.Namespace) -> None:
              "se_multiplies_fused": 0, "run_threads_checked": 0, "failures": []}
     # every fourth network is planned with knobs that push CIFAR-size maps into the large-map paths (tiled flat
     # mode from 4 KB inputs, input-channel blocks from 8 KB windows, dense 1x1 GEMM mode on any map with 16-float
-    # rows, in odd 5 x 3 register blocks, gather mode only on maps of <= 16 pixels, so more sparse stride-2 3x3
+    # rows, in odd 5 x 3 register blocks, gather mode on maps of <= 16 pixels from 8 input channels (the default
+    # 128 is more than the generator draws: the fuzz never reached gather mode before), so more sparse stride-2 3x3
     # convs become a phase split and a flat-tiled 2x2 conv), so those are fuzzed on every kind of block, and run
     # with barriers instead of the default claimed parts (on the engine's own pool; every other one of them in
     # OpenMP regions); every fifth multi-thread network also runs on one thread (run_threads): the same bits
     stress = PlanOptions(flat_tiled_min_bytes=1 << 12, flat_cblock_bytes=1 << 13, flat_gemm_min_pixels=0, gemm_mr=5,
-                         gemm_nr=3, claim_parts=False, gather_max=16)
+                         gemm_nr=3, claim_parts=False, gather_max=16, gather_min_cin=8)
     stress_omp = dataclasses.replace(stress, thread_pool=False)
     stats, start, spent = resume_point(out_path, a.first_seed, stats, a.resume)
     t0 = time.perf_counter() - spent
@@ -147,6 +148,10 @@ def fuzz_networks(a: argparse.Namespace) -> None:
             if kind is not None and not (kind.startswith("flatten_") and seed % 2):     # odd seeds drop the head
                 idioms[kind] = idioms.get(kind, 0) + 1
         sparse = not any("sparsity dense" in d for d in desc)
+        # grouped convs other than depthwise (ResNeXt's, ShuffleNet's 1x1, one group per input channel)
+        stats["grouped_convs"] = stats.get("grouped_convs", 0) + sum(
+            1 for c in m.modules() if isinstance(c, nn.Conv2d) and c.groups > 1
+            and not c.groups == c.in_channels == c.out_channels)
         if seed % 2:
             if not phase:
                 m = nn.Sequential(m.stem, m.blocks).eval()

@@ -4,7 +4,7 @@ compiler vs PyTorch: what a user hands over is ordinary forward code, not the zo
 Each must compile (no refusal), match PyTorch at the traced batch and another one with NaN and Inf in the input,
 and run natively wherever the test says it should: these forms once stopped the compiler (ShuffleNetV2's
 ``x.size()``, ConvNeXt's parameters read in forward, ``x.view(x.size(0), -1)``) or fell back (ceil_mode and
-functional pools, number arithmetic).
+functional pools, number arithmetic, ResNeXt's grouped convs).
 """
 
 import pytest
@@ -287,6 +287,44 @@ class UNetStyle(nn.Module):
         return self.u(torch.cat([a, up], dim=1))
 
 
+class ResNeXtBlock(nn.Module):
+    """torchvision's Bottleneck with ``groups`` (ResNeXt-50 32x4d: width = planes * base_width / 64 * groups)."""
+
+    def __init__(self, cin, width, groups, cout, stride):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                           if stride != 1 or cin != cout else None)
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class ResNeXt(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 7, 2, 3, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+                                  nn.MaxPool2d(3, 2, 1))
+        self.layer1 = nn.Sequential(ResNeXtBlock(32, 64, 16, 64, 1), ResNeXtBlock(64, 64, 16, 64, 1))
+        self.layer2 = nn.Sequential(ResNeXtBlock(64, 128, 32, 128, 2))
+        self.fc = nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, (1, 1)), 1))
+
+
 # name: (model, input H x W, must every op be native?)
 ARCHS = {
     "shufflenet_v2": (ShuffleNetV2, (48, 50), False),
@@ -298,6 +336,7 @@ ARCHS = {
     "kuangliu_resnet": (KuangliuResNet, (8, 8), True),
     "alexnet": (AlexNet, (99, 99), False),
     "unet_style": (UNetStyle, (20, 22), False),
+    "resnext": (ResNeXt, (56, 60), True),
 }
 
 

@@ -1576,3 +1576,28 @@ def test_a_model_returning_a_size_is_refused_in_one_line():
 
     with pytest.raises(SparseforgeError, match="not a batched tensor"):
         compile(SizeOut().eval(), torch.randn(1, 3, 4, 4), threads=1)
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+def test_grouped_convs_run_natively(isa):
+    """Grouped convs of every kind -- ResNeXt's 3x3, ShuffleNet's 1x1, 5x5 and 7x7 (stride 2: a phase split and a
+    grouped conv over each group's phases), padding under half the kernel, one group per input channel with
+    several filters each -- run in the generated kernels: each filter reads only its own group's channels, so a
+    NaN in one group stays out of the others, as in PyTorch."""
+    if isa == "avx2":
+        _skip_without_avx2()
+    torch.manual_seed(6)
+    cases = [(8, 8, 2, 3, 1, 1), (12, 18, 3, 3, 2, 1), (64, 64, 32, 3, 1, 1), (24, 12, 4, 1, 1, 0),
+             (24, 48, 4, 1, 2, 0), (16, 32, 16, 3, 1, 1), (20, 40, 20, 5, 2, 2), (12, 12, 3, 5, 1, 2),
+             (12, 24, 6, 7, 2, 3), (18, 18, 3, 3, 1, 0), (20, 20, 4, 5, 1, 1), (64, 128, 32, 3, 2, 1)]
+    for hw in ((9, 11), (33, 30)):
+        for cin, cout, g, k, s, p in cases:
+            m = randomize_bn(nn.Sequential(nn.Conv2d(3, cin, 3, 1, 1), nn.BatchNorm2d(cin), nn.ReLU(),
+                                           nn.Conv2d(cin, cout, k, s, p, groups=g), nn.BatchNorm2d(cout), nn.ReLU(),
+                                           nn.Conv2d(cout, 5, 1)).eval())
+            x = with_nonfinite(torch.randn(3, 3, *hw), seed=k + s + g)
+            e = compile(m, x[:1], threads=2, isa=isa)
+            assert all(op["native"] for op in e.spec["ops"]), (cin, cout, g, k, s, p, e.summary(profile=False))
+            with torch.inference_mode():
+                ok, why = compare_outputs(e(x), m(x), sparse=False)
+            assert ok, (hw, cin, cout, g, k, s, p, why)

@@ -738,8 +738,9 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     for j, s in enumerate(shapes):
         sel = np.nonzero(kshape == j)[0]
         fj = kf[sel]
-        # depthwise: filter f reads input channel f (its ig phase channels f*ig.. when phase-lowered)
-        chans = fj * ig + ki[sel] if op.groups > 1 else ki[sel]
+        # grouped: filter f reads the ig input channels of its group (o / groups filters a group), depthwise the
+        # one channel f; their phase channels (ig = channels x s*s) when phase-lowered
+        chans = (fj // (o // op.groups)) * ig + ki[sel] if op.groups > 1 else ki[sel]
         wsel = w9[fj, ki[sel]][:, list(s)]
         per.append(KernelRuns(fj, chans, np.ascontiguousarray(wsel.reshape(len(sel), -1), dtype=np.float32), o))
     max_acc = opts.max_acc

@@ -390,6 +390,7 @@ def random_network(seed: int, sparsity: str | None = None, max_blocks: int = 4
 
     r = random.Random(seed)
     r2 = random.Random(seed * 7919 + 1)     # forward-code idioms: drawn apart, so a seed's layers stay as they were
+    r3 = random.Random(seed * 104729 + 2)   # grouped-conv variants (session 45), apart for the same reason
     g = torch.Generator().manual_seed(seed)
     desc: list[str] = []
     h, w = r.randint(6, 40), r.randint(6, 40)
@@ -447,9 +448,16 @@ def random_network(seed: int, sparsity: str | None = None, max_blocks: int = 4
         elif kind == "grouped":
             groups = r.choice([2, 3, 4])
             cin_g = max(1, c // groups)
-            blocks.append(ConvBNAct(c, cin_g * groups, 1, act="none"))     # make the channel count divisible
+            ch = cin_g * groups
+            blocks.append(ConvBNAct(c, ch, 1, act="none"))     # make the channel count divisible
             cout = groups * r.randint(1, 8)
-            blocks.append(ConvBNAct(cin_g * groups, cout, 3, stride, groups=groups, act=act))
+            gk = 3
+            if r3.random() < 0.5:     # 1x1 (ShuffleNet) and 5x5 grouped, and one group per input channel
+                gk = r3.choice([1, 3, 5])
+                if r3.random() < 0.3:
+                    groups = ch
+                    cout = ch * r3.choice([1, 2])
+            blocks.append(ConvBNAct(ch, cout, gk, stride, groups=groups, act=act))
         elif kind == "dilated":
             cout = r.randint(3, 40)
             blocks.append(ConvBNAct(c, cout, 3, 1, dilation=2, act=act))

@@ -514,12 +514,12 @@ def build_ir(gm: fx.GraphModule) -> Graph:
             # one-pixel border and kernels over 3x3 with stride 2 are lowered (plan.lower: a PhaseOp + an
             # unpadded stride-1 conv; a depthwise one becomes a grouped conv of s*s phase channels per group)
             k_, s_, p_ = m.kernel_size[0], m.stride[0], m.padding[0] if isinstance(m.padding, tuple) else -1
-            depthwise = m.groups == m.in_channels == m.out_channels and m.groups > 1
+            # grouped convs of any kind (depthwise, ResNeXt's, ShuffleNet's 1x1): each filter's kernels index
+            # the channels of its own group (plan_conv), so no kernel outside it is ever read
             ok = (m.padding_mode == "zeros" and m.dilation == (1, 1) and m.stride[0] == m.stride[1]
                   and m.padding[0] == m.padding[1] and isinstance(m.padding[0], int)
                   and m.kernel_size[0] == m.kernel_size[1] and k_ in (1, 3, 5, 7) and s_ in (1, 2)
-                  and 0 <= p_ <= k_ // 2
-                  and (m.groups == 1 or depthwise))
+                  and 0 <= p_ <= k_ // 2)
             if not ok:
                 fallback(node, "no generated kernel for this conv shape: oneDNN")
                 op_ = ops[-1]
