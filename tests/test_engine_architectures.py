@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from engine_util import randomize_bn
 from sparseforge.engine import compile
 from sparseforge.engine.testing import compare_outputs, with_nonfinite
+from sparseforge.models.imagenet import Bottleneck
 
 
 def _shuffle(x, groups):
@@ -287,28 +288,8 @@ class UNetStyle(nn.Module):
         return self.u(torch.cat([a, up], dim=1))
 
 
-class ResNeXtBlock(nn.Module):
-    """torchvision's Bottleneck with ``groups`` (ResNeXt-50 32x4d: width = planes * base_width / 64 * groups)."""
-
-    def __init__(self, cin, width, groups, cout, stride):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                           if stride != 1 or cin != cout else None)
-
-    def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
+def _proj(cin, cout, stride):
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
 
 class ResNeXt(nn.Module):
@@ -316,8 +297,10 @@ class ResNeXt(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 32, 7, 2, 3, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
                                   nn.MaxPool2d(3, 2, 1))
-        self.layer1 = nn.Sequential(ResNeXtBlock(32, 64, 16, 64, 1), ResNeXtBlock(64, 64, 16, 64, 1))
-        self.layer2 = nn.Sequential(ResNeXtBlock(64, 128, 32, 128, 2))
+        # the zoo's bottleneck (torchvision's) with groups: width = planes * base_width / 64 * groups
+        self.layer1 = nn.Sequential(Bottleneck(32, 16, 1, _proj(32, 64, 1), groups=16, base_width=16),
+                                    Bottleneck(64, 16, groups=16, base_width=16))
+        self.layer2 = nn.Sequential(Bottleneck(64, 32, 2, _proj(64, 128, 2), groups=32, base_width=8))
         self.fc = nn.Linear(128, 10)
 
     def forward(self, x):

@@ -100,6 +100,7 @@ TORCHVISION = {   # parameter counts of torchvision's models, and keys its state
     "resnet18": (11_689_512, 122, ["conv1.weight", "layer2.0.downsample.0.weight", "layer4.1.bn2.running_var", "fc.bias"]),
     "resnet34": (21_797_672, 218, ["layer3.5.conv2.weight", "layer4.0.downsample.1.num_batches_tracked"]),
     "resnet50": (25_557_032, 320, ["layer1.0.downsample.0.weight", "layer4.2.bn3.running_var", "layer2.3.conv3.weight"]),
+    "resnext50_32x4d": (25_028_904, 320, ["layer1.0.conv2.weight", "layer4.2.bn3.running_var", "fc.weight"]),
     "vgg16_bn": (138_365_992, 97, ["features.0.bias", "features.1.running_mean", "features.41.weight",
                                    "classifier.0.weight", "classifier.3.weight", "classifier.6.bias"]),
     "mobilenet_v2": (3_504_872, 314, ["features.0.0.weight", "features.1.conv.0.0.weight", "features.1.conv.1.weight",

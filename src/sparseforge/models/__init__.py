@@ -17,7 +17,7 @@ from ..errors import CheckpointError, SparseforgeError
 from ..registry import Registry
 from .cifar_resnet import BasicBlock, CifarResNet, PadShortcut
 from .ghostnet import GhostBottleneck, GhostModule, GhostNet
-from .imagenet import MobileNetV2ImageNet, ResNet, VGGImageNet, resnet18, resnet34, resnet50
+from .imagenet import MobileNetV2ImageNet, ResNet, VGGImageNet, resnet18, resnet34, resnet50, resnext50_32x4d
 from .mobilenetv2 import MobileNetV2
 from .reparam import REPARAMETERIZABLE, RepVGGBlock, reparameterizable, reparameterize
 from .repghost import RepGhostBottleneck, RepGhostModule, RepGhostNet
@@ -39,6 +39,7 @@ MODELS.register("smallcnn", lambda num_classes=10, **kw: SmallCNN(num_classes=nu
 MODELS.register("resnet18", lambda num_classes=1000: resnet18(num_classes))
 MODELS.register("resnet34", lambda num_classes=1000: resnet34(num_classes))
 MODELS.register("resnet50", lambda num_classes=1000: resnet50(num_classes))
+MODELS.register("resnext50_32x4d", lambda num_classes=1000: resnext50_32x4d(num_classes))
 MODELS.register("vgg16_bn", lambda num_classes=1000, **kw: VGGImageNet(num_classes=num_classes, **kw))
 MODELS.register("mobilenet_v2", lambda num_classes=1000, **kw: MobileNetV2ImageNet(num_classes=num_classes, **kw))
 
@@ -276,6 +277,7 @@ def load_model(path: str | Path) -> nn.Module:
 __all__ = [
     "MODELS", "create_model", "model_from_spec", "spec_from_metadata", "load_weights", "load_model", "save_weights", "read_state_dict", "list_models", "model_spec",
     "CifarResNet", "BasicBlock", "PadShortcut", "VGG", "MobileNetV2", "SmallCNN", "ResNet", "VGGImageNet",
+    "resnet18", "resnet34", "resnet50", "resnext50_32x4d",
     "MobileNetV2ImageNet", "RepGhostNet", "RepGhostModule", "RepGhostBottleneck", "GhostNet", "GhostModule",
     "GhostBottleneck", "RepVGGBlock", "reparameterize",
     "reparameterizable", "REPARAMETERIZABLE",

@@ -1,9 +1,9 @@
 """ImageNet-size networks with torchvision's module names, so a torchvision ``state_dict`` loads strictly.
 
-ResNet-18/34/50 (v1.5: the bottleneck strides in its 3x3 conv), VGG-16-BN and MobileNetV2 for 224x224 inputs.
-torchvision itself is not a dependency: the layouts are rebuilt here and pinned by tests on parameter counts and
-key names (torchvision: resnet18 11,689,512 parameters, resnet34 21,797,672, resnet50 25,557,032, vgg16_bn
-138,365,992, mobilenet_v2 3,504,872).
+ResNet-18/34/50 (v1.5: the bottleneck strides in its 3x3 conv), ResNeXt-50 32x4d, VGG-16-BN and MobileNetV2 for
+224x224 inputs. torchvision itself is not a dependency: the layouts are rebuilt here and pinned by tests on
+parameter counts and key names (torchvision: resnet18 11,689,512 parameters, resnet34 21,797,672, resnet50
+25,557,032, resnext50_32x4d 25,028,904, vgg16_bn 138,365,992, mobilenet_v2 3,504,872).
 """
 
 from __future__ import annotations
@@ -37,15 +37,18 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
+    """``groups`` / ``base_width``: ResNeXt's grouped 3x3 (torchvision's width = planes * base_width / 64 * groups)."""
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 groups: int = 1, base_width: int = 64):
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
@@ -62,9 +65,12 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, block: type, layers: tuple[int, ...], num_classes: int = 1000):
+    def __init__(self, block: type, layers: tuple[int, ...], num_classes: int = 1000, groups: int = 1,
+                 width_per_group: int = 64):
         super().__init__()
         self.inplanes = 64
+        # (bottleneck blocks only, as in torchvision)
+        self.block_kw = {} if groups == 1 and width_per_group == 64 else {"groups": groups, "base_width": width_per_group}
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
@@ -84,9 +90,9 @@ class ResNet(nn.Module):
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
                                        nn.BatchNorm2d(planes * block.expansion))
-        layers = [block(self.inplanes, planes, stride, downsample)]
+        layers = [block(self.inplanes, planes, stride, downsample, **self.block_kw)]
         self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        layers += [block(self.inplanes, planes, **self.block_kw) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -178,3 +184,7 @@ def resnet34(num_classes: int = 1000) -> ResNet:
 
 def resnet50(num_classes: int = 1000) -> ResNet:
     return ResNet(Bottleneck, (3, 4, 6, 3), num_classes)
+
+
+def resnext50_32x4d(num_classes: int = 1000) -> ResNet:
+    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, groups=32, width_per_group=4)
