@@ -862,10 +862,10 @@ def test_kernel_entry_prefetch_changes_no_bit(isa, mode):
                     c.weight.mul_((torch.rand_like(c.weight) < 0.2).float())
         marks = ("__builtin_prefetch(w + e + 8)",)
     x = with_nonfinite(torch.randn(3, 3, 14, 15), seed=5)
+    knob, conv_mode = {"gather": ("gather_prefetch", "gather"), "packed1": ("packed1_prefetch", "auto")}[mode]
     outs = []
     for d in (0, 8):
-        knob = {"gather": "gather_prefetch", "packed1": "packed1_prefetch"}[mode]
-        e, st = compile(m, x[:1], threads=2, isa=isa, conv_mode="gather" if mode == "gather" else "auto", return_stages=True,
+        e, st = compile(m, x[:1], threads=2, isa=isa, conv_mode=conv_mode, return_stages=True,
                         plan_options=PlanOptions(**{knob: d}))
         assert any(c.mode == mode for c in st.plan.convs.values())
         assert any(mk in st.source for mk in marks) == (d == 8)

@@ -139,8 +139,8 @@ class PlanOptions:
     # process streaming memory beside them evicts from the L3. Session 45, Zen 4, b1, same process, alternating,
     # one thread with bench/memory_contention.py's streaming process on the other core: ResNet-50 8x at 224
     # 32.6 -> 30.1 ms (256 entries: 31.0), quiet 1.00x; two threads, quiet: ResNet-50 1.017x, MobileNetV2 1.017x,
-    # ResNet-50 built for AVX2 1.014x. (Prefetching flat tiles' next-tile input and output
-    # planes the same way changed nothing beyond noise: 0.99-1.02x quiet and beside the process, not kept)
+    # ResNet-50 built for AVX2 1.014x. (Prefetching flat tiles' next-tile input and output planes the same way
+    # changed nothing beyond noise: 0.99-1.02x quiet and beside the process, not kept)
     packed1_prefetch: int = 64
     # 16-register hosts: packed rows (packed 1x1, gather, fused blocks) in 8-lane vectors, chains cut to keep 12
     # accumulators (16-lane ones are two registers each, and 4 chains of a 7x7 map's 4 vectors spilled)
