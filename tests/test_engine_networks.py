@@ -1601,3 +1601,56 @@ def test_grouped_convs_run_natively(isa):
             with torch.inference_mode():
                 ok, why = compare_outputs(e(x), m(x), sparse=False)
             assert ok, (hw, cin, cout, g, k, s, p, why)
+
+
+# (kernel, dilation, padding, stride, groups: 0 = depthwise) of the dilated and non-square convs the engine runs
+# embedded in a square kernel: DeepLab's atrous 3x3s, Inception's 1x7/7x1 and 1x3/3x1, mixed dilation, a
+# padding under the dilated kernel's half (smaller output), an even dilated kernel, stride 2 (phase split)
+_EMBEDDED = [((3, 3), (2, 2), (2, 2), 1, 1), ((3, 3), (3, 3), (3, 3), 1, 1), ((3, 3), (2, 2), (2, 2), 2, 1),
+             ((3, 3), (2, 2), (2, 2), 1, 0), ((3, 3), (2, 2), (2, 2), 2, 0), ((1, 7), (1, 1), (0, 3), 1, 1),
+             ((7, 1), (1, 1), (3, 0), 1, 1), ((1, 3), (1, 1), (0, 1), 1, 1), ((3, 1), (1, 1), (1, 0), 2, 1),
+             ((1, 5), (1, 1), (0, 2), 1, 0), ((3, 3), (2, 2), (1, 1), 1, 1), ((3, 3), (2, 1), (2, 1), 1, 1),
+             ((2, 2), (2, 2), (1, 1), 1, 1), ((3, 3), (2, 2), (2, 2), 1, 4), ((1, 7), (1, 1), (0, 3), 2, 1)]
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+def test_dilated_and_non_square_convs_run_natively(isa):
+    """Dilated and non-square convs run in the generated kernels, embedded in a square kernel whose other taps are
+    structural zeros. PyTorch never reads the pixels under those taps, so no mode may multiply them: a NaN there
+    must not reach the output (strict NaN placement, the conv first so the NaN sits under the zeros). Every
+    kernel mode the planner may pick (auto, and direct and blocked forced) is checked."""
+    if isa == "avx2":
+        _skip_without_avx2()
+    torch.manual_seed(7)
+    for hw, modes in (((9, 13), ("auto", "direct", "blocked")), ((30, 28), ("auto",))):
+        for (k, d, p, s, g) in _EMBEDDED:
+            cin, cout = 16, (16 if g == 0 else 24)
+            m = randomize_bn(nn.Sequential(nn.Conv2d(cin, cout, k, s, p, d, g or cin), nn.BatchNorm2d(cout),
+                                           nn.ReLU(), nn.Conv2d(cout, 5, 1)).eval())
+            x = with_nonfinite(torch.randn(3, cin, *hw), seed=sum(k) + s)
+            for mode in modes:
+                e = compile(m, x[:1], threads=2, isa=isa, conv_mode=mode)
+                assert all(op["native"] for op in e.spec["ops"]), (k, d, p, s, g, e.summary(profile=False))
+                with torch.inference_mode():
+                    ok, why = compare_outputs(e(x), m(x), sparse=False)
+                assert ok, (hw, k, d, p, s, g, mode, why)
+
+
+def test_conv_embedding_is_exact_or_refused():
+    """embed_conv places the kernel where it reads the pixels the original reads, records its taps, and refuses
+    what no square kernel of a native size reproduces for every input size."""
+    from sparseforge.engine.trace import embed_conv
+    w = torch.randn(4, 3, 1, 7)
+    wk, pad, e = embed_conv((1, 7), (1, 1), (0, 3), w)
+    assert wk.shape == (4, 3, 7, 7) and pad == 3 and torch.equal(e.original(wk), w)
+    assert e.taps(7) == tuple(range(21, 28)) and int((wk != 0).sum()) == int((w != 0).sum())
+    wk, pad, e = embed_conv((3, 3), (3, 3), (3, 3), torch.randn(2, 2, 3, 3))
+    assert wk.shape[2:] == (7, 7) and pad == 3 and e.taps(7) == (0, 3, 6, 21, 24, 27, 42, 45, 48)
+    assert embed_conv((1, 3), (1, 1), (0, 0), w[..., :3]) is None          # 1-row taller output than wide
+    assert embed_conv((3, 3), (4, 4), (4, 4), torch.randn(1, 1, 3, 3)) is None   # a 9x9 reach
+    x = torch.randn(1, 3, 11, 10)
+    for (k, d, p) in [((1, 7), (1, 1), (0, 3)), ((3, 3), (2, 2), (1, 1)), ((3, 1), (2, 1), (2, 0))]:
+        w = torch.randn(4, 3, *k)
+        wk, pad, _ = embed_conv(k, d, p, w)
+        for s in (1, 2):
+            assert torch.allclose(F.conv2d(x, wk, None, s, pad), F.conv2d(x, w, None, s, p, d), atol=1e-5), (k, d, s)

@@ -1058,7 +1058,8 @@ class Int8Engine:
                 pre.append(make_op(K_PHASE, S(ins[0]), -1, S(mid), [self._view(ins[0]), (0, 0, 0, 0),
                                                                    self._view(mid)], (gm.c, gm.h, gm.w),
                                    [s_, pd, gi.h, gi.w]))
-                op = dataclasses.replace(op, inputs=[mid], weight=w2.contiguous().float(), stride=1, padding=0)
+                op = dataclasses.replace(op, inputs=[mid], weight=w2.contiguous().float(), stride=1, padding=0,
+                                         embed=op.embed if s_ == 1 else None)
                 q = dataclasses.replace(q, weight=w2.contiguous())
                 what = "phase split + "
             gin = self.geom[mid]

@@ -78,7 +78,15 @@ def run_op(op: Op, env: dict[int, torch.Tensor], out_shape: tuple[int, ...] = ()
     """Op ``op`` on the values in ``env``; ``out_shape`` (per image) is read by the phase split only."""
     x = env[op.inputs[0]] if op.inputs else None
     if isinstance(op, ConvOp):
-        y = F.conv2d(x, op.weight, op.bias, op.stride, op.padding, 1, op.groups)
+        if op.embed is not None:
+            # the original dilated / non-square kernel, so the pixels under the structural zeros are never read
+            e, pd = op.embed, op.padding
+            k = op.weight.shape[2]
+            ho, wo = ((n + 2 * pd - k) // op.stride + 1 for n in x.shape[2:])
+            xp = F.pad(x, (pd, pd, pd, pd))[:, :, e.top:, e.left:]
+            y = F.conv2d(xp, e.original(op.weight), op.bias, op.stride, 0, (e.dh, e.dw), op.groups)[:, :, :ho, :wo]
+        else:
+            y = F.conv2d(x, op.weight, op.bias, op.stride, op.padding, 1, op.groups)
         if op.residual is not None:
             y = y + residual_term(op, env[op.residual], y.shape[1])
         return activation(op.act, y)

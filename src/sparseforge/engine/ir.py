@@ -38,6 +38,34 @@ class Op:
         return self.kind
 
 
+@dataclasses.dataclass(frozen=True)
+class Embed:
+    """A dilated or non-square kernel placed in the op's square one (``trace.embed_conv``), so every kernel mode
+    runs it as a K x K conv whose other taps are structural zeros. PyTorch never reads the pixels under those
+    taps, so no mode may multiply them (a NaN or Inf there would spread): ``taps`` is what a mode may run."""
+
+    kh: int                           # the original kernel, dilation and padding
+    kw: int
+    dh: int
+    dw: int
+    ph: int
+    pw: int
+    top: int                          # its first tap's place in the K x K kernel
+    left: int
+
+    def taps(self, k: int) -> tuple[int, ...]:
+        return tuple(sorted((self.top + i * self.dh) * k + self.left + j * self.dw
+                            for i in range(self.kh) for j in range(self.kw)))
+
+    def original(self, w: torch.Tensor) -> torch.Tensor:
+        return w[:, :, self.top:self.top + self.dh * (self.kh - 1) + 1:self.dh,
+                 self.left:self.left + self.dw * (self.kw - 1) + 1:self.dw]
+
+    def describe(self) -> str:
+        d = f" d{self.dh}" if self.dh == self.dw else f" d{self.dh}x{self.dw}"
+        return f"{self.kh}x{self.kw}{d if max(self.dh, self.dw) > 1 else ''} p{self.ph},{self.pw}"
+
+
 @dataclasses.dataclass
 class ConvOp(Op):
     weight: torch.Tensor = None       # (O, I/groups, kh, kw), BN and masks folded in
@@ -54,13 +82,21 @@ class ConvOp(Op):
     # > 1 after phase lowering: input channels c, c + tap_period, ... are one phase and share the taps that
     # exist (the rest are zeros PyTorch never multiplies: a kernel may not run them, or a NaN would spread)
     tap_period: int = 1
+    embed: Embed | None = None        # a dilated or non-square kernel in this square one
 
     kind = "conv"
+
+    def taps(self) -> tuple[int, ...]:
+        """The taps a kernel mode may run: all of the kernel's, or an embedded kernel's own."""
+        k = self.weight.shape[2]
+        return self.embed.taps(k) if self.embed is not None else tuple(range(k * self.weight.shape[3]))
 
     def describe(self) -> str:
         o, i, kh, kw = self.weight.shape
         nz = int((self.weight != 0).sum())
         parts = [f"conv{kh}x{kw} {i * self.groups}->{o} s{self.stride} p{self.padding}"]
+        if self.embed is not None:
+            parts.append(f"(embeds {self.embed.describe()})")
         if self.groups > 1:
             parts.append(f"g{self.groups}")
         parts.append(f"density {nz / self.weight.numel():.3f}")

@@ -679,7 +679,8 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     _, ho, wo = out_shape
     P = op.tap_period if merge_phases else 1
     ig //= P
-    taps_all = tuple(range(P * kh * kw))
+    # an embedded kernel's structural zeros are never a tap: merged kernel shapes only add taps it has
+    taps_all = tuple(range(P * kh * kw)) if P > 1 else op.taps()
     w9 = w.reshape(o, ig, P * kh * kw).numpy()
     # kernel list: (filter, input channel, tap set), filter-major; tap sets as bit codes (numpy: a 512x512
     # layer has 262k kernels, too many for per-kernel tensor ops)
@@ -732,7 +733,7 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
         codes = np.bitwise_or.reduce(codes.reshape(o, G, ig), axis=1)
         kf, ki, kc, shapes, kshape, work = _kernel_shapes(codes, taps_all, op.tap_period > 1, opts.max_shapes)
         work = work * G
-        w9 = np.ascontiguousarray(w9.reshape(o, G, ig, len(taps_all)).transpose(0, 2, 3, 1))   # (groups, cin, taps, G)
+        w9 = np.ascontiguousarray(w9.reshape(o, G, ig, w9.shape[2]).transpose(0, 2, 3, 1))   # (groups, cin, taps, G)
     # per shape: its kernels as arrays, filter-major (input channel ascending within a filter)
     per: list[KernelRuns] = []
     for j, s in enumerate(shapes):
@@ -960,7 +961,7 @@ def dw_rows_ok(op: ConvOp, cin: int, wo: int, opts: PlanOptions, vec: int, wide:
     take them: direct mode reads at most a one-pixel border)."""
     o, ig, kh, kw = op.weight.shape
     if not (opts.dw_rows and wide and op.groups == cin == o and ig == 1 and kh == kw and op.padding == kh // 2
-            and op.tap_period == 1 and (op.residual is None or op.res_kind == "identity")):
+            and op.tap_period == 1 and op.embed is None and (op.residual is None or op.res_kind == "identity")):
         return False
     if op.stride == 1:
         return kh == 3 and small_w(vec) < wo <= opts.dw_rows_s1_max_width
@@ -1169,10 +1170,11 @@ def _plan_blocked(op: ConvOp, in_shape, out_shape, blob: Blob, threads: int, lin
     bias[:o] = op.bias.numpy()
     p.blocked, p.blk_f, p.blk_nb = True, F, nb
     # taps per channel phase: those non-zero in some filter for some channel of the phase (a phase-lowered
-    # conv's structural zeros are never multiplied; with tap_period 1, every tap of every channel)
+    # conv's structural zeros are never multiplied; with tap_period 1, every tap of every channel, an embedded
+    # kernel's own taps only)
     g = op.tap_period if cin % op.tap_period == 0 else 1
     nzt = (w9 != 0).any(0)                                     # (cin, kk)
-    p.blk_taps = [tuple(int(t) for t in np.nonzero(nzt[r::g].any(0))[0]) if g > 1 else tuple(range(kk))
+    p.blk_taps = [tuple(int(t) for t in np.nonzero(nzt[r::g].any(0))[0]) if g > 1 else op.taps()
                   for r in range(g)]
     p.blk_w_off = blob.add_f(packed, align=16)
     p.blk_b_off = p.bias_off = blob.add_f(bias, align=16)
@@ -1424,7 +1426,8 @@ def fusable_blocks(graph: Graph, packed1_max: int = DEFAULT_OPTIONS.packed1_max,
               and a.weight.shape[2:] == (1, 1) and a.groups == 1 and a.stride == 1 and a.padding == 0
               and a.residual is None
               and b.inputs[0] == a.output and b.weight.shape[2:] == (3, 3) and b.stride == 1 and b.padding == 1
-              and b.groups == b.weight.shape[0] == a.weight.shape[0] and b.weight.shape[1] == 1 and b.residual is None
+              and b.embed is None and b.groups == b.weight.shape[0] == a.weight.shape[0] and b.weight.shape[1] == 1
+              and b.residual is None
               and c.inputs[0] == b.output and c.weight.shape[2:] == (1, 1) and c.groups == 1 and c.stride == 1
               and c.padding == 0 and (c.residual is None or c.res_kind == "identity")
               and a.output not in used and b.output not in used
@@ -1683,8 +1686,10 @@ def lower(graph: Graph, opts: PlanOptions = DEFAULT_OPTIONS, vec: int = VEC, wid
                 w2 = w
             values[nid] = Value(nid, (c * s * s, ho + kp - 1, wo + kp - 1), f"{op.name}.phase")
             ops.append(PhaseOp(f"{op.name}.phase", [op.inputs[0]], nid, stride=s, padding=pd))
+            # (an embedded kernel keeps its taps through a stride-1 split; a stride-2 one's phase kernels run
+            # only taps some weight of the phase has, as a strided stem's do)
             ops.append(dataclasses.replace(op, inputs=[nid], weight=w2.contiguous(), stride=1, padding=0,
-                                           tap_period=s * s))
+                                           tap_period=s * s, embed=op.embed if s == 1 else None))
             nid += 1
             continue
         ops.append(op)
@@ -1753,7 +1758,7 @@ def fusable_bands(graph: Graph, taken: set[int], min_pixels: int) -> list[tuple[
         mid = a.weight.shape[0]
         if not (b.inputs[0] == a.output and b.weight.shape == (mid, 1, 3, 3) and b.groups == mid
                 and b.stride in (1, 2) and b.padding == 1 and b.residual is None and b.tap_period == 1
-                and a.output not in outs and len(graph.users(a.output)) == 1):
+                and b.embed is None and a.output not in outs and len(graph.users(a.output)) == 1):
             continue
         _, ho, wo = graph.values[b.output].shape
         if ho * wo <= min_pixels:

@@ -22,9 +22,34 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import SparseforgeError
 from ..models.cifar_resnet import PadShortcut
-from .ir import ConcatOp, ConvOp, EltwiseOp, FlattenOp, GapOp, Graph, LinearOp, Op, PoolOp, TorchOp, Value
+from .ir import ConcatOp, ConvOp, EltwiseOp, Embed, FlattenOp, GapOp, Graph, LinearOp, Op, PoolOp, TorchOp, Value
 
 _LEAVES = (PadShortcut,)
+
+
+NATIVE_K = (1, 3, 5, 7)     # square kernel sizes the generated convs run
+
+
+def embed_conv(kernel: tuple[int, int], dilation: tuple[int, int], padding: tuple[int, int],
+               weight: torch.Tensor) -> tuple[torch.Tensor, int, Embed] | None:
+    """A dilated or non-square conv (DeepLab's atrous 3x3s, Inception's 1x7/7x1) as a square K x K conv with
+    padding P whose other taps are zeros, or None when no such K in ``NATIVE_K`` exists. Output (y, x) of the
+    original reads input (y*s - ph + i*dh, x*s - pw + j*dw); placed at (top + i*dh, left + j*dw) in the square
+    kernel it reads (y*s - P + top + i*dh, ...), the same pixel for top = P - ph, left = P - pw. The outputs are
+    the same size for every input size only if K - 2P = eh - 2ph = ew - 2pw (eh, ew: the dilated extents). The
+    structural zeros are recorded (``Embed``) so no kernel mode runs them: PyTorch never reads those pixels."""
+    (kh, kw), (dh, dw), (ph, pw) = kernel, dilation, padding
+    eh, ew = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    if eh - 2 * ph != ew - 2 * pw or min(ph, pw) < 0:
+        return None
+    P = max(ph, pw)
+    K = eh - 2 * ph + 2 * P
+    if K not in NATIVE_K or P > K // 2 or P - ph + eh > K or P - pw + ew > K:
+        return None
+    e = Embed(kh, kw, dh, dw, ph, pw, P - ph, P - pw)
+    w = torch.zeros(weight.shape[0], weight.shape[1], K, K, dtype=weight.dtype)
+    w[:, :, e.top:e.top + eh:dh, e.left:e.left + ew:dw] = weight
+    return w, P, e
 
 
 class FallbackConv(nn.Module):
@@ -513,14 +538,14 @@ def build_ir(gm: fx.GraphModule) -> Graph:
             # 1x1, 3x3, 5x5 and 7x7, stride 1 or 2, padding up to half the kernel: padding past the layout's
             # one-pixel border and kernels over 3x3 with stride 2 are lowered (plan.lower: a PhaseOp + an
             # unpadded stride-1 conv; a depthwise one becomes a grouped conv of s*s phase channels per group)
-            k_, s_, p_ = m.kernel_size[0], m.stride[0], m.padding[0] if isinstance(m.padding, tuple) else -1
             # grouped convs of any kind (depthwise, ResNeXt's, ShuffleNet's 1x1): each filter's kernels index
-            # the channels of its own group (plan_conv), so no kernel outside it is ever read
-            ok = (m.padding_mode == "zeros" and m.dilation == (1, 1) and m.stride[0] == m.stride[1]
-                  and m.padding[0] == m.padding[1] and isinstance(m.padding[0], int)
-                  and m.kernel_size[0] == m.kernel_size[1] and k_ in (1, 3, 5, 7) and s_ in (1, 2)
-                  and 0 <= p_ <= k_ // 2)
-            if not ok:
+            # the channels of its own group (plan_conv), so no kernel outside it is ever read. Dilated and
+            # non-square kernels run embedded in a square one (embed_conv)
+            emb = None
+            if (m.padding_mode == "zeros" and m.stride[0] == m.stride[1] and m.stride[0] in (1, 2)
+                    and isinstance(m.padding, tuple)):
+                emb = embed_conv(m.kernel_size, m.dilation, m.padding, w)
+            if emb is None:
                 fallback(node, "no generated kernel for this conv shape: oneDNN")
                 op_ = ops[-1]
                 op_.target = FallbackConv(m, w, b)
@@ -528,8 +553,9 @@ def build_ir(gm: fx.GraphModule) -> Graph:
                 op_.call = "module"
                 continue
             out = new_value(node)
-            op = ConvOp(node.target, [src], out, weight=w, bias=b, stride=m.stride[0], padding=m.padding[0],
-                        groups=m.groups, folded=folded)
+            w, pad, e = emb
+            op = ConvOp(node.target, [src], out, weight=w, bias=b, stride=m.stride[0], padding=pad,
+                        groups=m.groups, folded=folded, embed=e if w.shape[2:] != m.weight.shape[2:] else None)
             ops.append(op)
             producer[out] = op
             continue
