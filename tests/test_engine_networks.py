@@ -1531,9 +1531,9 @@ def test_arithmetic_with_numbers_runs_natively():
 
 @pytest.mark.parametrize("isa", ["native", "avx2"])
 def test_functional_and_ceil_mode_pools_run_natively(isa):
-    """``F.max_pool2d`` / ``F.avg_pool2d`` run as the pool modules do, and max pools with ``ceil_mode`` natively:
-    the windows past the map's end are clipped like padding (SqueezeNet's and GoogLeNet's pools). An average with
-    ceil_mode stays PyTorch's (its divisor there counts padding but not the overhang)."""
+    """``F.max_pool2d`` / ``F.avg_pool2d`` run as the pool modules do, and pools with ``ceil_mode`` natively: the
+    windows past the map's end are clipped like padding (SqueezeNet's and GoogLeNet's pools); an average's divisor
+    there counts the padding but not the overhang, as PyTorch's does."""
     if isa == "avx2":
         _skip_without_avx2()
     torch.manual_seed(4)
@@ -1541,23 +1541,22 @@ def test_functional_and_ceil_mode_pools_run_natively(isa):
              for ceil in (False, True) for fn in (False, True)]
     for hw in ((7, 8), (13, 13), (30, 33)):
         for k, s, p, ceil, fn in cases:
-            pool = ((lambda t, k=k, s=s, p=p, c=ceil: F.max_pool2d(t, k, s, p, ceil_mode=c)) if fn
-                    else nn.MaxPool2d(k, s, p, ceil_mode=ceil))
-            m = nn.Sequential(nn.Conv2d(3, 5, 3, 1, 1), _Lambda(pool), nn.Conv2d(5, 4, 3, 1, 1)).eval()
-            x = with_nonfinite(torch.randn(2, 3, *hw), seed=k + s)
-            e = compile(m, x[:1], threads=2, isa=isa)
-            assert all(op["native"] for op in e.spec["ops"]), (k, s, p, ceil, fn, e.summary(profile=False))
-            with torch.inference_mode():
-                ok, why = compare_outputs(e(x), m(x), sparse=False)
-            assert ok, (hw, k, s, p, ceil, fn, why)
-    m = nn.Sequential(nn.Conv2d(3, 5, 3, 1, 1), _Lambda(lambda t: F.avg_pool2d(t, 3, 2, 1, ceil_mode=True)),
-                      nn.Conv2d(5, 4, 3, 1, 1)).eval()
-    x = torch.randn(2, 3, 8, 8)
-    e = compile(m, x[:1], threads=2, isa=isa)
-    assert [op["native"] for op in e.spec["ops"]] == [True, False, True]
-    with torch.inference_mode():
-        ok, why = compare_outputs(e(x), m(x), sparse=False)
-    assert ok, why
+            for mode in ("max",) + (("avg", "avg_excl") if ceil and not fn else ()):
+                if mode == "max":
+                    pool = ((lambda t, k=k, s=s, p=p, c=ceil: F.max_pool2d(t, k, s, p, ceil_mode=c)) if fn
+                            else nn.MaxPool2d(k, s, p, ceil_mode=ceil))
+                else:
+                    inc = mode == "avg"
+                    pool = ((lambda t, k=k, s=s, p=p, c=ceil, i=inc: F.avg_pool2d(t, k, s, p, ceil_mode=c,
+                                                                                   count_include_pad=i)) if fn
+                            else nn.AvgPool2d(k, s, p, ceil_mode=ceil, count_include_pad=inc))
+                m = nn.Sequential(nn.Conv2d(3, 5, 3, 1, 1), _Lambda(pool), nn.Conv2d(5, 4, 3, 1, 1)).eval()
+                x = with_nonfinite(torch.randn(2, 3, *hw), seed=k + s)
+                e = compile(m, x[:1], threads=2, isa=isa)
+                assert all(op["native"] for op in e.spec["ops"]), (k, s, p, ceil, fn, mode, e.summary(profile=False))
+                with torch.inference_mode():
+                    ok, why = compare_outputs(e(x), m(x), sparse=False)
+                assert ok, (hw, k, s, p, ceil, fn, mode, why)
 
 
 class _Lambda(nn.Module):
@@ -1617,11 +1616,13 @@ _EMBEDDED = [((3, 3), (2, 2), (2, 2), 1, 1), ((3, 3), (3, 3), (3, 3), 1, 1), ((3
 def test_dilated_and_non_square_convs_run_natively(isa):
     """Dilated and non-square convs run in the generated kernels, embedded in a square kernel whose other taps are
     structural zeros. PyTorch never reads the pixels under those taps, so no mode may multiply them: a NaN there
-    must not reach the output (strict NaN placement, the conv first so the NaN sits under the zeros). Every
-    kernel mode the planner may pick (auto, and direct and blocked forced) is checked."""
+    must not reach the output (strict NaN placement, the conv first so the NaN sits under the zeros). Dense
+    weights, forced native (embed_max_density 1), in every kernel mode the planner may pick (auto, and direct and
+    blocked forced); then the defaults: a sparse one native, a dense one in oneDNN, saying so."""
     if isa == "avx2":
         _skip_without_avx2()
     torch.manual_seed(7)
+    every = PlanOptions(embed_max_density=1.0)
     for hw, modes in (((9, 13), ("auto", "direct", "blocked")), ((30, 28), ("auto",))):
         for (k, d, p, s, g) in _EMBEDDED:
             cin, cout = 16, (16 if g == 0 else 24)
@@ -1629,11 +1630,21 @@ def test_dilated_and_non_square_convs_run_natively(isa):
                                            nn.ReLU(), nn.Conv2d(cout, 5, 1)).eval())
             x = with_nonfinite(torch.randn(3, cin, *hw), seed=sum(k) + s)
             for mode in modes:
-                e = compile(m, x[:1], threads=2, isa=isa, conv_mode=mode)
+                e = compile(m, x[:1], threads=2, isa=isa, conv_mode=mode, plan_options=every)
                 assert all(op["native"] for op in e.spec["ops"]), (k, d, p, s, g, e.summary(profile=False))
                 with torch.inference_mode():
                     ok, why = compare_outputs(e(x), m(x), sparse=False)
                 assert ok, (hw, k, d, p, s, g, mode, why)
+            e = compile(m, x[:1], threads=2, isa=isa)
+            assert [op["native"] for op in e.spec["ops"]][:1] == [False], (k, d, p, s, g)
+            assert "dense dilated or non-square conv: oneDNN" in e.summary(profile=False)
+            with torch.no_grad():           # 1 in 4 weights kept
+                m[0].weight.view(-1)[torch.randperm(m[0].weight.numel())[m[0].weight.numel() // 4:]] = 0
+            e = compile(m, x[:1], threads=2, isa=isa)
+            assert all(op["native"] for op in e.spec["ops"]), (k, d, p, s, g, e.summary(profile=False))
+            with torch.inference_mode():
+                ok, why = compare_outputs(e(x), m(x), sparse=True)
+            assert ok, (hw, k, d, p, s, g, "sparse", why)
 
 
 def test_conv_embedding_is_exact_or_refused():
@@ -1654,3 +1665,71 @@ def test_conv_embedding_is_exact_or_refused():
         wk, pad, _ = embed_conv(k, d, p, w)
         for s in (1, 2):
             assert torch.allclose(F.conv2d(x, wk, None, s, pad), F.conv2d(x, w, None, s, p, d), atol=1e-5), (k, d, s)
+
+
+class _ConstArith(nn.Module):
+    """A map and a constant tensor of one value per channel (a parameter or buffer read in forward: ConvNeXt's
+    and CaiT's layer scale, a normalisation written out), after a conv (folded into it) or after an activation."""
+
+    def __init__(self, c, kind):
+        super().__init__()
+        self.kind = kind
+        self.conv, self.conv2 = nn.Conv2d(c, c, 3, 1, 1), nn.Conv2d(c, c, 1)
+        self.gamma = nn.Parameter(torch.linspace(-1.5, 1.5, c).view(c, 1, 1))
+        self.g4 = nn.Parameter(torch.linspace(0.5, 2.5, c).view(1, c, 1, 1))
+        self.s = nn.Parameter(torch.tensor(0.7))
+        self.register_buffer("mu", torch.randn(1, c, 1, 1))
+
+    def forward(self, x):
+        y, k = self.conv(x), self.kind
+        if k == "after_act":
+            y = torch.relu(y)
+        if k in ("mul", "after_act"):
+            y = y * self.gamma
+        elif k == "mul_left":
+            y = self.g4 * y
+        elif k == "sub_div":
+            y = (y - self.mu) / self.g4
+        elif k == "rsub":
+            y = self.mu - y
+        elif k == "one_number":
+            y = y * self.s
+        elif k == "in_place":
+            y = y.mul_(self.gamma)
+        elif k == "residual":
+            y = x + self.gamma * y
+        return self.conv2(torch.relu(y))
+
+
+def test_per_channel_constants_run_natively():
+    """A map times, plus, minus or divided by a constant with one value per channel runs natively: folded into the
+    conv before it as a BatchNorm is, else as a per-channel affine. A constant of another shape would broadcast
+    along other axes and stays a fallback."""
+    kinds = ["mul", "mul_left", "sub_div", "rsub", "one_number", "in_place", "residual", "after_act"]
+    for i, kind in enumerate(kinds):
+        m = _ConstArith(12, kind).eval()
+        x = with_nonfinite(torch.randn(2, 12, 9, 11), seed=i)
+        e = compile(m, x[:1], threads=2)
+        assert all(op["native"] for op in e.spec["ops"]), (kind, e.summary(profile=False))
+        folded = "scale" in e.spec["ops"][0]["describe"]
+        assert folded == (kind != "after_act"), (kind, e.spec["ops"][0]["describe"])
+        with torch.inference_mode():
+            ok, why = compare_outputs(e(x), m(x), sparse=False)
+        assert ok, (kind, why)
+
+    class AlongWidth(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, 1, 1)
+            self.w = nn.Parameter(torch.randn(6))
+
+        def forward(self, x):
+            return self.conv(x) * self.w
+
+    m = AlongWidth().eval()
+    x = torch.randn(2, 3, 5, 6)
+    e = compile(m, x[:1], threads=1)
+    assert [op["native"] for op in e.spec["ops"]] == [True, False]
+    with torch.inference_mode():
+        ok, why = compare_outputs(e(x), m(x), sparse=False)
+    assert ok, why

@@ -1718,8 +1718,9 @@ def pool_source(k: int, op: PoolOp, plan: Plan) -> str:
     over the buffer. The buffer holds the row between ``P`` leading and enough trailing identity lanes (-inf for
     max, 0 for a sum), so the horizontal windows need no clipping and run as vectors: stride 1 as shifted
     loads, stride 2 as even-lane loads (``ld2``). Measured: ResNet-18's 3x3 s2 max pool at 224 took 1.2 ms with
-    a scalar horizontal pass. An average without ``include_pad`` divides edge windows by their clipped size and
-    keeps the scalar pass; a 1x1 window is a strided copy.
+    a scalar horizontal pass. An average without ``include_pad`` divides edge windows by their clipped size, one
+    with ``ceil_mode`` a window past the map's end by its size clipped to the padded map; both keep the scalar
+    pass. A 1x1 window is a strided copy.
     """
     li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
     c, ho, wo = lo.shape
@@ -1753,12 +1754,17 @@ def pool_source(k: int, op: PoolOp, plan: Plan) -> str:
         init, hacc = "0.0f", "m += t[xx];"
         vsel = "{} = u + v;".format
         fin = f"m * {1.0 / (K * K)!r}f" if op.include_pad else "m / (float)((y1 - y0) * (x1 - x0))"
+        if op.include_pad and op.ceil_mode:
+            # a window past the map's end (ceil_mode) counts its padding but not its overhang (PyTorch's divisor:
+            # the window clipped to the padded map)
+            fin = (f"m / (float)(((y * {S} + {K - P} < {hi + P} ? y * {S} + {K - P} : {hi + P}) - (y * {S} - {P}))"
+                   f" * ((x * {S} + {K - P} < {wi + P} ? x * {S} + {K - P} : {wi + P}) - (x * {S} - {P})))")
     vertical = f"""
       for (int yy = y0; yy < y1; yy++) {{
         const float* r = ip + (long)(yy + 1) * {li.rs} + 1;
         for (int x = 0; x < {wp}; x += {V}) {{ const vf v = ld(r + x), u = ld(t + x); vf w_; {vsel("w_")} st(t + x, w_); }}
       }}"""
-    vec_h = S in (1, 2) and (op.mode == "max" or op.include_pad or P == 0)
+    vec_h = S in (1, 2) and (op.mode == "max" or (not op.ceil_mode and (op.include_pad or P == 0)))
     if not vec_h:
         return head + f"""
     float tb[{wp + V}]; float* t = tb;

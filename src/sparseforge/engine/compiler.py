@@ -271,6 +271,8 @@ def compile(model: nn.Module, example_input: torch.Tensor, threads: int | None =
     if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4:
         raise SparseforgeError("example_input must be a 4-D NCHW float tensor, e.g. torch.randn(1, 3, 32, 32)")
     threads = int(threads or torch.get_num_threads())
+    if plan_options is not None and not isinstance(plan_options, PlanOptions):
+        raise SparseforgeError("plan_options must be a sparseforge.engine.PlanOptions, e.g. PlanOptions(max_group=1)")
     st = Stages()
     was_training = model.training
     model.eval()
@@ -279,7 +281,7 @@ def compile(model: nn.Module, example_input: torch.Tensor, threads: int | None =
         st.graph_module = trace(model, example_input.float())
         st.seconds["trace"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        st.graph = build_ir(st.graph_module)
+        st.graph = build_ir(st.graph_module, (plan_options or PlanOptions()).embed_max_density)
         st.seconds["fold"] = time.perf_counter() - t0
         _check_finite(st.graph)
     finally:
@@ -299,8 +301,6 @@ def compile(model: nn.Module, example_input: torch.Tensor, threads: int | None =
     if isa == "avx2":
         options["isa"] = isa            # native and portable engines keep the keys and artefacts they had
     if plan_options is not None and plan_options != PlanOptions():
-        if not isinstance(plan_options, PlanOptions):
-            raise SparseforgeError("plan_options must be a sparseforge.engine.PlanOptions, e.g. PlanOptions(max_group=1)")
         options["plan"] = dataclasses.asdict(plan_options)     # defaults stay out: cache keys and artefacts unchanged
     st.graph = lower(st.graph, plan_options or PlanOptions(), vec, wide)
     st.seconds["fingerprint"] = time.perf_counter() - t0

@@ -285,6 +285,11 @@ class PlanOptions:
     # split), layer3.0.conv2 968 -> 404 + 102 us, whole network 1.03x, ResNet-18 1.03x; on 7x7 outputs gather mode
     # is faster (425 vs 711 us), and CIFAR ResNet-20/56's small maps lose 8% / 3%
     phase_s2_max_density: float = 0.5
+    # dilated and non-square convs run embedded in a square kernel (trace.embed_conv) when at most this dense over
+    # their own taps; denser ones stay in oneDNN. Measured session 46 (Zen 4 AVX-512, 2 threads, one conv at 28x28
+    # and 56x56, 3x3 dilation 2-3, 128-512 channels, vs PyTorch): dense 0.52-0.69x (blocked mode), patterns alone
+    # (0.44) 0.47-1.30x, patterns + connectivity 2 (0.22) 1.34-2.57x, pattern 8x (0.12) 2.1-4.7x
+    embed_max_density: float = 0.4
     # ... and, on 16-register hosts, dense ones with at most this many input channels (an RGB stem: 27 weights per
     # output, too few for output-channel blocks, so pixel vectors, each assembled from two loads and a shuffle;
     # over the phases every load is one aligned-or-not load). MobileNetV2's 3->32 stem at 224, one thread, Zen 3:
@@ -687,7 +692,8 @@ def plan_conv(op: ConvOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     codes = _tap_codes(w9)
     # phase-lowered convs never run a tap the original kernel does not have (exact tap sets)
     kf, ki, kc, shapes, kshape, work = _kernel_shapes(codes, taps_all, op.tap_period > 1, opts.max_shapes)
-    density = float(np.count_nonzero(w9)) / max(1, w9.size)
+    # (over the taps the kernel has: a dense dilated conv is dense)
+    density = float(np.count_nonzero(w9)) / max(1, w9.shape[0] * w9.shape[1] * len(taps_all))
     blocked = (op.groups == 1 and (op.residual is None or op.res_kind == "identity") and lin is not None
                and (conv_mode == "blocked" or (conv_mode == "auto" and density >= (
                    opts.ochan_min_density if _ochan(opts, vec, wide) else opts.blocked_min_density))))
@@ -1642,7 +1648,8 @@ def lower(graph: Graph, opts: PlanOptions = DEFAULT_OPTIONS, vec: int = VEC, wid
 
     A conv with padding wider than the layout's one-pixel border, or a kernel larger than 3x3 with stride 2
     (ResNet's 7x7 stem), becomes a PhaseOp (space-to-depth with the padding as real zeros) and a stride-1
-    unpadded conv of ceil(k / s) taps a side over it, whose kernels the planner runs like any other. So does a
+    unpadded conv of ceil(k / s) taps a side over it, whose kernels the planner runs like any other (stride 1: a
+    zero-padded copy and a conv with padding 1, read from the layout's border). So does a
     sparse 3x3 stride-2 conv (PlanOptions.phase_s2_max_density): the 2x2 stride-1 conv runs flat-tiled, each
     input vector one load, where the strided conv assembles it from two loads and a shuffle.
 
@@ -1684,11 +1691,15 @@ def lower(graph: Graph, opts: PlanOptions = DEFAULT_OPTIONS, vec: int = VEC, wid
                 w2 = phase_weights(w, s)
             else:                       # depthwise, stride 1: a zero-padded copy, same channels
                 w2 = w
-            values[nid] = Value(nid, (c * s * s, ho + kp - 1, wo + kp - 1), f"{op.name}.phase")
-            ops.append(PhaseOp(f"{op.name}.phase", [op.inputs[0]], nid, stride=s, padding=pd))
+            # stride 1: the split pads all but one pixel and the conv reads that one from the layout's zero
+            # border, so the split's rows are 2 floats narrower and fit the conv output's row stride more often
+            # (flat modes need equal row strides: a 28-wide map's 32 floats hold 30 columns and a border, not 32)
+            cpad = 1 if s == 1 else 0
+            values[nid] = Value(nid, (c * s * s, ho + kp - 1 - 2 * cpad, wo + kp - 1 - 2 * cpad), f"{op.name}.phase")
+            ops.append(PhaseOp(f"{op.name}.phase", [op.inputs[0]], nid, stride=s, padding=pd - cpad))
             # (an embedded kernel keeps its taps through a stride-1 split; a stride-2 one's phase kernels run
             # only taps some weight of the phase has, as a strided stem's do)
-            ops.append(dataclasses.replace(op, inputs=[nid], weight=w2.contiguous(), stride=1, padding=0,
+            ops.append(dataclasses.replace(op, inputs=[nid], weight=w2.contiguous(), stride=1, padding=cpad,
                                            tap_period=s * s, embed=op.embed if s == 1 else None))
             nid += 1
             continue
@@ -1834,8 +1845,9 @@ def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto
         if isinstance(op, PhaseOp) and op.output not in graph.outputs and len(readers.get(op.output, [])) == 1:
             cv = readers[op.output][0]
             lo_, lp = layouts[cv.output], layouts[op.output]
-            if (isinstance(cv, ConvOp) and cv.stride == 1 and cv.padding == 0 and lo_.is_map and lp.is_map
-                    and lp.rs != lo_.rs and lp.shape[2] + 1 <= lo_.rs):
+            # (a conv with padding 1 reads the right border column too)
+            if (isinstance(cv, ConvOp) and cv.stride == 1 and cv.padding <= 1 and lo_.is_map and lp.is_map
+                    and lp.rs != lo_.rs and lp.shape[2] + 1 + cv.padding <= lo_.rs):
                 c_, h_, _ = lp.shape
                 layouts[op.output] = Layout(lp.shape, True, lo_.rs, (h_ + 2) * lo_.rs, c_ * (h_ + 2) * lo_.rs)
     # concatenations in place: an input's planes are its slice of the concatenation's (same plane geometry),

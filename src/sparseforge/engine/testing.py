@@ -391,6 +391,7 @@ def random_network(seed: int, sparsity: str | None = None, max_blocks: int = 4
     r = random.Random(seed)
     r2 = random.Random(seed * 7919 + 1)     # forward-code idioms: drawn apart, so a seed's layers stay as they were
     r3 = random.Random(seed * 104729 + 2)   # grouped-conv variants (session 45), apart for the same reason
+    r4 = random.Random(seed * 15485863 + 3)     # dilated / non-square variants (session 46), the same
     g = torch.Generator().manual_seed(seed)
     desc: list[str] = []
     h, w = r.randint(6, 40), r.randint(6, 40)
@@ -460,8 +461,20 @@ def random_network(seed: int, sparsity: str | None = None, max_blocks: int = 4
             blocks.append(ConvBNAct(ch, cout, gk, stride, groups=groups, act=act))
         elif kind == "dilated":
             cout = r.randint(3, 40)
-            blocks.append(ConvBNAct(c, cout, 3, 1, dilation=2, act=act))
-            stride = 1
+            v, stride = r4.random(), 1
+            if v < 0.4:
+                blocks.append(ConvBNAct(c, cout, 3, 1, dilation=2, act=act))
+            elif v < 0.7:     # dilation 3 or mixed, depthwise (DeepLab's atrous convs), stride 2
+                dil = r4.choice([(2, 2), (3, 3), (2, 1), (1, 3)])
+                stride = r4.choice([1, 2]) if min(h, w) >= 8 else 1
+                dw = r4.random() < 0.25
+                cout = c if dw else cout
+                blocks.append(ConvBNAct(c, cout, 3, stride, p=dil, groups=c if dw else 1, dilation=dil, act=act))
+            else:             # a non-square pair, 1xk then kx1 (Inception's factorised convs)
+                fk = r4.choice([3, 5, 7])
+                stride = r4.choice([1, 2]) if min(h, w) >= 8 else 1
+                blocks.append(nn.Sequential(ConvBNAct(c, cout, (1, fk), 1, p=(0, fk // 2), act=act),
+                                            ConvBNAct(cout, cout, (fk, 1), stride, p=(fk // 2, 0), act=act)))
         elif kind == "pool":
             pk = r.choice([2, 3])
             ps = r.choice([1, 2]) if min(h, w) >= 4 else 1

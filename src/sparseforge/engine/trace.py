@@ -345,6 +345,41 @@ def _scalar_affine(node: fx.Node) -> tuple[float, float] | None:
     return None
 
 
+def _const_affine(node: fx.Node, const: dict[fx.Node, torch.Tensor], channels: int
+                  ) -> tuple[fx.Node, torch.Tensor, torch.Tensor] | None:
+    """(the map operand, scale[c], shift[c]) when ``node`` is a map plus, minus, times or divided by a constant
+    tensor that is one number or one per channel ((C,1,1) or (1,C,1,1): ConvNeXt's and CaiT's layer scale, a
+    normalisation written in forward) - a per-channel affine, as a Python number is in ``_scalar_affine``; None
+    for anything else (a tensor of other shape broadcasts along other axes, another dtype promotes)."""
+    if node.op not in ("call_function", "call_method") or len(node.args) != 2 or node.kwargs:
+        return None
+    try:
+        kind = _SCALAR_OPS.get(node.target)
+    except TypeError:
+        return None
+    a, b = node.args
+    if kind is None or not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or (a in const) == (b in const):
+        return None
+    left = b in const
+    x, t = (a, const[b]) if left else (b, const[a])
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.dim() > 4:
+        return None
+    if t.numel() != 1 and not (t.dim() >= 3 and tuple(t.shape[-3:]) == (channels, 1, 1)
+                               and all(d == 1 for d in t.shape[:-3])):
+        return None
+    t = t.detach().float().reshape(-1).expand(channels).clone()
+    one, zero = torch.ones(channels), torch.zeros(channels)
+    if kind == "add":
+        return x, one, t
+    if kind == "sub":
+        return (x, one, -t) if left else (x, -one, t)
+    if kind == "mul":
+        return x, t, zero
+    if kind == "div" and left and bool(((t.abs() > 1e-30) & (t.abs() < 1e30)).all()):
+        return x, 1.0 / t, zero
+    return None
+
+
 def _is_gap(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         m = modules[node.target]
@@ -388,7 +423,9 @@ def _is_identity_pool(node: fx.Node, modules: dict[str, nn.Module], shape: tuple
     return size == tuple(shape[1:])
 
 
-def build_ir(gm: fx.GraphModule) -> Graph:
+def build_ir(gm: fx.GraphModule, embed_max_density: float = 0.4) -> Graph:
+    """``embed_max_density``: dilated and non-square convs at most this dense run embedded in a square kernel
+    (``embed_conv``; PlanOptions.embed_max_density), denser ones in oneDNN."""
     modules = dict(gm.named_modules())
     values: dict[int, Value] = {}
     ops: list[Op] = []
@@ -518,6 +555,24 @@ def build_ir(gm: fx.GraphModule) -> Graph:
                 ops.append(op)
                 producer[out] = op
                 continue
+        consts = {a: deferred[a][1] for a in args if a in deferred and deferred[a][0] == "__const__"}
+        x_ = next((a for a in args if a not in deferred and a in env), None)
+        aff = (_const_affine(node, consts, values[env[x_]].shape[0])
+               if consts and x_ is not None and len(values[env[x_]].shape) == 3 and len(args) == 2 else None)
+        if aff is not None and _shape(node) == tuple(values[env[x_]].shape):
+            px = producer.get(env[x_])
+            if isinstance(px, ConvOp) and only_user(x_) and px.act == "none" and px.residual is None:
+                # into the conv before it, as a BatchNorm is
+                px.weight = px.weight * aff[1].view(-1, 1, 1, 1)
+                px.bias = px.bias * aff[1] + aff[2]
+                px.folded.append("scale")
+                env[node] = env[x_]
+                continue
+            out = new_value(node, values[env[x_]].shape)
+            op = EltwiseOp(node.name, [env[aff[0]]], out, fn="affine", scale=aff[1], shift=aff[2])
+            ops.append(op)
+            producer[out] = op
+            continue
         if any(a in deferred for a in args) or src is None and args:
             fallback(node, "reads a size, shape, tuple or parameter computed in forward")
             continue
@@ -545,8 +600,11 @@ def build_ir(gm: fx.GraphModule) -> Graph:
             if (m.padding_mode == "zeros" and m.stride[0] == m.stride[1] and m.stride[0] in (1, 2)
                     and isinstance(m.padding, tuple)):
                 emb = embed_conv(m.kernel_size, m.dilation, m.padding, w)
-            if emb is None:
-                fallback(node, "no generated kernel for this conv shape: oneDNN")
+            dense = (emb is not None and emb[0].shape[2:] != w.shape[2:]
+                     and int(torch.count_nonzero(w)) > embed_max_density * w.numel())
+            if emb is None or dense:
+                fallback(node, "a dense dilated or non-square conv: oneDNN" if dense else
+                         "no generated kernel for this conv shape: oneDNN")
                 op_ = ops[-1]
                 op_.target = FallbackConv(m, w, b)
                 op_.target.folded = folded
@@ -708,9 +766,9 @@ def build_ir(gm: fx.GraphModule) -> Graph:
         pool = _pool_params(node, modules)
         if pool is not None:
             mode, k, s, pad, ceil, include_pad, ok = pool
-            # ceil_mode: the windows past the map's end are clipped as padding is (max pools only: an average's
-            # divisor there counts the padding but not the overhang)
-            if ok and (not ceil or mode == "max") and 1 <= k <= 8 and 1 <= s <= 4 and 0 <= pad <= k // 2 \
+            # ceil_mode: the windows past the map's end are clipped as padding is (an average's divisor there
+            # counts the padding but not the overhang: codegen.pool_source)
+            if ok and 1 <= k <= 8 and 1 <= s <= 4 and 0 <= pad <= k // 2 \
                     and len(values[src].shape) == 3:
                 out = new_value(node)
                 _, hi, wi = values[src].shape
@@ -722,7 +780,7 @@ def build_ir(gm: fx.GraphModule) -> Graph:
                 ops.append(op)
                 producer[out] = op
                 continue
-            fallback(node, "pooling with dilation, non-square windows or an average with ceil_mode")
+            fallback(node, "pooling with dilation, non-square windows, or a window over 8 or stride over 4")
             continue
         if _is_identity_pool(node, modules, values[src].shape if src is not None else ()):
             env[node] = src              # adaptive pool to the size the map already has (VGG's 7x7 at 224x224)
