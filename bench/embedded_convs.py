@@ -1,9 +1,10 @@
-"""Dilated and non-square convs: the engine's embedded kernels vs PyTorch (oneDNN: what the engine falls back to)
-and onnxruntime fp32, one conv + BatchNorm + ReLU at a time, batch 1, the arms alternating in one process.
+"""Dilated and non-square convs: the engine's embedded kernels vs PyTorch (oneDNN, BatchNorm folded: what the engine
+falls back to) and onnxruntime fp32, one conv + BatchNorm + ReLU at a time, batch 1, the arms alternating in blocks
+in one process (report.latency.measure: each block after the previous arm's threads stop spinning).
 
 Why: the engine runs these convs in a square kernel whose other taps are structural zeros (trace.embed_conv) when
-they are sparse enough (PlanOptions.embed_max_density); this measures where that pays, dense to pattern 8x, and
-is what that default was set from (every conv is forced native here, whatever its density):
+they are sparse enough (PlanOptions.embed_max_kernels); this measures where that pays, dense to pattern 8x, and
+is what those defaults were set from (every conv is forced native here, whatever it keeps):
   python bench/embedded_convs.py --threads 2
 Writes bench/results/embedded_convs.json and .png (speedup of the engine over each arm per conv and sparsity).
 """
@@ -11,9 +12,7 @@ Writes bench/results/embedded_convs.json and .png (speedup of the engine over ea
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ import torch.nn as nn
 import sparseforge as sf
 from sparseforge.engine.plan import PlanOptions
 from sparseforge.report.env import environment
-from sparseforge.report.latency import onnxruntime_session
+from sparseforge.report.latency import measure, onnxruntime_session, torch_fused
 from sparseforge.report.plots import plt  # Agg backend
 from sparseforge.utils import atomic_write_json
 
@@ -42,17 +41,14 @@ CASES = [("3x3 d2 256 28x28", 256, 256, (3, 3), (2, 2), (2, 2), (28, 28), 1),
 SPARSITY = {"dense": None,
             "patterns": sf.PatternConfig(num_patterns=8, connectivity=1.0, prune_first_conv=True),
             "pattern8x": sf.PatternConfig(**P8, prune_first_conv=True),
-            "magnitude8x": sf.MagnitudeConfig(sparsity=0.875, prune_first_conv=True)}
-
-
-def _median_ms(ts: list[float]) -> float:
-    return 1e3 * statistics.median(ts)
+            "magnitude8x": sf.MagnitudeConfig(sparsity=0.875, prune_first_conv=True),
+            "kernels4x": "kernels4x"}     # the quarter of the kernels with the largest L1 norm kept (any kernel shape)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=25, help="alternating rounds per conv and sparsity")
+    ap.add_argument("--runs", type=int, default=20, help="timed calls per arm, conv and sparsity")
     ap.add_argument("--sparsity", default=",".join(SPARSITY))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "embedded_convs"))
     a = ap.parse_args()
@@ -65,45 +61,45 @@ def main() -> None:
             with torch.no_grad():
                 m[1].running_mean.uniform_(-0.5, 0.5)
                 m[1].running_var.uniform_(0.5, 2.0)
-            if SPARSITY[sp] is not None:
+            if SPARSITY[sp] == "kernels4x":
+                with torch.no_grad():
+                    kern = m[0].weight.flatten(2)
+                    norm = kern.abs().sum(2)
+                    kern[norm < norm.flatten().kthvalue(norm.numel() - norm.numel() // 4).values] = 0
+            elif SPARSITY[sp] is not None:
                 sf.prune(m, SPARSITY[sp])
             w = m[0].weight * getattr(m[0], "weight_mask", 1)
             density = float((w != 0).float().mean())
             x = torch.randn(1, cin, *hw)
-            e = sf.compile(m, x, threads=a.threads, plan_options=PlanOptions(embed_max_density=1.0))
+            e = sf.compile(m, x, threads=a.threads, plan_options=PlanOptions(embed_max_kernels=1.0, embed_grouped=True))
             sess = onnxruntime_session(nn.Sequential(nn.Conv2d(cin, cout, k, 1, p, d, g), nn.BatchNorm2d(cout),
                                                      nn.ReLU()).eval(), x, a.threads)
-            arms = {"engine": lambda: e(x), "pytorch": lambda: m(x)}
+            tm = torch_fused(m)
+            arms = {"engine": lambda: e(x), "pytorch": lambda: tm(x)}
             if sess is not None:
                 feed = {sess.get_inputs()[0].name: x.numpy()}
                 arms["onnxruntime"] = lambda: sess.run(None, feed)
-            ts = {n: [] for n in arms}
-            with torch.inference_mode():
-                for _ in range(3):
-                    for f in arms.values():
-                        f()
-                for _ in range(a.runs):
-                    for n, f in arms.items():
-                        t0 = time.perf_counter()
-                        f()
-                        ts[n].append(time.perf_counter() - t0)
-            row = {"conv": name, "sparsity": sp, "density": round(density, 3),
+            r = measure(arms, runs=a.runs)
+            kept = float((w.flatten(2) != 0).any(2).float().mean())
+            row = {"conv": name, "sparsity": sp, "density": round(density, 3), "kernels_kept": round(kept, 3),
                    "mode": next(op.get("mode") for op in e.spec["ops"] if "mode" in op),
-                   **{f"{n}_ms": round(_median_ms(t), 4) for n, t in ts.items()},
-                   **{f"{n}_spread_ms": [round(1e3 * min(t), 4), round(1e3 * max(t), 4)] for n, t in ts.items()}}
-            for n in ts:
+                   **{f"{n}_ms": round(v["median_ms"], 4) for n, v in r.items()},
+                   **{f"{n}_p10_p90_ms": [round(v["p10_ms"], 4), round(v["p90_ms"], 4)] for n, v in r.items()}}
+            for n in r:
                 if n != "engine":
-                    row[f"speedup_vs_{n}"] = round(_median_ms(ts[n]) / _median_ms(ts["engine"]), 3)
+                    row[f"speedup_vs_{n}"] = round(r[n]["median_ms"] / r["engine"]["median_ms"], 3)
+            ts = r
             rows.append(row)
-            print(f"{name:22s} {sp:11s} density {density:.3f} {row['mode']:10s} " + " ".join(
+            print(f"{name:22s} {sp:11s} density {density:.3f} kernels {kept:.2f} {row['mode']:10s} " + " ".join(
                 f"{n} {row[f'{n}_ms']:.3f} ms" for n in ts) + "  engine " + " ".join(
                 f"{row[k_]:.2f}x vs {k_[11:]}" for k_ in row if k_.startswith("speedup_vs_")), flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out.with_suffix(".json"), {
         "benchmark": "embedded_convs", "threads": a.threads, "runs": a.runs, "batch": 1,
-        "method": "one conv+BN+ReLU, every conv forced native (embed_max_density 1.0); arms alternate in one "
-                  "process; medians, [min, max] per arm", "rows": rows, "env": environment()})
+        "method": "one conv+BN+ReLU, every conv forced native (embed_max_kernels 1.0, embed_grouped); report.latency.measure: arms "
+                  "alternate in blocks of 5 in one process; medians, [p10, p90] per arm", "rows": rows,
+        "env": environment()})
     fig, ax = plt.subplots(figsize=(11, 4.5))
     sps = a.sparsity.split(",")
     width = 0.8 / len(sps)

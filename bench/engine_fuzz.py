@@ -117,10 +117,11 @@ def fuzz_networks(a: argparse.Namespace) -> None:
     # 128 is more than the generator draws: the fuzz never reached gather mode before), so more sparse stride-2 3x3
     # convs become a phase split and a flat-tiled 2x2 conv), so those are fuzzed on every kind of block, and run
     # with barriers instead of the default claimed parts (on the engine's own pool; every other one of them in
-    # OpenMP regions), and with dense dilated and non-square convs embedded too (by default only sparse ones are;
-    # dense ones run in oneDNN); every fifth multi-thread network also runs on one thread (run_threads): the same bits
+    # OpenMP regions), and with every dilated and non-square conv embedded (by default only those that keep at most
+    # half their kernels, not grouped, are; the others run in oneDNN); every fifth multi-thread network also runs on one thread (run_threads): the same bits
     stress = PlanOptions(flat_tiled_min_bytes=1 << 12, flat_cblock_bytes=1 << 13, flat_gemm_min_pixels=0, gemm_mr=5,
-                         gemm_nr=3, claim_parts=False, gather_max=16, gather_min_cin=8, embed_max_density=1.0)
+                         gemm_nr=3, claim_parts=False, gather_max=16, gather_min_cin=8, embed_max_kernels=1.0,
+                         embed_grouped=True)
     stress_omp = dataclasses.replace(stress, thread_pool=False)
     stats, start, spent = resume_point(out_path, a.first_seed, stats, a.resume)
     t0 = time.perf_counter() - spent

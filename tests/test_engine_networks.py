@@ -1617,12 +1617,13 @@ def test_dilated_and_non_square_convs_run_natively(isa):
     """Dilated and non-square convs run in the generated kernels, embedded in a square kernel whose other taps are
     structural zeros. PyTorch never reads the pixels under those taps, so no mode may multiply them: a NaN there
     must not reach the output (strict NaN placement, the conv first so the NaN sits under the zeros). Dense
-    weights, forced native (embed_max_density 1), in every kernel mode the planner may pick (auto, and direct and
-    blocked forced); then the defaults: a sparse one native, a dense one in oneDNN, saying so."""
+    weights, forced native (embed_max_kernels 1, embed_grouped), in every kernel mode the planner may pick (auto, and direct and
+    blocked forced); then the defaults: one that keeps a quarter of its kernels native unless grouped, one that
+    keeps them all in oneDNN, saying so."""
     if isa == "avx2":
         _skip_without_avx2()
     torch.manual_seed(7)
-    every = PlanOptions(embed_max_density=1.0)
+    every = PlanOptions(embed_max_kernels=1.0, embed_grouped=True)
     for hw, modes in (((9, 13), ("auto", "direct", "blocked")), ((30, 28), ("auto",))):
         for (k, d, p, s, g) in _EMBEDDED:
             cin, cout = 16, (16 if g == 0 else 24)
@@ -1637,11 +1638,13 @@ def test_dilated_and_non_square_convs_run_natively(isa):
                 assert ok, (hw, k, d, p, s, g, mode, why)
             e = compile(m, x[:1], threads=2, isa=isa)
             assert [op["native"] for op in e.spec["ops"]][:1] == [False], (k, d, p, s, g)
-            assert "dense dilated or non-square conv: oneDNN" in e.summary(profile=False)
-            with torch.no_grad():           # 1 in 4 weights kept
-                m[0].weight.view(-1)[torch.randperm(m[0].weight.numel())[m[0].weight.numel() // 4:]] = 0
+            assert "dilated or non-square conv, grouped or keeping most kernels: oneDNN" in e.summary(profile=False)
+            with torch.no_grad():           # 1 in 4 kernels kept (connectivity pruning)
+                kern = m[0].weight.flatten(2)
+                kern[torch.rand(kern.shape[:2]) >= 0.25] = 0
+                kern.view(-1, kern.shape[2])[torch.randperm(kern.shape[0] * kern.shape[1])[:1]] = 1.0
             e = compile(m, x[:1], threads=2, isa=isa)
-            assert all(op["native"] for op in e.spec["ops"]), (k, d, p, s, g, e.summary(profile=False))
+            assert all(op["native"] for op in e.spec["ops"]) == (g == 1), (k, d, p, s, g, e.summary(profile=False))
             with torch.inference_mode():
                 ok, why = compare_outputs(e(x), m(x), sparse=True)
             assert ok, (hw, k, d, p, s, g, "sparse", why)

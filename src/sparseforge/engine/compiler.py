@@ -281,7 +281,8 @@ def compile(model: nn.Module, example_input: torch.Tensor, threads: int | None =
         st.graph_module = trace(model, example_input.float())
         st.seconds["trace"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        st.graph = build_ir(st.graph_module, (plan_options or PlanOptions()).embed_max_density)
+        po = plan_options or PlanOptions()
+        st.graph = build_ir(st.graph_module, po.embed_max_kernels, po.embed_grouped)
         st.seconds["fold"] = time.perf_counter() - t0
         _check_finite(st.graph)
     finally:

@@ -285,11 +285,16 @@ class PlanOptions:
     # split), layer3.0.conv2 968 -> 404 + 102 us, whole network 1.03x, ResNet-18 1.03x; on 7x7 outputs gather mode
     # is faster (425 vs 711 us), and CIFAR ResNet-20/56's small maps lose 8% / 3%
     phase_s2_max_density: float = 0.5
-    # dilated and non-square convs run embedded in a square kernel (trace.embed_conv) when at most this dense over
-    # their own taps; denser ones stay in oneDNN. Measured session 46 (Zen 4 AVX-512, 2 threads, one conv at 28x28
-    # and 56x56, 3x3 dilation 2-3, 128-512 channels, vs PyTorch): dense 0.52-0.69x (blocked mode), patterns alone
-    # (0.44) 0.47-1.30x, patterns + connectivity 2 (0.22) 1.34-2.57x, pattern 8x (0.12) 2.1-4.7x
-    embed_max_density: float = 0.4
+    # dilated and non-square convs run embedded in a square kernel (trace.embed_conv) when at most this fraction of
+    # their kernels (filter x input channel) keeps a weight; the others stay in oneDNN. Measured session 46 (Zen 4
+    # AVX-512, 2 threads, one conv at 28x28 and 56x56, 3x3 dilation 2-3, 128-512 channels, vs PyTorch): dense
+    # 0.52-0.69x (blocked mode), patterns alone (every kernel, 4 taps) 0.47-1.30x, magnitude 8x (70% of kernels,
+    # ~1.3 taps each: per-kernel overhead) 0.66-1.59x and down to 0.51x on 1x7, patterns + connectivity 2 (half
+    # the kernels) 1.34-2.57x, pattern 8x (28%) 2.1-4.7x (bench/embedded_convs.py) ...
+    embed_max_kernels: float = 0.5
+    # ... and grouped or depthwise ones stay in oneDNN unless this is set (onnxruntime's depthwise kernel was 2x
+    # faster than the embedded one in every arm measured; tests and the fuzz set it)
+    embed_grouped: bool = False
     # ... and, on 16-register hosts, dense ones with at most this many input channels (an RGB stem: 27 weights per
     # output, too few for output-channel blocks, so pixel vectors, each assembled from two loads and a shuffle;
     # over the phases every load is one aligned-or-not load). MobileNetV2's 3->32 stem at 224, one thread, Zen 3:

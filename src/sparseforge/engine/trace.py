@@ -423,9 +423,10 @@ def _is_identity_pool(node: fx.Node, modules: dict[str, nn.Module], shape: tuple
     return size == tuple(shape[1:])
 
 
-def build_ir(gm: fx.GraphModule, embed_max_density: float = 0.4) -> Graph:
-    """``embed_max_density``: dilated and non-square convs at most this dense run embedded in a square kernel
-    (``embed_conv``; PlanOptions.embed_max_density), denser ones in oneDNN."""
+def build_ir(gm: fx.GraphModule, embed_max_kernels: float = 0.5, embed_grouped: bool = False) -> Graph:
+    """``embed_max_kernels``: dilated and non-square convs with at most this fraction of their kernels kept run
+    embedded in a square kernel (``embed_conv``; PlanOptions.embed_max_kernels), the others in oneDNN; grouped
+    ones only with ``embed_grouped``."""
     modules = dict(gm.named_modules())
     values: dict[int, Value] = {}
     ops: list[Op] = []
@@ -600,10 +601,13 @@ def build_ir(gm: fx.GraphModule, embed_max_density: float = 0.4) -> Graph:
             if (m.padding_mode == "zeros" and m.stride[0] == m.stride[1] and m.stride[0] in (1, 2)
                     and isinstance(m.padding, tuple)):
                 emb = embed_conv(m.kernel_size, m.dilation, m.padding, w)
+            # (grouped and depthwise ones too: onnxruntime's and oneDNN's depthwise kernels beat the embedded one
+            # in every arm measured)
             dense = (emb is not None and emb[0].shape[2:] != w.shape[2:]
-                     and int(torch.count_nonzero(w)) > embed_max_density * w.numel())
+                     and ((m.groups > 1 and not embed_grouped)
+                          or float((w.flatten(2) != 0).any(2).float().mean()) > embed_max_kernels))
             if emb is None or dense:
-                fallback(node, "a dense dilated or non-square conv: oneDNN" if dense else
+                fallback(node, "a dilated or non-square conv, grouped or keeping most kernels: oneDNN" if dense else
                          "no generated kernel for this conv shape: oneDNN")
                 op_ = ops[-1]
                 op_.target = FallbackConv(m, w, b)
