@@ -6,12 +6,16 @@ Why: the engine runs these convs in a square kernel whose other taps are structu
 they are sparse enough (PlanOptions.embed_max_kernels); this measures where that pays, dense to pattern 8x, and
 is what those defaults were set from (every conv is forced native here, whatever it keeps):
   python bench/embedded_convs.py --threads 2
+and, with --networks, DeepLab's backbones (ResNet-50 with replace_stride_with_dilation: output stride 16 and 8) at
+224, pattern 8x, through the engine with its defaults and with embedding off (every dilated conv in oneDNN, as
+before session 46), vs onnxruntime fp32 dense.
 Writes bench/results/embedded_convs.json and .png (speedup of the engine over each arm per conv and sparsity).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -20,13 +24,14 @@ import torch.nn as nn
 
 import sparseforge as sf
 from sparseforge.engine.plan import PlanOptions
+from sparseforge.engine.testing import random_bn_statistics
 from sparseforge.report.env import environment
 from sparseforge.report.latency import measure, onnxruntime_session, torch_fused
 from sparseforge.report.plots import plt  # Agg backend
 from sparseforge.utils import atomic_write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_speed import P8  # noqa: E402  (bench/ is on sys.path when this script runs)
+from engine_speed import CONFIGS, P8  # noqa: E402  (bench/ is on sys.path when this script runs)
 
 ROOT = Path(__file__).resolve().parents[1]
 # (name, cin, cout, kernel, dilation, padding, map, groups): DeepLab's atrous 3x3s (output stride 8 at 224: 28x28),
@@ -50,11 +55,37 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=20, help="timed calls per arm, conv and sparsity")
     ap.add_argument("--sparsity", default=",".join(SPARSITY))
+    ap.add_argument("--networks", action="store_true", help="also DeepLab's ResNet-50 backbones (output stride 16, 8)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "embedded_convs"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    rows = []
+    rows, nets = [], []
+    for os_, rswd in ((16, (False, False, True)), (8, (False, True, True))) if a.networks else ():
+        torch.manual_seed(0)
+        m = sf.create_model("resnet50", replace_stride_with_dilation=rswd)
+        random_bn_statistics(m, torch.Generator().manual_seed(0))
+        dense = m.eval()
+        m = sf.prune(copy.deepcopy(dense), CONFIGS["pattern8x"]).eval()
+        x = torch.randn(1, 3, 224, 224)
+        arms = {"engine": sf.compile(m, x, threads=a.threads),
+                "engine_no_embed": sf.compile(m, x, threads=a.threads, plan_options=PlanOptions(embed_max_kernels=-1.0))}
+        fns = {n: (lambda e=e: e(x)) for n, e in arms.items()}
+        sess = onnxruntime_session(dense, x, a.threads)
+        if sess is not None:
+            feed = {sess.get_inputs()[0].name: x.numpy()}
+            fns["onnxruntime"] = lambda: sess.run(None, feed)
+        r = measure(fns, runs=a.runs)
+        row = {"network": f"resnet50 output stride {os_} (DeepLab backbone)", "config": "pattern8x", "size": 224,
+               "fallbacks": {n: [op["describe"] for op in e.spec["ops"] if not op["native"]] for n, e in arms.items()},
+               **{f"{n}_ms": round(v["median_ms"], 3) for n, v in r.items()},
+               **{f"{n}_p10_p90_ms": [round(v["p10_ms"], 3), round(v["p90_ms"], 3)] for n, v in r.items()}}
+        for n in r:
+            if n != "engine":
+                row[f"speedup_vs_{n}"] = round(r[n]["median_ms"] / r["engine"]["median_ms"], 3)
+        nets.append(row)
+        print(f"resnet50 OS{os_} pattern8x: " + " ".join(f"{n} {v['median_ms']:.2f} ms" for n, v in r.items())
+              + f"; fallbacks {[len(v) for v in row['fallbacks'].values()]}", flush=True)
     for name, cin, cout, k, d, p, hw, g in CASES:
         for sp in a.sparsity.split(","):
             m = nn.Sequential(nn.Conv2d(cin, cout, k, 1, p, d, g), nn.BatchNorm2d(cout), nn.ReLU()).eval()
@@ -98,7 +129,7 @@ def main() -> None:
     atomic_write_json(out.with_suffix(".json"), {
         "benchmark": "embedded_convs", "threads": a.threads, "runs": a.runs, "batch": 1,
         "method": "one conv+BN+ReLU, every conv forced native (embed_max_kernels 1.0, embed_grouped); report.latency.measure: arms "
-                  "alternate in blocks of 5 in one process; medians, [p10, p90] per arm", "rows": rows,
+                  "alternate in blocks of 5 in one process; medians, [p10, p90] per arm", "rows": rows, "networks": nets,
         "env": environment()})
     fig, ax = plt.subplots(figsize=(11, 4.5))
     sps = a.sparsity.split(",")

@@ -308,6 +308,31 @@ class ResNeXt(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, (1, 1)), 1))
 
 
+class DeepLabStyle(nn.Module):
+    """DeepLabv3's shape at small size: the zoo's bottlenecks dilated instead of strided (dilation 2, then 4: a
+    9x9 reach, which stays in oneDNN), an atrous pyramid (1x1, 3x3 dilation 2 and 3, image pooling broadcast) and
+    a per-pixel head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 7, 2, 3, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+                                  nn.MaxPool2d(3, 2, 1))
+        self.layer1 = nn.Sequential(Bottleneck(32, 16, 1, _proj(32, 64, 1)),
+                                    Bottleneck(64, 16, dilation=2))
+        self.layer2 = nn.Sequential(Bottleneck(64, 32, 1, _proj(64, 128, 1), dilation=2),
+                                    Bottleneck(128, 32, dilation=4))
+        self.aspp = nn.ModuleList([nn.Sequential(nn.Conv2d(128, 32, k, 1, d * (k // 2), d, bias=False),
+                                                 nn.BatchNorm2d(32), nn.ReLU()) for k, d in ((1, 1), (3, 2), (3, 3))])
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(128, 32, 1), nn.ReLU())
+        self.head = nn.Sequential(nn.Conv2d(128, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                                  nn.Conv2d(32, 5, 1))
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.stem(x)))
+        p = self.pool(x).expand(-1, -1, x.shape[2], x.shape[3])
+        return self.head(torch.cat([b(x) for b in self.aspp] + [p], 1))
+
+
 # name: (model, input H x W, must every op be native?)
 ARCHS = {
     "shufflenet_v2": (ShuffleNetV2, (48, 50), False),
@@ -320,6 +345,7 @@ ARCHS = {
     "alexnet": (AlexNet, (99, 99), False),
     "unet_style": (UNetStyle, (20, 22), False),
     "resnext": (ResNeXt, (56, 60), True),
+    "deeplab_style": (DeepLabStyle, (40, 44), False),
 }
 
 
@@ -337,6 +363,9 @@ def test_architectures_compile_and_match_pytorch(name, sparse):
     fallbacks = [op for op in e.spec["ops"] if not op["native"]]
     assert not (all_native and fallbacks), e.summary(profile=False)
     assert any(op["native"] and op["kind"] == "conv" for op in e.spec["ops"])
+    if name == "deeplab_style":         # sparse: the dilation-2/3 convs embedded, dense: all in oneDNN
+        embedded = [op for op in e.spec["ops"] if "(embeds 3x3 d" in op["describe"]]
+        assert len(embedded) == (4 if sparse else 0), e.summary(profile=False)
     for b in (1, 3):
         x = torch.randn(b, 3, *hw) if b == 1 else with_nonfinite(torch.randn(b, 3, *hw), seed=7)
         with torch.inference_mode():

@@ -120,6 +120,26 @@ def test_imagenet_zoo_has_torchvision_layout(name):
     assert m.sf_spec["num_classes"] == 1000
 
 
+def test_dilated_resnet_backbone_is_torchvisions():
+    """``replace_stride_with_dilation`` as torchvision's (DeepLab's backbones): the same keys and parameters, the
+    map kept at output stride 8 or 16, each dilated layer's first block on the previous dilation; basic-block
+    ResNets and a wrong length are refused in one line."""
+    m = sf.create_model("resnet50", replace_stride_with_dilation=(False, True, True)).eval()
+    assert list(m.state_dict()) == list(sf.create_model("resnet50").state_dict())
+    assert sum(p.numel() for p in m.parameters()) == TORCHVISION["resnet50"][0]
+    convs = [(b.conv2.stride[0], b.conv2.dilation[0], b.conv2.padding[0]) for b in (*m.layer3, *m.layer4)]
+    assert convs == [(1, 1, 1)] + [(1, 2, 2)] * 5 + [(1, 2, 2), (1, 4, 4), (1, 4, 4)]
+    feats = torch.nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4)
+    with torch.inference_mode():
+        assert feats(torch.randn(1, 3, 64, 64)).shape[2:] == (8, 8)
+    m16 = sf.create_model("resnext50_32x4d", replace_stride_with_dilation=[False, False, True])
+    assert m16.layer4[1].conv2.dilation == (2, 2) and m16.layer4[0].downsample[0].stride == (1, 1)
+    with pytest.raises(SparseforgeError, match="3 booleans"):
+        sf.create_model("resnet50", replace_stride_with_dilation=(True,))
+    with pytest.raises(SparseforgeError, match="replace_stride_with_dilation"):
+        sf.create_model("resnet18", replace_stride_with_dilation=(False, True, True))
+
+
 # vgg16_bn (138 M parameters, 0.5 GB written twice) runs in the slow tier
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", pytest.param("vgg16_bn", marks=pytest.mark.slow)])
 def test_torchvision_state_dict_loads_strictly(name, tmp_path):

@@ -38,8 +38,8 @@ MODELS.register("smallcnn", lambda num_classes=10, **kw: SmallCNN(num_classes=nu
 # ImageNet-size (224x224), torchvision's layouts and module names; 1000 classes unless told
 MODELS.register("resnet18", lambda num_classes=1000: resnet18(num_classes))
 MODELS.register("resnet34", lambda num_classes=1000: resnet34(num_classes))
-MODELS.register("resnet50", lambda num_classes=1000: resnet50(num_classes))
-MODELS.register("resnext50_32x4d", lambda num_classes=1000: resnext50_32x4d(num_classes))
+MODELS.register("resnet50", lambda num_classes=1000, **kw: resnet50(num_classes, **kw))
+MODELS.register("resnext50_32x4d", lambda num_classes=1000, **kw: resnext50_32x4d(num_classes, **kw))
 MODELS.register("vgg16_bn", lambda num_classes=1000, **kw: VGGImageNet(num_classes=num_classes, **kw))
 MODELS.register("mobilenet_v2", lambda num_classes=1000, **kw: MobileNetV2ImageNet(num_classes=num_classes, **kw))
 

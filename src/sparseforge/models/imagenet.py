@@ -1,7 +1,7 @@
 """ImageNet-size networks with torchvision's module names, so a torchvision ``state_dict`` loads strictly.
 
 ResNet-18/34/50 (v1.5: the bottleneck strides in its 3x3 conv), ResNeXt-50 32x4d, VGG-16-BN and MobileNetV2 for
-224x224 inputs. torchvision itself is not a dependency: the layouts are rebuilt here and pinned by tests on
+224x224 inputs; the bottleneck ResNets take torchvision's ``replace_stride_with_dilation`` (DeepLab's backbones). torchvision itself is not a dependency: the layouts are rebuilt here and pinned by tests on
 parameter counts and key names (torchvision: resnet18 11,689,512 parameters, resnet34 21,797,672, resnet50
 25,557,032, resnext50_32x4d 25,028,904, vgg16_bn 138,365,992, mobilenet_v2 3,504,872).
 """
@@ -11,14 +11,19 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..errors import SparseforgeError
 from .vgg import VGG16_CFG, vgg_features
 
 
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 dilation: int = 1):
         super().__init__()
+        if dilation > 1:
+            raise SparseforgeError("replace_stride_with_dilation needs bottleneck blocks (resnet50, resnext50_32x4d), "
+                                   "as in torchvision; resnet18/34 keep their strides")
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
@@ -41,12 +46,12 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
-                 groups: int = 1, base_width: int = 64):
+                 groups: int = 1, base_width: int = 64, dilation: int = 1):
         super().__init__()
         width = int(planes * (base_width / 64.0)) * groups
         self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, dilation, groups=groups, dilation=dilation, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
@@ -66,9 +71,15 @@ class Bottleneck(nn.Module):
 
 class ResNet(nn.Module):
     def __init__(self, block: type, layers: tuple[int, ...], num_classes: int = 1000, groups: int = 1,
-                 width_per_group: int = 64):
+                 width_per_group: int = 64, replace_stride_with_dilation: tuple | list | None = None):
+        """``replace_stride_with_dilation``: for layer2-4, whether to keep the map size and dilate instead of
+        striding (torchvision's; DeepLabv3's backbone is (False, True, True): output stride 8)."""
         super().__init__()
-        self.inplanes = 64
+        rswd = tuple(replace_stride_with_dilation or (False, False, False))
+        if len(rswd) != 3:
+            raise SparseforgeError("replace_stride_with_dilation takes 3 booleans (layer2, layer3, layer4), "
+                                   f"got {replace_stride_with_dilation!r}")
+        self.inplanes, self.dilation = 64, 1
         # (bottleneck blocks only, as in torchvision)
         self.block_kw = {} if groups == 1 and width_per_group == 64 else {"groups": groups, "base_width": width_per_group}
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
@@ -76,23 +87,33 @@ class ResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         self.layer1 = self._make_layer(block, 64, layers[0])
-        self.layer2 = self._make_layer(block, 128, layers[1], 2)
-        self.layer3 = self._make_layer(block, 256, layers[2], 2)
-        self.layer4 = self._make_layer(block, 512, layers[3], 2)
+        self.layer2 = self._make_layer(block, 128, layers[1], 2, rswd[0])
+        self.layer3 = self._make_layer(block, 256, layers[2], 2, rswd[1])
+        self.layer4 = self._make_layer(block, 512, layers[3], 2, rswd[2])
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * block.expansion, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def _make_layer(self, block: type, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+    def _make_layer(self, block: type, planes: int, blocks: int, stride: int = 1, dilate: bool = False
+                    ) -> nn.Sequential:
+        # (torchvision's: a dilated layer's first block keeps the previous dilation, the rest take the new one)
+        before = self.dilation
+        if dilate:
+            self.dilation *= stride
+            stride = 1
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
                                        nn.BatchNorm2d(planes * block.expansion))
-        layers = [block(self.inplanes, planes, stride, downsample, **self.block_kw)]
+
+        def kw(d: int) -> dict:
+            return {**self.block_kw, **({"dilation": d} if d > 1 else {})}
+
+        layers = [block(self.inplanes, planes, stride, downsample, **kw(before))]
         self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes, **self.block_kw) for _ in range(1, blocks)]
+        layers += [block(self.inplanes, planes, **kw(self.dilation)) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,9 +203,10 @@ def resnet34(num_classes: int = 1000) -> ResNet:
     return ResNet(BasicBlock, (3, 4, 6, 3), num_classes)
 
 
-def resnet50(num_classes: int = 1000) -> ResNet:
-    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes)
+def resnet50(num_classes: int = 1000, replace_stride_with_dilation: tuple | list | None = None) -> ResNet:
+    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, replace_stride_with_dilation=replace_stride_with_dilation)
 
 
-def resnext50_32x4d(num_classes: int = 1000) -> ResNet:
-    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, groups=32, width_per_group=4)
+def resnext50_32x4d(num_classes: int = 1000, replace_stride_with_dilation: tuple | list | None = None) -> ResNet:
+    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, groups=32, width_per_group=4,
+                  replace_stride_with_dilation=replace_stride_with_dilation)
