@@ -286,11 +286,11 @@ class PlanOptions:
     # is faster (425 vs 711 us), and CIFAR ResNet-20/56's small maps lose 8% / 3%
     phase_s2_max_density: float = 0.5
     # dilated and non-square convs run embedded in a square kernel (trace.embed_conv) when at most this fraction of
-    # their kernels (filter x input channel) keeps a weight; the others stay in oneDNN. Measured session 46 (Zen 4
-    # AVX-512, 2 threads, one conv at 28x28 and 56x56, 3x3 dilation 2-3, 128-512 channels, vs PyTorch): dense
-    # 0.52-0.69x (blocked mode), patterns alone (every kernel, 4 taps) 0.47-1.30x, magnitude 8x (70% of kernels,
-    # ~1.3 taps each: per-kernel overhead) 0.66-1.59x and down to 0.51x on 1x7, patterns + connectivity 2 (half
-    # the kernels) 1.34-2.57x, pattern 8x (28%) 2.1-4.7x (bench/embedded_convs.py) ...
+    # their kernels (filter x input channel) keeps a weight (negative: none); the others stay in oneDNN. Measured
+    # session 46 (Zen 4 AVX-512, 2 threads, one conv, 3x3 dilation 2-3 at 28x28 and 56x56 with 128-512 channels,
+    # 1x7 / 7x1 at 17x17, vs onnxruntime; bench/embedded_convs.py): dense 0.73-0.92x, patterns alone (every kernel,
+    # 4 taps) 0.63-1.58x, magnitude 8x (70% of the kernels, ~1.3 taps each: per-kernel overhead) 0.52-1.15x, a
+    # quarter of the kernels 0.92-2.92x, pattern 8x (28%) 2.0-4.7x ...
     embed_max_kernels: float = 0.5
     # ... and grouped or depthwise ones stay in oneDNN unless this is set (onnxruntime's depthwise kernel was 2x
     # faster than the embedded one in every arm measured; tests and the fuzz set it)
