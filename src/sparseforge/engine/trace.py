@@ -33,7 +33,8 @@ NATIVE_K = (1, 3, 5, 7)     # square kernel sizes the generated convs run
 def embed_conv(kernel: tuple[int, int], dilation: tuple[int, int], padding: tuple[int, int],
                weight: torch.Tensor) -> tuple[torch.Tensor, int, Embed] | None:
     """A dilated or non-square conv (DeepLab's atrous 3x3s, Inception's 1x7/7x1) as a square K x K conv with
-    padding P whose other taps are zeros, or None when no such K in ``NATIVE_K`` exists. Output (y, x) of the
+    padding P whose other taps are zeros (the Embed None for a plain square conv, whose weight is returned as it
+    is), or None when no such K in ``NATIVE_K`` exists. Output (y, x) of the
     original reads input (y*s - ph + i*dh, x*s - pw + j*dw); placed at (top + i*dh, left + j*dw) in the square
     kernel it reads (y*s - P + top + i*dh, ...), the same pixel for top = P - ph, left = P - pw. The outputs are
     the same size for every input size only if K - 2P = eh - 2ph = ew - 2pw (eh, ew: the dilated extents). The
@@ -46,6 +47,8 @@ def embed_conv(kernel: tuple[int, int], dilation: tuple[int, int], padding: tupl
     K = eh - 2 * ph + 2 * P
     if K not in NATIVE_K or P > K // 2 or P - ph + eh > K or P - pw + ew > K:
         return None
+    if (kh, kw, dh, dw) == (K, K, 1, 1):
+        return weight, P, None          # a plain square conv: nothing to embed
     e = Embed(kh, kw, dh, dw, ph, pw, P - ph, P - pw)
     w = torch.zeros(weight.shape[0], weight.shape[1], K, K, dtype=weight.dtype)
     w[:, :, e.top:e.top + eh:dh, e.left:e.left + ew:dw] = weight
@@ -332,16 +335,22 @@ def _scalar_affine(node: fx.Node) -> tuple[float, float] | None:
     num = b if isinstance(a, fx.Node) else a
     if type(num) not in (int, float) or not math.isfinite(num):
         return None
-    num = float(num)
-    left = isinstance(a, fx.Node)           # the tensor is the left operand
+    return _affine_terms(kind, isinstance(a, fx.Node), float(num))      # (left: the tensor is the left operand)
+
+
+def _affine_terms(kind: str, left: bool, t):
+    """(scale, shift) of x + t, x - t, t - x, x * t or x / t (``left``: x is the left operand) for a number or a
+    per-channel tensor ``t``; None for t / x, or a divisor whose reciprocal is not a normal float32 (then
+    x * (1 / t) is x / t to within a rounding)."""
     if kind == "add":
-        return 1.0, num
+        return 1.0, t
     if kind == "sub":
-        return (1.0, -num) if left else (-1.0, num)
+        return (1.0, -t) if left else (-1.0, t)
     if kind == "mul":
-        return num, 0.0
-    if kind == "div" and left and 1e-30 < abs(num) < 1e30:     # 1 / num a normal float32: x * (1 / num) is x / num
-        return 1.0 / num, 0.0                                  # to within a rounding
+        return t, 0.0
+    normal = (abs(t) > 1e-30) & (abs(t) < 1e30)
+    if kind == "div" and left and bool(normal.all() if isinstance(normal, torch.Tensor) else normal):
+        return 1.0 / t, 0.0
     return None
 
 
@@ -367,17 +376,10 @@ def _const_affine(node: fx.Node, const: dict[fx.Node, torch.Tensor], channels: i
     if t.numel() != 1 and not (t.dim() >= 3 and tuple(t.shape[-3:]) == (channels, 1, 1)
                                and all(d == 1 for d in t.shape[:-3])):
         return None
-    t = t.detach().float().reshape(-1).expand(channels).clone()
-    one, zero = torch.ones(channels), torch.zeros(channels)
-    if kind == "add":
-        return x, one, t
-    if kind == "sub":
-        return (x, one, -t) if left else (x, -one, t)
-    if kind == "mul":
-        return x, t, zero
-    if kind == "div" and left and bool(((t.abs() > 1e-30) & (t.abs() < 1e30)).all()):
-        return x, 1.0 / t, zero
-    return None
+    terms = _affine_terms(kind, left, t.detach().float().reshape(-1).expand(channels))
+    if terms is None:
+        return None
+    return (x, *(torch.as_tensor(v, dtype=torch.float32).expand(channels).clone() for v in terms))
 
 
 def _is_gap(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -603,7 +605,7 @@ def build_ir(gm: fx.GraphModule, embed_max_kernels: float = 0.5, embed_grouped: 
                 emb = embed_conv(m.kernel_size, m.dilation, m.padding, w)
             # (grouped and depthwise ones too: onnxruntime's and oneDNN's depthwise kernels beat the embedded one
             # in every arm measured)
-            dense = (emb is not None and emb[0].shape[2:] != w.shape[2:]
+            dense = (emb is not None and emb[2] is not None
                      and ((m.groups > 1 and not embed_grouped)
                           or float((w.flatten(2) != 0).any(2).float().mean()) > embed_max_kernels))
             if emb is None or dense:
@@ -617,7 +619,7 @@ def build_ir(gm: fx.GraphModule, embed_max_kernels: float = 0.5, embed_grouped: 
             out = new_value(node)
             w, pad, e = emb
             op = ConvOp(node.target, [src], out, weight=w, bias=b, stride=m.stride[0], padding=pad,
-                        groups=m.groups, folded=folded, embed=e if w.shape[2:] != m.weight.shape[2:] else None)
+                        groups=m.groups, folded=folded, embed=e)
             ops.append(op)
             producer[out] = op
             continue
