@@ -142,11 +142,12 @@ def fuzz_networks(a: argparse.Namespace) -> None:
         phase = seed % 8 == 5
         m, x, desc = random_phase_network(seed) if phase else random_network(seed)
         stats["phase_networks"] += phase
-        # code written in forward (testing.Idiom, FunctionalPool, the flatten head's view/reshape forms)
+        # code written in forward (testing.Idiom, FunctionalPool, testing.Resize, the flatten head's view/reshape forms)
         idioms = stats.setdefault("forward_idioms", {})
         for d in desc:
             kind = (d.split()[1] if d.startswith("idiom") else "functional_pool" if "FunctionalPool" in d
-                    else "flatten_" + d.split("(")[1].split(")")[0] if d.startswith("flatten (") else None)
+                    else "flatten_" + d.split("(")[1].split(")")[0] if d.startswith("flatten (")
+                    else f"resize_{d.split()[1]}_{d.split()[2]}" if d.startswith("resize") else None)
             if kind is not None and not (kind.startswith("flatten_") and seed % 2):     # odd seeds drop the head
                 idioms[kind] = idioms.get(kind, 0) + 1
         sparse = not any("sparsity dense" in d for d in desc)
@@ -189,6 +190,8 @@ def fuzz_networks(a: argparse.Namespace) -> None:
                 stats["phase_merged_convs"] += "phase_planes" in op
                 stats["se_multiplies_fused"] += "squeeze-excite multiply fused in" in op["describe"]
                 stats["embedded_convs"] = stats.get("embedded_convs", 0) + ("(embeds " in op["describe"])
+            if op["kind"] in ("gather", "resize"):      # channel gathers (chunk, shuffle, slices) and resizes
+                stats[f"{op['kind']}_ops"] = stats.get(f"{op['kind']}_ops", 0) + 1
             if not op["native"]:
                 kind = op["describe"].split("(")[0].strip()
                 stats["fallback_kinds"][kind] = stats["fallback_kinds"].get(kind, 0) + 1

@@ -336,6 +336,36 @@ def test_snapshot_of_generated_source(monkeypatch):
     assert rel_err(st and compile(m, torch.randn(1, 2, 5, 6), threads=2)(x), m(x)) <= TOL
 
 
+def test_snapshot_of_gather_and_resize_templates():
+    """Pins the generated C of the channel-gather and resize templates (a chunk of a shuffle, nearest and
+    bilinear); regenerate with UPDATE_SNAPSHOTS=1 after an intended change."""
+    import re
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 3, 3, padding=1)
+
+        def forward(self, x):
+            y = self.a(x)
+            n, c, h, w = y.size()
+            y1, y2 = torch.transpose(y.view(n, 2, c // 2, h, w), 1, 2).contiguous().view(n, -1, h, w).chunk(2, 1)
+            return self.b(torch.cat((nn.functional.interpolate(y1, scale_factor=2, mode="nearest"),
+                                     nn.functional.interpolate(y2, size=(10, 8), mode="bilinear")), 1))
+
+    _, st = compile(Net().eval(), torch.randn(1, 2, 5, 4), threads=2, return_stages=True)
+    kinds = {k: op.kind for k, op in enumerate(st.plan.graph.ops)}
+    picked = [k for k, kind in kinds.items() if kind in ("gather", "resize")]
+    assert sorted(kinds[k] for k in picked) == ["gather", "gather", "resize", "resize"]
+    text = "\n".join(re.search(rf"static void op{k}\(OPARGS\) \{{.*?\n\}}\n", st.source, re.S).group(0)
+                     for k in picked)
+    snap = HERE / "snapshots" / "gather_resize_ops.c"
+    if os.environ.get("UPDATE_SNAPSHOTS") == "1":
+        snap.write_text(text)
+    assert snap.exists(), f"{snap} missing: run with UPDATE_SNAPSHOTS=1 once and commit it"
+    assert text == snap.read_text(), "generated source changed; check the diff and run with UPDATE_SNAPSHOTS=1"
+
+
 def test_cli_compile_and_bench(tmp_path, capsys):
     from sparseforge.cli import main
     from sparseforge.models import save_weights

@@ -4,7 +4,8 @@ compiler vs PyTorch: what a user hands over is ordinary forward code, not the zo
 Each must compile (no refusal), match PyTorch at the traced batch and another one with NaN and Inf in the input,
 and run natively wherever the test says it should: these forms once stopped the compiler (ShuffleNetV2's
 ``x.size()``, ConvNeXt's parameters read in forward, ``x.view(x.size(0), -1)``) or fell back (ceil_mode and
-functional pools, number arithmetic, ResNeXt's grouped convs).
+functional pools, number arithmetic, ResNeXt's grouped convs, ShuffleNetV2's chunk and channel shuffle, GoogLeNet's
+channel slices, U-Net's bilinear resize to a size read in forward).
 """
 
 import pytest
@@ -335,15 +336,15 @@ class DeepLabStyle(nn.Module):
 
 # name: (model, input H x W, must every op be native?)
 ARCHS = {
-    "shufflenet_v2": (ShuffleNetV2, (48, 50), False),
+    "shufflenet_v2": (ShuffleNetV2, (48, 50), True),
     "squeezenet": (SqueezeNet, (49, 49), True),
     "convnext": (ConvNeXt, (32, 36), False),
-    "googlenet_style": (GoogLeNetStyle, (37, 39), False),
+    "googlenet_style": (GoogLeNetStyle, (37, 39), True),
     "mobilenet_v3": (MobileNetV3, (40, 44), True),
     "densenet": (DenseNet, (40, 40), True),
     "kuangliu_resnet": (KuangliuResNet, (8, 8), True),
     "alexnet": (AlexNet, (99, 99), False),
-    "unet_style": (UNetStyle, (20, 22), False),
+    "unet_style": (UNetStyle, (20, 22), True),
     "resnext": (ResNeXt, (56, 60), True),
     "deeplab_style": (DeepLabStyle, (40, 44), False),
 }

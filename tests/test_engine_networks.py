@@ -913,10 +913,12 @@ def test_generated_networks_match_pytorch():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,sparsity", [("resnet18", "pattern8x"), ("resnet50", "dense"),
-                                           ("mobilenet_v2", "pattern8x"), ("vgg16_bn", "pattern8x")])
+                                           ("mobilenet_v2", "pattern8x"), ("vgg16_bn", "pattern8x"),
+                                           ("shufflenet_v2_x1_0", "pattern8x")])
 def test_imagenet_zoo_through_the_engine(name, sparsity):
     """The networks people ship, at 224x224 with non-trivial BN statistics: correct, and no PyTorch fallback
-    (ResNet's 7x7 stride-2 stem runs as a phase split and a 4x4 conv in blocked mode)."""
+    (ResNet's 7x7 stride-2 stem runs as a phase split and a 4x4 conv in blocked mode; ShuffleNetV2's chunks and
+    shuffles as channel gathers)."""
     import sparseforge as sf
 
     torch.manual_seed(0)
@@ -1476,7 +1478,8 @@ def test_sizes_tuples_and_parameters_read_in_forward_fall_back_correctly(net):
     """Sizes (``x.size()``, ``c // 2``), tuples (``chunk``) and parameters read in forward (``self.weight``, a
     layer scale) used to stop the compiler ("does not produce a tensor", "direct parameter access"). They are now
     expressions the fallback ops evaluate on each call's tensors: the same outputs at another batch, NaN and Inf
-    as PyTorch's, the convs around them native and every fallback named in summary()."""
+    as PyTorch's, the convs around them native and every fallback named in summary(). ShuffleNet's chunk and
+    channel shuffle are channel gathers, native (test_channel_gathers_run_natively)."""
     torch.manual_seed(1)
     c = 8
     body = (nn.Sequential(_ShuffleUnit(c), _ShuffleUnit(c)) if net == "shufflenet"
@@ -1486,7 +1489,11 @@ def test_sizes_tuples_and_parameters_read_in_forward_fall_back_correctly(net):
     ops = e.spec["ops"]
     assert sum(op["native"] and op["kind"] == "conv" for op in ops) >= (6 if net == "shufflenet" else 4)
     fallbacks = [op for op in ops if not op["native"]]
-    assert fallbacks and all(op["name"] in e.summary(profile=False) for op in fallbacks)
+    if net == "shufflenet":     # chunk and the shuffle are channel gathers now: nothing falls back. The second
+        # unit's chunks read the first unit's concatenation through its shuffle, which no one else reads: 5 gathers
+        assert not fallbacks and sum(op["kind"] == "gather" for op in ops) == 5, e.summary(profile=False)
+    else:                       # the LayerNorm does
+        assert fallbacks and all(op["name"] in e.summary(profile=False) for op in fallbacks)
     for b in (1, 3):
         x = with_nonfinite(torch.randn(b, 3, 9, 11), seed=b) if b > 1 else torch.randn(b, 3, 9, 11)
         with torch.inference_mode():
@@ -1734,5 +1741,253 @@ def test_per_channel_constants_run_natively():
     e = compile(m, x[:1], threads=1)
     assert [op["native"] for op in e.spec["ops"]] == [True, False]
     with torch.inference_mode():
+        ok, why = compare_outputs(e(x), m(x), sparse=False)
+    assert ok, why
+
+
+class _Gather(nn.Module):
+    """A conv, then code that moves whole channels (or, for the ``not_*`` kinds, does not), then a conv."""
+
+    def __init__(self, kind: str, c: int = 12):
+        super().__init__()
+        self.kind = kind
+        self.a = nn.Conv2d(3, c, 3, 1, 1)
+        cout = {"chunk3": c // 3, "split": 5, "slice": 4, "step": c // 2, "narrow": 3, "repeat": 4,
+                "two_halves": c // 2}.get(kind, c)
+        self.b = nn.Conv2d(cout, 5, 3, 1, 1)
+
+    def forward(self, x):
+        y, k = self.a(x), self.kind
+        n, c, h, w = y.size()
+        if k == "chunk_swap":
+            y1, y2 = y.chunk(2, dim=1)
+            z = torch.cat((y2, y1), 1)
+        elif k == "chunk_of_sum":          # a map made by an add (an add on sizes is data movement, this is not)
+            y1, y2 = (y + y * 2.0).chunk(2, dim=1)
+            z = torch.cat((y2, y1), 1)
+        elif k == "chunk3":
+            z = torch.chunk(y, 3, 1)[1]
+        elif k == "split":
+            z = torch.split(y, [7, 5], dim=1)[1]
+        elif k == "slice":
+            z = y[:, 2:6]
+        elif k == "step":
+            z = y[:, 1::2]
+        elif k == "narrow":
+            z = y.narrow(1, 4, 3)
+        elif k == "repeat":
+            z = y[:, [3, 3, 0, 11]]
+        elif k == "shuffle_permute":        # a shuffle written with reshape, permute and flatten
+            z = y.reshape(n, 3, c // 3, h, w).permute(0, 2, 1, 3, 4).flatten(1, 2)
+        elif k.startswith("shuffle"):       # torchvision's, with 2, 3 and 4 groups
+            g = int(k[-1])
+            z = torch.transpose(y.view(n, g, c // g, h, w), 1, 2).contiguous().view(n, -1, h, w)
+        elif k == "flip":
+            z = y.flip(1)
+        elif k == "roll":
+            z = torch.roll(y, 5, 1)
+        elif k == "identity_views":        # every channel in order: no copy at all
+            z = y.contiguous().view(n, c, h, w)
+        elif k == "two_halves":            # one gather read twice, another at the graph's output
+            y1, y2 = y.chunk(2, dim=1)
+            return self.b(y1) + self.b(y1), y2
+        elif k == "not_spatial":           # a transpose of the map (square): not one plane per plane
+            z = y.transpose(2, 3)
+        elif k == "not_scrambled":         # a view that mixes rows and channels into the same shape
+            z = y.view(n, h, c, w).transpose(1, 2).reshape(n, c, h, w)
+        elif k == "not_batch":             # images swapped: not within an image
+            z = y.flip(0)
+        return self.b(z)
+
+
+GATHERS = ["chunk_swap", "chunk_of_sum", "chunk3", "split", "slice", "step", "narrow", "repeat", "shuffle2", "shuffle3", "shuffle4",
+           "shuffle_permute", "flip", "roll", "identity_views", "two_halves"]
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+def test_channel_gathers_run_natively(isa):
+    """Code that picks, reorders or repeats whole channels -- ``chunk``, ``split``, slices, ``narrow``, ShuffleNet's
+    channel shuffle written two ways, ``flip``/``roll`` over channels -- runs as native plane copies
+    (trace.channel_gathers proves each on position probes), at the traced batch and another one with NaN and Inf.
+    Moves that are not whole planes of one image (a spatial transpose, rows mixed into channels, images swapped)
+    stay fallbacks and stay correct. With ``channel_gathers`` off every kind falls back again."""
+    if isa == "avx2":
+        _skip_without_avx2()
+    for i, kind in enumerate(GATHERS + ["not_spatial", "not_scrambled", "not_batch"]):
+        torch.manual_seed(i)
+        m = _Gather(kind).eval()
+        hw = (9, 9) if kind.startswith("not") else (7, 10)
+        e = compile(m, torch.randn(1, 3, *hw), threads=2, isa=isa)
+        ops = e.spec["ops"]
+        gathers = [op for op in ops if op["kind"] == "gather"]
+        if kind.startswith("not"):
+            assert not gathers and any(not op["native"] for op in ops), (kind, e.summary(profile=False))
+        else:
+            assert all(op["native"] for op in ops), (kind, e.summary(profile=False))
+            want = {"identity_views": 0, "chunk_swap": 2, "chunk_of_sum": 2, "two_halves": 2}.get(kind, 1)
+            assert len(gathers) == want, (kind, e.summary(profile=False))
+        for b in (1, 3):
+            x = with_nonfinite(torch.randn(b, 3, *hw), seed=b) if b > 1 else torch.randn(b, 3, *hw)
+            with torch.inference_mode():
+                got, want = e(x), m(x)
+            for g_, w_ in zip(*((got, want) if isinstance(want, tuple) else ((got,), (want,)))):
+                ok, why = compare_outputs(g_, w_, sparse=False)
+                assert ok, (kind, b, why)
+    e = compile(_Gather("shuffle2").eval(), torch.randn(1, 3, 7, 10), threads=2,
+                plan_options=PlanOptions(channel_gathers=False))
+    assert not any(op["kind"] == "gather" for op in e.spec["ops"])
+    assert any(not op["native"] for op in e.spec["ops"])
+
+
+def test_channel_gathers_are_proved_on_probes():
+    """``channel_gathers`` maps the final node of each whole-channel move to its source and index, for the code as
+    written (groups, split sizes, slices with steps), and maps nothing where a move is not whole planes."""
+    from sparseforge.engine.trace import channel_gathers, trace
+
+    found = {}
+    for kind in GATHERS + ["not_spatial", "not_scrambled", "not_batch"]:
+        m = _Gather(kind).eval()
+        gm = trace(m, torch.randn(1, 3, 9, 9))
+        found[kind] = sorted(ix for _, ix in channel_gathers(gm).values())
+    c = 12
+    assert found["shuffle2"] == [tuple(b * 6 + a for a in range(6) for b in range(2))]
+    assert found["shuffle3"] == [tuple(b * 4 + a for a in range(4) for b in range(3))]
+    assert found["shuffle_permute"] == found["shuffle3"]
+    assert found["chunk_swap"] == found["chunk_of_sum"] == [tuple(range(6)), tuple(range(6, 12))]
+    assert found["chunk3"] == [(4, 5, 6, 7)]
+    assert found["split"] == [tuple(range(7, 12))]
+    assert found["step"] == [tuple(range(1, c, 2))]
+    assert found["repeat"] == [(3, 3, 0, 11)]
+    assert found["flip"] == [tuple(range(c - 1, -1, -1))]
+    assert found["roll"] == [tuple((j - 5) % c for j in range(c))]
+    assert found["identity_views"] and all(ix == tuple(range(c)) for ix in found["identity_views"])
+    assert found["not_spatial"] == found["not_scrambled"] == found["not_batch"] == []
+
+
+class _Resize(nn.Module):
+    """A conv, a resize as a user writes it, a conv over it (and the skip it is sized to, as U-Net's decoder)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.a, self.b = nn.Conv2d(3, 6, 3, 1, 1), nn.Conv2d(6, 4, 3, 1, 1)
+        self.up = {"module_bilinear": nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                   "module_nearest": nn.Upsample(size=(11, 5)),
+                   "module_upsampling_bilinear": nn.UpsamplingBilinear2d(scale_factor=1.5)}.get(kind, nn.Identity())
+
+    def forward(self, x):
+        y, k = self.a(x), self.kind
+        if k.startswith("module"):
+            return self.b(self.up(y))
+        if k == "skip_size":                # size read from another map in forward
+            z = F.max_pool2d(y, 2)
+            return self.b(y + F.interpolate(z, size=y.shape[-2:], mode="bilinear", align_corners=False))
+        if k == "bicubic":                  # no native kernel: a fallback, still exact
+            return self.b(F.interpolate(y, scale_factor=2, mode="bicubic", align_corners=False))
+        mode, ac, kw = {"nearest2": ("nearest", None, {"scale_factor": 2}),
+                        "nearest_frac": ("nearest", None, {"scale_factor": 1.7}),
+                        "nearest_down": ("nearest", None, {"size": (3, 4)}),
+                        "bilinear_frac": ("bilinear", False, {"scale_factor": (2.5, 0.6)}),
+                        "bilinear_recompute": ("bilinear", False, {"scale_factor": 1.3, "recompute_scale_factor": True}),
+                        "bilinear_corners": ("bilinear", True, {"size": (12, 9)})}[k]
+        return self.b(F.interpolate(y, mode=mode, align_corners=ac, **kw))
+
+
+RESIZES = ["module_bilinear", "module_nearest", "module_upsampling_bilinear", "skip_size", "nearest2", "nearest_frac",
+           "nearest_down", "bilinear_frac", "bilinear_recompute", "bilinear_corners"]
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+def test_resizes_run_natively(isa):
+    """Nearest and bilinear ``F.interpolate`` / ``nn.Upsample`` (U-Net, FPN and DeepLab decoders) run natively with
+    PyTorch's index rules -- scale factors as given or recomputed, fractional and per-axis, align_corners, a size
+    read from another map -- at the traced batch and another one with NaN and Inf (bilinear multiplies every one
+    of its four pixels, as PyTorch does, so a NaN beside a pixel spreads alike). Bicubic stays a fallback; with
+    ``native_resize`` off every resize does."""
+    if isa == "avx2":
+        _skip_without_avx2()
+    for i, kind in enumerate(RESIZES + ["bicubic"]):
+        torch.manual_seed(i)
+        m = _Resize(kind).eval()
+        e = compile(m, torch.randn(1, 3, 6, 7), threads=2, isa=isa)
+        ops = e.spec["ops"]
+        if kind == "bicubic":
+            assert not any(op["kind"] == "resize" for op in ops) and any(not op["native"] for op in ops)
+        else:
+            assert all(op["native"] for op in ops) and sum(op["kind"] == "resize" for op in ops) == 1, \
+                (kind, e.summary(profile=False))
+        for b in (1, 3):
+            x = with_nonfinite(torch.randn(b, 3, 6, 7), seed=b) if b > 1 else torch.randn(b, 3, 6, 7)
+            with torch.inference_mode():
+                ok, why = compare_outputs(e(x), m(x), sparse=False)
+            assert ok, (kind, b, why)
+    e = compile(_Resize("nearest2").eval(), torch.randn(1, 3, 6, 7), threads=2,
+                plan_options=PlanOptions(native_resize=False))
+    assert not any(op["kind"] == "resize" for op in e.spec["ops"])
+
+
+def test_resize_tables_agree_with_pytorch():
+    """``resize_tables`` reproduces PyTorch's pixel choice (nearest) and weights (bilinear, float32 as ATen's CPU
+    kernel computes them) for sizes and scales drawn at random, so none of them falls back for disagreeing; and a
+    table that PyTorch disagrees with is refused (checked by shifting one weight)."""
+    import random
+
+    from sparseforge.engine import trace as tr
+
+    r = random.Random(0)
+    for _ in range(150):
+        h, w = r.randint(1, 40), r.randint(1, 40)
+        mode, ac = r.choice([("nearest", False), ("bilinear", False), ("bilinear", True)])
+        if r.random() < 0.5:
+            scales = (r.choice([0.5, 1.5, 2.0, 2.5, 3.0, 1.3, 0.75]), r.choice([0.5, 2.0, 1.7, 4.0]))
+            out = (int(h * scales[0]), int(w * scales[1]))
+            if min(out) < 1:
+                continue
+        else:
+            scales, out = None, (r.randint(1, 60), r.randint(1, 60))
+        assert tr.resize_tables(mode, ac, scales, (h, w), out) is not None, (mode, ac, scales, h, w, out)
+    orig = tr._linear_axis
+
+    def off(*a):
+        idx, wts = orig(*a)
+        wts[1] += 0.01
+        return idx, wts
+
+    tr._linear_axis = off
+    try:
+        assert tr.resize_tables("bilinear", False, None, (5, 6), (9, 11)) is None
+    finally:
+        tr._linear_axis = orig
+
+
+def test_gathers_and_resizes_are_saved_and_loaded(tmp_path):
+    """An engine with channel gathers and resizes (all native) is saved as data and rebuilt from it: the tables
+    and indices round-trip through the artefact's JSON, and the rebuilt engine gives the same bits."""
+    from sparseforge.engine import load_engine
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, 1, 1), nn.Conv2d(8, 4, 3, 1, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            n, c, h, w = y.size()
+            y = torch.transpose(y.view(n, 2, c // 2, h, w), 1, 2).contiguous().view(n, -1, h, w)
+            y1, y2 = y.chunk(2, dim=1)
+            z = torch.cat((F.interpolate(y1, scale_factor=1.5, mode="bilinear", align_corners=False),
+                           F.interpolate(y2, scale_factor=1.5, mode="nearest")), 1)
+            return self.b(z)
+
+    m = Decoder().eval()
+    x = torch.randn(2, 3, 6, 9)
+    e = compile(m, x[:1], threads=2)
+    assert all(op["native"] for op in e.spec["ops"])
+    assert sorted(op["kind"] for op in e.spec["ops"] if op["kind"] in ("gather", "resize")) == \
+        ["gather", "gather", "resize", "resize"]
+    e.save(tmp_path / "eng")
+    e2 = load_engine(tmp_path / "eng")
+    with torch.inference_mode():
+        assert torch.equal(e2(x), e(x))
         ok, why = compare_outputs(e(x), m(x), sparse=False)
     assert ok, why

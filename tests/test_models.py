@@ -106,6 +106,9 @@ TORCHVISION = {   # parameter counts of torchvision's models, and keys its state
     "mobilenet_v2": (3_504_872, 314, ["features.0.0.weight", "features.1.conv.0.0.weight", "features.1.conv.1.weight",
                                       "features.2.conv.1.0.weight", "features.17.conv.3.running_var",
                                       "features.18.1.weight", "classifier.1.weight"]),
+    "shufflenet_v2_x1_0": (2_278_604, 338, ["conv1.0.weight", "stage2.0.branch1.0.weight", "stage2.0.branch2.6.running_var",
+                                            "stage3.7.branch2.3.weight", "stage4.3.branch2.5.weight",
+                                            "conv5.1.running_mean", "fc.bias"]),
 }
 
 
@@ -141,7 +144,8 @@ def test_dilated_resnet_backbone_is_torchvisions():
 
 
 # vgg16_bn (138 M parameters, 0.5 GB written twice) runs in the slow tier
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", pytest.param("vgg16_bn", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "shufflenet_v2_x1_0",
+                                  pytest.param("vgg16_bn", marks=pytest.mark.slow)])
 def test_torchvision_state_dict_loads_strictly(name, tmp_path):
     """A plain torch.save(state_dict) under torchvision's key names (what a torchvision user has) loads strictly;
     a state_dict missing one key or with a renamed one is refused with the key named."""

@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import math
 
-from .ir import ConcatOp, ConvOp, EltwiseOp, FlattenOp, GapOp, LinearOp, PhaseOp, PoolOp
+from .ir import ConcatOp, ConvOp, EltwiseOp, FlattenOp, GapOp, GatherOp, LinearOp, PhaseOp, PoolOp, ResizeOp
 from .plan import DW_CHUNK, BandPlan, BlockPlan, ConvPlan, Plan, PlanOptions
 
 @dataclasses.dataclass(frozen=True)
@@ -2015,6 +2015,55 @@ def concat_source(k: int, op: ConcatOp, plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def gather_source(k: int, op: GatherOp, plan: Plan) -> str:
+    """Each output plane a copy of its input plane: whole, zero border included, where both have one plane
+    geometry (the memory plan lets only such values share a buffer, so the border copied is a zero border);
+    otherwise row by row. A plane goes to the thread that wrote its input plane (``_channel_loop``)."""
+    li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
+    c, h, w = plan.graph.values[op.output].shape
+    lines = [f"static void op{k}(OPARGS) {{", f"  const float* in = B[{op.inputs[0]}]; float* out = B[{op.output}];",
+             f"  const int* ix = g_i + {plan.other[k]['index_off']};"]
+    lines += _channel_loop(k, c, plan, "  ")
+    if li.is_map and lo.is_map and (li.rs, li.plane) == (lo.rs, lo.plane):
+        lines.append(f"    memcpy(out + {_addr(lo, 'n', 'ch', '-1', '-1')}, in + {_addr(li, 'n', 'ix[ch]', '-1', '-1')}, "
+                     f"{4 * li.plane});")
+    else:
+        lines.append(f"    for (int y = 0; y < {h}; y++) memcpy(out + {_addr(lo, 'n', 'ch', 'y', '0')}, "
+                     f"in + {_addr(li, 'n', 'ix[ch]', 'y', '0')}, {4 * w});")
+    lines += ["  }", "}"]
+    return "\n".join(lines)
+
+
+def resize_source(k: int, op: ResizeOp, plan: Plan) -> str:
+    """Per plane, per output row: nearest copies ``in[ys[y]][xs[x]]``; bilinear mixes two rows of two columns
+    as PyTorch does, ``(a*w0 + b*w1)*h0 + (c*w0 + d*w1)*h1``, every term multiplied even where a weight is 0
+    (PyTorch's, so a NaN or Inf beside a pixel spreads as there)."""
+    li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
+    c, ho, wo = plan.graph.values[op.output].shape
+    o = plan.other[k]
+    lines = [f"static void op{k}(OPARGS) {{", f"  const float* in = B[{op.inputs[0]}]; float* out = B[{op.output}];",
+             f"  const int* ty = g_i + {o['ys_off']}; const int* tx = g_i + {o['xs_off']};",
+             f"  const float* wy = g_w + {o['yw_off']}; const float* wx = g_w + {o['xw_off']}; (void)wy; (void)wx;"]
+    lines += _channel_loop(k, c, plan, "  ")
+    lines += [f"    const float* restrict ip = in + {_addr(li, 'n', 'ch', '0', '0')};",
+              f"    for (int y = 0; y < {ho}; y++) {{",
+              f"      float* restrict oa = out + {_addr(lo, 'n', 'ch', 'y', '0')};"]
+    rs = li.rs if li.is_map else li.shape[2]
+    if op.mode == "bilinear":
+        lines += [f"      const float* restrict r0 = ip + (long)ty[2 * y] * {rs}; "
+                  f"const float* restrict r1 = ip + (long)ty[2 * y + 1] * {rs};",
+                  "      const float h0 = wy[2 * y], h1 = wy[2 * y + 1];",
+                  f"      for (int x = 0; x < {wo}; x++) {{",
+                  "        const int a = tx[2 * x], b = tx[2 * x + 1]; const float w0 = wx[2 * x], w1 = wx[2 * x + 1];",
+                  "        oa[x] = (r0[a] * w0 + r0[b] * w1) * h0 + (r1[a] * w0 + r1[b] * w1) * h1;",
+                  "      }"]
+    else:
+        lines += [f"      const float* restrict r = ip + (long)ty[y] * {rs};",
+                  f"      for (int x = 0; x < {wo}; x++) oa[x] = r[tx[x]];"]
+    lines += ["    }", "  }", "}"]
+    return "\n".join(lines)
+
+
 def gap_source(k: int, op: GapOp, plan: Plan) -> str:
     li, lo = plan.layouts[op.inputs[0]], plan.layouts[op.output]
     c, h, w = li.shape
@@ -2108,7 +2157,8 @@ def linear_source(k: int, op: LinearOp, plan: Plan) -> str:
 
 
 TEMPLATES = {ConvOp: None, PhaseOp: phase_source, PoolOp: pool_source, GapOp: gap_source, LinearOp: linear_source,
-             FlattenOp: flatten_source, EltwiseOp: eltwise_source, ConcatOp: concat_source}
+             FlattenOp: flatten_source, EltwiseOp: eltwise_source, ConcatOp: concat_source,
+             GatherOp: gather_source, ResizeOp: resize_source}
 
 
 def _segment(si: int, idxs: list[int], plan: Plan, traced: bool) -> str:

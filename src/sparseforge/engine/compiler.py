@@ -282,7 +282,8 @@ def compile(model: nn.Module, example_input: torch.Tensor, threads: int | None =
         st.seconds["trace"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         po = plan_options or PlanOptions()
-        st.graph = build_ir(st.graph_module, po.embed_max_kernels, po.embed_grouped)
+        st.graph = build_ir(st.graph_module, po.embed_max_kernels, po.embed_grouped, po.channel_gathers,
+                            po.native_resize)
         st.seconds["fold"] = time.perf_counter() - t0
         _check_finite(st.graph)
     finally:

@@ -12,7 +12,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .ir import ConcatOp, ConvOp, EltwiseOp, FlattenOp, GapOp, Graph, LinearOp, Op, PhaseOp, PoolOp, TorchOp
+from .ir import (ConcatOp, ConvOp, EltwiseOp, FlattenOp, GapOp, GatherOp, Graph, LinearOp, Op, PhaseOp, PoolOp,
+                 ResizeOp, TorchOp)
 
 ELTWISE_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": torch.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish, "sigmoid": torch.sigmoid,
@@ -102,6 +103,14 @@ def run_op(op: Op, env: dict[int, torch.Tensor], out_shape: tuple[int, ...] = ()
         return x.flatten(1)
     if isinstance(op, ConcatOp):
         return torch.cat([env[i] for i in op.inputs], 1)
+    if isinstance(op, GatherOp):
+        return x[:, list(op.index)]
+    if isinstance(op, ResizeOp):
+        ac = op.align_corners if op.mode == "bilinear" else None
+        if op.scales is not None:
+            return F.interpolate(x, scale_factor=op.scales, mode=op.mode, align_corners=ac,
+                                 recompute_scale_factor=False)
+        return F.interpolate(x, size=tuple(out_shape[1:]), mode=op.mode, align_corners=ac)
     if isinstance(op, PhaseOp):
         s, p = op.stride, op.padding
         x = F.pad(x, (p, p, p, p))

@@ -266,8 +266,56 @@ class ConcatOp(Op):
         return f"concat of {len(self.inputs)}"
 
 
+@dataclasses.dataclass
+class GatherOp(Op):
+    """Output channel j is input channel ``index[j]``, every plane unchanged: what ``chunk``, ``split``,
+    ``narrow``, a channel slice and ShuffleNet's channel shuffle (view, transpose, view) compute, proved so for
+    the model's own code by ``trace.channel_gathers``."""
+
+    index: tuple = ()
+    kind = "gather"
+
+    def __post_init__(self) -> None:
+        self.index = tuple(int(i) for i in self.index)      # (a stored graph gives a list)
+
+    def describe(self) -> str:
+        ix, n = list(self.index), len(self.index)
+        if n and ix == list(range(ix[0], ix[0] + n)):
+            return f"channels {ix[0]}-{ix[-1]}"
+        if sorted(ix) == list(range(n)):
+            return f"channel permutation of {n}"
+        return "channels [" + ", ".join(map(str, ix[:8])) + (", ...]" if n > 8 else "]")
+
+
+@dataclasses.dataclass
+class ResizeOp(Op):
+    """``F.interpolate`` / ``nn.Upsample``, nearest or bilinear: output row y reads input rows ``ys`` (one per row,
+    or two, weighted by ``yw``), columns likewise. The tables are PyTorch's own (``trace.resize_tables``); ``scales``
+    and ``align_corners`` are kept for the reference interpreter, which calls PyTorch."""
+
+    mode: str = "nearest"
+    align_corners: bool = False
+    scales: tuple | None = None        # the scale factors PyTorch was given (None: from the sizes)
+    ys: tuple = ()
+    yw: tuple = ()
+    xs: tuple = ()
+    xw: tuple = ()
+    kind = "resize"
+
+    def __post_init__(self) -> None:       # (a stored graph gives lists)
+        self.ys, self.xs = tuple(int(v) for v in self.ys), tuple(int(v) for v in self.xs)
+        self.yw, self.xw = tuple(float(v) for v in self.yw), tuple(float(v) for v in self.xw)
+        self.scales = tuple(float(v) for v in self.scales) if self.scales is not None else None
+
+    def describe(self) -> str:
+        ac = " align_corners" if self.align_corners else ""
+        sc = f" x{self.scales[0]:g},{self.scales[1]:g}" if self.scales else ""
+        return f"resize {self.mode}{ac}{sc}"
+
+
 # ---- graphs as data (engine artefacts store their graph, never a binary) ------------------------------------
-NATIVE_OPS = {cls.__name__: cls for cls in (ConvOp, PhaseOp, PoolOp, FlattenOp, GapOp, LinearOp, EltwiseOp, ConcatOp)}
+NATIVE_OPS = {cls.__name__: cls for cls in (ConvOp, PhaseOp, PoolOp, FlattenOp, GapOp, LinearOp, EltwiseOp, ConcatOp,
+                                            GatherOp, ResizeOp)}
 
 
 def graph_to_data(graph: Graph) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -18,7 +18,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from .ir import ConcatOp, ConvOp, EltwiseOp, GapOp, Graph, LinearOp, PhaseOp, PoolOp, Value
+from .ir import ConcatOp, ConvOp, EltwiseOp, GapOp, GatherOp, Graph, LinearOp, PhaseOp, PoolOp, ResizeOp, Value
 
 VEC = 8                  # default floats per vector (AVX2); 16 on AVX-512 machines (see compile(vector_width=))
 SLACK = 512              # floats after every buffer: over-reads by discarded vector lanes stay in bounds
@@ -295,6 +295,11 @@ class PlanOptions:
     # ... and grouped or depthwise ones stay in oneDNN unless this is set (onnxruntime's depthwise kernel was 2x
     # faster than the embedded one in every arm measured; tests and the fuzz set it)
     embed_grouped: bool = False
+    # code that picks, reorders or repeats whole channels (chunk, split, a channel slice, ShuffleNet's channel
+    # shuffle; trace.channel_gathers) runs as native plane copies instead of PyTorch fallbacks
+    channel_gathers: bool = True
+    # nearest and bilinear F.interpolate / nn.Upsample run natively (tables from PyTorch's index rules)
+    native_resize: bool = True
     # ... and, on 16-register hosts, dense ones with at most this many input channels (an RGB stem: 27 weights per
     # output, too few for output-channel blocks, so pixel vectors, each assembled from two loads and a shuffle;
     # over the phases every load is one aligned-or-not load). MobileNetV2's 3->32 stem at 224, one thread, Zen 3:
@@ -1940,7 +1945,17 @@ def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto
                 other[k] = {"w_off": blob.add_f(w), "b_off": blob.add_f(op.bias.numpy())}
         elif isinstance(op, EltwiseOp) and op.fn == "affine":
             other[k] = {"scale_off": blob.add_f(op.scale.numpy()), "shift_off": blob.add_f(op.shift.numpy())}
-        if isinstance(op, (EltwiseOp, GapOp, PoolOp)) and opts.chan_affinity:
+        elif isinstance(op, ResizeOp):
+            other[k] = {"ys_off": blob.add_i(np.asarray(op.ys, np.int32)), "yw_off": blob.add_f(op.yw or [0.0]),
+                        "xs_off": blob.add_i(np.asarray(op.xs, np.int32)), "xw_off": blob.add_f(op.xw or [0.0])}
+        elif isinstance(op, GatherOp):
+            other[k] = {"index_off": blob.add_i(np.asarray(op.index, np.int32))}
+            # each plane on the thread that wrote the plane it copies (batch 1 / leftover images)
+            thr = writer.get(op.inputs[0])
+            if opts.chan_affinity and thr is not None and len(thr) == graph.values[op.inputs[0]].shape[0]:
+                other[k]["thread_of_off"] = blob.add_i(np.asarray([thr[i] for i in op.index], np.int32))
+                writer[op.output] = [thr[i] for i in op.index]
+        if isinstance(op, (EltwiseOp, GapOp, PoolOp, ResizeOp)) and opts.chan_affinity:
             # channel c on the thread that wrote it (batch 1 / leftover images): squeeze-excite's multiply and
             # global pool read maps the conv before wrote split by filters; interleaved channels sent half the
             # map across cores. Whole rounds of images stay one image per thread, as in the convs.

@@ -479,7 +479,8 @@ def quantize(model: nn.Module, cfg: Int8Config | None = None, calibration: Itera
     model.eval()
     try:
         # (dilated and non-square convs stay fallbacks: the int8 kernels would run every tap of a square one)
-        graph = build_ir(trace(model, batches[0][0][:1]), embed_max_kernels=0.0)
+        graph = build_ir(trace(model, batches[0][0][:1]), embed_max_kernels=0.0, channel_ops=False,
+                         resize_ops=False)
     finally:
         model.train(was_training)
     stats = _Stats(cfg.samples, cfg.seed)

@@ -269,6 +269,38 @@ class InPlaceBlock(nn.Module):
         return self.proj(y) + z
 
 
+class Resize(nn.Module):
+    """``F.interpolate`` as decoders write it: up or down by a scale factor (as given, or recomputed from the
+    sizes), nearest or bilinear (with or without ``align_corners``), or -- ``skip`` -- a pooled copy resized back
+    to the map's own size read in forward and added to it (U-Net's and FPN's top-down step)."""
+
+    def __init__(self, kind: str, mode: str, align_corners: bool, scale, recompute: bool):
+        super().__init__()
+        self.kind, self.mode, self.scale, self.recompute = kind, mode, scale, recompute
+        self.ac = align_corners if mode == "bilinear" else None
+
+    @staticmethod
+    def draw(r, h: int, w: int) -> "Resize":
+        mode = r.choice(["nearest", "bilinear"])
+        ac = r.random() < 0.3
+        kinds = ["skip"] + (["up"] if h * w <= 400 else []) + (["down"] if min(h, w) >= 6 else [])
+        kind = r.choice(kinds)
+        scale = (r.choice([2, 1.5, (2.0, 1.5), (1.25, 3)]) if kind == "up" else
+                 r.choice([0.5, (0.5, 0.75), 0.6]) if kind == "down" else None)
+        return Resize(kind, mode, ac, scale, r.random() < 0.3)
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.mode}{' align_corners' if self.ac else ''} {self.scale or ''}".strip()
+
+    def forward(self, x):
+        if self.kind == "skip":
+            import torch.nn.functional as F
+            return x + F.interpolate(F.avg_pool2d(x, 2, ceil_mode=True), size=x.shape[-2:], mode=self.mode,
+                                     align_corners=self.ac)
+        return nn.functional.interpolate(x, scale_factor=self.scale, mode=self.mode, align_corners=self.ac,
+                                         recompute_scale_factor=self.recompute)
+
+
 class FunctionalPool(nn.Module):
     """A pool written as ``F.max_pool2d`` / ``F.avg_pool2d`` in forward, as many models do."""
 
@@ -284,14 +316,14 @@ class FunctionalPool(nn.Module):
 
 class Idiom(nn.Module):
     """Shape-preserving code people write in forward rather than as modules: arithmetic with Python numbers,
-    torchvision's ShuffleNet channel shuffle (``x.size()``, ``view``, ``transpose``), ``chunk`` and a parameter
-    read directly (ConvNeXt's layer scale). The compiler must run each natively or fall back, never fail."""
+    torchvision's ShuffleNet channel shuffle (``x.size()``, ``view``, ``transpose``; or reshape, permute,
+    flatten), ``chunk``, ``split`` and strided slices, and a parameter read directly (ConvNeXt's layer scale). The compiler must run each natively or fall back, never fail."""
 
     KINDS = ("scale_shift", "sub_div", "shuffle", "chunk_swap", "layer_scale")
 
     def __init__(self, kind: str, c: int, a: float, b: float):
         super().__init__()
-        self.kind, self.a, self.b = kind, a, b
+        self.kind, self.a, self.b, self.c = kind, a, b, c
         if kind == "layer_scale":
             self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, c).view(c, 1, 1))
 
@@ -300,11 +332,20 @@ class Idiom(nn.Module):
             return x * self.a + self.b
         if self.kind == "sub_div":
             return (self.b - x) / self.a
+        # (the form and group count follow a and b, drawn anyway: seeds build the networks they built before)
         if self.kind == "shuffle":
             n, c, h, w = x.size()
-            x = x.view(n, 2, c // 2, h, w)
+            g = 3 if self.a == 3.0 and self.c % 3 == 0 else 2
+            if self.b == 0.25:          # the same shuffle written with reshape, permute and flatten
+                return x.reshape(n, g, c // g, h, w).permute(0, 2, 1, 3, 4).flatten(1, 2)
+            x = x.view(n, g, c // g, h, w)
             return torch.transpose(x, 1, 2).contiguous().view(n, -1, h, w)
         if self.kind == "chunk_swap":
+            if self.b == 0.25:          # odd channels first, by slices with a step
+                return torch.cat((x[:, 1::2], x[:, ::2]), 1)
+            if self.a == 3.0 and self.c % 3 == 0:
+                x1, x2, x3 = torch.split(x, self.c // 3, dim=1)
+                return torch.cat((x3, x1, x2), 1)
             x1, x2 = x.chunk(2, dim=1)
             return torch.cat((x2, x1), 1)
         return x * self.gamma
@@ -392,6 +433,7 @@ def random_network(seed: int, sparsity: str | None = None, max_blocks: int = 4
     r2 = random.Random(seed * 7919 + 1)     # forward-code idioms: drawn apart, so a seed's layers stay as they were
     r3 = random.Random(seed * 104729 + 2)   # grouped-conv variants (session 45), apart for the same reason
     r4 = random.Random(seed * 15485863 + 3)     # dilated / non-square variants (session 46), the same
+    r5 = random.Random(seed * 32452843 + 4)     # resizes (session 47), the same
     g = torch.Generator().manual_seed(seed)
     desc: list[str] = []
     h, w = r.randint(6, 40), r.randint(6, 40)
@@ -509,6 +551,13 @@ def random_network(seed: int, sparsity: str | None = None, max_blocks: int = 4
             ik = r2.choice([k_ for k_ in Idiom.KINDS if c % 2 == 0 or k_ not in ("shuffle", "chunk_swap")])
             blocks.append(Idiom(ik, c, r2.choice([0.5, 2.0, -1.5, 3.0]), r2.choice([0.0, 0.25, -1.0])))
             desc.append(f"idiom {ik}")
+        if r5.random() < 0.12:
+            rz = Resize.draw(r5, h, w)
+            blocks.append(rz)
+            with torch.no_grad():
+                h, w = RandomNet(nn.Sequential(*stem), blocks, nn.Identity()).eval()(
+                    torch.zeros(1, cin, *_in_hw(desc))).shape[2:]
+            desc.append(f"resize {rz.describe()}")
     classes = r.randint(2, 12)
     if r.random() < 0.8 or h * w * c > 4096:
         head = _GapHead(c, classes, r.choice(["none", "none", "relu", "sigmoid"]), mean=r.random() < 0.3)

@@ -22,7 +22,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import SparseforgeError
 from ..models.cifar_resnet import PadShortcut
-from .ir import ConcatOp, ConvOp, EltwiseOp, Embed, FlattenOp, GapOp, Graph, LinearOp, Op, PoolOp, TorchOp, Value
+from .ir import (ConcatOp, ConvOp, EltwiseOp, Embed, FlattenOp, GapOp, GatherOp, Graph, LinearOp, Op, PoolOp, ResizeOp,
+                 TorchOp, Value)
 
 _LEAVES = (PadShortcut,)
 
@@ -314,6 +315,98 @@ def _pool_params(node: fx.Node, modules: dict[str, nn.Module]) -> tuple | None:
     return (mode, k or 0, s or 0, pad or 0, bool(kv["ceil_mode"]), bool(kv["count_include_pad"]), ok)
 
 
+_INTERPOLATE = ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
+
+
+def _resize_params(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, bool, tuple | None] | None:
+    """``F.interpolate`` or an ``nn.Upsample`` module, nearest or bilinear without antialiasing: (mode,
+    align_corners, the scale factors PyTorch's kernel gets or None when it takes them from the sizes); None for
+    anything else. A size may be computed in forward (``size=skip.shape[-2:]``): only the output size matters."""
+    if node.op == "call_module" and isinstance(modules[node.target], nn.Upsample):
+        m = modules[node.target]
+        kv = {"size": m.size, "scale_factor": m.scale_factor, "mode": m.mode, "align_corners": m.align_corners,
+              "recompute_scale_factor": m.recompute_scale_factor, "antialias": False}
+    elif node.op == "call_function" and node.target is F.interpolate:
+        if len(node.args) - 1 > len(_INTERPOLATE):
+            return None
+        kv = {"size": None, "scale_factor": None, "mode": "nearest", "align_corners": None,
+              "recompute_scale_factor": None, "antialias": False}
+        kv.update(zip(_INTERPOLATE, node.args[1:]))
+        kv.update(node.kwargs)
+    else:
+        return None
+    if kv["mode"] not in ("nearest", "bilinear") or kv["antialias"] \
+            or any(isinstance(kv[k], fx.Node) for k in _INTERPOLATE if k != "size"):
+        return None
+    scales = None
+    if kv["size"] is None and kv["scale_factor"] is not None and not kv["recompute_scale_factor"]:
+        sf = kv["scale_factor"]
+        sf = tuple(sf) if isinstance(sf, (tuple, list)) else (sf, sf)
+        if len(sf) != 2 or not all(isinstance(v, (int, float)) for v in sf):
+            return None
+        scales = (float(sf[0]), float(sf[1]))
+    return kv["mode"], bool(kv["align_corners"]) and kv["mode"] == "bilinear", scales
+
+
+def _linear_axis(n_in: int, n_out: int, align_corners: bool, scale: float | None) -> tuple[list, list]:
+    """ATen's linear source indices and weights for one axis (area_pixel_compute_scale, ..._source_index,
+    guard_index_and_lambda), in float32 as its CPU kernel computes them for float maps: per output index
+    (i0, i0 + 1 or i0 at the last row) and (1 - lambda, lambda)."""
+    f = np.float32
+    if n_in == n_out:           # PyTorch copies an axis that keeps its size, whatever scale it was given
+        return [i for i in range(n_out) for _ in (0, 1)], [1.0, 0.0] * n_out
+    if align_corners:
+        sc = f(n_in - 1) / f(n_out - 1) if n_out > 1 else f(0)
+    else:
+        sc = f(1.0 / scale) if scale is not None and scale > 0 else f(n_in) / f(n_out)
+    idx, wts = [], []
+    for i in range(n_out):
+        if align_corners:
+            real = f(sc * f(i))
+        else:
+            real = f(f(sc * f(f(i) + f(0.5))) - f(0.5))
+            real = f(0) if real < 0 else real
+        i0 = min(int(np.floor(real)), n_in - 1)
+        lam = min(max(f(real - f(i0)), f(0)), f(1))
+        idx += [i0, i0 + (1 if i0 < n_in - 1 else 0)]
+        wts += [float(f(f(1) - lam)), float(lam)]
+    return idx, wts
+
+
+def resize_tables(mode: str, align_corners: bool, scales: tuple | None, in_hw: tuple[int, int],
+                  out_hw: tuple[int, int]) -> tuple[list, list, list, list] | None:
+    """(ys, yw, xs, xw) for ``ResizeOp``, checked against PyTorch on probes (None if they disagree: the op then
+    falls back). Nearest: PyTorch's own choice of pixel, read off a probe of positions (float64, exact).
+    Bilinear: ``_linear_axis``, within float rounding of PyTorch on a random probe (an ulp of a weight moves a
+    pixel by ~1e-6; a wrong pixel or weight by far more)."""
+    (h, w), (ho, wo) = in_hw, out_hw
+    kw = dict(scale_factor=scales, recompute_scale_factor=False) if scales is not None else dict(size=(ho, wo))
+    if mode == "nearest":
+        probe = torch.arange(h * w, dtype=torch.float64).view(1, 1, h, w)
+        r = F.interpolate(probe, mode="nearest", **kw)
+        if tuple(r.shape[2:]) != (ho, wo):
+            return None
+        ys = [int(v) // w for v in r[0, 0, :, 0]]
+        xs = [int(v) % w for v in r[0, 0, 0, :]]
+        want = probe[0, 0][ys][:, xs]
+        return (ys, [], xs, []) if torch.equal(r[0, 0], want) else None
+    ys, yw = _linear_axis(h, ho, align_corners, scales[0] if scales else None)
+    xs, xw = _linear_axis(w, wo, align_corners, scales[1] if scales else None)
+    g = torch.Generator().manual_seed(0)
+    probe = torch.rand(1, 2, h, w, generator=g) * 4 - 2
+    r = F.interpolate(probe, mode="bilinear", align_corners=align_corners, **kw)
+    if tuple(r.shape[2:]) != (ho, wo):
+        return None
+    Y0, Y1 = torch.tensor(ys[0::2]), torch.tensor(ys[1::2])
+    X0, X1 = torch.tensor(xs[0::2]), torch.tensor(xs[1::2])
+    H0, H1 = torch.tensor(yw[0::2]).view(-1, 1), torch.tensor(yw[1::2]).view(-1, 1)
+    W0, W1 = torch.tensor(xw[0::2]), torch.tensor(xw[1::2])
+    p = probe[0]
+    mine = ((p[:, Y0][:, :, X0] * W0 + p[:, Y0][:, :, X1] * W1) * H0
+            + (p[:, Y1][:, :, X0] * W0 + p[:, Y1][:, :, X1] * W1) * H1)
+    return (ys, yw, xs, xw) if torch.allclose(mine, r[0], rtol=1e-5, atol=1e-5) else None
+
+
 _SCALAR_OPS = {operator.add: "add", torch.add: "add", "add": "add", operator.iadd: "add", "add_": "add",
                operator.sub: "sub", torch.sub: "sub", "sub": "sub", operator.isub: "sub", "sub_": "sub",
                operator.mul: "mul", torch.mul: "mul", "mul": "mul", operator.imul: "mul", "mul_": "mul",
@@ -425,11 +518,97 @@ def _is_identity_pool(node: fx.Node, modules: dict[str, nn.Module], shape: tuple
     return size == tuple(shape[1:])
 
 
-def build_ir(gm: fx.GraphModule, embed_max_kernels: float = 0.5, embed_grouped: bool = False) -> Graph:
+# Code that only moves data (views, transposes, chunks, slices) and the size arithmetic feeding it: a run of these
+# from one map to another map of the same height and width may be a channel gather (channel_gathers)
+_MOVE_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "chunk", "split", "tensor_split", "flatten",
+                 "unflatten", "narrow", "size", "unsqueeze", "squeeze", "flip", "roll", "swapaxes", "movedim",
+                 "clone", "detach"}
+_MOVE_FUNCTIONS = {operator.getitem, torch.transpose, torch.permute, torch.reshape, torch.flatten, torch.unflatten,
+                   torch.chunk, torch.split, torch.tensor_split, torch.narrow, torch.squeeze, torch.unsqueeze,
+                   torch.flip, torch.roll, torch.swapaxes, torch.movedim, torch.clone}
+
+
+_SIZE_ARITHMETIC = {operator.floordiv, operator.mul, operator.add, operator.sub, operator.neg}
+
+
+def _moves(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _MOVE_METHODS
+    if node.op == "call_function":
+        if node.target in _SIZE_ARITHMETIC:     # on sizes only (ShapeProp left no tensor there): on maps it computes
+            return "tensor_meta" not in node.meta
+        return (node.target in _MOVE_FUNCTIONS
+                or (node.target is getattr and len(node.args) == 2 and node.args[1] == "shape"))
+    return False
+
+
+def channel_gathers(gm: fx.GraphModule) -> dict[fx.Node, tuple[fx.Node, tuple[int, ...]]]:
+    """Map-valued nodes that select, reorder or repeat whole channels of one other map: node -> (that map's node,
+    the input channel of each output channel). A candidate is a run of data-moving nodes (``_moves``) back to one
+    tensor node; it is run on probes whose every element is its own position (int64), for two batch sizes, and kept
+    only if each output plane equals one input plane of the same image, element for element. The probes prove the
+    mapping for the model's own code -- ``chunk``, ``split``, ``x[:, a:b]``, ShuffleNet's view-transpose-view with
+    any number of groups -- instead of matching the ways it can be written."""
+    found: dict[fx.Node, tuple[fx.Node, tuple[int, ...]]] = {}
+    for node in gm.graph.nodes:
+        shape = _shape(node)
+        if not _moves(node) or shape is None or len(shape) != 3:
+            continue
+        chain, sources, stack = set(), set(), [node]
+        while stack and len(sources) <= 1:
+            n = stack.pop()
+            if n in chain or n in sources:
+                continue
+            if _moves(n):
+                chain.add(n)
+                stack += n.all_input_nodes
+            else:
+                sources.add(n)
+        if len(sources) != 1:
+            continue
+        src = next(iter(sources))
+        sshape = _shape(src)
+        if src.op not in ("placeholder", "call_module", "call_function", "call_method") or sshape is None \
+                or len(sshape) != 3 or tuple(sshape[1:]) != tuple(shape[1:]):
+            continue
+        order = [n for n in gm.graph.nodes if n in chain]
+        c, h, w = sshape
+        index = None
+        for batch in (2, 3):
+            probe = torch.arange(batch * c * h * w, dtype=torch.int64).view(batch, c, h, w)
+            vals: dict[fx.Node, object] = {src: probe}
+            try:
+                for n in order:
+                    args = fx.node.map_arg(n.args, lambda a: vals[a])
+                    kwargs = fx.node.map_arg(n.kwargs, lambda a: vals[a])
+                    vals[n] = (getattr(args[0], n.target)(*args[1:], **kwargs) if n.op == "call_method"
+                               else n.target(*args, **kwargs))
+            except Exception:
+                index = None
+                break
+            r = vals[node]
+            if not isinstance(r, torch.Tensor) or tuple(r.shape) != (batch, *shape):
+                index = None
+                break
+            ix = tuple(int(v) for v in (r[0, :, 0, 0] // (h * w)) % c)
+            if not torch.equal(r, probe[:, list(ix)]) or index not in (None, ix):
+                index = None
+                break
+            index = ix
+        if index is not None:
+            found[node] = (src, index)
+    return found
+
+
+def build_ir(gm: fx.GraphModule, embed_max_kernels: float = 0.5, embed_grouped: bool = False,
+             channel_ops: bool = True, resize_ops: bool = True) -> Graph:
     """``embed_max_kernels``: dilated and non-square convs with at most this fraction of their kernels kept run
     embedded in a square kernel (``embed_conv``; PlanOptions.embed_max_kernels), the others in oneDNN; grouped
-    ones only with ``embed_grouped``."""
+    ones only with ``embed_grouped``. ``channel_ops``, ``resize_ops``: channel gathers (``channel_gathers``) and
+    nearest/bilinear resizes as native ops (the int8 engine, which has no kernel for them, keeps them as
+    fallbacks)."""
     modules = dict(gm.named_modules())
+    gathers = channel_gathers(gm) if channel_ops else {}
     values: dict[int, Value] = {}
     ops: list[Op] = []
     env: dict[fx.Node, int] = {}
@@ -544,6 +723,18 @@ def build_ir(gm: fx.GraphModule, embed_max_kernels: float = 0.5, embed_grouped: 
         args = [a for a in node.all_input_nodes]
         src = env.get(args[0]) if args else None
         prod = producer.get(src) if src is not None else None
+        if node in gathers and gathers[node][0] in env and len(values[env[gathers[node][0]]].shape) == 3:
+            # chunk, split, a channel slice, a channel shuffle: planes copied (nothing when it is every channel
+            # in order); the view/transpose nodes before it become fallback ops nobody reads, dropped at the end
+            g_src, g_ix = env[gathers[node][0]], gathers[node][1]
+            if g_ix == tuple(range(values[g_src].shape[0])):
+                env[node] = g_src
+                continue
+            out = new_value(node)
+            op = GatherOp(node.name, [g_src], out, index=g_ix)
+            ops.append(op)
+            producer[out] = op
+            continue
         # flatten, written as a module, torch.flatten or a view/reshape of each image (whose size arguments are
         # deferred expressions, so before the test below)
         if src is not None and (_is_flatten(node, modules) or _is_flatten_view(node, values[src].shape)):
@@ -576,6 +767,20 @@ def build_ir(gm: fx.GraphModule, embed_max_kernels: float = 0.5, embed_grouped: 
             ops.append(op)
             producer[out] = op
             continue
+        rz = (_resize_params(node, modules) if resize_ops and node.args and isinstance(node.args[0], fx.Node)
+              and node.args[0] in env else None)
+        rsrc = env[node.args[0]] if rz is not None else None
+        if rz is not None and len(values[rsrc].shape) == 3 and len(_shape(node) or ()) == 3 \
+                and _shape(node)[0] == values[rsrc].shape[0]:
+            tables = resize_tables(*rz, tuple(values[rsrc].shape[1:]), tuple(_shape(node)[1:]))
+            if tables is not None:
+                out = new_value(node)
+                op = ResizeOp(node.target if node.op == "call_module" else node.name, [rsrc], out, mode=rz[0],
+                              align_corners=rz[1], scales=rz[2], ys=tables[0], yw=tables[1], xs=tables[2],
+                              xw=tables[3])
+                ops.append(op)
+                producer[out] = op
+                continue
         if any(a in deferred for a in args) or src is None and args:
             fallback(node, "reads a size, shape, tuple or parameter computed in forward")
             continue
@@ -811,4 +1016,14 @@ def build_ir(gm: fx.GraphModule, embed_max_kernels: float = 0.5, embed_grouped: 
             continue
         what = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
         fallback(node, f"no native kernel for {what}")
-    return Graph(values, ops, inputs, outputs)
+    # what only fed channel gathers now feeds nothing: the data-moving fallback ops before them, and a gather that
+    # a later one (composed through it, e.g. a shuffle then a chunk) reads around
+    inner = {n.name for n in gm.graph.nodes if _moves(n)}
+    live = set(outputs)
+    kept: list[Op] = []
+    for op in reversed(ops):
+        if (isinstance(op, GatherOp) or isinstance(op, TorchOp) and op.name in inner) and op.output not in live:
+            continue
+        live.update(Graph.reads(op))
+        kept.append(op)
+    return Graph(values, kept[::-1], inputs, outputs)

@@ -17,7 +17,8 @@ from ..errors import CheckpointError, SparseforgeError
 from ..registry import Registry
 from .cifar_resnet import BasicBlock, CifarResNet, PadShortcut
 from .ghostnet import GhostBottleneck, GhostModule, GhostNet
-from .imagenet import MobileNetV2ImageNet, ResNet, VGGImageNet, resnet18, resnet34, resnet50, resnext50_32x4d
+from .imagenet import (MobileNetV2ImageNet, ResNet, ShuffleNetV2, VGGImageNet, resnet18, resnet34, resnet50,
+                       resnext50_32x4d)
 from .mobilenetv2 import MobileNetV2
 from .reparam import REPARAMETERIZABLE, RepVGGBlock, reparameterizable, reparameterize
 from .repghost import RepGhostBottleneck, RepGhostModule, RepGhostNet
@@ -42,6 +43,8 @@ MODELS.register("resnet50", lambda num_classes=1000, **kw: resnet50(num_classes,
 MODELS.register("resnext50_32x4d", lambda num_classes=1000, **kw: resnext50_32x4d(num_classes, **kw))
 MODELS.register("vgg16_bn", lambda num_classes=1000, **kw: VGGImageNet(num_classes=num_classes, **kw))
 MODELS.register("mobilenet_v2", lambda num_classes=1000, **kw: MobileNetV2ImageNet(num_classes=num_classes, **kw))
+for _w, _n in ((0.5, "x0_5"), (1.0, "x1_0"), (1.5, "x1_5"), (2.0, "x2_0")):
+    MODELS.register(f"shufflenet_v2_{_n}", (lambda w: lambda num_classes=1000: ShuffleNetV2(w, num_classes))(_w))
 
 
 def create_model(name: str, num_classes: int | None = None, arch: dict | None = None, **kw: Any) -> nn.Module:
@@ -277,7 +280,7 @@ def load_model(path: str | Path) -> nn.Module:
 __all__ = [
     "MODELS", "create_model", "model_from_spec", "spec_from_metadata", "load_weights", "load_model", "save_weights", "read_state_dict", "list_models", "model_spec",
     "CifarResNet", "BasicBlock", "PadShortcut", "VGG", "MobileNetV2", "SmallCNN", "ResNet", "VGGImageNet",
-    "resnet18", "resnet34", "resnet50", "resnext50_32x4d",
+    "resnet18", "resnet34", "resnet50", "resnext50_32x4d", "ShuffleNetV2",
     "MobileNetV2ImageNet", "RepGhostNet", "RepGhostModule", "RepGhostBottleneck", "GhostNet", "GhostModule",
     "GhostBottleneck", "RepVGGBlock", "reparameterize",
     "reparameterizable", "REPARAMETERIZABLE",

@@ -195,6 +195,71 @@ class MobileNetV2ImageNet(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """ShuffleNet's shuffle as torchvision writes it (sizes read in forward, view, transpose, view): the engine
+    proves it is a channel permutation on probes and runs it as plane copies (``trace.channel_gathers``)."""
+    n, c, h, w = x.size()
+    x = torch.transpose(x.view(n, groups, c // groups, h, w), 1, 2).contiguous()
+    return x.view(n, c, h, w)
+
+
+class ShuffleUnitV2(nn.Module):
+    """ShuffleNetV2's unit, torchvision's keys: stride 1 splits the channels (``chunk``) and transforms one half;
+    stride 2 transforms both copies (``branch1`` downsamples the input). Then the halves are shuffled."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.stride, half = stride, c_out // 2
+        if stride > 1:
+            self.branch1 = nn.Sequential(nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False),
+                                         nn.BatchNorm2d(c_in), nn.Conv2d(c_in, half, 1, bias=False),
+                                         nn.BatchNorm2d(half), nn.ReLU(inplace=True))
+        else:
+            self.branch1 = nn.Sequential()
+        self.branch2 = nn.Sequential(
+            nn.Conv2d(c_in if stride > 1 else half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
+            nn.Conv2d(half, half, 3, stride, 1, groups=half, bias=False), nn.BatchNorm2d(half),
+            nn.Conv2d(half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return channel_shuffle(out, 2)
+
+
+SHUFFLENET_V2_WIDTHS = {0.5: (24, 48, 96, 192, 1024), 1.0: (24, 116, 232, 464, 1024),
+                        1.5: (24, 176, 352, 704, 1024), 2.0: (24, 244, 488, 976, 2048)}
+
+
+class ShuffleNetV2(nn.Module):
+    """ShuffleNetV2 (Ma et al. 2018) for 224x224 input, torchvision's layout and module names (conv1, maxpool,
+    stage2-4, conv5, fc), so its state dicts load strictly."""
+
+    def __init__(self, width: float = 1.0, num_classes: int = 1000, repeats: tuple = (4, 8, 4)):
+        super().__init__()
+        if width not in SHUFFLENET_V2_WIDTHS:
+            raise ValueError(f"ShuffleNetV2 width must be one of {sorted(SHUFFLENET_V2_WIDTHS)}, got {width}")
+        chans = SHUFFLENET_V2_WIDTHS[width]
+        self.conv1 = nn.Sequential(nn.Conv2d(3, chans[0], 3, 2, 1, bias=False), nn.BatchNorm2d(chans[0]),
+                                   nn.ReLU(inplace=True))
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        c_in = chans[0]
+        for i, (n, c) in enumerate(zip(repeats, chans[1:4])):
+            setattr(self, f"stage{i + 2}", nn.Sequential(ShuffleUnitV2(c_in, c, 2),
+                                                          *[ShuffleUnitV2(c, c, 1) for _ in range(n - 1)]))
+            c_in = c
+        self.conv5 = nn.Sequential(nn.Conv2d(c_in, chans[4], 1, bias=False), nn.BatchNorm2d(chans[4]),
+                                   nn.ReLU(inplace=True))
+        self.fc = nn.Linear(chans[4], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage4(self.stage3(self.stage2(self.maxpool(self.conv1(x)))))
+        return self.fc(self.conv5(x).mean([2, 3]))
+
+
 def resnet18(num_classes: int = 1000) -> ResNet:
     return ResNet(BasicBlock, (2, 2, 2, 2), num_classes)
 
