@@ -29,6 +29,33 @@ def test_interpreter_equals_the_model_on_generated_networks(lowered):
         assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()) + 1e-5), (seed, desc)
 
 
+def test_ceil_mode_average_pools_in_both_references():
+    """An average pool with ceil_mode (native since session 46) has clipped last windows: the float interpreter
+    and the integer reference take PyTorch's output size and divisor (the window clipped to the padded map, or
+    the pixels inside it); both ignored ceil_mode before (a wrong size)."""
+    import torch.nn.functional as F
+
+    for include_pad in (True, False):
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 4, 1)
+
+            def forward(self, x):
+                return self.b(F.avg_pool2d(torch.relu(self.a(x)), 3, 2, 1, ceil_mode=True,
+                                           count_include_pad=include_pad))
+
+        torch.manual_seed(0)
+        m, x = Net().eval(), torch.randn(2, 3, 8, 11)
+        with torch.no_grad():
+            ref = m(x)
+        g = build_ir(trace(m, x[:1]))
+        assert any(op.kind == "pool" and op.ceil_mode for op in g.ops)
+        assert torch.allclose(run_graph(g, x)[0], ref, rtol=1e-5, atol=1e-6)
+        qm = sf.quantize(m, sf.Int8Config(calibration="minmax"), _calibration(x))
+        assert float((qm(x) - ref).norm() / ref.norm()) < 0.05, include_pad
+
+
 def test_int8_networks_stay_close_to_float_with_integers_in_range_and_pruned_weights_zero():
     errs = []
     for seed in range(20):

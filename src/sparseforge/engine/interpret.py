@@ -96,7 +96,8 @@ def run_op(op: Op, env: dict[int, torch.Tensor], out_shape: tuple[int, ...] = ()
     if isinstance(op, PoolOp):
         if op.mode == "max":
             return F.max_pool2d(x, op.kernel, op.stride, op.padding, ceil_mode=op.ceil_mode)
-        return F.avg_pool2d(x, op.kernel, op.stride, op.padding, count_include_pad=op.include_pad)
+        return F.avg_pool2d(x, op.kernel, op.stride, op.padding, ceil_mode=op.ceil_mode,
+                            count_include_pad=op.include_pad)
     if isinstance(op, GapOp):
         return x.mean((2, 3), keepdim=True)
     if isinstance(op, FlattenOp):

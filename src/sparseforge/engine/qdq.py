@@ -141,7 +141,8 @@ def export_qdq(qmodel: QuantizedModel, path: str | Path | None = None, opset: in
             w = weight(q, tuple(op.weight.shape))
             t = act(node("Gemm", [ins[0], w, bias(q, qg.params[op.inputs[0]].scale)], transB=1), op.act)
         elif isinstance(op, PoolOp):
-            kw = dict(kernel_shape=[op.kernel] * 2, strides=[op.stride] * 2, pads=[op.padding] * 4)
+            kw = dict(kernel_shape=[op.kernel] * 2, strides=[op.stride] * 2, pads=[op.padding] * 4,
+                      ceil_mode=int(op.ceil_mode))
             if op.mode == "max":
                 t = node("MaxPool", ins[:1], **kw)
             else:

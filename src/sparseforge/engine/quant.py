@@ -342,13 +342,18 @@ def run_op_int(qg: QGraph, k: int, env: dict[int, torch.Tensor]) -> torch.Tensor
     if isinstance(op, PoolOp):
         if op.mode == "max":
             return F.max_pool2d(x.double(), op.kernel, op.stride, op.padding, ceil_mode=op.ceil_mode).to(torch.int32)
-        s = F.avg_pool2d(x.double(), op.kernel, op.stride, op.padding, count_include_pad=True,
-                         divisor_override=1)
-        if op.include_pad:
+        s = F.avg_pool2d(x.double(), op.kernel, op.stride, op.padding, ceil_mode=op.ceil_mode,
+                         count_include_pad=True, divisor_override=1)
+        if op.include_pad and not op.ceil_mode:
             n = torch.tensor(float(op.kernel * op.kernel))
         else:
+            # PyTorch's divisor per window: the pixels inside the map (count_include_pad=False), or the window
+            # clipped to the padded map (ceil_mode's last windows): valid pixels / PyTorch's average of ones
             ones = torch.ones(1, 1, *x.shape[2:], dtype=torch.float64)
-            n = F.avg_pool2d(ones, op.kernel, op.stride, op.padding, count_include_pad=True, divisor_override=1)
+            kw = dict(ceil_mode=op.ceil_mode, count_include_pad=True)
+            n = F.avg_pool2d(ones, op.kernel, op.stride, op.padding, divisor_override=1, **kw)
+            if op.include_pad:
+                n = torch.round(n / F.avg_pool2d(ones, op.kernel, op.stride, op.padding, **kw))
         return torch.clamp(_rint(s.to(torch.float32) / n.to(torch.float32)), po.lo, po.hi).to(torch.int32)
     if isinstance(op, GapOp):
         s = x.to(torch.int64).sum((2, 3), keepdim=True)

@@ -99,8 +99,38 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
         raise SparseforgeError(f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}); "
                                "data-dependent control flow is not supported by the compiler") from None
     gm = fx.GraphModule(model, graph)
-    ShapeProp(gm).propagate(example_input)
+    with torch.no_grad():      # (copies: a model that writes into its input must not change the caller's tensor)
+        got = ShapeProp(gm).propagate(example_input.clone())
+        want = model(example_input.clone())
+    diff = _trace_differs(got, want)
+    if diff is not None:
+        raise SparseforgeError(
+            f"the graph torch.fx traced from {type(model).__name__} computes something else than the model on the "
+            f"example input ({diff}): forward code that tracing records differently, such as an augmented "
+            "assignment into a view (z = y[:, :4]; z += 1 changes y in PyTorch, but is traced as z = z + 1) or a "
+            "branch on a value; write it out of place (y = torch.cat(...), z = z + 1)")
     return gm
+
+
+def _trace_differs(got, want) -> str | None:
+    """How the traced graph's outputs differ from the model's on the same input, or None. Both ran the same ops
+    on the same input, so anything beyond float noise means the trace lost something."""
+    g = list(got) if isinstance(got, (tuple, list)) else [got]
+    w = list(want) if isinstance(want, (tuple, list)) else [want]
+    if len(g) != len(w):
+        return f"{len(g)} outputs vs {len(w)}"
+    for a, b in zip(g, w):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            continue          # (a model returning something else is refused with its own message later)
+        if a.shape != b.shape:
+            return f"shape {tuple(a.shape)} vs {tuple(b.shape)}"
+        a_, b_ = a.double(), b.double()
+        scale = float(b_[torch.isfinite(b_)].abs().max()) if torch.isfinite(b_).any() else 0.0
+        if not torch.allclose(a_, b_, rtol=1e-5, atol=1e-6 * max(scale, 1.0), equal_nan=True):
+            bad = ~torch.isclose(a_, b_, rtol=1e-5, atol=1e-6 * max(scale, 1.0), equal_nan=True)
+            worst = float((a_ - b_)[bad].abs().nan_to_num(float("inf")).max())
+            return f"max difference {worst:.3g} at scale {scale:.3g}"
+    return None
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -600,6 +630,51 @@ def channel_gathers(gm: fx.GraphModule) -> dict[fx.Node, tuple[fx.Node, tuple[in
     return found
 
 
+# ops whose result may share its input's storage (a view): a write into one is seen through the other
+_VIEW_METHODS = (_MOVE_METHODS - {"size", "clone", "flip", "roll"}) | {"expand", "expand_as", "view_as", "t",
+                                                                        "select", "unbind", "unfold", "diagonal"}
+_VIEW_FUNCTIONS = (_MOVE_FUNCTIONS - {torch.clone, torch.flip, torch.roll}) | {torch.select, torch.unbind,
+                                                                               torch.diagonal}
+
+
+def _views_of(node: fx.Node) -> fx.Node | None:
+    """The node whose storage ``node`` may share (its first input) if ``node`` may be a view of it."""
+    viewing = ((node.op == "call_method" and node.target in _VIEW_METHODS)
+               or (node.op == "call_function" and node.target in _VIEW_FUNCTIONS))
+    base = node.args[0] if node.args else None
+    return base if viewing and isinstance(base, fx.Node) else None
+
+
+def aliased_write(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> str | None:
+    """Why the model cannot be compiled as written, or None: an in-place op writes into a tensor that shares
+    storage with another one (a view of it, or the tensor it views) made before the write and read after it.
+    PyTorch's reader sees the write through the shared storage; the compiler's values are copies, so it would
+    not. (A write into a tensor no other view of it outlives is the same as writing out of place, and is fine.)"""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    base: dict[fx.Node, fx.Node] = {}
+    for n in gm.graph.nodes:
+        b = _views_of(n)
+        if b is not None:
+            base[n] = base.get(b, b)
+    group: dict[fx.Node, list[fx.Node]] = {}
+    for n, b in base.items():
+        group.setdefault(b, [b]).append(n)
+    for u in gm.graph.nodes:
+        if not (_in_place(u, modules) and u.args and isinstance(u.args[0], fx.Node)):
+            continue
+        t = u.args[0]
+        for m in group.get(base.get(t, t), []):
+            if m is t or order[m] > order[u]:
+                continue
+            later = [r for r in m.users if order[r] > order[u]]
+            if later:
+                return (f"{u.name} writes in place into {t.name}, which shares storage with {m.name} (a view), and "
+                        f"{later[0].name} reads {m.name} after the write: the compiler keeps views as copies, so it "
+                        "would not see it; write the op out of place (y = y * 2 instead of y.mul_(2), "
+                        "F.relu(y) instead of F.relu(y, inplace=True))")
+    return None
+
+
 def build_ir(gm: fx.GraphModule, embed_max_kernels: float = 0.5, embed_grouped: bool = False,
              channel_ops: bool = True, resize_ops: bool = True) -> Graph:
     """``embed_max_kernels``: dilated and non-square convs with at most this fraction of their kernels kept run
@@ -608,6 +683,9 @@ def build_ir(gm: fx.GraphModule, embed_max_kernels: float = 0.5, embed_grouped: 
     nearest/bilinear resizes as native ops (the int8 engine, which has no kernel for them, keeps them as
     fallbacks)."""
     modules = dict(gm.named_modules())
+    why = aliased_write(gm, modules)
+    if why is not None:
+        raise SparseforgeError(why)
     gathers = channel_gathers(gm) if channel_ops else {}
     values: dict[int, Value] = {}
     ops: list[Op] = []
