@@ -285,6 +285,11 @@ class PlanOptions:
     # split), layer3.0.conv2 968 -> 404 + 102 us, whole network 1.03x, ResNet-18 1.03x; on 7x7 outputs gather mode
     # is faster (425 vs 711 us), and CIFAR ResNet-20/56's small maps lose 8% / 3%
     phase_s2_max_density: float = 0.5
+    # ... and, on 16-register hosts, dense ones with at most this many input channels (an RGB stem: 27 weights per
+    # output, too few for output-channel blocks, so pixel vectors, each assembled from two loads and a shuffle;
+    # over the phases every load is one aligned-or-not load). MobileNetV2's 3->32 stem at 224, one thread, Zen 3:
+    # 0.79 -> 0.59 ms; whole network 8x, b1, 2 threads, same process: 1.04x. 0: off
+    phase_s2_stem_cin_narrow: int = 4
     # dilated and non-square convs run embedded in a square kernel (trace.embed_conv) when at most this fraction of
     # their kernels (filter x input channel) keeps a weight (negative: none); the others stay in oneDNN. Measured
     # session 46 (Zen 4 AVX-512, 2 threads, one conv, 3x3 dilation 2-3 at 28x28 and 56x56 with 128-512 channels,
@@ -300,11 +305,6 @@ class PlanOptions:
     channel_gathers: bool = True
     # nearest and bilinear F.interpolate / nn.Upsample run natively (tables from PyTorch's index rules)
     native_resize: bool = True
-    # ... and, on 16-register hosts, dense ones with at most this many input channels (an RGB stem: 27 weights per
-    # output, too few for output-channel blocks, so pixel vectors, each assembled from two loads and a shuffle;
-    # over the phases every load is one aligned-or-not load). MobileNetV2's 3->32 stem at 224, one thread, Zen 3:
-    # 0.79 -> 0.59 ms; whole network 8x, b1, 2 threads, same process: 1.04x. 0: off
-    phase_s2_stem_cin_narrow: int = 4
     # dense stride-1 1x1 convs on 32-register hosts with output maps of at least this many pixels and rows a
     # multiple of 16 floats: a GEMM micro-kernel along the flattened plane (ConvPlan.flat_gemm), gemm_mr filters x
     # gemm_nr 16-lane vectors in registers, every input vector loaded once for gemm_mr filters, stored straight
