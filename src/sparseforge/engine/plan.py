@@ -1950,20 +1950,17 @@ def make_plan(graph: Graph, threads: int, vec: int = VEC, conv_mode: str = "auto
                         "xs_off": blob.add_i(np.asarray(op.xs, np.int32)), "xw_off": blob.add_f(op.xw or [0.0])}
         elif isinstance(op, GatherOp):
             other[k] = {"index_off": blob.add_i(np.asarray(op.index, np.int32))}
-            # each plane on the thread that wrote the plane it copies (batch 1 / leftover images)
-            thr = writer.get(op.inputs[0])
-            if opts.chan_affinity and thr is not None and len(thr) == graph.values[op.inputs[0]].shape[0]:
-                other[k]["thread_of_off"] = blob.add_i(np.asarray([thr[i] for i in op.index], np.int32))
-                writer[op.output] = [thr[i] for i in op.index]
-        if isinstance(op, (EltwiseOp, GapOp, PoolOp, ResizeOp)) and opts.chan_affinity:
+        if isinstance(op, (EltwiseOp, GapOp, PoolOp, ResizeOp, GatherOp)) and opts.chan_affinity:
             # channel c on the thread that wrote it (batch 1 / leftover images): squeeze-excite's multiply and
             # global pool read maps the conv before wrote split by filters; interleaved channels sent half the
-            # map across cores. Whole rounds of images stay one image per thread, as in the convs.
+            # map across cores. Whole rounds of images stay one image per thread, as in the convs. A gather's
+            # output plane goes to the thread that wrote the plane it copies.
             thr = writer.get(op.inputs[0])
             c_in = graph.values[op.inputs[0]].shape[0]
             if thr is not None and len(thr) == c_in:
+                thr = [thr[i] for i in op.index] if isinstance(op, GatherOp) else thr
                 other.setdefault(k, {})["thread_of_off"] = blob.add_i(np.asarray(thr, np.int32))
-                if graph.values[op.output].shape[0] == c_in:
+                if graph.values[op.output].shape[0] == len(thr):
                     writer[op.output] = list(thr)
     segments: list[tuple[str, list[int]]] = []
     for k, op in enumerate(graph.ops):

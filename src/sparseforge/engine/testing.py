@@ -293,12 +293,12 @@ class Resize(nn.Module):
         return f"{self.kind} {self.mode}{' align_corners' if self.ac else ''} {self.scale or ''}".strip()
 
     def forward(self, x):
+        F = nn.functional
         if self.kind == "skip":
-            import torch.nn.functional as F
             return x + F.interpolate(F.avg_pool2d(x, 2, ceil_mode=True), size=x.shape[-2:], mode=self.mode,
                                      align_corners=self.ac)
-        return nn.functional.interpolate(x, scale_factor=self.scale, mode=self.mode, align_corners=self.ac,
-                                         recompute_scale_factor=self.recompute)
+        return F.interpolate(x, scale_factor=self.scale, mode=self.mode, align_corners=self.ac,
+                             recompute_scale_factor=self.recompute)
 
 
 class FunctionalPool(nn.Module):

@@ -126,8 +126,8 @@ def _trace_differs(got, want) -> str | None:
             return f"shape {tuple(a.shape)} vs {tuple(b.shape)}"
         a_, b_ = a.double(), b.double()
         scale = float(b_[torch.isfinite(b_)].abs().max()) if torch.isfinite(b_).any() else 0.0
-        if not torch.allclose(a_, b_, rtol=1e-5, atol=1e-6 * max(scale, 1.0), equal_nan=True):
-            bad = ~torch.isclose(a_, b_, rtol=1e-5, atol=1e-6 * max(scale, 1.0), equal_nan=True)
+        bad = ~torch.isclose(a_, b_, rtol=1e-5, atol=1e-6 * max(scale, 1.0), equal_nan=True)
+        if bad.any():
             worst = float((a_ - b_)[bad].abs().nan_to_num(float("inf")).max())
             return f"max difference {worst:.3g} at scale {scale:.3g}"
     return None
@@ -556,8 +556,6 @@ _MOVE_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "chunk
 _MOVE_FUNCTIONS = {operator.getitem, torch.transpose, torch.permute, torch.reshape, torch.flatten, torch.unflatten,
                    torch.chunk, torch.split, torch.tensor_split, torch.narrow, torch.squeeze, torch.unsqueeze,
                    torch.flip, torch.roll, torch.swapaxes, torch.movedim, torch.clone}
-
-
 _SIZE_ARITHMETIC = {operator.floordiv, operator.mul, operator.add, operator.sub, operator.neg}
 
 
@@ -602,32 +600,32 @@ def channel_gathers(gm: fx.GraphModule) -> dict[fx.Node, tuple[fx.Node, tuple[in
                 or len(sshape) != 3 or tuple(sshape[1:]) != tuple(shape[1:]):
             continue
         order = [n for n in gm.graph.nodes if n in chain]
-        c, h, w = sshape
-        index = None
-        for batch in (2, 3):
-            probe = torch.arange(batch * c * h * w, dtype=torch.int64).view(batch, c, h, w)
-            vals: dict[fx.Node, object] = {src: probe}
-            try:
-                for n in order:
-                    args = fx.node.map_arg(n.args, lambda a: vals[a])
-                    kwargs = fx.node.map_arg(n.kwargs, lambda a: vals[a])
-                    vals[n] = (getattr(args[0], n.target)(*args[1:], **kwargs) if n.op == "call_method"
-                               else n.target(*args, **kwargs))
-            except Exception:
-                index = None
-                break
-            r = vals[node]
-            if not isinstance(r, torch.Tensor) or tuple(r.shape) != (batch, *shape):
-                index = None
-                break
-            ix = tuple(int(v) for v in (r[0, :, 0, 0] // (h * w)) % c)
-            if not torch.equal(r, probe[:, list(ix)]) or index not in (None, ix):
-                index = None
-                break
-            index = ix
-        if index is not None:
-            found[node] = (src, index)
+        index = [_probe_index(order, src, node, sshape, shape, batch) for batch in (2, 3)]
+        if index[0] is not None and index[0] == index[1]:
+            found[node] = (src, index[0])
     return found
+
+
+def _probe_index(order: list[fx.Node], src: fx.Node, node: fx.Node, sshape: tuple, shape: tuple,
+                 batch: int) -> tuple[int, ...] | None:
+    """``node``'s input channel per output channel, from running ``order`` on a position probe of ``src``, or None
+    if some output plane is not one input plane of the same image (or the code does not run on the probe)."""
+    c, h, w = sshape
+    probe = torch.arange(batch * c * h * w, dtype=torch.int64).view(batch, c, h, w)
+    vals: dict[fx.Node, object] = {src: probe}
+    try:
+        for n in order:
+            args = fx.node.map_arg(n.args, lambda a: vals[a])
+            kwargs = fx.node.map_arg(n.kwargs, lambda a: vals[a])
+            vals[n] = (getattr(args[0], n.target)(*args[1:], **kwargs) if n.op == "call_method"
+                       else n.target(*args, **kwargs))
+    except Exception:
+        return None
+    r = vals[node]
+    if not isinstance(r, torch.Tensor) or tuple(r.shape) != (batch, *shape):
+        return None
+    ix = tuple(int(v) for v in (r[0, :, 0, 0] // (h * w)) % c)
+    return ix if torch.equal(r, probe[:, list(ix)]) else None
 
 
 # ops whose result may share its input's storage (a view): a write into one is seen through the other
@@ -724,6 +722,7 @@ def build_ir(gm: fx.GraphModule, embed_max_kernels: float = 0.5, embed_grouped: 
     # forward (``self.layer_scale``), tuples of tensors (``x.chunk(2, 1)``) -- as expressions that the fallback
     # ops reading them evaluate when they run, on that call's tensors (so a batch size is the call's own)
     deferred: dict[fx.Node, tuple] = {}
+    moving: set[int] = set()      # fallback ops of data-moving nodes (dropped at the end if nothing reads them)
 
     def sub(a):
         if isinstance(a, fx.Node):
@@ -763,6 +762,8 @@ def build_ir(gm: fx.GraphModule, embed_max_kernels: float = 0.5, embed_grouped: 
                      target=target, call=call, args=args, kwargs=kwargs, reason=reason)
         ops.append(op)
         producer[out] = op
+        if _moves(node):
+            moving.add(id(op))
 
     pending: tuple[fx.Node, int] | None = None     # an in-place node and the value it overwrote
 
@@ -1096,11 +1097,10 @@ def build_ir(gm: fx.GraphModule, embed_max_kernels: float = 0.5, embed_grouped: 
         fallback(node, f"no native kernel for {what}")
     # what only fed channel gathers now feeds nothing: the data-moving fallback ops before them, and a gather that
     # a later one (composed through it, e.g. a shuffle then a chunk) reads around
-    inner = {n.name for n in gm.graph.nodes if _moves(n)}
     live = set(outputs)
     kept: list[Op] = []
     for op in reversed(ops):
-        if (isinstance(op, GatherOp) or isinstance(op, TorchOp) and op.name in inner) and op.output not in live:
+        if (isinstance(op, GatherOp) or id(op) in moving) and op.output not in live:
             continue
         live.update(Graph.reads(op))
         kept.append(op)
